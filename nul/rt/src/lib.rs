@@ -1,0 +1,2 @@
+//! NUL runtime.
+#![no_std]

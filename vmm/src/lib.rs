@@ -1,0 +1,2 @@
+//! The platform-neutral VMM library.
+#![cfg_attr(not(test), no_std)]
