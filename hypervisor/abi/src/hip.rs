@@ -13,7 +13,7 @@ pub const USER_END: u64 = 0x7fff_ffff_f000;
 /// Maximum CPUs the kernel supports.
 pub const MAX_CPUS: usize = 64;
 /// Maximum memory descriptors in the HIP.
-pub const MAX_MEM_DESC: usize = 128;
+pub const MAX_MEM_DESC: usize = 64;
 
 bitflags::bitflags! {
     /// Platform features in [`Hip::features`].
@@ -119,7 +119,9 @@ pub mod mem_kind {
     pub const NVS: u32 = 4;
     /// Used by the kernel itself.
     pub const HYPERVISOR: u32 = 0xffff_ffff;
-    /// A boot module; `aux` is the physical address of its NUL-terminated command line.
+    /// A boot module; `aux` is the offset in the HIP page of its NUL-terminated command
+    /// line (the kernel copies command lines into the HIP, since the firmware leaves them
+    /// in memory the kernel keeps).
     pub const MODULE: u32 = 0xffff_fffe;
 }
 
@@ -133,7 +135,7 @@ pub struct MemDesc {
     pub size: u64,
     /// One of [`mem_kind`].
     pub kind: u32,
-    /// Kind-specific (module command line address).
+    /// Kind-specific (module: command line offset in the HIP page).
     pub aux: u32,
 }
 

@@ -1,4 +1,119 @@
+//! The NUL root task.
+//!
+//! The first boot module. It receives the HIP and capabilities to its own PD, EC, SC and
+//! the kernel PD; takes every I/O port and all memory from the kernel PD; starts one
+//! service EC per CPU (console, start-up and exception portals); starts the other boot
+//! modules as child PDs with only what they need; reports and removes a component that
+//! faults; and runs the test scenario named by its `test=` argument.
 #![no_std]
 #![no_main]
-#[panic_handler]
-fn panic(_: &core::panic::PanicInfo) -> ! { loop {} }
+
+extern crate alloc;
+
+mod component;
+mod hip;
+mod mem;
+mod scenario;
+mod serial;
+mod services;
+
+use nul_rt::{hc, println, sel};
+use peregrine_abi::{Crd, XferFlags};
+
+nul_rt::entry!(main);
+
+fn fail() -> ! {
+    serial::exit(false)
+}
+
+fn main(hip_addr: u64) -> ! {
+    // Ports first: the console needs COM1.
+    let ports = hc::pd_delegate(
+        peregrine_abi::sel::KERN_PD,
+        sel::OWN_PD,
+        Crd::pio(0, 16),
+        Crd::pio(0, 16),
+        0,
+        XferFlags::empty(),
+    );
+    nul_rt::console::set_sink(serial::root_sink);
+    nul_rt::start::set_panic_hook(fail);
+    if let Err(e) = ports {
+        println!("cannot take I/O ports: {:?}", e);
+        fail();
+    }
+    // SAFETY: the kernel enters the root with the HIP's address in rdi.
+    let Some(hip) = (unsafe { hip::HipView::new(hip_addr) }) else {
+        println!("no HIP at {:#x}", hip_addr);
+        fail();
+    };
+    let ncpu = hip.online_cpus().count();
+    let free = mem::init(&hip);
+    println!(
+        "NUL root: {} CPUs, {} MiB free, TSC {} kHz, {} GSIs",
+        ncpu,
+        free * 4096 >> 20,
+        hip.0.freq_tsc_khz,
+        hip.0.num_gsi
+    );
+    if let Err(e) = services::init(hip.online_cpus()) {
+        println!("cannot create service ECs: {:?}", e);
+        fail();
+    }
+
+    let mut modules = hip.modules();
+    let own = modules.next().map(|m| hip.cmdline(m)).unwrap_or("");
+    let (_, args) = hip::split_cmdline(own);
+
+    // Start every other module as a component, spread over the CPUs.
+    let cpus: alloc::vec::Vec<u64> = hip.online_cpus().collect();
+    for (i, m) in modules.enumerate() {
+        let (path, margs) = hip::split_cmdline(hip.cmdline(m));
+        let name = path.rsplit('/').next().unwrap_or(path);
+        // SAFETY: the module's pages were taken into the window by `mem::init` and are
+        // never written by the root.
+        let image = unsafe {
+            core::slice::from_raw_parts(mem::virt(m.addr) as *const u8, m.size as usize)
+        };
+        let cpu = hip::arg(margs, "cpu")
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(cpus[i % cpus.len()]);
+        let spec = component::ChildSpec {
+            image,
+            name,
+            args: margs,
+            cpu,
+            quota: 256,
+            ports: None,
+            caps: &[],
+        };
+        match component::start(&spec) {
+            Ok(id) => println!("started {} (id {}) on cpu {}", name, id, cpu),
+            Err(e) => println!("cannot start {}: {:?}", name, e),
+        }
+    }
+
+    if let Some(t) = hip::arg(args, "test") {
+        let ok = scenario::run(t, &hip);
+        if ok {
+            println!("PASS {}", t);
+        } else {
+            println!("FAIL {}", t);
+        }
+        serial::exit(ok);
+    }
+    if let Some(b) = hip::arg(args, "bench") {
+        let ok = scenario::bench(b, &hip);
+        serial::exit(ok);
+    }
+    if hip::flag(args, "exit") {
+        println!("root done");
+        serial::exit(true);
+    }
+    // Serve forever: block on a semaphore nobody signals.
+    let sm = sel::alloc();
+    let _ = hc::create_sm(sm, sel::OWN_PD, 0);
+    loop {
+        let _ = hc::sm_down(sm, false, 0);
+    }
+}

@@ -1,0 +1,191 @@
+//! Execution contexts: threads (global ECs with their own SC), portal handlers (local
+//! ECs that run only when called) and — with the virtualization work — vCPUs.
+//!
+//! An EC is bound to one CPU for life. Everything in [`EcLocal`] is touched only by
+//! that CPU, with interrupts off, so it needs no lock; another CPU hands an EC back to
+//! it only through the semaphore and remote-wake paths, which own a blocked EC until
+//! they enqueue it.
+
+use alloc::collections::VecDeque;
+use alloc::sync::Arc;
+use core::cell::UnsafeCell;
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use peregrine_abi::{Mtd, Utcb};
+
+use crate::frame::Frame;
+use crate::pd::Pd;
+use crate::sc::Sc;
+use crate::sm::Sm;
+
+/// What kind of EC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EcKind {
+    /// Portal handler.
+    Local,
+    /// Thread with its own SC.
+    Global,
+    /// Virtual CPU (not yet supported: creation returns BadFeature).
+    Vcpu,
+}
+
+/// How the current call into a handler EC must be finished at reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallKind {
+    /// A `call`: copy the reply message back.
+    Ipc,
+    /// An exception or start-up event: take the architectural state back under the
+    /// MTD the handler leaves in its UTCB.
+    Event,
+}
+
+/// CPU-local state of an EC.
+pub struct EcLocal {
+    /// The EC whose call this handler is serving.
+    pub caller: Option<Arc<Ec>>,
+    /// How to finish that call.
+    pub kind: CallKind,
+    /// The handler this EC is waiting on (it called it); the SC follows this chain.
+    pub callee: Option<Arc<Ec>>,
+    /// Callers waiting for this handler to become free.
+    pub waiters: VecDeque<Arc<Ec>>,
+    /// The SC to wake when this EC becomes runnable again after blocking.
+    pub blocked_sc: Option<Arc<Sc>>,
+    /// A global EC has received its start-up event.
+    pub started: bool,
+    /// The semaphore this EC waits on.
+    pub waiting_on: Option<Arc<Sm>>,
+}
+
+/// An execution context.
+pub struct Ec {
+    /// Its protection domain.
+    pub pd: Arc<Pd>,
+    /// The CPU it is bound to.
+    pub cpu: usize,
+    /// Kind.
+    pub kind: EcKind,
+    /// Event selector base in its PD.
+    pub evt: u64,
+    /// Stack pointer a handler starts every call with.
+    pub sp: u64,
+    /// Kernel address of the UTCB page.
+    pub utcb: *mut Utcb,
+    /// Physical address of the UTCB page (freed with the EC).
+    pub utcb_phys: u64,
+    /// User address of the UTCB.
+    pub utcb_uva: u64,
+    frame: UnsafeCell<Frame>,
+    local: UnsafeCell<EcLocal>,
+    /// Set when the EC is stopped for good (PD destroyed, unhandled exception).
+    pub dead: AtomicBool,
+    /// A recall was requested.
+    pub recall: AtomicBool,
+    /// An SC is bound to it.
+    pub has_sc: AtomicBool,
+    /// Bumped each time the EC blocks on a semaphore (matches timeouts to waits).
+    pub wait_gen: AtomicU64,
+}
+
+// SAFETY: the UnsafeCell parts are only accessed by the EC's own CPU with interrupts
+// disabled, or by a CPU that owns the EC because it removed it from a wait queue under
+// that queue's lock (see module doc); the UTCB pointer is into the physmap and owned by
+// the EC.
+unsafe impl Send for Ec {}
+// SAFETY: as above.
+unsafe impl Sync for Ec {}
+
+impl Ec {
+    /// Creates an EC (the caller has charged its memory).
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        pd: Arc<Pd>,
+        cpu: usize,
+        kind: EcKind,
+        evt: u64,
+        sp: u64,
+        utcb_phys: u64,
+        utcb_uva: u64,
+        frame: Frame,
+    ) -> Self {
+        Ec {
+            pd,
+            cpu,
+            kind,
+            evt,
+            sp,
+            utcb: crate::kmem::phys_to_virt(utcb_phys) as *mut Utcb,
+            utcb_phys,
+            utcb_uva,
+            frame: UnsafeCell::new(frame),
+            local: UnsafeCell::new(EcLocal {
+                caller: None,
+                kind: CallKind::Ipc,
+                callee: None,
+                waiters: VecDeque::new(),
+                blocked_sc: None,
+                started: kind == EcKind::Local,
+                waiting_on: None,
+            }),
+            dead: AtomicBool::new(false),
+            recall: AtomicBool::new(false),
+            has_sc: AtomicBool::new(false),
+            wait_gen: AtomicU64::new(0),
+        }
+    }
+
+    /// The register frame.
+    ///
+    /// # Safety
+    /// Only the EC's CPU (with interrupts off), or the owner of a blocked EC, may call
+    /// this, and not while another reference from it is alive.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn frame(&self) -> &mut Frame {
+        // SAFETY: the caller upholds exclusivity (see above).
+        unsafe { &mut *self.frame.get() }
+    }
+
+    /// Raw pointer to the frame (for the exit path and the syscall stub).
+    pub fn frame_ptr(&self) -> *mut Frame {
+        self.frame.get()
+    }
+
+    /// CPU-local state.
+    ///
+    /// # Safety
+    /// As for [`Ec::frame`].
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn local(&self) -> &mut EcLocal {
+        // SAFETY: the caller upholds exclusivity (see above).
+        unsafe { &mut *self.local.get() }
+    }
+
+    /// The UTCB.
+    ///
+    /// # Safety
+    /// As for [`Ec::frame`]; the user side may write the page concurrently only while
+    /// the EC runs, which it does not while the kernel handles it.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn utcb(&self) -> &mut Utcb {
+        // SAFETY: the page is mapped in the physmap for the EC's lifetime.
+        unsafe { &mut *self.utcb }
+    }
+
+    /// Whether the EC can no longer run.
+    pub fn is_dead(&self) -> bool {
+        self.dead.load(Ordering::Relaxed) || self.pd.is_dead()
+    }
+
+    /// Mode of the MTD transfer for this EC kind.
+    pub fn host_mtd_mask(&self) -> Mtd {
+        Mtd::GPRS | Mtd::RIP_LEN | Mtd::RFLAGS | Mtd::QUAL
+    }
+}
+
+impl Drop for Ec {
+    fn drop(&mut self) {
+        if self.utcb_phys != 0 {
+            crate::kmem::free_frame(&self.pd, self.utcb_phys);
+        }
+    }
+}

@@ -1,0 +1,279 @@
+//! Synchronous IPC: `call` through a portal donates the caller's SC to the handler EC on
+//! the same CPU and switches straight to it; `reply` switches back. Exceptions and the
+//! start-up of global ECs are calls as well, carrying architectural state under the
+//! portal's MTD.
+//!
+//! The same-CPU path takes no lock besides the capability lookup, allocates nothing and
+//! copies only the message words.
+
+use alloc::sync::Arc;
+
+use peregrine_abi::event::host;
+use peregrine_abi::perm::PtPerm;
+use peregrine_abi::utcb::ArchState;
+use peregrine_abi::{Mtd, Status, Utcb};
+
+use crate::cap::KObj;
+use crate::ec::{CallKind, Ec, EcKind};
+use crate::frame::Frame;
+use crate::pt::Pt;
+use crate::sched;
+
+/// Result of looking up a portal for a call.
+fn portal(ec: &Ec, sel: u64, need_call: bool) -> Result<Arc<Pt>, Status> {
+    match ec.pd.cap(sel) {
+        Some(c) => match c.obj {
+            KObj::Pt(pt) => {
+                if need_call && c.perm & PtPerm::CALL.bits() == 0 {
+                    Err(Status::BadCapability)
+                } else {
+                    Ok(pt)
+                }
+            }
+            _ => Err(Status::BadCapability),
+        },
+        None => Err(Status::BadCapability),
+    }
+}
+
+/// Prepares `h` to run the portal's entry.
+fn enter_handler(h: &Ec, pt: &Pt) {
+    // SAFETY: `h` is a local EC on this CPU, idle (no caller) until now.
+    let f = unsafe { h.frame() };
+    *f = Frame::user(pt.ip, h.sp);
+    f.rdi = pt.id();
+    f.rsi = h.utcb_uva;
+}
+
+/// `call` hypercall by the running EC `c` through the portal at `sel`.
+pub fn call(c: Arc<Ec>, sel: u64, nonblocking: bool) -> ! {
+    let pt = match portal(&c, sel, true) {
+        Ok(p) => p,
+        Err(s) => finish(&c, s),
+    };
+    let h = pt.ec.clone();
+    if h.cpu != c.cpu {
+        finish(&c, Status::BadCpu);
+    }
+    if h.is_dead() {
+        finish(&c, Status::Aborted);
+    }
+    // SAFETY: both ECs are bound to this CPU.
+    let hl = unsafe { h.local() };
+    if hl.caller.is_some() || Arc::ptr_eq(&h, &c) {
+        if nonblocking || Arc::ptr_eq(&h, &c) {
+            finish(&c, Status::Timeout);
+        }
+        // Wait for the handler; the call is re-issued when it becomes free.
+        // SAFETY: `c` runs on this CPU.
+        unsafe { c.frame() }.rip -= 2;
+        hl.waiters.push_back(c.clone());
+        sched::block_current();
+        sched::schedule();
+    }
+    // SAFETY: both UTCBs belong to ECs on this CPU, and neither runs now.
+    let (su, du) = unsafe { (c.utcb(), h.utcb()) };
+    if let Err(s) = copy_msg(&c, su, &h, du) {
+        finish(&c, s);
+    }
+    hl.caller = Some(c.clone());
+    hl.kind = CallKind::Ipc;
+    // SAFETY: as above.
+    unsafe { c.local() }.callee = Some(h.clone());
+    enter_handler(&h, &pt);
+    sched::ret_to(h)
+}
+
+/// Copies a message (untyped words and typed items) from `s` to `d`.
+fn copy_msg(se: &Ec, s: &Utcb, de: &Ec, d: &mut Utcb) -> Result<(), Status> {
+    let head = s.head;
+    if !head.counts_valid() {
+        return Err(Status::BadParameter);
+    }
+    let n = head.untyped();
+    d.data[..n].copy_from_slice(&s.data[..n]);
+    let t = head.typed();
+    let mut got = 0;
+    for i in 0..t {
+        if let Some(x) = s.xfer(i) {
+            if crate::space::transfer(&se.pd, &de.pd, x, d.head.crd_dlg).is_ok() {
+                got += 1;
+            }
+        }
+    }
+    d.head.mtr = (n as u64) | ((got as u64) << 16);
+    Ok(())
+}
+
+/// Writes the status into the running EC and resumes it.
+pub fn finish(c: &Arc<Ec>, s: Status) -> ! {
+    // SAFETY: `c` is the running EC on this CPU.
+    unsafe { c.frame() }.rdi = s as u64;
+    sched::ret_to(c.clone())
+}
+
+/// `reply` by the running handler `h`.
+pub fn reply(h: Arc<Ec>) -> ! {
+    // SAFETY: `h` runs on this CPU.
+    let hl = unsafe { h.local() };
+    let Some(c) = hl.caller.take() else {
+        // Nothing to reply to: the handler just idles until the next call.
+        sched::block_current();
+        sched::schedule();
+    };
+    let kind = hl.kind;
+    let waiter = hl.waiters.pop_front();
+    // SAFETY: the caller is bound to this CPU and blocked in its call.
+    let cl = unsafe { c.local() };
+    cl.callee = None;
+    if let Some(w) = waiter {
+        sched::wake(w, Status::Success);
+    }
+    if !c.is_dead() {
+        // SAFETY: as above.
+        let (hu, cu, cf) = unsafe { (h.utcb(), c.utcb(), c.frame()) };
+        match kind {
+            CallKind::Ipc => {
+                let st = match copy_msg(&h, hu, &c, cu) {
+                    Ok(()) => Status::Success,
+                    Err(s) => s,
+                };
+                cf.rdi = st as u64;
+            }
+            CallKind::Event => {
+                let a = *hu.arch();
+                put_state(cf, &a);
+            }
+        }
+    }
+    // The handler's stack and frame are reset on its next call.
+    sched::ret_to(c)
+}
+
+/// Writes the state selected by `mtd` from an EC's frame into a handler's UTCB.
+fn get_state(f: &Frame, mtd: Mtd, vector: u64, a: &mut ArchState) {
+    a.mtd = mtd;
+    if mtd.contains(Mtd::GPR_ACDB) {
+        a.gpr[0] = f.rax;
+        a.gpr[1] = f.rcx;
+        a.gpr[2] = f.rdx;
+        a.gpr[3] = f.rbx;
+    }
+    if mtd.contains(Mtd::GPR_BSD) {
+        a.gpr[5] = f.rbp;
+        a.gpr[6] = f.rsi;
+        a.gpr[7] = f.rdi;
+    }
+    if mtd.contains(Mtd::RSP) {
+        a.gpr[4] = f.rsp;
+    }
+    if mtd.contains(Mtd::GPR_R8_R15) {
+        for i in 8..16 {
+            a.gpr[i] = f.gpr(i);
+        }
+    }
+    if mtd.contains(Mtd::RIP_LEN) {
+        a.rip = f.rip;
+        a.inst_len = 0;
+    }
+    if mtd.contains(Mtd::RFLAGS) {
+        a.rflags = f.rflags;
+    }
+    if mtd.contains(Mtd::QUAL) {
+        a.qual[0] = f.error;
+        a.qual[1] = if vector == host::PF {
+            crate::arch::read_cr2()
+        } else {
+            0
+        };
+    }
+}
+
+/// Takes back the state a handler selected with its reply MTD, validating every value.
+fn put_state(f: &mut Frame, a: &ArchState) {
+    let mtd = a.mtd;
+    if mtd.contains(Mtd::GPR_ACDB) {
+        for i in 0..4 {
+            f.set_gpr(i, a.gpr[i]);
+        }
+    }
+    if mtd.contains(Mtd::GPR_BSD) {
+        for i in 5..8 {
+            f.set_gpr(i, a.gpr[i]);
+        }
+    }
+    if mtd.contains(Mtd::RSP) {
+        f.set_gpr(4, a.gpr[4]);
+    }
+    if mtd.contains(Mtd::GPR_R8_R15) {
+        for i in 8..16 {
+            f.set_gpr(i, a.gpr[i]);
+        }
+    }
+    if mtd.contains(Mtd::RIP_LEN) {
+        f.set_rip(a.rip);
+    }
+    if mtd.contains(Mtd::RFLAGS) {
+        f.set_rflags(a.rflags);
+    }
+}
+
+/// Delivers event `vector` of the running EC `c` to its portal (exception or start-up),
+/// or stops `c` if there is no usable portal.
+pub fn event(c: Arc<Ec>, vector: u64) -> ! {
+    let pt = match portal(&c, c.evt.wrapping_add(vector), false) {
+        Ok(p) if p.ec.cpu == c.cpu && !p.ec.is_dead() && !Arc::ptr_eq(&p.ec, &c) => p,
+        _ => {
+            crate::kprintln!(
+                "ec in pd {}: unhandled event {} at rip {:#x}: stopped",
+                c.pd.id,
+                vector,
+                // SAFETY: `c` runs on this CPU.
+                unsafe { c.frame() }.rip
+            );
+            stop(&c);
+        }
+    };
+    let h = pt.ec.clone();
+    // SAFETY: both ECs are bound to this CPU.
+    let hl = unsafe { h.local() };
+    if hl.caller.is_some() {
+        // Busy handler: wait, then take the event again (re-executing the faulting
+        // instruction re-raises it; start-up is retried by the scheduler).
+        hl.waiters.push_back(c.clone());
+        sched::block_current();
+        sched::schedule();
+    }
+    // SAFETY: as above.
+    let (cf, hu) = unsafe { (c.frame(), h.utcb()) };
+    hu.head.mtr = 0;
+    get_state(cf, pt.mtd, vector, hu.arch_mut());
+    if vector == host::STARTUP {
+        // SAFETY: as above.
+        unsafe { c.local() }.started = true;
+    }
+    hl.caller = Some(c.clone());
+    hl.kind = CallKind::Event;
+    // SAFETY: as above.
+    unsafe { c.local() }.callee = Some(h.clone());
+    enter_handler(&h, &pt);
+    sched::ret_to(h)
+}
+
+/// The first dispatch of a global EC: its STARTUP event.
+pub fn startup(ec: Arc<Ec>) -> ! {
+    if ec.kind == EcKind::Vcpu {
+        stop(&ec);
+    }
+    // SAFETY: interrupts are off in the kernel.
+    unsafe { sched::local() }.current = Some(ec.clone());
+    event(ec, host::STARTUP)
+}
+
+/// Stops an EC for good and schedules something else.
+pub fn stop(c: &Arc<Ec>) -> ! {
+    c.dead.store(true, core::sync::atomic::Ordering::Release);
+    sched::clear_current();
+    sched::schedule()
+}
+

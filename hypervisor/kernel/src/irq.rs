@@ -1,0 +1,59 @@
+//! Device interrupts: each GSI has a semaphore in the kernel PD; its interrupt is an
+//! `up`. Level-triggered lines stay masked from delivery until the next `down`.
+
+use alloc::sync::Arc;
+
+use peregrine_abi::hypercall::gsi_flags;
+use peregrine_abi::Status;
+use spin::Mutex;
+
+use crate::sm::Sm;
+
+/// GSIs the kernel routes (vectors `VECTOR_BASE + gsi`).
+pub const MAX_GSI: usize = 64;
+/// Vector of GSI 0.
+pub const VECTOR_BASE: u8 = 0x40;
+
+const NONE: Option<Arc<Sm>> = None;
+static GSI_SM: Mutex<[Option<Arc<Sm>>; MAX_GSI]> = Mutex::new([NONE; MAX_GSI]);
+
+/// Records the semaphore of a GSI (boot).
+pub fn register_gsi_sm(gsi: u32, sm: Arc<Sm>) {
+    if let Some(s) = GSI_SM.lock().get_mut(gsi as usize) {
+        *s = Some(sm);
+    }
+}
+
+/// Routes a GSI to a CPU (`assign_gsi`).
+pub fn route_gsi(gsi: u32, cpu: usize, flags: u64) -> Result<(), Status> {
+    if gsi as usize >= MAX_GSI {
+        return Err(Status::BadDevice);
+    }
+    let (level, low) = if flags & gsi_flags::DEFAULT != 0 {
+        crate::arch::gsi_default_mode(gsi)
+    } else {
+        (flags & gsi_flags::LEVEL != 0, flags & gsi_flags::ACTIVE_LOW != 0)
+    };
+    crate::arch::ioapic_route(gsi, VECTOR_BASE + gsi as u8, cpu, level, low)
+        .map_err(|_| Status::BadDevice)
+}
+
+/// Unmasks a level-triggered GSI (its semaphore was taken down).
+pub fn unmask_gsi(gsi: u32) {
+    crate::arch::ioapic_unmask(gsi);
+}
+
+/// A device interrupt arrived on `vector`.
+pub fn interrupt(vector: u8) {
+    if vector < VECTOR_BASE {
+        return;
+    }
+    let gsi = (vector - VECTOR_BASE) as usize;
+    let sm = GSI_SM.lock().get(gsi).cloned().flatten();
+    if let Some(sm) = sm {
+        if sm.gsi().is_some_and(|g| g.level) {
+            crate::arch::ioapic_mask(gsi as u32);
+        }
+        sm.up();
+    }
+}

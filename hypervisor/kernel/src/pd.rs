@@ -1,0 +1,117 @@
+//! Protection domains: an object space (capabilities), a memory space (host page table),
+//! an I/O port space and a kernel-memory quota.
+
+use alloc::sync::{Arc, Weak};
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use peregrine_core::capspace::CapSpace;
+use peregrine_core::quota::Quota;
+use spin::Mutex;
+
+use crate::cap::KObj;
+use crate::ec::Ec;
+use crate::space_mem::SpaceMem;
+use crate::space_pio::SpacePio;
+
+/// Selectors in every object space.
+pub const SEL_NUM: u64 = 1 << 18;
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// A protection domain.
+pub struct Pd {
+    /// Unique id (the mapping database's space id is derived from it).
+    pub id: u64,
+    /// Capabilities.
+    pub obj: Mutex<CapSpace<KObj>>,
+    /// Memory.
+    pub mem: SpaceMem,
+    /// I/O ports.
+    pub pio: SpacePio,
+    /// Kernel-memory quota in pages.
+    pub quota: Quota,
+    /// The PD that created this one (None for the kernel and root PDs).
+    pub parent: Option<Arc<Pd>>,
+    /// The kernel's own PD (source of all resources).
+    pub kernel: bool,
+    /// A virtual machine.
+    pub vm: bool,
+    dead: AtomicBool,
+    /// ECs living in this PD (to stop them when it is destroyed).
+    pub ecs: Mutex<Vec<Weak<Ec>>>,
+}
+
+impl Pd {
+    /// Creates a PD with quota `q` (carved out of the parent's).
+    pub fn new(parent: Option<Arc<Pd>>, q: Quota, kernel: bool, vm: bool) -> Option<Self> {
+        let mem = if kernel {
+            SpaceMem::none()
+        } else {
+            SpaceMem::new()?
+        };
+        Some(Pd {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            obj: Mutex::new(CapSpace::new(SEL_NUM)),
+            mem,
+            pio: SpacePio::new(),
+            quota: q,
+            parent,
+            kernel,
+            vm,
+            dead: AtomicBool::new(false),
+            ecs: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Whether the PD was destroyed.
+    pub fn is_dead(&self) -> bool {
+        self.dead.load(Ordering::Relaxed)
+    }
+
+    /// Whether `self` is `other` or was created (transitively) by it.
+    pub fn is_within(&self, other: &Pd) -> bool {
+        let mut p: Option<&Pd> = Some(self);
+        let mut depth = 0;
+        while let Some(x) = p {
+            if core::ptr::eq(x, other) {
+                return true;
+            }
+            depth += 1;
+            if depth > 1024 {
+                return false;
+            }
+            p = x.parent.as_deref();
+        }
+        false
+    }
+
+    /// Looks up a capability.
+    pub fn cap(&self, sel: u64) -> Option<crate::cap::Cap> {
+        self.obj.lock().get(sel).cloned()
+    }
+
+    /// Destroys the PD: its ECs stop, its capabilities and mappings go (recursively in
+    /// the mapping database), unused quota returns to the parent.
+    pub fn destroy(self: &Arc<Pd>) {
+        if self.dead.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let ecs = core::mem::take(&mut *self.ecs.lock());
+        for e in ecs.iter().filter_map(|w| w.upgrade()) {
+            e.dead.store(true, Ordering::Release);
+            crate::sched::kill_remote(&e);
+        }
+        crate::space::destroy_spaces(self);
+    }
+}
+
+impl Drop for Pd {
+    fn drop(&mut self) {
+        // Everything it held is freed by now (its page tables go with `mem` after this):
+        // hand the account back to the parent, which paid for it.
+        if let Some(p) = &self.parent {
+            let _ = self.quota.merge_into(&p.quota);
+        }
+    }
+}

@@ -1,0 +1,133 @@
+//! Semaphores: counting, with FIFO waiters, optional deadlines, and the delivery of
+//! interrupts (a GSI semaphore is signalled by its interrupt).
+
+use alloc::collections::VecDeque;
+use alloc::sync::Arc;
+
+use peregrine_abi::Status;
+use spin::Mutex;
+
+use crate::ec::Ec;
+use crate::sched;
+
+/// Interrupt routing of a GSI semaphore.
+#[derive(Debug, Clone, Copy)]
+pub struct Gsi {
+    /// The GSI number.
+    pub gsi: u32,
+    /// Level-triggered: masked on delivery until the next down.
+    pub level: bool,
+}
+
+struct Inner {
+    count: u64,
+    waiters: VecDeque<Arc<Ec>>,
+    gsi: Option<Gsi>,
+}
+
+/// A semaphore.
+pub struct Sm {
+    inner: Mutex<Inner>,
+}
+
+/// What a down did.
+pub enum Down {
+    /// The count was positive: done.
+    Acquired,
+    /// The EC was queued and must block.
+    Blocked,
+}
+
+impl Sm {
+    /// A semaphore with an initial count.
+    pub fn new(count: u64) -> Self {
+        Sm {
+            inner: Mutex::new(Inner {
+                count,
+                waiters: VecDeque::new(),
+                gsi: None,
+            }),
+        }
+    }
+
+    /// A GSI semaphore.
+    pub fn new_gsi(gsi: u32) -> Self {
+        let s = Self::new(0);
+        s.inner.lock().gsi = Some(Gsi { gsi, level: false });
+        s
+    }
+
+    /// The GSI this semaphore delivers, if any.
+    pub fn gsi(&self) -> Option<Gsi> {
+        self.inner.lock().gsi
+    }
+
+    /// Sets the trigger mode of a GSI semaphore.
+    pub fn set_level(&self, level: bool) {
+        if let Some(g) = self.inner.lock().gsi.as_mut() {
+            g.level = level;
+        }
+    }
+
+    /// Up: wakes the first waiter or counts.
+    pub fn up(&self) {
+        let w = {
+            let mut i = self.inner.lock();
+            match i.waiters.pop_front() {
+                Some(w) => Some(w),
+                None => {
+                    i.count = i.count.saturating_add(1);
+                    None
+                }
+            }
+        };
+        if let Some(w) = w {
+            sched::wake(w, Status::Success);
+        }
+    }
+
+    /// Down by `ec`: takes one (or, with `zero`, all) or queues `ec`.
+    pub fn down(&self, ec: &Arc<Ec>, zero: bool) -> Down {
+        let mut i = self.inner.lock();
+        if let Some(g) = i.gsi {
+            if g.level {
+                crate::irq::unmask_gsi(g.gsi);
+            }
+        }
+        if i.count > 0 {
+            if zero {
+                i.count = 0;
+            } else {
+                i.count -= 1;
+            }
+            Down::Acquired
+        } else {
+            i.waiters.push_back(ec.clone());
+            Down::Blocked
+        }
+    }
+
+    /// Down without waiting: true if the count was positive.
+    pub fn down_nowait(&self, zero: bool) -> bool {
+        let mut i = self.inner.lock();
+        if i.count > 0 {
+            i.count = if zero { 0 } else { i.count - 1 };
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Removes `ec` from the waiters (timeout, or the EC is being destroyed); true if it
+    /// was there (then the caller owns waking it).
+    pub fn dequeue(&self, ec: &Arc<Ec>) -> bool {
+        let mut i = self.inner.lock();
+        match i.waiters.iter().position(|w| Arc::ptr_eq(w, ec)) {
+            Some(p) => {
+                i.waiters.remove(p);
+                true
+            }
+            None => false,
+        }
+    }
+}

@@ -1,0 +1,305 @@
+//! Delegation, revocation and lookup across the three kinds of space, on top of the
+//! mapping database (`peregrine_core::mdb`): one database per kind, spaces named by PD.
+//!
+//! Lock order: a mapping database, then a PD's object, memory or port space. Nothing
+//! takes a database lock while holding a space lock.
+
+use alloc::collections::BTreeMap;
+use alloc::sync::{Arc, Weak};
+use alloc::vec::Vec;
+
+use peregrine_abi::crd::delegation_target;
+use peregrine_abi::{Crd, CrdKind, Status, XferFlags, Xfer};
+use peregrine_core::mdb::{Mdb, MdbError, Removed, SpaceId};
+use spin::Mutex;
+
+use crate::cap::{Cap, KObj};
+use crate::pd::Pd;
+
+static MDB_MEM: Mutex<Mdb> = Mutex::new(Mdb::new());
+static MDB_PIO: Mutex<Mdb> = Mutex::new(Mdb::new());
+static MDB_OBJ: Mutex<Mdb> = Mutex::new(Mdb::new());
+
+/// Every live PD by id, to apply revocations to the spaces the database names.
+static PDS: Mutex<BTreeMap<u64, Weak<Pd>>> = Mutex::new(BTreeMap::new());
+
+/// Registers a PD so revocations can find it.
+pub fn register(pd: &Arc<Pd>) {
+    PDS.lock().insert(pd.id, Arc::downgrade(pd));
+}
+
+fn pd_of(space: SpaceId) -> Option<Arc<Pd>> {
+    PDS.lock().get(&space.0).and_then(|w| w.upgrade())
+}
+
+fn sid(pd: &Pd) -> SpaceId {
+    SpaceId(pd.id)
+}
+
+fn mdb_err(e: MdbError) -> Status {
+    match e {
+        MdbError::NotFound => Status::BadCapability,
+        _ => Status::BadParameter,
+    }
+}
+
+/// Installs the original capability to a newly created object at `sel`.
+pub fn insert_root_cap(pd: &Arc<Pd>, sel: u64, obj: KObj) -> Result<(), Status> {
+    let perm = peregrine_abi::perm::ALL;
+    let mut mdb = MDB_OBJ.lock();
+    mdb.insert_root(sid(pd), sel, 0, perm, 0).map_err(mdb_err)?;
+    if let KObj::Pd(p) = &obj {
+        register(p);
+    }
+    let r = pd.obj.lock().insert(sel, Cap { obj, perm });
+    if r.is_err() {
+        let _ = mdb.revoke(sid(pd), sel, 0, true, |_| {});
+        return Err(Status::BadCapability);
+    }
+    Ok(())
+}
+
+/// Records the kernel PD's possessions at boot: memory `pages` from `base` (by physical
+/// page number) and all I/O ports.
+pub fn kernel_root_mem(kern: &Pd, base: u64, order: u8) {
+    let _ = MDB_MEM.lock().insert_root(sid(kern), base, order, 0x7, base);
+}
+
+/// Records all I/O ports as the kernel PD's.
+pub fn kernel_root_pio(kern: &Pd) {
+    let _ = MDB_PIO.lock().insert_root(sid(kern), 0, 16, 1, 0);
+}
+
+/// A typed item of a message: delegate `x` from `src` into `dst`'s window.
+pub fn transfer(src: &Arc<Pd>, dst: &Arc<Pd>, x: Xfer, window: Crd) -> Result<(), Status> {
+    if !x.flags().contains(XferFlags::DELEGATE) {
+        // Translation is not supported yet.
+        return Err(Status::BadFeature);
+    }
+    delegate(src, dst, x.crd, window, x.hotspot(), x.flags())
+}
+
+/// Delegates `src_crd` of `src` into the window `win` of `dst` (NOVA's rules; see
+/// `peregrine_abi::crd::delegation_target`).
+pub fn delegate(
+    src: &Arc<Pd>,
+    dst: &Arc<Pd>,
+    src_crd: Crd,
+    win: Crd,
+    hotspot: u64,
+    flags: XferFlags,
+) -> Result<(), Status> {
+    let kind = src_crd.kind();
+    if kind == CrdKind::Null || win.kind() != kind {
+        return Err(Status::BadParameter);
+    }
+    if !src_crd.is_aligned() || !win.is_aligned() {
+        return Err(Status::BadParameter);
+    }
+    if flags.intersects(XferFlags::GUEST | XferFlags::DMA) {
+        return Err(Status::BadFeature);
+    }
+    let (sb, db, order) =
+        delegation_target(src_crd.base(), src_crd.order(), win.base(), win.order(), hotspot)
+            .ok_or(Status::BadParameter)?;
+    let mask = src_crd.perm() & win.perm();
+    match kind {
+        CrdKind::Mem => delegate_mem(src, dst, sb, db, order, mask),
+        CrdKind::Pio => delegate_pio(src, dst, sb, db, order, mask),
+        CrdKind::Obj => delegate_obj(src, dst, sb, db, order, mask),
+        CrdKind::Null => Err(Status::BadParameter),
+    }
+}
+
+fn delegate_mem(src: &Pd, dst: &Arc<Pd>, sb: u64, db: u64, order: u8, mask: u8) -> Result<(), Status> {
+    let user_end = peregrine_abi::hip::USER_END >> peregrine_abi::PAGE_BITS;
+    if order > 40 || db.checked_add(1 << order).is_none_or(|e| e > user_end) {
+        return Err(Status::BadParameter);
+    }
+    let mut mdb = MDB_MEM.lock();
+    let new = mdb
+        .delegate_range(sid(src), sb, sid(dst), db, order, mask)
+        .map_err(mdb_err)?;
+    for m in &new {
+        if let Err(e) = dst.mem.map(dst, m.base, m.origin, m.order, m.perm) {
+            // Undo this and the rest; undo what was mapped already.
+            for u in &new {
+                let _ = mdb.revoke(u.space, u.base, u.order, true, |_| {});
+                dst.mem.unmap(u.base, u.order);
+            }
+            drop(mdb);
+            crate::tlb::shootdown();
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+fn delegate_pio(src: &Pd, dst: &Arc<Pd>, sb: u64, db: u64, order: u8, mask: u8) -> Result<(), Status> {
+    if sb != db || order > 16 || db.checked_add(1 << order).is_none_or(|e| e > 0x10000) {
+        // Ports keep their numbers.
+        return Err(Status::BadParameter);
+    }
+    let mut mdb = MDB_PIO.lock();
+    let new = mdb
+        .delegate_range(sid(src), sb, sid(dst), db, order, mask)
+        .map_err(mdb_err)?;
+    for m in new {
+        dst.pio.set(m.base, m.order, true);
+    }
+    Ok(())
+}
+
+fn delegate_obj(src: &Pd, dst: &Arc<Pd>, sb: u64, db: u64, order: u8, mask: u8) -> Result<(), Status> {
+    if order > 18 || db.checked_add(1 << order).is_none_or(|e| e > crate::pd::SEL_NUM) {
+        return Err(Status::BadParameter);
+    }
+    let mut mdb = MDB_OBJ.lock();
+    let new = mdb
+        .delegate_range(sid(src), sb, sid(dst), db, order, mask)
+        .map_err(mdb_err)?;
+    let mut caps = Vec::new();
+    {
+        let s = src.obj.lock();
+        for m in &new {
+            let (_, src_base) = m.src.unwrap_or((sid(src), m.base));
+            for i in 0..(1u64 << m.order) {
+                if let Some(c) = s.get(src_base + i) {
+                    caps.push((m.base + i, Cap {
+                        obj: c.obj.clone(),
+                        perm: c.perm & m.perm,
+                    }));
+                }
+            }
+        }
+    }
+    let mut d = dst.obj.lock();
+    for (sel, cap) in caps {
+        let _ = d.insert(sel, cap);
+    }
+    Ok(())
+}
+
+/// `lookup`: the node covering the CRD's base in the caller's space of that kind.
+pub fn lookup(pd: &Pd, crd: Crd) -> Result<Crd, Status> {
+    let (mdb, kind) = match crd.kind() {
+        CrdKind::Mem => (&MDB_MEM, CrdKind::Mem),
+        CrdKind::Pio => (&MDB_PIO, CrdKind::Pio),
+        CrdKind::Obj => (&MDB_OBJ, CrdKind::Obj),
+        CrdKind::Null => return Err(Status::BadParameter),
+    };
+    Ok(match mdb.lock().lookup(sid(pd), crd.base()) {
+        Some(m) => Crd::new(kind, m.base, m.order, m.perm),
+        None => Crd::NULL,
+    })
+}
+
+/// `revoke`: takes the range away from everything derived from it (and from the caller
+/// with `own`), in every PD, with TLB shootdown.
+pub fn revoke(pd: &Arc<Pd>, crd: Crd, own: bool) -> Result<(), Status> {
+    if !crd.is_aligned() {
+        return Err(Status::BadParameter);
+    }
+    let (base, order) = (crd.base(), crd.order());
+    match crd.kind() {
+        CrdKind::Null => Err(Status::BadParameter),
+        CrdKind::Mem => {
+            let removed = MDB_MEM
+                .lock()
+                .revoke_collect(sid(pd), base, order, own)
+                .map_err(mdb_err)?;
+            unmap_removed(&removed);
+            Ok(())
+        }
+        CrdKind::Pio => {
+            let removed = MDB_PIO
+                .lock()
+                .revoke_collect(sid(pd), base, order, own)
+                .map_err(mdb_err)?;
+            for r in removed {
+                if let Some(p) = pd_of(r.space) {
+                    p.pio.set(r.base, r.order, false);
+                }
+            }
+            crate::tlb::shootdown();
+            Ok(())
+        }
+        CrdKind::Obj => {
+            // Original capabilities of PDs removed with `own` destroy those PDs.
+            let mut doomed = Vec::new();
+            let removed = {
+                let mut mdb = MDB_OBJ.lock();
+                if own {
+                    let last = base + (1u64 << order.min(63)) - 1;
+                    for m in mdb.mappings(sid(pd)) {
+                        if m.src.is_none() && m.base >= base && m.base <= last {
+                            if let Some(Cap { obj: KObj::Pd(p), .. }) = pd.cap(m.base) {
+                                doomed.push(p);
+                            }
+                        }
+                    }
+                }
+                mdb.revoke_collect(sid(pd), base, order, own).map_err(mdb_err)?
+            };
+            remove_caps(&removed);
+            for p in doomed {
+                destroy(&p);
+            }
+            Ok(())
+        }
+    }
+}
+
+fn remove_caps(removed: &[Removed]) {
+    let mut dropped = Vec::new();
+    for r in removed {
+        if let Some(p) = pd_of(r.space) {
+            let mut s = p.obj.lock();
+            for i in 0..(1u64 << r.order.min(20)) {
+                if let Some(c) = s.remove(r.base + i) {
+                    dropped.push(c);
+                }
+            }
+        }
+    }
+    // Objects are dropped outside the space locks (a dropped PD takes its own locks).
+    drop(dropped);
+}
+
+fn unmap_removed(removed: &[Removed]) {
+    for r in removed {
+        if let Some(p) = pd_of(r.space) {
+            p.mem.unmap(r.base, r.order);
+        }
+    }
+    if !removed.is_empty() {
+        crate::tlb::shootdown();
+    }
+}
+
+/// Destroys a PD (its original capability was revoked).
+pub fn destroy(pd: &Arc<Pd>) {
+    pd.destroy();
+}
+
+/// Tears down the spaces of a destroyed PD: everything it holds and everything derived.
+pub fn destroy_spaces(pd: &Arc<Pd>) {
+    let mut removed = Vec::new();
+    MDB_MEM.lock().destroy_space(sid(pd), |r| removed.push(r));
+    unmap_removed(&removed);
+    let mut removed = Vec::new();
+    MDB_PIO.lock().destroy_space(sid(pd), |r| removed.push(r));
+    for r in &removed {
+        if let Some(p) = pd_of(r.space) {
+            p.pio.set(r.base, r.order, false);
+        }
+    }
+    let mut removed = Vec::new();
+    MDB_OBJ.lock().destroy_space(sid(pd), |r| removed.push(r));
+    remove_caps(&removed);
+    // Caps it still holds without database nodes (none expected) go with the space.
+    let mut rest = Vec::new();
+    pd.obj.lock().clear(|_, c| rest.push(c));
+    drop(rest);
+    PDS.lock().remove(&pd.id);
+}

@@ -1,0 +1,72 @@
+//! I/O port spaces: a permission bitmap per PD, loaded into the CPU's TSS I/O bitmap
+//! when the PD runs.
+
+use alloc::boxed::Box;
+use core::sync::atomic::{AtomicBool, Ordering};
+
+use spin::Mutex;
+
+/// Bytes of an I/O permission bitmap (one bit per port, set = denied).
+pub const IOPB_BYTES: usize = 8192;
+
+/// A PD's port space.
+pub struct SpacePio {
+    bitmap: Mutex<Option<Box<[u8; IOPB_BYTES]>>>,
+    any: AtomicBool,
+}
+
+impl Default for SpacePio {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl SpacePio {
+    /// No ports.
+    pub const fn new() -> Self {
+        SpacePio {
+            bitmap: Mutex::new(None),
+            any: AtomicBool::new(false),
+        }
+    }
+
+    /// Allows (or denies) ports `base .. base + 2^order`.
+    pub fn set(&self, base: u64, order: u8, allow: bool) {
+        let mut b = self.bitmap.lock();
+        if b.is_none() {
+            if !allow {
+                return;
+            }
+            *b = Some(Box::new([0xff; IOPB_BYTES]));
+        }
+        let Some(map) = b.as_mut() else { return };
+        let end = (base + (1u64 << order.min(16))).min(0x10000);
+        for port in base..end {
+            let (i, bit) = ((port / 8) as usize, port % 8);
+            if allow {
+                map[i] &= !(1 << bit);
+            } else {
+                map[i] |= 1 << bit;
+            }
+        }
+        self.any.store(true, Ordering::Release);
+    }
+
+    /// Whether `port` is allowed.
+    pub fn allowed(&self, port: u16) -> bool {
+        match self.bitmap.lock().as_ref() {
+            Some(m) => m[port as usize / 8] & (1 << (port % 8)) == 0,
+            None => false,
+        }
+    }
+
+    /// Loads this space into the running CPU's TSS.
+    pub fn activate(&self, _pd: u64) {
+        if !self.any.load(Ordering::Acquire) {
+            crate::arch::load_iopb(None);
+            return;
+        }
+        let b = self.bitmap.lock();
+        crate::arch::load_iopb(b.as_deref());
+    }
+}

@@ -1,0 +1,368 @@
+//! The hypercall dispatcher: decodes the registers once, checks every argument, and
+//! finishes each hypercall with a status. Nothing user space passes can make it panic.
+
+use alloc::sync::Arc;
+
+use peregrine_abi::hypercall::{
+    self, call_flags, ec_ctrl_op, ec_flags, pd_ctrl_op, pd_flags, revoke_flags, sm_flags,
+    Hypercall, HypercallWord,
+};
+use peregrine_abi::perm::{EcPerm, PdPerm, PtPerm, ScPerm, SmPerm};
+use peregrine_abi::{Crd, Mtd, Status, XferFlags};
+
+use crate::cap::{Cap, KObj};
+use crate::ec::{Ec, EcKind};
+use crate::frame::{user_addr, Frame};
+use crate::pd::Pd;
+use crate::pt::Pt;
+use crate::sc::Sc;
+use crate::sm::{Down, Sm};
+use crate::{ipc, sched, space};
+
+/// The typed view of a hypercall's registers.
+struct Args {
+    word: HypercallWord,
+    a: [u64; 5],
+}
+
+impl Args {
+    fn from(f: &Frame) -> Self {
+        Args {
+            word: HypercallWord(f.rdi),
+            a: [f.rsi, f.rdx, f.rax, f.r8, f.r9],
+        }
+    }
+    fn sel(&self) -> u64 {
+        self.word.sel()
+    }
+    fn flags(&self) -> u8 {
+        self.word.flags()
+    }
+}
+
+/// Entered from the syscall stub with the running EC's saved frame.
+pub extern "C" fn syscall_handler(_frame: *mut Frame) -> ! {
+    let c = sched::current();
+    // SAFETY: the running EC's frame, on its own CPU, interrupts off.
+    let args = Args::from(unsafe { c.frame() });
+    let Some(h) = Hypercall::from_raw(args.word.number()) else {
+        ipc::finish(&c, Status::BadHypercall);
+    };
+    let r = match h {
+        Hypercall::Call => ipc::call(c, args.sel(), args.flags() & call_flags::NON_BLOCKING != 0),
+        Hypercall::Reply => ipc::reply(c),
+        Hypercall::CreatePd => create_pd(&c, &args).map(|()| 0),
+        Hypercall::CreateEc => create_ec(&c, &args).map(|()| 0),
+        Hypercall::CreateSc => create_sc(&c, &args).map(|()| 0),
+        Hypercall::CreatePt => create_pt(&c, &args).map(|()| 0),
+        Hypercall::CreateSm => create_sm(&c, &args).map(|()| 0),
+        Hypercall::Revoke => space::revoke(
+            &c.pd,
+            Crd(args.a[0]),
+            args.flags() & revoke_flags::SELF != 0,
+        )
+        .map(|()| 0),
+        Hypercall::Lookup => space::lookup(&c.pd, Crd(args.a[0])).map(|crd| crd.0),
+        Hypercall::EcCtrl => ec_ctrl(&c, &args).map(|()| 0),
+        Hypercall::ScCtrl => sc_ctrl(&c, &args),
+        Hypercall::PtCtrl => pt_ctrl(&c, &args).map(|()| 0),
+        Hypercall::SmCtrl => sm_ctrl(c.clone(), &args).map(|()| 0),
+        Hypercall::AssignPci => Err(Status::BadFeature),
+        Hypercall::AssignGsi => assign_gsi(&c, &args).map(|()| 0),
+        Hypercall::PdCtrl => pd_ctrl(&c, &args).map(|()| 0),
+    };
+    // SAFETY: as above.
+    let f = unsafe { c.frame() };
+    match r {
+        Ok(v) => {
+            f.rdi = Status::Success as u64;
+            f.rsi = v;
+        }
+        Err(s) => f.rdi = s as u64,
+    }
+    sched::ret_to(c)
+}
+
+fn cap_pd(c: &Ec, sel: u64, need: PdPerm) -> Result<Arc<Pd>, Status> {
+    match c.pd.cap(sel) {
+        Some(Cap {
+            obj: KObj::Pd(p),
+            perm,
+        }) if perm & need.bits() == need.bits() => Ok(p),
+        _ => Err(Status::BadCapability),
+    }
+}
+
+fn cap_ec(c: &Ec, sel: u64, need: EcPerm) -> Result<Arc<Ec>, Status> {
+    match c.pd.cap(sel) {
+        Some(Cap {
+            obj: KObj::Ec(e),
+            perm,
+        }) if perm & need.bits() == need.bits() => Ok(e),
+        _ => Err(Status::BadCapability),
+    }
+}
+
+fn cap_sm(c: &Ec, sel: u64, need: SmPerm) -> Result<Arc<Sm>, Status> {
+    match c.pd.cap(sel) {
+        Some(Cap {
+            obj: KObj::Sm(s),
+            perm,
+        }) if perm & need.bits() == need.bits() => Ok(s),
+        _ => Err(Status::BadCapability),
+    }
+}
+
+/// Installs a new object's capability at `sel` in the caller's space.
+fn install(c: &Ec, sel: u64, obj: KObj) -> Result<(), Status> {
+    space::insert_root_cap(&c.pd, sel, obj)
+}
+
+fn check_free(c: &Ec, sel: u64) -> Result<(), Status> {
+    let s = c.pd.obj.lock();
+    if sel >= s.limit() || s.contains(sel) {
+        Err(Status::BadCapability)
+    } else {
+        Ok(())
+    }
+}
+
+fn create_pd(c: &Ec, a: &Args) -> Result<(), Status> {
+    let parent = cap_pd(c, a.a[0], PdPerm::PD)?;
+    check_free(c, a.sel())?;
+    if a.flags() & pd_flags::VM != 0 {
+        return Err(Status::BadFeature);
+    }
+    let quota = u32::try_from(a.a[1]).map_err(|_| Status::OutOfMemory)?;
+    // One page for the PD object itself (and its top-level page table), plus the quota
+    // it receives.
+    crate::kmem::charge(&parent, 2)?;
+    let q = match parent.quota.carve(quota) {
+        Ok(q) => q,
+        Err(_) => {
+            crate::kmem::uncharge(&parent, 2);
+            return Err(Status::OutOfMemory);
+        }
+    };
+    match Pd::new(Some(parent.clone()), q, false, false) {
+        Some(pd) => {
+            let pd = Arc::new(pd);
+            install(c, a.sel(), KObj::Pd(pd.clone())).inspect_err(|_| {
+                crate::kmem::uncharge(&parent, 2);
+            })
+        }
+        None => {
+            crate::kmem::uncharge(&parent, 2);
+            Err(Status::OutOfMemory)
+        }
+    }
+}
+
+fn create_ec(c: &Ec, a: &Args) -> Result<(), Status> {
+    let pd = cap_pd(c, a.a[0], PdPerm::EC)?;
+    let cpu = a.a[1];
+    if !crate::arch::cpu_online(cpu) {
+        return Err(Status::BadCpu);
+    }
+    check_free(c, a.sel())?;
+    let kind = if a.flags() & ec_flags::VCPU != 0 {
+        return Err(Status::BadFeature);
+    } else if a.flags() & ec_flags::GLOBAL != 0 {
+        EcKind::Global
+    } else {
+        EcKind::Local
+    };
+    let (utcb, sp, evt) = (a.a[2], a.a[3], a.a[4]);
+    if utcb & 0xfff != 0 || !user_addr(utcb) || utcb == 0 || !user_addr(sp) {
+        return Err(Status::BadParameter);
+    }
+    if pd.kernel || pd.is_dead() {
+        return Err(Status::BadCapability);
+    }
+    crate::kmem::charge(&pd, 1)?;
+    let page = match crate::kmem::alloc_frame(&pd) {
+        Ok(p) => p,
+        Err(e) => {
+            crate::kmem::uncharge(&pd, 1);
+            return Err(e);
+        }
+    };
+    if let Err(e) = pd.mem.map_kernel_page(&pd, utcb, page) {
+        crate::kmem::free_frame(&pd, page);
+        crate::kmem::uncharge(&pd, 1);
+        return Err(e);
+    }
+    let ec = Arc::new(Ec::new(
+        pd.clone(),
+        cpu as usize,
+        kind,
+        evt,
+        sp,
+        page,
+        utcb,
+        Frame::user(0, sp),
+    ));
+    pd.ecs.lock().push(Arc::downgrade(&ec));
+    install(c, a.sel(), KObj::Ec(ec))
+}
+
+fn create_sc(c: &Ec, a: &Args) -> Result<(), Status> {
+    let pd = cap_pd(c, a.a[0], PdPerm::SC)?;
+    let ec = cap_ec(c, a.a[1], EcPerm::BIND_SC)?;
+    let (prio, quantum_us) = hypercall::qpd_split(a.a[2]);
+    if prio == 0 || quantum_us == 0 || quantum_us > 10_000_000 {
+        return Err(Status::BadParameter);
+    }
+    if ec.kind == EcKind::Local {
+        return Err(Status::BadCapability);
+    }
+    check_free(c, a.sel())?;
+    use core::sync::atomic::Ordering;
+    if ec.has_sc.swap(true, Ordering::AcqRel) {
+        return Err(Status::BadCapability);
+    }
+    if let Err(e) = crate::kmem::charge(&pd, 1) {
+        ec.has_sc.store(false, Ordering::Release);
+        return Err(e);
+    }
+    let ticks = quantum_us.saturating_mul(crate::arch::tsc_khz()) / 1000;
+    let sc = Arc::new(Sc::new(ec.clone(), prio, ticks.max(1)));
+    if let Err(e) = install(c, a.sel(), KObj::Sc(sc.clone())) {
+        ec.has_sc.store(false, Ordering::Release);
+        crate::kmem::uncharge(&pd, 1);
+        return Err(e);
+    }
+    sched::enqueue(sc);
+    sched::preempt_if_needed();
+    Ok(())
+}
+
+fn create_pt(c: &Ec, a: &Args) -> Result<(), Status> {
+    let pd = cap_pd(c, a.a[0], PdPerm::PT)?;
+    let ec = cap_ec(c, a.a[1], EcPerm::BIND_PT)?;
+    if ec.kind != EcKind::Local {
+        return Err(Status::BadCapability);
+    }
+    let mtd = Mtd::from_bits_truncate(a.a[2]);
+    let ip = a.a[3];
+    if !user_addr(ip) {
+        return Err(Status::BadParameter);
+    }
+    check_free(c, a.sel())?;
+    crate::kmem::charge(&pd, 1)?;
+    install(c, a.sel(), KObj::Pt(Arc::new(Pt::new(ec, ip, mtd))))
+}
+
+fn create_sm(c: &Ec, a: &Args) -> Result<(), Status> {
+    let pd = cap_pd(c, a.a[0], PdPerm::SM)?;
+    check_free(c, a.sel())?;
+    crate::kmem::charge(&pd, 1)?;
+    install(c, a.sel(), KObj::Sm(Arc::new(Sm::new(a.a[1]))))
+}
+
+fn ec_ctrl(c: &Ec, a: &Args) -> Result<(), Status> {
+    let ec = cap_ec(c, a.sel(), EcPerm::CTRL)?;
+    match a.a[0] {
+        ec_ctrl_op::RECALL => {
+            ec.recall.store(true, core::sync::atomic::Ordering::Release);
+            sched::kill_remote(&ec);
+            Ok(())
+        }
+        _ => Err(Status::BadParameter),
+    }
+}
+
+fn sc_ctrl(c: &Ec, a: &Args) -> Result<u64, Status> {
+    match c.pd.cap(a.sel()) {
+        Some(Cap {
+            obj: KObj::Sc(s),
+            perm,
+        }) if perm & ScPerm::CTRL.bits() != 0 => {
+            Ok(s.time.load(core::sync::atomic::Ordering::Relaxed))
+        }
+        _ => Err(Status::BadCapability),
+    }
+}
+
+fn pt_ctrl(c: &Ec, a: &Args) -> Result<(), Status> {
+    match c.pd.cap(a.sel()) {
+        Some(Cap {
+            obj: KObj::Pt(p),
+            perm,
+        }) if perm & PtPerm::CTRL.bits() != 0 => {
+            p.id.store(a.a[0], core::sync::atomic::Ordering::Relaxed);
+            Ok(())
+        }
+        _ => Err(Status::BadCapability),
+    }
+}
+
+fn sm_ctrl(c: Arc<Ec>, a: &Args) -> Result<(), Status> {
+    if a.flags() & sm_flags::DOWN == 0 {
+        let sm = cap_sm(&c, a.sel(), SmPerm::UP)?;
+        sm.up();
+        sched::preempt_if_needed();
+        return Ok(());
+    }
+    let sm = cap_sm(&c, a.sel(), SmPerm::DOWN)?;
+    let deadline = a.a[0];
+    if deadline != 0 && crate::arch::rdtsc() >= deadline {
+        // Poll: take it if available, else time out at once.
+        return match sm.down_nowait(a.flags() & sm_flags::ZERO != 0) {
+            true => Ok(()),
+            false => Err(Status::Timeout),
+        };
+    }
+    c.wait_gen.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
+    match sm.down(&c, a.flags() & sm_flags::ZERO != 0) {
+        Down::Acquired => Ok(()),
+        Down::Blocked => {
+            // SAFETY: the running EC on this CPU.
+            unsafe { c.local() }.waiting_on = Some(sm.clone());
+            if deadline != 0 {
+                sched::add_timeout(deadline, c.clone(), sm);
+            }
+            sched::block_current();
+            sched::schedule()
+        }
+    }
+}
+
+fn assign_gsi(c: &Ec, a: &Args) -> Result<(), Status> {
+    let sm = cap_sm(c, a.sel(), SmPerm::DOWN)?;
+    let gsi = sm.gsi().ok_or(Status::BadCapability)?;
+    let cpu = a.a[0];
+    if !crate::arch::cpu_online(cpu) {
+        return Err(Status::BadCpu);
+    }
+    let fl = a.a[1];
+    let level = fl & hypercall::gsi_flags::LEVEL != 0;
+    sm.set_level(level);
+    crate::irq::route_gsi(gsi.gsi, cpu as usize, fl)
+}
+
+fn pd_ctrl(c: &Ec, a: &Args) -> Result<(), Status> {
+    let src = cap_pd(c, a.sel(), PdPerm::empty())?;
+    let dst = cap_pd(c, a.a[0], PdPerm::empty())?;
+    if !dst.is_within(&c.pd) || dst.kernel || dst.is_dead() {
+        return Err(Status::BadCapability);
+    }
+    if !src.kernel && !src.is_within(&c.pd) {
+        return Err(Status::BadCapability);
+    }
+    match a.flags() {
+        pd_ctrl_op::DELEGATE => {
+            let flags = XferFlags::from_bits_truncate(a.a[4]);
+            space::delegate(&src, &dst, Crd(a.a[1]), Crd(a.a[2]), a.a[3], flags)
+        }
+        pd_ctrl_op::QUOTA => {
+            if src.kernel {
+                return Err(Status::BadCapability);
+            }
+            let n = u32::try_from(a.a[1]).map_err(|_| Status::OutOfMemory)?;
+            peregrine_core::quota::Quota::transfer(&src.quota, &dst.quota, n)
+                .map_err(|_| Status::OutOfMemory)
+        }
+        _ => Err(Status::BadParameter),
+    }
+}

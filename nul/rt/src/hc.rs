@@ -1,0 +1,222 @@
+//! Hypercall bindings. See `hypervisor/abi/ABI.md` for the register convention.
+
+use core::arch::asm;
+
+use peregrine_abi::hypercall::{self, Hypercall, HypercallWord};
+use peregrine_abi::{Crd, Mtd, Status};
+
+/// The raw results of a hypercall: status and two result words.
+#[derive(Debug, Clone, Copy)]
+pub struct Raw {
+    /// Low byte of `rdi`.
+    pub status: u8,
+    /// `rsi`.
+    pub out1: u64,
+    /// `rdx`.
+    pub out2: u64,
+}
+
+/// Issues a hypercall with raw arguments. Any argument values are allowed: the kernel
+/// checks everything (the hostile test component relies on this).
+#[inline(always)]
+pub fn raw(word: u64, a1: u64, a2: u64, a3: u64, a4: u64, a5: u64) -> Raw {
+    let (st, o1, o2): (u64, u64, u64);
+    // SAFETY: `syscall` enters the kernel, which preserves every register but rcx and
+    // r11 (clobbered by syscall/sysret) and rdi/rsi/rdx (results); rax/r8/r9 are declared
+    // clobbered as well to stay correct if that ever changes. The kernel never touches
+    // this EC's memory except its UTCB, which the caller owns as a plain page.
+    unsafe {
+        asm!(
+            "syscall",
+            inlateout("rdi") word => st,
+            inlateout("rsi") a1 => o1,
+            inlateout("rdx") a2 => o2,
+            inlateout("rax") a3 => _,
+            inlateout("r8") a4 => _,
+            inlateout("r9") a5 => _,
+            out("rcx") _,
+            out("r11") _,
+            options(nostack),
+        );
+    }
+    Raw {
+        status: st as u8,
+        out1: o1,
+        out2: o2,
+    }
+}
+
+#[inline(always)]
+fn hc(h: Hypercall, flags: u8, sel: u64, a: [u64; 5]) -> Raw {
+    raw(HypercallWord::new(h, flags, sel).0, a[0], a[1], a[2], a[3], a[4])
+}
+
+#[inline(always)]
+fn st(r: Raw) -> Result<(), Status> {
+    Status::from_raw(r.status)
+        .unwrap_or(Status::BadHypercall)
+        .into_result()
+}
+
+/// Calls portal `pt`: the UTCB message goes to the handler, its reply comes back in the
+/// UTCB.
+#[inline(always)]
+pub fn call(pt: u64) -> Result<(), Status> {
+    st(hc(Hypercall::Call, 0, pt, [0; 5]))
+}
+
+/// Like [`call`] but fails with `Timeout` instead of waiting for a busy handler.
+pub fn call_nonblocking(pt: u64) -> Result<(), Status> {
+    st(hc(Hypercall::Call, hypercall::call_flags::NON_BLOCKING, pt, [0; 5]))
+}
+
+/// Replies to the current caller with the message in the UTCB. A portal handler ends
+/// with this; it does not return (the next call starts the handler afresh).
+#[inline(always)]
+pub fn reply() -> ! {
+    hc(Hypercall::Reply, 0, 0, [0; 5]);
+    // The kernel only comes back here when there was no caller to reply to.
+    loop {
+        core::hint::spin_loop();
+    }
+}
+
+/// Creates a PD at `dst`, carving `quota` pages of kernel memory out of `parent`'s.
+pub fn create_pd(dst: u64, parent: u64, quota: u64, vm: bool) -> Result<(), Status> {
+    let f = if vm { hypercall::pd_flags::VM } else { 0 };
+    st(hc(Hypercall::CreatePd, f, dst, [parent, quota, 0, 0, 0]))
+}
+
+/// What kind of EC to create.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EcKind {
+    /// A portal handler: runs only when called.
+    Local,
+    /// A thread with its own SC.
+    Global,
+    /// A virtual CPU.
+    Vcpu,
+}
+
+/// Creates an EC at `dst` in PD `pd` on `cpu`, with its UTCB at `utcb` (in `pd`), stack
+/// pointer `sp` and event base `evt`.
+pub fn create_ec(
+    dst: u64,
+    pd: u64,
+    kind: EcKind,
+    cpu: u64,
+    utcb: u64,
+    sp: u64,
+    evt: u64,
+) -> Result<(), Status> {
+    let f = match kind {
+        EcKind::Local => 0,
+        EcKind::Global => hypercall::ec_flags::GLOBAL,
+        EcKind::Vcpu => hypercall::ec_flags::VCPU | hypercall::ec_flags::GLOBAL,
+    };
+    st(hc(Hypercall::CreateEc, f, dst, [pd, cpu, utcb, sp, evt]))
+}
+
+/// Creates an SC at `dst` for global EC `ec` with priority `prio` and quantum in µs.
+pub fn create_sc(dst: u64, pd: u64, ec: u64, prio: u8, quantum_us: u64) -> Result<(), Status> {
+    let q = hypercall::qpd(prio, quantum_us);
+    st(hc(Hypercall::CreateSc, 0, dst, [pd, ec, q, 0, 0]))
+}
+
+/// Creates a portal at `dst` to local EC `ec`, entering at `ip` with state `mtd`.
+pub fn create_pt(dst: u64, pd: u64, ec: u64, mtd: Mtd, ip: u64) -> Result<(), Status> {
+    st(hc(Hypercall::CreatePt, 0, dst, [pd, ec, mtd.bits(), ip, 0]))
+}
+
+/// Creates a semaphore at `dst` with an initial count.
+pub fn create_sm(dst: u64, pd: u64, count: u64) -> Result<(), Status> {
+    st(hc(Hypercall::CreateSm, 0, dst, [pd, count, 0, 0, 0]))
+}
+
+/// Revokes `crd` from the caller's children (and from the caller if `own`).
+pub fn revoke(crd: Crd, own: bool) -> Result<(), Status> {
+    let f = if own { hypercall::revoke_flags::SELF } else { 0 };
+    st(hc(Hypercall::Revoke, f, 0, [crd.0, 0, 0, 0, 0]))
+}
+
+/// Looks up what covers the first item of `crd`; the null CRD when nothing does.
+pub fn lookup(crd: Crd) -> Result<Crd, Status> {
+    let r = hc(Hypercall::Lookup, 0, 0, [crd.0, 0, 0, 0, 0]);
+    st(r).map(|()| Crd(r.out1))
+}
+
+/// Recalls EC `ec`.
+pub fn ec_recall(ec: u64) -> Result<(), Status> {
+    st(hc(
+        Hypercall::EcCtrl,
+        0,
+        ec,
+        [hypercall::ec_ctrl_op::RECALL, 0, 0, 0, 0],
+    ))
+}
+
+/// The time SC `sc` has consumed, in TSC ticks.
+pub fn sc_time(sc: u64) -> Result<u64, Status> {
+    let r = hc(Hypercall::ScCtrl, 0, sc, [0; 5]);
+    st(r).map(|()| r.out1)
+}
+
+/// Sets the identifier portal `pt` passes to its handler.
+pub fn pt_ctrl(pt: u64, id: u64) -> Result<(), Status> {
+    st(hc(Hypercall::PtCtrl, 0, pt, [id, 0, 0, 0, 0]))
+}
+
+/// Semaphore up.
+pub fn sm_up(sm: u64) -> Result<(), Status> {
+    st(hc(Hypercall::SmCtrl, 0, sm, [0; 5]))
+}
+
+/// Semaphore down; `deadline` is an absolute TSC value (0: wait forever). `zero`
+/// consumes the whole count.
+pub fn sm_down(sm: u64, zero: bool, deadline: u64) -> Result<(), Status> {
+    let mut f = hypercall::sm_flags::DOWN;
+    if zero {
+        f |= hypercall::sm_flags::ZERO;
+    }
+    st(hc(Hypercall::SmCtrl, f, sm, [deadline, 0, 0, 0, 0]))
+}
+
+/// Routes the GSI behind interrupt semaphore `sm` to `cpu`.
+pub fn assign_gsi(sm: u64, cpu: u64, flags: u64) -> Result<(), Status> {
+    st(hc(Hypercall::AssignGsi, 0, sm, [cpu, flags, 0, 0, 0]))
+}
+
+/// Delegates `src` of PD `src_pd` into the window `dst` of PD `dst_pd` (at `hotspot`),
+/// with typed-item `flags` (e.g. `XferFlags::GUEST`).
+pub fn pd_delegate(
+    src_pd: u64,
+    dst_pd: u64,
+    src: Crd,
+    dst: Crd,
+    hotspot: u64,
+    flags: peregrine_abi::XferFlags,
+) -> Result<(), Status> {
+    st(hc(
+        Hypercall::PdCtrl,
+        hypercall::pd_ctrl_op::DELEGATE,
+        src_pd,
+        [dst_pd, src.0, dst.0, hotspot, flags.bits()],
+    ))
+}
+
+/// Moves `pages` of kernel-memory quota from `src_pd` to `dst_pd`.
+pub fn pd_quota(src_pd: u64, dst_pd: u64, pages: u64) -> Result<(), Status> {
+    st(hc(
+        Hypercall::PdCtrl,
+        hypercall::pd_ctrl_op::QUOTA,
+        src_pd,
+        [dst_pd, pages, 0, 0, 0],
+    ))
+}
+
+/// Reads the time-stamp counter.
+#[inline(always)]
+pub fn rdtsc() -> u64 {
+    // SAFETY: rdtsc has no memory effects; CR4.TSD is clear so it works in ring 3.
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
