@@ -172,8 +172,37 @@ pub fn delegation_target(
     }
 }
 
+/// Splits `count` items from `base` into naturally aligned power-of-two pieces
+/// `(base, order)`, largest first where alignment allows, each of order at most
+/// `max_order` — the shape CRDs need.
+pub fn aligned_pieces(base: u64, count: u64, max_order: u8) -> impl Iterator<Item = (u64, u8)> {
+    let mut b = base;
+    let end = base.saturating_add(count);
+    core::iter::from_fn(move || {
+        if b >= end {
+            return None;
+        }
+        let align = if b == 0 { 63 } else { b.trailing_zeros() };
+        let fit = 63 - (end - b).leading_zeros();
+        let order = align.min(fit).min(max_order as u32) as u8;
+        let piece = (b, order);
+        b += 1u64 << order;
+        Some(piece)
+    })
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn pieces() {
+        let v: std::vec::Vec<_> = super::aligned_pieces(3, 10, 31).collect();
+        assert_eq!(v, [(3, 0), (4, 2), (8, 2), (12, 0)]);
+        let total: u64 = super::aligned_pieces(0x123, 0x4567, 5).map(|(_, o)| 1u64 << o).sum();
+        assert_eq!(total, 0x4567);
+        assert!(super::aligned_pieces(0x123, 0x4567, 5).all(|(b, o)| o <= 5 && b % (1 << o) == 0));
+        assert_eq!(super::aligned_pieces(5, 0, 3).count(), 0);
+    }
+
     use super::*;
 
     #[test]

@@ -6,7 +6,7 @@
 //! layout, event numbers and the hypervisor information page (HIP). `ABI.md` beside this
 //! crate is the prose specification; every shared structure's layout is pinned by a
 //! `const` assertion so that a change is a compile error, not a silent break.
-#![no_std]
+#![cfg_attr(not(test), no_std)]
 
 pub mod crd;
 pub mod event;

@@ -12,7 +12,7 @@ use crate::sm::Sm;
 /// GSIs the kernel routes (vectors `VECTOR_BASE + gsi`).
 pub const MAX_GSI: usize = 64;
 /// Vector of GSI 0.
-pub const VECTOR_BASE: u8 = 0x40;
+pub const VECTOR_BASE: u8 = crate::arch::x86::idt::VEC_GSI_BASE;
 
 const NONE: Option<Arc<Sm>> = None;
 static GSI_SM: Mutex<[Option<Arc<Sm>>; MAX_GSI]> = Mutex::new([NONE; MAX_GSI]);

@@ -1,4 +1,45 @@
+//! Peregrine: a NOVA-style x86_64 microhypervisor.
+//!
+//! Boot: Multiboot v1 → `arch/x86/boot.S` (long mode, boot page tables) → [`boot::kmain`]
+//! (platform bring-up, all CPUs online) → [`hooks::bsp_ready`].
 #![no_std]
 #![no_main]
-#[panic_handler]
-fn panic(_: &core::panic::PanicInfo) -> ! { loop {} }
+
+extern crate alloc;
+
+pub mod console;
+
+pub mod arch;
+pub mod boot;
+pub mod hooks;
+pub mod mem;
+pub mod multiboot;
+pub mod panic;
+pub mod percpu;
+
+// The kernel proper: objects, capabilities, IPC, scheduling.
+pub mod cap;
+pub mod ec;
+pub mod entry;
+pub mod frame;
+pub mod ipc;
+pub mod irq;
+pub mod kmem;
+pub mod pd;
+pub mod pt;
+pub mod root;
+pub mod sc;
+pub mod sched;
+pub mod sm;
+pub mod space;
+pub mod space_mem;
+pub mod space_pio;
+pub mod start;
+pub mod syscall;
+pub mod tlb;
+pub mod trap;
+
+/// Panics with a fixed message (for paths that have no formatting to do).
+pub fn kpanic(msg: &str) -> ! {
+    panic!("{msg}")
+}

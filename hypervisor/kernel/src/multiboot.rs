@@ -66,9 +66,17 @@ impl BootInfo {
     const fn empty() -> Self {
         Self {
             info_phys: 0,
-            mmap: [MmapEntry { addr: 0, len: 0, kind: 0 }; MAX_MMAP],
+            mmap: [MmapEntry {
+                addr: 0,
+                len: 0,
+                kind: 0,
+            }; MAX_MMAP],
             mmap_len: 0,
-            modules: [Module { start: 0, end: 0, cmd: (0, 0) }; MAX_MODULES],
+            modules: [Module {
+                start: 0,
+                end: 0,
+                cmd: (0, 0),
+            }; MAX_MODULES],
             modules_len: 0,
             info_ranges: [(0, 0); 4 + MAX_MODULES],
             info_ranges_len: 0,
@@ -105,7 +113,11 @@ impl BootInfo {
 
     /// Total bytes of available RAM in the memory map.
     pub fn ram_bytes(&self) -> u64 {
-        self.mmap().iter().filter(|e| e.kind == 1).map(|e| e.len).sum()
+        self.mmap()
+            .iter()
+            .filter(|e| e.kind == 1)
+            .map(|e| e.len)
+            .sum()
     }
 
     fn str_at(&self, (off, len): (u16, u16)) -> &str {
@@ -181,8 +193,12 @@ pub unsafe fn parse(info_phys: u64) -> &'static BootInfo {
             let start = u64::from(rd32(e));
             let end = u64::from(rd32(e + 4));
             let s = u64::from(rd32(e + 8));
-            // SAFETY: the module string field points at a NUL-terminated string (or is 0).
-            let cmd = if s != 0 { unsafe { bi.copy_str(s) } } else { (0, 0) };
+            let cmd = if s != 0 {
+                // SAFETY: a non-zero module string field points at a NUL-terminated string.
+                unsafe { bi.copy_str(s) }
+            } else {
+                (0, 0)
+            };
             bi.modules[i] = Module { start, end, cmd };
             bi.modules_len = i + 1;
         }
@@ -194,7 +210,11 @@ pub unsafe fn parse(info_phys: u64) -> &'static BootInfo {
         let mut p = addr;
         while p < addr + len && bi.mmap_len < MAX_MMAP {
             let size = u64::from(rd32(p));
-            let e = MmapEntry { addr: rd64(p + 4), len: rd64(p + 12), kind: rd32(p + 20) };
+            let e = MmapEntry {
+                addr: rd64(p + 4),
+                len: rd64(p + 12),
+                kind: rd32(p + 20),
+            };
             if e.len > 0 {
                 bi.mmap[bi.mmap_len] = e;
                 bi.mmap_len += 1;
@@ -205,8 +225,16 @@ pub unsafe fn parse(info_phys: u64) -> &'static BootInfo {
         // No map: synthesize one from mem_lower/mem_upper (KiB).
         let lower = u64::from(rd32(info_phys + 4)) * 1024;
         let upper = u64::from(rd32(info_phys + 8)) * 1024;
-        bi.mmap[0] = MmapEntry { addr: 0, len: lower, kind: 1 };
-        bi.mmap[1] = MmapEntry { addr: 0x10_0000, len: upper, kind: 1 };
+        bi.mmap[0] = MmapEntry {
+            addr: 0,
+            len: lower,
+            kind: 1,
+        };
+        bi.mmap[1] = MmapEntry {
+            addr: 0x10_0000,
+            len: upper,
+            kind: 1,
+        };
         bi.mmap_len = 2;
     }
     // SAFETY: SCRATCH is never written again; hand out a shared reference for good.

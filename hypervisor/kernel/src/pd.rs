@@ -91,18 +91,18 @@ impl Pd {
         self.obj.lock().get(sel).cloned()
     }
 
-    /// Destroys the PD: its ECs stop, its capabilities and mappings go (recursively in
-    /// the mapping database), unused quota returns to the parent.
-    pub fn destroy(self: &Arc<Pd>) {
+    /// Marks the PD destroyed and stops its ECs; false if it already was. The caller
+    /// (`space::destroy`) then tears down its spaces.
+    pub fn kill(&self) -> bool {
         if self.dead.swap(true, Ordering::AcqRel) {
-            return;
+            return false;
         }
         let ecs = core::mem::take(&mut *self.ecs.lock());
         for e in ecs.iter().filter_map(|w| w.upgrade()) {
             e.dead.store(true, Ordering::Release);
             crate::sched::kill_remote(&e);
         }
-        crate::space::destroy_spaces(self);
+        true
     }
 }
 
@@ -110,6 +110,7 @@ impl Drop for Pd {
     fn drop(&mut self) {
         // Everything it held is freed by now (its page tables go with `mem` after this):
         // hand the account back to the parent, which paid for it.
+        self.mem.release(&self.quota);
         if let Some(p) = &self.parent {
             let _ = self.quota.merge_into(&p.quota);
         }

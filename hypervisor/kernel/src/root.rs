@@ -11,6 +11,7 @@ use peregrine_abi::hip::{
     mem_kind, CpuDesc, Features, Hip, MemDesc, HIP_SIGNATURE, MAX_CPUS, MAX_MEM_DESC,
     ROOT_HIP_ADDR, ROOT_UTCB_ADDR,
 };
+use peregrine_abi::crd::aligned_pieces;
 use peregrine_abi::perm::MemPerm;
 use peregrine_abi::{sel, API_VERSION, PAGE_BITS, PAGE_SIZE};
 use peregrine_core::quota::Quota;
@@ -205,14 +206,14 @@ pub fn create(p: &Platform) -> Result<(), RootError> {
     let kern = Arc::new(Pd::new(None, Quota::new(0), true, false).ok_or(RootError::NoMemory)?);
     space::register(&kern);
     for &(base, pages) in p.user_ranges {
-        for (b, order) in aligned_pieces(base, pages) {
+        for (b, order) in aligned_pieces(base, pages, 40) {
             space::kernel_root_mem(&kern, b, order);
         }
     }
     for m in p.modules {
         let b = m.start >> PAGE_BITS;
         let e = m.end.div_ceil(PAGE_SIZE as u64);
-        for (pb, order) in aligned_pieces(b, e - b) {
+        for (pb, order) in aligned_pieces(b, e - b, 40) {
             space::kernel_root_mem(&kern, pb, order);
         }
     }
@@ -274,20 +275,4 @@ pub fn create(p: &Platform) -> Result<(), RootError> {
         .map_err(|_| RootError::NoMemory)?;
     sched::enqueue(sc);
     Ok(())
-}
-
-/// Splits `[base, base + count)` into naturally aligned power-of-two pieces.
-pub fn aligned_pieces(mut base: u64, count: u64) -> impl Iterator<Item = (u64, u8)> {
-    let end = base.saturating_add(count);
-    core::iter::from_fn(move || {
-        if base >= end {
-            return None;
-        }
-        let align = if base == 0 { 63 } else { base.trailing_zeros() };
-        let fit = 63 - (end - base).leading_zeros();
-        let order = align.min(fit).min(40) as u8;
-        let piece = (base, order);
-        base += 1u64 << order;
-        Some(piece)
-    })
 }

@@ -45,6 +45,8 @@ pub struct CpuLocal {
     pub last: u64,
     /// Id of the PD whose page table is loaded.
     pub space: u64,
+    /// Port-space generation loaded into this CPU's TSS.
+    pub pio_gen: u64,
 }
 
 struct CpuCell(UnsafeCell<Option<CpuLocal>>);
@@ -72,6 +74,7 @@ pub fn init_cpu() {
             timeouts: Vec::new(),
             last: crate::arch::rdtsc(),
             space: 0,
+            pio_gen: 0,
         });
     }
 }
@@ -311,11 +314,22 @@ pub fn ret_to(ec: Arc<Ec>) -> ! {
         // The SC that drove it finds the dead EC when dispatched again.
         schedule();
     }
+    if ec.kind == crate::ec::EcKind::Global
+        && ec.recall.swap(false, core::sync::atomic::Ordering::AcqRel)
+    {
+        // SAFETY: interrupts are off in the kernel.
+        unsafe { local() }.current = Some(ec.clone());
+        crate::ipc::event(ec, peregrine_abi::event::host::RECALL);
+    }
     // SAFETY: interrupts are off in the kernel.
     let l = unsafe { local() };
-    if l.space != ec.pd.id {
-        l.space = ec.pd.id;
-        ec.pd.mem.activate();
+    let gen = crate::space_pio::GEN.load(core::sync::atomic::Ordering::Acquire);
+    if l.space != ec.pd.id || l.pio_gen != gen {
+        if l.space != ec.pd.id {
+            l.space = ec.pd.id;
+            ec.pd.mem.activate();
+        }
+        l.pio_gen = gen;
         ec.pd.pio.activate(ec.pd.id);
     }
     let frame = ec.frame_ptr();

@@ -123,12 +123,16 @@ fn delegate_mem(src: &Pd, dst: &Arc<Pd>, sb: u64, db: u64, order: u8, mask: u8) 
     for m in &new {
         if let Err(e) = dst.mem.map(dst, m.base, m.origin, m.order, m.perm) {
             // Undo this and the rest; undo what was mapped already.
+            let mut freed = Vec::new();
             for u in &new {
                 let _ = mdb.revoke(u.space, u.base, u.order, true, |_| {});
-                dst.mem.unmap(u.base, u.order);
+                dst.mem.unmap_deferred(u.base, u.order, &mut freed);
             }
             drop(mdb);
             crate::tlb::shootdown();
+            for t in freed {
+                crate::kmem::free_frame(dst, t);
+            }
             return Err(e);
         }
     }
@@ -267,19 +271,47 @@ fn remove_caps(removed: &[Removed]) {
 }
 
 fn unmap_removed(removed: &[Removed]) {
+    let mut freed: Vec<(Arc<Pd>, Vec<u64>)> = Vec::new();
     for r in removed {
         if let Some(p) = pd_of(r.space) {
-            p.mem.unmap(r.base, r.order);
+            let mut f = Vec::new();
+            p.mem.unmap_deferred(r.base, r.order, &mut f);
+            freed.push((p, f));
         }
     }
     if !removed.is_empty() {
         crate::tlb::shootdown();
     }
+    for (p, f) in freed {
+        for t in f {
+            crate::kmem::free_frame(&p, t);
+        }
+    }
 }
 
-/// Destroys a PD (its original capability was revoked).
+/// Destroys a PD (its original capability was revoked) and, iteratively, every PD it
+/// created: their original capabilities were in its object space.
 pub fn destroy(pd: &Arc<Pd>) {
-    pd.destroy();
+    let mut work = alloc::vec![pd.clone()];
+    while let Some(p) = work.pop() {
+        if !p.kill() {
+            continue;
+        }
+        {
+            let mdb = MDB_OBJ.lock();
+            let s = p.obj.lock();
+            for m in mdb.mappings(sid(&p)) {
+                if m.src.is_none() {
+                    if let Some(Cap { obj: KObj::Pd(c), .. }) = s.get(m.base) {
+                        if !Arc::ptr_eq(c, &p) {
+                            work.push(c.clone());
+                        }
+                    }
+                }
+            }
+        }
+        destroy_spaces(&p);
+    }
 }
 
 /// Tears down the spaces of a destroyed PD: everything it holds and everything derived.

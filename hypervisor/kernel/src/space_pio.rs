@@ -2,12 +2,16 @@
 //! when the PD runs.
 
 use alloc::boxed::Box;
-use core::sync::atomic::{AtomicBool, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use spin::Mutex;
 
 /// Bytes of an I/O permission bitmap (one bit per port, set = denied).
 pub const IOPB_BYTES: usize = 8192;
+
+/// Bumped on every change of any port space: a CPU reloads its TSS bitmap when the
+/// generation it loaded is stale.
+pub static GEN: AtomicU64 = AtomicU64::new(1);
 
 /// A PD's port space.
 pub struct SpacePio {
@@ -50,6 +54,7 @@ impl SpacePio {
             }
         }
         self.any.store(true, Ordering::Release);
+        GEN.fetch_add(1, Ordering::AcqRel);
     }
 
     /// Whether `port` is allowed.
@@ -67,6 +72,6 @@ impl SpacePio {
             return;
         }
         let b = self.bitmap.lock();
-        crate::arch::load_iopb(b.as_deref());
+        crate::arch::load_iopb(b.as_ref().map(|m| &m[..]));
     }
 }

@@ -1,0 +1,146 @@
+//! Interrupt/exception entry stubs and the common return path.
+//!
+//! `trap_stubs` holds 256 stubs, 16 bytes apart; stub `n` pushes a zero error code
+//! (unless the CPU pushed one), pushes `n` and jumps to `trap_common`, which swaps GS
+//! when coming from ring 3, pushes the GPRs to complete a [`Regs`] frame and calls
+//! `trap_handler(&mut Regs)` (from ring 3 on the CPU's kernel stack if the hardware
+//! frame was pushed elsewhere, i.e. TSS.RSP0 was pointed at an EC's frame). When the
+//! handler returns, `trap_exit` pops the frame and `iretq`s; [`return_to`] enters it
+//! with any frame (e.g. to start a user thread).
+
+use super::regs::{Regs, REGS_CS, REGS_VECTOR};
+
+/// Largest kernel stack (the BSP's boot stack): a user trap whose frame lies within this
+/// distance below `kstack_top` is already on the kernel stack.
+pub const KSTACK_MAX: usize = 0x10000;
+
+/// Bytes between consecutive stubs.
+pub const STUB_SIZE: usize = 16;
+
+core::arch::global_asm!(
+    ".macro STUB_NOERR count",
+    ".rept \\count",
+    ".balign 16",
+    "push 0",
+    "push stub_vec",
+    "jmp trap_common",
+    ".set stub_vec, stub_vec + 1",
+    ".endr",
+    ".endm",
+    ".macro STUB_ERR count",
+    ".rept \\count",
+    ".balign 16",
+    "push stub_vec",
+    "jmp trap_common",
+    ".set stub_vec, stub_vec + 1",
+    ".endr",
+    ".endm",
+    "",
+    ".section .text.trap, \"ax\"",
+    ".balign 16",
+    ".global trap_stubs",
+    "trap_stubs:",
+    ".set stub_vec, 0",
+    "STUB_NOERR 8",   // 0-7
+    "STUB_ERR 1",     // 8 #DF
+    "STUB_NOERR 1",   // 9
+    "STUB_ERR 5",     // 10-14 #TS #NP #SS #GP #PF
+    "STUB_NOERR 2",   // 15-16
+    "STUB_ERR 1",     // 17 #AC
+    "STUB_NOERR 3",   // 18-20
+    "STUB_ERR 1",     // 21 #CP
+    "STUB_NOERR 7",   // 22-28
+    "STUB_ERR 2",     // 29 #VC, 30 #SX
+    "STUB_NOERR 225", // 31-255
+    "",
+    ".balign 16",
+    "trap_common:",
+    "test byte ptr [rsp + {cs_off}], 3",
+    "jz 1f",
+    "swapgs",
+    "1:",
+    "push rax",
+    "push rbx",
+    "push rcx",
+    "push rdx",
+    "push rsi",
+    "push rdi",
+    "push rbp",
+    "push r8",
+    "push r9",
+    "push r10",
+    "push r11",
+    "push r12",
+    "push r13",
+    "push r14",
+    "push r15",
+    "cld",
+    "mov rbx, rsp",
+    // From ring 3 with RSP0 outside this CPU's kernel stack (e.g. RSP0 = the top of the
+    // current EC's saved frame): run the handler on the kernel stack.
+    "test byte ptr [rsp + {cs_off_full}], 3",
+    "jz 3f",
+    "mov rax, gs:[{kstack}]",
+    "sub rax, rsp",
+    "cmp rax, {kstack_max}",
+    "jbe 3f",
+    "mov rsp, gs:[{kstack}]",
+    "3:",
+    "xor ebp, ebp",
+    "mov rdi, rbx",
+    "call {handler}",
+    "mov rsp, rbx",
+    ".global trap_exit",
+    "trap_exit:",
+    "pop r15",
+    "pop r14",
+    "pop r13",
+    "pop r12",
+    "pop r11",
+    "pop r10",
+    "pop r9",
+    "pop r8",
+    "pop rbp",
+    "pop rdi",
+    "pop rsi",
+    "pop rdx",
+    "pop rcx",
+    "pop rbx",
+    "pop rax",
+    "test byte ptr [rsp + {cs_off2}], 3",
+    "jz 2f",
+    "swapgs",
+    "2:",
+    "add rsp, 16",
+    "iretq",
+    cs_off = const REGS_CS - REGS_VECTOR,
+    cs_off2 = const REGS_CS - REGS_VECTOR,
+    cs_off_full = const REGS_CS,
+    kstack = const crate::percpu::PERCPU_KSTACK_TOP,
+    kstack_max = const KSTACK_MAX,
+    handler = sym super::trap::trap_handler,
+);
+
+extern "C" {
+    /// The first of 256 entry stubs, [`STUB_SIZE`] bytes apart.
+    pub fn trap_stubs();
+    fn trap_exit();
+}
+
+/// Address of the entry stub for `vector`.
+pub fn stub_addr(vector: u8) -> u64 {
+    trap_stubs as *const () as u64 + vector as u64 * STUB_SIZE as u64
+}
+
+/// Loads the frame `regs` and returns through `iretq` (to ring 3 when `regs.cs` says so,
+/// swapping GS). The stack pointer is set to `regs`, so the frame is consumed in place.
+///
+/// # Safety
+/// `regs` must be a complete, valid frame on the current kernel stack (everything above
+/// it is discarded); for ring 3, cs/ss must be user selectors and GS base the kernel's.
+pub unsafe fn return_to(regs: *const Regs) -> ! {
+    // SAFETY: the caller guarantees a valid frame; trap_exit pops it and irets.
+    unsafe {
+        core::arch::asm!("mov rsp, {}", "jmp {exit}", in(reg) regs, exit = sym trap_exit, options(noreturn))
+    }
+}

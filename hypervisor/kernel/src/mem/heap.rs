@@ -1,0 +1,99 @@
+//! The kernel heap: a linked-list allocator over a virtual window that grows on demand
+//! with frames from the pool (so `alloc::{Box, Vec, Arc}` work in the kernel).
+
+use core::alloc::{GlobalAlloc, Layout};
+use core::ptr::NonNull;
+
+use linked_list_allocator::Heap;
+use spin::Mutex;
+
+use super::layout::{HEAP_BASE, HEAP_MAX};
+use super::{align_up, PAGE_SIZE};
+use crate::arch::x86::{cr, paging};
+
+/// Initial heap size.
+const INITIAL: u64 = 256 * 1024;
+/// Minimum growth step.
+const STEP: u64 = 256 * 1024;
+
+struct KernelHeap {
+    inner: Mutex<(Heap, u64)>, // heap, mapped bytes
+}
+
+#[global_allocator]
+static HEAP: KernelHeap = KernelHeap {
+    inner: Mutex::new((Heap::empty(), 0)),
+};
+
+/// Maps `bytes` more at the heap's top; returns false when out of frames or window.
+fn grow(mapped: &mut u64, bytes: u64) -> bool {
+    let bytes = align_up(bytes, PAGE_SIZE);
+    if *mapped + bytes > HEAP_MAX {
+        return false;
+    }
+    let mut off = 0;
+    while off < bytes {
+        let Some(f) = super::frame::alloc_frame() else {
+            return false;
+        };
+        if paging::map_kernel_page(HEAP_BASE + *mapped, f, paging::Flags::KERNEL_RW).is_err() {
+            super::frame::free_frame(f);
+            return false;
+        }
+        *mapped += PAGE_SIZE;
+        off += PAGE_SIZE;
+    }
+    true
+}
+
+/// Maps the initial heap. Call once after paging is set up.
+pub fn init() {
+    let mut g = HEAP.inner.lock();
+    let (heap, mapped) = &mut *g;
+    assert!(grow(mapped, INITIAL), "heap: cannot map the initial heap");
+    // SAFETY: [HEAP_BASE, +INITIAL) is freshly mapped, unused memory owned by the heap.
+    unsafe { heap.init(HEAP_BASE as *mut u8, INITIAL as usize) };
+}
+
+/// (used, mapped) heap bytes.
+pub fn stats() -> (usize, u64) {
+    let g = HEAP.inner.lock();
+    (g.0.used(), g.1)
+}
+
+// SAFETY: allocation is serialized by the lock (with interrupts off, so an interrupt
+// handler on the same CPU cannot deadlock); blocks come from `Heap`, which returns
+// properly sized and aligned memory inside the mapped window.
+unsafe impl GlobalAlloc for KernelHeap {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        cr::without_interrupts(|| {
+            let mut g = self.inner.lock();
+            let (heap, mapped) = &mut *g;
+            loop {
+                if let Ok(p) = heap.allocate_first_fit(layout) {
+                    return p.as_ptr();
+                }
+                let before = *mapped;
+                let want = (layout.size() + layout.align()) as u64 + 64;
+                if !grow(mapped, want.max(STEP)) {
+                    // Keep what was mapped before failing.
+                    let added = *mapped - before;
+                    // SAFETY: the pages just mapped at the old top are unused and contiguous.
+                    unsafe { heap.extend(added as usize) };
+                    return core::ptr::null_mut();
+                }
+                // SAFETY: [old top, new top) was just mapped and belongs to nobody.
+                unsafe { heap.extend((*mapped - before) as usize) };
+            }
+        })
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        cr::without_interrupts(|| {
+            if let Some(p) = NonNull::new(ptr) {
+                // SAFETY: the caller passes a block this allocator returned with `layout`.
+                unsafe { self.inner.lock().0.deallocate(p, layout) };
+            }
+        })
+    }
+}

@@ -1,0 +1,163 @@
+//! Per-CPU data, reached through the GS base in kernel mode.
+//!
+//! In the kernel GS base points at this CPU's [`PerCpu`]; while user code runs it is in
+//! IA32_KERNEL_GS_BASE (entry stubs `swapgs` when they come from ring 3). Assembly uses
+//! the `PERCPU_*` offsets below, pinned by assertions.
+
+use core::mem::offset_of;
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+
+use peregrine_abi::hip::MAX_CPUS;
+
+use crate::arch::x86::msr::{wrmsr, Msr};
+
+/// One CPU's kernel data.
+#[repr(C, align(64))]
+#[derive(Debug)]
+pub struct PerCpu {
+    /// Address of this structure (`gs:[0]`).
+    pub self_ptr: AtomicU64,
+    /// Top of this CPU's kernel stack (also TSS.RSP0).
+    pub kstack_top: AtomicU64,
+    /// Scratch slot for the syscall entry stub (e.g. the user RSP).
+    pub scratch: AtomicU64,
+    /// The current EC (owned by the lead's scheduler; 0 = idle).
+    pub current: AtomicU64,
+    /// CPU index (0 = BSP).
+    pub cpu: AtomicU32,
+    /// Local APIC id.
+    pub apic_id: AtomicU32,
+    /// Timer interrupts taken.
+    pub ticks: AtomicU64,
+    /// Second scratch slot for entry stubs.
+    pub scratch2: AtomicU64,
+    /// IPIs taken.
+    pub ipis: AtomicU64,
+    /// Where the syscall stub pushes the user frame (just past the current EC's frame).
+    pub frame_top: AtomicU64,
+    /// Set once the CPU has finished bring-up.
+    pub online: AtomicBool,
+}
+
+/// Offset of [`PerCpu::self_ptr`].
+pub const PERCPU_SELF: usize = 0;
+/// Offset of [`PerCpu::kstack_top`].
+pub const PERCPU_KSTACK_TOP: usize = 8;
+/// Offset of [`PerCpu::scratch`].
+pub const PERCPU_SCRATCH: usize = 16;
+/// Offset of [`PerCpu::current`].
+pub const PERCPU_CURRENT: usize = 24;
+/// Offset of [`PerCpu::cpu`].
+pub const PERCPU_CPU: usize = 32;
+/// Offset of [`PerCpu::apic_id`].
+pub const PERCPU_APIC_ID: usize = 36;
+/// Offset of [`PerCpu::scratch2`].
+pub const PERCPU_SCRATCH2: usize = 48;
+
+/// Offset of [`PerCpu::frame_top`].
+pub const PERCPU_FRAME_TOP: usize = 64;
+/// Alias used by the syscall entry.
+pub const OFF_KSTACK_TOP: usize = PERCPU_KSTACK_TOP;
+/// Alias used by the syscall entry.
+pub const OFF_SCRATCH: usize = PERCPU_SCRATCH;
+/// Alias used by the syscall entry.
+pub const OFF_FRAME_TOP: usize = PERCPU_FRAME_TOP;
+
+const _: () = {
+    assert!(offset_of!(PerCpu, frame_top) == PERCPU_FRAME_TOP);
+    assert!(offset_of!(PerCpu, self_ptr) == PERCPU_SELF);
+    assert!(offset_of!(PerCpu, kstack_top) == PERCPU_KSTACK_TOP);
+    assert!(offset_of!(PerCpu, scratch) == PERCPU_SCRATCH);
+    assert!(offset_of!(PerCpu, current) == PERCPU_CURRENT);
+    assert!(offset_of!(PerCpu, cpu) == PERCPU_CPU);
+    assert!(offset_of!(PerCpu, apic_id) == PERCPU_APIC_ID);
+    assert!(offset_of!(PerCpu, scratch2) == PERCPU_SCRATCH2);
+};
+
+impl PerCpu {
+    const fn new() -> Self {
+        Self {
+            self_ptr: AtomicU64::new(0),
+            kstack_top: AtomicU64::new(0),
+            scratch: AtomicU64::new(0),
+            current: AtomicU64::new(0),
+            cpu: AtomicU32::new(0),
+            apic_id: AtomicU32::new(0),
+            ticks: AtomicU64::new(0),
+            scratch2: AtomicU64::new(0),
+            ipis: AtomicU64::new(0),
+            frame_top: AtomicU64::new(0),
+            online: AtomicBool::new(false),
+        }
+    }
+}
+
+static PERCPU: [PerCpu; MAX_CPUS] = [const { PerCpu::new() }; MAX_CPUS];
+static NUM_CPUS: AtomicU32 = AtomicU32::new(1);
+
+/// CPU `cpu`'s data (any CPU may read another's).
+pub fn get(cpu: usize) -> &'static PerCpu {
+    &PERCPU[cpu]
+}
+
+/// Number of CPUs found (online or being started).
+pub fn num_cpus() -> usize {
+    NUM_CPUS.load(Ordering::Relaxed) as usize
+}
+
+/// Sets the CPU count (boot, from the MADT).
+pub fn set_num_cpus(n: usize) {
+    NUM_CPUS.store(n as u32, Ordering::Relaxed);
+}
+
+/// Fills CPU `cpu`'s record before it starts.
+pub fn prepare(cpu: usize, apic_id: u32, kstack_top: u64) {
+    let p = &PERCPU[cpu];
+    p.self_ptr
+        .store(p as *const PerCpu as u64, Ordering::Relaxed);
+    p.cpu.store(cpu as u32, Ordering::Relaxed);
+    p.apic_id.store(apic_id, Ordering::Relaxed);
+    p.kstack_top.store(kstack_top, Ordering::Relaxed);
+}
+
+/// Points this CPU's GS base at its record (after the GDT and segments are loaded).
+///
+/// # Safety
+/// Call once per CPU, on that CPU, after [`prepare`].
+pub unsafe fn install(cpu: usize) {
+    let p = &PERCPU[cpu] as *const PerCpu as u64;
+    // SAFETY: GS base must point at this CPU's record; KERNEL_GS_BASE gets the same so a
+    // stray swapgs cannot load a user value into the kernel.
+    unsafe {
+        wrmsr(Msr::GsBase, p);
+        wrmsr(Msr::KernelGsBase, p);
+    }
+}
+
+/// Sets this CPU's `frame_top` slot (where the next syscall pushes the user frame).
+pub fn set_frame_top(v: u64) {
+    percpu().frame_top.store(v, Ordering::Relaxed);
+}
+
+/// This CPU's index.
+#[inline]
+pub fn cpu_id() -> usize {
+    let v: u32;
+    // SAFETY: in the kernel GS base always points at this CPU's PerCpu (install()).
+    unsafe {
+        core::arch::asm!("mov {:e}, gs:[{off}]", out(reg) v, off = const PERCPU_CPU, options(nostack, readonly, preserves_flags))
+    };
+    v as usize
+}
+
+/// This CPU's data.
+#[inline]
+pub fn percpu() -> &'static PerCpu {
+    let p: u64;
+    // SAFETY: as in cpu_id; gs:[0] holds the record's own address.
+    unsafe {
+        core::arch::asm!("mov {}, gs:[0]", out(reg) p, options(nostack, readonly, preserves_flags))
+    };
+    // SAFETY: the address is that of an element of the static PERCPU array.
+    unsafe { &*(p as *const PerCpu) }
+}

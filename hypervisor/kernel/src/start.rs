@@ -1,0 +1,142 @@
+//! From bring-up to the root task: the kernel PD and root PD are created on the boot
+//! CPU, every CPU enters its scheduler.
+
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicBool, Ordering};
+
+use peregrine_abi::hip::{mem_kind, CpuDesc, MemDesc};
+
+use crate::root::{self, Module, Platform};
+use crate::{boot, kprintln, percpu, sched};
+
+static GO: AtomicBool = AtomicBool::new(false);
+
+/// Subtracts `holes` from `[s, e)`, appending the page ranges left to `out`.
+fn subtract(s: u64, e: u64, holes: &[(u64, u64)], out: &mut Vec<(u64, u64)>) {
+    let mut parts = alloc::vec![(s, e)];
+    for &(hs, he) in holes {
+        let mut next = Vec::new();
+        for (a, b) in parts {
+            if he <= a || hs >= b {
+                next.push((a, b));
+                continue;
+            }
+            if hs > a {
+                next.push((a, hs));
+            }
+            if he < b {
+                next.push((he, b));
+            }
+        }
+        parts = next;
+    }
+    for (a, b) in parts {
+        let a = a.div_ceil(4096);
+        let b = b / 4096;
+        if b > a {
+            out.push((a, b - a));
+        }
+    }
+}
+
+/// The boot CPU: create the root task, then schedule.
+pub fn bsp() -> ! {
+    sched::init_cpu();
+    let bi = crate::multiboot::info();
+    let plat = boot::platform();
+
+    let mut mem = Vec::new();
+    let mut holes = Vec::new();
+    let mut avail = Vec::new();
+    let mut mods_raw: Vec<(u64, u64, alloc::string::String)> = Vec::new();
+    boot::for_each_mem_desc(|d: MemDesc, cmd| {
+        match d.kind {
+            mem_kind::AVAILABLE => {
+                // Reported below as the ranges the kernel PD really holds.
+                avail.push((d.addr.max(0x10_0000), d.addr + d.size));
+                return;
+            }
+            mem_kind::HYPERVISOR => holes.push((d.addr, d.addr + d.size)),
+            mem_kind::MODULE => {
+                holes.push((d.addr & !0xfff, (d.addr + d.size).div_ceil(4096) * 4096));
+                mods_raw.push((d.addr, d.addr + d.size, alloc::string::String::from(cmd.unwrap_or(""))));
+                return;
+            }
+            _ => {}
+        }
+        mem.push(d);
+    });
+    let mut user = Vec::new();
+    for &(s, e) in &avail {
+        if e > s {
+            subtract(s, e, &holes, &mut user);
+        }
+    }
+    for &(b, n) in &user {
+        mem.push(MemDesc {
+            addr: b * 4096,
+            size: n * 4096,
+            kind: mem_kind::AVAILABLE,
+            aux: 0,
+        });
+    }
+    let modules: Vec<Module> = mods_raw
+        .iter()
+        .map(|(s, e, c)| Module {
+            start: *s,
+            end: *e,
+            cmdline: c.as_str(),
+        })
+        .collect();
+    let cpus: Vec<CpuDesc> = (0..plat.num_cpus)
+        .map(|i| CpuDesc {
+            online: crate::arch::cpu_online(i as u64) as u8,
+            thread: 0,
+            core: i as u8,
+            package: 0,
+            apic_id: percpu::get(i).apic_id.load(Ordering::Relaxed),
+        })
+        .collect();
+    let (free, _) = crate::mem::frame::stats();
+    // The root may use most of the kernel pool; a reserve stays for the kernel itself.
+    let root_quota = (free as u64).saturating_sub(1024).min(u32::MAX as u64) as u32;
+    let user_pages: u64 = user.iter().map(|&(_, n)| n).sum();
+    let p = Platform {
+        mem: &mem,
+        user_ranges: &user,
+        modules: &modules,
+        cpus: &cpus,
+        features: crate::arch::x86::cpu::info().features,
+        tsc_khz: plat.tsc_khz,
+        bus_khz: plat.bus_khz,
+        num_gsi: crate::arch::x86::ioapic::num_gsis() as u64,
+        rsdp: plat.rsdp,
+        root_quota,
+    };
+    kprintln!(
+        "root: {} modules, {} MiB for user space, quota {} pages",
+        modules.len(),
+        user_pages >> 8,
+        root_quota
+    );
+    if bi.modules().is_empty() {
+        kprintln!("no boot modules: nothing to run");
+        crate::arch::x86::qemu::qemu_exit(0x11);
+    }
+    if let Err(e) = root::create(&p) {
+        kprintln!("cannot start the root task: {:?}", e);
+        crate::arch::x86::qemu::qemu_exit(0x11);
+    }
+    drop(mods_raw);
+    GO.store(true, Ordering::Release);
+    sched::schedule()
+}
+
+/// An application processor: wait for the boot CPU, then schedule.
+pub fn ap() -> ! {
+    sched::init_cpu();
+    while !GO.load(Ordering::Acquire) {
+        core::hint::spin_loop();
+    }
+    sched::schedule()
+}
