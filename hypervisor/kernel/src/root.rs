@@ -109,8 +109,7 @@ fn load_elf(pd: &Arc<Pd>, image: &[u8]) -> Result<u64, RootError> {
             .ok_or(RootError::BadElf)?;
         // The first page may start before p_vaddr: build the page-aligned bytes.
         let lead = (ph.p_vaddr - start) as usize;
-        let mut buf = Vec::new();
-        buf.resize(lead, 0u8);
+        let mut buf = alloc::vec![0u8; lead];
         buf.extend_from_slice(data);
         let mut perm = MemPerm::R;
         if ph.p_flags & PF_W != 0 {
@@ -129,7 +128,7 @@ fn build_hip(page: *mut u8, p: &Platform) {
     let cpu_off = core::mem::size_of::<Hip>();
     let ncpu = p.cpus.len().min(MAX_CPUS);
     let mem_off = cpu_off + MAX_CPUS * core::mem::size_of::<CpuDesc>();
-    let mut mems: Vec<MemDesc> = p.mem.iter().copied().collect();
+    let mut mems: Vec<MemDesc> = p.mem.to_vec();
     let mut str_off = mem_off + MAX_MEM_DESC * core::mem::size_of::<MemDesc>();
     for m in p.modules {
         let bytes = m.cmdline.as_bytes();

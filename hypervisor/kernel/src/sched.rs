@@ -57,10 +57,18 @@ unsafe impl Sync for CpuCell {}
 const CELL: CpuCell = CpuCell(UnsafeCell::new(None));
 static LOCAL: [CpuCell; MAX_CPUS] = [CELL; MAX_CPUS];
 
-/// ECs woken by other CPUs, with the status their blocked hypercall returns.
+/// What another CPU hands to this one.
+enum Remote {
+    /// A blocked EC woken, with the status its blocking hypercall returns.
+    Wake(Arc<Ec>, Status),
+    /// A new SC to schedule.
+    Sc(Arc<Sc>),
+}
+
+type RemoteList = Mutex<Vec<Remote>>;
 #[allow(clippy::declare_interior_mutable_const)]
-const REMOTE_INIT: Mutex<Vec<(Arc<Ec>, Status)>> = Mutex::new(Vec::new());
-static REMOTE: [Mutex<Vec<(Arc<Ec>, Status)>>; MAX_CPUS] = [REMOTE_INIT; MAX_CPUS];
+const REMOTE_INIT: RemoteList = Mutex::new(Vec::new());
+static REMOTE: [RemoteList; MAX_CPUS] = [REMOTE_INIT; MAX_CPUS];
 
 /// Initializes this CPU's scheduler (once per CPU at boot).
 pub fn init_cpu() {
@@ -122,16 +130,15 @@ pub fn enqueue(sc: Arc<Sc>) {
         let p = sc.prio;
         let _ = l.rq.enqueue(sc, p, false);
     } else {
-        // Cross-CPU: only through the remote list of an EC; an SC is always woken via
-        // its EC (see `wake`), so this path is not taken.
-        let ec = sc.ec.clone();
-        post_remote(ec, Status::Success);
+        let cpu = sc.cpu;
+        REMOTE[cpu].lock().push(Remote::Sc(sc));
+        crate::arch::send_resched_ipi(cpu);
     }
 }
 
 fn post_remote(ec: Arc<Ec>, st: Status) {
     let cpu = ec.cpu;
-    REMOTE[cpu].lock().push((ec, st));
+    REMOTE[cpu].lock().push(Remote::Wake(ec, st));
     crate::arch::send_resched_ipi(cpu);
 }
 
@@ -162,11 +169,20 @@ fn wake_local(ec: Arc<Ec>, st: Status) {
 pub fn drain_remote() {
     let c = percpu::cpu_id();
     let posted = core::mem::take(&mut *REMOTE[c].lock());
-    for (ec, st) in posted {
-        if ec.is_dead() {
-            continue;
+    for r in posted {
+        match r {
+            Remote::Wake(ec, st) => {
+                if !ec.is_dead() {
+                    wake_local(ec, st);
+                }
+            }
+            Remote::Sc(sc) => {
+                // SAFETY: interrupts are off in the kernel.
+                let l = unsafe { local() };
+                let p = sc.prio;
+                let _ = l.rq.enqueue(sc, p, false);
+            }
         }
-        wake_local(ec, st);
     }
 }
 

@@ -19,6 +19,9 @@ use crate::sc::Sc;
 use crate::sm::{Down, Sm};
 use crate::{ipc, sched, space};
 
+/// Print every failing hypercall (kernel command line `trace_hc`).
+pub static TRACE: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+
 /// The typed view of a hypercall's registers.
 struct Args {
     word: HypercallWord,
@@ -71,6 +74,19 @@ pub extern "C" fn syscall_handler(_frame: *mut Frame) -> ! {
         Hypercall::AssignGsi => assign_gsi(&c, &args).map(|()| 0),
         Hypercall::PdCtrl => pd_ctrl(&c, &args).map(|()| 0),
     };
+    if TRACE.load(core::sync::atomic::Ordering::Relaxed) {
+        if let Err(s) = r {
+            crate::kprintln!(
+                "hc pd {} {:?} sel {:#x} flags {:#x} args {:x?}: {}",
+                c.pd.id,
+                h,
+                args.sel(),
+                args.flags(),
+                args.a,
+                s.name()
+            );
+        }
+    }
     // SAFETY: as above.
     let f = unsafe { c.frame() };
     match r {

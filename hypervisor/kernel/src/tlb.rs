@@ -41,11 +41,11 @@ pub fn shootdown() {
     serve();
     if crate::arch::online_cpus() > 1 {
         crate::arch::send_tlb_ipi_all_but_self();
-        for c in 0..MAX_CPUS {
+        for (c, ack) in ACK.iter().enumerate() {
             if !crate::arch::cpu_online(c as u64) {
                 continue;
             }
-            while ACK[c].load(Ordering::Acquire) < g {
+            while ack.load(Ordering::Acquire) < g {
                 core::hint::spin_loop();
             }
         }

@@ -8,10 +8,13 @@ use elf::abi::PT_LOAD;
 use elf::endian::LittleEndian;
 use elf::ElfBytes;
 use nul_rt::hc::{self, EcKind};
+use nul_rt::start_info::{
+    self, StartInfo, PAGED_BASE, SHARED_ADDR, START_INFO_ADDR, TEST_PAGE_ADDR,
+};
 use nul_rt::{println, sel};
 use peregrine_abi::event::host;
 use peregrine_abi::hip::ROOT_UTCB_ADDR;
-use peregrine_abi::perm::{self, MemPerm};
+use peregrine_abi::perm::{self, MemPerm, PtPerm};
 use peregrine_abi::{Crd, Mtd, Status, XferFlags, PAGE_BITS};
 use spin::Mutex;
 
@@ -19,6 +22,7 @@ use crate::mem;
 use crate::services;
 
 /// One started component.
+#[allow(dead_code)] // `ec`, `sc`: for recall and consumed-time scenarios
 pub struct Child {
     /// Name (module file name without directories).
     pub name: String,
@@ -38,6 +42,40 @@ pub struct Child {
     pub mem: Vec<(u64, u64)>,
     /// Still running.
     pub alive: bool,
+    /// Whether its main EC was started (a second STARTUP event is a fault).
+    pub started: bool,
+    /// A semaphore in the root that the service portal ups on every report.
+    pub sm: u64,
+    /// The root's selector of the portal the component registered ([`nul_rt::svc::REGISTER`]).
+    pub registered: Option<u64>,
+    /// Results it reported ([`nul_rt::svc::RESULT`]): (key, value) in order.
+    pub results: Vec<(u64, u64)>,
+    /// Last progress counter it reported ([`nul_rt::svc::PROGRESS`]).
+    pub progress: u64,
+    /// The last exception it took: (vector, fault address).
+    pub last_fault: Option<(u64, u64)>,
+    /// The root's pager backs [`PAGED_BASE`] for it on demand.
+    pub paged: bool,
+    /// Page faults the pager resolved.
+    pub paged_faults: u64,
+    /// The root's echo portal delegated to it at [`sel::PEER_PT`].
+    pub peer_pt: u64,
+    /// Physical address of the page shared with it at [`SHARED_ADDR`].
+    pub shared: u64,
+    /// Physical address of its pattern page at [`TEST_PAGE_ADDR`] (memcheck), or 0.
+    pub test_page: u64,
+}
+
+impl Child {
+    /// The `role=` argument.
+    pub fn role(&self) -> &str {
+        start_info::arg(&self.args, "role").unwrap_or("")
+    }
+
+    /// The first value reported for `key`.
+    pub fn result(&self, key: u64) -> Option<u64> {
+        self.results.iter().find(|r| r.0 == key).map(|r| r.1)
+    }
 }
 
 /// All components, indexed by the id their portals carry.
@@ -51,6 +89,7 @@ pub enum StartError {
     /// Out of memory in the root.
     NoMemory,
     /// A hypercall failed.
+    #[allow(dead_code)] // shown by Debug
     Kernel(Status),
 }
 
@@ -80,6 +119,31 @@ fn delegate_obj(child_pd: u64, sel_root: u64, sel_child: u64, perm: u8) -> Resul
     )
 }
 
+/// Components get the root's portals with the call permission only: with `ctrl` they
+/// could change a portal's id, which names the component to the root's handlers.
+const CALL: u8 = PtPerm::CALL.bits();
+
+/// Gives the child a fresh page of the root at `addr` with `perm`; returns its
+/// physical address (recorded in `ranges` so that removal takes it back).
+fn give_page(
+    pd: u64,
+    addr: u64,
+    perm: MemPerm,
+    ranges: &mut Vec<(u64, u64)>,
+) -> Result<u64, StartError> {
+    let phys = mem::alloc(1).ok_or(StartError::NoMemory)?;
+    ranges.push((phys, 1));
+    hc::pd_delegate(
+        sel::OWN_PD,
+        pd,
+        Crd::mem((mem::WINDOW + phys) >> PAGE_BITS, 0, perm),
+        Crd::mem(addr >> PAGE_BITS, 0, perm),
+        0,
+        XferFlags::empty(),
+    )?;
+    Ok(phys)
+}
+
 /// Options for a child.
 pub struct ChildSpec<'a> {
     /// ELF image bytes.
@@ -90,6 +154,10 @@ pub struct ChildSpec<'a> {
     pub args: &'a str,
     /// CPU of the main EC.
     pub cpu: u64,
+    /// Number of online CPUs (for the start-info page).
+    pub ncpus: u64,
+    /// TSC frequency in kHz (for the start-info page).
+    pub tsc_khz: u64,
     /// Kernel-memory quota in pages.
     pub quota: u64,
     /// Give it the I/O ports in this range (base, order).
@@ -100,15 +168,27 @@ pub struct ChildSpec<'a> {
 
 /// Loads and starts a component; returns its id.
 pub fn start(spec: &ChildSpec) -> Result<usize, StartError> {
-    let file = ElfBytes::<LittleEndian>::minimal_parse(spec.image).map_err(|_| StartError::BadElf)?;
+    let id = CHILDREN.lock().len();
+    let pd = sel::alloc();
+    hc::create_pd(pd, sel::OWN_PD, spec.quota, false)?;
+    let r = build(spec, id, pd);
+    if r.is_err() {
+        // Destroying the PD removes everything given to it; its portals (which carry
+        // `id`) go with the capabilities derived from them.
+        let _ = hc::revoke(Crd::obj(pd, 0, perm::ALL), true);
+        with(id, |c| c.alive = false);
+    }
+    r.map(|()| id)
+}
+
+/// Loads the image into `pd`, gives it its pages and capabilities, and starts it.
+fn build(spec: &ChildSpec, id: usize, pd: u64) -> Result<(), StartError> {
+    let file =
+        ElfBytes::<LittleEndian>::minimal_parse(spec.image).map_err(|_| StartError::BadElf)?;
     if file.ehdr.class != elf::file::Class::ELF64 || file.ehdr.e_machine != elf::abi::EM_X86_64 {
         return Err(StartError::BadElf);
     }
     let phdrs = file.segments().ok_or(StartError::BadElf)?;
-
-    let id = CHILDREN.lock().len();
-    let pd = sel::alloc();
-    hc::create_pd(pd, sel::OWN_PD, spec.quota, false)?;
     let mut ranges = Vec::new();
 
     for ph in phdrs.iter().filter(|p| p.p_type == PT_LOAD) {
@@ -134,9 +214,7 @@ pub fn start(spec: &ChildSpec) -> Result<usize, StartError> {
         if ph.p_flags & elf::abi::PF_X != 0 {
             perm |= MemPerm::X;
         }
-        for (i, (p, order)) in mem::aligned_pieces(phys >> PAGE_BITS, pages).enumerate() {
-            let _ = i;
-            let vpage = (start >> PAGE_BITS) + (p - (phys >> PAGE_BITS));
+        for (vpage, p, order) in mem::dual_pieces(start >> PAGE_BITS, phys >> PAGE_BITS, pages) {
             hc::pd_delegate(
                 sel::OWN_PD,
                 pd,
@@ -148,11 +226,42 @@ pub fn start(spec: &ChildSpec) -> Result<usize, StartError> {
         }
     }
 
-    // Its own PD, console and service portals, event portals.
+    // The start-info page, the shared page and (memcheck) the pattern page.
+    let info = give_page(pd, START_INFO_ADDR, MemPerm::R, &mut ranges)?;
+    // SAFETY: `info` is a fresh zeroed page of the root's window, exclusively ours
+    // until the child starts; StartInfo is one page of plain integers.
+    let si = unsafe { &mut *(mem::virt(info) as *mut StartInfo) };
+    si.magic = start_info::MAGIC;
+    si.index = id as u64;
+    si.cpu = spec.cpu;
+    si.ncpus = spec.ncpus;
+    si.tsc_khz = spec.tsc_khz;
+    si.set_args(spec.args);
+    let shared = give_page(pd, SHARED_ADDR, MemPerm::R | MemPerm::W, &mut ranges)?;
+    let role = start_info::arg(spec.args, "role").unwrap_or("");
+    let mut test_page = 0;
+    if role == "memcheck" {
+        test_page = give_page(pd, TEST_PAGE_ADDR, MemPerm::R, &mut ranges)?;
+        for i in 0..512u64 {
+            // SAFETY: a word inside the fresh page just allocated.
+            unsafe {
+                *((mem::virt(test_page) + i * 8) as *mut u64) =
+                    start_info::pattern_word(id as u64, i)
+            };
+        }
+    }
+
+    // Its own PD, console, service and peer portals, event portals.
     delegate_obj(pd, pd, sel::OWN_PD, perm::ALL)?;
     let svc = services::for_cpu(spec.cpu).ok_or(StartError::Kernel(Status::BadCpu))?;
     let con = services::portal(&svc, services::console_handler, Mtd::empty(), id as u64)?;
-    delegate_obj(pd, con, sel::CONSOLE_PT, perm::ALL)?;
+    delegate_obj(pd, con, sel::CONSOLE_PT, CALL)?;
+    let spt = services::portal(&svc, services::service_handler, Mtd::empty(), id as u64)?;
+    delegate_obj(pd, spt, sel::SERVICE_PT, CALL)?;
+    let peer = services::portal(&svc, services::echo_handler, Mtd::empty(), id as u64)?;
+    delegate_obj(pd, peer, sel::PEER_PT, CALL)?;
+    let sm = sel::alloc();
+    hc::create_sm(sm, sel::OWN_PD, 0)?;
     let fault_mtd = Mtd::RIP_LEN | Mtd::QUAL | Mtd::GPRS | Mtd::RFLAGS;
     for v in 0..32u64 {
         let (h, mtd) = if v == host::STARTUP {
@@ -161,7 +270,7 @@ pub fn start(spec: &ChildSpec) -> Result<usize, StartError> {
             (services::fault_handler as services::Handler, fault_mtd)
         };
         let pt = services::portal(&svc, h, mtd, ((id as u64) << 8) | v)?;
-        delegate_obj(pd, pt, v, perm::ALL)?;
+        delegate_obj(pd, pt, v, CALL)?;
     }
     if let Some((base, order)) = spec.ports {
         hc::pd_delegate(
@@ -189,27 +298,38 @@ pub fn start(spec: &ChildSpec) -> Result<usize, StartError> {
         entry: file.ehdr.e_entry,
         mem: ranges,
         alive: true,
+        started: false,
+        sm,
+        registered: None,
+        results: Vec::new(),
+        progress: 0,
+        last_fault: None,
+        paged: role == "paged" || start_info::flag(spec.args, "paged"),
+        paged_faults: 0,
+        peer_pt: peer,
+        shared,
+        test_page,
     });
     hc::create_ec(ec, pd, EcKind::Global, spec.cpu, ROOT_UTCB_ADDR, 0, 0)?;
     delegate_obj(pd, ec, sel::OWN_EC, perm::ALL)?;
     hc::create_sc(sc, pd, ec, 10, 10_000)?;
     delegate_obj(pd, sc, sel::OWN_SC, perm::ALL)?;
-    Ok(id)
+    Ok(())
 }
 
 /// Removes a component: destroys its PD (the kernel stops its ECs and revokes every
 /// capability derived from it) and takes its memory back.
 pub fn kill(id: usize, reason: &str) {
-    let (pd, mem, name) = {
+    let (pd, mem, name, sm) = {
         let mut ch = CHILDREN.lock();
         let Some(c) = ch.get_mut(id) else { return };
         if !c.alive {
             return;
         }
         c.alive = false;
-        (c.pd, core::mem::take(&mut c.mem), c.name.clone())
+        (c.pd, core::mem::take(&mut c.mem), c.name.clone(), c.sm)
     };
-    println!("component {} removed: {}", name, reason);
+    println!("component {} ({}) removed: {}", name, id, reason);
     let _ = hc::revoke(Crd::obj(pd, 0, perm::ALL), true);
     for (phys, pages) in mem {
         for (p, order) in mem::aligned_pieces(phys >> PAGE_BITS, pages) {
@@ -220,4 +340,64 @@ pub fn kill(id: usize, reason: &str) {
         }
         mem::free(phys, pages);
     }
+    // Whoever waits for this component learns of its end.
+    let _ = hc::sm_up(sm);
+}
+
+/// The first living component with `role=ROLE`.
+pub fn find(role: &str) -> Option<usize> {
+    CHILDREN
+        .lock()
+        .iter()
+        .position(|c| c.alive && c.role() == role)
+}
+
+/// All components with `role=ROLE`, alive or not.
+pub fn find_all(role: &str) -> Vec<usize> {
+    CHILDREN
+        .lock()
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| c.role() == role)
+        .map(|(i, _)| i)
+        .collect()
+}
+
+/// Runs `f` on component `id`'s state (under the lock: keep `f` short, no hypercalls
+/// that block).
+pub fn with<R>(id: usize, f: impl FnOnce(&mut Child) -> R) -> Option<R> {
+    CHILDREN.lock().get_mut(id).map(f)
+}
+
+/// The pager: backs `addr` in component `id` with a fresh page if the component is
+/// paged and `addr` lies in its paged region. True when the fault is resolved.
+pub fn page_in(id: usize, addr: u64) -> bool {
+    let Some((pd, true)) = with(id, |c| (c.pd, c.paged && c.alive)) else {
+        return false;
+    };
+    if !(PAGED_BASE..PAGED_BASE + start_info::PAGED_SIZE).contains(&addr) {
+        return false;
+    }
+    let Some(phys) = mem::alloc(1) else {
+        return false;
+    };
+    let rw = MemPerm::R | MemPerm::W;
+    let ok = hc::pd_delegate(
+        sel::OWN_PD,
+        pd,
+        Crd::mem((mem::WINDOW + phys) >> PAGE_BITS, 0, rw),
+        Crd::mem(addr >> PAGE_BITS, 0, rw),
+        0,
+        XferFlags::empty(),
+    )
+    .is_ok();
+    if !ok {
+        mem::free(phys, 1);
+        return false;
+    }
+    with(id, |c| {
+        c.mem.push((phys, 1));
+        c.paged_faults += 1;
+    });
+    true
 }

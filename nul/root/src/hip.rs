@@ -88,15 +88,4 @@ pub fn split_cmdline(s: &str) -> (&str, &str) {
     }
 }
 
-/// The value of `key=` in an argument string.
-pub fn arg<'a>(args: &'a str, key: &str) -> Option<&'a str> {
-    args.split_whitespace().find_map(|w| {
-        w.strip_prefix(key)
-            .and_then(|r| r.strip_prefix('='))
-    })
-}
-
-/// Whether the bare word `key` appears in an argument string.
-pub fn flag(args: &str, key: &str) -> bool {
-    args.split_whitespace().any(|w| w == key)
-}
+pub use nul_rt::start_info::{arg, flag};

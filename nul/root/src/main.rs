@@ -52,7 +52,7 @@ fn main(hip_addr: u64) -> ! {
     println!(
         "NUL root: {} CPUs, {} MiB free, TSC {} kHz, {} GSIs",
         ncpu,
-        free * 4096 >> 20,
+        (free * 4096) >> 20,
         hip.0.freq_tsc_khz,
         hip.0.num_gsi
     );
@@ -72,9 +72,8 @@ fn main(hip_addr: u64) -> ! {
         let name = path.rsplit('/').next().unwrap_or(path);
         // SAFETY: the module's pages were taken into the window by `mem::init` and are
         // never written by the root.
-        let image = unsafe {
-            core::slice::from_raw_parts(mem::virt(m.addr) as *const u8, m.size as usize)
-        };
+        let image =
+            unsafe { core::slice::from_raw_parts(mem::virt(m.addr) as *const u8, m.size as usize) };
         let cpu = hip::arg(margs, "cpu")
             .and_then(|c| c.parse().ok())
             .unwrap_or(cpus[i % cpus.len()]);
@@ -83,8 +82,11 @@ fn main(hip_addr: u64) -> ! {
             name,
             args: margs,
             cpu,
+            ncpus: cpus.len() as u64,
+            tsc_khz: hip.0.freq_tsc_khz,
             quota: 256,
-            ports: None,
+            // The memcheck test component checks an I/O port delegation (POST port).
+            ports: (hip::arg(margs, "role") == Some("memcheck")).then_some((0x80, 0)),
             caps: &[],
         };
         match component::start(&spec) {
@@ -93,8 +95,42 @@ fn main(hip_addr: u64) -> ! {
         }
     }
 
+    // The scenario runs in a thread at the components' priority on the first CPU: the
+    // root EC's priority (100) is above theirs (10), and the root's service handlers,
+    // which run on the components' SCs, share spin locks (heap, console, component
+    // table) with the scenario code; at a higher priority the scenario could spin
+    // forever on a lock held by a preempted handler on the same CPU.
+    MAIN_ARGS.call_once(|| (alloc::string::String::from(args), hip));
+    let cpu0 = cpus[0];
+    let evt = services::evt_base(cpu0).unwrap_or(0);
+    if let Err(e) = nul_rt::thread::thread(cpu0, evt, scenario::PRIO, run_main, 0) {
+        println!("cannot start the scenario thread: {:?}", e);
+        fail();
+    }
+    block_forever()
+}
+
+static MAIN_ARGS: spin::Once<(alloc::string::String, hip::HipView)> = spin::Once::new();
+
+/// Blocks the running EC for good.
+pub fn block_forever() -> ! {
+    let sm = sel::alloc();
+    let _ = hc::create_sm(sm, sel::OWN_PD, 0);
+    loop {
+        let _ = hc::sm_down(sm, false, 0);
+    }
+}
+
+/// The scenario thread: runs the `test=` or `bench=` named in the root's arguments.
+extern "C" fn run_main(_arg: u64, utcb: u64) -> ! {
+    // This thread is the root's main flow from here on (the root EC only blocks):
+    // `UtcbRef::main()` is its UTCB.
+    nul_rt::utcb::set_main(utcb);
+    let Some((args, hip)) = MAIN_ARGS.get() else {
+        fail();
+    };
     if let Some(t) = hip::arg(args, "test") {
-        let ok = scenario::run(t, &hip);
+        let ok = scenario::run(t, args, hip);
         if ok {
             println!("PASS {}", t);
         } else {
@@ -103,17 +139,15 @@ fn main(hip_addr: u64) -> ! {
         serial::exit(ok);
     }
     if let Some(b) = hip::arg(args, "bench") {
-        let ok = scenario::bench(b, &hip);
+        let ok = scenario::bench(b, args, hip);
+        if !ok {
+            println!("FAIL bench {}", b);
+        }
         serial::exit(ok);
     }
     if hip::flag(args, "exit") {
         println!("root done");
         serial::exit(true);
     }
-    // Serve forever: block on a semaphore nobody signals.
-    let sm = sel::alloc();
-    let _ = hc::create_sm(sm, sel::OWN_PD, 0);
-    loop {
-        let _ = hc::sm_down(sm, false, 0);
-    }
+    block_forever()
 }

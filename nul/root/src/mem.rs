@@ -45,7 +45,16 @@ fn take(base_page: u64, pages: u64) -> u64 {
     for (p, order) in aligned_pieces(base_page, pages) {
         let src = Crd::mem(p, order, MemPerm::all());
         let dst = Crd::mem(p + (WINDOW >> PAGE_BITS), order, MemPerm::all());
-        if hc::pd_delegate(peregrine_abi::sel::KERN_PD, sel::OWN_PD, src, dst, 0, XferFlags::empty()).is_ok() {
+        if hc::pd_delegate(
+            peregrine_abi::sel::KERN_PD,
+            sel::OWN_PD,
+            src,
+            dst,
+            0,
+            XferFlags::empty(),
+        )
+        .is_ok()
+        {
             got += 1u64 << order;
         }
     }
@@ -71,7 +80,10 @@ pub fn init(hip: &HipView) -> u64 {
                 total += got;
             }
             mem_kind::MODULE => {
-                take(m.addr / 4096, (m.addr + m.size).div_ceil(4096) - m.addr / 4096);
+                take(
+                    m.addr / 4096,
+                    (m.addr + m.size).div_ceil(4096) - m.addr / 4096,
+                );
             }
             _ => {}
         }
@@ -103,6 +115,24 @@ pub fn free(phys: u64, pages: u64) {
 }
 
 /// Pages currently free.
+#[allow(dead_code)]
 pub fn free_pages() -> u64 {
     FREE.lock().iter().map(|&(_, n)| n).sum()
+}
+
+/// Splits a mapping of `count` pages from virtual page `v` to physical page `p` into
+/// pieces `(v, p, order)` aligned on both sides, as CRDs need.
+pub fn dual_pieces(v: u64, p: u64, count: u64) -> impl Iterator<Item = (u64, u64, u8)> {
+    let mut i = 0;
+    core::iter::from_fn(move || {
+        if i >= count {
+            return None;
+        }
+        let (vv, pp) = (v + i, p + i);
+        let align = (vv | pp).trailing_zeros().min(30);
+        let fit = 63 - (count - i).leading_zeros();
+        let order = align.min(fit) as u8;
+        i += 1u64 << order;
+        Some((vv, pp, order))
+    })
 }

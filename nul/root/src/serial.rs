@@ -20,6 +20,7 @@ fn inb(port: u16) -> u8 {
 }
 
 /// Writes a 16-bit value to an I/O port (used for the emulator exit ports).
+#[allow(dead_code)]
 pub fn outw(port: u16, v: u16) {
     // SAFETY: as in `outb`.
     unsafe { core::arch::asm!("out dx, ax", in("dx") port, in("ax") v, options(nomem, nostack)) };

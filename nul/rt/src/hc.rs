@@ -48,7 +48,14 @@ pub fn raw(word: u64, a1: u64, a2: u64, a3: u64, a4: u64, a5: u64) -> Raw {
 
 #[inline(always)]
 fn hc(h: Hypercall, flags: u8, sel: u64, a: [u64; 5]) -> Raw {
-    raw(HypercallWord::new(h, flags, sel).0, a[0], a[1], a[2], a[3], a[4])
+    raw(
+        HypercallWord::new(h, flags, sel).0,
+        a[0],
+        a[1],
+        a[2],
+        a[3],
+        a[4],
+    )
 }
 
 #[inline(always)]
@@ -67,7 +74,12 @@ pub fn call(pt: u64) -> Result<(), Status> {
 
 /// Like [`call`] but fails with `Timeout` instead of waiting for a busy handler.
 pub fn call_nonblocking(pt: u64) -> Result<(), Status> {
-    st(hc(Hypercall::Call, hypercall::call_flags::NON_BLOCKING, pt, [0; 5]))
+    st(hc(
+        Hypercall::Call,
+        hypercall::call_flags::NON_BLOCKING,
+        pt,
+        [0; 5],
+    ))
 }
 
 /// Replies to the current caller with the message in the UTCB. A portal handler ends
@@ -135,7 +147,11 @@ pub fn create_sm(dst: u64, pd: u64, count: u64) -> Result<(), Status> {
 
 /// Revokes `crd` from the caller's children (and from the caller if `own`).
 pub fn revoke(crd: Crd, own: bool) -> Result<(), Status> {
-    let f = if own { hypercall::revoke_flags::SELF } else { 0 };
+    let f = if own {
+        hypercall::revoke_flags::SELF
+    } else {
+        0
+    };
     st(hc(Hypercall::Revoke, f, 0, [crd.0, 0, 0, 0, 0]))
 }
 

@@ -18,6 +18,8 @@ pub mod hc;
 pub mod heap;
 pub mod sel;
 pub mod start;
+pub mod start_info;
+pub mod svc;
 pub mod thread;
 pub mod utcb;
 

@@ -39,7 +39,15 @@ pub struct LocalEc {
 pub fn local_ec(cpu: u64, evt_base: u64) -> Result<LocalEc, Status> {
     let s = sel::alloc();
     let utcb = NEXT_UTCB.fetch_add(4096, Ordering::Relaxed);
-    hc::create_ec(s, sel::OWN_PD, EcKind::Local, cpu, utcb, new_stack(), evt_base)?;
+    hc::create_ec(
+        s,
+        sel::OWN_PD,
+        EcKind::Local,
+        cpu,
+        utcb,
+        new_stack(),
+        evt_base,
+    )?;
     Ok(LocalEc { sel: s, utcb })
 }
 
@@ -58,46 +66,65 @@ pub struct Thread {
     pub ec: u64,
     /// SC selector.
     pub sc: u64,
+    /// Its UTCB address.
+    pub utcb: u64,
 }
 
-/// Starts a global thread on `cpu` at `entry` (it receives `arg` in `rdi`).
+/// The entry of a global thread: its argument and its UTCB address.
+pub type ThreadEntry = extern "C" fn(arg: u64, utcb: u64) -> !;
+
+/// Starts a global thread on `cpu` at `entry` (it receives `arg` in `rdi` and its UTCB
+/// address in `rsi`).
 ///
 /// The kernel delivers the new EC's STARTUP event to portal `evt_base + STARTUP`, with
-/// the EC's initial RSP in the UTCB (MTD `RSP`). The stack starts with `[arg, entry]`;
-/// the startup handler ([`startup_reply`]) replies with RIP = entry and RDI = arg.
+/// the EC's initial RSP in the UTCB (MTD `RSP`). The stack starts with
+/// `[arg, entry, utcb]`; the startup handler ([`startup_reply`]) replies with
+/// RIP = entry, RDI = arg and RSI = utcb.
 pub fn thread(
     cpu: u64,
     evt_base: u64,
     prio: u8,
-    entry: extern "C" fn(u64) -> !,
+    entry: ThreadEntry,
     arg: u64,
 ) -> Result<Thread, Status> {
     let ec = sel::alloc();
     let sc = sel::alloc();
     let utcb = NEXT_UTCB.fetch_add(4096, Ordering::Relaxed);
     let sp = new_stack();
-    // Initial frame read by the startup trampoline below: entry and argument.
+    // Initial frame read by `startup_reply`: argument, entry, UTCB. `sp - 24` keeps the
+    // entry's rsp ≡ 8 (mod 16), as after a `call`.
     // SAFETY: `sp` points 8 bytes below the top of a fresh, leaked 16 KiB stack; the
-    // two words written lie inside it.
+    // three words written lie inside it.
     unsafe {
-        *((sp - 8) as *mut u64) = entry as usize as u64;
-        *((sp - 16) as *mut u64) = arg;
+        *((sp - 8) as *mut u64) = utcb;
+        *((sp - 16) as *mut u64) = entry as usize as u64;
+        *((sp - 24) as *mut u64) = arg;
     }
-    hc::create_ec(ec, sel::OWN_PD, EcKind::Global, cpu, utcb, sp - 16, evt_base)?;
+    let isp = sp - 24 - 8;
+    hc::create_ec(ec, sel::OWN_PD, EcKind::Global, cpu, utcb, isp, evt_base)?;
     hc::create_sc(sc, sel::OWN_PD, ec, prio, 10_000)?;
-    Ok(Thread { ec, sc })
+    Ok(Thread { ec, sc, utcb })
 }
 
-/// Fills the reply to a STARTUP event of a thread made by [`thread`]: reads the entry
-/// and argument from the initial stack named in the UTCB and sets RIP, RDI and RSP.
+/// Fills the reply to a STARTUP event of a thread made by [`thread`]: reads the
+/// argument, entry and UTCB from the initial stack named in the UTCB and sets RIP, RDI,
+/// RSI and RSP. The portal's MTD must include `RSP`.
 pub fn startup_reply(utcb: &mut peregrine_abi::Utcb) {
     use peregrine_abi::utcb::gpr;
     let a = utcb.arch_mut();
     let sp = a.gpr[gpr::RSP];
-    // SAFETY: `thread` wrote these two words at the EC's initial stack pointer in this
-    // PD before creating the EC; the stack is leaked and never freed.
-    let (arg, entry) = unsafe { (*(sp as *const u64), *((sp + 8) as *const u64)) };
+    // SAFETY: `thread` wrote these three words just above the EC's initial stack
+    // pointer in this PD before creating the EC; the stack is leaked and never freed.
+    let (arg, entry, u) = unsafe {
+        (
+            *((sp + 8) as *const u64),
+            *((sp + 16) as *const u64),
+            *((sp + 24) as *const u64),
+        )
+    };
     a.rip = entry;
     a.gpr[gpr::RDI] = arg;
+    a.gpr[gpr::RSI] = u;
+    a.gpr[gpr::RBP] = 0;
     a.mtd = Mtd::RIP_LEN | Mtd::GPR_BSD | Mtd::RSP;
 }

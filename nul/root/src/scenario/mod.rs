@@ -1,0 +1,192 @@
+//! Test scenarios and benchmarks run by the root (`test=NAME`, `bench=NAME`).
+//!
+//! Each scenario prints what it checks (`ok: …` / `FAILED: …`) and returns whether all
+//! checks held; `main` then prints `PASS NAME` or `FAIL NAME` and exits through
+//! isa-debug-exit. The components a scenario talks to are boot modules after the root,
+//! all the `nul-test` binary with a role (see `nul/test`); `cpu=N` places a component's
+//! main EC (default: round robin over the CPUs). Module lists (after the root module,
+//! whose arguments come first):
+//!
+//! | root arguments | modules | CPUs |
+//! |---|---|---|
+//! | `test=boot` | any | any |
+//! | `test=ipc` | `nul-test role=echo cpu=0` | ≥ 1 (BadCpu check needs ≥ 2) |
+//! | `test=delegate` | `nul-test role=memcheck cpu=0`, `nul-test role=echo cpu=0` | ≥ 1 |
+//! | `test=revoke` | `nul-test role=memcheck cpu=0` | ≥ 1 |
+//! | `test=pager` | `nul-test role=paged cpu=0` | ≥ 1 |
+//! | `test=sm` | none | ≥ 1 |
+//! | `test=irq` | none | ≥ 1 |
+//! | `test=xcpu` | none | ≥ 2 |
+//! | `test=quota` | none | ≥ 1 |
+//! | `test=fault` | `nul-test role=fault cpu=0`, `nul-test role=canary cpu=0` | ≥ 1 |
+//! | `test=hostile calls=10000000 secs=900` | `nul-test role=hostile seed=K cpu=C` for several K and C (e.g. seeds 1–3 on CPUs 1–3), `nul-test role=canary cpu=0` | ≥ 2 (4 suggested) |
+//! | `bench=ipc` | `nul-test role=benchsrv cpu=0` | ≥ 1 |
+//!
+//! `calls=` (default 10,000,000) and `secs=` (default 600 s of TSC time) bound the
+//! hostile test. The benchmark prints `BENCH <figure> <min>` lines (TSC ticks, the
+//! minimum over the iterations) and `BENCH-MEDIAN <figure> <median>` lines.
+
+mod bench;
+mod ipc;
+mod memory;
+mod robust;
+mod sync;
+
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use nul_rt::utcb::UtcbRef;
+use nul_rt::{hc, println, sel};
+use peregrine_abi::Status;
+
+use crate::component::{self, Child};
+use crate::hip::HipView;
+
+/// Priority of the scenario thread and the threads scenarios start (the components').
+pub const PRIO: u8 = 10;
+
+static TSC_KHZ: AtomicU64 = AtomicU64::new(1_000_000);
+static SLEEP_SM: AtomicU64 = AtomicU64::new(0);
+
+/// Runs test scenario `name`; true when it passed.
+pub fn run(name: &str, args: &str, hip: &HipView) -> bool {
+    init(hip);
+    match name {
+        "boot" => true,
+        "ipc" => ipc::run(hip),
+        "delegate" => memory::delegate(),
+        "revoke" => memory::revoke(),
+        "pager" => memory::pager(),
+        "sm" => sync::sm(),
+        "irq" => sync::irq(),
+        "xcpu" => sync::xcpu(hip),
+        "quota" => robust::quota(hip),
+        "fault" => robust::fault(),
+        "hostile" => robust::hostile(args),
+        _ => {
+            println!("unknown test scenario {}", name);
+            false
+        }
+    }
+}
+
+/// Runs benchmark `name`; true when it completed.
+pub fn bench(name: &str, _args: &str, hip: &HipView) -> bool {
+    init(hip);
+    match name {
+        "ipc" => bench::ipc(),
+        _ => {
+            println!("unknown benchmark {}", name);
+            false
+        }
+    }
+}
+
+fn init(hip: &HipView) {
+    if hip.0.freq_tsc_khz != 0 {
+        TSC_KHZ.store(hip.0.freq_tsc_khz, Ordering::Relaxed);
+    }
+    let sm = sel::alloc();
+    if hc::create_sm(sm, sel::OWN_PD, 0).is_ok() {
+        SLEEP_SM.store(sm, Ordering::Relaxed);
+    }
+}
+
+/// TSC ticks in `n` milliseconds.
+pub fn ms(n: u64) -> u64 {
+    n.saturating_mul(TSC_KHZ.load(Ordering::Relaxed))
+}
+
+/// The TSC `n` milliseconds from now.
+pub fn deadline_ms(n: u64) -> u64 {
+    hc::rdtsc().saturating_add(ms(n))
+}
+
+/// Sleeps for `n` milliseconds (a down on a semaphore nobody ups, with a deadline).
+pub fn sleep_ms(n: u64) {
+    let end = deadline_ms(n);
+    while hc::rdtsc() < end {
+        let _ = hc::sm_down(SLEEP_SM.load(Ordering::Relaxed), false, end);
+    }
+}
+
+/// Prints and returns a check.
+pub fn check(ok: bool, what: &str) -> bool {
+    if ok {
+        println!("ok: {}", what);
+    } else {
+        println!("FAILED: {}", what);
+    }
+    ok
+}
+
+/// Waits up to `ms_max` milliseconds until `cond` holds for component `id`, sleeping on
+/// the component's semaphore (upped on its reports and its removal).
+pub fn wait_child(id: usize, ms_max: u64, cond: impl Fn(&Child) -> bool) -> bool {
+    let end = deadline_ms(ms_max);
+    loop {
+        let Some((done, sm)) = component::with(id, |c| (cond(c), c.sm)) else {
+            return false;
+        };
+        if done {
+            return true;
+        }
+        let now = hc::rdtsc();
+        if now >= end {
+            return false;
+        }
+        let _ = hc::sm_down(sm, false, end.min(now + ms(10)));
+    }
+}
+
+/// Waits for result `key` of component `id`.
+pub fn wait_result(id: usize, key: u64, ms_max: u64) -> Option<u64> {
+    wait_child(id, ms_max, |c| c.result(key).is_some() || !c.alive);
+    component::with(id, |c| c.result(key)).flatten()
+}
+
+/// Waits for component `id` to register its portal; returns the root's selector.
+pub fn wait_registered(id: usize, ms_max: u64) -> Option<u64> {
+    wait_child(id, ms_max, |c| c.registered.is_some() || !c.alive);
+    component::with(id, |c| c.registered).flatten()
+}
+
+/// The first component with `role`, reporting when there is none.
+pub fn need(role: &str) -> Option<usize> {
+    let r = component::find(role);
+    if r.is_none() {
+        println!(
+            "FAILED: no component with role={} (check the module list)",
+            role
+        );
+    }
+    r
+}
+
+/// Calls an echo portal (replies with every word plus one) with `n` words and checks
+/// the reply.
+pub fn echo_ok(pt: u64, n: usize, salt: u64) -> Result<(), &'static str> {
+    let u = UtcbRef::main();
+    let utcb = u.get();
+    let n = n.min(utcb.data.len());
+    for (i, w) in utcb.data[..n].iter_mut().enumerate() {
+        *w = salt ^ (i as u64).wrapping_mul(0x1000_0001);
+    }
+    utcb.head.set_counts(n, 0);
+    hc::call(pt).map_err(|s| s.name())?;
+    let utcb = u.get();
+    if utcb.head.untyped() != n || utcb.head.typed() != 0 {
+        return Err("wrong reply counts");
+    }
+    for (i, &w) in utcb.data[..n].iter().enumerate() {
+        if w != (salt ^ (i as u64).wrapping_mul(0x1000_0001)).wrapping_add(1) {
+            return Err("wrong reply word");
+        }
+    }
+    Ok(())
+}
+
+/// Starts a root thread on `cpu` at the scenario priority.
+pub fn spawn(cpu: u64, entry: nul_rt::thread::ThreadEntry, arg: u64) -> Result<(), Status> {
+    let evt = crate::services::evt_base(cpu).ok_or(Status::BadCpu)?;
+    nul_rt::thread::thread(cpu, evt, PRIO, entry, arg).map(|_| ())
+}

@@ -1,0 +1,173 @@
+//! `test=sm`, `test=irq`, `test=xcpu`: semaphores, an interrupt delivered to a
+//! semaphore, and a wake-up across CPUs.
+
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use nul_rt::{hc, println, sel};
+use peregrine_abi::hypercall::gsi_flags;
+use peregrine_abi::{perm, Crd, Status, XferFlags};
+
+use super::{check, deadline_ms, ms, spawn};
+use crate::hip::HipView;
+
+fn new_sm(count: u64) -> Option<u64> {
+    let s = sel::alloc();
+    hc::create_sm(s, sel::OWN_PD, count).ok().map(|()| s)
+}
+
+/// A thread that ups the semaphore in `arg`, then blocks for good.
+extern "C" fn upper(arg: u64, _utcb: u64) -> ! {
+    let _ = hc::sm_up(arg);
+    crate::block_forever()
+}
+
+/// `test=sm`.
+pub fn sm() -> bool {
+    let mut ok = true;
+    let (Some(s), Some(s2)) = (new_sm(0), new_sm(0)) else {
+        return check(false, "create semaphores");
+    };
+    ok &= check(
+        hc::sm_up(s).is_ok() && hc::sm_down(s, false, 0).is_ok(),
+        "up, then down",
+    );
+    ok &= check(
+        hc::sm_down(s, false, 1) == Err(Status::Timeout),
+        "down on 0 with a past deadline: timeout",
+    );
+
+    let t0 = hc::rdtsc();
+    let r = hc::sm_down(s, false, t0 + ms(10));
+    let t1 = hc::rdtsc();
+    println!(
+        "down with a 10 ms deadline: {:?} after {} ticks ({} per ms)",
+        r,
+        t1 - t0,
+        ms(1)
+    );
+    ok &= check(
+        r == Err(Status::Timeout) && t1 - t0 >= ms(10),
+        "down with a 10 ms deadline: timeout after >= 10 ms",
+    );
+
+    for _ in 0..3 {
+        let _ = hc::sm_up(s);
+    }
+    ok &= check(hc::sm_down(s, true, 0).is_ok(), "down-zero on count 3");
+    ok &= check(
+        hc::sm_down(s, false, 1) == Err(Status::Timeout),
+        "down-zero consumed the whole count",
+    );
+
+    ok &= check(
+        hc::sm_up(sel::OWN_PD) == Err(Status::BadCapability),
+        "up on a PD capability: bad capability",
+    );
+
+    match spawn(0, upper, s2) {
+        Ok(()) => {
+            let r = hc::sm_down(s2, false, deadline_ms(1000));
+            ok &= check(r.is_ok(), "a thread's up wakes the root");
+        }
+        Err(e) => ok &= check(false, alloc::format!("start a thread: {:?}", e).as_str()),
+    }
+    ok
+}
+
+fn outb(port: u16, v: u8) {
+    // SAFETY: the root holds every I/O port; the PIT's ports have no memory effects.
+    unsafe { core::arch::asm!("out dx, al", in("dx") port, in("al") v, options(nomem, nostack)) };
+}
+
+/// `test=irq`: the PIT (ISA IRQ 0, GSI 2 through the usual interrupt source override)
+/// at 100 Hz, delivered to its GSI semaphore.
+pub fn irq() -> bool {
+    const GSI: u64 = 2;
+    let mut ok = true;
+    let sm = sel::alloc();
+    let r = hc::pd_delegate(
+        peregrine_abi::sel::KERN_PD,
+        sel::OWN_PD,
+        Crd::obj(peregrine_abi::sel::GSI_SM_BASE + GSI, 0, perm::ALL),
+        Crd::obj(sm, 0, perm::ALL),
+        0,
+        XferFlags::empty(),
+    );
+    ok &= check(r.is_ok(), "take the GSI 2 semaphore from the kernel PD");
+    let r = hc::assign_gsi(sm, 0, gsi_flags::DEFAULT);
+    println!("assign_gsi(2, cpu 0): {:?}", r);
+    ok &= check(r.is_ok(), "route GSI 2 to CPU 0");
+    if !ok {
+        return false;
+    }
+    // PIT channel 0, lobyte/hibyte, mode 2 (rate generator), 1193182 Hz / 11932 ≈ 100 Hz.
+    let div: u16 = 11932;
+    outb(0x43, 0x34);
+    outb(0x40, div as u8);
+    outb(0x40, (div >> 8) as u8);
+    let mut got = 0;
+    let t0 = hc::rdtsc();
+    for i in 0..5 {
+        let r = hc::sm_down(sm, false, deadline_ms(1000));
+        println!("interrupt {}: {:?}", i, r);
+        if r.is_ok() {
+            got += 1;
+        }
+    }
+    let dt = hc::rdtsc() - t0;
+    // Stop the PIT: mode 0 with the count never reloaded.
+    outb(0x43, 0x30);
+    outb(0x40, 0);
+    outb(0x40, 0);
+    println!("5 downs took {} ms", dt / ms(1).max(1));
+    ok &= check(got == 5, "5 PIT interrupts arrive at the semaphore");
+    ok
+}
+
+static XCPU_S1: AtomicU64 = AtomicU64::new(0);
+static XCPU_S2: AtomicU64 = AtomicU64::new(0);
+
+/// The other CPU's side: down S1, up S2, forever.
+extern "C" fn ponger(_arg: u64, _utcb: u64) -> ! {
+    let (s1, s2) = (
+        XCPU_S1.load(Ordering::Relaxed),
+        XCPU_S2.load(Ordering::Relaxed),
+    );
+    loop {
+        if hc::sm_down(s1, false, 0).is_ok() {
+            let _ = hc::sm_up(s2);
+        }
+    }
+}
+
+/// `test=xcpu`.
+pub fn xcpu(hip: &HipView) -> bool {
+    let cpus: alloc::vec::Vec<u64> = hip.online_cpus().collect();
+    let Some(&cpu1) = cpus.get(1) else {
+        return check(false, "xcpu needs at least 2 CPUs (only 1 online)");
+    };
+    let (Some(s1), Some(s2)) = (new_sm(0), new_sm(0)) else {
+        return check(false, "create semaphores");
+    };
+    XCPU_S1.store(s1, Ordering::Relaxed);
+    XCPU_S2.store(s2, Ordering::Relaxed);
+    if let Err(e) = spawn(cpu1, ponger, 0) {
+        println!("cannot start a thread on cpu {}: {:?}", cpu1, e);
+        return false;
+    }
+    let mut good = 0;
+    let t0 = hc::rdtsc();
+    for i in 0..100 {
+        let _ = hc::sm_up(s1);
+        match hc::sm_down(s2, false, deadline_ms(1000)) {
+            Ok(()) => good += 1,
+            Err(e) => {
+                println!("round {}: {:?}", i, e);
+                break;
+            }
+        }
+    }
+    let dt = hc::rdtsc() - t0;
+    println!("{} cross-CPU round trips, {} ticks each", good, dt / 100);
+    check(good == 100, "100 wake-ups across CPUs through semaphores")
+}

@@ -1,0 +1,111 @@
+//! The start-info page the root maps into every component it starts, the fixed
+//! addresses of a component's address space, and argument parsing.
+//!
+//! A component's main EC is entered with `rdi` = [`START_INFO_ADDR`] and `rsi` = its
+//! UTCB address ([`peregrine_abi::hip::ROOT_UTCB_ADDR`], the same address as the root's).
+
+/// Where the root maps the (read-only) start-info page of a component.
+pub const START_INFO_ADDR: u64 = 0x7fff_ffff_c000;
+/// A read-write page shared between the root and the component (flags, mailboxes).
+pub const SHARED_ADDR: u64 = 0x7fff_ffff_b000;
+/// A read-only page with a known pattern ([`pattern_word`]), for `role=memcheck`.
+pub const TEST_PAGE_ADDR: u64 = 0x7fff_ffff_a000;
+/// Start of the region the root's pager backs on demand (components with `paged`).
+pub const PAGED_BASE: u64 = 0x6000_0000_0000;
+/// Size of the paged region in bytes.
+pub const PAGED_SIZE: u64 = 1 << 28;
+
+/// "NULSTART" little-endian.
+pub const MAGIC: u64 = u64::from_le_bytes(*b"NULSTART");
+
+/// Bytes of the argument string the page holds.
+pub const ARGS_MAX: usize = 4096 - 7 * 8;
+
+/// The start-info page.
+#[repr(C)]
+pub struct StartInfo {
+    /// [`MAGIC`].
+    pub magic: u64,
+    /// The component's index in the root (the id its portals carry).
+    pub index: u64,
+    /// The CPU its main EC runs on.
+    pub cpu: u64,
+    /// Number of online CPUs.
+    pub ncpus: u64,
+    /// TSC frequency in kHz.
+    pub tsc_khz: u64,
+    /// Scratch for the root (unused by components).
+    pub reserved: u64,
+    /// Length of the argument string.
+    pub args_len: u64,
+    /// The argument string (the module command line without the file name).
+    pub args: [u8; ARGS_MAX],
+}
+
+const _: () = assert!(core::mem::size_of::<StartInfo>() == 4096);
+
+impl StartInfo {
+    /// The start-info page at `addr`, if it carries the magic.
+    ///
+    /// # Safety
+    /// `addr` must be 0 or the address of a mapped, readable page that stays mapped.
+    pub unsafe fn at(addr: u64) -> Option<&'static StartInfo> {
+        if addr == 0 || addr & 0xfff != 0 {
+            return None;
+        }
+        // SAFETY: the caller guarantees a mapped page; StartInfo is plain integers.
+        let s = unsafe { &*(addr as *const StartInfo) };
+        (s.magic == MAGIC).then_some(s)
+    }
+
+    /// The argument string.
+    pub fn args(&self) -> &str {
+        let n = (self.args_len as usize).min(ARGS_MAX);
+        core::str::from_utf8(&self.args[..n]).unwrap_or("")
+    }
+
+    /// Writes `args` into the page (truncated at a character boundary if too long).
+    pub fn set_args(&mut self, args: &str) {
+        let mut n = args.len().min(ARGS_MAX);
+        while !args.is_char_boundary(n) {
+            n -= 1;
+        }
+        self.args[..n].copy_from_slice(&args.as_bytes()[..n]);
+        self.args_len = n as u64;
+    }
+}
+
+/// The value of `key=` in an argument string.
+pub fn arg<'a>(args: &'a str, key: &str) -> Option<&'a str> {
+    args.split_whitespace()
+        .find_map(|w| w.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
+}
+
+/// The numeric value of `key=` (decimal, or hex with `0x`).
+pub fn arg_u64(args: &str, key: &str) -> Option<u64> {
+    let v = arg(args, key)?.replace('_', "");
+    match v.strip_prefix("0x") {
+        Some(h) => u64::from_str_radix(h, 16).ok(),
+        None => v.parse().ok(),
+    }
+}
+
+/// Whether the bare word `key` appears in an argument string.
+pub fn flag(args: &str, key: &str) -> bool {
+    args.split_whitespace().any(|w| w == key)
+}
+
+/// Word `i` of the memcheck pattern page of component `index`.
+pub const fn pattern_word(index: u64, i: u64) -> u64 {
+    (i + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (index << 48) ^ 0x5a5a
+}
+
+/// The checksum both sides compute over a page of words.
+pub fn checksum(words: &[u64]) -> u64 {
+    words.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &w| {
+        (h ^ w).rotate_left(13).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+/// Where `role=benchsrv` opens its delegation window for the one-page benchmark.
+pub const BENCH_WINDOW_ADDR: u64 = 0x6100_0000_0000;

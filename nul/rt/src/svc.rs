@@ -1,0 +1,70 @@
+//! The root's service protocol (portal [`SERVICE_PT`](crate::sel::SERVICE_PT)).
+//!
+//! Every message starts with an opcode word. The root replies with one word: 0 when it
+//! understood the message, 1 otherwise.
+//!
+//! | opcode | words | typed items | meaning |
+//! |---|---|---|---|
+//! | [`REGISTER`] | `[REGISTER]` | one object item: a portal | "here is my service portal" |
+//! | [`RESULT`] | `[RESULT, key, value]` | — | a test result (the root keeps them in order) |
+//! | [`PROGRESS`] | `[PROGRESS, count]` | — | a running counter (the hostile component) |
+
+use peregrine_abi::perm;
+use peregrine_abi::{Crd, Status, Xfer, XferFlags};
+
+use crate::utcb::UtcbRef;
+use crate::{hc, sel};
+
+/// Register a portal with the root (delegated as an object typed item).
+pub const REGISTER: u64 = 1;
+/// Report a test result.
+pub const RESULT: u64 = 2;
+/// Report progress.
+pub const PROGRESS: u64 = 3;
+
+fn call(words: &[u64], item: Option<Xfer>) -> Result<(), Status> {
+    let u = UtcbRef::main();
+    u.set_msg(words);
+    if let Some(x) = item {
+        u.push_xfer(x);
+    }
+    hc::call(sel::SERVICE_PT)?;
+    match u.word(0) {
+        0 => Ok(()),
+        _ => Err(Status::BadParameter),
+    }
+}
+
+/// Registers portal `pt` (a selector of the caller) with the root.
+pub fn register(pt: u64) -> Result<(), Status> {
+    let x = Xfer::delegate(Crd::obj(pt, 0, perm::ALL), XferFlags::empty(), 0);
+    call(&[REGISTER], Some(x))
+}
+
+/// Reports result `key` = `value`.
+pub fn result(key: u64, value: u64) -> Result<(), Status> {
+    call(&[RESULT, key, value], None)
+}
+
+/// Reports a progress counter.
+pub fn progress(count: u64) -> Result<(), Status> {
+    call(&[PROGRESS, count], None)
+}
+
+/// Result keys the test components report ([`RESULT`]).
+pub mod key {
+    /// memcheck: checksum of its pattern page.
+    pub const CHECKSUM: u64 = 1;
+    /// memcheck: status of a call to the root's peer portal (0 success).
+    pub const PEER_STATUS: u64 = 2;
+    /// memcheck: the reply word of that call (sent 41, expect 42).
+    pub const PEER_WORD: u64 = 3;
+    /// memcheck: 1 when port 0x80 was delegated (lookup) and `out` to it worked.
+    pub const PORT: u64 = 4;
+    /// memcheck: status of the peer call after the root revoked the portal.
+    pub const PEER_AFTER: u64 = 5;
+    /// memcheck: 1 when reading the revoked page did NOT fault (a failure).
+    pub const NO_FAULT: u64 = 6;
+    /// paged: 1 when all values written to demand-paged memory read back.
+    pub const PAGED_OK: u64 = 7;
+}

@@ -1,0 +1,298 @@
+//! `role=hostile seed=N`: random hypercalls forever — random numbers (0–20), selectors,
+//! argument words, flags and UTCB contents (counts, typed items with random CRDs,
+//! windows) — reporting the count to the root every 100,000 calls.
+//!
+//! The kernel must survive anything; the component only avoids hurting itself, so that
+//! it keeps running:
+//! - no `reply` from its main EC (with no caller the EC would wait for a call forever);
+//! - no calls to selectors 0–39 (the root's event portals would report it as faulted,
+//!   its console portal would print garbage) and no `ec_ctrl` below 64 (its own EC);
+//! - `revoke` with "self" only outside its image, UTCBs and well-known selectors, and
+//!   no delegation of selectors 0–63 (a copy of a root event portal, called, kills it);
+//! - windows, UTCB addresses and event bases away from what it uses;
+//! - semaphore downs always with a deadline, SC priorities at most its own (10).
+//!
+//! Its own echo handler (selectors 40/41) answers its random calls with random replies.
+//! Every 2,048 calls it revokes its playground (selectors 64–1023, the scratch memory
+//! region) so that quota comes back.
+
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use nul_rt::start_info::{self, StartInfo};
+use nul_rt::thread;
+use nul_rt::utcb::UtcbRef;
+use nul_rt::{hc, println, svc};
+use peregrine_abi::hypercall::{revoke_flags, sm_flags, Hypercall};
+use peregrine_abi::perm::MemPerm;
+use peregrine_abi::{Crd, CrdKind, Mtd, Status, Xfer};
+
+/// Its echo portal and handler EC.
+const ECHO_PT: u64 = 40;
+const ECHO_EC: u64 = 41;
+/// The echo EC's UTCB (in the protected high zone).
+const ECHO_UTCB: u64 = 0x7e00_0000_0000;
+/// Where random memory windows point.
+const SCRATCH_PAGE: u64 = 0x5000_0000_0000 >> 12;
+const SCRATCH_ORDER: u8 = 12;
+/// Playground selectors for random windows.
+const PLAY_BASE: u64 = 64;
+const PLAY_END: u64 = 1024;
+/// Random event bases land here, clear of everything it uses.
+const EVT_ZONE: u64 = 0x2_0000;
+
+static RNG: AtomicU64 = AtomicU64::new(1);
+
+fn rnd() -> u64 {
+    // xorshift64*
+    let mut x = RNG.load(Ordering::Relaxed);
+    x ^= x >> 12;
+    x ^= x << 25;
+    x ^= x >> 27;
+    RNG.store(x, Ordering::Relaxed);
+    x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+}
+
+/// A random argument word: small, selector-like, address-like, extreme or anything.
+fn word() -> u64 {
+    let r = rnd();
+    match r % 8 {
+        0 => r >> 56,
+        1 => (r >> 20) % 1024,
+        2 => (r >> 16) & 0x7fff_ffff_f000,
+        3 => 0,
+        4 => u64::MAX >> (r >> 58),
+        _ => rnd(),
+    }
+}
+
+/// A random selector: mostly small, so that real capabilities are hit.
+fn selector() -> u64 {
+    let r = rnd();
+    match r % 10 {
+        0..=6 => (r >> 8) % 128,
+        7 | 8 => (r >> 8) % 4096,
+        _ => rnd() >> 12,
+    }
+}
+
+/// A random CRD.
+fn crd() -> Crd {
+    let r = rnd();
+    if r.is_multiple_of(8) {
+        return Crd(rnd());
+    }
+    let kind = match (r >> 3) % 4 {
+        0 => CrdKind::Null,
+        1 => CrdKind::Mem,
+        2 => CrdKind::Pio,
+        _ => CrdKind::Obj,
+    };
+    let order = if (r >> 5).is_multiple_of(4) {
+        (r >> 8) as u8 % 32
+    } else {
+        (r >> 8) as u8 % 6
+    };
+    let base = word() & !((1u64 << order) - 1);
+    Crd::new(kind, base, order, (r >> 16) as u8 & 0x1f)
+}
+
+/// Keeps a receive window (where things get delegated to us) away from what we use.
+fn window(c: Crd) -> Crd {
+    let r = rnd();
+    match c.kind() {
+        CrdKind::Mem => {
+            let order = c.order().min(8);
+            let base = (SCRATCH_PAGE + (r % (1 << SCRATCH_ORDER))) & !((1u64 << order) - 1);
+            Crd::new(CrdKind::Mem, base, order, c.perm())
+        }
+        CrdKind::Obj => {
+            let order = c.order().min(6);
+            let base = (PLAY_BASE + r % (PLAY_END - PLAY_BASE)) & !((1u64 << order) - 1);
+            Crd::new(CrdKind::Obj, base.max(PLAY_BASE), order, c.perm())
+        }
+        _ => c,
+    }
+}
+
+/// Keeps what we send away from selectors 0–63: a copy of one of the root's event
+/// portals in the playground, called later, would report us as faulted.
+fn source(c: Crd) -> Crd {
+    if c.kind() == CrdKind::Obj && c.base() < PLAY_BASE {
+        window(c)
+    } else {
+        c
+    }
+}
+
+/// Keeps an address we let the kernel map (a UTCB) out of our image and high pages.
+fn addr(a: u64) -> u64 {
+    if a < 0x1000_0000 || (0x7e00_0000_0000..0x8000_0000_0000).contains(&a) {
+        a ^ 0x4000_0000_0000
+    } else {
+        a
+    }
+}
+
+/// Whether revoking `c` from ourselves leaves everything we use in place.
+fn self_revoke_ok(c: Crd) -> bool {
+    let end = |c: Crd| c.base().saturating_add(1u64 << c.order().min(63));
+    match c.kind() {
+        CrdKind::Obj => c.base() >= PLAY_BASE,
+        CrdKind::Mem => c.base() >= 0x1000_0000 >> 12 && end(c) <= 0x7e00_0000_0000 >> 12,
+        _ => true,
+    }
+}
+
+/// Fills a UTCB with a random message: counts (sometimes invalid), words, typed items.
+fn random_msg(u: &UtcbRef) {
+    let utcb = u.get();
+    let r = rnd();
+    let untyped = if r.is_multiple_of(8) {
+        (r >> 8) as usize % 600
+    } else {
+        (r >> 8) as usize % 16
+    };
+    let typed = (r >> 24) as usize % 4;
+    for w in utcb.data.iter_mut().take(untyped.min(16)) {
+        *w = word();
+    }
+    for i in 0..typed {
+        let x = Xfer {
+            crd: source(crd()),
+            meta: (rnd() & 0x701) | (word() << 12),
+        };
+        utcb.set_xfer(i, x);
+    }
+    utcb.head.mtr = untyped as u64 | ((typed as u64) << 16);
+    if r.is_multiple_of(64) {
+        utcb.head.mtr = rnd();
+    }
+    utcb.head.crd_dlg = window(crd());
+    utcb.head.crd_xlt = crd();
+}
+
+/// Its own portal handler: answers with the echo or with a random reply.
+extern "C" fn echo(_id: u64, utcb: u64) -> ! {
+    // SAFETY: the kernel passes this handler EC's own UTCB address.
+    let u = unsafe { UtcbRef::from_addr(utcb) };
+    if rnd().is_multiple_of(2) {
+        let n = u.untyped();
+        u.get().head.set_counts(n, 0);
+        u.get().head.crd_dlg = window(crd());
+    } else {
+        random_msg(&u);
+    }
+    hc::reply()
+}
+
+#[repr(align(16))]
+#[allow(dead_code)] // only its address is used
+struct Stack([u8; 16 * 1024]);
+static mut ECHO_STACK: Stack = Stack([0; 16 * 1024]);
+
+fn setup(si: &StartInfo) -> Result<(), Status> {
+    let top = core::ptr::addr_of_mut!(ECHO_STACK) as u64 + 16 * 1024 - 8;
+    let evt = EVT_ZONE + 0x1_0000;
+    hc::create_ec(
+        ECHO_EC,
+        nul_rt::sel::OWN_PD,
+        hc::EcKind::Local,
+        si.cpu,
+        ECHO_UTCB,
+        top,
+        evt,
+    )?;
+    hc::create_pt(
+        ECHO_PT,
+        nul_rt::sel::OWN_PD,
+        ECHO_EC,
+        Mtd::empty(),
+        echo as thread::Handler as usize as u64,
+    )
+}
+
+/// Issues one random hypercall; returns its status byte.
+fn one(u: &UtcbRef) -> u8 {
+    let mut n = (rnd() % 21) as u8;
+    let mut flags = (rnd() % 16) as u8;
+    let mut sel = selector();
+    let mut a = [word(), word(), word(), word(), word()];
+    match Hypercall::from_raw(n) {
+        Some(Hypercall::Call) => {
+            if sel < 40 || rnd().is_multiple_of(4) {
+                sel = ECHO_PT;
+            }
+            random_msg(u);
+        }
+        Some(Hypercall::Reply) => {
+            n = Hypercall::Lookup as u8;
+            a[0] = crd().0;
+        }
+        Some(Hypercall::CreateEc) => {
+            a[2] = addr(a[2]);
+            a[4] = EVT_ZONE + (a[4] & 0xffff);
+        }
+        Some(Hypercall::CreateSc) => a[2] = (a[2] & !0xff) | (a[2] % 11),
+        Some(Hypercall::Revoke) => {
+            a[0] = crd().0;
+            if !self_revoke_ok(Crd(a[0])) {
+                flags &= !revoke_flags::SELF;
+            }
+        }
+        Some(Hypercall::Lookup) => a[0] = crd().0,
+        Some(Hypercall::EcCtrl) if sel < 64 => sel += 64,
+        Some(Hypercall::SmCtrl) if flags & sm_flags::DOWN != 0 => {
+            a[0] = if rnd().is_multiple_of(2) {
+                1
+            } else {
+                hc::rdtsc() + rnd() % 20_000
+            };
+        }
+        Some(Hypercall::PdCtrl) => {
+            a[1] = source(crd()).0;
+            a[2] = window(crd()).0;
+        }
+        _ => {}
+    }
+    let w = n as u64 | ((flags as u64) << 8) | (sel << 12);
+    hc::raw(w, a[0], a[1], a[2], a[3], a[4]).status
+}
+
+/// Revokes the playground so that its quota comes back.
+fn cleanup() {
+    for (base, order) in [(64, 6), (128, 7), (256, 8), (512, 9)] {
+        let _ = hc::revoke(Crd::obj(base, order, peregrine_abi::perm::ALL), true);
+    }
+    let _ = hc::revoke(Crd::mem(SCRATCH_PAGE, SCRATCH_ORDER, MemPerm::all()), true);
+}
+
+/// Runs forever.
+pub fn run(si: &StartInfo) -> ! {
+    let seed = start_info::arg_u64(si.args(), "seed").unwrap_or(1);
+    RNG.store(
+        seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1,
+        Ordering::Relaxed,
+    );
+    if let Err(e) = setup(si) {
+        println!("hostile: no echo portal ({:?}); going on without", e);
+    }
+    let u = UtcbRef::main();
+    let mut count: u64 = 0;
+    let mut by_status = [0u64; 11];
+    loop {
+        let st = one(&u);
+        by_status[(st as usize).min(10)] += 1;
+        count += 1;
+        if count.is_multiple_of(2048) {
+            cleanup();
+        }
+        if count.is_multiple_of(100_000) {
+            // The reply needs no window: clear what the random calls left.
+            u.get().head.crd_dlg = Crd::NULL;
+            let _ = svc::progress(count);
+        }
+        if count.is_multiple_of(1_000_000) {
+            println!("hostile: {} calls; by status {:?}", count, by_status);
+        }
+    }
+}

@@ -1,0 +1,75 @@
+//! The NUL test component: one binary whose role is chosen by its arguments
+//! (`role=NAME`, from the start-info page the root maps at
+//! [`START_INFO_ADDR`](nul_rt::start_info::START_INFO_ADDR)). The root's test
+//! scenarios (`nul/root/src/scenario`) boot it as modules such as
+//! `nul-test role=echo cpu=0`.
+//!
+//! | role | what it does |
+//! |---|---|
+//! | `echo`, `canary` | serves a portal that replies with every word plus one; registers it with the root |
+//! | `benchsrv` | serves a portal that replies with the words it got (IPC benchmark) |
+//! | `fault` | prints a line, then reads an unmapped address (the root removes it) |
+//! | `paged` | writes and reads back 4 pages the root's pager maps on demand |
+//! | `memcheck` | checks delegated memory, port and portal; after the root revokes, touches them again |
+//! | `hostile seed=N` | random hypercalls forever, reporting its count to the root |
+#![no_std]
+#![no_main]
+
+extern crate alloc;
+
+mod hostile;
+mod memtest;
+mod server;
+
+use nul_rt::start_info::{self, StartInfo};
+use nul_rt::{hc, println, sel};
+
+nul_rt::entry!(main);
+
+fn main(arg: u64) -> ! {
+    // SAFETY: the root enters components with the start-info page's address in rdi;
+    // `at` checks the alignment and magic and the page stays mapped read-only.
+    let Some(si) = (unsafe { StartInfo::at(arg) }) else {
+        println!("no start-info page at {:#x}", arg);
+        block_forever()
+    };
+    let args = si.args();
+    let role = start_info::arg(args, "role").unwrap_or("");
+    println!(
+        "nul-test {} (id {}) on cpu {} of {}",
+        args, si.index, si.cpu, si.ncpus
+    );
+    match role {
+        "echo" | "canary" => server::serve(si, server::echo_handler, false),
+        "benchsrv" => server::serve(si, server::bench_handler, true),
+        "fault" => memtest::fault(),
+        "paged" => memtest::paged(),
+        "memcheck" => memtest::memcheck(si),
+        "hostile" => hostile::run(si),
+        _ => {
+            println!("unknown role {:?}", role);
+            block_forever()
+        }
+    }
+}
+
+/// Blocks the running EC for good (down on a private semaphore nobody ups).
+pub fn block_forever() -> ! {
+    let sm = sel::alloc();
+    let _ = hc::create_sm(sm, sel::OWN_PD, 0);
+    loop {
+        let _ = hc::sm_down(sm, false, 0);
+        // Without a semaphore (quota exhausted) just spin politely.
+        core::hint::spin_loop();
+    }
+}
+
+/// Sleeps about `n` milliseconds (a down with a deadline on a semaphore nobody ups).
+pub fn sleep_ms(si: &StartInfo, sm: u64, n: u64) {
+    let end = hc::rdtsc() + n * si.tsc_khz.max(1);
+    while hc::rdtsc() < end {
+        if hc::sm_down(sm, false, end).is_err_and(|e| e != peregrine_abi::Status::Timeout) {
+            core::hint::spin_loop();
+        }
+    }
+}
