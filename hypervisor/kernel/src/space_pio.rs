@@ -65,13 +65,15 @@ impl SpacePio {
         }
     }
 
-    /// Loads this space into the running CPU's TSS.
-    pub fn activate(&self, _pd: u64) {
+    /// Loads this space of PD `pd` into the running CPU's TSS.
+    pub fn activate(&self, pd: u64) {
         if !self.any.load(Ordering::Acquire) {
-            crate::arch::load_iopb(None);
+            crate::arch::load_iopb(0, None);
             return;
         }
+        // The key names this PD's bitmap as of the current generation.
+        let key = pd ^ (GEN.load(Ordering::Acquire) << 32);
         let b = self.bitmap.lock();
-        crate::arch::load_iopb(b.as_ref().map(|m| &m[..]));
+        crate::arch::load_iopb(key, b.as_ref().map(|m| &m[..]));
     }
 }

@@ -74,6 +74,9 @@ static mut TSS: [TssIo; MAX_CPUS] = [const {
     }
 }; MAX_CPUS];
 static IOPB_OPEN: [AtomicBool; MAX_CPUS] = [const { AtomicBool::new(false) }; MAX_CPUS];
+/// Which space's bitmap each TSS holds (0: none).
+static IOPB_KEY: [core::sync::atomic::AtomicU64; MAX_CPUS] =
+    [const { core::sync::atomic::AtomicU64::new(0) }; MAX_CPUS];
 
 /// Sets up and loads CPU `cpu`'s GDT and TSS; reloads all segment registers (GS base is
 /// cleared: install the per-CPU pointer afterwards).
@@ -94,7 +97,7 @@ pub unsafe fn init(cpu: usize, rsp0: u64, ist: [u64; 3]) {
     tss.ist[0] = ist[0];
     tss.ist[1] = ist[1];
     tss.ist[2] = ist[2];
-    tss.iomap_base = size_of::<Tss>() as u16;
+    tss.iomap_base = 0xffff;
     let base = tss as *const Tss as u64;
     let limit = (size_of::<Tss>() + IOPB_BYTES) as u64; // includes the 0xff terminator
     gdt[0] = 0;
@@ -163,26 +166,30 @@ pub fn set_rsp0(rsp0: u64) {
     };
 }
 
-/// Loads an I/O permission bitmap into this CPU's TSS (bit set = port denied); `None`
-/// denies all ports. Shorter bitmaps deny the remaining ports.
-pub fn load_iopb(bitmap: Option<&[u8]>) {
+/// Loads the I/O permission bitmap of the space named `key` (None: no ports).
+///
+/// The TSS keeps the last bitmap copied in; switching to a space without ports only
+/// moves the bitmap offset beyond the TSS limit (all ports denied), and switching back
+/// to the space whose bitmap is still there (same `key`) moves it back: the 8 KiB copy
+/// happens only when another space's bitmap is needed.
+pub fn load_iopb(key: u64, bitmap: Option<&[u8]>) {
     let cpu = crate::percpu::cpu_id();
-    if bitmap.is_none() && !IOPB_OPEN[cpu].load(Ordering::Relaxed) {
-        return;
-    }
-    // SAFETY: only this CPU touches its own bitmap after bring-up, with interrupts from
-    // ring 3 impossible while it runs kernel code.
-    let iopb = unsafe { &mut (*core::ptr::addr_of_mut!(TSS))[cpu].iopb };
+    // SAFETY: only this CPU touches its own TSS after bring-up, and it runs kernel code
+    // with interrupts off here.
+    let tio = unsafe { &mut (*core::ptr::addr_of_mut!(TSS))[cpu] };
     match bitmap {
         None => {
-            iopb[..IOPB_BYTES].fill(0xff);
-            IOPB_OPEN[cpu].store(false, Ordering::Relaxed);
+            tio.tss.iomap_base = 0xffff;
         }
         Some(b) => {
-            let n = b.len().min(IOPB_BYTES);
-            iopb[..n].copy_from_slice(&b[..n]);
-            iopb[n..IOPB_BYTES].fill(0xff);
-            IOPB_OPEN[cpu].store(true, Ordering::Relaxed);
+            if IOPB_KEY[cpu].load(Ordering::Relaxed) != key {
+                let n = b.len().min(IOPB_BYTES);
+                tio.iopb[..n].copy_from_slice(&b[..n]);
+                tio.iopb[n..IOPB_BYTES].fill(0xff);
+                IOPB_KEY[cpu].store(key, Ordering::Relaxed);
+            }
+            tio.tss.iomap_base = size_of::<Tss>() as u16;
         }
     }
+    IOPB_OPEN[cpu].store(bitmap.is_some(), Ordering::Relaxed);
 }
