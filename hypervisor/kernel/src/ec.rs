@@ -83,6 +83,7 @@ pub struct Ec {
     pub recall: AtomicBool,
     /// An SC is bound to it.
     pub has_sc: AtomicBool,
+    _charge: Option<crate::kmem::Charge>,
     /// Bumped each time the EC blocks on a semaphore (matches timeouts to waits).
     pub wait_gen: AtomicU64,
 }
@@ -99,6 +100,7 @@ impl Ec {
     /// Creates an EC (the caller has charged its memory).
     #[allow(clippy::too_many_arguments)]
     pub fn new(
+        charge: impl Into<Option<crate::kmem::Charge>>,
         pd: Arc<Pd>,
         cpu: usize,
         kind: EcKind,
@@ -131,6 +133,7 @@ impl Ec {
             recall: AtomicBool::new(false),
             has_sc: AtomicBool::new(false),
             wait_gen: AtomicU64::new(0),
+            _charge: charge.into(),
         }
     }
 
@@ -185,6 +188,11 @@ impl Ec {
 impl Drop for Ec {
     fn drop(&mut self) {
         if self.utcb_phys != 0 {
+            // Unmap the UTCB everywhere before its frame can be reused.
+            self.pd
+                .mem
+                .unmap(&self.pd, self.utcb_uva >> peregrine_abi::PAGE_BITS, 0);
+            crate::tlb::shootdown();
             crate::kmem::free_frame(&self.pd, self.utcb_phys);
         }
     }

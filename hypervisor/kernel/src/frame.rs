@@ -47,7 +47,8 @@ const _: () = assert!(core::mem::offset_of!(Frame, vector) == 15 * 8);
 const _: () = assert!(core::mem::offset_of!(Frame, rip) == 17 * 8);
 
 /// RFLAGS bits a user may hold: CF PF AF ZF SF TF DF OF AC ID and the reserved bit 1.
-const RFLAGS_USER: u64 = 0x1 | 0x4 | 0x10 | 0x40 | 0x80 | 0x100 | 0x400 | 0x800 | 0x4_0000 | 0x20_0000;
+const RFLAGS_USER: u64 =
+    0x1 | 0x4 | 0x10 | 0x40 | 0x80 | 0x100 | 0x400 | 0x800 | 0x4_0000 | 0x20_0000;
 /// RFLAGS.IF.
 pub const RFLAGS_IF: u64 = 0x200;
 

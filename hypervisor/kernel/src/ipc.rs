@@ -65,8 +65,11 @@ pub fn call(c: Arc<Ec>, sel: u64, nonblocking: bool) -> ! {
             finish(&c, Status::Timeout);
         }
         // Wait for the handler; the call is re-issued when it becomes free.
-        // SAFETY: `c` runs on this CPU.
-        unsafe { c.frame() }.rip -= 2;
+        {
+            // SAFETY: `c` runs on this CPU.
+            let f = unsafe { c.frame() };
+            f.rip = f.rip.wrapping_sub(2);
+        }
         hl.waiters.push_back(c.clone());
         sched::block_current();
         sched::schedule();
@@ -276,4 +279,3 @@ pub fn stop(c: &Arc<Ec>) -> ! {
     sched::clear_current();
     sched::schedule()
 }
-

@@ -32,7 +32,10 @@ pub fn route_gsi(gsi: u32, cpu: usize, flags: u64) -> Result<(), Status> {
     let (level, low) = if flags & gsi_flags::DEFAULT != 0 {
         crate::arch::gsi_default_mode(gsi)
     } else {
-        (flags & gsi_flags::LEVEL != 0, flags & gsi_flags::ACTIVE_LOW != 0)
+        (
+            flags & gsi_flags::LEVEL != 0,
+            flags & gsi_flags::ACTIVE_LOW != 0,
+        )
     };
     crate::arch::ioapic_route(gsi, VECTOR_BASE + gsi as u8, cpu, level, low)
         .map_err(|_| Status::BadDevice)

@@ -4,6 +4,8 @@
 //! memory — is charged to that PD's quota first, so no component can exhaust the
 //! kernel: the answer is `OutOfMemory` for that PD only.
 
+use alloc::sync::{Arc, Weak};
+
 use peregrine_abi::Status;
 
 use crate::pd::Pd;
@@ -41,4 +43,29 @@ pub fn charge(pd: &Pd, pages: u64) -> Result<(), Status> {
 /// Returns a charge.
 pub fn uncharge(pd: &Pd, pages: u64) {
     let _ = pd.quota.uncharge(pages as u32);
+}
+
+/// Pages charged to a PD for the lifetime of an object: returned when the object goes.
+pub struct Charge {
+    pd: Weak<Pd>,
+    pages: u32,
+}
+
+impl Charge {
+    /// Charges `pages` to `pd`.
+    pub fn new(pd: &Arc<Pd>, pages: u32) -> Result<Self, Status> {
+        pd.quota.charge(pages).map_err(|_| Status::OutOfMemory)?;
+        Ok(Charge {
+            pd: Arc::downgrade(pd),
+            pages,
+        })
+    }
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        if let Some(pd) = self.pd.upgrade() {
+            let _ = pd.quota.uncharge(self.pages);
+        }
+    }
 }

@@ -113,6 +113,8 @@ impl Drop for Pd {
         self.mem.release(&self.quota);
         if let Some(p) = &self.parent {
             let _ = self.quota.merge_into(&p.quota);
+            // The object and its root table, charged by create_pd.
+            let _ = p.quota.uncharge(2);
         }
     }
 }

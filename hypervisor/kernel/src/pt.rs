@@ -18,16 +18,18 @@ pub struct Pt {
     pub mtd: Mtd,
     /// Identifier given to the handler in `rdi` (set by `pt_ctrl`).
     pub id: AtomicU64,
+    _charge: crate::kmem::Charge,
 }
 
 impl Pt {
     /// Creates a portal.
-    pub fn new(ec: Arc<Ec>, ip: u64, mtd: Mtd) -> Self {
+    pub fn new(charge: crate::kmem::Charge, ec: Arc<Ec>, ip: u64, mtd: Mtd) -> Self {
         Pt {
             ec,
             ip,
             mtd,
             id: AtomicU64::new(0),
+            _charge: charge,
         }
     }
 

@@ -7,11 +7,11 @@ use alloc::vec::Vec;
 use elf::abi::{PF_W, PF_X, PT_LOAD};
 use elf::endian::LittleEndian;
 use elf::ElfBytes;
+use peregrine_abi::crd::aligned_pieces;
 use peregrine_abi::hip::{
     mem_kind, CpuDesc, Features, Hip, MemDesc, HIP_SIGNATURE, MAX_CPUS, MAX_MEM_DESC,
     ROOT_HIP_ADDR, ROOT_UTCB_ADDR,
 };
-use peregrine_abi::crd::aligned_pieces;
 use peregrine_abi::perm::MemPerm;
 use peregrine_abi::{sel, API_VERSION, PAGE_BITS, PAGE_SIZE};
 use peregrine_core::quota::Quota;
@@ -69,7 +69,13 @@ pub enum RootError {
     NoMemory,
 }
 
-fn map_new_pages(pd: &Arc<Pd>, vaddr: u64, bytes: &[u8], len: u64, perm: MemPerm) -> Result<(), RootError> {
+fn map_new_pages(
+    pd: &Arc<Pd>,
+    vaddr: u64,
+    bytes: &[u8],
+    len: u64,
+    perm: MemPerm,
+) -> Result<(), RootError> {
     let pages = len.div_ceil(PAGE_SIZE as u64);
     for i in 0..pages {
         let phys = kmem::alloc_frame(pd).map_err(|_| RootError::NoMemory)?;
@@ -99,7 +105,10 @@ fn load_elf(pd: &Arc<Pd>, image: &[u8]) -> Result<u64, RootError> {
     let segs = f.segments().ok_or(RootError::BadElf)?;
     for ph in segs.iter().filter(|p| p.p_type == PT_LOAD) {
         let start = ph.p_vaddr & !0xfff;
-        let end = ph.p_vaddr.checked_add(ph.p_memsz).ok_or(RootError::BadElf)?;
+        let end = ph
+            .p_vaddr
+            .checked_add(ph.p_memsz)
+            .ok_or(RootError::BadElf)?;
         if ph.p_filesz > ph.p_memsz || end > ROOT_HIP_ADDR || start == 0 {
             return Err(RootError::BadElf);
         }
@@ -224,9 +233,8 @@ pub fn create(p: &Platform) -> Result<(), RootError> {
             .map_err(|_| RootError::NoMemory)?;
     }
 
-    let root = Arc::new(
-        Pd::new(None, Quota::new(p.root_quota), false, false).ok_or(RootError::NoMemory)?,
-    );
+    let root =
+        Arc::new(Pd::new(None, Quota::new(p.root_quota), false, false).ok_or(RootError::NoMemory)?);
     space::insert_root_cap(&root, sel::ROOT_PD, KObj::Pd(root.clone()))
         .map_err(|_| RootError::NoMemory)?;
     space::insert_root_cap(&root, sel::KERN_PD, KObj::Pd(kern.clone()))
@@ -241,7 +249,13 @@ pub fn create(p: &Platform) -> Result<(), RootError> {
     let hip = kmem::alloc_frame(&root).map_err(|_| RootError::NoMemory)?;
     build_hip(kmem::phys_to_virt(hip), p);
     root.mem
-        .map(&root, ROOT_HIP_ADDR >> PAGE_BITS, hip >> PAGE_BITS, 0, MemPerm::R.bits())
+        .map(
+            &root,
+            ROOT_HIP_ADDR >> PAGE_BITS,
+            hip >> PAGE_BITS,
+            0,
+            MemPerm::R.bits(),
+        )
         .map_err(|_| RootError::NoMemory)?;
 
     let utcb = kmem::alloc_frame(&root).map_err(|_| RootError::NoMemory)?;
@@ -253,6 +267,7 @@ pub fn create(p: &Platform) -> Result<(), RootError> {
     f.rsi = ROOT_UTCB_ADDR;
     let cpu = crate::percpu::cpu_id();
     let ec = Arc::new(Ec::new(
+        None,
         root.clone(),
         cpu,
         EcKind::Global,
@@ -269,7 +284,7 @@ pub fn create(p: &Platform) -> Result<(), RootError> {
     space::insert_root_cap(&root, sel::ROOT_EC, KObj::Ec(ec.clone()))
         .map_err(|_| RootError::NoMemory)?;
     let quantum = 10_000 * p.tsc_khz / 1000;
-    let sc = Arc::new(Sc::new(ec, 100, quantum.max(1)));
+    let sc = Arc::new(Sc::new(None, ec, 100, quantum.max(1)));
     space::insert_root_cap(&root, sel::ROOT_SC, KObj::Sc(sc.clone()))
         .map_err(|_| RootError::NoMemory)?;
     sched::enqueue(sc);

@@ -21,13 +21,20 @@ pub struct Sc {
     pub left: AtomicU64,
     /// Consumed time in TSC ticks.
     pub time: AtomicU64,
+    _charge: Option<crate::kmem::Charge>,
 }
 
 impl Sc {
     /// Creates an SC for `ec`.
-    pub fn new(ec: Arc<Ec>, prio: u8, quantum: u64) -> Self {
+    pub fn new(
+        charge: impl Into<Option<crate::kmem::Charge>>,
+        ec: Arc<Ec>,
+        prio: u8,
+        quantum: u64,
+    ) -> Self {
         let cpu = ec.cpu;
         Sc {
+            _charge: charge.into(),
             ec,
             cpu,
             prio,

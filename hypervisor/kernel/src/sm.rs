@@ -28,6 +28,7 @@ struct Inner {
 /// A semaphore.
 pub struct Sm {
     inner: Mutex<Inner>,
+    _charge: Option<crate::kmem::Charge>,
 }
 
 /// What a down did.
@@ -39,20 +40,21 @@ pub enum Down {
 }
 
 impl Sm {
-    /// A semaphore with an initial count.
-    pub fn new(count: u64) -> Self {
+    /// A semaphore with an initial count (charged to its PD, except the kernel's).
+    pub fn new(charge: Option<crate::kmem::Charge>, count: u64) -> Self {
         Sm {
             inner: Mutex::new(Inner {
                 count,
                 waiters: VecDeque::new(),
                 gsi: None,
             }),
+            _charge: charge,
         }
     }
 
     /// A GSI semaphore.
     pub fn new_gsi(gsi: u32) -> Self {
-        let s = Self::new(0);
+        let s = Self::new(None, 0);
         s.inner.lock().gsi = Some(Gsi { gsi, level: false });
         s
     }

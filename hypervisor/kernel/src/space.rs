@@ -9,7 +9,7 @@ use alloc::sync::{Arc, Weak};
 use alloc::vec::Vec;
 
 use peregrine_abi::crd::delegation_target;
-use peregrine_abi::{Crd, CrdKind, Status, XferFlags, Xfer};
+use peregrine_abi::{Crd, CrdKind, Status, Xfer, XferFlags};
 use peregrine_core::mdb::{Mdb, MdbError, Removed, SpaceId};
 use spin::Mutex;
 
@@ -62,7 +62,9 @@ pub fn insert_root_cap(pd: &Arc<Pd>, sel: u64, obj: KObj) -> Result<(), Status> 
 /// Records the kernel PD's possessions at boot: memory `pages` from `base` (by physical
 /// page number) and all I/O ports.
 pub fn kernel_root_mem(kern: &Pd, base: u64, order: u8) {
-    let _ = MDB_MEM.lock().insert_root(sid(kern), base, order, 0x7, base);
+    let _ = MDB_MEM
+        .lock()
+        .insert_root(sid(kern), base, order, 0x7, base);
 }
 
 /// Records all I/O ports as the kernel PD's.
@@ -99,9 +101,14 @@ pub fn delegate(
     if flags.intersects(XferFlags::GUEST | XferFlags::DMA) {
         return Err(Status::BadFeature);
     }
-    let (sb, db, order) =
-        delegation_target(src_crd.base(), src_crd.order(), win.base(), win.order(), hotspot)
-            .ok_or(Status::BadParameter)?;
+    let (sb, db, order) = delegation_target(
+        src_crd.base(),
+        src_crd.order(),
+        win.base(),
+        win.order(),
+        hotspot,
+    )
+    .ok_or(Status::BadParameter)?;
     let mask = src_crd.perm() & win.perm();
     match kind {
         CrdKind::Mem => delegate_mem(src, dst, sb, db, order, mask),
@@ -111,7 +118,14 @@ pub fn delegate(
     }
 }
 
-fn delegate_mem(src: &Pd, dst: &Arc<Pd>, sb: u64, db: u64, order: u8, mask: u8) -> Result<(), Status> {
+fn delegate_mem(
+    src: &Pd,
+    dst: &Arc<Pd>,
+    sb: u64,
+    db: u64,
+    order: u8,
+    mask: u8,
+) -> Result<(), Status> {
     let user_end = peregrine_abi::hip::USER_END >> peregrine_abi::PAGE_BITS;
     if order > 40 || db.checked_add(1 << order).is_none_or(|e| e > user_end) {
         return Err(Status::BadParameter);
@@ -139,7 +153,14 @@ fn delegate_mem(src: &Pd, dst: &Arc<Pd>, sb: u64, db: u64, order: u8, mask: u8) 
     Ok(())
 }
 
-fn delegate_pio(src: &Pd, dst: &Arc<Pd>, sb: u64, db: u64, order: u8, mask: u8) -> Result<(), Status> {
+fn delegate_pio(
+    src: &Pd,
+    dst: &Arc<Pd>,
+    sb: u64,
+    db: u64,
+    order: u8,
+    mask: u8,
+) -> Result<(), Status> {
     if sb != db || order > 16 || db.checked_add(1 << order).is_none_or(|e| e > 0x10000) {
         // Ports keep their numbers.
         return Err(Status::BadParameter);
@@ -154,8 +175,19 @@ fn delegate_pio(src: &Pd, dst: &Arc<Pd>, sb: u64, db: u64, order: u8, mask: u8) 
     Ok(())
 }
 
-fn delegate_obj(src: &Pd, dst: &Arc<Pd>, sb: u64, db: u64, order: u8, mask: u8) -> Result<(), Status> {
-    if order > 18 || db.checked_add(1 << order).is_none_or(|e| e > crate::pd::SEL_NUM) {
+fn delegate_obj(
+    src: &Pd,
+    dst: &Arc<Pd>,
+    sb: u64,
+    db: u64,
+    order: u8,
+    mask: u8,
+) -> Result<(), Status> {
+    if order > 18
+        || db
+            .checked_add(1 << order)
+            .is_none_or(|e| e > crate::pd::SEL_NUM)
+    {
         return Err(Status::BadParameter);
     }
     let mut mdb = MDB_OBJ.lock();
@@ -169,10 +201,13 @@ fn delegate_obj(src: &Pd, dst: &Arc<Pd>, sb: u64, db: u64, order: u8, mask: u8) 
             let (_, src_base) = m.src.unwrap_or((sid(src), m.base));
             for i in 0..(1u64 << m.order) {
                 if let Some(c) = s.get(src_base + i) {
-                    caps.push((m.base + i, Cap {
-                        obj: c.obj.clone(),
-                        perm: c.perm & m.perm,
-                    }));
+                    caps.push((
+                        m.base + i,
+                        Cap {
+                            obj: c.obj.clone(),
+                            perm: c.perm & m.perm,
+                        },
+                    ));
                 }
             }
         }
@@ -237,13 +272,17 @@ pub fn revoke(pd: &Arc<Pd>, crd: Crd, own: bool) -> Result<(), Status> {
                     let last = base + (1u64 << order.min(63)) - 1;
                     for m in mdb.mappings(sid(pd)) {
                         if m.src.is_none() && m.base >= base && m.base <= last {
-                            if let Some(Cap { obj: KObj::Pd(p), .. }) = pd.cap(m.base) {
+                            if let Some(Cap {
+                                obj: KObj::Pd(p), ..
+                            }) = pd.cap(m.base)
+                            {
                                 doomed.push(p);
                             }
                         }
                     }
                 }
-                mdb.revoke_collect(sid(pd), base, order, own).map_err(mdb_err)?
+                mdb.revoke_collect(sid(pd), base, order, own)
+                    .map_err(mdb_err)?
             };
             remove_caps(&removed);
             for p in doomed {
@@ -302,7 +341,10 @@ pub fn destroy(pd: &Arc<Pd>) {
             let s = p.obj.lock();
             for m in mdb.mappings(sid(&p)) {
                 if m.src.is_none() {
-                    if let Some(Cap { obj: KObj::Pd(c), .. }) = s.get(m.base) {
+                    if let Some(Cap {
+                        obj: KObj::Pd(c), ..
+                    }) = s.get(m.base)
+                    {
                         if !Arc::ptr_eq(c, &p) {
                             work.push(c.clone());
                         }

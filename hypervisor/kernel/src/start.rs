@@ -62,7 +62,11 @@ pub fn bsp() -> ! {
             mem_kind::HYPERVISOR => holes.push((d.addr, d.addr + d.size)),
             mem_kind::MODULE => {
                 holes.push((d.addr & !0xfff, (d.addr + d.size).div_ceil(4096) * 4096));
-                mods_raw.push((d.addr, d.addr + d.size, alloc::string::String::from(cmd.unwrap_or(""))));
+                mods_raw.push((
+                    d.addr,
+                    d.addr + d.size,
+                    alloc::string::String::from(cmd.unwrap_or("")),
+                ));
                 return;
             }
             _ => {}

@@ -195,20 +195,14 @@ fn create_ec(c: &Ec, a: &Args) -> Result<(), Status> {
     if pd.kernel || pd.is_dead() {
         return Err(Status::BadCapability);
     }
-    crate::kmem::charge(&pd, 1)?;
-    let page = match crate::kmem::alloc_frame(&pd) {
-        Ok(p) => p,
-        Err(e) => {
-            crate::kmem::uncharge(&pd, 1);
-            return Err(e);
-        }
-    };
+    let charge = crate::kmem::Charge::new(&pd, 1)?;
+    let page = crate::kmem::alloc_frame(&pd)?;
     if let Err(e) = pd.mem.map_kernel_page(&pd, utcb, page) {
         crate::kmem::free_frame(&pd, page);
-        crate::kmem::uncharge(&pd, 1);
         return Err(e);
     }
     let ec = Arc::new(Ec::new(
+        charge,
         pd.clone(),
         cpu as usize,
         kind,
@@ -237,15 +231,17 @@ fn create_sc(c: &Ec, a: &Args) -> Result<(), Status> {
     if ec.has_sc.swap(true, Ordering::AcqRel) {
         return Err(Status::BadCapability);
     }
-    if let Err(e) = crate::kmem::charge(&pd, 1) {
-        ec.has_sc.store(false, Ordering::Release);
-        return Err(e);
-    }
+    let charge = match crate::kmem::Charge::new(&pd, 1) {
+        Ok(c) => c,
+        Err(e) => {
+            ec.has_sc.store(false, Ordering::Release);
+            return Err(e);
+        }
+    };
     let ticks = quantum_us.saturating_mul(crate::arch::tsc_khz()) / 1000;
-    let sc = Arc::new(Sc::new(ec.clone(), prio, ticks.max(1)));
+    let sc = Arc::new(Sc::new(charge, ec.clone(), prio, ticks.max(1)));
     if let Err(e) = install(c, a.sel(), KObj::Sc(sc.clone())) {
         ec.has_sc.store(false, Ordering::Release);
-        crate::kmem::uncharge(&pd, 1);
         return Err(e);
     }
     sched::enqueue(sc);
@@ -265,15 +261,19 @@ fn create_pt(c: &Ec, a: &Args) -> Result<(), Status> {
         return Err(Status::BadParameter);
     }
     check_free(c, a.sel())?;
-    crate::kmem::charge(&pd, 1)?;
-    install(c, a.sel(), KObj::Pt(Arc::new(Pt::new(ec, ip, mtd))))
+    let charge = crate::kmem::Charge::new(&pd, 1)?;
+    install(c, a.sel(), KObj::Pt(Arc::new(Pt::new(charge, ec, ip, mtd))))
 }
 
 fn create_sm(c: &Ec, a: &Args) -> Result<(), Status> {
     let pd = cap_pd(c, a.a[0], PdPerm::SM)?;
     check_free(c, a.sel())?;
-    crate::kmem::charge(&pd, 1)?;
-    install(c, a.sel(), KObj::Sm(Arc::new(Sm::new(a.a[1]))))
+    let charge = crate::kmem::Charge::new(&pd, 1)?;
+    install(
+        c,
+        a.sel(),
+        KObj::Sm(Arc::new(Sm::new(Some(charge), a.a[1]))),
+    )
 }
 
 fn ec_ctrl(c: &Ec, a: &Args) -> Result<(), Status> {
@@ -329,7 +329,8 @@ fn sm_ctrl(c: Arc<Ec>, a: &Args) -> Result<(), Status> {
             false => Err(Status::Timeout),
         };
     }
-    c.wait_gen.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
+    c.wait_gen
+        .fetch_add(1, core::sync::atomic::Ordering::Relaxed);
     match sm.down(&c, a.flags() & sm_flags::ZERO != 0) {
         Down::Acquired => Ok(()),
         Down::Blocked => {
