@@ -13,19 +13,31 @@
 //! | [`rtc_cmos`]  | MC146818 RTC and CMOS RAM                | 0x70–0x71, IRQ 8         |
 //! | [`acpi_pm`]   | ACPI PM1 event/control, PM timer, reset  | 0x600–0x60b, 0xcf9       |
 //! | [`ioapic`]    | 82093AA-style I/O APIC, 24 pins          | MMIO 0xfec00000          |
+//! | [`lapic`]     | local APIC, xAPIC and x2APIC, timer      | MMIO 0xfee00000, MSRs    |
+//! | [`pci`]       | PCI host bridge, bus 0, CAM and ECAM     | 0xcf8, 0xcfc, ECAM base  |
+//!
+//! Beside the devices: [`vcpu`] is the one trait the VMM needs from the platform (guest
+//! memory, the register file, injection, a timer) with the guest page-table walker;
+//! [`emul`] emulates the instructions behind MMIO and string I/O exits; [`boot`] loads a
+//! Linux bzImage for the 64-bit boot protocol.
 #![cfg_attr(not(test), no_std)]
 
 extern crate alloc;
 
 pub mod acpi_pm;
+pub mod boot;
 pub mod bus;
 pub mod clock;
+pub mod emul;
 pub mod ioapic;
+pub mod lapic;
+pub mod pci;
 pub mod pic8259;
 pub mod pit8254;
 pub mod rtc_cmos;
 pub mod sync;
 pub mod uart16550;
+pub mod vcpu;
 
 #[cfg(test)]
 mod testutil;

@@ -77,3 +77,75 @@ impl IrqLine for TestIrq {
         }
     }
 }
+
+/// A vCPU on a byte vector of RAM from guest-physical 0: the tests' [`Platform`].
+pub struct MockVcpu {
+    pub mem: std::vec::Vec<u8>,
+    pub regs: crate::vcpu::ArchState,
+    pub timer: Option<u64>,
+    pub now: u64,
+}
+
+impl MockVcpu {
+    pub fn new(ram: usize) -> Self {
+        Self {
+            mem: std::vec![0; ram],
+            regs: Default::default(),
+            timer: None,
+            now: 0,
+        }
+    }
+
+    pub fn put(&mut self, gpa: u64, bytes: &[u8]) {
+        self.mem[gpa as usize..gpa as usize + bytes.len()].copy_from_slice(bytes);
+    }
+
+    pub fn put_u64(&mut self, gpa: u64, v: u64) {
+        self.put(gpa, &v.to_le_bytes());
+    }
+
+    pub fn put_u32(&mut self, gpa: u64, v: u32) {
+        self.put(gpa, &v.to_le_bytes());
+    }
+
+    fn range(&self, gpa: u64, len: usize) -> Result<std::ops::Range<usize>, crate::vcpu::Unbacked> {
+        let end = gpa
+            .checked_add(len as u64)
+            .filter(|&e| e <= self.mem.len() as u64);
+        match end {
+            Some(e) => Ok(gpa as usize..e as usize),
+            None => Err(crate::vcpu::Unbacked {
+                gpa: gpa.max(self.mem.len() as u64),
+            }),
+        }
+    }
+}
+
+impl crate::vcpu::GuestMemory for MockVcpu {
+    fn read(&mut self, gpa: u64, buf: &mut [u8]) -> Result<(), crate::vcpu::Unbacked> {
+        let r = self.range(gpa, buf.len())?;
+        buf.copy_from_slice(&self.mem[r]);
+        Ok(())
+    }
+
+    fn write(&mut self, gpa: u64, buf: &[u8]) -> Result<(), crate::vcpu::Unbacked> {
+        let r = self.range(gpa, buf.len())?;
+        self.mem[r].copy_from_slice(buf);
+        Ok(())
+    }
+}
+
+impl crate::vcpu::Platform for MockVcpu {
+    fn regs(&self) -> &crate::vcpu::ArchState {
+        &self.regs
+    }
+    fn regs_mut(&mut self) -> &mut crate::vcpu::ArchState {
+        &mut self.regs
+    }
+    fn now_ns(&self) -> u64 {
+        self.now
+    }
+    fn set_timer(&mut self, deadline_ns: Option<u64>) {
+        self.timer = deadline_ns;
+    }
+}

@@ -1,0 +1,684 @@
+//! Instruction emulation for MMIO and string port I/O exits, on the `iced-x86` decoder.
+//!
+//! A guest access to an MMIO page (an EPT/NPT violation the VMM owns) or a string port
+//! instruction (INS/OUTS, which VMX and SVM report only partially) exits to the VMM,
+//! which calls [`emulate`]: it fetches the instruction at CS:RIP through the
+//! [`Platform`], decodes it, performs its memory accesses — RAM through the platform,
+//! everything no RAM backs through the [`Io`] callback (normally the MMIO [`Bus`]) —
+//! updates the register file and RIP, and marks the changed groups in the MTD.
+//!
+//! Emulated: MOV (register, immediate and moffs forms), MOVZX/MOVSX/MOVSXD,
+//! ADD/ADC/SUB/SBB/AND/OR/XOR/CMP/TEST with RFLAGS, XCHG, BT/BTS/BTR/BTC, and the string
+//! instructions MOVS/STOS/LODS/INS/OUTS with REP, DF and 16/32/64-bit address size. A
+//! REP instruction runs at most [`MAX_REP`] iterations per call and then returns with RIP
+//! unchanged (as an interrupted REP does on hardware), so one call stays short.
+//! Anything else is an [`EmulError`], never a panic: the VMM injects #UD or #PF, or
+//! ends the VM.
+//!
+//! Not modelled: segment limits and access rights (bases are applied; a flat guest has
+//! no limits to check), alignment checks, atomicity of LOCKed RAM accesses against
+//! other vCPUs, and an access that is partly RAM and partly MMIO within one page.
+//!
+//! [`instruction_length`] alone serves the SVM path without NRIP save: the kernel
+//! leaves the length of an intercepted instruction to the VMM.
+
+mod alu;
+#[cfg(test)]
+mod tests;
+
+use core::fmt;
+
+use iced_x86::{
+    Decoder, DecoderError, DecoderOptions, Instruction, MemorySize, Mnemonic, OpKind, Register,
+};
+
+use crate::bus::{Action, Bus};
+use crate::vcpu::{self, bits, gpr_mtd, Access, ArchState, Fault, Mtd, Platform, PAGE_SIZE};
+
+/// The longest x86 instruction.
+pub const MAX_INSN_LEN: usize = 15;
+/// Iterations of a REP string instruction per [`emulate`] call.
+pub const MAX_REP: u64 = 1024;
+
+/// The address space of an [`Io`] access.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Space {
+    /// Guest-physical memory no RAM backs.
+    Mmio,
+    /// The I/O port space.
+    Port,
+}
+
+/// Where the emulator sends the accesses that are not RAM.
+pub trait Io {
+    /// Reads `data.len()` bytes (fill all of it; all-ones where nothing answers).
+    fn read(&mut self, space: Space, addr: u64, data: &mut [u8]);
+    /// Writes `data`; the device's [`Action`], if any.
+    fn write(&mut self, space: Space, addr: u64, data: &[u8]) -> Option<Action>;
+}
+
+/// The VM's two buses as an [`Io`]: unmapped accesses behave as on a PC (reads see
+/// all-ones, writes are dropped).
+pub struct BusIo<'a> {
+    /// The MMIO bus.
+    pub mmio: &'a Bus,
+    /// The port I/O bus.
+    pub pio: &'a Bus,
+}
+
+impl Io for BusIo<'_> {
+    fn read(&mut self, space: Space, addr: u64, data: &mut [u8]) {
+        let bus = if space == Space::Mmio {
+            self.mmio
+        } else {
+            self.pio
+        };
+        let _ = bus.read(addr, data);
+    }
+
+    fn write(&mut self, space: Space, addr: u64, data: &[u8]) -> Option<Action> {
+        let bus = if space == Space::Mmio {
+            self.mmio
+        } else {
+            self.pio
+        };
+        bus.write(addr, data).ok().flatten()
+    }
+}
+
+/// Why an instruction was not emulated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EmulError {
+    /// Fetching the instruction faulted (inject #PF for a page fault).
+    Fetch(Fault),
+    /// The bytes are not a valid instruction: inject #UD.
+    Invalid,
+    /// The bytes end inside an instruction.
+    Truncated,
+    /// A valid instruction the emulator does not handle (or not with these operands).
+    Unsupported(Mnemonic),
+    /// A data access faulted (inject #PF for a page fault); for a REP instruction the
+    /// registers show the iterations done.
+    Access(Fault),
+}
+
+impl fmt::Display for EmulError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            EmulError::Fetch(e) => write!(f, "instruction fetch failed: {e:?}"),
+            EmulError::Invalid => write!(f, "invalid instruction"),
+            EmulError::Truncated => write!(f, "instruction bytes end inside the instruction"),
+            EmulError::Unsupported(m) => write!(f, "cannot emulate {m:?}"),
+            EmulError::Access(e) => write!(f, "emulated access failed: {e:?}"),
+        }
+    }
+}
+
+/// What an emulated instruction did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Outcome {
+    /// Instruction length in bytes.
+    pub len: usize,
+    /// Whether the instruction completed (RIP advanced); false for a REP instruction
+    /// stopped after [`MAX_REP`] iterations, which the guest re-executes.
+    pub done: bool,
+    /// A VM-wide action a device asked for.
+    pub action: Option<Action>,
+}
+
+/// The length of the instruction at the start of `bytes`, decoded as `bits`-bit code.
+pub fn instruction_length(bytes: &[u8], bits: u32) -> Result<usize, EmulError> {
+    decode(bytes, bits, 0).map(|i| i.len())
+}
+
+/// Reads up to [`MAX_INSN_LEN`] instruction bytes at CS:RIP; fewer where a later page
+/// faults (the fault comes back with them), an error where the first byte does.
+pub fn fetch<P: Platform + ?Sized>(
+    p: &mut P,
+) -> Result<([u8; MAX_INSN_LEN], usize, Option<Fault>), Fault> {
+    let regs = *p.regs();
+    let bits = vcpu::code_bits(&regs);
+    let lin = regs.cs.base.wrapping_add(mask_ip(regs.rip, bits));
+    let access = Access::FETCH.at_cpl(&regs);
+    let mut buf = [0u8; MAX_INSN_LEN];
+    let first = ((PAGE_SIZE - (lin & (PAGE_SIZE - 1))) as usize).min(MAX_INSN_LEN);
+    vcpu::read_virt(p, &regs, lin, &mut buf[..first], access)?;
+    if first == MAX_INSN_LEN {
+        return Ok((buf, first, None));
+    }
+    match vcpu::read_virt(
+        p,
+        &regs,
+        lin.wrapping_add(first as u64),
+        &mut buf[first..],
+        access,
+    ) {
+        Ok(()) => Ok((buf, MAX_INSN_LEN, None)),
+        Err(e) => Ok((buf, first, Some(e))),
+    }
+}
+
+/// Emulates the instruction at CS:RIP. `gpa`, where the exit reports it, is the
+/// guest-physical address of the faulting access: the emulator then uses it instead of
+/// walking the guest's page tables for an instruction's one memory operand.
+pub fn emulate<P: Platform + ?Sized>(
+    p: &mut P,
+    io: &mut dyn Io,
+    gpa: Option<u64>,
+) -> Result<Outcome, EmulError> {
+    let (bytes, n, fault) = fetch(p).map_err(EmulError::Fetch)?;
+    match emulate_bytes(p, io, &bytes[..n], gpa) {
+        // The instruction runs into a page the guest cannot fetch: that fault is the
+        // guest's.
+        Err(EmulError::Truncated) => Err(fault.map_or(EmulError::Invalid, EmulError::Fetch)),
+        r => r,
+    }
+}
+
+/// Emulates the instruction in `bytes` (fetched at CS:RIP) on the vCPU.
+pub fn emulate_bytes<P: Platform + ?Sized>(
+    p: &mut P,
+    io: &mut dyn Io,
+    bytes: &[u8],
+    gpa: Option<u64>,
+) -> Result<Outcome, EmulError> {
+    let bits = vcpu::code_bits(p.regs());
+    let insn = decode(bytes, bits, p.regs().rip)?;
+    let mut cx = Cx {
+        p,
+        io,
+        insn: &insn,
+        hint: gpa,
+        action: None,
+    };
+    let done = cx.execute()?;
+    let action = cx.action;
+    let r = p.regs_mut();
+    if done {
+        r.rip = mask_ip(r.rip.wrapping_add(insn.len() as u64), bits);
+        r.inst_len = insn.len() as u64;
+        r.mtd |= Mtd::RIP_LEN;
+        if r.intr_state & 3 != 0 {
+            // Blocking by STI or MOV SS ends with the next instruction.
+            r.intr_state &= !3;
+            r.mtd |= Mtd::STA;
+        }
+    }
+    Ok(Outcome {
+        len: insn.len(),
+        done,
+        action,
+    })
+}
+
+fn decode(bytes: &[u8], bits: u32, rip: u64) -> Result<Instruction, EmulError> {
+    let mut d = Decoder::with_ip(bits, bytes, rip, DecoderOptions::NONE);
+    let insn = d.decode();
+    match d.last_error() {
+        DecoderError::None => Ok(insn),
+        DecoderError::NoMoreBytes => Err(EmulError::Truncated),
+        _ => Err(EmulError::Invalid),
+    }
+}
+
+fn mask_ip(ip: u64, bits: u32) -> u64 {
+    match bits {
+        64 => ip,
+        32 => ip & 0xffff_ffff,
+        _ => ip & 0xffff,
+    }
+}
+
+fn size_mask(size: usize) -> u64 {
+    if size >= 8 {
+        u64::MAX
+    } else {
+        (1u64 << (size * 8)) - 1
+    }
+}
+
+/// A general-purpose register: its [`ArchState::gpr`] index, size in bytes and bit
+/// position (8 for AH–BH).
+fn gpr(r: Register) -> Option<(usize, usize, u32)> {
+    let n = r as usize;
+    let al = Register::AL as usize;
+    let ax = Register::AX as usize;
+    let eax = Register::EAX as usize;
+    let rax = Register::RAX as usize;
+    Some(match n {
+        _ if (al..al + 4).contains(&n) => (n - al, 1, 0),
+        _ if (al + 4..al + 8).contains(&n) => (n - al - 4, 1, 8),
+        _ if (al + 8..ax).contains(&n) => (n - al - 4, 1, 0),
+        _ if (ax..eax).contains(&n) => (n - ax, 2, 0),
+        _ if (eax..rax).contains(&n) => (n - eax, 4, 0),
+        _ if (rax..rax + 16).contains(&n) => (n - rax, 8, 0),
+        _ => return None,
+    })
+}
+
+fn get_reg(regs: &ArchState, r: Register) -> Option<u64> {
+    let (i, size, shift) = gpr(r)?;
+    Some((regs.gpr[i] >> shift) & size_mask(size))
+}
+
+/// Writes a register as the CPU does: 32-bit writes zero-extend, 8/16-bit ones merge.
+fn set_reg(regs: &mut ArchState, r: Register, v: u64) -> Option<()> {
+    let (i, size, shift) = gpr(r)?;
+    let old = regs.gpr[i];
+    regs.gpr[i] = match size {
+        8 => v,
+        4 => v & 0xffff_ffff,
+        _ => {
+            let m = size_mask(size) << shift;
+            (old & !m) | ((v << shift) & m)
+        }
+    };
+    regs.mtd |= gpr_mtd(i);
+    Some(())
+}
+
+fn seg_base(regs: &ArchState, seg: Register) -> Option<u64> {
+    let s = match seg {
+        Register::ES => &regs.es,
+        Register::CS => &regs.cs,
+        Register::SS => &regs.ss,
+        Register::DS => &regs.ds,
+        Register::FS => &regs.fs,
+        Register::GS => &regs.gs,
+        _ => return None,
+    };
+    let flat = vcpu::code_bits(regs) == 64 && !matches!(seg, Register::FS | Register::GS);
+    Some(if flat { 0 } else { s.base })
+}
+
+fn mem_size(m: MemorySize) -> Option<usize> {
+    Some(match m {
+        MemorySize::UInt8 | MemorySize::Int8 => 1,
+        MemorySize::UInt16 | MemorySize::Int16 => 2,
+        MemorySize::UInt32 | MemorySize::Int32 => 4,
+        MemorySize::UInt64 | MemorySize::Int64 => 8,
+        _ => return None,
+    })
+}
+
+/// The emulation of one decoded instruction.
+struct Cx<'a, P: Platform + ?Sized> {
+    p: &'a mut P,
+    io: &'a mut dyn Io,
+    insn: &'a Instruction,
+    hint: Option<u64>,
+    action: Option<Action>,
+}
+
+impl<P: Platform + ?Sized> Cx<'_, P> {
+    fn unsupported(&self) -> EmulError {
+        EmulError::Unsupported(self.insn.mnemonic())
+    }
+
+    fn regs(&self) -> &ArchState {
+        self.p.regs()
+    }
+
+    /// Guest-physical address of `[lin, lin + len)` (which stays in one page), from the
+    /// exit's address when `hinted`, else by walking the guest's page tables.
+    fn phys(&mut self, lin: u64, write: bool, hinted: bool) -> Result<u64, EmulError> {
+        if let (true, Some(gpa)) = (hinted, self.hint) {
+            return Ok((gpa & !(PAGE_SIZE - 1)) | (lin & (PAGE_SIZE - 1)));
+        }
+        let regs = *self.p.regs();
+        let access = Access {
+            write,
+            ..Access::READ
+        }
+        .at_cpl(&regs);
+        vcpu::translate(self.p, &regs, lin, access).map_err(EmulError::Access)
+    }
+
+    /// Splits a linear access at page boundaries: (offset into the buffer, length).
+    fn chunks(lin: u64, len: usize) -> [(usize, usize); 2] {
+        let first = ((PAGE_SIZE - (lin & (PAGE_SIZE - 1))) as usize).min(len);
+        [(0, first), (first, len - first)]
+    }
+
+    fn read_mem(&mut self, lin: u64, buf: &mut [u8], hinted: bool) -> Result<(), EmulError> {
+        let hinted = hinted && Self::chunks(lin, buf.len())[1].1 == 0;
+        let mut pas = [0u64; 2];
+        for (k, (off, len)) in Self::chunks(lin, buf.len()).into_iter().enumerate() {
+            if len > 0 {
+                pas[k] = self.phys(lin.wrapping_add(off as u64), false, hinted)?;
+            }
+        }
+        for (k, (off, len)) in Self::chunks(lin, buf.len()).into_iter().enumerate() {
+            let part = &mut buf[off..off + len];
+            if len > 0 && self.p.read(pas[k], part).is_err() {
+                self.io.read(Space::Mmio, pas[k], part);
+            }
+        }
+        Ok(())
+    }
+
+    fn write_mem(&mut self, lin: u64, buf: &[u8], hinted: bool) -> Result<(), EmulError> {
+        let hinted = hinted && Self::chunks(lin, buf.len())[1].1 == 0;
+        let mut pas = [0u64; 2];
+        for (k, (off, len)) in Self::chunks(lin, buf.len()).into_iter().enumerate() {
+            if len > 0 {
+                pas[k] = self.phys(lin.wrapping_add(off as u64), true, hinted)?;
+            }
+        }
+        for (k, (off, len)) in Self::chunks(lin, buf.len()).into_iter().enumerate() {
+            let part = &buf[off..off + len];
+            if len > 0 && self.p.write(pas[k], part).is_err() {
+                if let Some(a) = self.io.write(Space::Mmio, pas[k], part) {
+                    self.action = Some(a);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn load(&mut self, lin: u64, size: usize, hinted: bool) -> Result<u64, EmulError> {
+        let mut b = [0u8; 8];
+        self.read_mem(lin, &mut b[..size], hinted)?;
+        Ok(u64::from_le_bytes(b))
+    }
+
+    fn store(&mut self, lin: u64, size: usize, v: u64, hinted: bool) -> Result<(), EmulError> {
+        self.write_mem(lin, &v.to_le_bytes()[..size], hinted)
+    }
+
+    /// The memory operand: its index, linear address and size.
+    fn mem_operand(&self) -> Result<(u32, u64, usize), EmulError> {
+        let insn = self.insn;
+        let i = (0..insn.op_count())
+            .find(|&i| insn.op_kind(i) == OpKind::Memory)
+            .ok_or_else(|| self.unsupported())?;
+        let size = mem_size(insn.memory_size()).ok_or_else(|| self.unsupported())?;
+        let regs = self.regs();
+        let lin = insn
+            .virtual_address(i, 0, |r, _, _| {
+                get_reg(regs, r).or_else(|| seg_base(regs, r))
+            })
+            .ok_or_else(|| self.unsupported())?;
+        let lin = if vcpu::long_mode(regs) {
+            lin
+        } else {
+            lin & 0xffff_ffff
+        };
+        Ok((i, lin, size))
+    }
+
+    /// Operand `i` as a value of `size` bytes: a register or a (sign-extended) immediate.
+    fn value(&self, i: u32, size: usize) -> Result<u64, EmulError> {
+        let v = match self.insn.op_kind(i) {
+            OpKind::Register => {
+                get_reg(self.regs(), self.insn.op_register(i)).ok_or_else(|| self.unsupported())?
+            }
+            OpKind::Immediate8
+            | OpKind::Immediate16
+            | OpKind::Immediate32
+            | OpKind::Immediate64
+            | OpKind::Immediate8to16
+            | OpKind::Immediate8to32
+            | OpKind::Immediate8to64
+            | OpKind::Immediate32to64 => self.insn.immediate(i),
+            _ => return Err(self.unsupported()),
+        };
+        Ok(v & size_mask(size))
+    }
+
+    /// The register operand `i`, checked to be a general-purpose register.
+    fn reg_operand(&self, i: u32) -> Result<Register, EmulError> {
+        let r = self.insn.op_register(i);
+        match (self.insn.op_kind(i), gpr(r)) {
+            (OpKind::Register, Some(_)) => Ok(r),
+            _ => Err(self.unsupported()),
+        }
+    }
+
+    fn set(&mut self, r: Register, v: u64) -> Result<(), EmulError> {
+        set_reg(self.p.regs_mut(), r, v).ok_or_else(|| self.unsupported())
+    }
+
+    fn set_flags(&mut self, flags: u64, which: u64) {
+        let r = self.p.regs_mut();
+        r.rflags = (r.rflags & !which) | (flags & which);
+        r.mtd |= Mtd::RFLAGS;
+    }
+
+    /// Runs the instruction; false if a REP instruction stopped early.
+    fn execute(&mut self) -> Result<bool, EmulError> {
+        use Mnemonic as M;
+        let m = self.insn.mnemonic();
+        let string = (0..self.insn.op_count()).any(|i| {
+            matches!(
+                self.insn.op_kind(i),
+                OpKind::MemorySegSI
+                    | OpKind::MemorySegESI
+                    | OpKind::MemorySegRSI
+                    | OpKind::MemoryESDI
+                    | OpKind::MemoryESEDI
+                    | OpKind::MemoryESRDI
+            )
+        });
+        if string {
+            return self.string();
+        }
+        match m {
+            M::Mov => self.mov(),
+            M::Movzx | M::Movsx | M::Movsxd => self.movx(m != M::Movzx),
+            M::Add | M::Adc | M::Sub | M::Sbb | M::And | M::Or | M::Xor | M::Cmp | M::Test => {
+                self.arith(m)
+            }
+            M::Xchg => self.xchg(),
+            M::Bt | M::Bts | M::Btr | M::Btc => self.bit(m),
+            _ => Err(self.unsupported()),
+        }
+        .map(|()| true)
+    }
+
+    fn mov(&mut self) -> Result<(), EmulError> {
+        let (i, lin, size) = self.mem_operand()?;
+        if i == 0 {
+            let v = self.value(1, size)?;
+            self.store(lin, size, v, true)
+        } else {
+            let r = self.reg_operand(0)?;
+            let v = self.load(lin, size, true)?;
+            self.set(r, v)
+        }
+    }
+
+    fn movx(&mut self, signed: bool) -> Result<(), EmulError> {
+        let (_, lin, size) = self.mem_operand()?;
+        let r = self.reg_operand(0)?;
+        let mut v = self.load(lin, size, true)?;
+        if signed {
+            let sh = 64 - 8 * size as u32;
+            v = (((v << sh) as i64) >> sh) as u64;
+        }
+        self.set(r, v)
+    }
+
+    fn arith(&mut self, m: Mnemonic) -> Result<(), EmulError> {
+        let (i, lin, size) = self.mem_operand()?;
+        let mem = self.load(lin, size, true)?;
+        let (a, b) = if i == 0 {
+            (mem, self.value(1, size)?)
+        } else {
+            (self.value(0, size)?, mem)
+        };
+        let cf = self.regs().rflags & bits::CF != 0;
+        let (r, flags) = alu::op(m, a, b, cf, size).ok_or_else(|| self.unsupported())?;
+        self.set_flags(flags, bits::ARITH);
+        if matches!(m, Mnemonic::Cmp | Mnemonic::Test) {
+            Ok(())
+        } else if i == 0 {
+            self.store(lin, size, r, true)
+        } else {
+            let reg = self.reg_operand(0)?;
+            self.set(reg, r)
+        }
+    }
+
+    fn xchg(&mut self) -> Result<(), EmulError> {
+        let (i, lin, size) = self.mem_operand()?;
+        let reg = self.reg_operand(1 - i)?;
+        let rv = self.value(1 - i, size)?;
+        let mv = self.load(lin, size, true)?;
+        self.store(lin, size, rv, true)?;
+        self.set(reg, mv)
+    }
+
+    fn bit(&mut self, m: Mnemonic) -> Result<(), EmulError> {
+        let (_, mut lin, size) = self.mem_operand()?;
+        let nbits = 8 * size as i64;
+        let bit = if self.insn.op_kind(1) == OpKind::Register {
+            // A register offset may address any bit relative to the operand (signed).
+            let sh = 64 - nbits as u32;
+            let off = ((self.value(1, size)? << sh) as i64) >> sh;
+            lin = lin.wrapping_add((off.div_euclid(nbits) * size as i64) as u64);
+            off.rem_euclid(nbits) as u32
+        } else {
+            (self.value(1, 1)? % nbits as u64) as u32
+        };
+        let v = self.load(lin, size, true)?;
+        let old = (v >> bit) & 1;
+        self.set_flags(old, bits::CF);
+        let new = match m {
+            Mnemonic::Bts => v | (1 << bit),
+            Mnemonic::Btr => v & !(1 << bit),
+            Mnemonic::Btc => v ^ (1 << bit),
+            _ => return Ok(()),
+        };
+        self.store(lin, size, new, true)
+    }
+
+    /// MOVS, STOS, LODS, INS, OUTS, with or without REP.
+    fn string(&mut self) -> Result<bool, EmulError> {
+        use Mnemonic as M;
+        let insn = self.insn;
+        let m = insn.mnemonic();
+        let (si, di, cx, addr_size) =
+            match (0..insn.op_count()).map(|i| insn.op_kind(i)).find(|k| {
+                matches!(
+                    k,
+                    OpKind::MemorySegSI
+                        | OpKind::MemoryESDI
+                        | OpKind::MemorySegESI
+                        | OpKind::MemoryESEDI
+                        | OpKind::MemorySegRSI
+                        | OpKind::MemoryESRDI
+                )
+            }) {
+                Some(OpKind::MemorySegSI | OpKind::MemoryESDI) => {
+                    (Register::SI, Register::DI, Register::CX, 2)
+                }
+                Some(OpKind::MemorySegESI | OpKind::MemoryESEDI) => {
+                    (Register::ESI, Register::EDI, Register::ECX, 4)
+                }
+                _ => (Register::RSI, Register::RDI, Register::RCX, 8),
+            };
+        let size = mem_size(insn.memory_size()).ok_or_else(|| self.unsupported())?;
+        if !matches!(
+            m,
+            M::Movsb
+                | M::Movsw
+                | M::Movsd
+                | M::Movsq
+                | M::Stosb
+                | M::Stosw
+                | M::Stosd
+                | M::Stosq
+                | M::Lodsb
+                | M::Lodsw
+                | M::Lodsd
+                | M::Lodsq
+                | M::Insb
+                | M::Insw
+                | M::Insd
+                | M::Outsb
+                | M::Outsw
+                | M::Outsd
+        ) {
+            return Err(self.unsupported());
+        }
+        let rep = insn.has_rep_prefix() || insn.has_repne_prefix();
+        let count = if rep {
+            get_reg(self.regs(), cx).unwrap_or(0)
+        } else {
+            1
+        };
+        let step = if self.regs().rflags & bits::DF != 0 {
+            (size as u64).wrapping_neg()
+        } else {
+            size as u64
+        };
+        let amask = size_mask(addr_size);
+        let acc = match size {
+            1 => Register::AL,
+            2 => Register::AX,
+            4 => Register::EAX,
+            _ => Register::RAX,
+        };
+        let port = get_reg(self.regs(), Register::DX).unwrap_or(0);
+        let src_seg = insn.memory_segment();
+        let iterations = count.min(MAX_REP);
+        for _ in 0..iterations {
+            let regs = self.regs();
+            let rsi = get_reg(regs, si).unwrap_or(0);
+            let rdi = get_reg(regs, di).unwrap_or(0);
+            let src = seg_base(regs, src_seg).unwrap_or(0).wrapping_add(rsi);
+            let dst = seg_base(regs, Register::ES).unwrap_or(0).wrapping_add(rdi);
+            let (src, dst) = if vcpu::long_mode(regs) {
+                (src, dst)
+            } else {
+                (src & 0xffff_ffff, dst & 0xffff_ffff)
+            };
+            let (adv_si, adv_di) = match m {
+                M::Movsb | M::Movsw | M::Movsd | M::Movsq => {
+                    let v = self.load(src, size, false)?;
+                    self.store(dst, size, v, false)?;
+                    (true, true)
+                }
+                M::Stosb | M::Stosw | M::Stosd | M::Stosq => {
+                    let v = get_reg(self.regs(), acc).unwrap_or(0);
+                    self.store(dst, size, v, false)?;
+                    (false, true)
+                }
+                M::Lodsb | M::Lodsw | M::Lodsd | M::Lodsq => {
+                    let v = self.load(src, size, false)?;
+                    self.set(acc, v)?;
+                    (true, false)
+                }
+                M::Insb | M::Insw | M::Insd => {
+                    let mut b = [0u8; 8];
+                    // Check the destination before the port read, which may have
+                    // side effects.
+                    self.phys(dst, true, false)?;
+                    self.io.read(Space::Port, port, &mut b[..size]);
+                    self.write_mem(dst, &b[..size], false)?;
+                    (false, true)
+                }
+                M::Outsb | M::Outsw | M::Outsd => {
+                    let v = self.load(src, size, false)?;
+                    if let Some(a) = self.io.write(Space::Port, port, &v.to_le_bytes()[..size]) {
+                        self.action = Some(a);
+                    }
+                    (true, false)
+                }
+                _ => return Err(self.unsupported()),
+            };
+            if adv_si {
+                self.set(si, rsi.wrapping_add(step) & amask)?;
+            }
+            if adv_di {
+                self.set(di, rdi.wrapping_add(step) & amask)?;
+            }
+            if rep {
+                let c = get_reg(self.regs(), cx).unwrap_or(0);
+                self.set(cx, c.wrapping_sub(1) & amask)?;
+            }
+        }
+        Ok(count <= MAX_REP)
+    }
+}
