@@ -199,10 +199,11 @@ fn delegate_obj(
         let s = src.obj.lock();
         for m in &new {
             let (_, src_base) = m.src.unwrap_or((sid(src), m.base));
-            for i in 0..(1u64 << m.order) {
-                if let Some(c) = s.get(src_base + i) {
+            // Only the slots that hold something (absent tables are skipped).
+            if let Ok(r) = s.range(src_base, m.order) {
+                for (sel, c) in r {
                     caps.push((
-                        m.base + i,
+                        m.base + (sel - src_base),
                         Cap {
                             obj: c.obj.clone(),
                             perm: c.perm & m.perm,
@@ -298,11 +299,7 @@ fn remove_caps(removed: &[Removed]) {
     for r in removed {
         if let Some(p) = pd_of(r.space) {
             let mut s = p.obj.lock();
-            for i in 0..(1u64 << r.order.min(20)) {
-                if let Some(c) = s.remove(r.base + i) {
-                    dropped.push(c);
-                }
-            }
+            let _ = s.remove_range(r.base, r.order, |_, c| dropped.push(c));
         }
     }
     // Objects are dropped outside the space locks (a dropped PD takes its own locks).
