@@ -15,21 +15,26 @@
 //! | [`ioapic`]    | 82093AA-style I/O APIC, 24 pins          | MMIO 0xfec00000          |
 //! | [`lapic`]     | local APIC, xAPIC and x2APIC, timer      | MMIO 0xfee00000, MSRs    |
 //! | [`pci`]       | PCI host bridge, bus 0, CAM and ECAM     | 0xcf8, 0xcfc, ECAM base  |
+//! | [`virtio`]    | virtio-pci console and block             | PCI BAR 0, INTA#         |
 //!
 //! Beside the devices: [`vcpu`] is the one trait the VMM needs from the platform (guest
 //! memory, the register file, injection, a timer) with the guest page-table walker;
 //! [`emul`] emulates the instructions behind MMIO and string I/O exits; [`boot`] loads a
-//! Linux bzImage for the 64-bit boot protocol.
+//! Linux bzImage for the 64-bit boot protocol; [`acpi`] generates the guest's ACPI
+//! tables; [`cpuid`] and [`kvmclock`] are the KVM-compatible paravirtual interface.
 #![cfg_attr(not(test), no_std)]
 
 extern crate alloc;
 
+pub mod acpi;
 pub mod acpi_pm;
 pub mod boot;
 pub mod bus;
 pub mod clock;
+pub mod cpuid;
 pub mod emul;
 pub mod ioapic;
+pub mod kvmclock;
 pub mod lapic;
 pub mod pci;
 pub mod pic8259;
@@ -38,6 +43,7 @@ pub mod rtc_cmos;
 pub mod sync;
 pub mod uart16550;
 pub mod vcpu;
+pub mod virtio;
 
 #[cfg(test)]
 mod testutil;

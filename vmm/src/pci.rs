@@ -59,6 +59,17 @@ pub trait PciFunction: Send {
     fn write_config(&mut self, offset: u16, data: &[u8]);
 }
 
+/// A function the VMM also holds (a virtio device it feeds input to, say).
+impl<T: PciFunction + ?Sized> PciFunction for alloc::sync::Arc<crate::sync::SpinLock<T>> {
+    fn read_config(&mut self, offset: u16, data: &mut [u8]) {
+        self.lock().read_config(offset, data);
+    }
+
+    fn write_config(&mut self, offset: u16, data: &[u8]) {
+        self.lock().write_config(offset, data);
+    }
+}
+
 /// The kind of a base address register.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BarKind {

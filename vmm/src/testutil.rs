@@ -149,3 +149,47 @@ impl crate::vcpu::Platform for MockVcpu {
         self.timer = deadline_ns;
     }
 }
+
+/// Guest RAM from guest-physical 0 that a test and a device can both hold.
+#[derive(Clone)]
+pub struct SharedMem(pub Arc<crate::sync::SpinLock<std::vec::Vec<u8>>>);
+
+impl SharedMem {
+    pub fn new(ram: usize) -> Self {
+        Self(Arc::new(crate::sync::SpinLock::new(std::vec![0; ram])))
+    }
+
+    pub fn bytes(&self, gpa: u64, len: usize) -> std::vec::Vec<u8> {
+        self.0.lock()[gpa as usize..gpa as usize + len].to_vec()
+    }
+}
+
+impl crate::vcpu::GuestMemory for SharedMem {
+    fn read(&mut self, gpa: u64, buf: &mut [u8]) -> Result<(), crate::vcpu::Unbacked> {
+        let m = self.0.lock();
+        let end = gpa
+            .checked_add(buf.len() as u64)
+            .filter(|&e| e <= m.len() as u64);
+        let Some(end) = end else {
+            return Err(crate::vcpu::Unbacked {
+                gpa: gpa.max(m.len() as u64),
+            });
+        };
+        buf.copy_from_slice(&m[gpa as usize..end as usize]);
+        Ok(())
+    }
+
+    fn write(&mut self, gpa: u64, buf: &[u8]) -> Result<(), crate::vcpu::Unbacked> {
+        let mut m = self.0.lock();
+        let end = gpa
+            .checked_add(buf.len() as u64)
+            .filter(|&e| e <= m.len() as u64);
+        let Some(end) = end else {
+            return Err(crate::vcpu::Unbacked {
+                gpa: gpa.max(m.len() as u64),
+            });
+        };
+        m[gpa as usize..end as usize].copy_from_slice(buf);
+        Ok(())
+    }
+}

@@ -1,1 +1,178 @@
-fn main() {}
+//! `cargo xtask`: the command-line front end of the xtask library.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use xtask::{BootSpec, Emulator, Exit, Output, Profile};
+
+const USAGE: &str = "\
+usage: cargo xtask <command> [options]
+
+commands:
+  build [--debug]            build the kernel and NUL components (x86_64-unknown-none)
+                             and check the kernel's Multiboot header
+  run [options] [-- ARGS]    build and boot the default system; ARGS go on the kernel
+                             command line
+      --emulator qemu|bochs  emulator (default qemu; bochs boots a GRUB ISO, VMX)
+      --smp N                number of CPUs (default 1)
+      --memory MIB           guest memory (default 512)
+      --cpu MODEL            CPU model (default: QEMU EPYC, or host with KVM; Bochs
+                             corei7_skylake_x, trinity_apu for SVM)
+      --root ARGS            arguments of the root task (e.g. test=ipc, bench=ipc)
+      --timeout S            stop the emulator after S seconds (default: none)
+      --icount               QEMU -icount shift=0 (TSC counts instructions)
+      --debug                boot the debug build
+  test [--quick] [--filter X]
+                             fmt, clippy, host unit tests, image build, emulator tests;
+                             --quick leaves out the slow Bochs tests, --filter X runs
+                             only tests whose name contains X
+  bench ipc                  IPC round-trip instruction counts under QEMU -icount;
+                             writes <target>/bench/ipc.json
+";
+
+/// Command-line arguments, consumed front to back.
+struct Args(std::vec::IntoIter<String>);
+
+impl Args {
+    fn value(&mut self, flag: &str) -> Result<String> {
+        self.0
+            .next()
+            .with_context(|| format!("{flag} needs a value"))
+    }
+
+    fn number<T: std::str::FromStr>(&mut self, flag: &str) -> Result<T> {
+        let v = self.value(flag)?;
+        v.parse()
+            .ok()
+            .with_context(|| format!("{flag}: not a number: {v:?}"))
+    }
+}
+
+fn main() -> ExitCode {
+    match real_main() {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main() -> Result<ExitCode> {
+    let mut args = Args(std::env::args().skip(1).collect::<Vec<_>>().into_iter());
+    let Some(command) = args.0.next() else {
+        print!("{USAGE}");
+        return Ok(ExitCode::FAILURE);
+    };
+    match command.as_str() {
+        "build" => build(args),
+        "run" => run(args),
+        "test" => test(args),
+        "bench" => bench(args),
+        "help" | "--help" | "-h" => {
+            print!("{USAGE}");
+            Ok(ExitCode::SUCCESS)
+        }
+        other => bail!("unknown command {other:?}\n{USAGE}"),
+    }
+}
+
+fn build(args: Args) -> Result<ExitCode> {
+    let mut profile = Profile::Release;
+    for a in args.0 {
+        match a.as_str() {
+            "--debug" => profile = Profile::Debug,
+            _ => bail!("build: unknown option {a:?}\n{USAGE}"),
+        }
+    }
+    let images = xtask::build(profile)?;
+    let header = xtask::build::check_kernel(&images.kernel())?;
+    println!(
+        "built {} (Multiboot header at {:#x}, entry {:#x}) and {}",
+        images.kernel().display(),
+        header.offset,
+        header.entry_addr,
+        images.root().display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run(mut args: Args) -> Result<ExitCode> {
+    let mut emulator = Emulator::Qemu;
+    let (mut smp, mut memory, mut timeout) = (1, 512, None);
+    let (mut cpu, mut root_args, mut icount, mut profile) =
+        (None, String::new(), false, Profile::Release);
+    let mut kernel_args = Vec::new();
+    while let Some(a) = args.0.next() {
+        match a.as_str() {
+            "--emulator" => emulator = args.value(&a)?.parse()?,
+            "--smp" => smp = args.number(&a)?,
+            "--memory" => memory = args.number(&a)?,
+            "--timeout" => timeout = Some(args.number::<u64>(&a)?),
+            "--cpu" => cpu = Some(args.value(&a)?),
+            "--root" => root_args = args.value(&a)?,
+            "--icount" => icount = true,
+            "--debug" => profile = Profile::Debug,
+            "--" => kernel_args.extend(args.0.by_ref()),
+            _ => bail!("run: unknown option {a:?}\n{USAGE}"),
+        }
+    }
+    let images = xtask::build(profile)?;
+    let mut spec = BootSpec::new("run", &images)
+        .kernel_args(&kernel_args.join(" "))
+        .root_args(&root_args)
+        .smp(smp)
+        // No limit unless asked for: a person ends QEMU with Ctrl-A X.
+        .timeout(Duration::from_secs(timeout.unwrap_or(7 * 24 * 3600)));
+    spec.memory_mib = memory;
+    spec.cpu_model = cpu;
+    spec.icount = icount;
+    spec.output = Output::Inherit;
+    if emulator == Emulator::Qemu {
+        let kvm = xtask::qemu::uses_kvm(&spec);
+        eprintln!(
+            "xtask: booting in QEMU ({}); Ctrl-A X quits",
+            if kvm { "KVM" } else { "TCG" }
+        );
+    } else {
+        eprintln!("xtask: booting in Bochs from a GRUB ISO (serial output follows)");
+    }
+    let result = xtask::boot::run(emulator, &spec)?;
+    eprintln!(
+        "\nxtask: {:?} after {:.1} s",
+        result.exit,
+        result.wall.as_secs_f64()
+    );
+    Ok(if result.exit == Exit::Success {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn test(mut args: Args) -> Result<ExitCode> {
+    let mut opts = xtask::suite::Options::default();
+    while let Some(a) = args.0.next() {
+        match a.as_str() {
+            "--quick" => opts.quick = true,
+            "--filter" => opts.filter = Some(args.value(&a)?),
+            _ => bail!("test: unknown option {a:?}\n{USAGE}"),
+        }
+    }
+    let summary = xtask::suite::run(&opts)?;
+    Ok(if summary.failed() == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn bench(mut args: Args) -> Result<ExitCode> {
+    let name = args.0.next().unwrap_or_else(|| "ipc".to_string());
+    if let Some(extra) = args.0.next() {
+        bail!("bench: unexpected argument {extra:?}\n{USAGE}");
+    }
+    xtask::bench::bench(&name)?;
+    Ok(ExitCode::SUCCESS)
+}

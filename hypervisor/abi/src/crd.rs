@@ -197,7 +197,9 @@ mod tests {
     fn pieces() {
         let v: std::vec::Vec<_> = super::aligned_pieces(3, 10, 31).collect();
         assert_eq!(v, [(3, 0), (4, 2), (8, 2), (12, 0)]);
-        let total: u64 = super::aligned_pieces(0x123, 0x4567, 5).map(|(_, o)| 1u64 << o).sum();
+        let total: u64 = super::aligned_pieces(0x123, 0x4567, 5)
+            .map(|(_, o)| 1u64 << o)
+            .sum();
         assert_eq!(total, 0x4567);
         assert!(super::aligned_pieces(0x123, 0x4567, 5).all(|(b, o)| o <= 5 && b % (1 << o) == 0));
         assert_eq!(super::aligned_pieces(5, 0, 3).count(), 0);
@@ -229,10 +231,19 @@ mod tests {
     #[test]
     fn delegation_windows() {
         // Small range into a big window: hotspot chooses the slot.
-        assert_eq!(delegation_target(0x10, 0, 0x1000, 8, 0x35), Some((0x10, 0x1035, 0)));
+        assert_eq!(
+            delegation_target(0x10, 0, 0x1000, 8, 0x35),
+            Some((0x10, 0x1035, 0))
+        );
         // Big range into a small window: hotspot chooses the part of the range.
-        assert_eq!(delegation_target(0x100, 8, 0x2000, 2, 0x35), Some((0x134, 0x2000, 2)));
+        assert_eq!(
+            delegation_target(0x100, 8, 0x2000, 2, 0x35),
+            Some((0x134, 0x2000, 2))
+        );
         // Equal orders.
-        assert_eq!(delegation_target(0x40, 4, 0x80, 4, 0), Some((0x40, 0x80, 4)));
+        assert_eq!(
+            delegation_target(0x40, 4, 0x80, 4, 0),
+            Some((0x40, 0x80, 4))
+        );
     }
 }

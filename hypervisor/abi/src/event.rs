@@ -58,6 +58,8 @@ pub mod vcpu {
     pub const CPUID: u64 = 10;
     /// HLT.
     pub const HLT: u64 = 12;
+    /// INVD (always intercepted: the guest must not discard host cache lines).
+    pub const INVD: u64 = 13;
     /// INVLPG.
     pub const INVLPG: u64 = 14;
     /// RDTSC.
@@ -90,6 +92,10 @@ pub mod vcpu {
     pub const WBINVD: u64 = 54;
     /// XSETBV.
     pub const XSETBV: u64 = 55;
+    /// A backend-specific exit with no common number (e.g. SVM's VMRUN, VMLOAD, VMSAVE,
+    /// STGI, CLGI, SKINIT, INVLPGA executed by the guest): `qual[0]` is the raw exit
+    /// code, `qual[1]` the raw exit information. A VMM usually injects #UD.
+    pub const OTHER: u64 = 0xfd;
     /// Start-up of a new vCPU.
     pub const STARTUP: u64 = 0xfe;
     /// Recall by `ec_ctrl`.

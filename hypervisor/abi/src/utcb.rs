@@ -157,6 +157,58 @@ pub mod gpr {
     pub const R15: usize = 15;
 }
 
+/// Backend-neutral execution controls of a vCPU (`ArchState::ctrl[0]`, MTD `CTRL`):
+/// optional exits a VMM may enable. `ctrl[1]` is the exception bitmap (bit *n* set:
+/// exception vector *n* exits as [`EXCEPTION`](crate::event::vcpu::EXCEPTION)). Exits
+/// the kernel needs (CPUID, HLT, I/O, MSR, VMCALL, INVD, XSETBV, triple fault, NPT
+/// fault, the SVM/VMX instructions) are always on.
+pub mod ctrl {
+    /// RDTSC exits.
+    pub const RDTSC: u64 = 1 << 0;
+    /// RDTSCP exits.
+    pub const RDTSCP: u64 = 1 << 1;
+    /// INVLPG exits.
+    pub const INVLPG: u64 = 1 << 2;
+    /// PAUSE exits.
+    pub const PAUSE: u64 = 1 << 3;
+    /// MONITOR and MWAIT exit.
+    pub const MWAIT: u64 = 1 << 4;
+    /// WBINVD exits.
+    pub const WBINVD: u64 = 1 << 5;
+    /// Writes to CR0 and CR4 exit (CR_ACCESS).
+    pub const CR0_CR4_WRITE: u64 = 1 << 6;
+    /// Reads and writes of CR3 exit (CR_ACCESS).
+    pub const CR3_ACCESS: u64 = 1 << 7;
+    /// RDPMC exits (as [`OTHER`](crate::event::vcpu::OTHER)).
+    pub const RDPMC: u64 = 1 << 8;
+    /// All bits a kernel may accept.
+    pub const ALL: u64 = 0x1ff;
+}
+
+/// Bits of `ArchState::inj_info` above the VMX entry-interruption field.
+pub mod inj {
+    /// Valid bit of the entry-interruption field.
+    pub const VALID: u64 = 1 << 31;
+    /// Error code valid.
+    pub const ERROR_VALID: u64 = 1 << 11;
+    /// Request an INTR_WINDOW exit as soon as the guest can take an external interrupt.
+    pub const REQ_INTR_WINDOW: u64 = 1 << 32;
+    /// Request an NMI_WINDOW exit when the guest can take an NMI.
+    pub const REQ_NMI_WINDOW: u64 = 1 << 33;
+    /// Type: external interrupt.
+    pub const TYPE_EXTINT: u64 = 0 << 8;
+    /// Type: NMI.
+    pub const TYPE_NMI: u64 = 2 << 8;
+    /// Type: hardware exception.
+    pub const TYPE_HW_EXC: u64 = 3 << 8;
+    /// Type: software interrupt (INT n).
+    pub const TYPE_SW_INT: u64 = 4 << 8;
+    /// Type: privileged software exception (INT1).
+    pub const TYPE_PRIV_SW_EXC: u64 = 5 << 8;
+    /// Type: software exception (INT3, INTO).
+    pub const TYPE_SW_EXC: u64 = 6 << 8;
+}
+
 /// Architectural state of an EC or vCPU, as transferred on events under an [`Mtd`].
 ///
 /// For host exceptions `qual[0]` is the error code and `qual[1]` the fault address (CR2

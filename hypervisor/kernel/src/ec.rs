@@ -25,7 +25,7 @@ pub enum EcKind {
     Local,
     /// Thread with its own SC.
     Global,
-    /// Virtual CPU (not yet supported: creation returns BadFeature).
+    /// Virtual CPU (see `vcpu`).
     Vcpu,
 }
 
@@ -86,6 +86,11 @@ pub struct Ec {
     _charge: Option<crate::kmem::Charge>,
     /// Bumped each time the EC blocks on a semaphore (matches timeouts to waits).
     pub wait_gen: AtomicU64,
+    /// Saved FPU/SSE/AVX state (see `fpu`).
+    pub fpu: crate::fpu::Fpu,
+    /// The virtual-CPU part of a vCPU (VMCB, guest registers); set before the EC is
+    /// shared.
+    pub vcpu: Option<alloc::boxed::Box<crate::vcpu::Vcpu>>,
 }
 
 // SAFETY: the UnsafeCell parts are only accessed by the EC's own CPU with interrupts
@@ -133,6 +138,8 @@ impl Ec {
             recall: AtomicBool::new(false),
             has_sc: AtomicBool::new(false),
             wait_gen: AtomicU64::new(0),
+            fpu: crate::fpu::Fpu::new(),
+            vcpu: None,
             _charge: charge.into(),
         }
     }

@@ -134,9 +134,11 @@ pub fn reply(h: Arc<Ec>) -> ! {
     }
     if !c.is_dead() {
         // SAFETY: as above.
-        let (hu, cu, cf) = unsafe { (h.utcb(), c.utcb(), c.frame()) };
+        let (hu, cf) = unsafe { (h.utcb(), c.frame()) };
         match kind {
             CallKind::Ipc => {
+                // SAFETY: as above (a caller of an IPC call is a thread with a UTCB).
+                let cu = unsafe { c.utcb() };
                 let st = match copy_msg(&h, hu, &c, cu) {
                     Ok(()) => Status::Success,
                     Err(s) => s,
@@ -145,7 +147,12 @@ pub fn reply(h: Arc<Ec>) -> ! {
             }
             CallKind::Event => {
                 let a = *hu.arch();
-                put_state(cf, &a);
+                // SVM: a vCPU's state goes back into its VMCB, validated.
+                if c.kind == EcKind::Vcpu {
+                    crate::vcpu::put_state(&c, &a);
+                } else {
+                    put_state(cf, &a);
+                }
             }
         }
     }
@@ -250,7 +257,12 @@ pub fn event(c: Arc<Ec>, vector: u64) -> ! {
     // SAFETY: as above.
     let (cf, hu) = unsafe { (c.frame(), h.utcb()) };
     hu.head.mtr = 0;
-    get_state(cf, pt.mtd, vector, hu.arch_mut());
+    // SVM: a vCPU's state comes from its VMCB.
+    if c.kind == EcKind::Vcpu {
+        crate::vcpu::get_state(&c, pt.mtd, vector, hu.arch_mut());
+    } else {
+        get_state(cf, pt.mtd, vector, hu.arch_mut());
+    }
     if vector == host::STARTUP {
         // SAFETY: as above.
         unsafe { c.local() }.started = true;
@@ -266,7 +278,7 @@ pub fn event(c: Arc<Ec>, vector: u64) -> ! {
 /// The first dispatch of a global EC: its STARTUP event.
 pub fn startup(ec: Arc<Ec>) -> ! {
     if ec.kind == EcKind::Vcpu {
-        stop(&ec);
+        crate::vcpu::startup(ec);
     }
     // SAFETY: interrupts are off in the kernel.
     unsafe { sched::local() }.current = Some(ec.clone());

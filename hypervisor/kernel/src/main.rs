@@ -21,6 +21,7 @@ pub mod percpu;
 pub mod cap;
 pub mod ec;
 pub mod entry;
+pub mod fpu;
 pub mod frame;
 pub mod ipc;
 pub mod irq;
@@ -32,12 +33,14 @@ pub mod sc;
 pub mod sched;
 pub mod sm;
 pub mod space;
+pub mod space_guest;
 pub mod space_mem;
 pub mod space_pio;
 pub mod start;
 pub mod syscall;
 pub mod tlb;
 pub mod trap;
+pub mod vcpu;
 
 /// Panics with a fixed message (for paths that have no formatting to do).
 pub fn kpanic(msg: &str) -> ! {

@@ -27,6 +27,8 @@ pub struct Pd {
     pub obj: Mutex<CapSpace<KObj>>,
     /// Memory.
     pub mem: SpaceMem,
+    /// Guest-physical memory (VM PDs only; their host space `mem` is empty).
+    pub guest: Option<crate::space_guest::SpaceGuest>,
     /// I/O ports.
     pub pio: SpacePio,
     /// Kernel-memory quota in pages.
@@ -45,15 +47,21 @@ pub struct Pd {
 impl Pd {
     /// Creates a PD with quota `q` (carved out of the parent's).
     pub fn new(parent: Option<Arc<Pd>>, q: Quota, kernel: bool, vm: bool) -> Option<Self> {
-        let mem = if kernel {
+        let mem = if kernel || vm {
             SpaceMem::none()
         } else {
             SpaceMem::new()?
+        };
+        let guest = if vm {
+            Some(crate::space_guest::SpaceGuest::new()?)
+        } else {
+            None
         };
         Some(Pd {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             obj: Mutex::new(CapSpace::new(SEL_NUM)),
             mem,
+            guest,
             pio: SpacePio::new(),
             quota: q,
             parent,
@@ -111,6 +119,9 @@ impl Drop for Pd {
         // Everything it held is freed by now (its page tables go with `mem` after this):
         // hand the account back to the parent, which paid for it.
         self.mem.release(&self.quota);
+        if let Some(g) = &mut self.guest {
+            g.release(&self.quota);
+        }
         if let Some(p) = &self.parent {
             let _ = self.quota.merge_into(&p.quota);
             // The object and its root table, charged by create_pd.

@@ -330,6 +330,10 @@ pub fn ret_to(ec: Arc<Ec>) -> ! {
         // The SC that drove it finds the dead EC when dispatched again.
         schedule();
     }
+    // SVM: a vCPU enters its guest instead of user mode.
+    if ec.kind == crate::ec::EcKind::Vcpu {
+        crate::vcpu::resume(ec);
+    }
     if ec.kind == crate::ec::EcKind::Global
         && ec.recall.swap(false, core::sync::atomic::Ordering::AcqRel)
     {
@@ -348,6 +352,8 @@ pub fn ret_to(ec: Arc<Ec>) -> ! {
         l.pio_gen = gen;
         ec.pd.pio.activate(ec.pd.id);
     }
+    // Each EC has its own FPU state (switched lazily: see `fpu`).
+    crate::fpu::switch_to(&ec);
     let frame = ec.frame_ptr();
     percpu::set_frame_top(crate::entry::frame_top(frame));
     l.current = Some(ec);

@@ -98,8 +98,13 @@ pub fn delegate(
     if !src_crd.is_aligned() || !win.is_aligned() {
         return Err(Status::BadParameter);
     }
-    if flags.intersects(XferFlags::GUEST | XferFlags::DMA) {
+    if flags.contains(XferFlags::DMA) {
         return Err(Status::BadFeature);
+    }
+    // SVM/NPT: memory into a VM's guest-physical space.
+    let guest = flags.contains(XferFlags::GUEST);
+    if guest && (kind != CrdKind::Mem || dst.guest.is_none()) {
+        return Err(Status::BadParameter);
     }
     let (sb, db, order) = delegation_target(
         src_crd.base(),
@@ -111,6 +116,7 @@ pub fn delegate(
     .ok_or(Status::BadParameter)?;
     let mask = src_crd.perm() & win.perm();
     match kind {
+        CrdKind::Mem if guest => delegate_guest(src, dst, sb, db, order, mask),
         CrdKind::Mem => delegate_mem(src, dst, sb, db, order, mask),
         CrdKind::Pio => delegate_pio(src, dst, sb, db, order, mask),
         CrdKind::Obj => delegate_obj(src, dst, sb, db, order, mask),
@@ -141,6 +147,49 @@ fn delegate_mem(
             for u in &new {
                 let _ = mdb.revoke(u.space, u.base, u.order, true, |_| {});
                 dst.mem.unmap_deferred(u.base, u.order, &mut freed);
+            }
+            drop(mdb);
+            crate::tlb::shootdown();
+            for t in freed {
+                crate::kmem::free_frame(dst, t);
+            }
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+/// SVM/NPT: delegates host memory of `src` into the guest-physical space of VM `dst`
+/// (recorded under the guest space id, see `space_guest`).
+fn delegate_guest(
+    src: &Pd,
+    dst: &Arc<Pd>,
+    sb: u64,
+    db: u64,
+    order: u8,
+    mask: u8,
+) -> Result<(), Status> {
+    let Some(g) = dst.guest.as_ref() else {
+        return Err(Status::BadParameter);
+    };
+    if order > 36
+        || db
+            .checked_add(1 << order)
+            .is_none_or(|e| e > crate::space_guest::GUEST_PAGES)
+    {
+        return Err(Status::BadParameter);
+    }
+    let gsid = crate::space_guest::sid(dst);
+    let mut mdb = MDB_MEM.lock();
+    let new = mdb
+        .delegate_range(sid(src), sb, gsid, db, order, mask)
+        .map_err(mdb_err)?;
+    for m in &new {
+        if let Err(e) = g.map(dst, m.base, m.origin, m.order, m.perm) {
+            let mut freed = Vec::new();
+            for u in &new {
+                let _ = mdb.revoke(u.space, u.base, u.order, true, |_| {});
+                g.unmap_deferred(u.base, u.order, &mut freed);
             }
             drop(mdb);
             crate::tlb::shootdown();
@@ -309,9 +358,16 @@ fn remove_caps(removed: &[Removed]) {
 fn unmap_removed(removed: &[Removed]) {
     let mut freed: Vec<(Arc<Pd>, Vec<u64>)> = Vec::new();
     for r in removed {
-        if let Some(p) = pd_of(r.space) {
+        let guest = r.space.0 & crate::space_guest::GUEST_SPACE_BIT != 0;
+        let space = SpaceId(r.space.0 & !crate::space_guest::GUEST_SPACE_BIT);
+        if let Some(p) = pd_of(space) {
             let mut f = Vec::new();
-            p.mem.unmap_deferred(r.base, r.order, &mut f);
+            match (&p.guest, guest) {
+                // SVM/NPT: a guest-physical mapping.
+                (Some(g), true) => g.unmap_deferred(r.base, r.order, &mut f),
+                (_, true) => {}
+                (_, false) => p.mem.unmap_deferred(r.base, r.order, &mut f),
+            }
             freed.push((p, f));
         }
     }
@@ -357,6 +413,11 @@ pub fn destroy(pd: &Arc<Pd>) {
 pub fn destroy_spaces(pd: &Arc<Pd>) {
     let mut removed = Vec::new();
     MDB_MEM.lock().destroy_space(sid(pd), |r| removed.push(r));
+    if pd.vm {
+        MDB_MEM
+            .lock()
+            .destroy_space(crate::space_guest::sid(pd), |r| removed.push(r));
+    }
     unmap_removed(&removed);
     let mut removed = Vec::new();
     MDB_PIO.lock().destroy_space(sid(pd), |r| removed.push(r));

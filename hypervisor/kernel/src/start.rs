@@ -142,8 +142,9 @@ pub fn bsp() -> ! {
 /// An application processor: wait for the boot CPU, then schedule.
 pub fn ap() -> ! {
     sched::init_cpu();
+    // Wait with interrupts enabled, so the timer keeps ticking here.
     while !GO.load(Ordering::Acquire) {
-        core::hint::spin_loop();
+        crate::arch::idle_wait();
     }
     sched::schedule()
 }

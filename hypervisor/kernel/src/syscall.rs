@@ -146,7 +146,8 @@ fn check_free(c: &Ec, sel: u64) -> Result<(), Status> {
 fn create_pd(c: &Ec, a: &Args) -> Result<(), Status> {
     let parent = cap_pd(c, a.a[0], PdPerm::PD)?;
     check_free(c, a.sel())?;
-    if a.flags() & pd_flags::VM != 0 {
+    let vm = a.flags() & pd_flags::VM != 0;
+    if vm && !crate::vcpu::available() {
         return Err(Status::BadFeature);
     }
     let quota = u32::try_from(a.a[1]).map_err(|_| Status::OutOfMemory)?;
@@ -160,7 +161,7 @@ fn create_pd(c: &Ec, a: &Args) -> Result<(), Status> {
             return Err(Status::OutOfMemory);
         }
     };
-    match Pd::new(Some(parent.clone()), q, false, false) {
+    match Pd::new(Some(parent.clone()), q, false, vm) {
         Some(pd) => {
             let pd = Arc::new(pd);
             install(c, a.sel(), KObj::Pd(pd.clone())).inspect_err(|_| {
@@ -181,9 +182,21 @@ fn create_ec(c: &Ec, a: &Args) -> Result<(), Status> {
         return Err(Status::BadCpu);
     }
     check_free(c, a.sel())?;
-    let kind = if a.flags() & ec_flags::VCPU != 0 {
-        return Err(Status::BadFeature);
-    } else if a.flags() & ec_flags::GLOBAL != 0 {
+    if a.flags() & ec_flags::VCPU != 0 {
+        // SVM: a vCPU in a VM PD (no UTCB, no stack; the event base names selectors of
+        // the VM PD).
+        if pd.kernel || pd.is_dead() {
+            return Err(Status::BadCapability);
+        }
+        let ec = crate::vcpu::create(&pd, cpu as usize, a.a[4])?;
+        pd.ecs.lock().push(Arc::downgrade(&ec));
+        return install(c, a.sel(), KObj::Ec(ec));
+    }
+    if pd.vm {
+        // A VM PD has no host address space for threads.
+        return Err(Status::BadParameter);
+    }
+    let kind = if a.flags() & ec_flags::GLOBAL != 0 {
         EcKind::Global
     } else {
         EcKind::Local

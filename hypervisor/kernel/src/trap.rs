@@ -9,6 +9,8 @@ use crate::{ipc, sched};
 const NMI: u64 = 2;
 /// Machine check.
 const MC: u64 = 18;
+/// Device not available.
+const NM: u64 = 7;
 
 /// Saves the interrupted user state into the running EC.
 fn save(saved: &Frame) -> alloc::sync::Arc<crate::ec::Ec> {
@@ -23,6 +25,8 @@ pub fn from_user(v: u64, saved: &Frame) -> ! {
     let c = save(saved);
     match v {
         NMI | MC => sched::ret_to(c),
+        // Lazy FPU switching (see `fpu`).
+        NM if crate::fpu::device_not_available(&c) => sched::ret_to(c),
         _ => ipc::event(c, v),
     }
 }

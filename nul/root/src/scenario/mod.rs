@@ -21,6 +21,8 @@
 //! | `test=fault` | `nul-test role=fault cpu=0`, `nul-test role=canary cpu=0` | ≥ 1 |
 //! | `test=hostile calls=10000000 secs=900` | `nul-test role=hostile seed=K cpu=C` for several K and C (e.g. seeds 1–3 on CPUs 1–3), `nul-test role=canary cpu=0` | ≥ 2 (4 suggested) |
 //! | `bench=ipc` | `nul-test role=benchsrv cpu=0` | ≥ 1 |
+//! | `test=vm [rounds=N] [seed=S]` | none (SVM with NPT: QEMU `-cpu EPYC`) | ≥ 1 (2: cross-CPU recall) |
+//! | `bench=vmexit` | none; `-icount shift=0 -smp 1` for instruction counts | 1 |
 //!
 //! `calls=` (default 10,000,000) and `secs=` (default 600 s of TSC time) bound the
 //! hostile test. The benchmark prints `BENCH <figure> <min>` lines (TSC ticks, the
@@ -31,6 +33,7 @@ mod ipc;
 mod memory;
 mod robust;
 mod sync;
+mod vm;
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
@@ -62,6 +65,7 @@ pub fn run(name: &str, args: &str, hip: &HipView) -> bool {
         "quota" => robust::quota(hip),
         "fault" => robust::fault(),
         "hostile" => robust::hostile(args),
+        "vm" => vm::test(hip, args),
         _ => {
             println!("unknown test scenario {}", name);
             false
@@ -74,6 +78,7 @@ pub fn bench(name: &str, _args: &str, hip: &HipView) -> bool {
     init(hip);
     match name {
         "ipc" => bench::ipc(),
+        "vmexit" => vm::bench(hip),
         _ => {
             println!("unknown benchmark {}", name);
             false

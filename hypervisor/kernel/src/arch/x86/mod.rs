@@ -17,6 +17,7 @@ pub mod qemu;
 pub mod regs;
 pub mod serial;
 pub mod smp;
+pub mod svm;
 pub mod syscall;
 pub mod timer;
 pub mod trap;

@@ -1,0 +1,860 @@
+//! `test=vm` and `bench=vmexit`: a VM without the VMM library, driven by the root.
+//!
+//! The root creates a VM PD, delegates 16 pages of its own memory as guest-physical
+//! 0–64 KiB (typed-item flag `GUEST`), copies a tiny 32-bit guest (assembled below) to
+//! 0x1000 with a GDT and an IDT at 0x3000/0x3100, installs portals for all 256 vCPU
+//! events (one handler EC on the vCPU's CPU, portal id = event number), delegates them
+//! into the VM PD at event base 0 and starts a vCPU with an SC. The guest starts in flat
+//! 32-bit protected mode (paging off), set up by the STARTUP reply.
+//!
+//! `test=vm` checks the exit sequence CPUID, I/O out (port 0x80), NPT fault (MMIO read
+//! at 0x200000, emulated), I/O (0x81, the reply requests an interrupt window),
+//! INTR_WINDOW (the reply injects vector 0x20), I/O (0x82, from the guest's interrupt
+//! handler), HLT, VMCALL 1; then the guest spins until the root recalls the vCPU
+//! (`ec_ctrl`, from another CPU when there is one): RECALL, whose reply points the guest
+//! at `ud2` with an empty IDT: TRIPLE_FAULT. From there the handler plays a hostile VMM:
+//! it answers with invalid state (INVALID_STATE must follow), then with random MTDs and
+//! random values for `rounds=` (default 300) events; in the meantime the root revoked
+//! guest page 5, which the guest read before: its final read must be an NPT fault, recalling the vCPU when it stops
+//! exiting, and finally with a sane state at a `VMCALL 2`.
+//!
+//! `bench=vmexit` runs the guest's benchmark loop: the minimum over [`BENCH_ITER`] round
+//! trips of CPUID, OUT, HLT, VMMCALL and an MMIO read (NPT fault emulated by the VMM),
+//! measured by the guest with rdtsc (under `-icount shift=0`, instructions), printed as
+//! `BENCH vmexit_<kind> <ticks> tsc-ticks` (the rdtsc pair's own cost, `vmexit_none`,
+//! is included in each figure and printed too).
+
+use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+
+use nul_rt::hc::{self, EcKind};
+use nul_rt::utcb::UtcbRef;
+use nul_rt::{println, sel, thread};
+use peregrine_abi::event::vcpu as ev;
+use peregrine_abi::hip::Features;
+use peregrine_abi::perm::MemPerm;
+use peregrine_abi::utcb::{inj, ArchState, Segment};
+use peregrine_abi::{perm, Crd, Mtd, XferFlags, PAGE_BITS};
+
+use super::{check, deadline_ms, ms, PRIO};
+use crate::hip::HipView;
+use crate::{mem, services};
+
+/// Events answered with random state in the hostile phase (`rounds=`, default 300).
+static HOSTILE_ROUNDS: AtomicU64 = AtomicU64::new(300);
+/// Iterations of each benchmark loop (the guest keeps the minimum).
+pub const BENCH_ITER: u32 = 200;
+
+/// Guest-physical layout.
+const GUEST_PAGES: u64 = 16;
+const CODE: u64 = 0x1000;
+const GDT: u64 = 0x3000;
+const IDT: u64 = 0x3100;
+const RESULTS: u64 = 0x4000;
+const STACK: u64 = 0x8000;
+const MMIO: u64 = 0x20_0000;
+
+core::arch::global_asm!(
+    ".pushsection .rodata.vmguest, \"a\"",
+    ".global vmg_start",
+    "vmg_start:",
+    ".code32",
+    // The test sequence.
+    ".global vmg_test",
+    "vmg_test:",
+    "xor eax, eax",
+    "cpuid",
+    "out 0x80, al",
+    ".global vmg_mmio",
+    "vmg_mmio:",
+    "mov eax, dword ptr [0x200000]",
+    ".global vmg_mmio_end",
+    "vmg_mmio_end:",
+    "out 0x81, al",
+    "hlt",
+    // A page the root revokes later: in the guest TLB from here on.
+    "mov eax, dword ptr [0x5000]",
+    "mov eax, 1",
+    "vmmcall",
+    ".global vmg_spin",
+    "vmg_spin:",
+    "jmp vmg_spin",
+    ".global vmg_ud2",
+    "vmg_ud2:",
+    "ud2",
+    ".global vmg_final",
+    "vmg_final:",
+    ".global vmg_rd",
+    "vmg_rd:",
+    "mov eax, dword ptr [0x5000]",
+    ".global vmg_rd_end",
+    "vmg_rd_end:",
+    "mov eax, 2",
+    "vmmcall",
+    "jmp vmg_final",
+    // Vector 0x20.
+    ".global vmg_isr",
+    "vmg_isr:",
+    "mov al, 0x20",
+    "out 0x82, al",
+    "iretd",
+    // The benchmark: min of each round trip in esi, stored at RESULTS.
+    ".global vmg_bench",
+    "vmg_bench:",
+    ".macro VMG_HEAD",
+    "mov ebp, {iter}",
+    "mov esi, 0xffffffff",
+    "1:",
+    "rdtsc",
+    "mov edi, eax",
+    ".endm",
+    ".macro VMG_TAIL slot",
+    "rdtsc",
+    "sub eax, edi",
+    "cmp eax, esi",
+    "cmovb esi, eax",
+    "dec ebp",
+    "jnz 1b",
+    "mov dword ptr [{results} + \\slot], esi",
+    ".endm",
+    "VMG_HEAD",
+    "nop",
+    "VMG_TAIL 0",
+    "VMG_HEAD",
+    "xor eax, eax",
+    "cpuid",
+    "VMG_TAIL 4",
+    "VMG_HEAD",
+    "out 0x80, al",
+    "VMG_TAIL 8",
+    "VMG_HEAD",
+    "hlt",
+    "VMG_TAIL 12",
+    "VMG_HEAD",
+    "mov eax, 3",
+    "vmmcall",
+    "VMG_TAIL 16",
+    "VMG_HEAD",
+    ".global vmg_bmmio",
+    "vmg_bmmio:",
+    "mov eax, dword ptr [0x200000]",
+    ".global vmg_bmmio_end",
+    "vmg_bmmio_end:",
+    "VMG_TAIL 20",
+    "jmp vmg_final",
+    ".code64",
+    ".global vmg_end",
+    "vmg_end:",
+    ".popsection",
+    iter = const BENCH_ITER,
+    results = const RESULTS,
+);
+
+extern "C" {
+    static vmg_start: u8;
+    static vmg_test: u8;
+    static vmg_mmio: u8;
+    static vmg_mmio_end: u8;
+    static vmg_spin: u8;
+    static vmg_ud2: u8;
+    static vmg_final: u8;
+    static vmg_rd: u8;
+    static vmg_rd_end: u8;
+    static vmg_isr: u8;
+    static vmg_bench: u8;
+    static vmg_bmmio: u8;
+    static vmg_bmmio_end: u8;
+    static vmg_end: u8;
+}
+
+/// The guest-physical address of a label in the guest image.
+macro_rules! gpa {
+    ($l:ident) => {
+        CODE + (core::ptr::addr_of!($l) as u64 - core::ptr::addr_of!(vmg_start) as u64)
+    };
+}
+
+/// The guest image.
+fn image() -> &'static [u8] {
+    // SAFETY: `vmg_start..vmg_end` is the assembled guest in read-only data.
+    unsafe {
+        let s = core::ptr::addr_of!(vmg_start);
+        let e = core::ptr::addr_of!(vmg_end);
+        core::slice::from_raw_parts(s, e as usize - s as usize)
+    }
+}
+
+/// Events seen by the handler, in order (event number, detail).
+const LOG_MAX: usize = 64;
+static LOG: [AtomicU64; LOG_MAX * 2] = [const { AtomicU64::new(0) }; LOG_MAX * 2];
+static LOG_N: AtomicUsize = AtomicUsize::new(0);
+static BENCH: AtomicBool = AtomicBool::new(false);
+/// 0: test sequence, 1: hostile, 2: final.
+static PHASE: AtomicU64 = AtomicU64::new(0);
+static HOSTILE: AtomicU64 = AtomicU64::new(0);
+static INVALIDS: AtomicU64 = AtomicU64::new(0);
+static OTHERS: AtomicU64 = AtomicU64::new(0);
+static RNG: AtomicU64 = AtomicU64::new(0x9e37_79b9_7f4a_7c15);
+static SM_STEP: AtomicU64 = AtomicU64::new(0);
+static SM_PARK: AtomicU64 = AtomicU64::new(0);
+static DONE: AtomicBool = AtomicBool::new(false);
+/// Physical address of the guest memory.
+static RAM: AtomicU64 = AtomicU64::new(0);
+static ERRORS: AtomicU64 = AtomicU64::new(0);
+
+fn log(nr: u64, detail: u64) {
+    let i = LOG_N.fetch_add(1, Ordering::Relaxed);
+    if i < LOG_MAX {
+        LOG[2 * i].store(nr, Ordering::Relaxed);
+        LOG[2 * i + 1].store(detail, Ordering::Relaxed);
+    }
+}
+
+fn rand() -> u64 {
+    let mut x = RNG.load(Ordering::Relaxed);
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    RNG.store(x, Ordering::Relaxed);
+    x
+}
+
+/// The full, sane protected-mode state at `rip`.
+fn sane_state(a: &mut ArchState, rip: u64, iflag: bool) {
+    let code = Segment {
+        sel: 8,
+        ar: 0xc9b,
+        limit: 0xffff_ffff,
+        base: 0,
+    };
+    let data = Segment {
+        sel: 0x10,
+        ar: 0xc93,
+        ..code
+    };
+    a.cs = code;
+    a.ds = data;
+    a.es = data;
+    a.ss = data;
+    a.fs = data;
+    a.gs = data;
+    a.tr = Segment {
+        sel: 0,
+        ar: 0x8b,
+        limit: 0x67,
+        base: 0,
+    };
+    a.ldtr = Segment {
+        sel: 0,
+        ar: 0x82,
+        limit: 0,
+        base: 0,
+    };
+    a.gdtr = Segment {
+        sel: 0,
+        ar: 0,
+        limit: 23,
+        base: GDT,
+    };
+    a.idtr = Segment {
+        sel: 0,
+        ar: 0,
+        limit: 0x21 * 8 - 1,
+        base: IDT,
+    };
+    a.cr0 = 0x11;
+    a.cr2 = 0;
+    a.cr3 = 0;
+    a.cr4 = 0;
+    a.cr8 = 0;
+    a.efer = 0;
+    a.dr7 = 0x400;
+    a.rip = rip;
+    a.rflags = if iflag { 0x202 } else { 2 };
+    a.gpr = [0; 16];
+    a.gpr[4] = STACK;
+    a.inj_info = 0;
+    a.inj_error = 0;
+    a.intr_state = 0;
+    a.actv_state = 0;
+    a.ctrl = [0; 2];
+    a.tsc_off = 0;
+    a.xcr0 = 1;
+    a.pat = 0x0007_0406_0007_0406;
+    a.sysenter_cs = 0;
+    a.sysenter_esp = 0;
+    a.sysenter_eip = 0;
+    a.star = 0;
+    a.lstar = 0;
+    a.cstar = 0;
+    a.fmask = 0;
+    a.kernel_gs_base = 0;
+    a.mtd = Mtd::all() - Mtd::PDPTE - Mtd::QUAL - Mtd::FPU;
+}
+
+/// Invalid state in every group (the kernel must refuse all of it).
+fn invalid_state(a: &mut ArchState) {
+    a.mtd = Mtd::all();
+    a.rip = 0x8000_0000_0000_0000;
+    a.cr0 = 0xffff_ffff_0000_0001;
+    a.cr3 = u64::MAX;
+    a.cr4 = u64::MAX;
+    a.cr8 = 99;
+    a.efer = 0xdead_beef;
+    a.dr7 = u64::MAX;
+    a.inj_info = inj::VALID | (7 << 8) | 0x30;
+    a.xcr0 = 0;
+    a.pat = u64::MAX;
+    a.lstar = 0x8000_0000_0000_0000;
+    a.sysenter_eip = 0x8000_0000_0000_0000;
+    a.fmask = u64::MAX;
+    a.ctrl = [u64::MAX; 2];
+    a.cs = Segment {
+        sel: 0x1234,
+        ar: 0xf093,
+        limit: 0,
+        base: 0x8000_0000_0000_0000,
+    };
+    a.gdtr.limit = 0x10000;
+    a.fs.base = 0x1234_5678_9abc_def0;
+}
+
+/// Random MTD and random values.
+fn random_state(a: &mut ArchState) {
+    let w = |a: &mut u64| {
+        let r = rand();
+        *a = if r & 1 == 0 { r } else { r & 0xffff_ffff };
+    };
+    a.mtd = Mtd::from_bits_truncate(rand());
+    for g in a.gpr.iter_mut() {
+        w(g);
+    }
+    for x in [
+        &mut a.rip,
+        &mut a.rflags,
+        &mut a.inj_info,
+        &mut a.inj_error,
+        &mut a.cr0,
+        &mut a.cr2,
+        &mut a.cr3,
+        &mut a.cr4,
+        &mut a.cr8,
+        &mut a.efer,
+        &mut a.dr7,
+        &mut a.tsc_off,
+        &mut a.xcr0,
+        &mut a.pat,
+        &mut a.lstar,
+        &mut a.kernel_gs_base,
+    ] {
+        w(x);
+    }
+    let [c0, c1] = &mut a.ctrl;
+    w(c0);
+    w(c1);
+    let r = rand();
+    a.intr_state = r as u32;
+    a.actv_state = (r >> 32) as u32;
+    for s in [
+        &mut a.cs,
+        &mut a.ss,
+        &mut a.ds,
+        &mut a.es,
+        &mut a.fs,
+        &mut a.gs,
+        &mut a.tr,
+        &mut a.ldtr,
+        &mut a.gdtr,
+        &mut a.idtr,
+    ] {
+        let r = rand();
+        s.sel = r as u16;
+        s.ar = (r >> 16) as u16 & if r & (1 << 62) != 0 { 0xffff } else { 0xfff };
+        s.limit = (r >> 32) as u32;
+        s.base = if r & (1 << 63) != 0 {
+            rand()
+        } else {
+            rand() & 0xffff_ffff
+        };
+    }
+    // Mostly plausible values, so that the guest really runs with random state.
+    if !rand().is_multiple_of(4) {
+        a.rip &= 0xffff;
+        a.cr0 &= 0x8005_003b;
+        a.cr3 &= 0xffff_f000;
+        a.cr4 &= 0x6f;
+        a.cr8 &= 0xf;
+        a.efer &= 0xd01;
+        a.dr7 = 0x400;
+        a.inj_info &= 0x8000_07ff | inj::REQ_INTR_WINDOW;
+        a.ctrl[0] &= 0x1ff;
+        a.ctrl[1] &= 0xffff_ffff;
+        a.xcr0 = 1;
+        a.pat = 0x0007_0406_0007_0406;
+        a.lstar = 0;
+        a.kernel_gs_base = 0;
+        for s in [
+            &mut a.cs,
+            &mut a.ss,
+            &mut a.ds,
+            &mut a.es,
+            &mut a.fs,
+            &mut a.gs,
+            &mut a.tr,
+            &mut a.ldtr,
+            &mut a.gdtr,
+            &mut a.idtr,
+        ] {
+            s.ar = (s.ar & 0xeff) | 0x90;
+            s.base &= 0xffff;
+        }
+        a.gdtr.limit &= 0xffff;
+        a.idtr.limit &= 0xffff;
+        a.mtd -= Mtd::SYSENTER | Mtd::SYSCALL_SWAPGS;
+    }
+}
+
+fn park() -> ! {
+    loop {
+        let _ = hc::sm_down(SM_PARK.load(Ordering::Relaxed), false, 0);
+    }
+}
+
+fn bench_handler(id: u64, a: &mut ArchState) {
+    match id {
+        ev::STARTUP => sane_state(a, gpa!(vmg_bench), false),
+        ev::CPUID => {
+            a.rip += if a.inst_len != 0 { a.inst_len } else { 2 };
+            a.gpr[0..4].copy_from_slice(&[0, 0x6e69_7265, 0x656e_6967, 0x7247_6550]);
+            a.mtd = Mtd::RIP_LEN | Mtd::GPR_ACDB;
+        }
+        ev::IO => {
+            a.rip += a.inst_len;
+            a.mtd = Mtd::RIP_LEN;
+        }
+        ev::HLT => {
+            a.rip += 1;
+            a.mtd = Mtd::RIP_LEN;
+        }
+        ev::NPT_FAULT => {
+            a.rip += gpa!(vmg_bmmio_end) - gpa!(vmg_bmmio);
+            a.gpr[0] = 0;
+            a.mtd = Mtd::RIP_LEN | Mtd::GPR_ACDB;
+        }
+        ev::VMCALL if a.gpr[0] == 3 => {
+            a.rip += 3;
+            a.mtd = Mtd::RIP_LEN;
+        }
+        ev::VMCALL if a.gpr[0] == 2 => {
+            DONE.store(true, Ordering::Release);
+            let _ = hc::sm_up(SM_STEP.load(Ordering::Relaxed));
+            park()
+        }
+        _ => {
+            println!("bench: unexpected event {:#x} at {:#x}", id, a.rip);
+            ERRORS.fetch_add(1, Ordering::Relaxed);
+            DONE.store(true, Ordering::Release);
+            let _ = hc::sm_up(SM_STEP.load(Ordering::Relaxed));
+            park()
+        }
+    }
+}
+
+fn test_handler(id: u64, a: &mut ArchState) {
+    let phase = PHASE.load(Ordering::Relaxed);
+    if phase == 1 && id != ev::VMCALL {
+        let n = HOSTILE.fetch_add(1, Ordering::Relaxed);
+        if id == ev::INVALID_STATE {
+            INVALIDS.fetch_add(1, Ordering::Relaxed);
+        } else {
+            OTHERS.fetch_add(1, Ordering::Relaxed);
+        }
+        if n == 0 {
+            log(id, 0);
+            random_state(a);
+        } else if n < HOSTILE_ROUNDS.load(Ordering::Relaxed) {
+            random_state(a);
+        } else {
+            PHASE.store(2, Ordering::Relaxed);
+            // Random guest code may have overwritten the image.
+            load_image(RAM.load(Ordering::Relaxed));
+            sane_state(a, gpa!(vmg_final), false);
+        }
+        return;
+    }
+    match id {
+        ev::STARTUP => {
+            log(id, 0);
+            sane_state(a, gpa!(vmg_test), true);
+        }
+        ev::CPUID => {
+            log(id, a.gpr[0]);
+            a.rip += if a.inst_len != 0 { a.inst_len } else { 2 };
+            a.gpr[0..4].copy_from_slice(&[0x1234_5678, 0x11, 0x22, 0x33]);
+            a.mtd = Mtd::RIP_LEN | Mtd::GPR_ACDB;
+        }
+        ev::IO => {
+            let port = a.qual[0] >> 16;
+            log(id, port << 8 | (a.gpr[0] & 0xff));
+            // Out, one byte, immediate port: 2 bytes.
+            if a.qual[0] & 0xffff != 0 || a.inst_len != 2 {
+                println!("vm: bad I/O exit qual {:#x} len {}", a.qual[0], a.inst_len);
+                ERRORS.fetch_add(1, Ordering::Relaxed);
+            }
+            a.rip += a.inst_len;
+            a.mtd = Mtd::RIP_LEN;
+            if port == 0x81 {
+                a.inj_info = inj::REQ_INTR_WINDOW;
+                a.mtd |= Mtd::INJ;
+            }
+        }
+        ev::NPT_FAULT if a.rip == gpa!(vmg_rd) => {
+            // The revoked page.
+            log(id, a.qual[1]);
+            a.rip = gpa!(vmg_rd_end);
+            a.mtd = Mtd::RIP_LEN;
+        }
+        ev::NPT_FAULT => {
+            log(id, a.qual[1]);
+            a.rip += gpa!(vmg_mmio_end) - gpa!(vmg_mmio);
+            a.gpr[0] = 0xabcd;
+            a.mtd = Mtd::RIP_LEN | Mtd::GPR_ACDB;
+        }
+        ev::INTR_WINDOW => {
+            log(id, 0);
+            a.inj_info = inj::VALID | inj::TYPE_EXTINT | 0x20;
+            a.mtd = Mtd::INJ;
+        }
+        ev::HLT => {
+            log(id, 0);
+            a.rip += 1;
+            a.mtd = Mtd::RIP_LEN;
+        }
+        ev::VMCALL => {
+            log(id, a.gpr[0]);
+            match a.gpr[0] {
+                1 => {
+                    a.rip = gpa!(vmg_spin);
+                    a.mtd = Mtd::RIP_LEN;
+                    let _ = hc::sm_up(SM_STEP.load(Ordering::Relaxed));
+                }
+                _ => {
+                    DONE.store(true, Ordering::Release);
+                    let _ = hc::sm_up(SM_STEP.load(Ordering::Relaxed));
+                    park()
+                }
+            }
+        }
+        ev::RECALL => {
+            log(id, a.rip);
+            a.rip = gpa!(vmg_ud2);
+            a.idtr.limit = 0;
+            a.idtr.base = 0;
+            a.mtd = Mtd::RIP_LEN | Mtd::IDTR;
+        }
+        ev::TRIPLE_FAULT => {
+            log(id, a.rip);
+            PHASE.store(1, Ordering::Relaxed);
+            HOSTILE.store(0, Ordering::Relaxed);
+            invalid_state(a);
+        }
+        _ => {
+            log(id, a.rip);
+            println!("vm: unexpected event {:#x} at {:#x}", id, a.rip);
+            ERRORS.fetch_add(1, Ordering::Relaxed);
+            sane_state(a, gpa!(vmg_final), false);
+        }
+    }
+}
+
+/// Writes XMM0 (this binary is soft-float: the compiler never uses XMM registers, so
+/// the kernel's per-EC FPU state is all that keeps the value).
+fn set_xmm0(v: u64) {
+    // SAFETY: only XMM0 changes, which no compiled code of this soft-float binary uses.
+    unsafe { core::arch::asm!("movq xmm0, {}", in(reg) v, options(nomem, nostack)) };
+}
+
+/// Reads XMM0.
+fn xmm0() -> u64 {
+    let v: u64;
+    // SAFETY: reads XMM0 only.
+    unsafe { core::arch::asm!("movq {}, xmm0", out(reg) v, options(nomem, nostack)) };
+    v
+}
+
+/// Every vCPU event of the test VM (portal id = event number).
+extern "C" fn vm_exit(id: u64, utcb: u64) -> ! {
+    // SAFETY: the kernel passes this handler EC's own UTCB address.
+    let u = unsafe { UtcbRef::from_addr(utcb) };
+    let a = u.get().arch_mut();
+    if BENCH.load(Ordering::Relaxed) {
+        bench_handler(id, a);
+    } else {
+        // The handler's own FPU state: must never show up in the scenario thread's.
+        set_xmm0(0xbad0_0000 | id);
+        test_handler(id, a);
+    }
+    u.get().head.set_counts(0, 0);
+    hc::reply()
+}
+
+/// The VM: PD, vCPU and SC selectors, guest memory.
+struct Vm {
+    vcpu: u64,
+    ram: u64,
+}
+
+/// The MTD each event's portal transfers.
+fn portal_mtd(nr: u64) -> Mtd {
+    match nr {
+        ev::CPUID => Mtd::RIP_LEN | Mtd::GPR_ACDB,
+        ev::IO | ev::NPT_FAULT => Mtd::RIP_LEN | Mtd::GPR_ACDB | Mtd::QUAL,
+        ev::HLT | ev::INTR_WINDOW | ev::RECALL | ev::TRIPLE_FAULT => Mtd::RIP_LEN,
+        ev::VMCALL => Mtd::RIP_LEN | Mtd::GPR_ACDB,
+        ev::STARTUP => Mtd::empty(),
+        _ => Mtd::all(),
+    }
+}
+
+fn setup(cpu: u64) -> Result<Vm, &'static str> {
+    let step = sel::alloc();
+    let park = sel::alloc();
+    hc::create_sm(step, sel::OWN_PD, 0).map_err(|_| "create_sm")?;
+    hc::create_sm(park, sel::OWN_PD, 0).map_err(|_| "create_sm")?;
+    SM_STEP.store(step, Ordering::Relaxed);
+    SM_PARK.store(park, Ordering::Relaxed);
+
+    // Guest memory: code, GDT, IDT.
+    let ram = mem::alloc(GUEST_PAGES).ok_or("guest memory")?;
+    let img = image();
+    if img.len() as u64 + CODE > GDT {
+        return Err("guest image too large");
+    }
+    RAM.store(ram, Ordering::Relaxed);
+    load_image(ram);
+    Ok(Vm {
+        vcpu: start_vm(ram, cpu)?,
+        ram,
+    })
+}
+
+/// Copies the guest image, GDT and IDT into guest memory at `ram` (physical).
+fn load_image(ram: u64) {
+    let img = image();
+    // SAFETY: `ram` is the guest's 16 pages, mapped in the root's window; the image, the
+    // GDT and the IDT fit below 0x4000 (checked in `setup`).
+    unsafe {
+        let base = mem::virt(ram) as *mut u8;
+        core::ptr::copy_nonoverlapping(img.as_ptr(), base.add(CODE as usize), img.len());
+        let gdt = base.add(GDT as usize) as *mut u64;
+        *gdt.add(1) = 0x00cf_9b00_0000_ffff;
+        *gdt.add(2) = 0x00cf_9300_0000_ffff;
+        let isr = gpa!(vmg_isr);
+        let idt = base.add(IDT as usize) as *mut u64;
+        *idt.add(0x20) = (isr & 0xffff) | (8 << 16) | (0x8e00 << 32) | ((isr >> 16) << 48);
+    }
+}
+
+/// Creates the VM PD with the guest memory at `ram`, the portals and the vCPU with its
+/// SC; returns the vCPU's selector.
+fn start_vm(ram: u64, cpu: u64) -> Result<u64, &'static str> {
+    let vm = sel::alloc();
+    hc::create_pd(vm, sel::OWN_PD, 64, true).map_err(|e| {
+        println!("create_pd(VM): {:?}", e);
+        "create_pd with the VM flag"
+    })?;
+    let host_page = (mem::WINDOW + ram) >> PAGE_BITS;
+    for (h, g, order) in mem::dual_pieces(host_page, 0, GUEST_PAGES) {
+        hc::pd_delegate(
+            sel::OWN_PD,
+            vm,
+            Crd::mem(h, order, MemPerm::all()),
+            Crd::mem(g, order, MemPerm::all()),
+            0,
+            XferFlags::GUEST,
+        )
+        .map_err(|e| {
+            println!("guest delegation: {:?}", e);
+            "delegate guest memory"
+        })?;
+    }
+
+    // Handler and portals, delegated into the VM PD at event base 0.
+    let evt = services::evt_base(cpu).ok_or("no service EC on the vCPU's CPU")?;
+    let ec = thread::local_ec(cpu, evt).map_err(|_| "handler EC")?;
+    let base = sel::alloc_aligned(8);
+    for nr in 0..256u64 {
+        hc::create_pt(
+            base + nr,
+            sel::OWN_PD,
+            ec.sel,
+            portal_mtd(nr),
+            vm_exit as *const () as u64,
+        )
+        .map_err(|_| "create_pt")?;
+        hc::pt_ctrl(base + nr, nr).map_err(|_| "pt_ctrl")?;
+    }
+    hc::pd_delegate(
+        sel::OWN_PD,
+        vm,
+        Crd::obj(base, 8, perm::ALL),
+        Crd::obj(0, 8, perm::ALL),
+        0,
+        XferFlags::empty(),
+    )
+    .map_err(|_| "delegate the portals")?;
+
+    let vcpu = sel::alloc();
+    hc::create_ec(vcpu, vm, EcKind::Vcpu, cpu, 0, 0, 0).map_err(|e| {
+        println!("create_ec(vCPU): {:?}", e);
+        "create the vCPU"
+    })?;
+    let sc = sel::alloc();
+    hc::create_sc(sc, sel::OWN_PD, vcpu, PRIO, 10_000).map_err(|_| "create the vCPU's SC")?;
+    Ok(vcpu)
+}
+
+fn wait_step(ms_max: u64) -> bool {
+    hc::sm_down(SM_STEP.load(Ordering::Relaxed), false, deadline_ms(ms_max)).is_ok()
+}
+
+fn svm_present(hip: &HipView) -> bool {
+    hip.0.has(Features::SVM) && hip.0.has(Features::NPT)
+}
+
+/// `test=vm [rounds=N] [seed=S]`.
+pub fn test(hip: &HipView, args: &str) -> bool {
+    if let Some(r) = nul_rt::start_info::arg_u64(args, "rounds") {
+        HOSTILE_ROUNDS.store(r.max(1), Ordering::Relaxed);
+    }
+    if let Some(s) = nul_rt::start_info::arg_u64(args, "seed") {
+        RNG.store(s | 1, Ordering::Relaxed);
+    }
+    if !svm_present(hip) {
+        return check(false, "the platform offers SVM with NPT");
+    }
+    let cpu = hip.online_cpus().last().unwrap_or(0);
+    println!("vm: vCPU on cpu {}", cpu);
+    set_xmm0(0x1111_2222_3333_4444);
+    let vm = match setup(cpu) {
+        Ok(v) => v,
+        Err(e) => return check(false, e),
+    };
+    let _ = vm.ram;
+    let mut ok = check(
+        wait_step(5000),
+        "the guest ran its exit sequence up to VMCALL 1",
+    );
+    // Take guest page 5 away again (the guest read it): its next access must fault.
+    let page = Crd::mem((mem::WINDOW + vm.ram) / 4096 + 5, 0, MemPerm::all());
+    ok &= check(
+        hc::revoke(page, false).is_ok(),
+        "revoke a guest page (delegated with GUEST) from the VM",
+    );
+    // The guest spins now; recall it (from another CPU when there is one).
+    super::sleep_ms(20);
+    ok &= check(hc::ec_recall(vm.vcpu).is_ok(), "ec_ctrl recall of the vCPU");
+    // Hostile phase: recall whenever the guest stops exiting.
+    let end = hc::rdtsc() + ms(20_000);
+    while !DONE.load(Ordering::Acquire) && hc::rdtsc() < end {
+        if !wait_step(100) && PHASE.load(Ordering::Relaxed) == 1 {
+            let _ = hc::ec_recall(vm.vcpu);
+        }
+    }
+    ok &= check(DONE.load(Ordering::Acquire), "the guest reached VMCALL 2");
+    let n = LOG_N.load(Ordering::Relaxed).min(LOG_MAX);
+    let seq: alloc::vec::Vec<(u64, u64)> = (0..n)
+        .map(|i| {
+            (
+                LOG[2 * i].load(Ordering::Relaxed),
+                LOG[2 * i + 1].load(Ordering::Relaxed),
+            )
+        })
+        .collect();
+    for (nr, d) in &seq {
+        println!("vm: event {:#x} ({:#x})", nr, d);
+    }
+    let want: [(u64, Option<u64>); 14] = [
+        (ev::STARTUP, None),
+        (ev::CPUID, Some(0)),
+        (ev::IO, Some(0x8078)),
+        (ev::NPT_FAULT, Some(MMIO)),
+        (ev::IO, Some(0x81cd)),
+        (ev::INTR_WINDOW, None),
+        (ev::IO, Some(0x8220)),
+        (ev::HLT, None),
+        (ev::VMCALL, Some(1)),
+        (ev::RECALL, None),
+        (ev::TRIPLE_FAULT, Some(gpa!(vmg_ud2))),
+        (ev::INVALID_STATE, None),
+        (ev::NPT_FAULT, Some(0x5000)),
+        (ev::VMCALL, Some(2)),
+    ];
+    let matches = seq.len() == want.len()
+        && seq
+            .iter()
+            .zip(want.iter())
+            .all(|(&(nr, d), &(wn, wd))| nr == wn && wd.is_none_or(|x| x == d));
+    ok &= check(
+        matches,
+        "exit sequence STARTUP CPUID IO NPT IO INTR_WINDOW IO(isr) HLT VMCALL RECALL TRIPLE_FAULT INVALID_STATE NPT(revoked page) VMCALL",
+    );
+    let inv = INVALIDS.load(Ordering::Relaxed);
+    println!(
+        "vm: hostile VMM: {} replies with random state, {} INVALID_STATE events, {} other events",
+        HOSTILE.load(Ordering::Relaxed),
+        inv,
+        OTHERS.load(Ordering::Relaxed)
+    );
+    ok &= check(
+        inv >= 1,
+        "invalid state in a reply is refused (INVALID_STATE)",
+    );
+    ok &= check(ERRORS.load(Ordering::Relaxed) == 0, "no unexpected events");
+    let x = xmm0();
+    ok &= check(
+        x == 0x1111_2222_3333_4444,
+        "the scenario thread's XMM0 survived the handler's and the guest's FPU use",
+    );
+    ok
+}
+
+/// `bench=vmexit`.
+pub fn bench(hip: &HipView) -> bool {
+    if !svm_present(hip) {
+        println!("bench vmexit: no SVM with NPT");
+        return false;
+    }
+    BENCH.store(true, Ordering::Relaxed);
+    let cpu = hip.online_cpus().last().unwrap_or(0);
+    let vm = match setup(cpu) {
+        Ok(v) => v,
+        Err(e) => {
+            println!("bench vmexit: {}", e);
+            return false;
+        }
+    };
+    if !wait_step(120_000) || ERRORS.load(Ordering::Relaxed) != 0 {
+        println!("bench vmexit: the guest did not finish");
+        return false;
+    }
+    let r = |slot: u64| {
+        // SAFETY: the results lie in the guest's memory, mapped in the root's window;
+        // the guest finished writing them (it is parked).
+        unsafe { core::ptr::read_volatile(mem::virt(vm.ram + RESULTS + slot) as *const u32) }
+    };
+    for (slot, name) in [
+        (0, "vmexit_none"),
+        (4, "vmexit_cpuid"),
+        (8, "vmexit_pio_out"),
+        (12, "vmexit_hlt"),
+        (16, "vmexit_hypercall"),
+        (20, "vmexit_mmio"),
+    ] {
+        println!("BENCH {} {} tsc-ticks", name, r(slot));
+    }
+    println!(
+        "bench: vmexit min of {} iterations each, guest rdtsc deltas",
+        BENCH_ITER
+    );
+    true
+}

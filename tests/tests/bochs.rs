@@ -1,0 +1,31 @@
+//! Booting from a GRUB ISO in Bochs (`corei7_skylake_x`: VMX with EPT). Bochs runs at
+//! about 40 MIPS, so these tests are few and have long limits; `cargo xtask test
+//! --quick` leaves out every test whose name contains `bochs`.
+
+use std::time::Duration;
+
+use peregrine_tests::{assert_run, assert_success, boot_in, system, test_kernel, Emulator, Exit};
+use xtask::testimage::TestImage;
+
+/// The GRUB ISO and Bochs plumbing, with the hand-assembled test kernel.
+#[test]
+fn bochs_runner_grub_iso() {
+    let image = TestImage {
+        serial: "PASS bochs_runner\n".into(),
+        debug_exit: Some(0x10),
+        bochs_shutdown: true,
+    };
+    let spec = test_kernel("bochs-runner", &image).timeout(Duration::from_secs(90));
+    let r = boot_in(Emulator::Bochs, &spec);
+    assert_run(&r, Exit::Success, &["PASS bochs_runner"]);
+}
+
+/// The system itself from the GRUB ISO (GRUB's command lines, Bochs' ACPI tables).
+#[test]
+fn bochs_grub_boot() {
+    let spec = system("bochs-grub-boot")
+        .kernel_args("exit_after_boot")
+        .timeout(Duration::from_secs(120));
+    let r = boot_in(Emulator::Bochs, &spec);
+    assert_success(&r, &["all 1 CPUs online"]);
+}

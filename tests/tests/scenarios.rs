@@ -1,0 +1,108 @@
+//! The root task's test scenarios (issue 2, section 4): the root task started with
+//! `test=<name>` runs scenario `<name>` against `nul-test` components started with a
+//! role (module lists as in `nul/root/src/scenario/mod.rs`), prints `PASS <name>` or
+//! `FAIL <name>`, and ends the run through `isa-debug-exit`.
+
+use std::time::Duration;
+
+use peregrine_tests::{assert_success, boot, system, with_test_components};
+
+/// Runs scenario `name` (root arguments `test=<name> <extra>`) with `nul-test` modules
+/// `components` on `smp` CPUs and asserts `PASS <name>`.
+fn scenario(name: &str, extra: &str, components: &[&str], smp: u32, timeout_s: u64) {
+    let root_args = format!("test={name} {extra}");
+    let spec = system(&format!("scenario-{name}"))
+        .root_args(root_args.trim_end())
+        .smp(smp)
+        .timeout(Duration::from_secs(timeout_s));
+    let r = boot(&with_test_components(spec, components));
+    assert_success(&r, &[]);
+    assert!(r.passed(name), "no `PASS {name}` line\n{}", r.report());
+}
+
+/// IPC with untyped words (2 CPUs: the bad-CPU check needs a second one).
+#[test]
+fn scenario_ipc() {
+    scenario("ipc", "", &["role=echo cpu=0"], 2, 60);
+}
+
+/// Delegation of memory, I/O ports and object capabilities.
+#[test]
+fn scenario_delegate() {
+    scenario(
+        "delegate",
+        "",
+        &["role=memcheck cpu=0", "role=echo cpu=0"],
+        1,
+        60,
+    );
+}
+
+/// After revoke, a revoked page faults and a revoked portal returns bad-capability.
+#[test]
+fn scenario_revoke() {
+    scenario("revoke", "", &["role=memcheck cpu=0"], 2, 60);
+}
+
+/// A page fault resolved by a user-level pager.
+#[test]
+fn scenario_pager() {
+    scenario("pager", "", &["role=paged cpu=0"], 1, 60);
+}
+
+/// Semaphore up, down and down with timeout.
+#[test]
+fn scenario_sm() {
+    scenario("sm", "", &[], 1, 60);
+}
+
+/// A hardware interrupt (PIT or serial) delivered to a user semaphore.
+#[test]
+fn scenario_irq() {
+    scenario("irq", "", &[], 1, 60);
+}
+
+/// A cross-CPU wake-up through a semaphore.
+#[test]
+fn scenario_xcpu() {
+    scenario("xcpu", "", &[], 2, 60);
+}
+
+/// Kernel-memory quota exhaustion returns its error.
+#[test]
+fn scenario_quota() {
+    scenario("quota", "", &[], 1, 60);
+}
+
+/// A faulting component is reported and removed while the others keep running.
+#[test]
+fn scenario_fault() {
+    scenario(
+        "fault",
+        "",
+        &["role=fault cpu=0", "role=canary cpu=0"],
+        1,
+        60,
+    );
+}
+
+/// 10 million random hypercalls from three hostile components on CPUs 1-3; a canary on
+/// CPU 0 keeps answering IPC. The root prints the count.
+#[test]
+fn scenario_hostile() {
+    let hostile = [
+        "role=hostile seed=1 cpu=1",
+        "role=hostile seed=2 cpu=2",
+        "role=hostile seed=3 cpu=3",
+        "role=canary cpu=0",
+    ];
+    scenario("hostile", "calls=10000000 secs=900", &hostile, 4, 600);
+}
+
+/// Virtualization (issue 3): a VM with one vCPU on QEMU's software SVM with NPT — exits
+/// as portal calls, guest-memory revoke, recall from another CPU, a hostile VMM's
+/// replies refused, a triple-faulting guest.
+#[test]
+fn scenario_vm() {
+    scenario("vm", "", &[], 2, 120);
+}

@@ -1,0 +1,314 @@
+//! Block device tests, end to end through the PCI transport on mock guest memory.
+
+use super::*;
+use crate::testutil::{Rng, SharedMem};
+use crate::virtio::pci::tests::Guest;
+use crate::virtio::pci::{isr, DEVICE_CFG};
+use crate::virtio::queue::tests::{put, Driver};
+use crate::virtio::{feature, status};
+use std::vec::Vec;
+
+const SECTORS: u64 = 64;
+const FEATURES: u64 = feature::VERSION_1 | feature::RING_INDIRECT_DESC | features::FLUSH;
+const HDR: u64 = 0x20000;
+const DATA: u64 = 0x21000;
+const STATUS: u64 = 0x30000;
+
+fn disk() -> MemDisk {
+    let image: Vec<u8> = (0..SECTORS * SECTOR_SIZE)
+        .map(|i| (i / SECTOR_SIZE) as u8)
+        .collect();
+    MemDisk::new(image)
+}
+
+struct Rig {
+    g: Guest<VirtioBlock<MemDisk>>,
+    d: Driver,
+    mem: SharedMem,
+}
+
+fn rig(read_only: bool) -> Rig {
+    let mut g = Guest::new(VirtioBlock::new(disk(), read_only, b"peregrine-disk-0"));
+    let d = g.up(
+        FEATURES | if read_only { features::RO } else { 0 },
+        &[QUEUE_SIZE],
+    );
+    let mem = g.mem.clone();
+    Rig {
+        g,
+        d: d.into_iter().next().unwrap(),
+        mem,
+    }
+}
+
+fn header(ty: u32, sector: u64) -> [u8; 16] {
+    let mut h = [0u8; 16];
+    h[..4].copy_from_slice(&ty.to_le_bytes());
+    h[8..].copy_from_slice(&sector.to_le_bytes());
+    h
+}
+
+impl Rig {
+    /// Submits header + `data` buffers + status; returns (status, used length).
+    fn submit(&mut self, ty: u32, sector: u64, data: &[(u64, u32, bool)]) -> (u8, u32) {
+        let mem = &mut self.mem;
+        put(mem, HDR, &header(ty, sector));
+        put(mem, STATUS, &[0xee]);
+        let mut bufs = std::vec![(HDR, 16, false)];
+        bufs.extend_from_slice(data);
+        bufs.push((STATUS, 1, true));
+        let head = self.d.add_chain(mem, &bufs);
+        self.g.notify(0);
+        let used = self.d.take_used(mem);
+        assert_eq!(used.len(), 1, "one request, one used element");
+        assert_eq!(used[0].0, u32::from(head));
+        (self.mem.bytes(STATUS, 1)[0], used[0].1)
+    }
+}
+
+#[test]
+fn config_space_and_features() {
+    let mut r = rig(false);
+    assert_eq!(r.g.r(DEVICE_CFG + config::CAPACITY, 8), SECTORS);
+    assert_eq!(r.g.r(DEVICE_CFG + config::SEG_MAX, 4), u64::from(SEG_MAX));
+    assert_eq!(r.g.r(DEVICE_CFG + config::BLK_SIZE, 4), 512);
+    let f = r.g.device_features();
+    assert_eq!(f & features::RO, 0);
+    assert_ne!(f & features::FLUSH, 0);
+    let mut ro = Guest::new(VirtioBlock::new(disk(), true, b""));
+    assert_ne!(ro.device_features() & features::RO, 0);
+    assert_eq!(r.g.cfg(0, 4), 0x1042_1af4);
+}
+
+#[test]
+fn read_sectors() {
+    let mut r = rig(false);
+    let (st, len) = r.submit(req::IN, 3, &[(DATA, 1024, true)]);
+    assert_eq!((st, len), (blk_status::OK, 1025));
+    let got = r.mem.bytes(DATA, 1024);
+    assert!(got[..512].iter().all(|&b| b == 3));
+    assert!(got[512..].iter().all(|&b| b == 4));
+    assert_eq!(r.g.isr(), isr::QUEUE);
+}
+
+#[test]
+fn write_then_read_back_across_scattered_buffers() {
+    let mut r = rig(false);
+    let pattern: Vec<u8> = (0..1536u32).map(|i| (i * 7 + 1) as u8).collect();
+    put(&mut r.mem, DATA, &pattern[..700]);
+    put(&mut r.mem, DATA + 0x2000, &pattern[700..]);
+    let (st, len) = r.submit(
+        req::OUT,
+        10,
+        &[(DATA, 700, false), (DATA + 0x2000, 836, false)],
+    );
+    assert_eq!((st, len), (blk_status::OK, 1));
+    assert_eq!(
+        &r.g.dev.device().backend().data[10 * 512..13 * 512],
+        pattern.as_slice()
+    );
+    // Read back into three buffers of odd sizes.
+    let (st, len) = r.submit(
+        req::IN,
+        10,
+        &[
+            (0x24000, 100, true),
+            (0x25000, 1000, true),
+            (0x26000, 436, true),
+        ],
+    );
+    assert_eq!((st, len), (blk_status::OK, 1537));
+    let mut back = r.mem.bytes(0x24000, 100);
+    back.extend(r.mem.bytes(0x25000, 1000));
+    back.extend(r.mem.bytes(0x26000, 436));
+    assert_eq!(back, pattern);
+}
+
+#[test]
+fn flush_is_honoured() {
+    let mut r = rig(false);
+    put(&mut r.mem, DATA, &[0xab; 512]);
+    assert_eq!(
+        r.submit(req::OUT, 0, &[(DATA, 512, false)]).0,
+        blk_status::OK
+    );
+    let disk = r.g.dev.device().backend();
+    assert_eq!(disk.data[0], 0xab);
+    assert_eq!(disk.durable[0], 0, "not durable before the flush");
+    assert_eq!(r.submit(req::FLUSH, 0, &[]), (blk_status::OK, 1));
+    let disk = r.g.dev.device().backend();
+    assert_eq!(disk.durable[..512], [0xab; 512]);
+    assert_eq!(disk.flushes, 1);
+}
+
+#[test]
+fn get_id() {
+    let mut r = rig(false);
+    let (st, len) = r.submit(req::GET_ID, 0, &[(DATA, 20, true)]);
+    assert_eq!((st, len), (blk_status::OK, 21));
+    assert_eq!(&r.mem.bytes(DATA, 20)[..16], b"peregrine-disk-0");
+    assert_eq!(&r.mem.bytes(DATA, 20)[16..], [0; 4]);
+}
+
+#[test]
+fn bad_requests_get_an_error_status() {
+    let mut r = rig(false);
+    // Past the end of the disk, straddling the end, sector overflow.
+    assert_eq!(
+        r.submit(req::IN, SECTORS, &[(DATA, 512, true)]).0,
+        blk_status::IOERR
+    );
+    assert_eq!(
+        r.submit(req::IN, SECTORS - 1, &[(DATA, 1024, true)]).0,
+        blk_status::IOERR
+    );
+    assert_eq!(
+        r.submit(req::OUT, u64::MAX, &[(DATA, 512, false)]).0,
+        blk_status::IOERR
+    );
+    // Not whole sectors.
+    assert_eq!(
+        r.submit(req::IN, 0, &[(DATA, 100, true)]).0,
+        blk_status::IOERR
+    );
+    assert_eq!(
+        r.submit(req::OUT, 0, &[(DATA, 513, false)]).0,
+        blk_status::IOERR
+    );
+    // Unknown type (DISCARD is not offered).
+    assert_eq!(r.submit(11, 0, &[]).0, blk_status::UNSUPP);
+    assert_eq!(r.submit(0x1234, 0, &[]).0, blk_status::UNSUPP);
+    // The disk is untouched and the device still works.
+    assert_eq!(r.g.dev.device().backend().data, disk().data);
+    assert_eq!(r.g.status() & status::DEVICE_NEEDS_RESET, 0);
+    assert_eq!(r.submit(req::IN, 0, &[(DATA, 512, true)]).0, blk_status::OK);
+}
+
+#[test]
+fn read_only_disks_refuse_writes() {
+    let mut r = rig(true);
+    put(&mut r.mem, DATA, &[0x55; 512]);
+    assert_eq!(
+        r.submit(req::OUT, 0, &[(DATA, 512, false)]).0,
+        blk_status::IOERR
+    );
+    assert_eq!(r.g.dev.device().backend().data[0], 0);
+    assert_eq!(r.submit(req::IN, 0, &[(DATA, 512, true)]).0, blk_status::OK);
+    assert_eq!(r.submit(req::FLUSH, 0, &[]).0, blk_status::OK);
+}
+
+#[test]
+fn unanswerable_chains_need_a_reset() {
+    // No status byte.
+    let mut r = rig(false);
+    put(&mut r.mem, HDR, &header(req::IN, 0));
+    r.d.add_chain(&mut r.mem, &[(HDR, 16, false)]);
+    r.g.notify(0);
+    assert_ne!(r.g.status() & status::DEVICE_NEEDS_RESET, 0);
+    assert!(matches!(r.g.dev.error(), Some(VirtioError::BadRequest(_))));
+    // Header too short.
+    let mut r = rig(false);
+    r.d.add_chain(&mut r.mem, &[(HDR, 8, false), (STATUS, 1, true)]);
+    r.g.notify(0);
+    assert_ne!(r.g.status() & status::DEVICE_NEEDS_RESET, 0);
+    // Data buffer outside RAM.
+    let mut r = rig(false);
+    put(&mut r.mem, HDR, &header(req::IN, 0));
+    r.d.add_chain(
+        &mut r.mem,
+        &[
+            (HDR, 16, false),
+            (0x8000_0000, 512, true),
+            (STATUS, 1, true),
+        ],
+    );
+    r.g.notify(0);
+    assert!(matches!(
+        r.g.dev.error(),
+        Some(VirtioError::Queue(crate::virtio::QueueError::Unbacked(_)))
+    ));
+}
+
+#[test]
+fn large_requests_move_in_chunks() {
+    let mut r = rig(false);
+    // 64 sectors (32 KiB) in, the whole disk; then a 32 KiB write with one buffer.
+    let (st, _) = r.submit(req::IN, 0, &[(0x31000, 0x8000, true)]);
+    assert_eq!(st, blk_status::OK);
+    assert_eq!(r.mem.bytes(0x31000 + 0x8000 - 1, 1), [63]);
+    let big = MemDisk::new(std::vec![0; 2 * CHUNK + 1024]);
+    let mut g = Guest::new(VirtioBlock::new(big, false, b""));
+    g.up(FEATURES, &[QUEUE_SIZE]);
+    assert_eq!(
+        g.dev.device().backend().capacity(),
+        (2 * CHUNK as u64 + 1024) / 512
+    );
+}
+
+#[test]
+fn indirect_request() {
+    let mut r = rig(false);
+    let table = 0x28000;
+    put(&mut r.mem, HDR, &header(req::IN, 5));
+    r.d.put_desc(
+        &mut r.mem,
+        table,
+        0,
+        HDR,
+        16,
+        crate::virtio::queue::desc_flags::NEXT,
+        1,
+    );
+    r.d.put_desc(&mut r.mem, table, 1, DATA, 512, 3, 2);
+    r.d.put_desc(&mut r.mem, table, 2, STATUS, 1, 2, 0);
+    let head = r.d.add_chain(&mut r.mem, &[(table, 48, false)]);
+    r.d.put_desc(
+        &mut r.mem,
+        r.d.desc,
+        head,
+        table,
+        48,
+        crate::virtio::queue::desc_flags::INDIRECT,
+        0,
+    );
+    r.g.notify(0);
+    assert_eq!(r.d.take_used(&mut r.mem), [(u32::from(head), 513)]);
+    assert_eq!(r.mem.bytes(STATUS, 1), [0]);
+    assert_eq!(r.mem.bytes(DATA, 512), [5; 512]);
+}
+
+#[test]
+fn random_requests_never_panic() {
+    let mut rng = Rng::new(5);
+    let mut r = rig(false);
+    for _ in 0..2000 {
+        if r.g.status() & status::DEVICE_NEEDS_RESET != 0 {
+            r = rig(false);
+        }
+        let ty = [req::IN, req::OUT, req::FLUSH, req::GET_ID, 99][rng.below(5) as usize];
+        let sector = if rng.chance(4) {
+            rng.next_u64()
+        } else {
+            rng.below(SECTORS + 2)
+        };
+        let n = rng.below(4) as usize;
+        let bufs: Vec<(u64, u32, bool)> = (0..n)
+            .map(|i| {
+                let len = if rng.chance(2) {
+                    512 * rng.below(3) as u32
+                } else {
+                    rng.below(2000) as u32
+                };
+                (DATA + 0x1000 * i as u64, len, ty != req::OUT)
+            })
+            .collect();
+        let mem = &mut r.mem;
+        put(mem, HDR, &header(ty, sector));
+        let mut all = std::vec![(HDR, 16, false)];
+        all.extend(bufs);
+        all.push((STATUS, 1, true));
+        r.d.add_chain(mem, &all);
+        r.g.notify(0);
+        r.d.take_used(mem);
+    }
+}

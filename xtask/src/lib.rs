@@ -1,0 +1,30 @@
+//! The Peregrine build, run, test and benchmark tool, as a library.
+//!
+//! `cargo xtask …` (see `main.rs`) is a thin front end over these functions, and the
+//! emulator integration tests in `tests/` call the same functions, so a test boots the
+//! system exactly as a person does.
+//!
+//! - [`build`]: build the bare-metal components and check the kernel's Multiboot header.
+//! - [`boot`]: what to boot ([`BootSpec`]) and how it ended ([`RunResult`], [`Exit`]).
+//! - [`qemu`] and [`bochs`]: the two emulators (Bochs boots a GRUB ISO).
+//! - [`deps`]: host tools, installed with apt when running as root.
+//! - [`suite`]: `cargo xtask test`, the README's test command and what CI runs.
+//! - [`bench`]: `cargo xtask bench`.
+
+pub mod baseline;
+pub mod bench;
+pub mod bochs;
+pub mod boot;
+pub mod build;
+pub mod deps;
+pub mod kvm;
+pub mod multiboot;
+pub mod process;
+pub mod qemu;
+pub mod suite;
+pub mod testimage;
+pub mod workspace;
+
+pub use boot::{BootSpec, Emulator, Exit, Output, RunResult};
+pub use build::{build, Images, Profile};
+pub use qemu::run_qemu;

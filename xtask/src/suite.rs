@@ -1,0 +1,290 @@
+//! `cargo xtask test`: every check, cheapest first (fmt, clippy on host and bare-metal
+//! crates, host unit tests, image build, emulator integration tests), then one summary
+//! line `N passed, N failed[, N skipped]`.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+
+use crate::build::{Profile, TARGET};
+use crate::deps::{self, Tool};
+use crate::workspace::{self, cargo, describe};
+
+/// The package of the emulator integration tests.
+pub const INTEGRATION_PACKAGE: &str = "peregrine-tests";
+
+/// Options of `cargo xtask test`.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// Leave out the slow Bochs tests.
+    pub quick: bool,
+    /// Run only tests whose name contains this (host and emulator tests alike).
+    pub filter: Option<String>,
+}
+
+/// Counts from `test result:` lines.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// Tests passed.
+    pub passed: u64,
+    /// Tests failed.
+    pub failed: u64,
+    /// Tests ignored (listed with their reason by the test harness).
+    pub ignored: u64,
+}
+
+impl std::ops::AddAssign for Counts {
+    fn add_assign(&mut self, o: Counts) {
+        self.passed += o.passed;
+        self.failed += o.failed;
+        self.ignored += o.ignored;
+    }
+}
+
+/// Parses a libtest closing line: `test result: ok. 3 passed; 1 failed; 2 ignored; …`.
+pub fn parse_test_result(line: &str) -> Option<Counts> {
+    let rest = line.trim().strip_prefix("test result: ")?;
+    let mut counts = Counts::default();
+    for part in rest.split(';') {
+        let mut words = part.split_whitespace().rev();
+        let (Some(what), Some(n)) = (words.next(), words.next()) else {
+            continue;
+        };
+        let Ok(n) = n.parse::<u64>() else { continue };
+        match what {
+            "passed" => counts.passed = n,
+            "failed" => counts.failed = n,
+            "ignored" => counts.ignored = n,
+            _ => {}
+        }
+    }
+    Some(counts)
+}
+
+/// The outcome of the whole suite.
+#[derive(Debug, Clone, Default)]
+pub struct Summary {
+    /// Tests counted from the test runs.
+    pub tests: Counts,
+    /// Steps that failed (each counts as one failure).
+    pub failed_steps: Vec<String>,
+}
+
+impl Summary {
+    /// Total failures: failed tests plus failed steps.
+    pub fn failed(&self) -> u64 {
+        self.tests.failed + self.failed_steps.len() as u64
+    }
+
+    /// The closing line.
+    pub fn line(&self) -> String {
+        let mut s = format!("{} passed, {} failed", self.tests.passed, self.failed());
+        if self.tests.ignored > 0 {
+            s += &format!(", {} skipped", self.tests.ignored);
+        }
+        s
+    }
+}
+
+/// Runs a command that prints libtest output, echoing it and summing its counts.
+/// Returns the counts and whether the command succeeded.
+fn run_tests(cmd: &mut Command) -> Result<(Counts, bool)> {
+    cmd.stdout(Stdio::piped());
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("starting {}", describe(cmd)))?;
+    let stdout = child.stdout.take().expect("piped stdout");
+    let mut counts = Counts::default();
+    for line in BufReader::new(stdout).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(c) = parse_test_result(&line) {
+            counts += c;
+        }
+    }
+    Ok((counts, child.wait()?.success()))
+}
+
+/// A test step whose failures are already counted as failed tests.
+#[derive(Debug)]
+struct TestsFailed(u64);
+
+impl std::fmt::Display for TestsFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} test(s) failed", self.0)
+    }
+}
+
+impl std::error::Error for TestsFailed {}
+
+/// Runs libtest `cmd`, adding its counts to `counts`; fails if tests failed or the
+/// command failed otherwise (e.g. did not compile).
+fn test_step(cmd: &mut Command, counts: &mut Counts) -> Result<()> {
+    let (c, ok) = run_tests(cmd)?;
+    *counts += c;
+    if c.failed > 0 {
+        return Err(TestsFailed(c.failed).into());
+    }
+    anyhow::ensure!(ok, "{} failed", describe(cmd));
+    Ok(())
+}
+
+fn step(summary: &mut Summary, name: &str, f: impl FnOnce() -> Result<()>) -> bool {
+    println!("xtask test: {name}");
+    let start = Instant::now();
+    let result = f();
+    let secs = start.elapsed().as_secs_f64();
+    match result {
+        Ok(()) => {
+            println!("xtask test: {name}: ok ({secs:.1} s)");
+            true
+        }
+        Err(e) => {
+            println!("xtask test: {name}: FAILED ({secs:.1} s): {e:#}");
+            // Failed tests are counted as such, not once more as a failed step.
+            if e.downcast_ref::<TestsFailed>().is_none() {
+                summary.failed_steps.push(name.to_string());
+            }
+            false
+        }
+    }
+}
+
+fn pkg_args(packages: &[String]) -> Vec<String> {
+    packages
+        .iter()
+        .flat_map(|p| ["-p".to_string(), p.clone()])
+        .collect()
+}
+
+/// Runs the suite and prints the summary; the caller exits non-zero when
+/// `summary.failed() > 0`.
+pub fn run(opts: &Options) -> Result<Summary> {
+    let start = Instant::now();
+    let mut summary = Summary::default();
+    let meta = workspace::metadata()?;
+    let host = meta.host_packages();
+    let bare = meta.bare_metal_packages();
+    let unit: Vec<String> = host
+        .iter()
+        .filter(|p| *p != INTEGRATION_PACKAGE)
+        .cloned()
+        .collect();
+    let filter: Vec<String> = opts.filter.iter().cloned().collect();
+
+    let tools: &[Tool] = if opts.quick {
+        &[Tool::Qemu]
+    } else {
+        &[Tool::Qemu, Tool::Bochs, Tool::Grub]
+    };
+    step(&mut summary, "host tools", || {
+        deps::ensure(tools)?;
+        deps::ensure_rust_target()
+    });
+    step(&mut summary, "fmt", || {
+        workspace::run_checked(cargo().args(["fmt", "--all", "--", "--check"]))
+    });
+    step(&mut summary, "clippy (host)", || {
+        workspace::run_checked(cargo().arg("clippy").args(pkg_args(&host)).args([
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]))
+    });
+    step(&mut summary, "clippy (x86_64-unknown-none)", || {
+        workspace::run_checked(
+            cargo()
+                .args(["clippy", "--release", "--target", TARGET])
+                .args(pkg_args(&bare))
+                .args(["--", "-D", "warnings"]),
+        )
+    });
+    let mut counts = Counts::default();
+    step(&mut summary, "host unit tests", || {
+        let (c, ok) = run_tests(
+            cargo()
+                .args(["test", "--no-fail-fast"])
+                .args(pkg_args(&unit))
+                .arg("--")
+                .args(&filter),
+        )?;
+        counts += c;
+        anyhow::ensure!(ok || c.failed > 0, "cargo test failed before running tests");
+        Ok(())
+    });
+    let built = step(&mut summary, "build images", || {
+        crate::build::build(Profile::Release).map(|_| ())
+    });
+    if built {
+        step(&mut summary, "emulator integration tests", || {
+            let mut cmd = cargo();
+            cmd.args(["test", "--no-fail-fast", "-p", INTEGRATION_PACKAGE, "--"])
+                .args(&filter);
+            if opts.quick {
+                println!("xtask test: --quick: leaving out the Bochs tests");
+                cmd.args(["--skip", "bochs"]);
+            }
+            test_step(&mut cmd, &mut counts)
+        });
+    } else {
+        println!("xtask test: emulator integration tests not run: the images did not build");
+    }
+    summary.tests = counts;
+    let total = start.elapsed();
+    if !summary.failed_steps.is_empty() {
+        println!(
+            "xtask test: failed steps: {}",
+            summary.failed_steps.join(", ")
+        );
+    }
+    println!("xtask test: total {}", fmt_duration(total));
+    println!("{}", summary.line());
+    Ok(summary)
+}
+
+fn fmt_duration(d: Duration) -> String {
+    let s = d.as_secs();
+    format!("{}m{:02}s", s / 60, s % 60)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_libtest_closing_lines() {
+        let c = parse_test_result(
+            "test result: FAILED. 3 passed; 1 failed; 10 ignored; 0 measured; 2 filtered out; \
+             finished in 0.01s",
+        )
+        .unwrap();
+        assert_eq!(
+            c,
+            Counts {
+                passed: 3,
+                failed: 1,
+                ignored: 10
+            }
+        );
+        assert_eq!(parse_test_result("running 3 tests"), None);
+    }
+
+    #[test]
+    fn summary_line_counts_failed_steps_and_skips() {
+        let mut s = Summary {
+            tests: Counts {
+                passed: 5,
+                failed: 0,
+                ignored: 0,
+            },
+            ..Default::default()
+        };
+        assert_eq!(s.line(), "5 passed, 0 failed");
+        s.failed_steps.push("fmt".into());
+        s.tests.ignored = 2;
+        assert_eq!(s.line(), "5 passed, 1 failed, 2 skipped");
+    }
+}
