@@ -53,32 +53,7 @@ core::arch::global_asm!(
     handler = sym crate::syscall::syscall_handler,
 );
 
-core::arch::global_asm!(
-    ".global ret_user_frame",
-    "ret_user_frame:",
-    "mov rsp, rdi",
-    "pop r15",
-    "pop r14",
-    "pop r13",
-    "pop r12",
-    "pop r11",
-    "pop r10",
-    "pop r9",
-    "pop r8",
-    "pop rbp",
-    "pop rdi",
-    "pop rsi",
-    "pop rdx",
-    "pop rcx",
-    "pop rbx",
-    "pop rax",
-    "add rsp, 16",
-    "swapgs",
-    "iretq",
-);
-
 extern "C" {
-    fn ret_user_frame(frame: *const Frame) -> !;
     /// The `syscall` entry point (programmed into LSTAR).
     pub fn syscall_entry();
 }
@@ -91,8 +66,9 @@ extern "C" {
 /// [`Frame`] guarantee canonical RIP/RSP and sane RFLAGS) and the CPU must be on its own
 /// kernel stack with GS holding the kernel base.
 pub unsafe fn ret_user(frame: *const Frame) -> ! {
-    // SAFETY: forwarded to the caller.
-    unsafe { ret_user_frame(frame) }
+    // SAFETY: forwarded to the caller; a frame is the trap stubs' record, and their exit
+    // path pops it, swaps GS for ring 3 and returns with iretq.
+    unsafe { crate::arch::x86::entry::return_to(frame) }
 }
 
 /// Address just past `frame`: where the syscall stub starts pushing.

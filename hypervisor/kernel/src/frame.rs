@@ -7,35 +7,9 @@
 
 use peregrine_abi::utcb::gpr;
 
-/// Saved user registers.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Frame {
-    pub r15: u64,
-    pub r14: u64,
-    pub r13: u64,
-    pub r12: u64,
-    pub r11: u64,
-    pub r10: u64,
-    pub r9: u64,
-    pub r8: u64,
-    pub rbp: u64,
-    pub rdi: u64,
-    pub rsi: u64,
-    pub rdx: u64,
-    pub rcx: u64,
-    pub rbx: u64,
-    pub rax: u64,
-    /// Event that entered the kernel (exception vector, or `SYSCALL`).
-    pub vector: u64,
-    /// Error code of an exception.
-    pub error: u64,
-    pub rip: u64,
-    pub cs: u64,
-    pub rflags: u64,
-    pub rsp: u64,
-    pub ss: u64,
-}
+/// Saved user registers: the same record the trap stubs build (the platform layer's
+/// [`Regs`](crate::arch::x86::regs::Regs)), so a trap frame is an EC frame as it is.
+pub type Frame = crate::arch::x86::regs::Regs;
 
 /// The `vector` of a frame saved by the syscall entry.
 pub const SYSCALL: u64 = 0x100;

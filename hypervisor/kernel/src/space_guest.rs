@@ -14,11 +14,12 @@ use core::sync::atomic::{AtomicU64, Ordering};
 
 use peregrine_abi::{Status, PAGE_BITS};
 use peregrine_core::mdb::SpaceId;
-use peregrine_core::pagetable::{Npt, PageTable, Perm, PtError, TableMem};
+use peregrine_core::pagetable::{Npt, PageTable, Perm};
 use spin::Mutex;
 
 use crate::kmem;
 use crate::pd::Pd;
+use crate::space_mem::{pt_err, Tables};
 
 /// Bit 63 of a mapping-database space id marks a PD's guest-physical space.
 pub const GUEST_SPACE_BIT: u64 = 1 << 63;
@@ -30,45 +31,12 @@ pub fn sid(pd: &Pd) -> SpaceId {
     SpaceId(pd.id | GUEST_SPACE_BIT)
 }
 
-struct Tables<'a> {
-    pd: Option<&'a Pd>,
-    freed: &'a mut Vec<u64>,
-}
-
-impl TableMem for Tables<'_> {
-    fn alloc_table(&mut self) -> Option<u64> {
-        match self.pd {
-            Some(pd) => kmem::alloc_frame(pd).ok(),
-            None => crate::mem::alloc_frame_zeroed(),
-        }
-    }
-    fn free_table(&mut self, table: u64) {
-        self.freed.push(table);
-    }
-    fn read(&self, table: u64, idx: usize) -> u64 {
-        // SAFETY: `table` is a nested page-table page of this space, in the physmap, and
-        // idx < 512 (the walker's invariant).
-        unsafe { core::ptr::read_volatile((kmem::phys_to_virt(table) as *const u64).add(idx)) }
-    }
-    fn write(&mut self, table: u64, idx: usize, val: u64) {
-        // SAFETY: as in `read`; the space's lock serializes writers.
-        unsafe { core::ptr::write_volatile((kmem::phys_to_virt(table) as *mut u64).add(idx), val) }
-    }
-}
-
 /// A VM's guest-physical space.
 pub struct SpaceGuest {
     root: u64,
     lock: Mutex<()>,
     /// Bumped whenever a mapping is removed (vCPUs flush their guest TLB on change).
     pub flush_gen: AtomicU64,
-}
-
-fn pt_err(e: PtError) -> Status {
-    match e {
-        PtError::NoMemory => Status::OutOfMemory,
-        _ => Status::BadParameter,
-    }
 }
 
 impl SpaceGuest {

@@ -15,10 +15,12 @@ use spin::Mutex;
 use crate::kmem;
 use crate::pd::Pd;
 
-/// Table memory of one PD, over the kernel's direct map.
-struct Tables<'a> {
-    pd: Option<&'a Pd>,
-    freed: &'a mut Vec<u64>,
+/// Table memory of one PD, over the kernel's direct map (host and nested tables alike).
+pub(crate) struct Tables<'a> {
+    /// The PD new tables are charged to (None: no allocation expected).
+    pub pd: Option<&'a Pd>,
+    /// Tables freed by the operation, returned to the allocator after a shootdown.
+    pub freed: &'a mut Vec<u64>,
 }
 
 impl TableMem for Tables<'_> {
@@ -48,7 +50,8 @@ pub struct SpaceMem {
     lock: Mutex<()>,
 }
 
-fn pt_err(e: PtError) -> Status {
+/// The status for a page-table error.
+pub(crate) fn pt_err(e: PtError) -> Status {
     match e {
         PtError::NoMemory => Status::OutOfMemory,
         _ => Status::BadParameter,
