@@ -127,6 +127,8 @@ struct Work {
 pub struct Mdb {
     nodes: BTreeMap<(SpaceId, u64), Node>,
     children: BTreeSet<ChildKey>,
+    /// Nodes per space (what a space's owner is charged for).
+    counts: BTreeMap<SpaceId, u64>,
 }
 
 impl Mdb {
@@ -135,6 +137,19 @@ impl Mdb {
         Mdb {
             nodes: BTreeMap::new(),
             children: BTreeSet::new(),
+            counts: BTreeMap::new(),
+        }
+    }
+
+    /// Number of nodes in `space` (a split by a partial revocation adds nodes; the
+    /// kernel charges each space's owner for its nodes).
+    pub fn count(&self, space: SpaceId) -> u64 {
+        self.counts.get(&space).copied().unwrap_or(0)
+    }
+
+    fn insert_raw(&mut self, space: SpaceId, base: u64, node: Node) {
+        if self.nodes.insert((space, base), node).is_none() {
+            *self.counts.entry(space).or_insert(0) += 1;
         }
     }
 
@@ -244,7 +259,7 @@ impl Mdb {
             origin,
             src: None,
         };
-        self.nodes.insert((space, base), node);
+        self.insert_raw(space, base, node);
         Ok(Self::mapping(space, base, &node))
     }
 
@@ -252,11 +267,17 @@ impl Mdb {
         if let Some((ss, sb)) = node.src {
             self.children.insert((ss, sb, node.order, space, base));
         }
-        self.nodes.insert((space, base), node);
+        self.insert_raw(space, base, node);
     }
 
     fn remove_node(&mut self, space: SpaceId, base: u64) -> Option<Node> {
         let node = self.nodes.remove(&(space, base))?;
+        if let Some(c) = self.counts.get_mut(&space) {
+            *c -= 1;
+            if *c == 0 {
+                self.counts.remove(&space);
+            }
+        }
         if let Some((ss, sb)) = node.src {
             self.children.remove(&(ss, sb, node.order, space, base));
         }
@@ -534,6 +555,13 @@ impl Mdb {
         if n_children != self.children.len() {
             return Err("stale child index entries");
         }
+        let mut counts = BTreeMap::new();
+        for &(space, _) in self.nodes.keys() {
+            *counts.entry(space).or_insert(0u64) += 1;
+        }
+        if counts != self.counts {
+            return Err("per-space node counts wrong");
+        }
         Ok(())
     }
 }
@@ -588,6 +616,23 @@ mod tests {
         m.insert_root(K, 1 << 63, 63, 1, 0).unwrap();
         let l = m.lookup(K, u64::MAX).unwrap();
         assert_eq!(l.origin + (u64::MAX - l.base), (1 << 63) - 1);
+        m.check().unwrap();
+    }
+
+    #[test]
+    fn node_counts_follow_splits() {
+        let mut m = Mdb::new();
+        m.insert_root(K, 0, 4, 7, 0).unwrap();
+        m.delegate(K, 0, A, 0, 3, 7).unwrap();
+        assert_eq!((m.count(K), m.count(A)), (1, 1));
+        // Taking one page out of A's 8-page node leaves 3 buddy pieces there.
+        m.revoke(A, 5, 0, true, |_| {}).unwrap();
+        assert_eq!(m.count(A), 3);
+        m.check().unwrap();
+        m.destroy_space(A, |_| {});
+        assert_eq!(m.count(A), 0);
+        m.destroy_space(K, |_| {});
+        assert_eq!((m.count(K), m.len()), (0, 0));
         m.check().unwrap();
     }
 

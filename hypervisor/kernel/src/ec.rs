@@ -8,6 +8,7 @@
 
 use alloc::collections::VecDeque;
 use alloc::sync::Arc;
+use alloc::vec::Vec;
 use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
@@ -195,12 +196,16 @@ impl Ec {
 impl Drop for Ec {
     fn drop(&mut self) {
         if self.utcb_phys != 0 {
-            // Unmap the UTCB everywhere before its frame can be reused.
+            // Unmap the UTCB; the page (and any table emptied) is reused only after a
+            // shootdown of the CPUs that have the PD loaded (batched: `tlb::reclaim`).
+            // The last reference may go under a lock, where no shootdown may wait.
+            let mut pages = Vec::new();
             self.pd
                 .mem
-                .unmap(&self.pd, self.utcb_uva >> peregrine_abi::PAGE_BITS, 0);
-            crate::tlb::shootdown();
-            crate::kmem::free_frame(&self.pd, self.utcb_phys);
+                .unmap_deferred(self.utcb_uva >> peregrine_abi::PAGE_BITS, 0, &mut pages);
+            pages.push(self.utcb_phys);
+            crate::kmem::uncharge(&self.pd, pages.len() as u64);
+            crate::tlb::defer_free(self.pd.id, pages);
         }
     }
 }

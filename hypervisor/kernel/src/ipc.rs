@@ -45,24 +45,47 @@ fn enter_handler(h: &Ec, pt: &Pt) {
     f.rsi = h.utcb_uva;
 }
 
+/// What a call or event leads to.
+enum Next {
+    /// Switch to this handler.
+    Handler(Arc<Ec>),
+    /// The caller waits in the handler's queue.
+    Block,
+}
+
 /// `call` hypercall by the running EC `c` through the portal at `sel`.
+///
+/// Every diverging path below drops its references first: a function that never
+/// returns never runs its locals' destructors.
 pub fn call(c: Arc<Ec>, sel: u64, nonblocking: bool) -> ! {
-    let pt = match portal(&c, sel, true) {
-        Ok(p) => p,
-        Err(s) => finish(&c, s),
-    };
+    match enter_call(&c, sel, nonblocking) {
+        Ok(Next::Handler(h)) => {
+            drop(c);
+            sched::ret_to(h)
+        }
+        Ok(Next::Block) => {
+            drop(c);
+            sched::block_current();
+            sched::schedule()
+        }
+        Err(s) => finish(c, s),
+    }
+}
+
+fn enter_call(c: &Arc<Ec>, sel: u64, nonblocking: bool) -> Result<Next, Status> {
+    let pt = portal(c, sel, true)?;
     let h = pt.ec.clone();
     if h.cpu != c.cpu {
-        finish(&c, Status::BadCpu);
+        return Err(Status::BadCpu);
     }
     if h.is_dead() {
-        finish(&c, Status::Aborted);
+        return Err(Status::Aborted);
     }
     // SAFETY: both ECs are bound to this CPU.
     let hl = unsafe { h.local() };
-    if hl.caller.is_some() || Arc::ptr_eq(&h, &c) {
-        if nonblocking || Arc::ptr_eq(&h, &c) {
-            finish(&c, Status::Timeout);
+    if hl.caller.is_some() || Arc::ptr_eq(&h, c) {
+        if nonblocking || Arc::ptr_eq(&h, c) {
+            return Err(Status::Timeout);
         }
         // Wait for the handler; the call is re-issued when it becomes free.
         {
@@ -71,20 +94,17 @@ pub fn call(c: Arc<Ec>, sel: u64, nonblocking: bool) -> ! {
             f.rip = f.rip.wrapping_sub(2);
         }
         hl.waiters.push_back(c.clone());
-        sched::block_current();
-        sched::schedule();
+        return Ok(Next::Block);
     }
     // SAFETY: both UTCBs belong to ECs on this CPU, and neither runs now.
     let (su, du) = unsafe { (c.utcb(), h.utcb()) };
-    if let Err(s) = copy_msg(&c, su, &h, du) {
-        finish(&c, s);
-    }
+    copy_msg(c, su, &h, du)?;
     hl.caller = Some(c.clone());
     hl.kind = CallKind::Ipc;
     // SAFETY: as above.
     unsafe { c.local() }.callee = Some(h.clone());
     enter_handler(&h, &pt);
-    sched::ret_to(h)
+    Ok(Next::Handler(h))
 }
 
 /// Copies a message (untyped words and typed items) from `s` to `d`.
@@ -109,10 +129,10 @@ fn copy_msg(se: &Ec, s: &Utcb, de: &Ec, d: &mut Utcb) -> Result<(), Status> {
 }
 
 /// Writes the status into the running EC and resumes it.
-pub fn finish(c: &Arc<Ec>, s: Status) -> ! {
+pub fn finish(c: Arc<Ec>, s: Status) -> ! {
     // SAFETY: `c` is the running EC on this CPU.
     unsafe { c.frame() }.rdi = s as u64;
-    sched::ret_to(c.clone())
+    sched::ret_to(c)
 }
 
 /// `reply` by the running handler `h`.
@@ -121,6 +141,7 @@ pub fn reply(h: Arc<Ec>) -> ! {
     let hl = unsafe { h.local() };
     let Some(c) = hl.caller.take() else {
         // Nothing to reply to: the handler just idles until the next call.
+        drop(h);
         sched::block_current();
         sched::schedule();
     };
@@ -157,6 +178,7 @@ pub fn reply(h: Arc<Ec>) -> ! {
         }
     }
     // The handler's stack and frame are reset on its next call.
+    drop(h);
     sched::ret_to(c)
 }
 
@@ -231,9 +253,17 @@ fn put_state(f: &mut Frame, a: &ArchState) {
 /// Delivers event `vector` of the running EC `c` to its portal (exception or start-up),
 /// or stops `c` if there is no usable portal.
 pub fn event(c: Arc<Ec>, vector: u64) -> ! {
-    let pt = match portal(&c, c.evt.wrapping_add(vector), false) {
-        Ok(p) if p.ec.cpu == c.cpu && !p.ec.is_dead() && !Arc::ptr_eq(&p.ec, &c) => p,
-        _ => {
+    match enter_event(&c, vector) {
+        Some(Next::Handler(h)) => {
+            drop(c);
+            sched::ret_to(h)
+        }
+        Some(Next::Block) => {
+            drop(c);
+            sched::block_current();
+            sched::schedule()
+        }
+        None => {
             crate::kprintln!(
                 "ec in pd {}: unhandled event {} at rip {:#x}: stopped",
                 c.pd.id,
@@ -241,8 +271,15 @@ pub fn event(c: Arc<Ec>, vector: u64) -> ! {
                 // SAFETY: `c` runs on this CPU.
                 unsafe { c.frame() }.rip
             );
-            stop(&c);
+            stop(c)
         }
+    }
+}
+
+fn enter_event(c: &Arc<Ec>, vector: u64) -> Option<Next> {
+    let pt = match portal(c, c.evt.wrapping_add(vector), false) {
+        Ok(p) if p.ec.cpu == c.cpu && !p.ec.is_dead() && !Arc::ptr_eq(&p.ec, c) => p,
+        _ => return None,
     };
     let h = pt.ec.clone();
     // SAFETY: both ECs are bound to this CPU.
@@ -251,15 +288,14 @@ pub fn event(c: Arc<Ec>, vector: u64) -> ! {
         // Busy handler: wait, then take the event again (re-executing the faulting
         // instruction re-raises it; start-up is retried by the scheduler).
         hl.waiters.push_back(c.clone());
-        sched::block_current();
-        sched::schedule();
+        return Some(Next::Block);
     }
     // SAFETY: as above.
     let (cf, hu) = unsafe { (c.frame(), h.utcb()) };
     hu.head.mtr = 0;
-    // SVM: a vCPU's state comes from its VMCB.
+    // A vCPU's state comes from its VMCB/VMCS.
     if c.kind == EcKind::Vcpu {
-        crate::vcpu::get_state(&c, pt.mtd, vector, hu.arch_mut());
+        crate::vcpu::get_state(c, pt.mtd, vector, hu.arch_mut());
     } else {
         get_state(cf, pt.mtd, vector, hu.arch_mut());
     }
@@ -272,7 +308,7 @@ pub fn event(c: Arc<Ec>, vector: u64) -> ! {
     // SAFETY: as above.
     unsafe { c.local() }.callee = Some(h.clone());
     enter_handler(&h, &pt);
-    sched::ret_to(h)
+    Some(Next::Handler(h))
 }
 
 /// The first dispatch of a global EC: its STARTUP event.
@@ -280,14 +316,14 @@ pub fn startup(ec: Arc<Ec>) -> ! {
     if ec.kind == EcKind::Vcpu {
         crate::vcpu::startup(ec);
     }
-    // SAFETY: interrupts are off in the kernel.
-    unsafe { sched::local() }.current = Some(ec.clone());
+    sched::set_current(&ec);
     event(ec, host::STARTUP)
 }
 
 /// Stops an EC for good and schedules something else.
-pub fn stop(c: &Arc<Ec>) -> ! {
+pub fn stop(c: Arc<Ec>) -> ! {
     c.dead.store(true, core::sync::atomic::Ordering::Release);
     sched::clear_current();
+    drop(c);
     sched::schedule()
 }

@@ -5,6 +5,7 @@ use alloc::sync::{Arc, Weak};
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
+use peregrine_abi::Status;
 use peregrine_core::capspace::CapSpace;
 use peregrine_core::quota::Quota;
 use spin::Mutex;
@@ -42,7 +43,20 @@ pub struct Pd {
     dead: AtomicBool,
     /// ECs living in this PD (to stop them when it is destroyed).
     pub ecs: Mutex<Vec<Weak<Ec>>>,
+    /// Its mapping-database nodes and the quota pages they are charged.
+    nodes: Mutex<NodeCharge>,
 }
+
+/// Mapping-database nodes a PD's spaces hold, per database, and the pages charged.
+#[derive(Debug, Default)]
+struct NodeCharge {
+    count: [u64; 3],
+    pages: u32,
+}
+
+/// Nodes charged as one quota page (a node with its index entries is ~100 bytes of
+/// kernel heap).
+pub const NODES_PER_PAGE: u64 = 32;
 
 impl Pd {
     /// Creates a PD with quota `q` (carved out of the parent's).
@@ -69,7 +83,42 @@ impl Pd {
             vm,
             dead: AtomicBool::new(false),
             ecs: Mutex::new(Vec::new()),
+            nodes: Mutex::new(NodeCharge::default()),
         })
+    }
+
+    /// Records that this PD's spaces hold `count` nodes of mapping database `db`
+    /// (0 memory, 1 I/O ports, 2 objects) and charges or returns quota pages to match.
+    /// `strict`: fail with `OutOfMemory` (recording nothing) when the quota cannot pay
+    /// (delegation, which then undoes itself); otherwise charge what the quota allows
+    /// (revocation splits never fail) and settle the rest later.
+    pub fn settle_nodes(&self, db: usize, count: u64, strict: bool) -> Result<(), Status> {
+        if self.kernel {
+            return Ok(());
+        }
+        let mut n = self.nodes.lock();
+        let Some(slot) = n.count.get(db).copied() else {
+            return Err(Status::BadParameter);
+        };
+        let total = n.count.iter().sum::<u64>() - slot + count;
+        let want = u32::try_from(total.div_ceil(NODES_PER_PAGE)).unwrap_or(u32::MAX);
+        if want > n.pages {
+            match self.quota.charge(want - n.pages) {
+                Ok(()) => n.pages = want,
+                Err(_) if strict => return Err(Status::OutOfMemory),
+                Err(_) => {
+                    // Charge page by page what is left.
+                    while n.pages < want && self.quota.charge(1).is_ok() {
+                        n.pages += 1;
+                    }
+                }
+            }
+        } else if want < n.pages {
+            let _ = self.quota.uncharge(n.pages - want);
+            n.pages = want;
+        }
+        n.count[db] = count;
+        Ok(())
     }
 
     /// Whether the PD was destroyed.
@@ -118,6 +167,8 @@ impl Drop for Pd {
     fn drop(&mut self) {
         // Everything it held is freed by now (its page tables go with `mem` after this):
         // hand the account back to the parent, which paid for it.
+        let pages = self.nodes.lock().pages;
+        let _ = self.quota.uncharge(pages);
         self.mem.release(&self.quota);
         if let Some(g) = &mut self.guest {
             g.release(&self.quota);

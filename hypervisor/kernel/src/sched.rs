@@ -290,6 +290,12 @@ fn runnable_head(sc: &Arc<Sc>) -> Option<Arc<Ec>> {
     }
 }
 
+/// Priority of the SC this CPU runs now (0 when none).
+pub fn current_prio() -> u8 {
+    // SAFETY: interrupts are off in the kernel.
+    unsafe { local() }.sc.as_ref().map_or(0, |sc| sc.prio)
+}
+
 /// Picks the next SC and runs it; idles when there is none.
 pub fn schedule() -> ! {
     loop {
@@ -327,6 +333,7 @@ pub fn schedule() -> ! {
 pub fn ret_to(ec: Arc<Ec>) -> ! {
     if ec.is_dead() {
         clear_current();
+        drop(ec);
         // The SC that drove it finds the dead EC when dispatched again.
         schedule();
     }
@@ -337,8 +344,7 @@ pub fn ret_to(ec: Arc<Ec>) -> ! {
     if ec.kind == crate::ec::EcKind::Global
         && ec.recall.swap(false, core::sync::atomic::Ordering::AcqRel)
     {
-        // SAFETY: interrupts are off in the kernel.
-        unsafe { local() }.current = Some(ec.clone());
+        set_current(&ec);
         crate::ipc::event(ec, peregrine_abi::event::host::RECALL);
     }
     // SAFETY: interrupts are off in the kernel.
@@ -347,6 +353,7 @@ pub fn ret_to(ec: Arc<Ec>) -> ! {
     if l.space != ec.pd.id || l.pio_gen != gen {
         if l.space != ec.pd.id {
             l.space = ec.pd.id;
+            crate::tlb::loading(ec.pd.id);
             ec.pd.mem.activate();
         }
         l.pio_gen = gen;
@@ -373,6 +380,22 @@ pub fn clear_current() {
         let old = l.current.take();
         drop(old);
     }
+}
+
+/// Makes `ec` the running EC before its state is handled in the kernel (start-up and
+/// recall events). The previous EC may hold the last reference to the PD whose page
+/// table is loaded: that table is unloaded first, never freed while loaded.
+pub fn set_current(ec: &Arc<Ec>) {
+    // SAFETY: interrupts are off in the kernel.
+    let l = unsafe { local() };
+    if l.current.as_ref().is_some_and(|c| Arc::ptr_eq(c, ec)) {
+        return;
+    }
+    if l.space != ec.pd.id {
+        clear_current();
+    }
+    // SAFETY: as above.
+    unsafe { local() }.current = Some(ec.clone());
 }
 
 /// Resumes the running EC.

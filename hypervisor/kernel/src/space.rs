@@ -10,7 +10,7 @@ use alloc::vec::Vec;
 
 use peregrine_abi::crd::delegation_target;
 use peregrine_abi::{Crd, CrdKind, Status, Xfer, XferFlags};
-use peregrine_core::mdb::{Mdb, MdbError, Removed, SpaceId};
+use peregrine_core::mdb::{Mapping, Mdb, MdbError, Removed, SpaceId};
 use spin::Mutex;
 
 use crate::cap::{Cap, KObj};
@@ -124,6 +124,72 @@ pub fn delegate(
     }
 }
 
+/// Which mapping database (the index [`Pd::settle_nodes`] charges under).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Db {
+    Mem = 0,
+    Pio = 1,
+    Obj = 2,
+}
+
+/// Brings `pd`'s node charge for `db` up to date (the caller holds `db`'s lock).
+fn settle(mdb: &Mdb, db: Db, pd: &Pd, strict: bool) -> Result<(), Status> {
+    let mut n = mdb.count(sid(pd));
+    if db == Db::Mem && pd.vm {
+        n += mdb.count(crate::space_guest::sid(pd));
+    }
+    pd.settle_nodes(db as usize, n, strict)
+}
+
+/// Settles every PD whose space lost (or, by a split, gained) nodes.
+fn settle_removed(mdb: &Mdb, db: Db, removed: &[Removed]) {
+    let mut ids: Vec<u64> = removed
+        .iter()
+        .map(|r| r.space.0 & !crate::space_guest::GUEST_SPACE_BIT)
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    for id in ids {
+        if let Some(p) = pd_of(SpaceId(id)) {
+            let _ = settle(mdb, db, &p, false);
+        }
+    }
+}
+
+/// The shape every delegation shares: record the new nodes in `db` from `src`'s space
+/// into `dst`'s space `dsid`, charge them to `dst`, and `apply` each to `dst`'s space;
+/// if the charge or an application fails, remove the new nodes again, `undo` each
+/// and return the error.
+#[allow(clippy::too_many_arguments)]
+fn delegate_nodes(
+    db: Db,
+    src: &Pd,
+    dst: &Pd,
+    dsid: SpaceId,
+    (sb, base, order, mask): (u64, u64, u8, u8),
+    mut apply: impl FnMut(&Mapping) -> Result<(), Status>,
+    mut undo: impl FnMut(&Mapping),
+) -> Result<(), Status> {
+    let lock = match db {
+        Db::Mem => &MDB_MEM,
+        Db::Pio => &MDB_PIO,
+        Db::Obj => &MDB_OBJ,
+    };
+    let mut mdb = lock.lock();
+    let new = mdb
+        .delegate_range(sid(src), sb, dsid, base, order, mask)
+        .map_err(mdb_err)?;
+    let r = settle(&mdb, db, dst, true).and_then(|()| new.iter().try_for_each(&mut apply));
+    if r.is_err() {
+        for m in &new {
+            let _ = mdb.revoke(m.space, m.base, m.order, true, |_| {});
+            undo(m);
+        }
+        let _ = settle(&mdb, db, dst, false);
+    }
+    r
+}
+
 fn delegate_mem(
     src: &Pd,
     dst: &Arc<Pd>,
@@ -136,30 +202,27 @@ fn delegate_mem(
     if order > 40 || db.checked_add(1 << order).is_none_or(|e| e > user_end) {
         return Err(Status::BadParameter);
     }
-    let mut mdb = MDB_MEM.lock();
-    let new = mdb
-        .delegate_range(sid(src), sb, sid(dst), db, order, mask)
-        .map_err(mdb_err)?;
-    for m in &new {
-        if let Err(e) = dst.mem.map(dst, m.base, m.origin, m.order, m.perm) {
-            // Undo this and the rest; undo what was mapped already.
-            let mut freed = Vec::new();
-            for u in &new {
-                let _ = mdb.revoke(u.space, u.base, u.order, true, |_| {});
-                dst.mem.unmap_deferred(u.base, u.order, &mut freed);
-            }
-            drop(mdb);
-            crate::tlb::shootdown();
-            for t in freed {
-                crate::kmem::free_frame(dst, t);
-            }
-            return Err(e);
+    let mut freed = Vec::new();
+    let r = delegate_nodes(
+        Db::Mem,
+        src,
+        dst,
+        sid(dst),
+        (sb, db, order, mask),
+        |m| dst.mem.map(dst, m.base, m.origin, m.order, m.perm),
+        |m| dst.mem.unmap_deferred(m.base, m.order, &mut freed),
+    );
+    if r.is_err() {
+        // What was mapped may be cached: flush before the tables are reused.
+        crate::tlb::shootdown_to(crate::tlb::Targets::Pds(&[dst.id]));
+        for t in freed {
+            crate::kmem::free_frame(dst, t);
         }
     }
-    Ok(())
+    r
 }
 
-/// SVM/NPT: delegates host memory of `src` into the guest-physical space of VM `dst`
+/// Delegates host memory of `src` into the guest-physical space of VM `dst`
 /// (recorded under the guest space id, see `space_guest`).
 fn delegate_guest(
     src: &Pd,
@@ -179,27 +242,23 @@ fn delegate_guest(
     {
         return Err(Status::BadParameter);
     }
-    let gsid = crate::space_guest::sid(dst);
-    let mut mdb = MDB_MEM.lock();
-    let new = mdb
-        .delegate_range(sid(src), sb, gsid, db, order, mask)
-        .map_err(mdb_err)?;
-    for m in &new {
-        if let Err(e) = g.map(dst, m.base, m.origin, m.order, m.perm) {
-            let mut freed = Vec::new();
-            for u in &new {
-                let _ = mdb.revoke(u.space, u.base, u.order, true, |_| {});
-                g.unmap_deferred(u.base, u.order, &mut freed);
-            }
-            drop(mdb);
-            crate::tlb::shootdown();
-            for t in freed {
-                crate::kmem::free_frame(dst, t);
-            }
-            return Err(e);
+    let mut freed = Vec::new();
+    let r = delegate_nodes(
+        Db::Mem,
+        src,
+        dst,
+        crate::space_guest::sid(dst),
+        (sb, db, order, mask),
+        |m| g.map(dst, m.base, m.origin, m.order, m.perm),
+        |m| g.unmap_deferred(m.base, m.order, &mut freed),
+    );
+    if r.is_err() {
+        crate::tlb::shootdown();
+        for t in freed {
+            crate::kmem::free_frame(dst, t);
         }
     }
-    Ok(())
+    r
 }
 
 fn delegate_pio(
@@ -214,14 +273,18 @@ fn delegate_pio(
         // Ports keep their numbers.
         return Err(Status::BadParameter);
     }
-    let mut mdb = MDB_PIO.lock();
-    let new = mdb
-        .delegate_range(sid(src), sb, sid(dst), db, order, mask)
-        .map_err(mdb_err)?;
-    for m in new {
-        dst.pio.set(m.base, m.order, true);
-    }
-    Ok(())
+    delegate_nodes(
+        Db::Pio,
+        src,
+        dst,
+        sid(dst),
+        (sb, db, order, mask),
+        |m| {
+            dst.pio.set(m.base, m.order, true);
+            Ok(())
+        },
+        |m| dst.pio.set(m.base, m.order, false),
+    )
 }
 
 fn delegate_obj(
@@ -239,34 +302,36 @@ fn delegate_obj(
     {
         return Err(Status::BadParameter);
     }
-    let mut mdb = MDB_OBJ.lock();
-    let new = mdb
-        .delegate_range(sid(src), sb, sid(dst), db, order, mask)
-        .map_err(mdb_err)?;
-    let mut caps = Vec::new();
-    {
-        let s = src.obj.lock();
-        for m in &new {
+    delegate_nodes(
+        Db::Obj,
+        src,
+        dst,
+        sid(dst),
+        (sb, db, order, mask),
+        |m| {
             let (_, src_base) = m.src.unwrap_or((sid(src), m.base));
-            // Only the slots that hold something (absent tables are skipped).
-            if let Ok(r) = s.range(src_base, m.order) {
-                for (sel, c) in r {
-                    caps.push((
-                        m.base + (sel - src_base),
-                        Cap {
+            // Only the slots that hold something (absent tables are skipped); the
+            // source's lock is dropped before the destination's is taken.
+            let caps: Vec<(u64, Cap)> = match src.obj.lock().range(src_base, m.order) {
+                Ok(r) => r
+                    .map(|(sel, c)| {
+                        let cap = Cap {
                             obj: c.obj.clone(),
                             perm: c.perm & m.perm,
-                        },
-                    ));
-                }
+                        };
+                        (m.base + (sel - src_base), cap)
+                    })
+                    .collect(),
+                Err(_) => Vec::new(),
+            };
+            let mut d = dst.obj.lock();
+            for (sel, cap) in caps {
+                let _ = d.insert(sel, cap);
             }
-        }
-    }
-    let mut d = dst.obj.lock();
-    for (sel, cap) in caps {
-        let _ = d.insert(sel, cap);
-    }
-    Ok(())
+            Ok(())
+        },
+        |_| {},
+    )
 }
 
 /// `lookup`: the node covering the CRD's base in the caller's space of that kind.
@@ -293,18 +358,26 @@ pub fn revoke(pd: &Arc<Pd>, crd: Crd, own: bool) -> Result<(), Status> {
     match crd.kind() {
         CrdKind::Null => Err(Status::BadParameter),
         CrdKind::Mem => {
-            let removed = MDB_MEM
-                .lock()
-                .revoke_collect(sid(pd), base, order, own)
-                .map_err(mdb_err)?;
+            let removed = {
+                let mut mdb = MDB_MEM.lock();
+                let r = mdb
+                    .revoke_collect(sid(pd), base, order, own)
+                    .map_err(mdb_err)?;
+                settle_removed(&mdb, Db::Mem, &r);
+                r
+            };
             unmap_removed(&removed);
             Ok(())
         }
         CrdKind::Pio => {
-            let removed = MDB_PIO
-                .lock()
-                .revoke_collect(sid(pd), base, order, own)
-                .map_err(mdb_err)?;
+            let removed = {
+                let mut mdb = MDB_PIO.lock();
+                let r = mdb
+                    .revoke_collect(sid(pd), base, order, own)
+                    .map_err(mdb_err)?;
+                settle_removed(&mdb, Db::Pio, &r);
+                r
+            };
             for r in removed {
                 if let Some(p) = pd_of(r.space) {
                     p.pio.set(r.base, r.order, false);
@@ -331,8 +404,11 @@ pub fn revoke(pd: &Arc<Pd>, crd: Crd, own: bool) -> Result<(), Status> {
                         }
                     }
                 }
-                mdb.revoke_collect(sid(pd), base, order, own)
-                    .map_err(mdb_err)?
+                let r = mdb
+                    .revoke_collect(sid(pd), base, order, own)
+                    .map_err(mdb_err)?;
+                settle_removed(&mdb, Db::Obj, &r);
+                r
             };
             remove_caps(&removed);
             for p in doomed {
@@ -372,7 +448,18 @@ fn unmap_removed(removed: &[Removed]) {
         }
     }
     if !removed.is_empty() {
-        crate::tlb::shootdown();
+        // Host spaces: the CPUs that have one of them loaded; a guest space: all.
+        let mut ids: Vec<u64> = removed.iter().map(|r| r.space.0).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        if ids
+            .iter()
+            .any(|&s| s & crate::space_guest::GUEST_SPACE_BIT != 0)
+        {
+            crate::tlb::shootdown();
+        } else {
+            crate::tlb::shootdown_to(crate::tlb::Targets::Pds(&ids));
+        }
     }
     for (p, f) in freed {
         for t in f {
@@ -411,24 +498,27 @@ pub fn destroy(pd: &Arc<Pd>) {
 
 /// Tears down the spaces of a destroyed PD: everything it holds and everything derived.
 pub fn destroy_spaces(pd: &Arc<Pd>) {
-    let mut removed = Vec::new();
-    MDB_MEM.lock().destroy_space(sid(pd), |r| removed.push(r));
+    let destroy_in = |lock: &Mutex<Mdb>, db: Db, spaces: &[SpaceId]| {
+        let mut removed = Vec::new();
+        let mut mdb = lock.lock();
+        for &s in spaces {
+            mdb.destroy_space(s, |r| removed.push(r));
+        }
+        settle_removed(&mdb, db, &removed);
+        let _ = settle(&mdb, db, pd, false);
+        removed
+    };
+    let mut mem = alloc::vec![sid(pd)];
     if pd.vm {
-        MDB_MEM
-            .lock()
-            .destroy_space(crate::space_guest::sid(pd), |r| removed.push(r));
+        mem.push(crate::space_guest::sid(pd));
     }
-    unmap_removed(&removed);
-    let mut removed = Vec::new();
-    MDB_PIO.lock().destroy_space(sid(pd), |r| removed.push(r));
-    for r in &removed {
+    unmap_removed(&destroy_in(&MDB_MEM, Db::Mem, &mem));
+    for r in &destroy_in(&MDB_PIO, Db::Pio, &[sid(pd)]) {
         if let Some(p) = pd_of(r.space) {
             p.pio.set(r.base, r.order, false);
         }
     }
-    let mut removed = Vec::new();
-    MDB_OBJ.lock().destroy_space(sid(pd), |r| removed.push(r));
-    remove_caps(&removed);
+    remove_caps(&destroy_in(&MDB_OBJ, Db::Obj, &[sid(pd)]));
     // Caps it still holds without database nodes (none expected) go with the space.
     let mut rest = Vec::new();
     pd.obj.lock().clear(|_, c| rest.push(c));

@@ -72,11 +72,11 @@ impl SpaceGuest {
                 .map(&mut m, gpage << PAGE_BITS, ppage << PAGE_BITS, order, p)
         };
         if !freed.is_empty() {
+            // The caller may hold the mapping database's lock: the tables wait for the
+            // next batched shootdown, which reaches every CPU.
             self.flush_gen.fetch_add(1, Ordering::AcqRel);
-            crate::tlb::shootdown();
-            for t in freed {
-                kmem::free_frame(pd, t);
-            }
+            kmem::uncharge(pd, freed.len() as u64);
+            crate::tlb::defer_free(crate::tlb::EVERY_CPU, freed);
         }
         r.map_err(pt_err)
     }

@@ -98,10 +98,10 @@ impl SpaceMem {
                 .map(&mut m, vpage << PAGE_BITS, ppage << PAGE_BITS, order, p)
         };
         if !freed.is_empty() {
-            crate::tlb::shootdown();
-            for t in freed {
-                kmem::free_frame(pd, t);
-            }
+            // A large page replaced tables. The caller may hold the mapping database's
+            // lock, so the tables wait for the next batched shootdown.
+            kmem::uncharge(pd, freed.len() as u64);
+            crate::tlb::defer_free(pd.id, freed);
         }
         r.map_err(pt_err)
     }
@@ -122,18 +122,6 @@ impl SpaceMem {
         let _ = self.table().unmap(&mut m, vpage << PAGE_BITS, order);
     }
 
-    /// Unmaps and frees emptied tables after a shootdown.
-    pub fn unmap(&self, pd: &Pd, vpage: u64, order: u8) {
-        let mut freed = Vec::new();
-        self.unmap_deferred(vpage, order, &mut freed);
-        if !freed.is_empty() {
-            crate::tlb::shootdown();
-            for t in freed {
-                kmem::free_frame(pd, t);
-            }
-        }
-    }
-
     /// The physical address `uva` maps to.
     pub fn lookup(&self, uva: u64) -> Option<u64> {
         if self.root == 0 {
@@ -150,7 +138,9 @@ impl SpaceMem {
 
     /// Loads this space on the running CPU.
     pub fn activate(&self) {
-        if self.root != 0 {
+        if self.root == 0 {
+            crate::arch::load_kernel_space();
+        } else {
             // SAFETY: the root came from `mem::new_user_root`, which copies the kernel
             // half; it stays allocated while a CPU runs this space (see `release`).
             unsafe { crate::arch::load_cr3(self.root) };

@@ -45,11 +45,13 @@ impl Args {
 
 /// Entered from the syscall stub with the running EC's saved frame.
 pub extern "C" fn syscall_handler(_frame: *mut Frame) -> ! {
+    // No lock is held here: free what waits for a TLB shootdown.
+    crate::tlb::reclaim();
     let c = sched::current();
     // SAFETY: the running EC's frame, on its own CPU, interrupts off.
     let args = Args::from(unsafe { c.frame() });
     let Some(h) = Hypercall::from_raw(args.word.number()) else {
-        ipc::finish(&c, Status::BadHypercall);
+        ipc::finish(c, Status::BadHypercall);
     };
     let r = match h {
         Hypercall::Call => ipc::call(c, args.sel(), args.flags() & call_flags::NON_BLOCKING != 0),
@@ -69,7 +71,15 @@ pub extern "C" fn syscall_handler(_frame: *mut Frame) -> ! {
         Hypercall::EcCtrl => ec_ctrl(&c, &args).map(|()| 0),
         Hypercall::ScCtrl => sc_ctrl(&c, &args),
         Hypercall::PtCtrl => pt_ctrl(&c, &args).map(|()| 0),
-        Hypercall::SmCtrl => sm_ctrl(c.clone(), &args).map(|()| 0),
+        Hypercall::SmCtrl => match sm_ctrl(&c, &args) {
+            Ok(true) => {
+                // Blocked: the semaphore (and a timeout) hold the EC now.
+                drop(c);
+                sched::block_current();
+                sched::schedule()
+            }
+            r => r.map(|_| 0),
+        },
         Hypercall::AssignPci => Err(Status::BadFeature),
         Hypercall::AssignGsi => assign_gsi(&c, &args).map(|()| 0),
         Hypercall::PdCtrl => pd_ctrl(&c, &args).map(|()| 0),
@@ -236,6 +246,12 @@ fn create_sc(c: &Ec, a: &Args) -> Result<(), Status> {
     if prio == 0 || quantum_us == 0 || quantum_us > 10_000_000 {
         return Err(Status::BadParameter);
     }
+    // No SC above the one the creator runs on: a component cannot outrank the
+    // component that gave it its time (seL4's maximum controlled priority, taken from
+    // the running SC).
+    if prio > sched::current_prio() {
+        return Err(Status::BadParameter);
+    }
     if ec.kind == EcKind::Local {
         return Err(Status::BadCapability);
     }
@@ -326,34 +342,36 @@ fn pt_ctrl(c: &Ec, a: &Args) -> Result<(), Status> {
     }
 }
 
-fn sm_ctrl(c: Arc<Ec>, a: &Args) -> Result<(), Status> {
+/// `sm_ctrl`; `Ok(true)`: the running EC blocked on the semaphore (the caller
+/// schedules once its own references are gone).
+fn sm_ctrl(c: &Arc<Ec>, a: &Args) -> Result<bool, Status> {
     if a.flags() & sm_flags::DOWN == 0 {
-        let sm = cap_sm(&c, a.sel(), SmPerm::UP)?;
+        let sm = cap_sm(c, a.sel(), SmPerm::UP)?;
         sm.up();
+        drop(sm);
         sched::preempt_if_needed();
-        return Ok(());
+        return Ok(false);
     }
-    let sm = cap_sm(&c, a.sel(), SmPerm::DOWN)?;
+    let sm = cap_sm(c, a.sel(), SmPerm::DOWN)?;
     let deadline = a.a[0];
     if deadline != 0 && crate::arch::rdtsc() >= deadline {
         // Poll: take it if available, else time out at once.
         return match sm.down_nowait(a.flags() & sm_flags::ZERO != 0) {
-            true => Ok(()),
+            true => Ok(false),
             false => Err(Status::Timeout),
         };
     }
     c.wait_gen
         .fetch_add(1, core::sync::atomic::Ordering::Relaxed);
-    match sm.down(&c, a.flags() & sm_flags::ZERO != 0) {
-        Down::Acquired => Ok(()),
+    match sm.down(c, a.flags() & sm_flags::ZERO != 0) {
+        Down::Acquired => Ok(false),
         Down::Blocked => {
             // SAFETY: the running EC on this CPU.
             unsafe { c.local() }.waiting_on = Some(sm.clone());
             if deadline != 0 {
                 sched::add_timeout(deadline, c.clone(), sm);
             }
-            sched::block_current();
-            sched::schedule()
+            Ok(true)
         }
     }
 }

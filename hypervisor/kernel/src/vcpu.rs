@@ -321,7 +321,7 @@ enum Next {
 fn run(ec: Arc<Ec>) -> ! {
     make_current(&ec);
     let Some(v) = ec.vcpu.as_deref() else {
-        crate::ipc::stop(&ec);
+        crate::ipc::stop(ec);
     };
     // SAFETY: the current vCPU on its own CPU, interrupts off.
     let st = unsafe { v.state() };

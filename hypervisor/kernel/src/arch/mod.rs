@@ -48,6 +48,11 @@ pub fn send_recall_ipi(cpu: usize) {
     apic::send_ipi(apic_id(cpu), idt::VEC_IPI_RECALL);
 }
 
+/// Sends the TLB-shootdown IPI to CPU index `cpu`.
+pub fn send_tlb_ipi(cpu: usize) {
+    apic::send_ipi(apic_id(cpu), idt::VEC_IPI_TLB);
+}
+
 /// Sends the TLB-shootdown IPI to all other CPUs.
 pub fn send_tlb_ipi_all_but_self() {
     apic::send_ipi_others(idt::VEC_IPI_TLB);
@@ -68,6 +73,7 @@ pub fn idle_wait() {
 
 /// Switches to the kernel's own page table.
 pub fn load_kernel_space() {
+    crate::tlb::loading(0);
     // SAFETY: the kernel's table maps the kernel half like every user table.
     unsafe { paging::activate(paging::kernel_root()) };
 }

@@ -3,13 +3,13 @@
 //! hypercalls on several CPUs while a canary keeps answering.
 
 use nul_rt::start_info::arg_u64;
-use nul_rt::{hc, println, sel};
+use nul_rt::{hc, println, sel, thread};
 use peregrine_abi::event::host;
-use peregrine_abi::{perm, Crd, Status};
+use peregrine_abi::{perm, Crd, Mtd, Status, XferFlags};
 
 use super::{check, deadline_ms, echo_ok, ms, need, sleep_ms, wait_child, wait_registered};
-use crate::component;
 use crate::hip::HipView;
+use crate::{component, services};
 
 /// Where `role=fault` touches (unmapped).
 const FAULT_ADDR: u64 = 0xdead_0000;
@@ -51,6 +51,7 @@ pub fn quota(hip: &HipView) -> bool {
         r == Err(Status::OutOfMemory),
         "create_pd with quota 2^64-1: out of memory",
     );
+    ok &= portals_freed(hip);
     let r = hc::revoke(Crd::obj(pd, 0, perm::ALL), true);
     ok &= check(r.is_ok(), "destroy the small PD");
     let pd2 = sel::alloc();
@@ -58,6 +59,117 @@ pub fn quota(hip: &HipView) -> bool {
     ok &= check(r.is_ok(), "create another 4-page PD after that");
     let _ = hc::revoke(Crd::obj(pd2, 0, perm::ALL), true);
     ok
+}
+
+/// Portals charged to a 3-page PD, each called (so the kernel's call path held it) and
+/// revoked, 40 times: every one is freed and its page returned, or the PD's quota runs
+/// out after three rounds.
+fn portals_freed(hip: &HipView) -> bool {
+    let q = sel::alloc();
+    if hc::create_pd(q, sel::OWN_PD, 3, false).is_err() {
+        return check(false, "create a PD with a quota of 3 pages");
+    }
+    let cpu = hip.online_cpus().next().unwrap_or(0);
+    let Some(evt) = services::evt_base(cpu) else {
+        return check(false, "service event base");
+    };
+    let Ok(ec) = thread::local_ec(cpu, evt) else {
+        return check(false, "create a local echo EC");
+    };
+    let mut rounds = 0;
+    let mut last = Ok(());
+    for i in 0..40u64 {
+        let pt = sel::alloc();
+        let ip = services::echo_handler as *const () as u64;
+        last = hc::create_pt(pt, q, ec.sel, Mtd::empty(), ip);
+        if last.is_err() {
+            break;
+        }
+        let r = echo_ok(pt, 4, 0x9900 + i);
+        let _ = hc::revoke(Crd::obj(pt, 0, perm::ALL), true);
+        if r.is_err() {
+            break;
+        }
+        rounds += 1;
+    }
+    println!("portal rounds in a 3-page PD: {} ({:?})", rounds, last);
+    let _ = hc::revoke(Crd::obj(q, 0, perm::ALL), true);
+    let mut ok = check(
+        rounds == 40,
+        "40 rounds of create, call and revoke a portal in a 3-page PD",
+    );
+    // No SC above the creator's priority (the check precedes the EC kind's).
+    let r = hc::create_sc(sel::alloc(), sel::OWN_PD, ec.sel, 255, 1000);
+    ok &= check(
+        r == Err(Status::BadParameter),
+        "an SC above the creator's priority: bad parameter",
+    );
+    let r = hc::create_sc(sel::alloc(), sel::OWN_PD, ec.sel, 1, 1000);
+    ok &= check(
+        r == Err(Status::BadCapability),
+        "an SC at a low priority for a local EC: bad capability",
+    );
+    ok & nodes_charged()
+}
+
+/// Mapping-database nodes are charged to the PD that receives a delegation (a page
+/// per `NODES_PER_PAGE` = 32 nodes): one capability delegated to a 3-page PD at
+/// ever new selectors runs out of quota after at most 96 nodes.
+fn nodes_charged() -> bool {
+    let q = sel::alloc();
+    let sm = sel::alloc();
+    if hc::create_pd(q, sel::OWN_PD, 3, false).is_err()
+        || hc::create_sm(sm, sel::OWN_PD, 0).is_err()
+    {
+        return check(false, "create a 3-page PD and a semaphore");
+    }
+    let mut n = 0;
+    let mut last = Ok(());
+    while n < 200 {
+        let dst = Crd::obj(0x100 + n, 0, perm::ALL);
+        last = hc::pd_delegate(
+            sel::OWN_PD,
+            q,
+            Crd::obj(sm, 0, perm::ALL),
+            dst,
+            0,
+            XferFlags::empty(),
+        );
+        if last.is_err() {
+            break;
+        }
+        n += 1;
+    }
+    println!(
+        "capabilities delegated into a 3-page PD: {} ({:?})",
+        n, last
+    );
+    let ok = check(
+        last == Err(Status::OutOfMemory) && (32..=96).contains(&n),
+        "delegations into a 3-page PD: out of memory after at most 96 nodes",
+    );
+    // Revoking them returns the pages: the same number fits again.
+    let _ = hc::revoke(Crd::obj(sm, 0, perm::ALL), false);
+    let mut again = 0;
+    while again < n {
+        let dst = Crd::obj(0x1000 + again, 0, perm::ALL);
+        if hc::pd_delegate(
+            sel::OWN_PD,
+            q,
+            Crd::obj(sm, 0, perm::ALL),
+            dst,
+            0,
+            XferFlags::empty(),
+        )
+        .is_err()
+        {
+            break;
+        }
+        again += 1;
+    }
+    let _ = hc::revoke(Crd::obj(q, 0, perm::ALL), true);
+    let _ = hc::revoke(Crd::obj(sm, 0, perm::ALL), true);
+    ok & check(again == n, "after revocation the same number fits again")
 }
 
 /// `test=fault`.
