@@ -68,6 +68,12 @@ fn scenario_xcpu() {
     scenario("xcpu", "", &[], 2, 60);
 }
 
+/// `ec_ctrl` recall of a thread running on another CPU, `sc_ctrl` consumed time.
+#[test]
+fn scenario_recall() {
+    scenario("recall", "", &[], 2, 60);
+}
+
 /// Kernel-memory quota exhaustion returns its error.
 #[test]
 fn scenario_quota() {

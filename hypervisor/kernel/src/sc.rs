@@ -3,7 +3,7 @@
 //! handler at the end of the call chain (the SC is donated along the chain).
 
 use alloc::sync::Arc;
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use crate::ec::Ec;
 
@@ -21,6 +21,8 @@ pub struct Sc {
     pub left: AtomicU64,
     /// Consumed time in TSC ticks.
     pub time: AtomicU64,
+    /// Descheduled for good (its original capability was revoked).
+    pub dead: AtomicBool,
     _charge: Option<crate::kmem::Charge>,
 }
 
@@ -41,6 +43,7 @@ impl Sc {
             quantum,
             left: AtomicU64::new(quantum),
             time: AtomicU64::new(0),
+            dead: AtomicBool::new(false),
         }
     }
 

@@ -193,6 +193,21 @@ pub fn kill_remote(ec: &Arc<Ec>) {
     }
 }
 
+/// Stops `ec` for good (its original capability was revoked): it never runs again;
+/// its CPU, if another, reschedules at once.
+pub fn kill(ec: &Arc<Ec>) {
+    ec.dead.store(true, core::sync::atomic::Ordering::Release);
+    kill_remote(ec);
+}
+
+/// Deschedules `sc` for good: its CPU drops it when it next dispatches or preempts it.
+pub fn kill_sc(sc: &Arc<Sc>) {
+    sc.dead.store(true, core::sync::atomic::Ordering::Release);
+    if sc.cpu != percpu::cpu_id() {
+        crate::arch::send_resched_ipi(sc.cpu);
+    }
+}
+
 /// Blocks the running EC: its SC leaves the CPU until [`wake`].
 pub fn block_current() {
     // SAFETY: interrupts are off in the kernel.
@@ -270,6 +285,9 @@ pub fn preempt_if_needed() {
 
 /// Finds the EC an SC should run, ending calls into handlers that died on the way.
 fn runnable_head(sc: &Arc<Sc>) -> Option<Arc<Ec>> {
+    if sc.dead.load(core::sync::atomic::Ordering::Acquire) {
+        return None;
+    }
     loop {
         let head = sc.head();
         if !head.is_dead() {

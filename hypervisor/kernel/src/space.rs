@@ -387,19 +387,23 @@ pub fn revoke(pd: &Arc<Pd>, crd: Crd, own: bool) -> Result<(), Status> {
             Ok(())
         }
         CrdKind::Obj => {
-            // Original capabilities of PDs removed with `own` destroy those PDs.
+            // Original capabilities removed with `own` end their objects: a PD is
+            // destroyed, an EC stopped, an SC descheduled (NOVA: the creator's
+            // capability is the object's life).
             let mut doomed = Vec::new();
+            let mut ended = Vec::new();
             let removed = {
                 let mut mdb = MDB_OBJ.lock();
                 if own {
                     let last = base + (1u64 << order.min(63)) - 1;
                     for m in mdb.mappings(sid(pd)) {
                         if m.src.is_none() && m.base >= base && m.base <= last {
-                            if let Some(Cap {
-                                obj: KObj::Pd(p), ..
-                            }) = pd.cap(m.base)
-                            {
-                                doomed.push(p);
+                            match pd.cap(m.base) {
+                                Some(Cap {
+                                    obj: KObj::Pd(p), ..
+                                }) => doomed.push(p),
+                                Some(Cap { obj, .. }) => ended.push(obj),
+                                None => {}
                             }
                         }
                     }
@@ -413,6 +417,13 @@ pub fn revoke(pd: &Arc<Pd>, crd: Crd, own: bool) -> Result<(), Status> {
             remove_caps(&removed);
             for p in doomed {
                 destroy(&p);
+            }
+            for o in ended {
+                match o {
+                    KObj::Ec(e) => crate::sched::kill(&e),
+                    KObj::Sc(sc) => crate::sched::kill_sc(&sc),
+                    _ => {}
+                }
             }
             Ok(())
         }

@@ -62,6 +62,7 @@ pub fn run(name: &str, args: &str, hip: &HipView) -> bool {
         "sm" => sync::sm(),
         "irq" => sync::irq(),
         "xcpu" => sync::xcpu(hip),
+        "recall" => sync::recall(hip),
         "quota" => robust::quota(hip),
         "fault" => robust::fault(),
         "hostile" => robust::hostile(args),

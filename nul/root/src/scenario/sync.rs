@@ -1,5 +1,6 @@
-//! `test=sm`, `test=irq`, `test=xcpu`: semaphores, an interrupt delivered to a
-//! semaphore, and a wake-up across CPUs.
+//! `test=sm`, `test=irq`, `test=xcpu`, `test=recall`: semaphores, an interrupt
+//! delivered to a semaphore, a wake-up across CPUs, and the recall and consumed time
+//! of a running thread.
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
@@ -170,4 +171,123 @@ pub fn xcpu(hip: &HipView) -> bool {
     let dt = hc::rdtsc() - t0;
     println!("{} cross-CPU round trips, {} ticks each", good, dt / 100);
     check(good == 100, "100 wake-ups across CPUs through semaphores")
+}
+
+/// Iterations of the spinning thread of `test=recall`.
+static SPINS: AtomicU64 = AtomicU64::new(0);
+/// RECALL events its handler saw.
+static RECALLS: AtomicU64 = AtomicU64::new(0);
+/// Instruction pointer of the last recall.
+static RECALL_RIP: AtomicU64 = AtomicU64::new(0);
+
+extern "C" fn spinner(_arg: u64, _utcb: u64) -> ! {
+    loop {
+        SPINS.fetch_add(1, Ordering::Relaxed);
+        core::hint::spin_loop();
+    }
+}
+
+/// STARTUP of the spinner.
+extern "C" fn spin_startup(_id: u64, utcb: u64) -> ! {
+    // SAFETY: the kernel passes this handler EC's own UTCB address.
+    let u = unsafe { nul_rt::utcb::UtcbRef::from_addr(utcb) };
+    nul_rt::thread::startup_reply(u.get());
+    hc::reply()
+}
+
+/// RECALL of the spinner: count it, resume the thread unchanged.
+extern "C" fn spin_recall(_id: u64, utcb: u64) -> ! {
+    // SAFETY: the kernel passes this handler EC's own UTCB address.
+    let u = unsafe { nul_rt::utcb::UtcbRef::from_addr(utcb) };
+    RECALL_RIP.store(u.get().arch().rip, Ordering::Relaxed);
+    RECALLS.fetch_add(1, Ordering::Release);
+    u.get().arch_mut().mtd = peregrine_abi::Mtd::empty();
+    hc::reply()
+}
+
+/// `test=recall`: a thread spinning on another CPU (the last one) is recalled with
+/// `ec_ctrl` — its RECALL handler runs at the interrupted instruction and the thread
+/// goes on — and `sc_ctrl` reports its SC's consumed time growing while it spins.
+pub fn recall(hip: &HipView) -> bool {
+    use peregrine_abi::event::host;
+    use peregrine_abi::Mtd;
+    let cpu = hip.online_cpus().last().unwrap_or(0);
+    let Some(svc) = crate::services::for_cpu(cpu) else {
+        return check(false, "service EC of the spinner's CPU");
+    };
+    // The spinner's own event base: STARTUP and RECALL portals on that CPU.
+    let evt = sel::alloc_aligned(5);
+    let mut ok = true;
+    for (v, h, mtd) in [
+        (
+            host::STARTUP,
+            spin_startup as crate::services::Handler,
+            Mtd::RSP,
+        ),
+        (host::RECALL, spin_recall, Mtd::RIP_LEN),
+    ] {
+        ok &= hc::create_pt(evt + v, sel::OWN_PD, svc.sel, mtd, h as *const () as u64).is_ok();
+    }
+    if !ok {
+        return check(false, "create the spinner's event portals");
+    }
+    let t = match nul_rt::thread::thread(cpu, evt, super::PRIO, spinner, 0) {
+        Ok(t) => t,
+        Err(e) => return check(false, &alloc::format!("start the spinner: {:?}", e)),
+    };
+    let end = deadline_ms(2000);
+    while SPINS.load(Ordering::Relaxed) == 0 && hc::rdtsc() < end {
+        super::sleep_ms(1);
+    }
+    ok &= check(SPINS.load(Ordering::Relaxed) > 0, "the spinner runs");
+
+    let t0 = hc::sc_time(t.sc);
+    super::sleep_ms(20);
+    let t1 = hc::sc_time(t.sc);
+    println!("spinner SC time: {:?} then {:?} ticks", t0, t1);
+    ok &= check(
+        matches!((t0, t1), (Ok(a), Ok(b)) if b > a),
+        "sc_ctrl: the spinner's consumed time grows",
+    );
+    ok &= check(
+        hc::sc_time(t.ec) == Err(Status::BadCapability),
+        "sc_ctrl on an EC: bad capability",
+    );
+
+    for round in 1..=3u64 {
+        ok &= check(hc::ec_recall(t.ec).is_ok(), "ec_ctrl recall");
+        let end = deadline_ms(1000);
+        while RECALLS.load(Ordering::Acquire) < round && hc::rdtsc() < end {
+            core::hint::spin_loop();
+        }
+        let before = SPINS.load(Ordering::Relaxed);
+        let end = deadline_ms(1000);
+        while SPINS.load(Ordering::Relaxed) == before && hc::rdtsc() < end {
+            core::hint::spin_loop();
+        }
+        ok &= check(
+            RECALLS.load(Ordering::Acquire) == round && SPINS.load(Ordering::Relaxed) != before,
+            "the recall reached the handler once and the spinner went on",
+        );
+    }
+    let rip = RECALL_RIP.load(Ordering::Relaxed);
+    let entry = spinner as *const () as u64;
+    ok &= check(
+        (entry..entry + 64).contains(&rip),
+        "the recalled thread was in its loop",
+    );
+
+    // Revoking the EC and SC stops the spinner; the SC is gone.
+    let _ = hc::revoke(Crd::obj(t.ec, 0, perm::ALL), true);
+    let _ = hc::revoke(Crd::obj(t.sc, 0, perm::ALL), true);
+    ok &= check(
+        hc::sc_time(t.sc) == Err(Status::BadCapability),
+        "sc_ctrl after revoking the SC: bad capability",
+    );
+    let a = SPINS.load(Ordering::Relaxed);
+    super::sleep_ms(5);
+    ok & check(
+        SPINS.load(Ordering::Relaxed) == a,
+        "the spinner stopped with its EC",
+    )
 }
