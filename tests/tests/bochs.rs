@@ -29,3 +29,20 @@ fn bochs_grub_boot() {
     let r = boot_in(Emulator::Bochs, &spec);
     assert_success(&r, &["all 1 CPUs online"]);
 }
+
+/// Timer, interrupts and IPIs through the x2APIC (QEMU's software emulation has no
+/// x2APIC; Bochs' `corei7_skylake_x` has): semaphore timeouts on the LAPIC timer, the
+/// PIT's interrupt delivered to a semaphore, and a wake-up across two CPUs. Also the
+/// root's arguments from GRUB's module command line.
+#[test]
+fn bochs_x2apic() {
+    for (name, smp) in [("sm", 1), ("irq", 1), ("xcpu", 2)] {
+        let spec = system(&format!("bochs-x2apic-{name}"))
+            .root_args(&format!("test={name}"))
+            .smp(smp)
+            .timeout(Duration::from_secs(150));
+        let r = boot_in(Emulator::Bochs, &spec);
+        assert_success(&r, &["apic x2APIC"]);
+        assert!(r.passed(name), "no `PASS {name}` line\n{}", r.report());
+    }
+}

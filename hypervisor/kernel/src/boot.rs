@@ -102,7 +102,13 @@ pub extern "C" fn kmain(mb_magic: u32, mb_info_phys: u32) -> ! {
     // SAFETY: IA32_APIC_BASE exists on every x86_64 CPU.
     let lapic_phys = unsafe { crate::arch::x86::msr::rdmsr(crate::arch::x86::msr::Msr::ApicBase) }
         & 0xf_ffff_f000;
-    apic::setup(info.x2apic, info.tsc_deadline, lapic_phys);
+    // `nox2apic` / `notscdeadline` on the command line: the xAPIC and the one-shot timer
+    // even where the CPU has more (as Linux's options of the same names).
+    apic::setup(
+        info.x2apic && !bi.has_arg("nox2apic"),
+        info.tsc_deadline && !bi.has_arg("notscdeadline"),
+        lapic_phys,
+    );
     apic::init_cpu();
     let bsp_apic = apic::id();
     percpu::get(0).apic_id.store(bsp_apic, Ordering::Relaxed);

@@ -14,7 +14,8 @@ pub fn user_interrupt(regs: &mut Regs) -> ! {
 }
 
 /// The local APIC timer fired on `cpu` (already acknowledged).
-pub fn timer_tick(_cpu: usize) {
+pub fn timer_tick(cpu: usize) {
+    crate::trap::trace_tick(cpu);
     crate::sched::tick();
 }
 

@@ -43,6 +43,9 @@ fn subtract(s: u64, e: u64, holes: &[(u64, u64)], out: &mut Vec<(u64, u64)>) {
 pub fn bsp() -> ! {
     sched::init_cpu();
     let bi = crate::multiboot::info();
+    if bi.has_arg("trace_tick") {
+        crate::trap::TRACE_TICK.store(true, Ordering::Relaxed);
+    }
     if bi.has_arg("trace_hc") {
         crate::syscall::TRACE.store(true, Ordering::Relaxed);
     }

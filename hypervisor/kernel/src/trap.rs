@@ -31,8 +31,40 @@ pub fn from_user(v: u64, saved: &Frame) -> ! {
     }
 }
 
+/// Print where user mode was interrupted, every 1024th interrupt (kernel command line
+/// `trace_tick`: a watchdog view of a system that seems to hang).
+pub static TRACE_TICK: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+static TICKS: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+
+/// Timer ticks on `cpu` (with `trace_tick`: every 1024th is reported).
+pub fn trace_tick(cpu: usize) {
+    use core::sync::atomic::Ordering::Relaxed;
+    static ALL: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+    if TRACE_TICK.load(Relaxed) {
+        let n = ALL.fetch_add(1, Relaxed);
+        if n.is_multiple_of(1024) {
+            crate::kprintln!(
+                "tick {}: cpu {} (user interrupts {})",
+                n,
+                cpu,
+                TICKS.load(Relaxed)
+            );
+        }
+    }
+}
+
 /// An interrupt arrived in user mode and was handled.
 pub fn after_user_interrupt(saved: &Frame) -> ! {
+    use core::sync::atomic::Ordering::Relaxed;
+    if TRACE_TICK.load(Relaxed) && TICKS.fetch_add(1, Relaxed).is_multiple_of(1024) {
+        crate::kprintln!(
+            "tick: cpu {} pd {} rip {:#x} rsp {:#x}",
+            crate::percpu::cpu_id(),
+            sched::current().pd.id,
+            saved.rip,
+            saved.rsp
+        );
+    }
     save(saved);
     sched::preempt_if_needed();
     sched::schedule()
