@@ -60,7 +60,9 @@ enum Next {
 pub fn call(c: Arc<Ec>, sel: u64, nonblocking: bool) -> ! {
     match enter_call(&c, sel, nonblocking) {
         Ok(Next::Handler(h)) => {
-            drop(c);
+            // The handler holds its caller (moved, not copied: this path is hot).
+            // SAFETY: `h` is bound to this CPU and about to run for `c`.
+            unsafe { h.local() }.caller = Some(c);
             sched::ret_to(h)
         }
         Ok(Next::Block) => {
@@ -99,7 +101,7 @@ fn enter_call(c: &Arc<Ec>, sel: u64, nonblocking: bool) -> Result<Next, Status> 
     // SAFETY: both UTCBs belong to ECs on this CPU, and neither runs now.
     let (su, du) = unsafe { (c.utcb(), h.utcb()) };
     copy_msg(c, su, &h, du)?;
-    hl.caller = Some(c.clone());
+    // `call` stores the caller in `hl.caller`.
     hl.kind = CallKind::Ipc;
     // SAFETY: as above.
     unsafe { c.local() }.callee = Some(h.clone());
