@@ -175,9 +175,9 @@ pub fn run(opts: &Options) -> Result<Summary> {
     let filter: Vec<String> = opts.filter.iter().cloned().collect();
 
     let tools: &[Tool] = if opts.quick {
-        &[Tool::Qemu]
+        &[Tool::Qemu, Tool::Iasl]
     } else {
-        &[Tool::Qemu, Tool::Bochs, Tool::Grub]
+        &[Tool::Qemu, Tool::Bochs, Tool::Grub, Tool::Iasl]
     };
     step(&mut summary, "host tools", || {
         deps::ensure(tools)?;
