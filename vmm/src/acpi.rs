@@ -5,13 +5,27 @@
 //! (PM1a event/control and PM timer blocks, RESET_REG, IAPC_BOOT_ARCH, flags), §5.2.10
 //! FACS (64-byte aligned), §5.2.12 MADT (Processor Local APIC type 0, I/O APIC type 1,
 //! Interrupt Source Override type 2, Local APIC NMI type 4; flags bit 0 PCAT_COMPAT),
-//! §7.4.2.6 `\_S5`.
+//! §7.4.2.6 `\_S5`; §6.1 and §6.2 (`_HID`, `_CID`, `_UID`, `_CRS`), §6.5.6 `_SEG`,
+//! §6.5.5 `_BBN`, §6.2.13 `_PRT` (a Source of 0 means the Source Index is a GSI, which
+//! ACPI defines as level-triggered, active low, shareable), §6.4 resource descriptors
+//! (WordBusNumber, WordIO, DWordMemory, QWordMemory, IO, Memory32Fixed); the PCI
+//! Firmware Specification 3.2 §4.1.2 (MCFG: base, segment, start and end bus); the
+//! IA-PC HPET Specification 1.0a §3.2.4 (the HPET table: event timer block ID = the low
+//! 32 bits of the capabilities register, base address as a GAS, HPET number, minimum
+//! clock tick in periodic mode, page protection).
 //!
 //! What the tables describe is what the devices implement: the PM block of
 //! [`acpi_pm`](crate::acpi_pm) at [`PM_BASE`] (event block 4 bytes, control 2, timer 4
 //! with TMR_VAL_EXT as configured), its reset register at 0xcf9, `\_S5` with the
 //! SLP_TYP value [`PmConfig`] names, SCI on IRQ 9 (level, active high, as the PM block
 //! drives it), the I/O APIC at 0xfec00000 with GSI base 0, and the PIT's IRQ 0 on GSI 2.
+//!
+//! The DSDT has the PCI host bridge `\_SB.PCI0` (PNP0A08, compatible PNP0A03; segment 0,
+//! bus 0) with the windows of [`PciLayout`] in its `_CRS` and a `_PRT` that routes
+//! INTA#–INTD# of every slot to the GSI [`intx_gsi`] names (what the VMM wires each
+//! function's INTx# to); `\_SB.MRES` (PNP0C02, motherboard resources) reserves the ECAM
+//! window that the MCFG table describes; `\_SB.HPET` (PNP0103) and the HPET table
+//! describe the [`hpet`](crate::hpet) block.
 //!
 //! `acpi_tables` 0.2 has no builder for the MADT's interrupt source overrides and
 //! local APIC NMIs, nor a setter for the MADT flags: the first two are added as raw
@@ -34,8 +48,10 @@ use acpi_tables::{aml, Aml, AmlSink};
 use zerocopy::{Immutable, IntoBytes};
 
 use crate::acpi_pm::{reg, PmConfig, PM_BASE, RESET_PORT, RESET_VALUE};
+use crate::hpet::{self, HPET_BASE, HPET_SIZE};
 use crate::ioapic::IOAPIC_BASE;
 use crate::lapic::LAPIC_BASE;
+use crate::pci::{intx_gsi, PciLayout, CONFIG_ADDRESS, ECAM_SIZE};
 use crate::vcpu::{GuestMemory, Unbacked};
 
 /// Where the tables start: the RSDP, 16-byte aligned in the BIOS read-only area.
@@ -69,6 +85,8 @@ pub struct AcpiConfig {
     pub pm: PmConfig,
     /// The I/O APIC's ID (conventionally after the CPUs).
     pub ioapic_id: u8,
+    /// Where the PCI host bridge's windows and ECAM are.
+    pub pci: PciLayout,
 }
 
 impl AcpiConfig {
@@ -78,6 +96,7 @@ impl AcpiConfig {
             cpus,
             pm: PmConfig::default(),
             ioapic_id: cpus,
+            pci: PciLayout::DEFAULT,
         }
     }
 }
@@ -148,7 +167,80 @@ pub fn madt(cfg: &AcpiConfig) -> Vec<u8> {
     b
 }
 
-/// The DSDT: `\_S5` with the PM block's SLP_TYP.
+/// PCI slots the `_PRT` routes (device 0 is the host bridge, which has no INTx#).
+const PRT_SLOTS: core::ops::RangeInclusive<u8> = 1..=31;
+
+/// `\_SB.PCI0`: the host bridge, its windows and interrupt routing.
+fn pci_root(pci: &PciLayout, sink: &mut dyn AmlSink) {
+    let (m32, m32_len) = pci.mmio32;
+    let (m64, m64_len) = pci.mmio64;
+    let cam = CONFIG_ADDRESS as u16;
+    let bus = aml::AddressSpace::new_bus_number(0u16, 0u16);
+    let cam_ports = aml::IO::new(cam, cam, 1, 8);
+    let io_low = aml::AddressSpace::new_io(0u16, cam - 1, None);
+    let io_high = aml::AddressSpace::new_io(cam + 8, 0xffffu16, None);
+    let uc = aml::AddressSpaceCacheable::NotCacheable;
+    let mem32 =
+        aml::AddressSpace::new_memory(uc, true, m32 as u32, (m32 + m32_len - 1) as u32, None);
+    let mem64 = aml::AddressSpace::new_memory(uc, true, m64, m64 + m64_len - 1, None);
+    let crs = aml::ResourceTemplate::new(vec![&bus, &cam_ports, &io_low, &io_high, &mem32, &mem64]);
+
+    // One entry per slot and pin: address (slot, any function), pin, source 0, GSI.
+    let entries: Vec<(u32, u8, u32)> = PRT_SLOTS
+        .flat_map(|dev| {
+            (0..4u8).map(move |pin| ((u32::from(dev) << 16) | 0xffff, pin, intx_gsi(dev, pin)))
+        })
+        .collect();
+    let packages: Vec<aml::Package> = entries
+        .iter()
+        .map(|(adr, pin, gsi)| aml::Package::new(vec![adr, pin, &0u8, gsi]))
+        .collect();
+    let prt = aml::Package::new(packages.iter().map(|p| p as &dyn Aml).collect());
+
+    let hid = aml::EISAName::new("PNP0A08");
+    let cid = aml::EISAName::new("PNP0A03");
+    aml::Device::new(
+        "PCI0".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &hid),
+            &aml::Name::new("_CID".into(), &cid),
+            &aml::Name::new("_SEG".into(), &0u8),
+            &aml::Name::new("_UID".into(), &0u8),
+            &aml::Name::new("_BBN".into(), &0u8),
+            &aml::Name::new("_CRS".into(), &crs),
+            &aml::Name::new("_PRT".into(), &prt),
+        ],
+    )
+    .to_aml_bytes(sink);
+}
+
+/// A device with a `_HID`, `_UID` 0 and one fixed 32-bit memory range as `_CRS`.
+fn fixed_device(name: &str, hid: &str, base: u64, len: u64, sink: &mut dyn AmlSink) {
+    let hid = aml::EISAName::new(hid);
+    let range = aml::Memory32Fixed::new(true, base as u32, len as u32);
+    let crs = aml::ResourceTemplate::new(vec![&range]);
+    aml::Device::new(
+        name.into(),
+        vec![
+            &aml::Name::new("_HID".into(), &hid),
+            &aml::Name::new("_UID".into(), &0u8),
+            &aml::Name::new("_CRS".into(), &crs),
+        ],
+    )
+    .to_aml_bytes(sink);
+}
+
+/// AML already encoded.
+struct RawAml<'a>(&'a [u8]);
+
+impl Aml for RawAml<'_> {
+    fn to_aml_bytes(&self, sink: &mut dyn AmlSink) {
+        sink.vec(self.0);
+    }
+}
+
+/// The DSDT: `\_S5` with the PM block's SLP_TYP; under `\_SB` the PCI host bridge, the
+/// motherboard resources that reserve its ECAM window, and the HPET.
 pub fn dsdt(cfg: &AcpiConfig) -> Vec<u8> {
     let mut body = Vec::new();
     let typ = cfg.pm.s5_slp_typ;
@@ -157,8 +249,38 @@ pub fn dsdt(cfg: &AcpiConfig) -> Vec<u8> {
         &aml::Package::new(vec![&typ, &0u8, &0u8, &0u8]),
     )
     .to_aml_bytes(&mut body);
+    let mut sb = Vec::new();
+    pci_root(&cfg.pci, &mut sb);
+    fixed_device("MRES", "PNP0C02", cfg.pci.ecam_base, ECAM_SIZE, &mut sb);
+    fixed_device("HPET", "PNP0103", HPET_BASE, HPET_SIZE, &mut sb);
+    aml::Scope::new("\\_SB_".into(), vec![&RawAml(&sb)]).to_aml_bytes(&mut body);
     let mut t = acpi_tables::sdt::Sdt::new(*b"DSDT", 36, 2, OEM_ID, OEM_TABLE_ID, 1);
     t.append_slice(&body);
+    t.as_slice().to_vec()
+}
+
+/// The MCFG: the ECAM window for segment 0, bus 0.
+pub fn mcfg(cfg: &AcpiConfig) -> Vec<u8> {
+    let mut m = acpi_tables::mcfg::MCFG::new(OEM_ID, OEM_TABLE_ID, 1);
+    m.add_ecam(cfg.pci.ecam_base, 0, 0, 0);
+    serialize(&m)
+}
+
+/// The HPET table for the block at [`HPET_BASE`].
+pub fn hpet_table() -> Vec<u8> {
+    let mut t = acpi_tables::sdt::Sdt::new(*b"HPET", 56, 1, OEM_ID, OEM_TABLE_ID, 1);
+    t.write_u32(36, hpet::capabilities() as u32);
+    let gas = GAS::new(
+        AddressSpace::SystemMemory,
+        64,
+        0,
+        AccessSize::Undefined,
+        HPET_BASE,
+    );
+    t.write_bytes(40, gas.as_bytes());
+    t.write_u8(52, 0); // HPET number
+    t.write_u16(53, hpet::MIN_PERIODIC_TICKS);
+    t.write_u8(55, 0); // no page protection claims
     t.as_slice().to_vec()
 }
 
@@ -198,8 +320,9 @@ pub fn build(cfg: &AcpiConfig, base: u64) -> Vec<(u64, Vec<u8>)> {
     let align = |a: u64, n: u64| a.div_ceil(n) * n;
     let rsdp_at = align(base, 16);
     let xsdt_at = align(rsdp_at + 36, 16);
-    // XSDT: header and three pointers (FADT, MADT; the DSDT hangs off the FADT).
-    let facs_at = align(xsdt_at + 36 + 8 * 2, 64);
+    // XSDT: header and four pointers (FADT, MADT, MCFG, HPET; the DSDT hangs off the
+    // FADT).
+    let facs_at = align(xsdt_at + 36 + 8 * 4, 64);
     let facs = serialize(&acpi_tables::facs::FACS::new());
     let dsdt_at = align(facs_at + facs.len() as u64, 16);
     let dsdt = dsdt(cfg);
@@ -207,9 +330,14 @@ pub fn build(cfg: &AcpiConfig, base: u64) -> Vec<(u64, Vec<u8>)> {
     let fadt = fadt(cfg, facs_at, dsdt_at);
     let madt_at = align(fadt_at + fadt.len() as u64, 16);
     let madt = madt(cfg);
+    let mcfg_at = align(madt_at + madt.len() as u64, 16);
+    let mcfg = mcfg(cfg);
+    let hpet_at = align(mcfg_at + mcfg.len() as u64, 16);
+    let hpet = hpet_table();
     let mut xsdt = acpi_tables::xsdt::XSDT::new(OEM_ID, OEM_TABLE_ID, 1);
-    xsdt.add_entry(fadt_at);
-    xsdt.add_entry(madt_at);
+    for at in [fadt_at, madt_at, mcfg_at, hpet_at] {
+        xsdt.add_entry(at);
+    }
     let rsdp = acpi_tables::rsdp::Rsdp::new(OEM_ID, xsdt_at);
     vec![
         (rsdp_at, serialize(&rsdp)),
@@ -218,6 +346,8 @@ pub fn build(cfg: &AcpiConfig, base: u64) -> Vec<(u64, Vec<u8>)> {
         (dsdt_at, dsdt),
         (fadt_at, fadt),
         (madt_at, madt),
+        (mcfg_at, mcfg),
+        (hpet_at, hpet),
     ]
 }
 
@@ -235,5 +365,7 @@ pub fn write<M: GuestMemory + ?Sized>(
     Ok(tables[0].0)
 }
 
+#[cfg(test)]
+mod reference;
 #[cfg(test)]
 mod tests;

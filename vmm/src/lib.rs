@@ -14,6 +14,7 @@
 //! | [`acpi_pm`]   | ACPI PM1 event/control, PM timer, reset  | 0x600–0x60b, 0xcf9       |
 //! | [`ioapic`]    | 82093AA-style I/O APIC, 24 pins          | MMIO 0xfec00000          |
 //! | [`lapic`]     | local APIC, xAPIC and x2APIC, timer      | MMIO 0xfee00000, MSRs    |
+//! | [`hpet`]      | HPET: counter, 3 timers, legacy routing  | MMIO 0xfed00000          |
 //! | [`pci`]       | PCI host bridge, bus 0, CAM and ECAM     | 0xcf8, 0xcfc, ECAM base  |
 //! | [`virtio`]    | virtio-pci console and block             | PCI BAR 0, INTA#         |
 //!
@@ -33,6 +34,7 @@ pub mod bus;
 pub mod clock;
 pub mod cpuid;
 pub mod emul;
+pub mod hpet;
 pub mod ioapic;
 pub mod kvmclock;
 pub mod lapic;

@@ -28,6 +28,60 @@ pub const ECAM_SIZE: u64 = 1 << 20;
 /// Size of one function's configuration space.
 pub const CONFIG_SIZE: usize = 4096;
 
+/// Where the host bridge's resources sit in the guest-physical and port address spaces:
+/// what the DSDT's `_CRS` and the MCFG describe ([`crate::acpi`]), where the VMM puts
+/// the ECAM window and where BARs may go. Guest RAM below 4 GiB ends at or below
+/// [`MMIO32_BASE`](Self::mmio32); the e820 map marks the ECAM window reserved (Linux
+/// uses MMCONFIG only where the firmware reserved it).
+///
+/// | range                       | what                                      |
+/// |-----------------------------|-------------------------------------------|
+/// | 0xc000_0000–0xdfff_ffff     | 32-bit MMIO window (BARs)                 |
+/// | 0xe000_0000–0xe00f_ffff     | ECAM, bus 0 only                          |
+/// | 0xfec0_0000, 0xfed0_0000, 0xfee0_0000 | I/O APIC, HPET, local APIC (not PCI) |
+/// | 0x40_0000_0000 (+64 GiB)    | 64-bit MMIO window (BARs)                 |
+/// | ports 0x0000–0x0cf7, 0x0d00–0xffff | I/O windows (0xcf8–0xcff is CAM)   |
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PciLayout {
+    /// ECAM base ([`ECAM_SIZE`] bytes: bus 0).
+    pub ecam_base: u64,
+    /// The 32-bit MMIO window: base and size.
+    pub mmio32: (u64, u64),
+    /// The 64-bit MMIO window: base and size.
+    pub mmio64: (u64, u64),
+}
+
+impl PciLayout {
+    /// The layout in the table above.
+    pub const DEFAULT: Self = Self {
+        ecam_base: 0xe000_0000,
+        mmio32: (0xc000_0000, 0x2000_0000),
+        mmio64: (0x40_0000_0000, 0x10_0000_0000),
+    };
+}
+
+impl Default for PciLayout {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
+
+/// The first I/O APIC input PCI INTx# wires go to.
+pub const INTX_GSI_BASE: u32 = 16;
+/// How many I/O APIC inputs PCI INTx# wires share (16–19: the four PIRQ lines of a PC
+/// chipset, without the link devices).
+pub const INTX_GSIS: u32 = 4;
+
+/// The I/O APIC input (GSI) the interrupt pin `pin` (0 = INTA# … 3 = INTD#) of device
+/// `dev` on bus 0 drives: the conventional swizzle `(dev + pin) mod 4` over
+/// [`INTX_GSI_BASE`]..+[`INTX_GSIS`], so the INTA# of neighbouring slots lands on
+/// different inputs. Level-triggered, active low as ACPI defines a `_PRT` GSI entry
+/// (the I/O APIC model takes logical levels, so the wire is driven high when asserted).
+/// The VMM wires each function's INTx# here and the DSDT's `_PRT` says the same.
+pub const fn intx_gsi(dev: u8, pin: u8) -> u32 {
+    INTX_GSI_BASE + (dev as u32 + pin as u32) % INTX_GSIS
+}
+
 /// Standard header offsets.
 pub mod cfg {
     pub const VENDOR_ID: u16 = 0x00;

@@ -151,6 +151,13 @@ pub fn linux_kernel() -> Result<PathBuf> {
     if let Some(k) = newest_vmlinuz(Path::new("/boot")).filter(|k| std::fs::File::open(k).is_ok()) {
         return Ok(k);
     }
+    debian_kernel()
+}
+
+/// Debian's `linux-image-amd64` kernel, fetched with `apt-get download` and unpacked
+/// into `<target>/linux/root/` once (with its modules, which the Linux guest's
+/// initramfs takes from there).
+pub fn debian_kernel() -> Result<PathBuf> {
     let dir = workspace::out_dir("linux")?;
     let extracted = dir.join("root");
     if let Some(k) = newest_vmlinuz(&extracted.join("boot")) {

@@ -20,6 +20,8 @@ pub enum Tool {
     Grub,
     /// A static busybox for the Linux baseline's initramfs.
     Busybox,
+    /// ACPICA's `iasl`, which the vmm crate's tests check the guest's DSDT with.
+    Iasl,
 }
 
 /// How to tell that a requirement is met.
@@ -71,6 +73,7 @@ const REQUIREMENTS: &[Requirement] = &[
     req(Tool::Grub, Check::Program("xorriso"), "xorriso"),
     req(Tool::Grub, Check::Program("mformat"), "mtools"),
     req(Tool::Busybox, Check::Path("/bin/busybox"), "busybox-static"),
+    req(Tool::Iasl, Check::Program("iasl"), "acpica-tools"),
 ];
 
 impl Check {
@@ -178,7 +181,13 @@ mod tests {
 
     #[test]
     fn every_tool_has_requirements_with_packages() {
-        for tool in [Tool::Qemu, Tool::Bochs, Tool::Grub, Tool::Busybox] {
+        for tool in [
+            Tool::Qemu,
+            Tool::Bochs,
+            Tool::Grub,
+            Tool::Busybox,
+            Tool::Iasl,
+        ] {
             assert!(REQUIREMENTS
                 .iter()
                 .any(|r| r.tool == tool && !r.package.is_empty()));

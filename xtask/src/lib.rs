@@ -10,6 +10,7 @@
 //! - [`deps`]: host tools, installed with apt when running as root.
 //! - [`suite`]: `cargo xtask test`, the README's test command and what CI runs.
 //! - [`bench`]: `cargo xtask bench`.
+//! - [`linux`]: the Linux guest (kernel, initramfs, disk) and its direct QEMU boot.
 
 pub mod baseline;
 pub mod bench;
@@ -18,6 +19,7 @@ pub mod boot;
 pub mod build;
 pub mod deps;
 pub mod kvm;
+pub mod linux;
 pub mod multiboot;
 pub mod process;
 pub mod qemu;

@@ -27,6 +27,12 @@ commands:
                              fmt, clippy, host unit tests, image build, emulator tests;
                              --quick leaves out the slow Bochs tests, --filter X runs
                              only tests whose name contains X
+  linux [options]            the Linux guest (Debian's kernel, busybox initramfs with
+                             its virtio modules, a disk image) booted directly in QEMU
+      --smp N                vCPUs (default 1)
+      --test LIST            run these /init tests and power off (all, or some of
+                             nproc,kvmclock,disk,write,read); default: a shell
+      --prepare              only fetch the kernel and build initramfs and disk
   bench ipc                  IPC round-trip instruction counts under QEMU -icount;
                              writes <target>/bench/ipc.json
 ";
@@ -70,6 +76,7 @@ fn real_main() -> Result<ExitCode> {
         "run" => run(args),
         "test" => test(args),
         "bench" => bench(args),
+        "linux" => linux(args),
         "help" | "--help" | "-h" => {
             print!("{USAGE}");
             Ok(ExitCode::SUCCESS)
@@ -174,5 +181,50 @@ fn bench(mut args: Args) -> Result<ExitCode> {
         bail!("bench: unexpected argument {extra:?}\n{USAGE}");
     }
     xtask::bench::bench(&name)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn linux(mut args: Args) -> Result<ExitCode> {
+    let mut run = xtask::linux::Run {
+        name: "linux-qemu".into(),
+        smp: 1,
+        tests: String::new(),
+        interactive: true,
+        timeout: Duration::from_secs(24 * 3600),
+    };
+    let mut prepare_only = false;
+    while let Some(a) = args.0.next() {
+        match a.as_str() {
+            "--smp" => run.smp = args.number(&a)?,
+            "--test" => run.tests = args.value(&a)?,
+            "--prepare" => prepare_only = true,
+            _ => bail!("linux: unknown option {a:?}\n{USAGE}"),
+        }
+    }
+    let guest = xtask::linux::prepare()?;
+    eprintln!(
+        "xtask: kernel {}\nxtask: initramfs {}\nxtask: disk {} (md5 {})",
+        guest.kernel.display(),
+        guest.initramfs.display(),
+        guest.disk.display(),
+        guest.disk_md5
+    );
+    if prepare_only {
+        return Ok(ExitCode::SUCCESS);
+    }
+    if !run.tests.is_empty() {
+        let r = xtask::linux::check_qemu(&guest, run.smp, &run.tests)?;
+        for (name, result, detail) in xtask::linux::test_results(&r.serial) {
+            println!("{name}: {result} {detail}");
+        }
+        println!(
+            "marker at guest uptime {:.2} s; QEMU ran {:.1} s",
+            xtask::linux::marker_uptime(&r.serial).unwrap_or(f64::NAN),
+            r.wall.as_secs_f64()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    let r = xtask::linux::boot_qemu(&guest, &run)?;
+    eprintln!("\nxtask: {:?} after {:.1} s", r.exit, r.wall.as_secs_f64());
     Ok(ExitCode::SUCCESS)
 }

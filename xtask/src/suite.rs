@@ -1,5 +1,6 @@
 //! `cargo xtask test`: every check, cheapest first (fmt, clippy on host and bare-metal
-//! crates, host unit tests, image build, emulator integration tests), then one summary
+//! crates, host unit tests, the linux-loader comparison on Debian's kernel, image build,
+//! emulator integration tests with the Linux guest's direct QEMU boot), then one summary
 //! line `N passed, N failed[, N skipped]`.
 
 use std::io::{BufRead, BufReader};
@@ -175,9 +176,9 @@ pub fn run(opts: &Options) -> Result<Summary> {
     let filter: Vec<String> = opts.filter.iter().cloned().collect();
 
     let tools: &[Tool] = if opts.quick {
-        &[Tool::Qemu]
+        &[Tool::Qemu, Tool::Iasl]
     } else {
-        &[Tool::Qemu, Tool::Bochs, Tool::Grub]
+        &[Tool::Qemu, Tool::Bochs, Tool::Grub, Tool::Iasl]
     };
     step(&mut summary, "host tools", || {
         deps::ensure(tools)?;
@@ -214,6 +215,19 @@ pub fn run(opts: &Options) -> Result<Summary> {
         counts += c;
         anyhow::ensure!(ok || c.failed > 0, "cargo test failed before running tests");
         Ok(())
+    });
+    // The boot-protocol comparison with linux-loader needs Debian's bzImage, which a
+    // plain `cargo test` does not fetch (there the test is ignored, saying why).
+    step(&mut summary, "linux-loader comparison", || {
+        let kernel = crate::baseline::debian_kernel()?;
+        test_step(
+            cargo()
+                .env("PEREGRINE_LINUX_KERNEL", &kernel)
+                .args(["test", "-p", "peregrine-vmm", "--test", "linux_loader"])
+                .args(["--", "--ignored"])
+                .args(&filter),
+            &mut counts,
+        )
     });
     let built = step(&mut summary, "build images", || {
         crate::build::build(Profile::Release).map(|_| ())

@@ -59,7 +59,7 @@ fn parse(cpus: u8) -> (MockVcpu, Parsed) {
         .step_by(8)
         .map(|o| u64_at(&xsdt, o))
         .collect();
-    assert_eq!(entries.len(), 2);
+    assert_eq!(entries.len(), 4);
     let fadt = table(&mut m, entries[0], b"FACP");
     let madt = table(&mut m, entries[1], b"APIC");
     let dsdt = table(&mut m, u64_at(&fadt, 140), b"DSDT");

@@ -1,0 +1,376 @@
+//! The Linux guest (`guests/linux`): Debian's distribution kernel, a busybox initramfs
+//! with the kernel's virtio modules and `guests/linux/init`, and a disk image with known
+//! contents; and booting them directly in QEMU (the baseline side of `bench boot`).
+//!
+//! Why the distribution kernel and not one built from Debian's source: see
+//! `guests/linux/README.md` (boot time measured, and nothing to build or cache).
+//!
+//! Everything lands in `<target>/linux/guest/`: `initramfs.cpio`, `disk.img` and
+//! `disk.md5`; the kernel stays where [`baseline::debian_kernel`] unpacked it, beside its
+//! modules.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+
+use crate::baseline::{self, Cpio};
+use crate::boot::{BootSpec, Exit, Output, RunResult};
+use crate::deps::{self, Tool};
+use crate::workspace;
+
+/// The line `/init` prints once the modules are loaded and the disk is there.
+pub const MARKER: &str = "PEREGRINE-LINUX-READY";
+/// Prefix of each test's result line.
+pub const TEST_PREFIX: &str = "PEREGRINE-TEST ";
+/// The init script.
+const INIT: &str = include_str!("../../guests/linux/init");
+/// The distribution kernel's modules the guest needs (virtio over PCI, block,
+/// console); what they depend on comes along, loaded first.
+pub const MODULES: &[&str] = &["virtio_pci", "virtio_blk", "virtio_console"];
+/// Size of the disk image.
+pub const DISK_SIZE: usize = 8 << 20;
+/// Every test `/init` knows, in the order `peregrine.test=all` runs them.
+pub const ALL_TESTS: &str = "nproc,kvmclock,disk,write,read";
+
+/// The guest's files.
+#[derive(Debug, Clone)]
+pub struct Guest {
+    /// The bzImage.
+    pub kernel: PathBuf,
+    /// The busybox initramfs (newc cpio).
+    pub initramfs: PathBuf,
+    /// The raw disk image.
+    pub disk: PathBuf,
+    /// The disk image's MD5, as `md5sum` prints it.
+    pub disk_md5: String,
+}
+
+/// The disk: a header line, then bytes from a fixed xorshift sequence, so its checksum
+/// is the same on every machine and any lost or misplaced block shows.
+pub fn disk_image() -> Vec<u8> {
+    let mut d = Vec::with_capacity(DISK_SIZE);
+    d.extend_from_slice(b"PEREGRINE-DISK v1\n");
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    while d.len() < DISK_SIZE {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        d.extend_from_slice(&x.to_le_bytes());
+    }
+    d.truncate(DISK_SIZE);
+    d
+}
+
+/// The MD5 of `data` in hex.
+pub fn md5_hex(data: &[u8]) -> String {
+    use md5::{Digest, Md5};
+    Md5::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The `depends=` list of a module's `.modinfo` section.
+pub fn module_depends(ko: &[u8]) -> Vec<String> {
+    let key = b"\0depends=";
+    let Some(at) = ko.windows(key.len()).position(|w| w == key) else {
+        return Vec::new();
+    };
+    let rest = &ko[at + key.len()..];
+    let end = rest.iter().position(|&b| b == 0).unwrap_or(rest.len());
+    String::from_utf8_lossy(&rest[..end])
+        .split(',')
+        .filter(|d| !d.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+/// Every `.ko` below `dir`, by module name.
+fn all_modules(dir: &Path) -> Result<std::collections::BTreeMap<String, PathBuf>> {
+    let mut found = std::collections::BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).with_context(|| format!("reading {}", d.display()))? {
+            let p = e?.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if let Some(m) = p
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(".ko"))
+            {
+                // Module names use `_` where file names may use `-`.
+                found.insert(m.replace('-', "_"), p.clone());
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// [`MODULES`] and what they depend on, dependencies first: (name, contents).
+fn modules_in_load_order(dir: &Path) -> Result<Vec<(String, Vec<u8>)>> {
+    let all = all_modules(dir)?;
+    let mut order: Vec<(String, Vec<u8>)> = Vec::new();
+    fn visit(
+        name: &str,
+        all: &std::collections::BTreeMap<String, PathBuf>,
+        order: &mut Vec<(String, Vec<u8>)>,
+        path: &mut Vec<String>,
+    ) -> Result<()> {
+        if order.iter().any(|(n, _)| n == name) {
+            return Ok(());
+        }
+        if path.iter().any(|n| n == name) {
+            bail!("module dependency cycle through {name}");
+        }
+        let file = all
+            .get(name)
+            .with_context(|| format!("module {name}.ko not found"))?;
+        let ko = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+        path.push(name.to_string());
+        for d in module_depends(&ko) {
+            visit(&d, all, order, path)?;
+        }
+        path.pop();
+        order.push((name.to_string(), ko));
+        Ok(())
+    }
+    for m in MODULES {
+        visit(m, &all, &mut order, &mut Vec::new())
+            .with_context(|| format!("in {}", dir.display()))?;
+    }
+    Ok(order)
+}
+
+/// The initramfs: busybox, `/init`, the modules under `/lib/modules/`, `/etc/modules`
+/// (their load order) and `/etc/disk.md5`.
+pub fn build_initramfs(kernel: &Path, disk_md5: &str, out: &Path) -> Result<()> {
+    deps::ensure(&[Tool::Busybox])?;
+    // <root>/boot/vmlinuz-<version> → <root>/lib/modules/<version>
+    let version = kernel
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_prefix("vmlinuz-"))
+        .context("the kernel's file name is not vmlinuz-<version>")?;
+    let root = kernel
+        .parent()
+        .and_then(Path::parent)
+        .context("kernel path")?;
+    let modules = modules_in_load_order(&root.join("lib/modules").join(version))?;
+    let busybox = std::fs::read("/bin/busybox").context("reading /bin/busybox")?;
+    let mut cpio = Cpio::default();
+    for d in [
+        "bin",
+        "dev",
+        "etc",
+        "lib",
+        "lib/modules",
+        "proc",
+        "sys",
+        "tmp",
+    ] {
+        cpio.dir(d);
+    }
+    cpio.char_dev("dev/console", 5, 1);
+    cpio.file("bin/busybox", 0o755, &busybox);
+    cpio.symlink("bin/sh", "busybox");
+    cpio.file("init", 0o755, INIT.as_bytes());
+    let names: Vec<&str> = modules.iter().map(|(n, _)| n.as_str()).collect();
+    cpio.file(
+        "etc/modules",
+        0o644,
+        format!("{}\n", names.join("\n")).as_bytes(),
+    );
+    cpio.file("etc/disk.md5", 0o644, format!("{disk_md5}\n").as_bytes());
+    for (name, ko) in &modules {
+        cpio.file(&format!("lib/modules/{name}.ko"), 0o644, ko);
+    }
+    std::fs::write(out, cpio.finish()).with_context(|| format!("writing {}", out.display()))
+}
+
+/// Fetches the kernel (once) and builds the initramfs and the disk image.
+pub fn prepare() -> Result<Guest> {
+    let kernel = baseline::debian_kernel()?;
+    let dir = workspace::out_dir("linux/guest")?;
+    let disk = dir.join("disk.img");
+    let data = disk_image();
+    let disk_md5 = md5_hex(&data);
+    std::fs::write(&disk, &data)?;
+    std::fs::write(dir.join("disk.md5"), format!("{disk_md5}  disk.img\n"))?;
+    let initramfs = dir.join("initramfs.cpio");
+    build_initramfs(&kernel, &disk_md5, &initramfs)?;
+    Ok(Guest {
+        kernel,
+        initramfs,
+        disk,
+        disk_md5,
+    })
+}
+
+/// How to boot the guest directly in QEMU.
+#[derive(Debug, Clone)]
+pub struct Run {
+    /// Log name.
+    pub name: String,
+    /// vCPUs.
+    pub smp: u32,
+    /// `peregrine.test=` value; empty: the interactive shell.
+    pub tests: String,
+    /// Console to this terminal instead of a captured log.
+    pub interactive: bool,
+    /// Time limit.
+    pub timeout: Duration,
+}
+
+/// The kernel command line.
+pub fn cmdline(tests: &str) -> String {
+    let mut c = String::from("console=ttyS0 panic=-1 rdinit=/init");
+    if !tests.is_empty() {
+        c += " quiet peregrine.test=";
+        c += tests;
+    }
+    c
+}
+
+/// Boots `guest` in QEMU (software emulation, `-cpu EPYC`, 256 MiB, the disk as a
+/// modern-only virtio-blk PCI device in snapshot mode, so the image stays as built).
+pub fn boot_qemu(guest: &Guest, run: &Run) -> Result<RunResult> {
+    let drive = format!(
+        "file={},if=none,id=vda,format=raw,snapshot=on",
+        crate::qemu::escape_commas(&guest.disk.to_string_lossy())
+    );
+    let spec = BootSpec {
+        name: run.name.clone(),
+        kernel: guest.kernel.clone(),
+        kernel_args: cmdline(&run.tests),
+        modules: Vec::new(),
+        smp: run.smp,
+        memory_mib: 256,
+        cpu_model: None,
+        icount: false,
+        allow_kvm: false,
+        timeout: run.timeout,
+        extra_qemu_args: vec![
+            "-initrd".into(),
+            guest.initramfs.to_string_lossy().into_owned(),
+            "-drive".into(),
+            drive,
+            "-device".into(),
+            "virtio-blk-pci,drive=vda,disable-legacy=on".into(),
+        ],
+        output: if run.interactive {
+            Output::Inherit
+        } else {
+            Output::Capture
+        },
+    };
+    crate::qemu::run_qemu(&spec)
+}
+
+/// The `PEREGRINE-TEST` lines of a serial log: (test, result, detail).
+pub fn test_results(serial: &str) -> Vec<(String, String, String)> {
+    serial
+        .lines()
+        .filter_map(|l| {
+            let rest = l[l.find(TEST_PREFIX)?..].strip_prefix(TEST_PREFIX)?;
+            let mut w = rest.trim().splitn(3, ' ');
+            let name = w.next()?.to_string();
+            let result = w.next().unwrap_or_default().to_string();
+            Some((name, result, w.next().unwrap_or_default().to_string()))
+        })
+        .collect()
+}
+
+/// The guest's uptime when it printed the marker, in seconds.
+pub fn marker_uptime(serial: &str) -> Option<f64> {
+    let l = serial.lines().find(|l| l.contains(MARKER))?;
+    l.split("uptime=").nth(1)?.trim().parse().ok()
+}
+
+/// Boots with the tests in `tests` and checks what every guest must show: the marker,
+/// `nproc` = `smp`, the disk's checksum, the write read back, and a clean power-off.
+pub fn check_qemu(guest: &Guest, smp: u32, tests: &str) -> Result<RunResult> {
+    let run = Run {
+        name: format!("linux-qemu-smp{smp}"),
+        smp,
+        tests: tests.into(),
+        interactive: false,
+        timeout: Duration::from_secs(120),
+    };
+    let r = boot_qemu(guest, &run)?;
+    if !r.serial.contains(MARKER) {
+        bail!("no {MARKER}: {}", r.report());
+    }
+    for (name, result, detail) in test_results(&r.serial) {
+        let ok = match name.as_str() {
+            "nproc" => result == smp.to_string(),
+            "disk" => result == "ok" && detail == guest.disk_md5,
+            "write" => result == "ok",
+            "read" => result.ends_with("ms") && detail == DISK_SIZE.to_string(),
+            "kvmclock" => !result.is_empty(),
+            _ => false,
+        };
+        if !ok {
+            bail!("test {name}: {result} {detail}: {}", r.report());
+        }
+    }
+    let ran: Vec<String> = test_results(&r.serial).into_iter().map(|t| t.0).collect();
+    let tests = if tests == "all" { ALL_TESTS } else { tests };
+    for want in tests
+        .split(',')
+        .filter(|t| !t.is_empty() && *t != "poweroff")
+    {
+        if !ran.iter().any(|t| t == want) {
+            bail!("test {want} printed no result: {}", r.report());
+        }
+    }
+    // `poweroff -f` (ACPI S5) ends QEMU, status 0 with -no-reboot.
+    if !matches!(r.exit, Exit::Other(0)) {
+        bail!("the guest did not power off: {}", r.report());
+    }
+    Ok(r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_module_dependencies() {
+        let ko = b"\x7fELF...\0license=GPL\0depends=virtio_ring,virtio\0retpoline=Y\0";
+        assert_eq!(module_depends(ko), ["virtio_ring", "virtio"]);
+        assert!(module_depends(b"\0depends=\0").is_empty());
+        assert!(module_depends(b"nothing").is_empty());
+    }
+
+    #[test]
+    fn disk_image_is_fixed() {
+        let d = disk_image();
+        assert_eq!(d.len(), DISK_SIZE);
+        assert!(d.starts_with(b"PEREGRINE-DISK v1\n"));
+        assert_eq!(md5_hex(&d), md5_hex(&disk_image()));
+        assert_eq!(md5_hex(b""), "d41d8cd98f00b204e9800998ecf8427e");
+    }
+
+    #[test]
+    fn parses_test_lines_and_marker() {
+        let log = "x\nPEREGRINE-LINUX-READY uptime=3.25\n[  1.0] PEREGRINE-TEST nproc 2\n\
+                   PEREGRINE-TEST disk ok abc\nPEREGRINE-TEST read 120ms 8388608\n";
+        assert_eq!(marker_uptime(log), Some(3.25));
+        let t = test_results(log);
+        assert_eq!(t.len(), 3);
+        assert_eq!(t[0], ("nproc".into(), "2".into(), String::new()));
+        assert_eq!(t[2], ("read".into(), "120ms".into(), "8388608".into()));
+    }
+
+    #[test]
+    fn init_knows_every_test_and_the_marker() {
+        assert!(INIT.contains(MARKER));
+        for t in ALL_TESTS.split(',') {
+            assert!(INIT.contains(&format!("t_{t}()")), "{t}");
+        }
+        assert!(INIT.contains(&format!("tests={ALL_TESTS}")));
+        assert_eq!(cmdline(""), "console=ttyS0 panic=-1 rdinit=/init");
+    }
+}
