@@ -9,10 +9,12 @@
 //! - [`qemu`] and [`bochs`]: the two emulators (Bochs boots a GRUB ISO).
 //! - [`deps`]: host tools, installed with apt when running as root.
 //! - [`suite`]: `cargo xtask test`, the README's test command and what CI runs.
-//! - [`bench`]: `cargo xtask bench`.
+//! - [`bench`]: `cargo xtask bench`; [`bench_vmexit`]: its VM-exit benchmark with the
+//!   KVM baseline (Linux + KVM in QEMU running `guests/kvm-runner`).
 
 pub mod baseline;
 pub mod bench;
+pub mod bench_vmexit;
 pub mod bochs;
 pub mod boot;
 pub mod build;
