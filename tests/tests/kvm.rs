@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use peregrine_tests::images;
 use xtask::bench_vmexit::{run_kvm_guest, unavailable, KvmGuest};
+use xtask::Emulator;
 
 const CHECKS: &[&str] = &[
     "cpuid",
@@ -37,7 +38,8 @@ fn kvm_runner_runs_the_guest_check_list() {
         timeout: Duration::from_secs(150),
         ..KvmGuest::new("kvm-check-list", "check")
     };
-    let r = run_kvm_guest(images(), &guest).expect("running Linux with KVM in QEMU");
+    let r =
+        run_kvm_guest(images(), &guest, Emulator::Qemu).expect("running Linux with KVM in QEMU");
     let report = r.run.report();
     for c in CHECKS {
         assert!(

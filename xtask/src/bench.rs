@@ -160,7 +160,7 @@ pub fn bench(name: &str) -> Result<Vec<Figure>> {
         );
     }
     if name == "vmexit" {
-        return crate::bench_vmexit::bench();
+        return crate::bench_vmexit::bench(crate::boot::Emulator::Qemu);
     }
     let peregrine =
         crate::build::build(Profile::Release).and_then(|images| peregrine_ipc(&images, name));

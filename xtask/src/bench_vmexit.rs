@@ -24,7 +24,7 @@ use anyhow::{bail, Context, Result};
 
 use crate::baseline::{self, Cpio};
 use crate::bench::{parse_bench_lines, Figure};
-use crate::boot::{BootSpec, Exit, Output, RunResult};
+use crate::boot::{BootSpec, Emulator, Exit, Output, RunResult};
 use crate::build::{Images, Profile};
 use crate::deps::{self, Tool};
 use crate::workspace::{self, run_checked};
@@ -40,8 +40,18 @@ pub const FIGURES: &[&str] = &[
     "vmexit_hlt",
 ];
 
-/// The mode string of both sides (QEMU software SVM, TSC = instructions).
+/// The mode string of both sides in QEMU (software SVM, TSC = instructions).
 pub const MODE_QEMU: &str = "qemu-icount";
+/// The mode string in Bochs (`corei7_skylake_x`: VMX with EPT; TSC ≈ instructions).
+pub const MODE_BOCHS: &str = "bochs-vmx";
+
+/// The mode string of runs in `emulator`.
+pub fn mode(emulator: Emulator) -> &'static str {
+    match emulator {
+        Emulator::Qemu => MODE_QEMU,
+        Emulator::Bochs => MODE_BOCHS,
+    }
+}
 
 /// The runner's package and binary.
 pub const RUNNER: &str = "kvm-runner";
@@ -57,20 +67,26 @@ pub fn peregrine_spec(images: &Images) -> BootSpec {
     BootSpec::new("bench-vmexit", images)
         .root_args("bench=vmexit")
         .smp(1)
-        .icount()
         .timeout(Duration::from_secs(300))
 }
 
-/// Runs the Peregrine side and returns its figures.
-pub fn peregrine_side(images: &Images) -> Result<Vec<Figure>> {
-    let result = crate::qemu::run_qemu(&peregrine_spec(images))?;
+/// Runs the Peregrine side in `emulator` (QEMU with `-icount shift=0`) and returns its
+/// figures.
+pub fn peregrine_side(images: &Images, emulator: Emulator) -> Result<Vec<Figure>> {
+    let mut spec = peregrine_spec(images);
+    if emulator == Emulator::Qemu {
+        spec = spec.icount();
+    } else {
+        spec.timeout = Duration::from_secs(900);
+    }
+    let result = crate::boot::run(emulator, &spec)?;
     if result.exit != Exit::Success {
         bail!(
             "the Peregrine vmexit benchmark did not succeed: {}",
             result.report()
         );
     }
-    let figures: Vec<Figure> = parse_bench_lines(&result.serial, MODE_QEMU)
+    let figures: Vec<Figure> = parse_bench_lines(&result.serial, mode(emulator))
         .into_iter()
         .filter(|f| f.figure.starts_with("vmexit_"))
         .collect();
@@ -252,6 +268,7 @@ pub fn init_script(vendors: &[(&str, Vec<String>)], runner: &str) -> String {
     }
     s += "fi\n[ -e /dev/kvm ] || $B mknod /dev/kvm c 10 232\n";
     let _ = writeln!(s, "echo KVMRUN start\n{runner}\necho \"KVMRUN status $?\"");
+    let _ = writeln!(s, "/{RUNNER} --bochs-shutdown");
     s + "$B poweroff -f\n"
 }
 
@@ -338,14 +355,15 @@ fn build_initramfs(
     Ok(path)
 }
 
-/// Boots Linux with KVM in QEMU (`-cpu EPYC -icount shift=0 -smp 1`) and runs the test
-/// guest of `images` under `kvm-runner`.
-pub fn run_kvm_guest(images: &Images, guest: &KvmGuest) -> Result<KvmRun> {
+/// Boots Linux with KVM and runs the test guest of `images` under `kvm-runner`: in QEMU
+/// (`-cpu EPYC -icount shift=0 -smp 1`: KVM on software SVM) or in Bochs
+/// (`corei7_skylake_x` from a GRUB ISO: KVM on VMX with EPT; minutes).
+pub fn run_kvm_guest(images: &Images, guest: &KvmGuest, emulator: Emulator) -> Result<KvmRun> {
     let (kernel, modules_dir) = kvm_kernel()?;
     let runner = build_runner()?;
     let dir = workspace::out_dir("kvm")?;
     let initramfs = build_initramfs(&dir, &modules_dir, &runner, &images.guest_test(), guest)?;
-    let spec = BootSpec {
+    let mut spec = BootSpec {
         name: guest.name.clone(),
         kernel,
         kernel_args: "console=ttyS0 quiet panic=-1 rdinit=/init".into(),
@@ -359,14 +377,23 @@ pub fn run_kvm_guest(images: &Images, guest: &KvmGuest) -> Result<KvmRun> {
         extra_qemu_args: vec!["-initrd".into(), initramfs.to_string_lossy().into_owned()],
         output: Output::Capture,
     };
-    let run = crate::qemu::run_qemu(&spec)?;
+    if emulator == Emulator::Bochs {
+        spec.icount = false;
+        spec.extra_qemu_args.clear();
+        spec.modules = vec![(initramfs, String::new())];
+    }
+    let run = crate::boot::run(emulator, &spec)?;
     let status = runner_status(&run.serial);
     Ok(KvmRun { run, status })
 }
 
 /// Runs the KVM side of the benchmark and returns its figures (as baselines).
-pub fn kvm_side(images: &Images) -> Result<Vec<Figure>> {
-    let r = run_kvm_guest(images, &KvmGuest::new("bench-vmexit-kvm", "bench"))?;
+pub fn kvm_side(images: &Images, emulator: Emulator) -> Result<Vec<Figure>> {
+    let mut guest = KvmGuest::new("bench-vmexit-kvm", "bench");
+    if emulator == Emulator::Bochs {
+        guest.timeout = Duration::from_secs(900);
+    }
+    let r = run_kvm_guest(images, &guest, emulator)?;
     if r.status != Some(0) {
         bail!(
             "the KVM runner did not finish the benchmark (status {:?}): {}",
@@ -374,7 +401,7 @@ pub fn kvm_side(images: &Images) -> Result<Vec<Figure>> {
             r.run.report()
         );
     }
-    Ok(parse_bench_lines(&r.run.serial, MODE_QEMU)
+    Ok(parse_bench_lines(&r.run.serial, mode(emulator))
         .into_iter()
         .filter(|f| f.figure.starts_with("vmexit_"))
         .map(|f| Figure {
@@ -411,19 +438,34 @@ pub fn merge(peregrine: &[Figure], kvm: &[Figure]) -> Vec<Figure> {
     out
 }
 
-/// `cargo xtask bench vmexit`: both sides, the table, `<target>/bench/vmexit.json`.
-pub fn bench() -> Result<Vec<Figure>> {
+/// `cargo xtask bench vmexit [--emulator bochs]`: both sides in `emulator`, the table,
+/// and `<target>/bench/vmexit.json`, where this mode's entries replace those of an
+/// earlier run in the same mode (entries of other modes stay).
+pub fn bench(emulator: Emulator) -> Result<Vec<Figure>> {
     let images = crate::build::build(Profile::Release)?;
-    let peregrine = peregrine_side(&images);
-    let kvm = kvm_side(&images);
+    let peregrine = peregrine_side(&images, emulator);
+    let kvm = kvm_side(&images, emulator);
     let figures = merge(
         peregrine.as_ref().map(Vec::as_slice).unwrap_or_default(),
         kvm.as_ref().map(Vec::as_slice).unwrap_or_default(),
     );
-    crate::bench::write_results("vmexit", &figures, "kvm")?;
+    let path = workspace::out_dir("bench")?.join("vmexit.json");
+    let earlier: Vec<Figure> = std::fs::read(&path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    let all = replace_mode(earlier, &figures, mode(emulator));
+    crate::bench::write_results("vmexit", &all, "kvm")?;
     peregrine.context("the Peregrine side of the benchmark failed")?;
     kvm.context("the KVM baseline failed")?;
     Ok(figures)
+}
+
+/// `earlier` without its entries in `mode`, followed by `new`.
+pub fn replace_mode(earlier: Vec<Figure>, new: &[Figure], mode: &str) -> Vec<Figure> {
+    let mut all: Vec<Figure> = earlier.into_iter().filter(|f| f.mode != mode).collect();
+    all.extend_from_slice(new);
+    all
 }
 
 /// Whether the KVM side can run here: the reason when it cannot (no kernel package,
@@ -494,6 +536,18 @@ mod tests {
             g.runner_command(),
             "/kvm-runner --mode hostile --cpus 1 --seed 7 --timeout 30 /guest-test"
         );
+    }
+
+    #[test]
+    fn replace_mode_keeps_other_modes() {
+        let e = parse_bench_lines("BENCH vmexit_hlt 1 tsc-ticks\n", MODE_QEMU);
+        let b = parse_bench_lines("BENCH vmexit_hlt 2 tsc-ticks\n", MODE_BOCHS);
+        let n = parse_bench_lines("BENCH vmexit_hlt 3 tsc-ticks\n", MODE_QEMU);
+        let all = replace_mode([e, b.clone()].concat(), &n, MODE_QEMU);
+        assert_eq!(all.len(), 2);
+        assert_eq!(all[0], b[0]);
+        assert_eq!(all[1].peregrine, Some(3.0));
+        assert_eq!(mode(Emulator::Bochs), "bochs-vmx");
     }
 
     #[test]

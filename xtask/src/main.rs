@@ -29,14 +29,17 @@ commands:
       --cpus N               guest vCPUs, 1 or 2 (default 1)
       --seed N               seed of the hostile mode
       --timeout S            the runner's own time limit (default: none)
+      --emulator qemu|bochs  QEMU EPYC -icount (default) or Bochs skylake_x (VMX)
   test [--quick] [--filter X]
                              fmt, clippy, host unit tests, image build, emulator tests;
                              --quick leaves out the slow Bochs tests, --filter X runs
                              only tests whose name contains X
   bench ipc                  IPC round-trip instruction counts under QEMU -icount;
                              writes <target>/bench/ipc.json
-  bench vmexit               VM-exit round trips, Peregrine and Linux/KVM (kvm-runner
-                             with guests/test) under QEMU -cpu EPYC -icount;
+  bench vmexit [--emulator bochs]
+                             VM-exit round trips, Peregrine and Linux/KVM (kvm-runner
+                             with guests/test) under QEMU -cpu EPYC -icount (SVM), or
+                             in Bochs corei7_skylake_x (VMX, minutes);
                              writes <target>/bench/vmexit.json
 ";
 
@@ -180,15 +183,24 @@ fn test(mut args: Args) -> Result<ExitCode> {
 
 fn bench(mut args: Args) -> Result<ExitCode> {
     let name = args.0.next().unwrap_or_else(|| "ipc".to_string());
-    if let Some(extra) = args.0.next() {
-        bail!("bench: unexpected argument {extra:?}\n{USAGE}");
+    let mut emulator = Emulator::Qemu;
+    while let Some(a) = args.0.next() {
+        match a.as_str() {
+            "--emulator" if name == "vmexit" => emulator = args.value(&a)?.parse()?,
+            _ => bail!("bench: unexpected argument {a:?}\n{USAGE}"),
+        }
     }
-    xtask::bench::bench(&name)?;
+    if emulator == Emulator::Bochs {
+        xtask::bench_vmexit::bench(emulator)?;
+    } else {
+        xtask::bench::bench(&name)?;
+    }
     Ok(ExitCode::SUCCESS)
 }
 
 fn kvm_run(mut args: Args) -> Result<ExitCode> {
     let mut guest = xtask::bench_vmexit::KvmGuest::new("kvm-run", "check");
+    let mut emulator = Emulator::Qemu;
     while let Some(a) = args.0.next() {
         match a.as_str() {
             "--mode" => {
@@ -202,12 +214,13 @@ fn kvm_run(mut args: Args) -> Result<ExitCode> {
             "--cpus" => guest.cpus = args.number(&a)?,
             "--seed" => guest.seed = args.number(&a)?,
             "--timeout" => guest.runner_timeout_s = args.number(&a)?,
+            "--emulator" => emulator = args.value(&a)?.parse()?,
             _ => bail!("kvm-run: unknown option {a:?}\n{USAGE}"),
         }
     }
-    guest.timeout = Duration::from_secs(guest.runner_timeout_s + 600);
+    guest.timeout = Duration::from_secs(guest.runner_timeout_s + 900);
     let images = xtask::build(Profile::Release)?;
-    let r = xtask::bench_vmexit::run_kvm_guest(&images, &guest)?;
+    let r = xtask::bench_vmexit::run_kvm_guest(&images, &guest, emulator)?;
     print!("{}", r.run.serial);
     eprintln!(
         "xtask: {:?} after {:.1} s; runner status {:?}; serial log {}",

@@ -6,7 +6,8 @@
 //! vCPU runs in a thread. It prints the guest's console lines and ends with one
 //! `runner: end …` line; its exit status is the guest's end code (0 = every check
 //! passed), 124 at the time limit, 125 on a runner error, 126 on a triple fault, 127
-//! when the boot vCPU halted with interrupts disabled.
+//! when the boot vCPU halted with interrupts disabled. `kvm-runner --bochs-shutdown`
+//! only writes `Shutdown` to port 0x8900 (ends Bochs).
 
 use std::io::Write;
 use std::os::fd::AsRawFd;
@@ -80,7 +81,31 @@ impl Shared {
     }
 }
 
+/// Bochs's shutdown port: writing `Shutdown` there ends Bochs.
+const BOCHS_SHUTDOWN_PORT: u16 = 0x8900;
+
+/// Writes `Shutdown` to Bochs's port 0x8900 (nothing there elsewhere): how the
+/// baseline's Linux ends a Bochs run.
+fn bochs_shutdown() -> ExitCode {
+    // SAFETY: ioperm(2) only changes this process's I/O permission bitmap.
+    if unsafe { libc::ioperm(BOCHS_SHUTDOWN_PORT.into(), 1, 1) } != 0 {
+        eprintln!("kvm-runner: ioperm: {}", std::io::Error::last_os_error());
+        return ExitCode::FAILURE;
+    }
+    for b in b"Shutdown" {
+        // SAFETY: the port was granted above; writing it has no effect on this process.
+        unsafe {
+            std::arch::asm!("out dx, al", in("dx") BOCHS_SHUTDOWN_PORT, in("al") *b,
+                            options(nomem, nostack));
+        }
+    }
+    ExitCode::SUCCESS
+}
+
 fn main() -> ExitCode {
+    if std::env::args().nth(1).as_deref() == Some("--bochs-shutdown") {
+        return bochs_shutdown();
+    }
     let config = match kvm_runner::parse_args(std::env::args().skip(1)) {
         Ok(c) => c,
         Err(e) => {
