@@ -156,7 +156,7 @@ pub fn linux_kernel() -> Result<PathBuf> {
 
 /// Debian's `linux-image-amd64` kernel, fetched with `apt-get download` and unpacked
 /// into `<target>/linux/root/` once (with its modules, which the Linux guest's
-/// initramfs takes from there).
+/// initramfs and the KVM baseline's take from there).
 pub fn debian_kernel() -> Result<PathBuf> {
     let dir = workspace::out_dir("linux")?;
     let extracted = dir.join("root");

@@ -11,9 +11,12 @@
 //! - [`suite`]: `cargo xtask test`, the README's test command and what CI runs.
 //! - [`bench`]: `cargo xtask bench`.
 //! - [`linux`]: the Linux guest (kernel, initramfs, disk) and its direct QEMU boot.
+//! - [`bench`]: `cargo xtask bench`; [`bench_vmexit`]: its VM-exit benchmark with the
+//!   KVM baseline (Linux + KVM in QEMU running `guests/kvm-runner`).
 
 pub mod baseline;
 pub mod bench;
+pub mod bench_vmexit;
 pub mod bochs;
 pub mod boot;
 pub mod build;
