@@ -35,8 +35,15 @@ pub const TEST: Component = Component {
     binary: "nul-test",
 };
 
+/// The bare-metal test and benchmark guest (`guests/test`): a boot module for the VMM
+/// and the guest of the KVM runner (contract: `guests/README.md`).
+pub const GUEST_TEST: Component = Component {
+    package: "guest-test",
+    binary: "guest-test",
+};
+
 /// Everything `build` builds, in one place: add new NUL components here.
-pub const COMPONENTS: &[Component] = &[KERNEL, ROOT, TEST];
+pub const COMPONENTS: &[Component] = &[KERNEL, ROOT, TEST, GUEST_TEST];
 
 /// Which cargo profile to build the components with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -90,6 +97,11 @@ impl Images {
     /// The test/benchmark component image.
     pub fn test_component(&self) -> PathBuf {
         self.path(TEST)
+    }
+
+    /// The test guest's ELF image.
+    pub fn guest_test(&self) -> PathBuf {
+        self.path(GUEST_TEST)
     }
 }
 

@@ -1,0 +1,491 @@
+//! Mode 3, the hostile guest: from a seeded xorshift generator, forever one random
+//! exit-causing action after another — random ports in and out (byte, word, dword,
+//! string), random MSR reads and writes, random MMIO accesses of many instruction forms
+//! at unbacked addresses, CR0/CR4 writes of random values, `ud2` with and without a
+//! handler, `int3`, random privileged and virtualization instructions, random byte
+//! sequences executed from a page, random #GP-injection and vCPU-start requests — and,
+//! rarely, a triple fault (an empty IDT and an exception), which ends the VM.
+//!
+//! Every action runs inside a probe ([`hostile_probe`]): any exception or interrupt gate
+//! it triggers lands on the interrupt stack, and [`trap`] resumes the guest after the
+//! probe, so the guest survives whatever its actions provoke (unless it corrupts its own
+//! memory, page tables or descriptor tables: hostile is hostile).
+//! A line `hostile: <n> actions ...` every [`PROGRESS`] actions shows progress.
+
+use core::arch::{asm, global_asm};
+use core::ptr::addr_of_mut;
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use crate::arch::{self, Frame, MAX_CPUS};
+use crate::println;
+
+/// Actions between progress lines.
+pub const PROGRESS: u64 = 1000;
+/// One action in this many is the triple fault.
+pub const TRIPLE_FAULT_ODDS: u64 = 20_000;
+/// The software interrupt that ends a random byte sequence (a trailer after it).
+const VECTOR_SEQ_END: u64 = 0x31;
+
+/// Per-vCPU state, all reached through raw pointers (the trap handler resumes probes).
+#[repr(C, align(4096))]
+struct State {
+    /// Page of random code: int3 filler, random bytes, nops, `int 0x31`.
+    code: [u8; 4096],
+    /// Stack for random code (its `rsp` at entry is the top).
+    scratch: [u8; 4096],
+    /// Buffer for string I/O and MMIO string moves.
+    buf: [u8; 256],
+    /// The probe's saved `rsp` (0: no probe running).
+    recover_rsp: u64,
+    /// Registers for random code: rax..r15 (rsp is replaced by the scratch top), then
+    /// the scratch top.
+    regs: [u64; 17],
+    /// The action's parameters.
+    kind: u64,
+    a: u64,
+    b: u64,
+    c: u64,
+}
+
+static mut STATES: [State; MAX_CPUS] = [const {
+    State {
+        code: [0; 4096],
+        scratch: [0; 4096],
+        buf: [0; 256],
+        recover_rsp: 0,
+        regs: [0; 17],
+        kind: 0,
+        a: 0,
+        b: 0,
+        c: 0,
+    }
+}; MAX_CPUS];
+
+/// Exceptions and interrupts that ended probes, per vector (all vCPUs).
+static VECTORS: [AtomicU64; 256] = [const { AtomicU64::new(0) }; 256];
+
+// `hostile_probe(action, state, slot)`: saves the callee-saved registers, stores `rsp`
+// at `*slot`, calls `action(state)`. Returns 0 when the action returned, or
+// `0x100 | vector` when `trap` resumed at `hostile_resume` with `rsp` = `*slot`.
+// `hostile_enter(target, regs)`: loads random registers and a scratch stack, enables
+// interrupts and jumps to the random code (which ends in `int 0x31` or an exception).
+global_asm!(
+    ".pushsection .text.hostile, \"ax\"",
+    ".global hostile_probe",
+    "hostile_probe:",
+    "push rbx",
+    "push rbp",
+    "push r12",
+    "push r13",
+    "push r14",
+    "push r15",
+    "sub rsp, 8",
+    "mov [rdx], rsp",
+    "mov rax, rdi",
+    "mov rdi, rsi",
+    "call rax",
+    "xor eax, eax",
+    ".global hostile_resume",
+    "hostile_resume:",
+    "add rsp, 8",
+    "pop r15",
+    "pop r14",
+    "pop r13",
+    "pop r12",
+    "pop rbp",
+    "pop rbx",
+    "ret",
+    ".global hostile_enter",
+    "hostile_enter:",
+    "mov rax, [rsi + 16 * 8]",
+    "mov [rax - 8], rdi",
+    "lea rsp, [rax - 8]",
+    "mov rax, [rsi + 0 * 8]",
+    "mov rbx, [rsi + 1 * 8]",
+    "mov rcx, [rsi + 2 * 8]",
+    "mov rdx, [rsi + 3 * 8]",
+    "mov rdi, [rsi + 5 * 8]",
+    "mov rbp, [rsi + 6 * 8]",
+    "mov r8, [rsi + 7 * 8]",
+    "mov r9, [rsi + 8 * 8]",
+    "mov r10, [rsi + 9 * 8]",
+    "mov r11, [rsi + 10 * 8]",
+    "mov r12, [rsi + 11 * 8]",
+    "mov r13, [rsi + 12 * 8]",
+    "mov r14, [rsi + 13 * 8]",
+    "mov r15, [rsi + 14 * 8]",
+    "mov rsi, [rsi + 4 * 8]",
+    "sti",
+    "ret",
+    ".popsection",
+);
+
+extern "C" {
+    fn hostile_probe(action: extern "C" fn(*mut State), state: *mut State, slot: *mut u64) -> u64;
+    fn hostile_enter(target: u64, regs: *const u64) -> !;
+    static hostile_resume: u8;
+}
+
+/// xorshift64* seeded through splitmix64 (any seed, 0 included, gives a good state).
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Self {
+        let mut z = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        Rng((z ^ (z >> 31)) | 1)
+    }
+
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// The kinds of action, chosen uniformly.
+#[derive(Clone, Copy)]
+#[repr(u64)]
+enum Kind {
+    PortOut,
+    PortIn,
+    PortString,
+    MsrRead,
+    MsrWrite,
+    Mmio,
+    Cr0,
+    Cr4,
+    Ud2Handled,
+    Ud2NoHandler,
+    Int3,
+    RandomCode,
+    Cpuid,
+    Hypercall,
+    Hlt,
+    Privileged,
+    InjectGp,
+    StartCpu,
+}
+
+const KINDS: [Kind; 18] = [
+    Kind::PortOut,
+    Kind::PortIn,
+    Kind::PortString,
+    Kind::MsrRead,
+    Kind::MsrWrite,
+    Kind::Mmio,
+    Kind::Cr0,
+    Kind::Cr4,
+    Kind::Ud2Handled,
+    Kind::Ud2NoHandler,
+    Kind::Int3,
+    Kind::RandomCode,
+    Kind::Cpuid,
+    Kind::Hypercall,
+    Kind::Hlt,
+    Kind::Privileged,
+    Kind::InjectGp,
+    Kind::StartCpu,
+];
+
+/// A random port, never the console nor the end-of-run port.
+fn port(rng: &mut Rng) -> u64 {
+    loop {
+        let p = if rng.below(2) == 0 {
+            rng.below(0x100)
+        } else {
+            rng.below(0x1_0000)
+        };
+        if p != u64::from(crate::PORT_CONSOLE) && p != u64::from(crate::PORT_EXIT) {
+            return p;
+        }
+    }
+}
+
+/// A random MSR index: mostly from the ranges where MSRs live.
+fn msr_index(rng: &mut Rng) -> u64 {
+    match rng.below(5) {
+        0 => rng.below(0x1000),
+        1 => 0xc000_0000 + rng.below(0x200),
+        2 => 0xc001_0000 + rng.below(0x200),
+        3 => u64::from(crate::MSR_SYNTH) + rng.below(4),
+        _ => rng.next() & 0xffff_ffff,
+    }
+}
+
+/// A random unbacked guest-physical address (identity-mapped below 4 GiB).
+fn mmio_address(rng: &mut Rng) -> u64 {
+    match rng.below(3) {
+        0 => crate::MMIO_REG + rng.below(0x1000),
+        1 => crate::MMIO_REG - 8 + rng.below(16),
+        _ => 0xc000_0000 + rng.below(0x4000_0000 - 8),
+    }
+}
+
+/// CR0/CR4 bits the guest may flip without leaving long mode or hanging itself
+/// (SMEP/SMAP stay off: the host's page tables may mark pages user-accessible).
+const CR0_FLIP: u64 = (1 << 1)
+    | (1 << 2)
+    | (1 << 3)
+    | (1 << 5)
+    | (1 << 16)
+    | (1 << 18)
+    | (1 << 29)
+    | (1 << 30)
+    | 1
+    | (1 << 31);
+const CR4_FLIP: u64 = 0x7f
+    | (1 << 8)
+    | (1 << 9)
+    | (1 << 10)
+    | (1 << 11)
+    | (1 << 12)
+    | (1 << 13)
+    | (1 << 16)
+    | (1 << 17)
+    | (1 << 18)
+    | (1 << 22)
+    | (1 << 23);
+
+/// Prepares the parameters of one action in `s`.
+fn choose(rng: &mut Rng, s: &mut State) {
+    let kind = KINDS[rng.below(KINDS.len() as u64) as usize];
+    s.kind = kind as u64;
+    s.a = rng.next();
+    s.b = rng.next();
+    s.c = rng.next();
+    match kind {
+        Kind::PortOut | Kind::PortIn | Kind::PortString => s.a = port(rng),
+        Kind::MsrRead | Kind::MsrWrite => s.a = msr_index(rng),
+        Kind::Mmio => s.a = mmio_address(rng),
+        Kind::Cr0 => {
+            s.a = if rng.below(2) == 0 {
+                1 << rng.below(64)
+            } else {
+                CR0_FLIP & rng.next()
+            }
+        }
+        Kind::Cr4 => {
+            s.a = if rng.below(2) == 0 {
+                1 << rng.below(64)
+            } else {
+                CR4_FLIP & rng.next()
+            }
+        }
+        Kind::RandomCode => {
+            let len = 1 + rng.below(24) as usize;
+            s.code.fill(0xcc);
+            let at = 0x800;
+            for b in &mut s.code[at..at + len] {
+                *b = rng.next() as u8;
+            }
+            // 16 nops resynchronise an instruction the random bytes started, then
+            // `int 0x31` ends the sequence.
+            s.code[at + len..at + len + 16].fill(0x90);
+            s.code[at + len + 16] = 0xcd;
+            s.code[at + len + 17] = VECTOR_SEQ_END as u8;
+            for r in &mut s.regs[..16] {
+                *r = match rng.below(4) {
+                    0 => rng.below(0x1_0000),
+                    1 => mmio_address(rng),
+                    _ => rng.next(),
+                };
+            }
+            s.regs[16] = s.scratch.as_ptr() as u64 + s.scratch.len() as u64;
+        }
+        Kind::StartCpu => s.a = rng.below(4),
+        _ => {}
+    }
+}
+
+/// One MMIO access of form `b % 16` at `a` (value `c`).
+fn mmio_access(a: u64, b: u64, c: u64, buf: *mut u8) {
+    // SAFETY: `a` is an unbacked identity-mapped address: every access exits to the
+    // host (or faults, which the probe catches); `buf` is this vCPU's 256-byte buffer
+    // and the string forms move at most 8 elements of 8 bytes.
+    unsafe {
+        match b % 16 {
+            0 => asm!("mov {v:l}, byte ptr [{a}]", a = in(reg) a, v = out(reg) _),
+            1 => asm!("mov {v:x}, word ptr [{a}]", a = in(reg) a, v = out(reg) _),
+            2 => asm!("mov {v:e}, dword ptr [{a}]", a = in(reg) a, v = out(reg) _),
+            3 => asm!("mov {v}, qword ptr [{a}]", a = in(reg) a, v = out(reg) _),
+            4 => asm!("mov byte ptr [{a}], {v:l}", a = in(reg) a, v = in(reg) c),
+            5 => asm!("mov word ptr [{a}], {v:x}", a = in(reg) a, v = in(reg) c),
+            6 => asm!("mov dword ptr [{a}], {v:e}", a = in(reg) a, v = in(reg) c),
+            7 => asm!("mov qword ptr [{a}], {v}", a = in(reg) a, v = in(reg) c),
+            8 => asm!("movzx {v:e}, word ptr [{a}]", a = in(reg) a, v = out(reg) _),
+            9 => asm!("movsx {v}, byte ptr [{a}]", a = in(reg) a, v = out(reg) _),
+            10 => asm!("add dword ptr [{a}], {v:e}", a = in(reg) a, v = in(reg) c),
+            11 => asm!("or qword ptr [{a}], {v}", a = in(reg) a, v = in(reg) c),
+            12 => asm!("xchg dword ptr [{a}], {v:e}", a = in(reg) a, v = inout(reg) c => _),
+            13 => asm!("lock cmpxchg qword ptr [{a}], {v}", a = in(reg) a, v = in(reg) c,
+                       inout("rax") c => _),
+            14 => asm!("rep movsb", inout("rsi") a => _, inout("rdi") buf => _,
+                       inout("rcx") c % 9 => _),
+            _ => asm!("rep stosq", inout("rdi") a => _, in("rax") c, inout("rcx") c % 9 => _),
+        }
+    }
+}
+
+/// The action prepared in `*s`, run inside the probe.
+extern "C" fn action(s: *mut State) {
+    // SAFETY: `s` is this vCPU's state; the fields are plain data.
+    let (kind, a, b, c) = unsafe { ((*s).kind, (*s).a, (*s).b, (*s).c) };
+    // SAFETY: in every arm the instruction is the point of the exercise: it exits to
+    // the host or raises an exception that `trap` turns into a return from the probe.
+    // None writes guest memory except `buf` (string input) and the MMIO forms.
+    unsafe {
+        match KINDS[kind as usize] {
+            Kind::PortOut => match b % 3 {
+                0 => asm!("out dx, al", in("dx") a as u16, in("al") c as u8),
+                1 => asm!("out dx, ax", in("dx") a as u16, in("ax") c as u16),
+                _ => asm!("out dx, eax", in("dx") a as u16, in("eax") c as u32),
+            },
+            Kind::PortIn => match b % 3 {
+                0 => asm!("in al, dx", in("dx") a as u16, out("al") _),
+                1 => asm!("in ax, dx", in("dx") a as u16, out("ax") _),
+                _ => asm!("in eax, dx", in("dx") a as u16, out("eax") _),
+            },
+            Kind::PortString => {
+                let buf = addr_of_mut!((*s).buf) as *mut u8;
+                let n = c % 9;
+                match b % 4 {
+                    0 => asm!("rep outsb", in("dx") a as u16, inout("rsi") buf => _,
+                              inout("rcx") n => _),
+                    1 => asm!("rep outsd", in("dx") a as u16, inout("rsi") buf => _,
+                              inout("rcx") n => _),
+                    2 => asm!("rep insb", in("dx") a as u16, inout("rdi") buf => _,
+                              inout("rcx") n => _),
+                    _ => asm!("rep insw", in("dx") a as u16, inout("rdi") buf => _,
+                              inout("rcx") n => _),
+                }
+            }
+            Kind::MsrRead => asm!("rdmsr", in("ecx") a as u32, out("eax") _, out("edx") _),
+            Kind::MsrWrite => asm!("wrmsr", in("ecx") a as u32, in("eax") b as u32,
+                                   in("edx") (b >> 32) as u32),
+            Kind::Mmio => mmio_access(a, b, c, addr_of_mut!((*s).buf) as *mut u8),
+            Kind::Cr0 => asm!("mov {old}, cr0", "mov {new}, {old}", "xor {new}, {flip}",
+                              "mov cr0, {new}", "mov cr0, {old}", old = out(reg) _,
+                              new = out(reg) _, flip = in(reg) a),
+            Kind::Cr4 => asm!("mov {old}, cr4", "mov {new}, {old}", "xor {new}, {flip}",
+                              "mov cr4, {new}", "mov cr4, {old}", old = out(reg) _,
+                              new = out(reg) _, flip = in(reg) a),
+            Kind::Ud2Handled => asm!("ud2"),
+            Kind::Ud2NoHandler => {
+                arch::set_gate_present(6, false);
+                // The not-present gate raises #NP, which ends the probe: the gate is
+                // restored after the probe.
+                asm!("ud2");
+            }
+            Kind::Int3 => asm!("int3"),
+            Kind::RandomCode => hostile_enter(
+                addr_of_mut!((*s).code) as u64 + 0x800,
+                addr_of_mut!((*s).regs) as *const u64,
+            ),
+            Kind::Cpuid => {
+                asm!("mov {t}, rbx", "cpuid", "mov rbx, {t}", t = out(reg) _,
+                     inout("eax") a as u32 => _, inout("ecx") b as u32 => _, out("edx") _)
+            }
+            Kind::Hypercall => {
+                let nr = if a & 1 == 0 {
+                    crate::HYPERCALL_NR
+                } else {
+                    a % 16
+                };
+                arch::hypercall(crate::INTEL.load(Ordering::Relaxed), nr, b);
+            }
+            Kind::Hlt => arch::halt_once(),
+            Kind::Privileged => match a % 12 {
+                0 => asm!("invlpg [{}]", in(reg) b),
+                1 => asm!("wbinvd"),
+                2 => asm!("rdpmc", in("ecx") b as u32, out("eax") _, out("edx") _),
+                3 => asm!("xsetbv", in("ecx") b as u32 & 3, in("eax") c as u32, in("edx") 0),
+                4 => asm!("mov dr7, {}", in(reg) b & 0xffff_0000_0000_07ff),
+                5 => asm!("vmrun", in("rax") b & 0xffff_f000),
+                6 => asm!("vmload", in("rax") b & 0xffff_f000),
+                7 => asm!("stgi"),
+                8 => asm!("clgi", "stgi"),
+                9 => asm!("monitor", in("rax") b, in("ecx") 0, in("edx") 0),
+                10 => asm!("rdtscp", out("eax") _, out("edx") _, out("ecx") _),
+                _ => asm!("invd"),
+            },
+            Kind::InjectGp => arch::outl(crate::PORT_INJECT_GP, b as u32),
+            Kind::StartCpu => arch::outl(crate::PORT_START_CPU, a as u32),
+        }
+    }
+}
+
+/// Runs hostile actions forever on vCPU `index`.
+pub fn run(index: usize, seed: u64) -> ! {
+    let mut rng = Rng::new(seed ^ (index as u64).wrapping_mul(0x1000_0000_01b3));
+    // SAFETY: an in-bounds element pointer (index < MAX_CPUS, checked at entry).
+    let s = unsafe { addr_of_mut!(STATES[index]) };
+    println!("hostile: vCPU {} seed {:#x}", index, seed);
+    let mut n: u64 = 0;
+    let mut faults: u64 = 0;
+    loop {
+        if rng.below(TRIPLE_FAULT_ODDS) == 0 {
+            println!("hostile: vCPU {} triple fault after {} actions", index, n);
+            arch::triple_fault();
+        }
+        // SAFETY: `s` is this vCPU's own state.
+        choose(&mut rng, unsafe { &mut *s });
+        // SAFETY: the probe saves what it must and resumes after any exception of the
+        // action (see `trap`); `recover_rsp` is this vCPU's slot.
+        let r = unsafe { hostile_probe(action, s, addr_of_mut!((*s).recover_rsp)) };
+        // SAFETY: as above.
+        unsafe { (*s).recover_rsp = 0 };
+        arch::set_gate_present(6, true);
+        if r != 0 {
+            faults += 1;
+        }
+        n += 1;
+        if n.is_multiple_of(PROGRESS) {
+            println!(
+                "hostile: vCPU {} {} actions, {} ended by exceptions (#GP {}, #UD {}, #PF {})",
+                index,
+                n,
+                faults,
+                VECTORS[13].load(Ordering::Relaxed),
+                VECTORS[6].load(Ordering::Relaxed),
+                VECTORS[14].load(Ordering::Relaxed)
+            );
+        }
+    }
+}
+
+/// Ends a running probe on the vCPU of `frame`: resumes at `hostile_resume` on the
+/// probe's stack with `rax` = `0x100 | vector`. A `ud2` of the handled kind is skipped
+/// instead. Returns false when no probe runs (an exception in the guest itself).
+pub fn trap(frame: &mut Frame) -> bool {
+    let index = arch::cpu_of_frame(frame);
+    // SAFETY: an in-bounds element pointer; the slot is this vCPU's.
+    let s = unsafe { addr_of_mut!(STATES[index]) };
+    // SAFETY: as above.
+    let (slot, kind) = unsafe { ((*s).recover_rsp, (*s).kind) };
+    if slot == 0 {
+        return false;
+    }
+    VECTORS[frame.vector as usize & 0xff].fetch_add(1, Ordering::Relaxed);
+    if frame.vector == 6 && kind == Kind::Ud2Handled as u64 {
+        // SAFETY: rip points at the faulting instruction in the guest's own text.
+        let bytes = unsafe { (frame.rip as *const [u8; 2]).read_unaligned() };
+        if bytes == [0x0f, 0x0b] {
+            frame.rip += 2;
+            return true;
+        }
+    }
+    frame.rip = core::ptr::addr_of!(hostile_resume) as u64;
+    frame.rsp = slot;
+    frame.rflags = 2;
+    frame.cs = u64::from(arch::CODE_SEL);
+    frame.ss = u64::from(arch::DATA_SEL);
+    frame.rax = 0x100 | frame.vector;
+    true
+}
