@@ -10,8 +10,9 @@
 //! the handler reads nothing else and changes nothing else (besides the groups it
 //! writes whole: the entry state at STARTUP, and an injection).
 //!
-//! The handler trusts nothing the guest controls: any event it cannot serve ends the VM
-//! with an [`End`] that says why; it never panics. SVM without NRIP save reports no
+//! The handler trusts nothing the guest controls: an instruction behind an MMIO or
+//! string I/O exit that it cannot emulate gets #UD; any event it cannot serve ends the
+//! VM with an [`End`] that says why; it never panics. SVM without NRIP save reports no
 //! instruction length for CPUID, HLT, VMMCALL, RDMSR/WRMSR, XSETBV, INVD and WBINVD: the
 //! handler then skips the instruction's architectural length without prefixes (what
 //! every compiler and Linux emit; a guest that adds redundant prefixes only confuses
@@ -81,14 +82,6 @@ pub enum End {
         /// RIP at the exit.
         rip: u64,
     },
-    /// A string I/O instruction (the I/O portal does not transfer what emulating it
-    /// needs).
-    StringIo {
-        /// Port.
-        port: u16,
-        /// RIP.
-        rip: u64,
-    },
     /// An I/O exit without an instruction length.
     NoLength {
         /// RIP.
@@ -126,9 +119,6 @@ impl fmt::Display for End {
                 "unhandled exit {event:#x} ({:#x}, {:#x}) at rip {rip:#x}",
                 qual[0], qual[1]
             ),
-            End::StringIo { port, rip } => {
-                write!(f, "string I/O to port {port:#x} at rip {rip:#x}")
-            }
             End::NoLength { rip } => write!(f, "I/O exit without length at rip {rip:#x}"),
             End::FetchFromMmio { gpa } => {
                 write!(f, "instruction fetch from non-RAM address {gpa:#x}")
@@ -152,10 +142,9 @@ impl End {
             End::InvalidState { .. } => 4,
             End::HaltForever { .. } => 5,
             End::Unhandled { .. } => 6,
-            End::StringIo { .. } => 7,
-            End::NoLength { .. } => 8,
-            End::FetchFromMmio { .. } => 9,
-            End::Emulation { .. } => 10,
+            End::NoLength { .. } => 7,
+            End::FetchFromMmio { .. } => 8,
+            End::Emulation { .. } => 9,
         };
         kind << 32
     }
@@ -168,10 +157,12 @@ pub fn portal_mtd(event: u64) -> Mtd {
         ev::CPUID | ev::VMCALL | ev::RDMSR | ev::WRMSR | ev::XSETBV => {
             Mtd::GPR_ACDB | Mtd::RIP_LEN
         }
-        ev::IO => Mtd::QUAL | Mtd::GPR_ACDB | Mtd::RIP_LEN,
+
         ev::HLT => Mtd::RIP_LEN | Mtd::RFLAGS | Mtd::STA,
         ev::INVD | ev::WBINVD | ev::RECALL => Mtd::RIP_LEN,
-        ev::NPT_FAULT => {
+        // Emulating MMIO accesses and string I/O needs the registers, the segments and
+        // the paging state.
+        ev::NPT_FAULT | ev::IO => {
             Mtd::GPRS
                 | Mtd::RIP_LEN
                 | Mtd::RFLAGS
@@ -210,6 +201,7 @@ pub struct Machine {
     msr: AtomicU64,
     started: AtomicU64,
     exits: AtomicU64,
+    undefined: AtomicU64,
 }
 
 impl Machine {
@@ -233,6 +225,7 @@ impl Machine {
             msr: AtomicU64::new(0),
             started: AtomicU64::new(1),
             exits: AtomicU64::new(0),
+            undefined: AtomicU64::new(0),
         }
     }
 
@@ -244,6 +237,12 @@ impl Machine {
     /// Events handled so far (STARTUP not counted).
     pub fn exits(&self) -> u64 {
         self.exits.load(Ordering::Relaxed)
+    }
+
+    /// Instructions behind MMIO or string I/O exits answered with #UD: invalid, or
+    /// beyond what the emulator does.
+    pub fn undefined(&self) -> u64 {
+        self.undefined.load(Ordering::Relaxed)
     }
 
     /// Handles `event` of vCPU `vcpu`, whose state `p` holds. The caller clears the MTD
@@ -397,7 +396,13 @@ impl Machine {
         let input = q & (1 << 3) != 0;
         let port = (q >> 16) as u16;
         if q & (1 << 4) != 0 {
-            return Step::End(End::StringIo { port, rip: r.rip });
+            // INS/OUTS: the emulator runs them (up to `emul::MAX_REP` iterations).
+            let mut io = BusIo {
+                mmio: &self.mmio,
+                pio: &self.pio,
+            };
+            let res = emul::emulate(p, &mut io, None);
+            return self.emulated(p, res, r.rip);
         }
         if r.inst_len == 0 {
             return Step::End(End::NoLength { rip: r.rip });
@@ -434,9 +439,23 @@ impl Machine {
             mmio: &self.mmio,
             pio: &self.pio,
         };
-        match emul::emulate(p, &mut io, Some(gpa)) {
+        let res = emul::emulate(p, &mut io, Some(gpa));
+        self.emulated(p, res, r.rip)
+    }
+
+    /// The outcome of an emulated instruction at `rip`.
+    fn emulated<P: Platform + ?Sized>(
+        &self,
+        p: &mut P,
+        res: Result<emul::Outcome, EmulError>,
+        rip: u64,
+    ) -> Step {
+        match res {
             Ok(out) => self.act(p, out.action),
-            Err(EmulError::Invalid) => {
+            // What the decoder rejects, or the emulator does not know: #UD, as a CPU
+            // without the instruction would raise (counted: `Machine::undefined`).
+            Err(EmulError::Invalid | EmulError::Truncated | EmulError::Unsupported(_)) => {
+                self.undefined.fetch_add(1, Ordering::Relaxed);
                 p.inject(Event::Exception {
                     vector: vector::UD,
                     error: None,
@@ -454,7 +473,7 @@ impl Machine {
                 });
                 Step::Resume
             }
-            Err(error) => Step::End(End::Emulation { error, rip: r.rip }),
+            Err(error) => Step::End(End::Emulation { error, rip }),
         }
     }
 

@@ -174,11 +174,24 @@ fn ports_console_magic_exception_start_and_done() {
     v.regs.gpr[gpr::RAX] = 0;
     exit(&m, &mut v, ev::IO);
     assert_eq!(v.regs.gpr[gpr::RAX], 0xffff);
-    v.regs.qual[0] |= 1 << 4;
-    assert!(matches!(
-        exit(&m, &mut v, ev::IO),
-        Step::End(End::StringIo { port: 0x1234, .. })
-    ));
+    // rep outsb from RAM to the console; rep insd from the magic port.
+    v.put(v.regs.rip, &[0xf3, 0x6e, 0xf3, 0x6d]);
+    v.put(0x2000, b"rep\n");
+    v.regs.gpr[gpr::RSI] = 0x2000;
+    v.regs.gpr[gpr::RCX] = 4;
+    v.regs.gpr[gpr::RDX] = 0xe9;
+    v.regs.qual[0] = io_qual(0xe9, 1, false) | 1 << 4 | 1 << 5;
+    assert_eq!(exit(&m, &mut v, ev::IO), Step::Resume);
+    assert_eq!(lines.lock().last().map(|l| l.as_slice()), Some(&b"rep"[..]));
+    v.regs.gpr[gpr::RDI] = 0x3000;
+    v.regs.gpr[gpr::RCX] = 2;
+    v.regs.gpr[gpr::RDX] = 0x81;
+    v.regs.qual[0] = io_qual(0x81, 4, true) | 1 << 4 | 1 << 5;
+    exit(&m, &mut v, ev::IO);
+    let mut d = [0u8; 8];
+    v.read(0x3000, &mut d).unwrap();
+    assert_eq!(d, [0xa5, 0xa5, 0x5a, 0x5a, 0xa5, 0xa5, 0x5a, 0x5a]);
+    assert_eq!((v.regs.gpr[gpr::RCX], v.regs.gpr[gpr::RDI]), (0, 0x3008));
     v.regs.qual[0] = io_qual(0x80, 1, false);
     v.regs.inst_len = 0;
     assert!(matches!(
@@ -217,8 +230,25 @@ fn mmio_register_through_the_emulator() {
     v.regs.qual = [0, MMIO_ADDR];
     assert_eq!(exit(&m, &mut v, ev::NPT_FAULT), Step::Resume);
     assert_eq!(v.regs.inj_info, 0x8000_0306);
-    // An instruction the emulator does not know ends the VM with a reason.
+    // lock cmpxchg [rbx], ecx: equal (stores ecx), then not equal (loads eax).
+    v.put(v.regs.rip, &[0xf0, 0x0f, 0xb1, 0x0b, 0xf0, 0x0f, 0xb1, 0x0b]);
+    v.regs.gpr[gpr::RAX] = 0x0506_0708;
+    v.regs.gpr[gpr::RCX] = 0xaabb_ccdd;
+    v.regs.qual = [2, MMIO_ADDR];
+    exit(&m, &mut v, ev::NPT_FAULT);
+    assert_ne!(v.regs.rflags & bits::ZF, 0);
+    exit(&m, &mut v, ev::NPT_FAULT);
+    assert_eq!(v.regs.rflags & bits::ZF, 0);
+    assert_eq!(v.regs.gpr[gpr::RAX], 0xaabb_ccdd);
+    // An instruction the emulator does not know: #UD, counted.
     v.put(v.regs.rip, &[0x0f, 0xc7, 0x0b]); // cmpxchg8b [rbx]
+    v.regs.inj_info = 0;
+    assert_eq!(exit(&m, &mut v, ev::NPT_FAULT), Step::Resume);
+    assert_eq!(v.regs.inj_info, 0x8000_0306);
+    assert_eq!(m.undefined(), 2);
+    // A data access whose page-table walk leaves RAM ends the VM.
+    v.put(v.regs.rip, &[0x8b, 0x03]);
+    v.regs.cr3 = 0x8000_0000;
     assert!(matches!(
         exit(&m, &mut v, ev::NPT_FAULT),
         Step::End(End::Emulation { .. })
