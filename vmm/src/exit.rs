@@ -45,6 +45,9 @@ pub enum Step {
     Resume,
     /// Start the vCPU with this index (never started before), then reply.
     Start(u32),
+    /// The vCPU halted with interrupts disabled: nothing wakes it, it stops for good
+    /// (no reply). When every vCPU stopped, the VMM ends the VM ([`End::HaltForever`]).
+    Stop,
     /// End the VM.
     End(End),
 }
@@ -68,9 +71,9 @@ pub enum End {
         /// Exit information.
         qual: [u64; 2],
     },
-    /// HLT with interrupts disabled: nothing can wake the vCPU.
+    /// Every vCPU halted with interrupts disabled: nothing can wake the VM.
     HaltForever {
-        /// RIP of the HLT.
+        /// RIP of the last HLT.
         rip: u64,
     },
     /// An event the VMM does not handle.
@@ -112,7 +115,7 @@ impl fmt::Display for End {
                 write!(f, "invalid guest state ({:#x}, {:#x})", qual[0], qual[1])
             }
             End::HaltForever { rip } => {
-                write!(f, "hlt with interrupts disabled at rip {rip:#x}")
+                write!(f, "every vCPU halted with interrupts disabled (last at rip {rip:#x})")
             }
             End::Unhandled { event, qual, rip } => write!(
                 f,
@@ -266,7 +269,7 @@ impl Machine {
             ev::NPT_FAULT => self.npt(p),
             ev::HLT => {
                 if r.rflags & bits::IF == 0 {
-                    return Step::End(End::HaltForever { rip: r.rip });
+                    return Step::Stop;
                 }
                 let regs = p.regs_mut();
                 skip(regs, 1);

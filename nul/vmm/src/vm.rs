@@ -4,7 +4,7 @@
 //! vCPU's event base. Ending the VM revokes the VM PD.
 
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use nul_rt::hc::{self, EcKind};
 use nul_rt::utcb::UtcbRef;
@@ -46,6 +46,10 @@ pub struct Vm {
     pub tsc_khz: u64,
     ended: AtomicBool,
     end_code: AtomicU64,
+    /// vCPUs started and not stopped for good.
+    running: AtomicU32,
+    /// A semaphore nobody ups: the handler of a stopped vCPU waits on it for good.
+    park: u64,
 }
 
 static VM: spin::Once<Vm> = spin::Once::new();
@@ -77,9 +81,25 @@ impl Vm {
             return;
         };
         let sc = sel::alloc();
+        self.running.fetch_add(1, Ordering::AcqRel);
         match hc::create_sc(sc, sel::OWN_PD, v.ec, PRIO, QUANTUM_US) {
             Ok(()) => vlog!("vmm: vCPU {} started on cpu {}", n, v.cpu),
-            Err(e) => vlog!("vmm: cannot start vCPU {}: {:?}", n, e),
+            Err(e) => {
+                self.running.fetch_sub(1, Ordering::AcqRel);
+                vlog!("vmm: cannot start vCPU {}: {:?}", n, e)
+            }
+        }
+    }
+
+    /// A vCPU stops for good (HLT with interrupts disabled): the last one ends the VM;
+    /// any other's handler never replies, so that vCPU stays blocked in its exit.
+    fn stop(&self, rip: u64) {
+        if self.running.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.end(End::HaltForever { rip });
+            return;
+        }
+        loop {
+            let _ = hc::sm_down(self.park, false, 0);
         }
     }
 }
@@ -218,6 +238,8 @@ pub fn create(p: Params) -> Result<&'static Vm, Error> {
         vlog!("vmm: vCPU {} on cpu {}", i, cpu);
         vcpus.push(Vcpu { ec: v, cpu });
     }
+    let park = sel::alloc();
+    hc::create_sm(park, sel::OWN_PD, 0).map_err(kernel("create a semaphore"))?;
     let vm = VM.call_once(|| Vm {
         machine,
         ram,
@@ -226,6 +248,8 @@ pub fn create(p: Params) -> Result<&'static Vm, Error> {
         tsc_khz: p.tsc_khz,
         ended: AtomicBool::new(false),
         end_code: AtomicU64::new(0),
+        running: AtomicU32::new(1),
+        park,
     });
     let sc = sel::alloc();
     hc::create_sc(sc, sel::OWN_PD, vm.vcpus[0].ec, PRIO, QUANTUM_US)
@@ -255,6 +279,11 @@ extern "C" fn vm_exit(id: u64, utcb: u64) -> ! {
         match vm.machine.handle(&mut p, (id >> 8) as u32, id & 0xff) {
             Step::Resume => {}
             Step::Start(n) => vm.start(n),
+            Step::Stop => {
+                let rip = p.regs.rip;
+                p.regs.mtd = Mtd::empty();
+                vm.stop(rip);
+            }
             Step::End(why) => {
                 p.regs.mtd = Mtd::empty();
                 vm.end(why);
