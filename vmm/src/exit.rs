@@ -95,6 +95,11 @@ pub enum End {
         /// Guest-physical address.
         gpa: u64,
     },
+    /// The VMM's time limit for the VM passed.
+    TimeLimit {
+        /// The limit in seconds.
+        secs: u64,
+    },
     /// The instruction behind an MMIO access could not be emulated.
     Emulation {
         /// Why.
@@ -126,6 +131,7 @@ impl fmt::Display for End {
             End::FetchFromMmio { gpa } => {
                 write!(f, "instruction fetch from non-RAM address {gpa:#x}")
             }
+            End::TimeLimit { secs } => write!(f, "time limit of {secs} s reached"),
             End::Emulation { error, rip } => {
                 write!(f, "MMIO access not emulated at rip {rip:#x}: {error}")
             }
@@ -148,6 +154,7 @@ impl End {
             End::NoLength { .. } => 7,
             End::FetchFromMmio { .. } => 8,
             End::Emulation { .. } => 9,
+            End::TimeLimit { .. } => 10,
         };
         kind << 32
     }

@@ -53,10 +53,11 @@ macro_rules! vlog {
 }
 
 /// The main EC's loop: prints queued lines, calling `after` whenever the queue is
-/// empty.
-pub fn serve(mut after: impl FnMut()) -> ! {
+/// empty; `after` returns the TSC deadline of its next call (0: none).
+pub fn serve(mut after: impl FnMut() -> u64) -> ! {
+    let mut deadline = 0;
     loop {
-        let _ = hc::sm_down(SM.load(Ordering::Relaxed), true, 0);
+        let _ = hc::sm_down(SM.load(Ordering::Relaxed), true, deadline);
         loop {
             let next = LINES.lock().pop_front();
             match next {
@@ -68,6 +69,6 @@ pub fn serve(mut after: impl FnMut()) -> ! {
         if lost > 0 {
             println!("vmm: {} console lines lost", lost);
         }
-        after();
+        deadline = after();
     }
 }

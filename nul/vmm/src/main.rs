@@ -15,7 +15,8 @@
 //! exits and the end to the root (`nul_rt::svc::key::VM_EXITS`, `VM_END`).
 //!
 //! `mode=check` runs the guest's check list, `mode=bench` its exit benchmark (its
-//! `BENCH` lines are printed unchanged), `mode=hostile seed=N` its hostile mode.
+//! `BENCH` lines are printed unchanged), `mode=hostile seed=N` its hostile mode;
+//! `limit=S` ends the VM after S seconds.
 #![no_std]
 #![no_main]
 
@@ -27,6 +28,7 @@ mod vm;
 
 use nul_rt::start_info::{self, StartInfo};
 use nul_rt::{hc, println, sel, svc};
+use peregrine_vmm::exit::End;
 use peregrine_vmm::testdev::Mode;
 
 nul_rt::entry!(main);
@@ -102,9 +104,18 @@ fn main(info: u64) -> ! {
     if let Err(e) = vm::create(params) {
         fail(&alloc::format!("cannot create the VM: {}", e));
     }
+    // `limit=S`: the VM ends after S seconds of TSC time (a hostile guest may spin).
+    let limit = start_info::arg_u64(args, "limit").unwrap_or(0);
+    let end_tsc = match limit {
+        0 => 0,
+        s => hc::rdtsc().saturating_add(s.saturating_mul(si.tsc_khz).saturating_mul(1000)),
+    };
     let mut reported = false;
     log::serve(move || {
-        let Some(vm) = vm::get() else { return };
+        let Some(vm) = vm::get() else { return 0 };
+        if end_tsc != 0 && vm.ended().is_none() && hc::rdtsc() >= end_tsc {
+            vm.end(End::TimeLimit { secs: limit });
+        }
         if let (Some(code), false) = (vm.ended(), reported) {
             reported = true;
             let exits = vm.machine.exits();
@@ -115,6 +126,11 @@ fn main(info: u64) -> ! {
             );
             let _ = svc::result(svc::key::VM_EXITS, exits);
             let _ = svc::result(svc::key::VM_END, code);
+        }
+        if reported {
+            0
+        } else {
+            end_tsc
         }
     })
 }

@@ -44,6 +44,9 @@ pub struct Vm {
     pub vcpus: Vec<Vcpu>,
     /// TSC frequency in kHz.
     pub tsc_khz: u64,
+    /// Set by the first [`Vm::end`]: no more exits are handled.
+    ending: AtomicBool,
+    /// Set when the end is complete (reported on the console, VM PD gone).
     ended: AtomicBool,
     end_code: AtomicU64,
     /// vCPUs started and not stopped for good.
@@ -63,8 +66,8 @@ impl Vm {
     }
 
     /// Ends the VM (once): reports why and destroys the VM PD, which stops every vCPU.
-    fn end(&self, why: End) {
-        if self.ended.swap(true, Ordering::AcqRel) {
+    pub fn end(&self, why: End) {
+        if self.ending.swap(true, Ordering::AcqRel) {
             return;
         }
         self.end_code.store(why.code(), Ordering::Relaxed);
@@ -72,6 +75,7 @@ impl Vm {
         if let Err(e) = hc::revoke(Crd::obj(self.pd, 0, perm::ALL), true) {
             vlog!("vmm: revoking the VM PD failed: {:?}", e);
         }
+        self.ended.store(true, Ordering::Release);
         crate::log::wake();
     }
 
@@ -246,6 +250,7 @@ pub fn create(p: Params) -> Result<&'static Vm, Error> {
         pd,
         vcpus,
         tsc_khz: p.tsc_khz,
+        ending: AtomicBool::new(false),
         ended: AtomicBool::new(false),
         end_code: AtomicU64::new(0),
         running: AtomicU32::new(1),
@@ -264,7 +269,7 @@ extern "C" fn vm_exit(id: u64, utcb: u64) -> ! {
     let a = u.get().arch_mut();
     let got = a.mtd;
     a.mtd = Mtd::empty();
-    if let Some(vm) = VM.get().filter(|vm| vm.ended().is_none()) {
+    if let Some(vm) = VM.get().filter(|vm| !vm.ending.load(Ordering::Acquire)) {
         // What the portal did not deliver is stale in the UTCB: an injection must not
         // carry an old request along.
         if !got.contains(Mtd::INJ) {
