@@ -261,7 +261,11 @@ impl Machine {
         if event != ev::STARTUP {
             self.exits.fetch_add(1, Ordering::Relaxed);
         }
-        let r = *p.regs();
+        // The few values read below, not a copy of the whole register file (every exit
+        // pays for what it copies).
+        let r = p.regs();
+        let (rip, rflags, qual) = (r.rip, r.rflags, r.qual);
+        let (rax, rcx, rdx) = (r.gpr[gpr::RAX], r.gpr[gpr::RCX], r.gpr[gpr::RDX]);
         match event {
             ev::STARTUP => {
                 self.entry_state(p.regs_mut(), vcpu);
@@ -275,7 +279,7 @@ impl Machine {
             ev::IO => self.io(p),
             ev::NPT_FAULT => self.npt(p),
             ev::HLT => {
-                if r.rflags & bits::IF == 0 {
+                if rflags & bits::IF == 0 {
                     return Step::Stop;
                 }
                 let regs = p.regs_mut();
@@ -297,7 +301,7 @@ impl Machine {
                 Step::Resume
             }
             ev::RDMSR | ev::WRMSR => {
-                if r.gpr[gpr::RCX] as u32 != testdev::TEST_MSR {
+                if rcx as u32 != testdev::TEST_MSR {
                     p.inject(gp0());
                     return Step::Resume;
                 }
@@ -315,10 +319,10 @@ impl Machine {
                 Step::Resume
             }
             ev::XSETBV => {
-                let v = (r.gpr[gpr::RDX] << 32) | (r.gpr[gpr::RAX] & 0xffff_ffff);
+                let v = (rdx << 32) | (rax & 0xffff_ffff);
                 let [lo, _, _, hi] = (self.cpuid)(0xd, 0);
                 let host = u64::from(lo) | u64::from(hi) << 32;
-                let ok = r.gpr[gpr::RCX] as u32 == 0
+                let ok = rcx as u32 == 0
                     && v & 1 != 0
                     && (v & 4 == 0 || v & 2 != 0)
                     && v & !host == 0;
@@ -345,12 +349,12 @@ impl Machine {
                 Step::Resume
             }
             ev::RECALL => Step::Resume,
-            ev::TRIPLE_FAULT => Step::End(End::TripleFault { rip: r.rip }),
-            ev::INVALID_STATE => Step::End(End::InvalidState { qual: r.qual }),
+            ev::TRIPLE_FAULT => Step::End(End::TripleFault { rip }),
+            ev::INVALID_STATE => Step::End(End::InvalidState { qual }),
             _ => Step::End(End::Unhandled {
                 event,
-                qual: r.qual,
-                rip: r.rip,
+                qual,
+                rip,
             }),
         }
     }
@@ -400,8 +404,8 @@ impl Machine {
     }
 
     fn io<P: Platform + ?Sized>(&self, p: &mut P) -> Step {
-        let r = *p.regs();
-        let q = r.qual[0];
+        let r = p.regs();
+        let (q, rip, inst_len) = (r.qual[0], r.rip, r.inst_len);
         let size = ((q & 7) + 1) as usize;
         let input = q & (1 << 3) != 0;
         let port = (q >> 16) as u16;
@@ -412,10 +416,10 @@ impl Machine {
                 pio: &self.pio,
             };
             let res = emul::emulate(p, &mut io, None);
-            return self.emulated(p, res, r.rip);
+            return self.emulated(p, res, rip);
         }
-        if r.inst_len == 0 {
-            return Step::End(End::NoLength { rip: r.rip });
+        if inst_len == 0 {
+            return Step::End(End::NoLength { rip });
         }
         let size = size.min(4);
         let mut action = None;
@@ -440,9 +444,9 @@ impl Machine {
     }
 
     fn npt<P: Platform + ?Sized>(&self, p: &mut P) -> Step {
-        let r = *p.regs();
-        let gpa = r.qual[1];
-        if r.qual[0] & (1 << 4) != 0 {
+        let r = p.regs();
+        let (gpa, fetch, rip) = (r.qual[1], r.qual[0] & (1 << 4) != 0, r.rip);
+        if fetch {
             return Step::End(End::FetchFromMmio { gpa });
         }
         let mut io = BusIo {
@@ -450,7 +454,7 @@ impl Machine {
             pio: &self.pio,
         };
         let res = emul::emulate(p, &mut io, Some(gpa));
-        self.emulated(p, res, r.rip)
+        self.emulated(p, res, rip)
     }
 
     /// The outcome of an emulated instruction at `rip`.
