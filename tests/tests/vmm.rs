@@ -71,7 +71,11 @@ fn vmm_check_list_one_vcpu() {
         120,
     );
     assert_checks(&r, "vm", false);
-    assert!(r.serial.contains("[vm] vmm: vCPU 0 on cpu 0"), "{}", r.report());
+    assert!(
+        r.serial.contains("[vm] vmm: vCPU 0 on cpu 0"),
+        "{}",
+        r.report()
+    );
 }
 
 #[test]
@@ -103,7 +107,11 @@ fn vmm_hostile_guest_beside_a_good_one() {
     );
     assert_checks(&r, "good", false);
     let n = exits(&r, "hostile");
-    assert!(n >= 20_000, "only {n} exits of the hostile guest\n{}", r.report());
+    assert!(
+        n >= 20_000,
+        "only {n} exits of the hostile guest\n{}",
+        r.report()
+    );
     assert!(
         !r.serial.contains("component hostile"),
         "the hostile VM's VMM was removed\n{}",

@@ -120,7 +120,10 @@ impl fmt::Display for End {
                 write!(f, "invalid guest state ({:#x}, {:#x})", qual[0], qual[1])
             }
             End::HaltForever { rip } => {
-                write!(f, "every vCPU halted with interrupts disabled (last at rip {rip:#x})")
+                write!(
+                    f,
+                    "every vCPU halted with interrupts disabled (last at rip {rip:#x})"
+                )
             }
             End::Unhandled { event, qual, rip } => write!(
                 f,
@@ -164,9 +167,7 @@ impl End {
 pub fn portal_mtd(event: u64) -> Mtd {
     match event {
         ev::STARTUP => Mtd::empty(),
-        ev::CPUID | ev::VMCALL | ev::RDMSR | ev::WRMSR | ev::XSETBV => {
-            Mtd::GPR_ACDB | Mtd::RIP_LEN
-        }
+        ev::CPUID | ev::VMCALL | ev::RDMSR | ev::WRMSR | ev::XSETBV => Mtd::GPR_ACDB | Mtd::RIP_LEN,
 
         ev::HLT => Mtd::RIP_LEN | Mtd::RFLAGS | Mtd::STA,
         ev::INVD | ev::WBINVD | ev::RECALL => Mtd::RIP_LEN,
@@ -322,10 +323,8 @@ impl Machine {
                 let v = (rdx << 32) | (rax & 0xffff_ffff);
                 let [lo, _, _, hi] = (self.cpuid)(0xd, 0);
                 let host = u64::from(lo) | u64::from(hi) << 32;
-                let ok = rcx as u32 == 0
-                    && v & 1 != 0
-                    && (v & 4 == 0 || v & 2 != 0)
-                    && v & !host == 0;
+                let ok =
+                    rcx as u32 == 0 && v & 1 != 0 && (v & 4 == 0 || v & 2 != 0) && v & !host == 0;
                 if !ok {
                     p.inject(gp0());
                     return Step::Resume;
@@ -351,11 +350,7 @@ impl Machine {
             ev::RECALL => Step::Resume,
             ev::TRIPLE_FAULT => Step::End(End::TripleFault { rip }),
             ev::INVALID_STATE => Step::End(End::InvalidState { qual }),
-            _ => Step::End(End::Unhandled {
-                event,
-                qual,
-                rip,
-            }),
+            _ => Step::End(End::Unhandled { event, qual, rip }),
         }
     }
 

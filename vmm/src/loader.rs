@@ -38,7 +38,10 @@ impl fmt::Display for LoadError {
             LoadError::BadSegment => write!(f, "a segment lies outside the file"),
             LoadError::Empty => write!(f, "no loadable segment"),
             LoadError::DoesNotFit { addr, size } => {
-                write!(f, "segment of {size:#x} bytes at {addr:#x} is not in guest RAM")
+                write!(
+                    f,
+                    "segment of {size:#x} bytes at {addr:#x} is not in guest RAM"
+                )
             }
         }
     }

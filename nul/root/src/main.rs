@@ -71,17 +71,18 @@ fn main(hip_addr: u64) -> ! {
     let mods: alloc::vec::Vec<(&str, &str, u64, u64)> = modules
         .map(|m| {
             let (path, margs) = hip::split_cmdline(hip.cmdline(m));
-            (path.rsplit('/').next().unwrap_or(path), margs, m.addr, m.size)
+            (
+                path.rsplit('/').next().unwrap_or(path),
+                margs,
+                m.addr,
+                m.size,
+            )
         })
         .collect();
-    let guests: alloc::vec::Vec<&str> = mods
-        .iter()
-        .filter_map(|m| hip::arg(m.1, "guest"))
-        .collect();
-    for (i, &(file, margs, addr, size)) in mods
-        .iter()
-        .filter(|m| !guests.contains(&m.0))
-        .enumerate()
+    let guests: alloc::vec::Vec<&str> =
+        mods.iter().filter_map(|m| hip::arg(m.1, "guest")).collect();
+    for (i, &(file, margs, addr, size)) in
+        mods.iter().filter(|m| !guests.contains(&m.0)).enumerate()
     {
         // SAFETY: the module's pages were taken into the window by `mem::init` and are
         // never written by the root.
@@ -94,12 +95,24 @@ fn main(hip_addr: u64) -> ! {
         // the kernel memory for a VM PD and, per vCPU (`cpus=`), its 256 exit portals,
         // handler EC, vCPU and SC.
         let guest = hip::arg(margs, "guest").map(|g| mods.iter().find(|m| m.0 == g));
-        let vmm_mem = nul_rt::start_info::arg_u64(margs, "mem").unwrap_or(16).min(1024);
-        let vmm_cpus = nul_rt::start_info::arg_u64(margs, "cpus").unwrap_or(1).min(64);
+        let vmm_mem = nul_rt::start_info::arg_u64(margs, "mem")
+            .unwrap_or(16)
+            .min(1024);
+        let vmm_cpus = nul_rt::start_info::arg_u64(margs, "cpus")
+            .unwrap_or(1)
+            .min(64);
         let (guest, pool_pages, quota) = match guest {
-            Some(Some(g)) => (Some((g.2, g.3)), vmm_mem << 8, 128 + vmm_mem + vmm_cpus * 300),
+            Some(Some(g)) => (
+                Some((g.2, g.3)),
+                vmm_mem << 8,
+                128 + vmm_mem + vmm_cpus * 300,
+            ),
             Some(None) => {
-                println!("cannot start {}: no module {:?}", file, hip::arg(margs, "guest"));
+                println!(
+                    "cannot start {}: no module {:?}",
+                    file,
+                    hip::arg(margs, "guest")
+                );
                 continue;
             }
             None => (None, 0, 256),

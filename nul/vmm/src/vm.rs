@@ -197,7 +197,10 @@ pub fn create(p: Params) -> Result<&'static Vm, Error> {
     let pool = nul_rt::start_info::POOL_ADDR >> PAGE_BITS;
     let mut done = 0;
     while done < pages {
-        let order = (done.trailing_zeros().min(63 - (pages - done).leading_zeros())).min(20);
+        let order = (done
+            .trailing_zeros()
+            .min(63 - (pages - done).leading_zeros()))
+        .min(20);
         let o = order as u8;
         hc::pd_delegate(
             sel::OWN_PD,

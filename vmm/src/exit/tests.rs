@@ -64,7 +64,10 @@ fn exit(m: &Machine, v: &mut MockVcpu, event: u64) -> Step {
     let mut after = v.regs;
     after.mtd = before.mtd;
     if !v.regs.mtd.contains(Mtd::INJ) {
-        assert_eq!((after.inj_info, after.inj_error), (before.inj_info, before.inj_error));
+        assert_eq!(
+            (after.inj_info, after.inj_error),
+            (before.inj_info, before.inj_error)
+        );
     }
     step
 }
@@ -82,16 +85,26 @@ fn startup_gives_the_contract_entry_state() {
     let r = v.regs;
     assert_eq!(r.rip, ENTRY);
     assert_eq!(
-        [r.gpr[gpr::RDI], r.gpr[gpr::RSI], r.gpr[gpr::RDX], r.gpr[gpr::RCX]],
+        [
+            r.gpr[gpr::RDI],
+            r.gpr[gpr::RSI],
+            r.gpr[gpr::RDX],
+            r.gpr[gpr::RCX]
+        ],
         [1, 3, 2, 77]
     );
     assert_eq!(r.gpr[gpr::RBX], 0);
     assert_eq!(r.rflags, 2);
-    assert_eq!(r.cr0 & (bits::CR0_PE | bits::CR0_PG), bits::CR0_PE | bits::CR0_PG);
+    assert_eq!(
+        r.cr0 & (bits::CR0_PE | bits::CR0_PG),
+        bits::CR0_PE | bits::CR0_PG
+    );
     assert_eq!(r.cr4, bits::CR4_PAE);
     assert_eq!(r.efer, bits::EFER_LME | bits::EFER_LMA);
     assert_eq!(crate::vcpu::code_bits(&r), 64);
-    assert!(r.mtd.contains(Mtd::GPRS | Mtd::CR | Mtd::EFER | Mtd::CS_SS | Mtd::GDTR));
+    assert!(r
+        .mtd
+        .contains(Mtd::GPRS | Mtd::CR | Mtd::EFER | Mtd::CS_SS | Mtd::GDTR));
     assert_eq!(m.exits(), 0);
     // The tables map the first 4 GiB 1:1 with 2-MiB pages.
     boot::write_entry_tables(&mut v).unwrap();
@@ -142,7 +155,11 @@ fn ports_console_magic_exception_start_and_done() {
     v.regs.gpr[gpr::RAX] = u64::MAX;
     v.regs.qual[0] = io_qual(0x81, 4, true);
     exit(&m, &mut v, ev::IO);
-    assert_eq!(v.regs.gpr[gpr::RAX], u64::from(MAGIC), "in eax zero-extends");
+    assert_eq!(
+        v.regs.gpr[gpr::RAX],
+        u64::from(MAGIC),
+        "in eax zero-extends"
+    );
     v.regs.qual[0] = io_qual(0x81, 1, true);
     v.regs.gpr[gpr::RAX] = 0x1100;
     exit(&m, &mut v, ev::IO);
@@ -158,7 +175,11 @@ fn ports_console_magic_exception_start_and_done() {
     v.regs.qual[0] = io_qual(0xf1, 4, false);
     for n in [0, 5] {
         v.regs.gpr[gpr::RAX] = n;
-        assert_eq!(exit(&m, &mut v, ev::IO), Step::Resume, "no vCPU {n} to start");
+        assert_eq!(
+            exit(&m, &mut v, ev::IO),
+            Step::Resume,
+            "no vCPU {n} to start"
+        );
     }
     v.regs.gpr[gpr::RAX] = 1;
     assert_eq!(exit(&m, &mut v, ev::IO), Step::Start(1));
@@ -231,7 +252,10 @@ fn mmio_register_through_the_emulator() {
     assert_eq!(exit(&m, &mut v, ev::NPT_FAULT), Step::Resume);
     assert_eq!(v.regs.inj_info, 0x8000_0306);
     // lock cmpxchg [rbx], ecx: equal (stores ecx), then not equal (loads eax).
-    v.put(v.regs.rip, &[0xf0, 0x0f, 0xb1, 0x0b, 0xf0, 0x0f, 0xb1, 0x0b]);
+    v.put(
+        v.regs.rip,
+        &[0xf0, 0x0f, 0xb1, 0x0b, 0xf0, 0x0f, 0xb1, 0x0b],
+    );
     v.regs.gpr[gpr::RAX] = 0x0506_0708;
     v.regs.gpr[gpr::RCX] = 0xaabb_ccdd;
     v.regs.qual = [2, MMIO_ADDR];
