@@ -115,6 +115,8 @@ fn main(info: u64) -> ! {
         let Some(vm) = vm::get() else { return 0 };
         if end_tsc != 0 && vm.ended().is_none() && hc::rdtsc() >= end_tsc {
             vm.end(End::TimeLimit { secs: limit });
+            // Print the end's line first: come back at once.
+            return 1;
         }
         if let (Some(code), false) = (vm.ended(), reported) {
             reported = true;
