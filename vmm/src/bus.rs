@@ -25,6 +25,17 @@ pub enum Action {
     PowerOff,
     /// The guest reset the machine (reset control register): restart the VM.
     Reset,
+    /// The guest ended its run and reported this code (the test device's end port).
+    Done(u32),
+    /// The guest asks the VMM to start the vCPU with this index.
+    StartVcpu(u32),
+    /// The vCPU that made the access takes this exception before its next instruction.
+    Exception {
+        /// Vector (0–31).
+        vector: u8,
+        /// Error code, for the vectors that push one.
+        error: Option<u32>,
+    },
 }
 
 /// A device on a bus: a pure state machine driven by guest accesses.

@@ -42,8 +42,15 @@ pub const GUEST_TEST: Component = Component {
     binary: "guest-test",
 };
 
+/// The VMM component (one VM per instance; the root starts it from a module line with
+/// `guest=`).
+pub const VMM: Component = Component {
+    package: "nul-vmm",
+    binary: "nul-vmm",
+};
+
 /// Everything `build` builds, in one place: add new NUL components here.
-pub const COMPONENTS: &[Component] = &[KERNEL, ROOT, TEST, GUEST_TEST];
+pub const COMPONENTS: &[Component] = &[KERNEL, ROOT, TEST, VMM, GUEST_TEST];
 
 /// Which cargo profile to build the components with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -97,6 +104,11 @@ impl Images {
     /// The test/benchmark component image.
     pub fn test_component(&self) -> PathBuf {
         self.path(TEST)
+    }
+
+    /// The VMM component image.
+    pub fn vmm(&self) -> PathBuf {
+        self.path(VMM)
     }
 
     /// The test guest's ELF image.

@@ -9,7 +9,8 @@ use elf::endian::LittleEndian;
 use elf::ElfBytes;
 use nul_rt::hc::{self, EcKind};
 use nul_rt::start_info::{
-    self, StartInfo, PAGED_BASE, SHARED_ADDR, START_INFO_ADDR, TEST_PAGE_ADDR,
+    self, StartInfo, IMAGE_ADDR, PAGED_BASE, POOL_ADDR, SHARED_ADDR, START_INFO_ADDR,
+    TEST_PAGE_ADDR,
 };
 use nul_rt::{println, sel};
 use peregrine_abi::event::host;
@@ -164,6 +165,27 @@ pub struct ChildSpec<'a> {
     pub ports: Option<(u64, u8)>,
     /// Extra object capabilities to delegate: (root selector, child selector, perm).
     pub caps: &'a [(u64, u64, u8)],
+    /// Pages of memory to map at [`POOL_ADDR`] (a VMM's guest RAM).
+    pub pool_pages: u64,
+    /// A boot module to map read-only at [`IMAGE_ADDR`] (a VMM's guest): physical
+    /// address and size.
+    pub guest: Option<(u64, u64)>,
+}
+
+/// Delegates `pages` pages of the root's window from physical `phys` to `addr` in
+/// `pd`, in pieces aligned on both sides.
+fn map_range(pd: u64, addr: u64, phys: u64, pages: u64, perm: MemPerm) -> Result<(), Status> {
+    for (vpage, p, order) in mem::dual_pieces(addr >> PAGE_BITS, phys >> PAGE_BITS, pages) {
+        hc::pd_delegate(
+            sel::OWN_PD,
+            pd,
+            Crd::mem(p + (mem::WINDOW >> PAGE_BITS), order, perm),
+            Crd::mem(vpage, order, perm),
+            0,
+            XferFlags::empty(),
+        )?;
+    }
+    Ok(())
 }
 
 /// Loads and starts a component; returns its id.
@@ -237,6 +259,19 @@ fn build(spec: &ChildSpec, id: usize, pd: u64) -> Result<(), StartError> {
     si.ncpus = spec.ncpus;
     si.tsc_khz = spec.tsc_khz;
     si.set_args(spec.args);
+    if spec.pool_pages > 0 {
+        let phys = mem::alloc(spec.pool_pages).ok_or(StartError::NoMemory)?;
+        ranges.push((phys, spec.pool_pages));
+        map_range(pd, POOL_ADDR, phys, spec.pool_pages, MemPerm::all())?;
+        si.pool_size = spec.pool_pages << PAGE_BITS;
+    }
+    if let Some((addr, size)) = spec.guest {
+        let first = addr >> PAGE_BITS;
+        let pages = (addr + size).div_ceil(1 << PAGE_BITS) - first;
+        map_range(pd, IMAGE_ADDR, first << PAGE_BITS, pages, MemPerm::R)?;
+        si.image_addr = IMAGE_ADDR + (addr & ((1 << PAGE_BITS) - 1));
+        si.image_size = size;
+    }
     let shared = give_page(pd, SHARED_ADDR, MemPerm::R | MemPerm::W, &mut ranges)?;
     let role = start_info::arg(spec.args, "role").unwrap_or("");
     let mut test_page = 0;

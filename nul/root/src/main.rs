@@ -65,18 +65,59 @@ fn main(hip_addr: u64) -> ! {
     let own = modules.next().map(|m| hip.cmdline(m)).unwrap_or("");
     let (_, args) = hip::split_cmdline(own);
 
-    // Start every other module as a component, spread over the CPUs.
+    // Start every other module as a component, spread over the CPUs. A module that a
+    // VMM names with `guest=NAME` is that VMM's guest, not a component.
     let cpus: alloc::vec::Vec<u64> = hip.online_cpus().collect();
-    for (i, m) in modules.enumerate() {
-        let (path, margs) = hip::split_cmdline(hip.cmdline(m));
-        let name = path.rsplit('/').next().unwrap_or(path);
+    let mods: alloc::vec::Vec<(&str, &str, u64, u64)> = modules
+        .map(|m| {
+            let (path, margs) = hip::split_cmdline(hip.cmdline(m));
+            (
+                path.rsplit('/').next().unwrap_or(path),
+                margs,
+                m.addr,
+                m.size,
+            )
+        })
+        .collect();
+    let guests: alloc::vec::Vec<&str> =
+        mods.iter().filter_map(|m| hip::arg(m.1, "guest")).collect();
+    for (i, &(file, margs, addr, size)) in
+        mods.iter().filter(|m| !guests.contains(&m.0)).enumerate()
+    {
         // SAFETY: the module's pages were taken into the window by `mem::init` and are
         // never written by the root.
         let image =
-            unsafe { core::slice::from_raw_parts(mem::virt(m.addr) as *const u8, m.size as usize) };
+            unsafe { core::slice::from_raw_parts(mem::virt(addr) as *const u8, size as usize) };
         let cpu = hip::arg(margs, "cpu")
             .and_then(|c| c.parse().ok())
             .unwrap_or(cpus[i % cpus.len()]);
+        // A VMM (`guest=`): its guest's image, a pool for guest RAM (`mem=` MiB) and
+        // the kernel memory for a VM PD and, per vCPU (`cpus=`), its 256 exit portals,
+        // handler EC, vCPU and SC.
+        let guest = hip::arg(margs, "guest").map(|g| mods.iter().find(|m| m.0 == g));
+        let vmm_mem = nul_rt::start_info::arg_u64(margs, "mem")
+            .unwrap_or(16)
+            .min(1024);
+        let vmm_cpus = nul_rt::start_info::arg_u64(margs, "cpus")
+            .unwrap_or(1)
+            .min(64);
+        let (guest, pool_pages, quota) = match guest {
+            Some(Some(g)) => (
+                Some((g.2, g.3)),
+                vmm_mem << 8,
+                128 + vmm_mem + vmm_cpus * 300,
+            ),
+            Some(None) => {
+                println!(
+                    "cannot start {}: no module {:?}",
+                    file,
+                    hip::arg(margs, "guest")
+                );
+                continue;
+            }
+            None => (None, 0, 256),
+        };
+        let name = hip::arg(margs, "name").unwrap_or(file);
         let spec = component::ChildSpec {
             image,
             name,
@@ -84,10 +125,12 @@ fn main(hip_addr: u64) -> ! {
             cpu,
             ncpus: cpus.len() as u64,
             tsc_khz: hip.0.freq_tsc_khz,
-            quota: 256,
+            quota,
             // The memcheck test component checks an I/O port delegation (POST port).
             ports: (hip::arg(margs, "role") == Some("memcheck")).then_some((0x80, 0)),
             caps: &[],
+            pool_pages,
+            guest,
         };
         match component::start(&spec) {
             Ok(id) => println!("started {} (id {}) on cpu {}", name, id, cpu),

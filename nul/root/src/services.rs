@@ -218,12 +218,13 @@ pub extern "C" fn fault_handler(id: u64, utcb: u64) -> ! {
         _ => "exception",
     };
     println!(
-        "component {} ({}): {} (vector {}) at rip={:#x} err={:#x} addr={:#x}",
+        "component {} ({}): {} (vector {}) at rip={:#x} rsp={:#x} err={:#x} addr={:#x}",
         component::name_of(child),
         child,
         what,
         vec,
         a.rip,
+        a.gpr[gpr::RSP],
         a.qual[0],
         a.qual[1]
     );

@@ -15,11 +15,18 @@ pub const PAGED_BASE: u64 = 0x6000_0000_0000;
 /// Size of the paged region in bytes.
 pub const PAGED_SIZE: u64 = 1 << 28;
 
+/// Where the root maps a VMM's memory pool for guest RAM (read-write, [`StartInfo::pool_size`]
+/// bytes).
+pub const POOL_ADDR: u64 = 0x5000_0000_0000;
+/// Where the root maps the boot module a VMM runs as its guest (read-only; the image
+/// starts at [`StartInfo::image_addr`]).
+pub const IMAGE_ADDR: u64 = 0x4f00_0000_0000;
+
 /// "NULSTART" little-endian.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"NULSTART");
 
 /// Bytes of the argument string the page holds.
-pub const ARGS_MAX: usize = 4096 - 7 * 8;
+pub const ARGS_MAX: usize = 4096 - 10 * 8;
 
 /// The start-info page.
 #[repr(C)]
@@ -36,6 +43,12 @@ pub struct StartInfo {
     pub tsc_khz: u64,
     /// Scratch for the root (unused by components).
     pub reserved: u64,
+    /// Bytes of the memory pool at [`POOL_ADDR`] (0: none).
+    pub pool_size: u64,
+    /// Address of the guest image (inside the mapping at [`IMAGE_ADDR`]; 0: none).
+    pub image_addr: u64,
+    /// Bytes of the guest image.
+    pub image_size: u64,
     /// Length of the argument string.
     pub args_len: u64,
     /// The argument string (the module command line without the file name).

@@ -67,4 +67,9 @@ pub mod key {
     pub const NO_FAULT: u64 = 6;
     /// paged: 1 when all values written to demand-paged memory read back.
     pub const PAGED_OK: u64 = 7;
+    /// VMM: the number of VM exits it handled (reported before [`VM_END`]).
+    pub const VM_EXITS: u64 = 8;
+    /// VMM: how its VM ended (`peregrine_vmm::exit::End::code`: the guest's code for
+    /// `guest done`, else the kind of end in bits 32–39).
+    pub const VM_END: u64 = 9;
 }

@@ -342,6 +342,14 @@ pub fn load<M: GuestMemory + ?Sized>(
     })
 }
 
+/// Writes the GDT and the identity page tables of the 64-bit entry (what [`load`] puts
+/// below 1 MiB besides the zero page and the command line), for other guests entered
+/// the same way ([`entry_state`] with a [`BootInfo`] whose `cr3` is [`PML4_ADDR`]).
+pub fn write_entry_tables<M: GuestMemory + ?Sized>(mem: &mut M) -> Result<(), BootError> {
+    write_gdt(mem)?;
+    write_page_tables(mem)
+}
+
 /// The GDT: null, null, `__BOOT_CS` (64-bit code), `__BOOT_DS` (flat data).
 pub const GDT: [u64; 4] = [0, 0, 0x00af_9b00_0000_ffff, 0x00cf_9300_0000_ffff];
 

@@ -8,7 +8,7 @@
 //! updates the register file and RIP, and marks the changed groups in the MTD.
 //!
 //! Emulated: MOV (register, immediate and moffs forms), MOVZX/MOVSX/MOVSXD,
-//! ADD/ADC/SUB/SBB/AND/OR/XOR/CMP/TEST with RFLAGS, XCHG, BT/BTS/BTR/BTC, and the string
+//! ADD/ADC/SUB/SBB/AND/OR/XOR/CMP/TEST with RFLAGS, XCHG, CMPXCHG, BT/BTS/BTR/BTC, and the string
 //! instructions MOVS/STOS/LODS/INS/OUTS with REP, DF and 16/32/64-bit address size. A
 //! REP instruction runs at most [`MAX_REP`] iterations per call and then returns with RIP
 //! unchanged (as an interrupted REP does on hardware), so one call stays short.
@@ -471,6 +471,7 @@ impl<P: Platform + ?Sized> Cx<'_, P> {
             }
             M::Xchg => self.xchg(),
             M::Bt | M::Bts | M::Btr | M::Btc => self.bit(m),
+            M::Cmpxchg => self.cmpxchg(),
             _ => Err(self.unsupported()),
         }
         .map(|()| true)
@@ -527,6 +528,33 @@ impl<P: Platform + ?Sized> Cx<'_, P> {
         let mv = self.load(lin, size, true)?;
         self.store(lin, size, rv, true)?;
         self.set(reg, mv)
+    }
+
+    /// CMPXCHG with a memory destination: compares the accumulator with it (flags as
+    /// CMP); equal: stores the source there, else loads it into the accumulator (and,
+    /// unlike the locked hardware cycle, does not write the device back).
+    fn cmpxchg(&mut self) -> Result<(), EmulError> {
+        let (i, lin, size) = self.mem_operand()?;
+        if i != 0 {
+            return Err(self.unsupported());
+        }
+        let acc = match size {
+            1 => Register::AL,
+            2 => Register::AX,
+            4 => Register::EAX,
+            _ => Register::RAX,
+        };
+        let a = get_reg(self.regs(), acc).ok_or_else(|| self.unsupported())?;
+        let src = self.value(1, size)?;
+        let m = self.load(lin, size, true)?;
+        let (_, flags) =
+            alu::op(Mnemonic::Cmp, a, m, false, size).ok_or_else(|| self.unsupported())?;
+        self.set_flags(flags, bits::ARITH);
+        if a & size_mask(size) == m {
+            self.store(lin, size, src, true)
+        } else {
+            self.set(acc, m)
+        }
     }
 
     fn bit(&mut self, m: Mnemonic) -> Result<(), EmulError> {

@@ -23,6 +23,7 @@
 //! | `bench=ipc` | `nul-test role=benchsrv cpu=0` | ≥ 1 |
 //! | `test=vm [rounds=N] [seed=S]` | none (SVM with NPT: QEMU `-cpu EPYC`) | ≥ 1 (2: cross-CPU recall) |
 //! | `bench=vmexit` | none; `-icount shift=0 -smp 1` for instruction counts | 1 |
+//! | `test=vmm [secs=N]` | `nul-vmm guest=guest-test cpus=C mem=16 mode=check\|bench\|hostile [seed=S] [name=TAG] [cpu=N]` (one or more), and the `guest-test` module | ≥ C |
 //!
 //! `calls=` (default 10,000,000) and `secs=` (default 600 s of TSC time) bound the
 //! hostile test. The benchmark prints `BENCH <figure> <min>` lines (TSC ticks, the
@@ -34,6 +35,7 @@ mod memory;
 mod robust;
 mod sync;
 mod vm;
+mod vmm;
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
@@ -67,6 +69,7 @@ pub fn run(name: &str, args: &str, hip: &HipView) -> bool {
         "fault" => robust::fault(),
         "hostile" => robust::hostile(args),
         "vm" => vm::test(hip, args),
+        "vmm" => vmm::run(args),
         _ => {
             println!("unknown test scenario {}", name);
             false

@@ -1,0 +1,138 @@
+//! The VMM component (`nul-vmm`): one VM per instance, started by the root from a boot
+//! module line such as
+//!
+//! ```text
+//! nul-vmm guest=guest-test cpus=2 mem=16 mode=check [seed=N] [name=TAG] [cpu=N]
+//! ```
+//!
+//! The root maps the guest's image (the boot module `guest=` names) read-only and a
+//! pool of `mem` MiB for guest RAM (see `nul_rt::start_info`), and gives the VMM the
+//! kernel memory for a VM PD and its vCPUs. The VMM loads the guest's ELF image, builds
+//! its 64-bit entry state (identity map of 4 GiB, GDT) and runs `cpus` vCPUs, vCPU i on
+//! host CPU `(cpu + i) % CPUs`; the exit handling is the vmm library's
+//! (`peregrine_vmm::exit`), this crate binds it to the hypervisor ([`vm`], [`platform`]).
+//! The main EC prints what the handlers queue ([`log`]); when the VM ends it reports the
+//! exits and the end to the root (`nul_rt::svc::key::VM_EXITS`, `VM_END`).
+//!
+//! `mode=check` runs the guest's check list, `mode=bench` its exit benchmark (its
+//! `BENCH` lines are printed unchanged), `mode=hostile seed=N` its hostile mode;
+//! `limit=S` ends the VM after S seconds.
+#![no_std]
+#![no_main]
+
+extern crate alloc;
+
+mod log;
+mod platform;
+mod vm;
+
+use nul_rt::start_info::{self, StartInfo};
+use nul_rt::{hc, println, sel, svc};
+use peregrine_vmm::exit::End;
+use peregrine_vmm::testdev::Mode;
+
+nul_rt::entry!(main);
+
+/// Reported as the end when the VM could not be made.
+const END_NO_VM: u64 = 0xff << 32;
+
+fn park() -> ! {
+    let sm = sel::alloc();
+    let _ = hc::create_sm(sm, sel::OWN_PD, 0);
+    loop {
+        let _ = hc::sm_down(sm, false, 0);
+    }
+}
+
+fn fail(why: &dyn core::fmt::Display) -> ! {
+    println!("vmm: {}", why);
+    let _ = svc::result(svc::key::VM_END, END_NO_VM);
+    park()
+}
+
+fn main(info: u64) -> ! {
+    // SAFETY: the root enters a component with its start-info page's address, mapped
+    // read-only for the component's lifetime.
+    let Some(si) = (unsafe { StartInfo::at(info) }) else {
+        fail(&"no start-info page")
+    };
+    let args = si.args();
+    let mode = start_info::arg(args, "mode").unwrap_or("check");
+    let seed = start_info::arg_u64(args, "seed").unwrap_or(1);
+    let Some(mode) = Mode::parse(mode, seed) else {
+        fail(&alloc::format!("unknown mode {:?}", mode))
+    };
+    let vcpus = start_info::arg_u64(args, "cpus").unwrap_or(1).clamp(1, 64) as u32;
+    let mem = start_info::arg_u64(args, "mem").unwrap_or(16).max(4) << 20;
+    if si.pool_size < mem {
+        fail(&alloc::format!(
+            "{} MiB of guest RAM asked for, the pool has {} MiB",
+            mem >> 20,
+            si.pool_size >> 20
+        ));
+    }
+    if si.image_addr == 0 {
+        fail(&"no guest image (guest=)");
+    }
+    // SAFETY: the root mapped the guest's boot module read-only at `image_addr` for
+    // `image_size` bytes, for our lifetime; nothing writes it.
+    let image =
+        unsafe { core::slice::from_raw_parts(si.image_addr as *const u8, si.image_size as usize) };
+    // SAFETY: the root mapped the pool read-write at POOL_ADDR for `pool_size` bytes
+    // (at least `mem`, checked above); it is used for nothing but guest RAM.
+    let ram = unsafe { platform::GuestRam::new(start_info::POOL_ADDR, mem) };
+    if let Err(e) = log::init() {
+        fail(&alloc::format!("cannot create a semaphore: {:?}", e));
+    }
+    println!(
+        "vmm: guest {} ({} bytes), {} MiB, {} vCPU(s), {:?}",
+        start_info::arg(args, "guest").unwrap_or("?"),
+        image.len(),
+        mem >> 20,
+        vcpus,
+        mode
+    );
+    let params = vm::Params {
+        image,
+        ram,
+        mode,
+        vcpus,
+        first_cpu: si.cpu,
+        ncpus: si.ncpus,
+        tsc_khz: si.tsc_khz,
+    };
+    if let Err(e) = vm::create(params) {
+        fail(&alloc::format!("cannot create the VM: {}", e));
+    }
+    // `limit=S`: the VM ends after S seconds of TSC time (a hostile guest may spin).
+    let limit = start_info::arg_u64(args, "limit").unwrap_or(0);
+    let end_tsc = match limit {
+        0 => 0,
+        s => hc::rdtsc().saturating_add(s.saturating_mul(si.tsc_khz).saturating_mul(1000)),
+    };
+    let mut reported = false;
+    log::serve(move || {
+        let Some(vm) = vm::get() else { return 0 };
+        if end_tsc != 0 && vm.ended().is_none() && hc::rdtsc() >= end_tsc {
+            vm.end(End::TimeLimit { secs: limit });
+            // Print the end's line first: come back at once.
+            return 1;
+        }
+        if let (Some(code), false) = (vm.ended(), reported) {
+            reported = true;
+            let exits = vm.machine.exits();
+            println!(
+                "vmm: {} exits handled ({} answered with #UD)",
+                exits,
+                vm.machine.undefined()
+            );
+            let _ = svc::result(svc::key::VM_EXITS, exits);
+            let _ = svc::result(svc::key::VM_END, code);
+        }
+        if reported {
+            0
+        } else {
+            end_tsc
+        }
+    })
+}

@@ -1,0 +1,120 @@
+//! The VMM component (`nul-vmm`) on QEMU's software SVM with NPT: the test guest's
+//! check list with one and two vCPUs, and a hostile guest beside a well-behaved VM. The
+//! root runs `test=vmm`, which waits for every VMM to report how its VM ended.
+
+use std::time::Duration;
+
+use peregrine_tests::{assert_success, boot, images, system, RunResult};
+
+/// Boots the root with `test=vmm` and one `nul-vmm` module per argument string, plus
+/// the test guest's image.
+fn run_vmms(name: &str, smp: u32, vmms: &[&str], timeout_s: u64) -> RunResult {
+    let mut spec = system(name)
+        .root_args("test=vmm")
+        .smp(smp)
+        .timeout(Duration::from_secs(timeout_s));
+    for a in vmms {
+        spec = spec.module(images().vmm(), a);
+    }
+    spec = spec.module(images().guest_test(), "");
+    let r = boot(&spec);
+    assert_success(&r, &["PASS vmm"]);
+    r
+}
+
+/// The guest's check list (the lines every run must show, behind the VMM's tag).
+const CHECKS: &[&str] = &[
+    "cpuid",
+    "pio_out",
+    "pio_in",
+    "mmio_read",
+    "mmio_write",
+    "hypercall",
+    "hlt",
+    "rdtsc",
+    "msr",
+    "exception",
+];
+
+fn assert_checks(r: &RunResult, tag: &str, smp: bool) {
+    let mut names: Vec<&str> = CHECKS.to_vec();
+    if smp {
+        names.push("smp");
+    }
+    for c in names {
+        let line = format!("[{tag}] check {c} ok");
+        assert!(r.serial.contains(&line), "no {line:?}\n{}", r.report());
+    }
+    for m in ["guest: done 0", "vmm: guest done 0"] {
+        let line = format!("[{tag}] {m}");
+        assert!(r.serial.contains(&line), "no {line:?}\n{}", r.report());
+    }
+}
+
+/// The number in the VMM's `vmm: N exits handled` line.
+fn exits(r: &RunResult, tag: &str) -> u64 {
+    let prefix = format!("[{tag}] vmm: ");
+    r.serial
+        .lines()
+        .filter_map(|l| l.strip_prefix(&prefix))
+        .filter(|l| l.contains(" exits handled"))
+        .find_map(|l| l.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no exit count of {tag}\n{}", r.report()))
+}
+
+#[test]
+fn vmm_check_list_one_vcpu() {
+    let r = run_vmms(
+        "vmm-check-1",
+        1,
+        &["name=vm guest=guest-test cpus=1 mem=16 mode=check"],
+        120,
+    );
+    assert_checks(&r, "vm", false);
+    assert!(
+        r.serial.contains("[vm] vmm: vCPU 0 on cpu 0"),
+        "{}",
+        r.report()
+    );
+}
+
+#[test]
+fn vmm_check_list_two_vcpus_on_two_cpus() {
+    let r = run_vmms(
+        "vmm-check-2",
+        2,
+        &["name=vm guest=guest-test cpus=2 mem=16 mode=check cpu=0"],
+        180,
+    );
+    assert_checks(&r, "vm", true);
+    for l in ["[vm] vmm: vCPU 0 on cpu 0", "[vm] vmm: vCPU 1 on cpu 1"] {
+        assert!(r.serial.contains(l), "no {l:?}\n{}", r.report());
+    }
+}
+
+/// A hostile guest (random exits until a triple fault) beside a well-behaved VM: the
+/// VMM handles every exit or ends its VM with a reason, and the other VM completes.
+#[test]
+fn vmm_hostile_guest_beside_a_good_one() {
+    let r = run_vmms(
+        "vmm-hostile",
+        2,
+        &[
+            "name=hostile guest=guest-test cpus=1 mem=16 mode=hostile seed=8 limit=400 cpu=1",
+            "name=good guest=guest-test cpus=1 mem=16 mode=check cpu=0",
+        ],
+        600,
+    );
+    assert_checks(&r, "good", false);
+    let n = exits(&r, "hostile");
+    assert!(
+        n >= 20_000,
+        "only {n} exits of the hostile guest\n{}",
+        r.report()
+    );
+    assert!(
+        !r.serial.contains("component hostile"),
+        "the hostile VM's VMM was removed\n{}",
+        r.report()
+    );
+}

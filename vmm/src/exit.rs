@@ -1,0 +1,536 @@
+//! vCPU exit handling for the test guest's machine, platform-neutral.
+//!
+//! [`Machine`] holds the VM's two buses with the test devices ([`crate::testdev`]) and
+//! answers every vCPU event (`peregrine_abi::event::vcpu`) on a [`Platform`]: it reads
+//! and changes the register file the exit delivered, marks what it changed in the MTD,
+//! and says what the VMM must do next ([`Step`]). `nul/vmm` calls it from its exit
+//! portals; the unit tests call it on a [`MockVcpu`](crate::testutil::MockVcpu).
+//!
+//! [`portal_mtd`] is the state each event's portal must transfer for the handler here:
+//! the handler reads nothing else and changes nothing else (besides the groups it
+//! writes whole: the entry state at STARTUP, and an injection).
+//!
+//! The handler trusts nothing the guest controls: an instruction behind an MMIO or
+//! string I/O exit that it cannot emulate gets #UD; any event it cannot serve ends the
+//! VM with an [`End`] that says why; it never panics. SVM without NRIP save reports no
+//! instruction length for CPUID, HLT, VMMCALL, RDMSR/WRMSR, XSETBV, INVD and WBINVD: the
+//! handler then skips the instruction's architectural length without prefixes (what
+//! every compiler and Linux emit; a guest that adds redundant prefixes only confuses
+//! itself).
+
+use core::fmt;
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use alloc::sync::Arc;
+
+use peregrine_abi::event::vcpu as ev;
+
+use crate::boot::{self, BootInfo};
+use crate::bus::{Action, Bus, SharedDevice};
+use crate::emul::{self, BusIo, EmulError};
+use crate::sync::SpinLock;
+use crate::testdev::{self, LineSink, Mode};
+use crate::vcpu::{bits, gpr, vector, ArchState, Event, Fault, Mtd, Platform};
+
+/// Host CPUID: `(leaf, subleaf) -> [eax, ebx, ecx, edx]`.
+pub type CpuidFn = fn(u32, u32) -> [u32; 4];
+
+/// KVM's answer to an unknown hypercall (`-KVM_ENOSYS`).
+pub const HC_ENOSYS: u64 = (-1000i64) as u64;
+
+/// What the VMM does after an event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Reply: the vCPU runs on.
+    Resume,
+    /// Start the vCPU with this index (never started before), then reply.
+    Start(u32),
+    /// The vCPU halted with interrupts disabled: nothing wakes it, it stops for good
+    /// (no reply). When every vCPU stopped, the VMM ends the VM ([`End::HaltForever`]).
+    Stop,
+    /// End the VM.
+    End(End),
+}
+
+/// Why a VM ended. The doc comment of each variant is its message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum End {
+    /// The guest reported the end of its run with this code.
+    Done(u32),
+    /// The guest powered the machine off.
+    PowerOff,
+    /// The guest reset the machine (not supported: ended).
+    Reset,
+    /// Triple fault (shutdown).
+    TripleFault {
+        /// RIP at the exit.
+        rip: u64,
+    },
+    /// The kernel refused the vCPU's state.
+    InvalidState {
+        /// Exit information.
+        qual: [u64; 2],
+    },
+    /// Every vCPU halted with interrupts disabled: nothing can wake the VM.
+    HaltForever {
+        /// RIP of the last HLT.
+        rip: u64,
+    },
+    /// An event the VMM does not handle.
+    Unhandled {
+        /// Event number.
+        event: u64,
+        /// Exit information.
+        qual: [u64; 2],
+        /// RIP at the exit.
+        rip: u64,
+    },
+    /// An I/O exit without an instruction length.
+    NoLength {
+        /// RIP.
+        rip: u64,
+    },
+    /// Instruction fetch from guest-physical memory no RAM backs.
+    FetchFromMmio {
+        /// Guest-physical address.
+        gpa: u64,
+    },
+    /// The VMM's time limit for the VM passed.
+    TimeLimit {
+        /// The limit in seconds.
+        secs: u64,
+    },
+    /// The instruction behind an MMIO access could not be emulated.
+    Emulation {
+        /// Why.
+        error: EmulError,
+        /// RIP.
+        rip: u64,
+    },
+}
+
+impl fmt::Display for End {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            End::Done(code) => write!(f, "guest done {code}"),
+            End::PowerOff => write!(f, "guest powered off"),
+            End::Reset => write!(f, "guest reset (not supported)"),
+            End::TripleFault { rip } => write!(f, "triple fault at rip {rip:#x}"),
+            End::InvalidState { qual } => {
+                write!(f, "invalid guest state ({:#x}, {:#x})", qual[0], qual[1])
+            }
+            End::HaltForever { rip } => {
+                write!(
+                    f,
+                    "every vCPU halted with interrupts disabled (last at rip {rip:#x})"
+                )
+            }
+            End::Unhandled { event, qual, rip } => write!(
+                f,
+                "unhandled exit {event:#x} ({:#x}, {:#x}) at rip {rip:#x}",
+                qual[0], qual[1]
+            ),
+            End::NoLength { rip } => write!(f, "I/O exit without length at rip {rip:#x}"),
+            End::FetchFromMmio { gpa } => {
+                write!(f, "instruction fetch from non-RAM address {gpa:#x}")
+            }
+            End::TimeLimit { secs } => write!(f, "time limit of {secs} s reached"),
+            End::Emulation { error, rip } => {
+                write!(f, "MMIO access not emulated at rip {rip:#x}: {error}")
+            }
+        }
+    }
+}
+
+impl End {
+    /// A number for the end (kind in bits 32–39, the guest's code in 0–31 for
+    /// [`End::Done`]): how the VMM reports it to the root.
+    pub fn code(&self) -> u64 {
+        let kind = match self {
+            End::Done(c) => return u64::from(*c),
+            End::PowerOff => 1,
+            End::Reset => 2,
+            End::TripleFault { .. } => 3,
+            End::InvalidState { .. } => 4,
+            End::HaltForever { .. } => 5,
+            End::Unhandled { .. } => 6,
+            End::NoLength { .. } => 7,
+            End::FetchFromMmio { .. } => 8,
+            End::Emulation { .. } => 9,
+            End::TimeLimit { .. } => 10,
+        };
+        kind << 32
+    }
+}
+
+/// The state the portal of `event` transfers: what the handler here reads and changes.
+pub fn portal_mtd(event: u64) -> Mtd {
+    match event {
+        ev::STARTUP => Mtd::empty(),
+        ev::CPUID | ev::VMCALL | ev::RDMSR | ev::WRMSR | ev::XSETBV => Mtd::GPR_ACDB | Mtd::RIP_LEN,
+
+        ev::HLT => Mtd::RIP_LEN | Mtd::RFLAGS | Mtd::STA,
+        ev::INVD | ev::WBINVD | ev::RECALL => Mtd::RIP_LEN,
+        // Emulating MMIO accesses and string I/O needs the registers, the segments and
+        // the paging state.
+        ev::NPT_FAULT | ev::IO => {
+            Mtd::GPRS
+                | Mtd::RIP_LEN
+                | Mtd::RFLAGS
+                | Mtd::CS_SS
+                | Mtd::DS_ES
+                | Mtd::FS_GS
+                | Mtd::CR
+                | Mtd::EFER
+                | Mtd::QUAL
+                | Mtd::STA
+                | Mtd::INJ
+        }
+        _ => Mtd::RIP_LEN | Mtd::QUAL,
+    }
+}
+
+/// What the guest is and runs.
+#[derive(Clone, Copy, Debug)]
+pub struct Config {
+    /// What the guest runs.
+    pub mode: Mode,
+    /// Number of vCPUs.
+    pub vcpus: u32,
+    /// The guest's entry point.
+    pub entry: u64,
+}
+
+/// The test guest's machine: buses, devices and the exit handler.
+pub struct Machine {
+    /// Port I/O.
+    pub pio: Bus,
+    /// MMIO.
+    pub mmio: Bus,
+    cfg: Config,
+    cpuid: CpuidFn,
+    msr: AtomicU64,
+    started: AtomicU64,
+    exits: AtomicU64,
+    undefined: AtomicU64,
+}
+
+impl Machine {
+    /// A machine with the test devices; guest console lines go to `console`.
+    pub fn new(cfg: Config, console: impl LineSink + 'static, cpuid: CpuidFn) -> Self {
+        let mut pio = Bus::new();
+        let mut mmio = Bus::new();
+        let con: SharedDevice = Arc::new(SpinLock::new(testdev::DebugConsole::new(console)));
+        let ports: SharedDevice = Arc::new(SpinLock::new(testdev::TestPorts));
+        let reg: SharedDevice = Arc::new(SpinLock::new(testdev::MmioRegister::default()));
+        // Fixed, non-overlapping ranges on empty buses: these inserts cannot fail.
+        let _ = pio.insert(testdev::CONSOLE_PORT, 1, con);
+        let _ = pio.insert(testdev::LOW_BLOCK, testdev::BLOCK_LEN, ports.clone());
+        let _ = pio.insert(testdev::HIGH_BLOCK, testdev::BLOCK_LEN, ports);
+        let _ = mmio.insert(testdev::MMIO_ADDR, testdev::MMIO_LEN, reg);
+        Self {
+            pio,
+            mmio,
+            cfg,
+            cpuid,
+            msr: AtomicU64::new(0),
+            started: AtomicU64::new(1),
+            exits: AtomicU64::new(0),
+            undefined: AtomicU64::new(0),
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// Events handled so far (STARTUP not counted).
+    pub fn exits(&self) -> u64 {
+        self.exits.load(Ordering::Relaxed)
+    }
+
+    /// Instructions behind MMIO or string I/O exits answered with #UD: invalid, or
+    /// beyond what the emulator does.
+    pub fn undefined(&self) -> u64 {
+        self.undefined.load(Ordering::Relaxed)
+    }
+
+    /// Handles `event` of vCPU `vcpu`, whose state `p` holds. The caller clears the MTD
+    /// before (so it names exactly what changed) and replies with it after.
+    pub fn handle<P: Platform + ?Sized>(&self, p: &mut P, vcpu: u32, event: u64) -> Step {
+        if event != ev::STARTUP {
+            self.exits.fetch_add(1, Ordering::Relaxed);
+        }
+        // The few values read below, not a copy of the whole register file (every exit
+        // pays for what it copies).
+        let r = p.regs();
+        let (rip, rflags, qual) = (r.rip, r.rflags, r.qual);
+        let (rax, rcx, rdx) = (r.gpr[gpr::RAX], r.gpr[gpr::RCX], r.gpr[gpr::RDX]);
+        match event {
+            ev::STARTUP => {
+                self.entry_state(p.regs_mut(), vcpu);
+                Step::Resume
+            }
+            ev::CPUID => {
+                self.cpuid(p.regs_mut(), vcpu);
+                skip(p.regs_mut(), 2);
+                Step::Resume
+            }
+            ev::IO => self.io(p),
+            ev::NPT_FAULT => self.npt(p),
+            ev::HLT => {
+                if rflags & bits::IF == 0 {
+                    return Step::Stop;
+                }
+                let regs = p.regs_mut();
+                skip(regs, 1);
+                regs.intr_state &= !3;
+                regs.mtd |= Mtd::STA;
+                p.inject(Event::Interrupt(testdev::WAKE_VECTOR));
+                Step::Resume
+            }
+            ev::VMCALL => {
+                let regs = p.regs_mut();
+                regs.gpr[gpr::RAX] = if regs.gpr[gpr::RAX] == testdev::HYPERCALL {
+                    regs.gpr[gpr::RBX].wrapping_add(1)
+                } else {
+                    HC_ENOSYS
+                };
+                regs.mtd |= Mtd::GPR_ACDB;
+                skip(regs, 3);
+                Step::Resume
+            }
+            ev::RDMSR | ev::WRMSR => {
+                if rcx as u32 != testdev::TEST_MSR {
+                    p.inject(gp0());
+                    return Step::Resume;
+                }
+                let regs = p.regs_mut();
+                if event == ev::RDMSR {
+                    let v = self.msr.load(Ordering::Relaxed);
+                    regs.gpr[gpr::RAX] = v & 0xffff_ffff;
+                    regs.gpr[gpr::RDX] = v >> 32;
+                    regs.mtd |= Mtd::GPR_ACDB;
+                } else {
+                    let v = (regs.gpr[gpr::RDX] << 32) | (regs.gpr[gpr::RAX] & 0xffff_ffff);
+                    self.msr.store(v, Ordering::Relaxed);
+                }
+                skip(regs, 2);
+                Step::Resume
+            }
+            ev::XSETBV => {
+                let v = (rdx << 32) | (rax & 0xffff_ffff);
+                let [lo, _, _, hi] = (self.cpuid)(0xd, 0);
+                let host = u64::from(lo) | u64::from(hi) << 32;
+                let ok =
+                    rcx as u32 == 0 && v & 1 != 0 && (v & 4 == 0 || v & 2 != 0) && v & !host == 0;
+                if !ok {
+                    p.inject(gp0());
+                    return Step::Resume;
+                }
+                let regs = p.regs_mut();
+                regs.xcr0 = v;
+                regs.mtd |= Mtd::XSAVE;
+                skip(regs, 3);
+                Step::Resume
+            }
+            ev::INVD | ev::WBINVD => {
+                skip(p.regs_mut(), 2);
+                Step::Resume
+            }
+            // VMRUN and the other SVM instructions, MONITOR/MWAIT: not offered.
+            ev::OTHER | ev::MONITOR | ev::MWAIT => {
+                p.inject(Event::Exception {
+                    vector: vector::UD,
+                    error: None,
+                });
+                Step::Resume
+            }
+            ev::RECALL => Step::Resume,
+            ev::TRIPLE_FAULT => Step::End(End::TripleFault { rip }),
+            ev::INVALID_STATE => Step::End(End::InvalidState { qual }),
+            _ => Step::End(End::Unhandled { event, qual, rip }),
+        }
+    }
+
+    /// The contract's entry state for vCPU `vcpu`, every group it sets marked.
+    pub fn entry_state(&self, regs: &mut ArchState, vcpu: u32) {
+        let mtd = regs.mtd;
+        *regs = ArchState::default();
+        regs.mtd = mtd;
+        let info = BootInfo {
+            entry: self.cfg.entry,
+            zero_page: 0,
+            cr3: boot::PML4_ADDR,
+            initrd: None,
+        };
+        boot::entry_state(regs, &info);
+        regs.gpr[gpr::RDI] = u64::from(vcpu);
+        regs.gpr[gpr::RSI] = self.cfg.mode.rsi();
+        regs.gpr[gpr::RDX] = u64::from(self.cfg.vcpus);
+        regs.gpr[gpr::RCX] = self.cfg.mode.rcx();
+        regs.mtd |= Mtd::STA | Mtd::INJ;
+    }
+
+    fn cpuid(&self, regs: &mut ArchState, vcpu: u32) {
+        let leaf = regs.gpr[gpr::RAX] as u32;
+        let sub = regs.gpr[gpr::RCX] as u32;
+        let mut v = match leaf {
+            // The hypervisor range: no paravirtual interface offered to this guest.
+            0x4000_0000..=0x4fff_ffff => [0; 4],
+            _ => (self.cpuid)(leaf, sub),
+        };
+        match leaf {
+            1 => {
+                // Hypervisor present; no VMX, no MONITOR; the vCPU's APIC ID.
+                v[2] = (v[2] | crate::cpuid::HYPERVISOR_BIT) & !(1 << 5 | 1 << 3);
+                v[1] = (v[1] & 0x00ff_ffff) | (vcpu << 24);
+            }
+            0xb | 0x1f => v[3] = vcpu,
+            // No SVM.
+            0x8000_0001 => v[2] &= !(1 << 2),
+            _ => {}
+        }
+        for (i, x) in v.iter().enumerate() {
+            regs.gpr[[gpr::RAX, gpr::RBX, gpr::RCX, gpr::RDX][i]] = u64::from(*x);
+        }
+        regs.mtd |= Mtd::GPR_ACDB;
+    }
+
+    fn io<P: Platform + ?Sized>(&self, p: &mut P) -> Step {
+        let r = p.regs();
+        let (q, rip, inst_len) = (r.qual[0], r.rip, r.inst_len);
+        let size = ((q & 7) + 1) as usize;
+        let input = q & (1 << 3) != 0;
+        let port = (q >> 16) as u16;
+        if q & (1 << 4) != 0 {
+            // INS/OUTS: the emulator runs them (up to `emul::MAX_REP` iterations).
+            let mut io = BusIo {
+                mmio: &self.mmio,
+                pio: &self.pio,
+            };
+            let res = emul::emulate(p, &mut io, None);
+            return self.emulated(p, res, rip);
+        }
+        if inst_len == 0 {
+            return Step::End(End::NoLength { rip });
+        }
+        let size = size.min(4);
+        let mut action = None;
+        let regs = p.regs_mut();
+        if input {
+            let mut b = [0u8; 4];
+            let _ = self.pio.read(u64::from(port), &mut b[..size]);
+            let v = u64::from(u32::from_le_bytes(b));
+            let old = regs.gpr[gpr::RAX];
+            regs.gpr[gpr::RAX] = match size {
+                1 => (old & !0xff) | (v & 0xff),
+                2 => (old & !0xffff) | (v & 0xffff),
+                _ => v,
+            };
+            regs.mtd |= Mtd::GPR_ACDB;
+        } else {
+            let b = regs.gpr[gpr::RAX].to_le_bytes();
+            action = self.pio.write(u64::from(port), &b[..size]).ok().flatten();
+        }
+        skip(regs, 0);
+        self.act(p, action)
+    }
+
+    fn npt<P: Platform + ?Sized>(&self, p: &mut P) -> Step {
+        let r = p.regs();
+        let (gpa, fetch, rip) = (r.qual[1], r.qual[0] & (1 << 4) != 0, r.rip);
+        if fetch {
+            return Step::End(End::FetchFromMmio { gpa });
+        }
+        let mut io = BusIo {
+            mmio: &self.mmio,
+            pio: &self.pio,
+        };
+        let res = emul::emulate(p, &mut io, Some(gpa));
+        self.emulated(p, res, rip)
+    }
+
+    /// The outcome of an emulated instruction at `rip`.
+    fn emulated<P: Platform + ?Sized>(
+        &self,
+        p: &mut P,
+        res: Result<emul::Outcome, EmulError>,
+        rip: u64,
+    ) -> Step {
+        match res {
+            Ok(out) => self.act(p, out.action),
+            // What the decoder rejects, or the emulator does not know: #UD, as a CPU
+            // without the instruction would raise (counted: `Machine::undefined`).
+            Err(EmulError::Invalid | EmulError::Truncated | EmulError::Unsupported(_)) => {
+                self.undefined.fetch_add(1, Ordering::Relaxed);
+                p.inject(Event::Exception {
+                    vector: vector::UD,
+                    error: None,
+                });
+                Step::Resume
+            }
+            Err(EmulError::Fetch(Fault::PageFault { addr, error }))
+            | Err(EmulError::Access(Fault::PageFault { addr, error })) => {
+                let regs = p.regs_mut();
+                regs.cr2 = addr;
+                regs.mtd |= Mtd::CR;
+                p.inject(Event::Exception {
+                    vector: vector::PF,
+                    error: Some(error),
+                });
+                Step::Resume
+            }
+            Err(error) => Step::End(End::Emulation { error, rip }),
+        }
+    }
+
+    /// What a device asked for.
+    fn act<P: Platform + ?Sized>(&self, p: &mut P, action: Option<Action>) -> Step {
+        match action {
+            None => Step::Resume,
+            Some(Action::Done(code)) => Step::End(End::Done(code)),
+            Some(Action::PowerOff) => Step::End(End::PowerOff),
+            Some(Action::Reset) => Step::End(End::Reset),
+            Some(Action::StartVcpu(n)) => {
+                if n == 0 || n >= self.cfg.vcpus || n >= 64 {
+                    return Step::Resume;
+                }
+                let bit = 1u64 << n;
+                if self.started.fetch_or(bit, Ordering::AcqRel) & bit != 0 {
+                    return Step::Resume;
+                }
+                Step::Start(n)
+            }
+            Some(Action::Exception { vector, error }) => {
+                if vector < 32 && vector != 2 {
+                    p.inject(Event::Exception { vector, error });
+                }
+                Step::Resume
+            }
+        }
+    }
+}
+
+fn gp0() -> Event {
+    Event::Exception {
+        vector: vector::GP,
+        error: Some(0),
+    }
+}
+
+/// Advances RIP past the instruction: by the exit's length, or `len` when the exit
+/// did not say.
+fn skip(regs: &mut ArchState, len: u64) {
+    let n = if regs.inst_len != 0 {
+        regs.inst_len
+    } else {
+        len
+    };
+    regs.rip = regs.rip.wrapping_add(n);
+    regs.mtd |= Mtd::RIP_LEN;
+}
+
+#[cfg(test)]
+mod tests;
