@@ -59,8 +59,19 @@ pub fn grub_cfg(spec: &BootSpec) -> String {
         )
     };
     cfg += &line("multiboot", &names[0], &spec.kernel_args);
-    for ((_, args), name) in spec.modules.iter().zip(&names[1..]) {
-        cfg += &line("module", name, args);
+    // GRUB hands a module only the words after its file name, QEMU the whole entry:
+    // the module's own name goes first, so both give `name args` (the root names
+    // components after it).
+    for ((path, args), name) in spec.modules.iter().zip(&names[1..]) {
+        let own = path
+            .file_name()
+            .map_or("module".into(), |n| n.to_string_lossy().into_owned());
+        let words = if args.is_empty() {
+            own
+        } else {
+            format!("{own} {args}")
+        };
+        cfg += &line("module", name, &words);
     }
     cfg += "    boot\n}\n";
     cfg
@@ -104,14 +115,21 @@ pub fn build_iso(spec: &BootSpec, dir: &Path) -> Result<PathBuf> {
     Ok(iso)
 }
 
+/// Instructions per second of Bochs' emulated clock (see [`bochsrc`]).
+pub const BOCHS_IPS: u64 = 40_000_000;
+
 /// The bochsrc for booting `iso`, serial output to `serial_log`.
 pub fn bochsrc(spec: &BootSpec, iso: &Path, serial_log: &Path, log: &Path) -> String {
     let model = spec.cpu_model.as_deref().unwrap_or(DEFAULT_CPU);
     let mut rc = String::new();
     let _ = writeln!(rc, "megs: {}", spec.memory_mib);
+    // Bochs' emulated clock runs at `ips` instructions per second (default 4 M, i.e.
+    // a 1 kHz timer tick every 4,000 instructions: too little for a kernel's tick path
+    // plus any work). 40 M is about the speed Bochs really has here, so emulated time
+    // passes roughly like wall time.
     let _ = writeln!(
         rc,
-        "cpu: model={model}, count={}, reset_on_triple_fault=0",
+        "cpu: model={model}, count={}, ips={BOCHS_IPS}, reset_on_triple_fault=0",
         spec.smp
     );
     let _ = writeln!(rc, "romimage: file={BIOS}");
@@ -252,10 +270,13 @@ mod tests {
             "{cfg}"
         );
         assert!(
-            cfg.contains("    module /boot/nul-root test=ipc\n"),
+            cfg.contains("    module /boot/nul-root nul-root test=ipc\n"),
             "{cfg}"
         );
-        assert!(cfg.contains("    module /boot/nul-root.2\n"), "{cfg}");
+        assert!(
+            cfg.contains("    module /boot/nul-root.2 nul-root\n"),
+            "{cfg}"
+        );
     }
 
     #[test]
@@ -266,7 +287,7 @@ mod tests {
             Path::new("/s.log"),
             Path::new("/b.log"),
         );
-        assert!(rc.contains("cpu: model=corei7_skylake_x, count=2"), "{rc}");
+        assert!(rc.contains("cpu: model=corei7_skylake_x, count=2,"), "{rc}");
         assert!(rc.contains("com1: enabled=1, mode=file, dev=/s.log"));
         assert!(rc.contains("ata0-master: type=cdrom, path=/i.iso, status=inserted"));
     }
