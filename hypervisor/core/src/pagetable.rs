@@ -295,6 +295,38 @@ impl PteFormat for Ept {
     }
 }
 
+/// Intel extended page tables whose leaves sit at levels `0..=L` only (for processors
+/// without 1 GiB (`L = 1`) or 2 MiB (`L = 0`) EPT pages); otherwise as [`Ept`].
+#[derive(Debug)]
+pub struct EptUpTo<const L: usize>;
+
+impl<const L: usize> PteFormat for EptUpTo<L> {
+    fn leaf_ok(level: usize) -> bool {
+        level <= L
+    }
+    fn present(pte: u64) -> bool {
+        Ept::present(pte)
+    }
+    fn is_leaf(pte: u64, level: usize) -> bool {
+        Ept::is_leaf(pte, level)
+    }
+    fn leaf(phys: u64, perm: Perm, level: usize) -> Option<u64> {
+        Ept::leaf(phys, perm, level)
+    }
+    fn table(phys: u64) -> u64 {
+        Ept::table(phys)
+    }
+    fn addr(pte: u64, level: usize) -> u64 {
+        Ept::addr(pte, level)
+    }
+    fn perm(pte: u64) -> Perm {
+        Ept::perm(pte)
+    }
+    fn valid_range(first: u64, last: u64) -> bool {
+        Ept::valid_range(first, last)
+    }
+}
+
 /// What a virtual address translates to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Translation {
@@ -808,6 +840,22 @@ mod tests {
             Err(PtError::OutOfRange)
         );
         npt.destroy(&mut mem);
+        assert!(mem.tables.is_empty());
+    }
+
+    #[test]
+    fn ept_without_large_leaves() {
+        let mut mem = FakeMem::default();
+        let ept = PageTable::<EptUpTo<0>>::new(&mut mem).unwrap();
+        ept.map(&mut mem, 0, 0x20_0000, 9, Perm::R | Perm::W)
+            .unwrap();
+        let t = ept.lookup(&mem, 0x1000).unwrap();
+        assert_eq!((t.phys, t.order), (0x20_1000, 0));
+        ept.destroy(&mut mem);
+        let ept = PageTable::<EptUpTo<1>>::new(&mut mem).unwrap();
+        ept.map(&mut mem, 0, 0, 18, Perm::R).unwrap();
+        assert_eq!(ept.lookup(&mem, 0x1000).unwrap().order, 9);
+        ept.destroy(&mut mem);
         assert!(mem.tables.is_empty());
     }
 

@@ -1,25 +1,52 @@
-//! The guest-physical memory space of a VM PD: a nested page table (AMD NPT; the
-//! VMX backend will use the EPT format the same way), filled by delegations with the
-//! `GUEST` flag and emptied by revocation.
+//! The guest-physical memory space of a VM PD: a nested page table in the format of the
+//! running backend (AMD NPT, or Intel EPT with write-back leaves and the largest leaves
+//! the processor's EPT supports), filled by delegations with the `GUEST` flag and
+//! emptied by revocation.
 //!
 //! Guest mappings are recorded in the memory mapping database under their own space id
 //! ([`sid`]: the PD id with bit 63 set), so that a PD's host and guest spaces never
 //! collide. Removing a mapping bumps the space's flush generation; every vCPU of the VM
-//! compares it before VMRUN and flushes its guest TLB when it changed (QEMU's SVM has no
-//! flush-by-ASID, so this is a full flush there). The revoker's TLB shootdown IPI makes
-//! running vCPUs exit first.
+//! compares it before entering its guest and flushes its guest TLB when it changed (SVM:
+//! by ASID, or fully where QEMU has no flush-by-ASID; VMX: INVEPT single-context for the
+//! VM's EPT pointer). The revoker's TLB shootdown IPI makes running vCPUs exit first, so
+//! every CPU that may cache the VM's translations flushes them before its next entry.
 
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU64, Ordering};
 
 use peregrine_abi::{Status, PAGE_BITS};
 use peregrine_core::mdb::SpaceId;
-use peregrine_core::pagetable::{Npt, PageTable, Perm};
+use peregrine_core::pagetable::{Ept, EptUpTo, Npt, PageTable, Perm};
 use spin::Mutex;
 
 use crate::kmem;
 use crate::pd::Pd;
 use crate::space_mem::{pt_err, Tables};
+use crate::vcpu::GuestFormat;
+
+/// Runs `$body` with `$t` bound to the space's page table in its format.
+macro_rules! with_table {
+    ($s:expr, $t:ident => $body:expr) => {
+        match $s.fmt {
+            GuestFormat::Npt => {
+                let $t = PageTable::<Npt>::from_root($s.root);
+                $body
+            }
+            GuestFormat::Ept => {
+                let $t = PageTable::<Ept>::from_root($s.root);
+                $body
+            }
+            GuestFormat::Ept2M => {
+                let $t = PageTable::<EptUpTo<1>>::from_root($s.root);
+                $body
+            }
+            GuestFormat::Ept4K => {
+                let $t = PageTable::<EptUpTo<0>>::from_root($s.root);
+                $body
+            }
+        }
+    };
+}
 
 /// Bit 63 of a mapping-database space id marks a PD's guest-physical space.
 pub const GUEST_SPACE_BIT: u64 = 1 << 63;
@@ -34,6 +61,7 @@ pub fn sid(pd: &Pd) -> SpaceId {
 /// A VM's guest-physical space.
 pub struct SpaceGuest {
     root: u64,
+    fmt: GuestFormat,
     lock: Mutex<()>,
     /// Bumped whenever a mapping is removed (vCPUs flush their guest TLB on change).
     pub flush_gen: AtomicU64,
@@ -44,18 +72,15 @@ impl SpaceGuest {
     pub fn new() -> Option<Self> {
         Some(SpaceGuest {
             root: crate::mem::alloc_frame_zeroed()?,
+            fmt: crate::vcpu::guest_format(),
             lock: Mutex::new(()),
             flush_gen: AtomicU64::new(0),
         })
     }
 
-    /// Physical address of the root table (nCR3).
+    /// Physical address of the root table (nCR3, or the EPT PML4).
     pub fn root(&self) -> u64 {
         self.root
-    }
-
-    fn table(&self) -> PageTable<Npt> {
-        PageTable::from_root(self.root)
     }
 
     /// Maps `2^order` guest pages from `gpage` to host frames from `ppage`.
@@ -68,8 +93,7 @@ impl SpaceGuest {
                 pd: Some(pd),
                 freed: &mut freed,
             };
-            self.table()
-                .map(&mut m, gpage << PAGE_BITS, ppage << PAGE_BITS, order, p)
+            with_table!(self, t => t.map(&mut m, gpage << PAGE_BITS, ppage << PAGE_BITS, order, p))
         };
         if !freed.is_empty() {
             // The caller may hold the mapping database's lock: the tables wait for the
@@ -87,7 +111,7 @@ impl SpaceGuest {
         {
             let _g = self.lock.lock();
             let mut m = Tables { pd: None, freed };
-            let _ = self.table().unmap(&mut m, gpage << PAGE_BITS, order);
+            let _ = with_table!(self, t => t.unmap(&mut m, gpage << PAGE_BITS, order));
         }
         self.flush_gen.fetch_add(1, Ordering::AcqRel);
     }
@@ -103,7 +127,7 @@ impl SpaceGuest {
                 pd: None,
                 freed: &mut freed,
             };
-            self.table().teardown(&mut m, 0..512);
+            with_table!(self, t => t.teardown(&mut m, 0..512));
         }
         for t in freed {
             crate::mem::free_frame(t);

@@ -1,92 +1,51 @@
-//! Virtual CPUs on AMD SVM with nested paging.
+//! Virtual CPUs: one backend-neutral interface over Intel VT-x with EPT ([`vmx`]) and
+//! AMD SVM with nested paging ([`svm`]).
 //!
 //! A vCPU is an EC of kind [`EcKind::Vcpu`] in a VM PD, with its own SC. Where a thread
 //! returns to user mode (`sched::ret_to`), a vCPU enters its guest ([`resume`]): on a
-//! fresh kernel stack, with its FPU state loaded, an ASID of this CPU (re-allocated with
-//! a full flush when QEMU's 16 run out), a guest-TLB flush when its VM's nested page
-//! table lost mappings since its last entry, and the guest's XCR0. A #VMEXIT is mapped
-//! onto the backend-neutral event numbers (`peregrine_abi::event::vcpu`, the VMX basic
-//! exit reasons) and delivered as a call to the portal at event base + number *in the
-//! VM PD's object space*, with the state the portal's MTD selects ([`get_state`]); the
-//! reply writes state back under the reply MTD ([`put_state`]), validated field by field.
-//! A value the kernel refuses is left unchanged and the vCPU's next event is
-//! INVALID_STATE; so is a VMRUN that fails its own consistency checks.
+//! fresh kernel stack, with its FPU state loaded and the guest's XCR0, after a guest-TLB
+//! flush when its VM's guest-physical table lost mappings since its last entry. An exit
+//! is mapped onto the backend-neutral event numbers (`peregrine_abi::event::vcpu`, the
+//! VMX basic exit reasons) and delivered as a call to the portal at event base + number
+//! *in the VM PD's object space*, with the state the portal's MTD selects
+//! ([`get_state`]); the reply writes state back under the reply MTD ([`put_state`]),
+//! validated field by field. A value the kernel refuses is left unchanged and the vCPU's
+//! next event is INVALID_STATE; so is a VM entry the processor refuses.
 //!
 //! Host interrupts and NMIs always exit the guest; the kernel takes them after the exit
-//! (GIF set, a short interrupt window) and then runs the scheduler, which preempts the
-//! vCPU at the end of its quantum like any thread. `ec_ctrl` recall sets the flag and
-//! sends an IPI; the vCPU exits and delivers RECALL before it enters the guest again.
+//! (a short interrupt window) and then runs the scheduler, which preempts the vCPU at
+//! the end of its quantum like any thread. `ec_ctrl` recall sets the flag and sends an
+//! IPI; the vCPU exits and delivers RECALL before it enters the guest again.
+//!
+//! Which backend runs is decided once at boot (VMX where the CPU offers VMX with EPT
+//! and unrestricted guest, else SVM with NPT); both fill the same UTCB layout.
+
+mod svm;
+mod vmx;
 
 use alloc::boxed::Box;
 use alloc::sync::Arc;
 use core::cell::UnsafeCell;
-use core::sync::atomic::Ordering;
+use core::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 
 use peregrine_abi::event::vcpu as ev;
 use peregrine_abi::hip::MAX_CPUS;
-use peregrine_abi::utcb::{ctrl, inj, ArchState, Segment};
+use peregrine_abi::utcb::{inj, ArchState, Segment};
 use peregrine_abi::{Mtd, Status};
 
-use crate::arch::x86::svm::vmcb::{self as f, exit, i3, i4, Vmcb};
-use crate::arch::x86::svm::{self, Gprs};
 use crate::ec::{Ec, EcKind};
 use crate::frame::Frame;
 use crate::pd::Pd;
 use crate::sched;
 
-/// Intercepts every vCPU has (vector 3).
-const BASE3: u32 = i3::INTR
-    | i3::NMI
-    | i3::INIT
-    | i3::CPUID
-    | i3::INVD
-    | i3::HLT
-    | i3::INVLPGA
-    | i3::IOIO
-    | i3::MSR
-    | i3::TASK_SWITCH
-    | i3::SHUTDOWN;
-/// Intercepts every vCPU has (vector 4).
-const BASE4: u32 = i4::VMRUN
-    | i4::VMMCALL
-    | i4::VMLOAD
-    | i4::VMSAVE
-    | i4::STGI
-    | i4::CLGI
-    | i4::SKINIT
-    | i4::XSETBV;
-
-const EFER_SVME: u64 = 1 << 12;
-const EFER_LME: u64 = 1 << 8;
-const EFER_LMA: u64 = 1 << 10;
-/// SCE LME LMA NXE SVME LMSLE FFXSR TCE.
-const EFER_OK: u64 = 0xfd01;
-const CR0_PE: u64 = 1;
-const CR0_NW: u64 = 1 << 29;
-const CR0_CD: u64 = 1 << 30;
-const CR0_PG: u64 = 1 << 31;
-const CR4_PAE: u64 = 1 << 5;
-/// VME..UMIP, FSGSBASE, PCIDE, OSXSAVE, SMEP, SMAP, PKE.
-const CR4_OK: u64 = 0x0077_0fff;
-/// RFLAGS bits a guest may hold (bit 1 is forced on).
-const RFLAGS_OK: u64 = 0x003f_7fd5;
-const RFLAGS_VM: u64 = 1 << 17;
-const AR_L: u16 = 1 << 9;
-const AR_D: u16 = 1 << 10;
-/// V_IRQ | V_INTR_PRIO 15 | V_IGN_TPR.
-const VINTR_REQ: u64 = (1 << 8) | (0xf << 16) | (1 << 20);
-const V_INTR_MASKING: u64 = 1 << 24;
-
-/// The state of a vCPU beyond its EC, touched only by its CPU with interrupts off.
-struct State {
-    gprs: Gprs,
-    asid: u32,
-    asid_gen: u64,
-    flush_seen: u64,
+/// The backend-neutral state of a vCPU, touched only by its CPU with interrupts off.
+struct Common {
     xcr0: u64,
     ctrl: [u64; 2],
     qual: [u64; 2],
     inst_len: u64,
+    /// The VM's guest-TLB flush generation this vCPU has flushed for.
+    flush_seen: u64,
     /// The last reply carried a value the kernel refused.
     invalid: bool,
     /// An event that must reach the VMM before the guest runs again (set before the
@@ -94,27 +53,48 @@ struct State {
     pending: Option<u64>,
 }
 
+enum Hw {
+    Svm(svm::Vcpu),
+    Vmx(vmx::Vcpu),
+}
+
 /// The virtual-CPU part of a vCPU EC.
 pub struct Vcpu {
     pd: Arc<Pd>,
-    /// Physical address of the VMCB (a page charged to the VM PD).
-    pub vmcb: u64,
-    st: UnsafeCell<State>,
+    cpu: usize,
+    common: UnsafeCell<Common>,
+    hw: Hw,
 }
 
 impl Vcpu {
     /// # Safety
     /// Only the vCPU's CPU, with interrupts off, and no other reference alive.
     #[allow(clippy::mut_from_ref)]
-    unsafe fn state(&self) -> &mut State {
+    unsafe fn common(&self) -> &mut Common {
         // SAFETY: forwarded to the caller.
-        unsafe { &mut *self.st.get() }
+        unsafe { &mut *self.common.get() }
     }
 }
 
-impl Drop for Vcpu {
-    fn drop(&mut self) {
-        crate::kmem::free_frame(&self.pd, self.vmcb);
+/// Which backend runs vCPUs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// No hardware virtualization.
+    None = 0,
+    /// AMD SVM with nested paging.
+    Svm = 1,
+    /// Intel VT-x with EPT and unrestricted guest.
+    Vmx = 2,
+}
+
+static BACKEND: AtomicU8 = AtomicU8::new(0);
+
+/// The backend chosen at boot.
+pub fn backend() -> Backend {
+    match BACKEND.load(Ordering::Acquire) {
+        1 => Backend::Svm,
+        2 => Backend::Vmx,
+        _ => Backend::None,
     }
 }
 
@@ -124,81 +104,117 @@ unsafe impl Sync for Held {}
 /// Per CPU: the PD whose host page table stays loaded while a vCPU runs.
 static HELD: [Held; MAX_CPUS] = [const { Held(UnsafeCell::new(None)) }; MAX_CPUS];
 
-/// Print every VM exit (kernel command line `trace_vm`).
-static TRACE: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+/// Print every VM entry and exit (kernel command line `trace_vm`).
+static TRACE: AtomicBool = AtomicBool::new(false);
 
-/// Enables SVM on this CPU at bring-up.
+fn trace() -> bool {
+    TRACE.load(Ordering::Relaxed)
+}
+
+/// Enables hardware virtualization on this CPU at bring-up (the BSP decides the
+/// backend).
 pub fn init_cpu(cpu: usize) {
-    if cpu == 0 && crate::multiboot::info().has_arg("trace_vm") {
-        TRACE.store(true, Ordering::Relaxed);
+    if cpu == 0 {
+        if crate::multiboot::info().has_arg("trace_vm") {
+            TRACE.store(true, Ordering::Relaxed);
+        }
+        let b = if crate::arch::x86::vmx::caps().is_some() {
+            Backend::Vmx
+        } else if crate::arch::x86::svm::caps().is_some() {
+            Backend::Svm
+        } else {
+            Backend::None
+        };
+        BACKEND.store(b as u8, Ordering::Release);
     }
-    if svm::init_cpu(cpu) && cpu == 0 {
-        let c = svm::info();
-        crate::kprintln!(
-            "svm: {} ASIDs, NRIP save {}, flush by ASID {}, decode assists {}",
-            c.asids,
-            c.nrips,
-            c.flush_by_asid,
-            c.decode_assists
-        );
+    match backend() {
+        Backend::Svm => svm::init_cpu(cpu),
+        Backend::Vmx => vmx::init_cpu(cpu),
+        Backend::None => {}
     }
 }
 
 /// Whether VM PDs can be created (some CPU runs vCPUs).
 pub fn available() -> bool {
-    svm::enabled()
+    match backend() {
+        Backend::Svm => crate::arch::x86::svm::enabled(),
+        Backend::Vmx => crate::arch::x86::vmx::enabled(),
+        Backend::None => false,
+    }
 }
 
+/// The page-table format of guest-physical spaces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuestFormat {
+    /// AMD nested page tables.
+    Npt,
+    /// Intel EPT with 2 MiB and 1 GiB leaves.
+    Ept,
+    /// Intel EPT without 1 GiB leaves.
+    Ept2M,
+    /// Intel EPT with 4 KiB leaves only.
+    Ept4K,
+}
+
+/// The format guest-physical tables are built in.
+pub fn guest_format() -> GuestFormat {
+    match backend() {
+        Backend::Vmx => {
+            let c = crate::arch::x86::vmx::info();
+            if !c.ept_2m() {
+                GuestFormat::Ept4K
+            } else if !c.ept_1g() {
+                GuestFormat::Ept2M
+            } else {
+                GuestFormat::Ept
+            }
+        }
+        _ => GuestFormat::Npt,
+    }
+}
+
+/// Whether `a` is a canonical address.
 fn canonical(a: u64) -> bool {
     ((a << 16) as i64 >> 16) as u64 == a
 }
 
-fn init_vmcb(v: Vmcb, ncr3: u64) {
-    v.w32(f::INTERCEPT_CR, 0);
-    v.w32(f::INTERCEPT_EXC, 0);
-    v.w32(f::INTERCEPT_3, BASE3);
-    v.w32(f::INTERCEPT_4, BASE4);
-    v.w64(f::IOPM_BASE, svm::iopm());
-    v.w64(f::MSRPM_BASE, svm::msrpm());
-    v.w64(f::VINTR, V_INTR_MASKING);
-    v.w64(f::NP_ENABLE, 1);
-    v.w64(f::N_CR3, ncr3);
-    // The architectural reset state.
-    let data = Segment {
-        sel: 0,
-        ar: 0x93,
-        limit: 0xffff,
-        base: 0,
-    };
-    for off in [f::ES, f::SS, f::DS, f::FS, f::GS] {
-        v.set_seg(off, &data);
+/// A segment the VMM may write: canonical base, attributes within 12 bits.
+fn seg_ok(s: &Segment) -> bool {
+    canonical(s.base) && s.ar & 0xf000 == 0
+}
+
+/// A PAT whose entries are all valid memory types.
+fn pat_ok(p: u64) -> bool {
+    p.to_le_bytes()
+        .iter()
+        .all(|b| matches!(b, 0 | 1 | 4 | 5 | 6 | 7))
+}
+
+/// An XCR0 the guest may have: x87, a subset of the host's, AVX only with SSE.
+fn xcr0_ok(x: u64) -> bool {
+    let host = crate::arch::x86::cpu::info().xsave.unwrap_or(3);
+    x & 1 != 0 && x & !host == 0 && (x & 4 == 0 || x & 2 != 0)
+}
+
+/// Checks a VMX-format injection request (without the window bits); returns
+/// `(vector, type, error-code valid)`.
+fn injection(info: u64) -> Option<(u64, u64, bool)> {
+    if info & 0x7fff_f000 != 0 || info >> 32 != 0 {
+        return None;
     }
-    v.set_seg(
-        f::CS,
-        &Segment {
-            sel: 0xf000,
-            ar: 0x9b,
-            limit: 0xffff,
-            base: 0xffff_0000,
-        },
-    );
-    let table = Segment {
-        sel: 0,
-        ar: 0,
-        limit: 0xffff,
-        base: 0,
-    };
-    v.set_seg(f::GDTR, &table);
-    v.set_seg(f::IDTR, &table);
-    v.set_seg(f::LDTR, &Segment { ar: 0x82, ..table });
-    v.set_seg(f::TR, &Segment { ar: 0x8b, ..table });
-    v.w64(f::EFER, EFER_SVME);
-    v.w64(f::CR0, 0x6000_0010);
-    v.w64(f::DR6, 0xffff_0ff0);
-    v.w64(f::DR7, 0x400);
-    v.w64(f::RFLAGS, 2);
-    v.w64(f::RIP, 0xfff0);
-    v.w64(f::G_PAT, 0x0007_0406_0007_0406);
+    let vector = info & 0xff;
+    let ty = (info >> 8) & 7;
+    let ev = info & inj::ERROR_VALID != 0;
+    match ty {
+        0 | 4 => {}
+        2 if vector == 2 => {}
+        3 | 5 | 6 if vector < 32 && vector != 2 => {}
+        _ => return None,
+    }
+    if ev && ty != 3 {
+        return None;
+    }
+    Some((vector, ty, ev))
 }
 
 /// `create_ec` with the vCPU flag: a vCPU on `cpu` in VM PD `pd` with event base `evt`
@@ -207,18 +223,29 @@ pub fn create(pd: &Arc<Pd>, cpu: usize, evt: u64) -> Result<Arc<Ec>, Status> {
     let Some(g) = pd.guest.as_ref() else {
         return Err(Status::BadParameter);
     };
-    if !svm::enabled_on(cpu) {
-        return Err(Status::BadFeature);
-    }
     if evt
         .checked_add(ev::RECALL)
         .is_none_or(|e| e >= crate::pd::SEL_NUM)
     {
         return Err(Status::BadParameter);
     }
-    let charge = crate::kmem::Charge::new(pd, 1)?;
-    let vmcb = crate::kmem::alloc_frame(pd)?;
-    init_vmcb(Vmcb::at(vmcb), g.root());
+    let hw = match backend() {
+        Backend::Svm if crate::arch::x86::svm::enabled_on(cpu) => Hw::Svm(svm::create(pd, g)?),
+        Backend::Vmx if crate::arch::x86::vmx::enabled_on(cpu) => Hw::Vmx(vmx::create(pd, g)?),
+        _ => return Err(Status::BadFeature),
+    };
+    let charge = match crate::kmem::Charge::new(pd, 1) {
+        Ok(c) => c,
+        Err(e) => {
+            drop(Vcpu {
+                pd: pd.clone(),
+                cpu,
+                common: UnsafeCell::new(new_common(0)),
+                hw,
+            });
+            return Err(e);
+        }
+    };
     let mut ec = Ec::new(
         charge,
         pd.clone(),
@@ -232,21 +259,23 @@ pub fn create(pd: &Arc<Pd>, cpu: usize, evt: u64) -> Result<Arc<Ec>, Status> {
     );
     ec.vcpu = Some(Box::new(Vcpu {
         pd: pd.clone(),
-        vmcb,
-        st: UnsafeCell::new(State {
-            gprs: Gprs::default(),
-            asid: 0,
-            asid_gen: 0,
-            flush_seen: g.flush_gen.load(Ordering::Acquire),
-            xcr0: 1,
-            ctrl: [0; 2],
-            qual: [0; 2],
-            inst_len: 0,
-            invalid: false,
-            pending: None,
-        }),
+        cpu,
+        common: UnsafeCell::new(new_common(g.flush_gen.load(Ordering::Acquire))),
+        hw,
     }));
     Ok(Arc::new(ec))
+}
+
+fn new_common(flush_seen: u64) -> Common {
+    Common {
+        xcr0: 1,
+        ctrl: [0; 2],
+        qual: [0; 2],
+        inst_len: 0,
+        flush_seen,
+        invalid: false,
+        pending: None,
+    }
 }
 
 /// Makes `ec` this CPU's current EC, keeping the host address space that stays loaded
@@ -279,7 +308,7 @@ pub fn startup(ec: Arc<Ec>) -> ! {
 fn deliver(ec: Arc<Ec>, nr: u64) -> ! {
     if let Some(v) = ec.vcpu.as_deref() {
         // SAFETY: the vCPU is current on this CPU, interrupts off.
-        unsafe { v.state() }.pending = Some(nr);
+        unsafe { v.common() }.pending = Some(nr);
     }
     crate::ipc::event(ec, nr)
 }
@@ -318,243 +347,64 @@ enum Next {
     Interrupt,
 }
 
+/// The guest-TLB flush generation of `ec`'s VM.
+fn flush_gen(ec: &Ec) -> u64 {
+    ec.pd
+        .guest
+        .as_ref()
+        .map_or(0, |g| g.flush_gen.load(Ordering::Acquire))
+}
+
+/// Loads the guest's XCR0 if it differs from the host's; returns the host's to restore.
+fn enter_xcr0(xcr0: u64) -> Option<u64> {
+    let host = crate::arch::x86::cpu::info().xsave?;
+    if host == xcr0 {
+        return None;
+    }
+    // SAFETY: CR4.OSXSAVE is set (host XSAVE); `put_state` admits only an XCR0 with x87
+    // set and a subset of the host's components (`xcr0_ok`).
+    unsafe { crate::arch::x86::cr::write_xcr0(xcr0) };
+    Some(host)
+}
+
+/// Restores the host's XCR0 after [`enter_xcr0`].
+fn leave_xcr0(host: Option<u64>) {
+    if let Some(h) = host {
+        // SAFETY: restores the kernel's own XCR0.
+        unsafe { crate::arch::x86::cr::write_xcr0(h) };
+    }
+}
+
 fn run(ec: Arc<Ec>) -> ! {
     make_current(&ec);
     let Some(v) = ec.vcpu.as_deref() else {
         crate::ipc::stop(ec);
     };
     // SAFETY: the current vCPU on its own CPU, interrupts off.
-    let st = unsafe { v.state() };
-    let vm = Vmcb::at(v.vmcb);
-    if let Some(nr) = st.pending {
+    let c = unsafe { v.common() };
+    if let Some(nr) = c.pending {
         crate::ipc::event(ec, nr);
     }
     if ec.recall.swap(false, Ordering::AcqRel) {
         deliver(ec, ev::RECALL);
     }
-    if core::mem::take(&mut st.invalid) || !check_entry(vm) {
+    if core::mem::take(&mut c.invalid) {
         deliver(ec, ev::INVALID_STATE);
     }
     crate::fpu::load_for_guest(&ec);
-    let (asid, gen, wrapped) = svm::asid_for(st.asid, st.asid_gen);
-    st.asid = asid;
-    st.asid_gen = gen;
-    vm.w32(f::ASID, asid);
-    let fg = ec
-        .pd
-        .guest
-        .as_ref()
-        .map_or(0, |g| g.flush_gen.load(Ordering::Acquire));
-    let tlb = if wrapped {
-        1
-    } else if fg != st.flush_seen {
-        if svm::info().flush_by_asid {
-            3
-        } else {
-            1
-        }
-    } else {
-        0
+    let next = match &v.hw {
+        Hw::Svm(s) => svm::run(&ec, s, c),
+        Hw::Vmx(x) => vmx::run(&ec, x, c),
     };
-    st.flush_seen = fg;
-    vm.w8(f::TLB_CONTROL, tlb);
-    if TRACE.load(Ordering::Relaxed) {
-        crate::kprintln!(
-            "vmrun rip {:#x} rfl {:#x} cr0 {:#x} cr3 {:#x} cr4 {:#x} efer {:#x} cs {:x?} ss {:x?} inj {:#x} vintr {:#x} shadow {:#x} i3 {:#x} i4 {:#x} exc {:#x} cr {:#x} xcr0 {:#x} tlb {}",
-            vm.r64(f::RIP),
-            vm.r64(f::RFLAGS),
-            vm.r64(f::CR0),
-            vm.r64(f::CR3),
-            vm.r64(f::CR4),
-            vm.r64(f::EFER),
-            vm.seg(f::CS),
-            vm.seg(f::SS),
-            vm.r64(f::EVENTINJ),
-            vm.r64(f::VINTR),
-            vm.r64(f::INT_SHADOW),
-            vm.r32(f::INTERCEPT_3),
-            vm.r32(f::INTERCEPT_4),
-            vm.r32(f::INTERCEPT_EXC),
-            vm.r32(f::INTERCEPT_CR),
-            st.xcr0,
-            tlb
-        );
-    }
-    let host_xcr0 = crate::arch::x86::cpu::info().xsave;
-    let swap_xcr0 = host_xcr0.is_some_and(|h| h != st.xcr0);
-    if swap_xcr0 {
-        // SAFETY: CR4.OSXSAVE is set (host XSAVE); `put_state` admits only an XCR0 with
-        // x87 set and a subset of the host's components.
-        unsafe { crate::arch::x86::cr::write_xcr0(st.xcr0) };
-    }
-    // SAFETY: the VMCB was built by `init_vmcb` (mandatory intercepts, permission maps,
-    // the VM's nested page table) and changed only through `put_state`'s checks;
-    // `check_entry` passed; SVM is on here (`create` checked `enabled_on`).
-    unsafe { svm::vmrun(&mut st.gprs, v.vmcb) };
-    if let (true, Some(h)) = (swap_xcr0, host_xcr0) {
-        // SAFETY: restores the kernel's own XCR0.
-        unsafe { crate::arch::x86::cr::write_xcr0(h) };
-    }
-    match handle_exit(vm, st) {
+    match next {
         Next::Event(nr) => deliver(ec, nr),
         Next::Interrupt => {
-            svm::take_pending_interrupts();
+            crate::arch::x86::svm::take_pending_interrupts();
             drop(ec);
             sched::preempt_if_needed();
             sched::schedule()
         }
     }
-}
-
-/// Converts SVM's I/O exit information into the VMX exit-qualification format.
-fn io_qual(i1: u64) -> u64 {
-    let size = if i1 & (1 << 4) != 0 {
-        0
-    } else if i1 & (1 << 5) != 0 {
-        1
-    } else {
-        3
-    };
-    size | ((i1 & 1) << 3) | (((i1 >> 2) & 1) << 4) | (((i1 >> 3) & 1) << 5) | (i1 & 0xffff_0000)
-}
-
-fn handle_exit(vm: Vmcb, st: &mut State) -> Next {
-    let code = vm.r64(f::EXITCODE);
-    let (i1, i2) = (vm.r64(f::EXITINFO1), vm.r64(f::EXITINFO2));
-    if TRACE.load(Ordering::Relaxed) {
-        crate::kprintln!(
-            "vm exit {:#x} info {:#x} {:#x} rip {:#x} intinfo {:#x}",
-            code,
-            i1,
-            i2,
-            vm.r64(f::RIP),
-            vm.r64(f::EXITINTINFO)
-        );
-    }
-    // An event whose delivery the exit interrupted is delivered on the next entry
-    // (unless the VMM replaces it).
-    let eii = vm.r64(f::EXITINTINFO);
-    if eii & inj::VALID != 0 {
-        vm.w64(f::EVENTINJ, eii);
-    }
-    st.qual = [i1, i2];
-    let rip = vm.r64(f::RIP);
-    let nrip = vm.r64(f::NRIP);
-    st.inst_len = if svm::info().nrips && nrip > rip && nrip - rip <= 15 {
-        nrip - rip
-    } else {
-        0
-    };
-    let nr = match code {
-        exit::INTR | exit::NMI | exit::SMI => return Next::Interrupt,
-        exit::INIT => ev::INIT,
-        exit::VINTR => {
-            vm.w64(f::VINTR, vm.r64(f::VINTR) & !VINTR_REQ);
-            vm.w32(f::INTERCEPT_3, vm.r32(f::INTERCEPT_3) & !i3::VINTR);
-            ev::INTR_WINDOW
-        }
-        exit::CPUID => ev::CPUID,
-        exit::HLT => ev::HLT,
-        exit::VMMCALL => ev::VMCALL,
-        exit::INVD => ev::INVD,
-        exit::PAUSE => ev::PAUSE,
-        exit::RDTSC => ev::RDTSC,
-        exit::RDTSCP => ev::RDTSCP,
-        exit::WBINVD => ev::WBINVD,
-        exit::MONITOR => ev::MONITOR,
-        exit::MWAIT | exit::MWAIT_COND => ev::MWAIT,
-        exit::XSETBV => ev::XSETBV,
-        exit::INVLPG => ev::INVLPG,
-        exit::IOIO => {
-            st.qual = [io_qual(i1), i1];
-            if i2 > rip && i2 - rip <= 15 {
-                st.inst_len = i2 - rip;
-            }
-            ev::IO
-        }
-        exit::MSR => {
-            if i1 & 1 != 0 {
-                ev::WRMSR
-            } else {
-                ev::RDMSR
-            }
-        }
-        exit::SHUTDOWN => ev::TRIPLE_FAULT,
-        exit::NPF => ev::NPT_FAULT,
-        exit::TASK_SWITCH => ev::TASK_SWITCH,
-        exit::EXC_BASE..=exit::EXC_LAST => {
-            let vec = code - exit::EXC_BASE;
-            let has_err = matches!(vec, 8 | 10..=14 | 17 | 21 | 29 | 30);
-            st.qual = [
-                vec | inj::TYPE_HW_EXC
-                    | if has_err { inj::ERROR_VALID } else { 0 }
-                    | inj::VALID
-                    | ((i1 & 0xffff_ffff) << 32),
-                i2,
-            ];
-            ev::EXCEPTION
-        }
-        exit::CR0_READ..=exit::CR15_WRITE => {
-            let crn = code & 0xf;
-            let read = code < 0x10;
-            let gpr = if i1 & (1 << 63) != 0 {
-                (i1 & 0xf) << 8
-            } else {
-                0
-            };
-            st.qual = [crn | (u64::from(read) << 4) | gpr, i1];
-            ev::CR_ACCESS
-        }
-        exit::INVALID => ev::INVALID_STATE,
-        _ => {
-            st.qual = [code, i1];
-            ev::OTHER
-        }
-    };
-    Next::Event(nr)
-}
-
-/// Cross-field checks before VMRUN (APM 15.5.1); derives EFER.LMA and the CPL.
-fn check_entry(vm: Vmcb) -> bool {
-    let mut efer = vm.r64(f::EFER) | EFER_SVME;
-    let cr0 = vm.r64(f::CR0);
-    let cr4 = vm.r64(f::CR4);
-    let cs = vm.seg(f::CS);
-    if efer & EFER_LME != 0 && cr0 & CR0_PG == 0 && cr4 & CR4_PAE == 0 {
-        // Legal, but QEMU's #VMEXIT restores the host's CR0 while the guest's EFER
-        // (LME) and CR4 (no PAE) are still loaded, refuses the "switch to long mode
-        // without PAE" and keeps the guest's CR0: the host runs on without paging.
-        return false;
-    }
-    if efer & EFER_LME != 0 && cr0 & CR0_PG != 0 {
-        if cr4 & CR4_PAE == 0 || cr0 & CR0_PE == 0 || cs.ar & (AR_L | AR_D) == AR_L | AR_D {
-            return false;
-        }
-        efer |= EFER_LMA;
-    } else {
-        efer &= !EFER_LMA;
-        // CS.L means nothing outside long mode; QEMU's VMRUN nevertheless enters a
-        // "64-bit" mode with paging off from such a state and hangs there.
-        if cs.ar & AR_L != 0 {
-            vm.set_seg(
-                f::CS,
-                &Segment {
-                    ar: cs.ar & !AR_L,
-                    ..cs
-                },
-            );
-        }
-    }
-    vm.w64(f::EFER, efer);
-    let cpl = if cr0 & CR0_PE == 0 {
-        0
-    } else if vm.r64(f::RFLAGS) & RFLAGS_VM != 0 {
-        3
-    } else {
-        (vm.seg(f::SS).ar >> 5) & 3
-    };
-    vm.w8(f::CPL, cpl as u8);
-    true
 }
 
 /// Writes the state `mtd` selects from vCPU `ec` into a handler's UTCB.
@@ -563,340 +413,62 @@ pub fn get_state(ec: &Ec, mtd: Mtd, vector: u64, a: &mut ArchState) {
         return;
     };
     // SAFETY: the vCPU is bound to this CPU and does not run (it is delivering).
-    let st = unsafe { v.state() };
-    st.pending = None;
+    let c = unsafe { v.common() };
+    c.pending = None;
     if vector == ev::STARTUP {
         // SAFETY: as above.
         unsafe { ec.local() }.started = true;
     }
-    let vm = Vmcb::at(v.vmcb);
     a.mtd = mtd;
-    let g = &st.gprs.0;
-    if mtd.contains(Mtd::GPR_ACDB) {
-        a.gpr[0] = vm.r64(f::RAX);
-        a.gpr[1..4].copy_from_slice(&g[1..4]);
-    }
-    if mtd.contains(Mtd::GPR_BSD) {
-        a.gpr[5..8].copy_from_slice(&g[5..8]);
-    }
-    if mtd.contains(Mtd::RSP) {
-        a.gpr[4] = vm.r64(f::RSP);
-    }
-    if mtd.contains(Mtd::GPR_R8_R15) {
-        a.gpr[8..16].copy_from_slice(&g[8..16]);
-    }
     if mtd.contains(Mtd::RIP_LEN) {
-        a.rip = vm.r64(f::RIP);
-        a.inst_len = st.inst_len;
-    }
-    if mtd.contains(Mtd::RFLAGS) {
-        a.rflags = vm.r64(f::RFLAGS);
-    }
-    let segs: [(Mtd, usize, &mut Segment); 10] = [
-        (Mtd::DS_ES, f::DS, &mut a.ds),
-        (Mtd::DS_ES, f::ES, &mut a.es),
-        (Mtd::FS_GS, f::FS, &mut a.fs),
-        (Mtd::FS_GS, f::GS, &mut a.gs),
-        (Mtd::CS_SS, f::CS, &mut a.cs),
-        (Mtd::CS_SS, f::SS, &mut a.ss),
-        (Mtd::TR, f::TR, &mut a.tr),
-        (Mtd::LDTR, f::LDTR, &mut a.ldtr),
-        (Mtd::GDTR, f::GDTR, &mut a.gdtr),
-        (Mtd::IDTR, f::IDTR, &mut a.idtr),
-    ];
-    for (m, off, s) in segs {
-        if mtd.contains(m) {
-            *s = vm.seg(off);
-        }
-    }
-    if mtd.contains(Mtd::CR) {
-        a.cr0 = vm.r64(f::CR0);
-        a.cr2 = vm.r64(f::CR2);
-        a.cr3 = vm.r64(f::CR3);
-        a.cr4 = vm.r64(f::CR4);
-        a.cr8 = vm.r64(f::VINTR) & 0xf;
-    }
-    if mtd.contains(Mtd::DR) {
-        a.dr7 = vm.r64(f::DR7);
-    }
-    if mtd.contains(Mtd::SYSENTER) {
-        a.sysenter_cs = vm.r64(f::SYSENTER_CS);
-        a.sysenter_esp = vm.r64(f::SYSENTER_ESP);
-        a.sysenter_eip = vm.r64(f::SYSENTER_EIP);
+        a.inst_len = c.inst_len;
     }
     if mtd.contains(Mtd::QUAL) {
-        a.qual = st.qual;
+        a.qual = c.qual;
     }
     if mtd.contains(Mtd::CTRL) {
-        a.ctrl = st.ctrl;
-    }
-    if mtd.contains(Mtd::INJ) {
-        let e = vm.r64(f::EVENTINJ);
-        let mut i = if e & inj::VALID != 0 {
-            e & 0x8000_0fff
-        } else {
-            0
-        };
-        if vm.r32(f::INTERCEPT_3) & i3::VINTR != 0 {
-            i |= inj::REQ_INTR_WINDOW;
-        }
-        a.inj_info = i;
-        a.inj_error = e >> 32;
-    }
-    if mtd.contains(Mtd::STA) {
-        a.intr_state = (vm.r64(f::INT_SHADOW) & 1) as u32;
-        a.actv_state = 0;
-    }
-    if mtd.contains(Mtd::TSC) {
-        a.tsc_off = vm.r64(f::TSC_OFFSET);
-        a.tsc_val = crate::arch::rdtsc().wrapping_add(a.tsc_off);
-    }
-    if mtd.contains(Mtd::EFER) {
-        a.efer = vm.r64(f::EFER) & !EFER_SVME;
-    }
-    if mtd.contains(Mtd::PDPTE) {
-        a.pdpte = [0; 4];
-    }
-    if mtd.contains(Mtd::SYSCALL_SWAPGS) {
-        a.star = vm.r64(f::STAR);
-        a.lstar = vm.r64(f::LSTAR);
-        a.cstar = vm.r64(f::CSTAR);
-        a.fmask = vm.r64(f::SFMASK);
-        a.kernel_gs_base = vm.r64(f::KERNEL_GS_BASE);
+        a.ctrl = c.ctrl;
     }
     if mtd.contains(Mtd::XSAVE) {
-        a.xcr0 = st.xcr0;
+        a.xcr0 = c.xcr0;
     }
-    if mtd.contains(Mtd::PAT) {
-        a.pat = vm.r64(f::G_PAT);
+    match &v.hw {
+        Hw::Svm(s) => svm::get_state(s, mtd, a),
+        Hw::Vmx(x) => vmx::get_state(x, c, mtd, a),
     }
-}
-
-/// VMX entry-interruption information → SVM EVENTINJ; `None` when invalid.
-fn event_inj(info: u64, err: u64) -> Option<u64> {
-    if info & inj::VALID == 0 {
-        return Some(0);
-    }
-    if info & 0x7fff_f000 != 0 {
-        return None;
-    }
-    let vector = info & 0xff;
-    let ev = info & inj::ERROR_VALID;
-    let ty = match (info >> 8) & 7 {
-        0 => 0,
-        2 if vector == 2 => 2,
-        3 if vector < 32 && vector != 2 => 3,
-        4 => 4,
-        // INT1, INT3, INTO: exceptions on SVM (the VMM advances RIP itself).
-        5 | 6 if vector < 32 => 3,
-        _ => return None,
-    };
-    if ev != 0 && ty != 3 {
-        return None;
-    }
-    Some(vector | (ty << 8) | ev | inj::VALID | ((err & 0xffff_ffff) << 32))
-}
-
-fn seg_ok(s: &Segment) -> bool {
-    canonical(s.base) && s.ar & 0xf000 == 0
-}
-
-fn pat_ok(p: u64) -> bool {
-    p.to_le_bytes()
-        .iter()
-        .all(|b| matches!(b, 0 | 1 | 4 | 5 | 6 | 7))
-}
-
-fn apply_ctrl(vm: Vmcb, c: [u64; 2]) {
-    let mut v3 = BASE3 | (vm.r32(f::INTERCEPT_3) & i3::VINTR);
-    let mut v4 = BASE4;
-    let mut cr = 0u32;
-    let c0 = c[0];
-    let on = |b: u64| c0 & b != 0;
-    if on(ctrl::RDTSC) {
-        v3 |= i3::RDTSC;
-    }
-    if on(ctrl::RDTSCP) {
-        v4 |= i4::RDTSCP;
-    }
-    if on(ctrl::INVLPG) {
-        v3 |= i3::INVLPG;
-    }
-    if on(ctrl::PAUSE) {
-        v3 |= i3::PAUSE;
-    }
-    if on(ctrl::MWAIT) {
-        v4 |= i4::MONITOR | i4::MWAIT | i4::MWAIT_COND;
-    }
-    if on(ctrl::WBINVD) {
-        v4 |= i4::WBINVD;
-    }
-    if on(ctrl::RDPMC) {
-        v3 |= i3::RDPMC;
-    }
-    if on(ctrl::CR0_CR4_WRITE) {
-        cr |= (1 << 16) | (1 << 20);
-    }
-    if on(ctrl::CR3_ACCESS) {
-        cr |= (1 << 3) | (1 << 19);
-    }
-    vm.w32(f::INTERCEPT_3, v3);
-    vm.w32(f::INTERCEPT_4, v4);
-    vm.w32(f::INTERCEPT_CR, cr);
-    vm.w32(f::INTERCEPT_EXC, c[1] as u32);
 }
 
 /// Takes back the state a VMM's reply selects, validating every value: a value that
-/// would make VMRUN fail or harm the host is not written, and the vCPU's next event is
-/// INVALID_STATE.
+/// would make the VM entry fail or harm the host is not written, and the vCPU's next
+/// event is INVALID_STATE.
 pub fn put_state(ec: &Ec, a: &ArchState) {
     let Some(v) = ec.vcpu.as_deref() else {
         return;
     };
     // SAFETY: the vCPU is bound to this CPU and waits for this reply.
-    let st = unsafe { v.state() };
-    let vm = Vmcb::at(v.vmcb);
-    let mtd = a.mtd;
+    let c = unsafe { v.common() };
     let mut bad = false;
-    let mut take = |ok: bool, w: &mut dyn FnMut()| {
-        if ok {
-            w()
+    if a.mtd.contains(Mtd::XSAVE) {
+        if xcr0_ok(a.xcr0) {
+            c.xcr0 = a.xcr0;
         } else {
-            bad = true
+            bad = true;
         }
+    }
+    bad |= match &v.hw {
+        Hw::Svm(s) => !svm::put_state(s, c, a),
+        Hw::Vmx(x) => !vmx::put_state(x, c, a),
     };
-    if mtd.contains(Mtd::GPR_ACDB) {
-        vm.w64(f::RAX, a.gpr[0]);
-        st.gprs.0[1..4].copy_from_slice(&a.gpr[1..4]);
-    }
-    if mtd.contains(Mtd::GPR_BSD) {
-        st.gprs.0[5..8].copy_from_slice(&a.gpr[5..8]);
-    }
-    if mtd.contains(Mtd::RSP) {
-        vm.w64(f::RSP, a.gpr[4]);
-    }
-    if mtd.contains(Mtd::GPR_R8_R15) {
-        st.gprs.0[8..16].copy_from_slice(&a.gpr[8..16]);
-    }
-    if mtd.contains(Mtd::RIP_LEN) {
-        take(canonical(a.rip), &mut || vm.w64(f::RIP, a.rip));
-    }
-    if mtd.contains(Mtd::RFLAGS) {
-        vm.w64(f::RFLAGS, (a.rflags & RFLAGS_OK) | 2);
-    }
-    let segs: [(Mtd, usize, &Segment); 10] = [
-        (Mtd::DS_ES, f::DS, &a.ds),
-        (Mtd::DS_ES, f::ES, &a.es),
-        (Mtd::FS_GS, f::FS, &a.fs),
-        (Mtd::FS_GS, f::GS, &a.gs),
-        (Mtd::CS_SS, f::CS, &a.cs),
-        (Mtd::CS_SS, f::SS, &a.ss),
-        (Mtd::TR, f::TR, &a.tr),
-        (Mtd::LDTR, f::LDTR, &a.ldtr),
-        (Mtd::GDTR, f::GDTR, &a.gdtr),
-        (Mtd::IDTR, f::IDTR, &a.idtr),
-    ];
-    for (m, off, s) in segs {
-        if mtd.contains(m) {
-            let mut ok = seg_ok(s);
-            if off == f::CS {
-                // A present code segment.
-                ok &= s.ar & 0x98 == 0x98;
-            }
-            if off == f::GDTR || off == f::IDTR {
-                ok &= s.limit <= 0xffff;
-            }
-            take(ok, &mut || vm.set_seg(off, s));
-        }
-    }
-    if mtd.contains(Mtd::CR) {
-        let cr0_ok = a.cr0 >> 32 == 0
-            && !(a.cr0 & CR0_NW != 0 && a.cr0 & CR0_CD == 0)
-            && !(a.cr0 & CR0_PG != 0 && a.cr0 & CR0_PE == 0);
-        take(cr0_ok, &mut || vm.w64(f::CR0, a.cr0));
-        take(a.cr3 >> 52 == 0, &mut || vm.w64(f::CR3, a.cr3));
-        take(a.cr4 & !CR4_OK == 0, &mut || vm.w64(f::CR4, a.cr4));
-        vm.w64(f::CR2, a.cr2);
-        take(a.cr8 <= 0xf, &mut || {
-            vm.w64(f::VINTR, (vm.r64(f::VINTR) & !0xff) | a.cr8)
-        });
-    }
-    if mtd.contains(Mtd::DR) {
-        take(a.dr7 >> 32 == 0, &mut || vm.w64(f::DR7, a.dr7));
-    }
-    if mtd.contains(Mtd::SYSENTER) {
-        take(
-            a.sysenter_cs >> 32 == 0 && canonical(a.sysenter_esp) && canonical(a.sysenter_eip),
-            &mut || {
-                vm.w64(f::SYSENTER_CS, a.sysenter_cs);
-                vm.w64(f::SYSENTER_ESP, a.sysenter_esp);
-                vm.w64(f::SYSENTER_EIP, a.sysenter_eip);
-            },
-        );
-    }
-    if mtd.contains(Mtd::SYSCALL_SWAPGS) {
-        take(
-            canonical(a.lstar)
-                && canonical(a.cstar)
-                && canonical(a.kernel_gs_base)
-                && a.fmask >> 32 == 0,
-            &mut || {
-                vm.w64(f::STAR, a.star);
-                vm.w64(f::LSTAR, a.lstar);
-                vm.w64(f::CSTAR, a.cstar);
-                vm.w64(f::SFMASK, a.fmask);
-                vm.w64(f::KERNEL_GS_BASE, a.kernel_gs_base);
-            },
-        );
-    }
-    if mtd.contains(Mtd::CTRL) {
-        take(
-            a.ctrl[0] & !ctrl::ALL == 0 && a.ctrl[1] >> 32 == 0,
-            &mut || {
-                st.ctrl = a.ctrl;
-                apply_ctrl(vm, a.ctrl);
-            },
-        );
-    }
-    if mtd.contains(Mtd::INJ) {
-        let windows = inj::REQ_INTR_WINDOW | inj::REQ_NMI_WINDOW;
-        match event_inj(a.inj_info & !windows & 0xffff_ffff, a.inj_error) {
-            Some(e) if a.inj_info >> 34 == 0 => {
-                vm.w64(f::EVENTINJ, e);
-                let (vi, i3v) = (vm.r64(f::VINTR), vm.r32(f::INTERCEPT_3));
-                if a.inj_info & inj::REQ_INTR_WINDOW != 0 {
-                    vm.w64(f::VINTR, vi | VINTR_REQ);
-                    vm.w32(f::INTERCEPT_3, i3v | i3::VINTR);
-                } else {
-                    vm.w64(f::VINTR, vi & !VINTR_REQ);
-                    vm.w32(f::INTERCEPT_3, i3v & !i3::VINTR);
-                }
-            }
-            _ => take(false, &mut || {}),
-        }
-    }
-    if mtd.contains(Mtd::STA) {
-        vm.w64(f::INT_SHADOW, u64::from(a.intr_state & 3 != 0));
-    }
-    if mtd.contains(Mtd::TSC) {
-        vm.w64(f::TSC_OFFSET, a.tsc_off);
-    }
-    if mtd.contains(Mtd::EFER) {
-        let e = a.efer | EFER_SVME;
-        take(e & !EFER_OK == 0, &mut || vm.w64(f::EFER, e));
-    }
-    if mtd.contains(Mtd::XSAVE) {
-        let host = crate::arch::x86::cpu::info().xsave.unwrap_or(3);
-        let x = a.xcr0;
-        take(
-            x & 1 != 0 && x & !host == 0 && (x & 4 == 0 || x & 2 != 0),
-            &mut || st.xcr0 = x,
-        );
-    }
-    if mtd.contains(Mtd::PAT) {
-        take(pat_ok(a.pat), &mut || vm.w64(f::G_PAT, a.pat));
-    }
     if bad {
-        st.invalid = true;
+        c.invalid = true;
+    }
+}
+
+impl Drop for Vcpu {
+    fn drop(&mut self) {
+        match &self.hw {
+            Hw::Svm(s) => svm::release(&self.pd, s),
+            Hw::Vmx(x) => vmx::release(&self.pd, self.cpu, x),
+        }
     }
 }

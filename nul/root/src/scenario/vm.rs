@@ -74,6 +74,8 @@ core::arch::global_asm!(
     // A page the root revokes later: in the guest TLB from here on.
     "mov eax, dword ptr [0x5000]",
     "mov eax, 1",
+    ".global vmg_hc1",
+    "vmg_hc1:",
     "vmmcall",
     ".global vmg_spin",
     "vmg_spin:",
@@ -89,6 +91,8 @@ core::arch::global_asm!(
     ".global vmg_rd_end",
     "vmg_rd_end:",
     "mov eax, 2",
+    ".global vmg_hc2",
+    "vmg_hc2:",
     "vmmcall",
     "jmp vmg_final",
     // Vector 0x20.
@@ -131,6 +135,8 @@ core::arch::global_asm!(
     "VMG_TAIL 12",
     "VMG_HEAD",
     "mov eax, 3",
+    ".global vmg_hc3",
+    "vmg_hc3:",
     "vmmcall",
     "VMG_TAIL 16",
     "VMG_HEAD",
@@ -164,6 +170,9 @@ extern "C" {
     static vmg_bmmio: u8;
     static vmg_bmmio_end: u8;
     static vmg_end: u8;
+    static vmg_hc1: u8;
+    static vmg_hc2: u8;
+    static vmg_hc3: u8;
 }
 
 /// The guest-physical address of a label in the guest image.
@@ -200,6 +209,8 @@ static DONE: AtomicBool = AtomicBool::new(false);
 /// Physical address of the guest memory.
 static RAM: AtomicU64 = AtomicU64::new(0);
 static ERRORS: AtomicU64 = AtomicU64::new(0);
+/// The platform runs VMX (the guest's hypercalls become `vmcall`).
+static INTEL: AtomicBool = AtomicBool::new(false);
 
 fn log(nr: u64, detail: u64) {
     let i = LOG_N.fetch_add(1, Ordering::Relaxed);
@@ -651,6 +662,12 @@ fn load_image(ram: u64) {
         let isr = gpa!(vmg_isr);
         let idt = base.add(IDT as usize) as *mut u64;
         *idt.add(0x20) = (isr & 0xffff) | (8 << 16) | (0x8e00 << 32) | ((isr >> 16) << 48);
+        if INTEL.load(Ordering::Relaxed) {
+            // `vmmcall` (0f 01 d9) is `vmcall` (0f 01 c1) on Intel: same length.
+            for hc in [gpa!(vmg_hc1), gpa!(vmg_hc2), gpa!(vmg_hc3)] {
+                *base.add(hc as usize + 2) = 0xc1;
+            }
+        }
     }
 }
 
@@ -717,8 +734,12 @@ fn wait_step(ms_max: u64) -> bool {
     hc::sm_down(SM_STEP.load(Ordering::Relaxed), false, deadline_ms(ms_max)).is_ok()
 }
 
-fn svm_present(hip: &HipView) -> bool {
-    hip.0.has(Features::SVM) && hip.0.has(Features::NPT)
+/// Whether the platform runs vCPUs: SVM with NPT, or VMX with EPT and unrestricted
+/// guest (then the guest's hypercalls are patched to `vmcall`).
+fn virt_present(hip: &HipView) -> bool {
+    let vmx = hip.0.has(Features::VMX) && hip.0.has(Features::EPT) && hip.0.has(Features::UG);
+    INTEL.store(vmx, Ordering::Relaxed);
+    vmx || (hip.0.has(Features::SVM) && hip.0.has(Features::NPT))
 }
 
 /// `test=vm [rounds=N] [seed=S]`.
@@ -729,8 +750,8 @@ pub fn test(hip: &HipView, args: &str) -> bool {
     if let Some(s) = nul_rt::start_info::arg_u64(args, "seed") {
         RNG.store(s | 1, Ordering::Relaxed);
     }
-    if !svm_present(hip) {
-        return check(false, "the platform offers SVM with NPT");
+    if !virt_present(hip) {
+        return check(false, "the platform offers SVM with NPT or VMX with EPT");
     }
     let cpu = hip.online_cpus().last().unwrap_or(0);
     println!("vm: vCPU on cpu {}", cpu);
@@ -820,8 +841,8 @@ pub fn test(hip: &HipView, args: &str) -> bool {
 
 /// `bench=vmexit`.
 pub fn bench(hip: &HipView) -> bool {
-    if !svm_present(hip) {
-        println!("bench vmexit: no SVM with NPT");
+    if !virt_present(hip) {
+        println!("bench vmexit: no SVM with NPT or VMX with EPT");
         return false;
     }
     BENCH.store(true, Ordering::Relaxed);

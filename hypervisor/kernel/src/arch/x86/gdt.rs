@@ -193,3 +193,28 @@ pub fn load_iopb(key: u64, bitmap: Option<&[u8]>) {
     }
     IOPB_OPEN[cpu].store(bitmap.is_some(), Ordering::Relaxed);
 }
+
+/// CPU `cpu`'s GDT base (a VMCS host-state field).
+pub fn gdt_base(cpu: usize) -> u64 {
+    // SAFETY: only the address is taken.
+    unsafe { core::ptr::addr_of!((*core::ptr::addr_of!(GDT))[cpu]) as u64 }
+}
+
+/// CPU `cpu`'s TSS base (a VMCS host-state field).
+pub fn tss_base(cpu: usize) -> u64 {
+    // SAFETY: only the address is taken.
+    unsafe { core::ptr::addr_of!((*core::ptr::addr_of!(TSS))[cpu].tss) as u64 }
+}
+
+/// Reloads TR on this CPU: a VM exit leaves its limit at 0x67, which would hide the
+/// I/O permission bitmap behind the TSS from user mode.
+pub fn reload_tr() {
+    let cpu = crate::percpu::cpu_id();
+    // SAFETY: only this CPU touches its own GDT after bring-up; clearing the busy bit
+    // of its own (loaded) TSS descriptor lets `ltr` load it again with the full limit.
+    unsafe {
+        let d = core::ptr::addr_of_mut!((*core::ptr::addr_of_mut!(GDT))[cpu][6]);
+        d.write_volatile(d.read_volatile() & !(1 << 41));
+        core::arch::asm!("ltr {0:x}", in(reg) u64::from(TSS_SEL), options(nostack, preserves_flags));
+    }
+}

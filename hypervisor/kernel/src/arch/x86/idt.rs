@@ -118,3 +118,8 @@ pub fn load() {
         core::arch::asm!("lidt [{}]", in(reg) &p, options(readonly, nostack, preserves_flags))
     };
 }
+
+/// The IDT's base address (shared by all CPUs; a VMCS host-state field).
+pub fn base() -> u64 {
+    core::ptr::addr_of!(IDT) as u64
+}

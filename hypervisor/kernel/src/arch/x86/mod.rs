@@ -21,6 +21,7 @@ pub mod svm;
 pub mod syscall;
 pub mod timer;
 pub mod trap;
+pub mod vmx;
 
 core::arch::global_asm!(include_str!("boot.S"), options(att_syntax));
 core::arch::global_asm!(include_str!("trampoline.S"), options(att_syntax));
