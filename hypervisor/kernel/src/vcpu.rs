@@ -111,22 +111,20 @@ fn trace() -> bool {
     TRACE.load(Ordering::Relaxed)
 }
 
-/// Enables hardware virtualization on this CPU at bring-up (the BSP decides the
-/// backend).
+/// Enables hardware virtualization on this CPU at bring-up. The first CPU to get here
+/// decides the backend (APs may come before the BSP; every CPU reports the same).
 pub fn init_cpu(cpu: usize) {
-    if cpu == 0 {
-        if crate::multiboot::info().has_arg("trace_vm") {
-            TRACE.store(true, Ordering::Relaxed);
-        }
-        let b = if crate::arch::x86::vmx::caps().is_some() {
-            Backend::Vmx
-        } else if crate::arch::x86::svm::caps().is_some() {
-            Backend::Svm
-        } else {
-            Backend::None
-        };
-        BACKEND.store(b as u8, Ordering::Release);
+    if cpu == 0 && crate::multiboot::info().has_arg("trace_vm") {
+        TRACE.store(true, Ordering::Relaxed);
     }
+    let b = if crate::arch::x86::vmx::caps().is_some() {
+        Backend::Vmx
+    } else if crate::arch::x86::svm::caps().is_some() {
+        Backend::Svm
+    } else {
+        Backend::None
+    };
+    let _ = BACKEND.compare_exchange(0, b as u8, Ordering::AcqRel, Ordering::Acquire);
     match backend() {
         Backend::Svm => svm::init_cpu(cpu),
         Backend::Vmx => vmx::init_cpu(cpu),

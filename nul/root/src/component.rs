@@ -260,7 +260,8 @@ fn build(spec: &ChildSpec, id: usize, pd: u64) -> Result<(), StartError> {
     si.tsc_khz = spec.tsc_khz;
     si.set_args(spec.args);
     if spec.pool_pages > 0 {
-        let phys = mem::alloc(spec.pool_pages).ok_or(StartError::NoMemory)?;
+        // 2 MiB aligned like POOL_ADDR: the pool goes over in large pieces.
+        let phys = mem::alloc_aligned(spec.pool_pages, 512).ok_or(StartError::NoMemory)?;
         ranges.push((phys, spec.pool_pages));
         map_range(pd, POOL_ADDR, phys, spec.pool_pages, MemPerm::all())?;
         si.pool_size = spec.pool_pages << PAGE_BITS;
