@@ -33,6 +33,9 @@ commands:
       --test LIST            run these /init tests and power off (all, or some of
                              nproc,kvmclock,disk,write,read); default: a shell
       --prepare              only fetch the kernel and build initramfs and disk
+  fuzz [--secs N] [TARGET..] build the VMM's fuzz targets (libFuzzer, stable toolchain)
+                             and run each N seconds (default 60): emulator, virtqueue,
+                             bzimage, devices
   bench ipc                  IPC round-trip instruction counts under QEMU -icount;
                              writes <target>/bench/ipc.json
 ";
@@ -77,6 +80,7 @@ fn real_main() -> Result<ExitCode> {
         "test" => test(args),
         "bench" => bench(args),
         "linux" => linux(args),
+        "fuzz" => fuzz(args),
         "help" | "--help" | "-h" => {
             print!("{USAGE}");
             Ok(ExitCode::SUCCESS)
@@ -226,5 +230,19 @@ fn linux(mut args: Args) -> Result<ExitCode> {
     }
     let r = xtask::linux::boot_qemu(&guest, &run)?;
     eprintln!("\nxtask: {:?} after {:.1} s", r.exit, r.wall.as_secs_f64());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn fuzz(mut args: Args) -> Result<ExitCode> {
+    let mut secs = 60;
+    let mut targets = Vec::new();
+    while let Some(a) = args.0.next() {
+        match a.as_str() {
+            "--secs" => secs = args.number(&a)?,
+            t if !t.starts_with('-') => targets.push(t.to_string()),
+            _ => bail!("fuzz: unknown option {a:?}\n{USAGE}"),
+        }
+    }
+    xtask::fuzz::run(&targets, secs)?;
     Ok(ExitCode::SUCCESS)
 }
