@@ -53,11 +53,54 @@ pub struct Vm {
     running: AtomicU32,
     /// A semaphore nobody ups: the handler of a stopped vCPU waits on it for good.
     park: u64,
+    /// The handler ECs' stacks.
+    stacks: Vec<HandlerStack>,
+}
+
+/// Bytes of a handler EC's stack: the instruction emulator (decoder, page walk) runs
+/// on it.
+const HANDLER_STACK: usize = 64 * 1024;
+/// What a fresh handler stack is filled with, to measure how much of it was used.
+const STACK_FILL: u8 = 0xa5;
+
+/// A handler EC's stack, leaked for the VMM's lifetime.
+pub struct HandlerStack(&'static mut [u8]);
+
+impl HandlerStack {
+    fn new() -> Self {
+        let s = alloc::vec![STACK_FILL; HANDLER_STACK].into_boxed_slice();
+        HandlerStack(alloc::boxed::Box::leak(s))
+    }
+
+    /// The initial stack pointer (≡ 8 mod 16, as after a call).
+    fn top(&self) -> u64 {
+        ((self.0.as_ptr() as u64 + HANDLER_STACK as u64) & !0xf) - 8
+    }
+
+    /// Bytes of the stack ever used (those no longer holding the fill pattern).
+    pub fn used(&self) -> usize {
+        let base = self.0.as_ptr();
+        let untouched = (0..HANDLER_STACK)
+            // SAFETY: reads within the leaked allocation; the handler EC may write the
+            // upper part concurrently, which only makes the estimate stale (bytes).
+            .take_while(|&i| unsafe { core::ptr::read_volatile(base.add(i)) } == STACK_FILL)
+            .count();
+        HANDLER_STACK - untouched
+    }
 }
 
 static VM: spin::Once<Vm> = spin::Once::new();
 
 impl Vm {
+    /// The most stack any handler EC used so far, in bytes.
+    pub fn stack_used(&self) -> usize {
+        self.stacks
+            .iter()
+            .map(HandlerStack::used)
+            .max()
+            .unwrap_or(0)
+    }
+
     /// The VM's end, once it ended: its code for the root.
     pub fn ended(&self) -> Option<u64> {
         self.ended
@@ -215,9 +258,12 @@ pub fn create(p: Params) -> Result<&'static Vm, Error> {
     }
 
     let mut vcpus = Vec::new();
+    let mut stacks = Vec::new();
     for i in 0..p.vcpus {
         let cpu = (p.first_cpu + u64::from(i)) % p.ncpus.max(1);
-        let ec = thread::local_ec(cpu, 0).map_err(kernel("create a handler EC"))?;
+        let stack = HandlerStack::new();
+        let ec = thread::local_ec_at(cpu, 0, stack.top()).map_err(kernel("create a handler EC"))?;
+        stacks.push(stack);
         let base = sel::alloc_aligned(8);
         for nr in 0..NUM_VCPU_EVENTS {
             hc::create_pt(
@@ -258,6 +304,7 @@ pub fn create(p: Params) -> Result<&'static Vm, Error> {
         end_code: AtomicU64::new(0),
         running: AtomicU32::new(1),
         park,
+        stacks,
     });
     let sc = sel::alloc();
     hc::create_sc(sc, sel::OWN_PD, vm.vcpus[0].ec, PRIO, QUANTUM_US)
