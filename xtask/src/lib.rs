@@ -10,9 +10,11 @@
 //! - [`deps`]: host tools, installed with apt when running as root.
 //! - [`suite`]: `cargo xtask test`, the README's test command and what CI runs.
 //! - [`bench`]: `cargo xtask bench`; [`bench_vmexit`]: its VM-exit benchmark with the
-//!   KVM baseline (Linux + KVM in QEMU running `guests/kvm-runner`).
+//!   KVM baseline ([`baseline_kvm`]: Linux + KVM in QEMU or Bochs running
+//!   `guests/kvm-runner`).
 
 pub mod baseline;
+pub mod baseline_kvm;
 pub mod bench;
 pub mod bench_vmexit;
 pub mod bochs;
