@@ -151,6 +151,12 @@ pub fn linux_kernel() -> Result<PathBuf> {
     if let Some(k) = newest_vmlinuz(Path::new("/boot")).filter(|k| std::fs::File::open(k).is_ok()) {
         return Ok(k);
     }
+    debian_kernel()
+}
+
+/// Debian's `linux-image-amd64` kernel, with its modules, extracted into
+/// `<target>/linux/root/` (fetched with `apt-get download` once and kept there).
+pub fn debian_kernel() -> Result<PathBuf> {
     let dir = workspace::out_dir("linux")?;
     let extracted = dir.join("root");
     if let Some(k) = newest_vmlinuz(&extracted.join("boot")) {

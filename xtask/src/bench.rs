@@ -1,4 +1,5 @@
-//! `cargo xtask bench ipc`: deterministic instruction counts under QEMU `-icount`.
+//! `cargo xtask bench ipc|vmexit`: deterministic instruction counts under QEMU `-icount`
+//! (`vmexit`: see [`crate::bench_vmexit`]).
 //!
 //! The benchmark component (the root task started with `bench=<name>`) measures with
 //! rdtsc and prints lines `BENCH <figure> <value> <unit>`; under `-icount shift=0` the
@@ -7,6 +8,7 @@
 //! list of [`Figure`]s, the same shape for every benchmark.
 
 use std::fmt::Write as _;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -32,7 +34,7 @@ pub struct Figure {
 }
 
 /// The benchmarks `cargo xtask bench` knows.
-pub const BENCHMARKS: &[&str] = &["ipc"];
+pub const BENCHMARKS: &[&str] = &["ipc", "vmexit"];
 
 /// The unit of a figure printed without one: TSC ticks, which count instructions under
 /// `-icount shift=0`.
@@ -88,11 +90,16 @@ fn number(v: Option<f64>) -> String {
 
 /// The table printed for `figures`: figure, Peregrine, baseline, ratio, mode.
 pub fn table(figures: &[Figure]) -> String {
+    table_with(figures, "baseline")
+}
+
+/// [`table`] with the baseline's column named `baseline` (e.g. `kvm`).
+pub fn table_with(figures: &[Figure], baseline: &str) -> String {
     let mut t = String::new();
     let _ = writeln!(
         t,
         "{:<24} {:>14} {:>14} {:>8}  {:<14} mode",
-        "figure", "peregrine", "baseline", "ratio", "unit"
+        "figure", "peregrine", baseline, "ratio", "unit"
     );
     for f in figures {
         let ratio = match (f.peregrine, f.baseline) {
@@ -152,6 +159,9 @@ pub fn bench(name: &str) -> Result<Vec<Figure>> {
             BENCHMARKS.join(", ")
         );
     }
+    if name == "vmexit" {
+        return crate::bench_vmexit::bench(crate::boot::Emulator::Qemu);
+    }
     let peregrine =
         crate::build::build(Profile::Release).and_then(|images| peregrine_ipc(&images, name));
     // TODO: with usable KVM, also measure both sides in cycles (mode `qemu-kvm`).
@@ -160,14 +170,21 @@ pub fn bench(name: &str) -> Result<Vec<Figure>> {
         peregrine.as_ref().cloned().unwrap_or_default(),
         baseline.as_ref().cloned().unwrap_or_default(),
     );
-    let path = workspace::out_dir("bench")?.join(format!("{name}.json"));
-    std::fs::write(&path, serde_json::to_string_pretty(&figures)? + "\n")
-        .with_context(|| format!("writing {}", path.display()))?;
-    print!("{}", table(&figures));
-    println!("wrote {}", path.display());
+    write_results(name, &figures, "baseline")?;
     peregrine.context("the Peregrine side of the benchmark failed")?;
     baseline.context("the Linux baseline failed")?;
     Ok(figures)
+}
+
+/// Writes `<target>/bench/<name>.json` and prints the table (baseline column named
+/// `baseline`).
+pub fn write_results(name: &str, figures: &[Figure], baseline: &str) -> Result<PathBuf> {
+    let path = workspace::out_dir("bench")?.join(format!("{name}.json"));
+    std::fs::write(&path, serde_json::to_string_pretty(figures)? + "\n")
+        .with_context(|| format!("writing {}", path.display()))?;
+    print!("{}", table_with(figures, baseline));
+    println!("wrote {}", path.display());
+    Ok(path)
 }
 
 /// Boots the system with the root task's `bench=<name>` under `-icount shift=0 -smp 1`

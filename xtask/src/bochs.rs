@@ -47,6 +47,14 @@ fn iso_names(spec: &BootSpec) -> Vec<String> {
     names
 }
 
+/// Whether `spec` boots a Linux kernel (a file named `vmlinuz*`): GRUB's `linux` and
+/// `initrd` commands (the modules are the initrds) instead of `multiboot`/`module`.
+pub fn is_linux(spec: &BootSpec) -> bool {
+    spec.kernel
+        .file_name()
+        .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz"))
+}
+
 /// The `grub.cfg` that boots `spec` (GRUB's own output stays on the VGA console, so the
 /// serial log holds only what the system prints).
 pub fn grub_cfg(spec: &BootSpec) -> String {
@@ -58,6 +66,14 @@ pub fn grub_cfg(spec: &BootSpec) -> String {
             if args.is_empty() { "" } else { " " }
         )
     };
+    if is_linux(spec) {
+        cfg += &line("linux", &names[0], &spec.kernel_args);
+        for name in &names[1..] {
+            cfg += &line("initrd", name, "");
+        }
+        cfg += "    boot\n}\n";
+        return cfg;
+    }
     cfg += &line("multiboot", &names[0], &spec.kernel_args);
     for ((_, args), name) in spec.modules.iter().zip(&names[1..]) {
         cfg += &line("module", name, args);
@@ -256,6 +272,20 @@ mod tests {
             "{cfg}"
         );
         assert!(cfg.contains("    module /boot/nul-root.2\n"), "{cfg}");
+    }
+
+    #[test]
+    fn grub_cfg_boots_linux_with_initrd() {
+        let mut s = spec();
+        s.kernel = "/k/vmlinuz-6.1.0-56-amd64".into();
+        s.kernel_args = "console=ttyS0 quiet".into();
+        s.modules = vec![("/k/initramfs.cpio".into(), String::new())];
+        let cfg = grub_cfg(&s);
+        assert!(
+            cfg.contains("    linux /boot/vmlinuz-6.1.0-56-amd64 console=ttyS0 quiet\n    initrd /boot/initramfs.cpio\n    boot\n"),
+            "{cfg}"
+        );
+        assert!(!is_linux(&spec()));
     }
 
     #[test]

@@ -9,10 +9,14 @@
 //! - [`qemu`] and [`bochs`]: the two emulators (Bochs boots a GRUB ISO).
 //! - [`deps`]: host tools, installed with apt when running as root.
 //! - [`suite`]: `cargo xtask test`, the README's test command and what CI runs.
-//! - [`bench`]: `cargo xtask bench`.
+//! - [`bench`]: `cargo xtask bench`; [`bench_vmexit`]: its VM-exit benchmark with the
+//!   KVM baseline ([`baseline_kvm`]: Linux + KVM in QEMU or Bochs running
+//!   `guests/kvm-runner`).
 
 pub mod baseline;
+pub mod baseline_kvm;
 pub mod bench;
+pub mod bench_vmexit;
 pub mod bochs;
 pub mod boot;
 pub mod build;

@@ -23,12 +23,24 @@ commands:
       --timeout S            stop the emulator after S seconds (default: none)
       --icount               QEMU -icount shift=0 (TSC counts instructions)
       --debug                boot the debug build
+  kvm-run [options]          boot Linux with KVM in QEMU (-cpu EPYC -icount shift=0) and
+                             run guests/test under kvm-runner (the KVM baseline's setup)
+      --mode check|bench|hostile   what the guest runs (default check)
+      --cpus N               guest vCPUs, 1 or 2 (default 1)
+      --seed N               seed of the hostile mode
+      --timeout S            the runner's own time limit (default: none)
+      --emulator qemu|bochs  QEMU EPYC -icount (default) or Bochs skylake_x (VMX)
   test [--quick] [--filter X]
                              fmt, clippy, host unit tests, image build, emulator tests;
                              --quick leaves out the slow Bochs tests, --filter X runs
                              only tests whose name contains X
   bench ipc                  IPC round-trip instruction counts under QEMU -icount;
                              writes <target>/bench/ipc.json
+  bench vmexit [--emulator bochs]
+                             VM-exit round trips, Peregrine and Linux/KVM (kvm-runner
+                             with guests/test) under QEMU -cpu EPYC -icount (SVM), or
+                             in Bochs corei7_skylake_x (VMX, minutes);
+                             writes <target>/bench/vmexit.json
 ";
 
 /// Command-line arguments, consumed front to back.
@@ -70,6 +82,7 @@ fn real_main() -> Result<ExitCode> {
         "run" => run(args),
         "test" => test(args),
         "bench" => bench(args),
+        "kvm-run" => kvm_run(args),
         "help" | "--help" | "-h" => {
             print!("{USAGE}");
             Ok(ExitCode::SUCCESS)
@@ -170,9 +183,55 @@ fn test(mut args: Args) -> Result<ExitCode> {
 
 fn bench(mut args: Args) -> Result<ExitCode> {
     let name = args.0.next().unwrap_or_else(|| "ipc".to_string());
-    if let Some(extra) = args.0.next() {
-        bail!("bench: unexpected argument {extra:?}\n{USAGE}");
+    let mut emulator = Emulator::Qemu;
+    while let Some(a) = args.0.next() {
+        match a.as_str() {
+            "--emulator" if name == "vmexit" => emulator = args.value(&a)?.parse()?,
+            _ => bail!("bench: unexpected argument {a:?}\n{USAGE}"),
+        }
     }
-    xtask::bench::bench(&name)?;
+    if emulator == Emulator::Bochs {
+        xtask::bench_vmexit::bench(emulator)?;
+    } else {
+        xtask::bench::bench(&name)?;
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+fn kvm_run(mut args: Args) -> Result<ExitCode> {
+    let mut guest = xtask::baseline_kvm::KvmGuest::new("kvm-run", "check");
+    let mut emulator = Emulator::Qemu;
+    while let Some(a) = args.0.next() {
+        match a.as_str() {
+            "--mode" => {
+                guest.mode = match args.value(&a)?.as_str() {
+                    "check" => "check",
+                    "bench" => "bench",
+                    "hostile" => "hostile",
+                    m => bail!("kvm-run: unknown mode {m:?}"),
+                }
+            }
+            "--cpus" => guest.cpus = args.number(&a)?,
+            "--seed" => guest.seed = args.number(&a)?,
+            "--timeout" => guest.runner_timeout_s = args.number(&a)?,
+            "--emulator" => emulator = args.value(&a)?.parse()?,
+            _ => bail!("kvm-run: unknown option {a:?}\n{USAGE}"),
+        }
+    }
+    guest.timeout = Duration::from_secs(guest.runner_timeout_s + 900);
+    let images = xtask::build(Profile::Release)?;
+    let r = xtask::baseline_kvm::run_kvm_guest(&images, &guest, emulator)?;
+    print!("{}", r.run.serial);
+    eprintln!(
+        "xtask: {:?} after {:.1} s; runner status {:?}; serial log {}",
+        r.run.exit,
+        r.run.wall.as_secs_f64(),
+        r.status,
+        r.run.serial_log.display()
+    );
+    Ok(if r.status == Some(0) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }

@@ -25,6 +25,11 @@ pub const PROGRESS: u64 = 1000;
 pub const TRIPLE_FAULT_ODDS: u64 = 20_000;
 /// The software interrupt that ends a random byte sequence (a trailer after it).
 const VECTOR_SEQ_END: u64 = 0x31;
+/// RFLAGS of random code: IF and TF (each instruction raises #DB, which counts it).
+const RANDOM_RFLAGS: u64 = 0x302;
+/// Single steps after which random code is ended (a loop without exits would hang the
+/// vCPU otherwise, unless the code turns TF off itself).
+const MAX_STEPS: u64 = 256;
 
 /// Per-vCPU state, all reached through raw pointers (the trap handler resumes probes).
 #[repr(C, align(4096))]
@@ -40,6 +45,8 @@ struct State {
     /// Registers for random code: rax..r15 (rsp is replaced by the scratch top), then
     /// the scratch top.
     regs: [u64; 17],
+    /// Single steps of the random code so far.
+    steps: u64,
     /// The action's parameters.
     kind: u64,
     a: u64,
@@ -54,6 +61,7 @@ static mut STATES: [State; MAX_CPUS] = [const {
         buf: [0; 256],
         recover_rsp: 0,
         regs: [0; 17],
+        steps: 0,
         kind: 0,
         a: 0,
         b: 0,
@@ -67,8 +75,9 @@ static VECTORS: [AtomicU64; 256] = [const { AtomicU64::new(0) }; 256];
 // `hostile_probe(action, state, slot)`: saves the callee-saved registers, stores `rsp`
 // at `*slot`, calls `action(state)`. Returns 0 when the action returned, or
 // `0x100 | vector` when `trap` resumed at `hostile_resume` with `rsp` = `*slot`.
-// `hostile_enter(target, regs)`: loads random registers and a scratch stack, enables
-// interrupts and jumps to the random code (which ends in `int 0x31` or an exception).
+// `hostile_enter(target, regs)`: loads random registers and a scratch stack and enters
+// the random code with `iretq`, interrupts enabled and single-stepping on (it ends in
+// `int 0x31`, an exception, or after `MAX_STEPS` instructions).
 global_asm!(
     ".pushsection .text.hostile, \"ax\"",
     ".global hostile_probe",
@@ -98,8 +107,12 @@ global_asm!(
     ".global hostile_enter",
     "hostile_enter:",
     "mov rax, [rsi + 16 * 8]",
-    "mov [rax - 8], rdi",
-    "lea rsp, [rax - 8]",
+    "mov rsp, rax",
+    "push {data}",
+    "push rax",
+    "push {rflags}",
+    "push {code}",
+    "push rdi",
     "mov rax, [rsi + 0 * 8]",
     "mov rbx, [rsi + 1 * 8]",
     "mov rcx, [rsi + 2 * 8]",
@@ -115,9 +128,11 @@ global_asm!(
     "mov r14, [rsi + 13 * 8]",
     "mov r15, [rsi + 14 * 8]",
     "mov rsi, [rsi + 4 * 8]",
-    "sti",
-    "ret",
+    "iretq",
     ".popsection",
+    data = const arch::DATA_SEL,
+    code = const arch::CODE_SEL,
+    rflags = const RANDOM_RFLAGS,
 );
 
 extern "C" {
@@ -257,6 +272,7 @@ const CR4_FLIP: u64 = 0x7f
 fn choose(rng: &mut Rng, s: &mut State) {
     let kind = KINDS[rng.below(KINDS.len() as u64) as usize];
     s.kind = kind as u64;
+    s.steps = 0;
     s.a = rng.next();
     s.b = rng.next();
     s.c = rng.next();
@@ -471,6 +487,16 @@ pub fn trap(frame: &mut Frame) -> bool {
     let (slot, kind) = unsafe { ((*s).recover_rsp, (*s).kind) };
     if slot == 0 {
         return false;
+    }
+    if frame.vector == 1 && kind == Kind::RandomCode as u64 {
+        // SAFETY: this vCPU's own state.
+        let steps = unsafe {
+            (*s).steps += 1;
+            (*s).steps
+        };
+        if steps < MAX_STEPS {
+            return true;
+        }
     }
     VECTORS[frame.vector as usize & 0xff].fetch_add(1, Ordering::Relaxed);
     if frame.vector == 6 && kind == Kind::Ud2Handled as u64 {
