@@ -378,11 +378,12 @@ fn run(ec: Arc<Ec>) -> ! {
     if let Some(nr) = c.pending {
         crate::ipc::event(ec, nr);
     }
-    if ec.recall.swap(false, Ordering::AcqRel) {
-        deliver(ec, ev::RECALL);
-    }
+    // A refused reply makes INVALID_STATE the next event, before a pending recall.
     if core::mem::take(&mut c.invalid) {
         deliver(ec, ev::INVALID_STATE);
+    }
+    if ec.recall.swap(false, Ordering::AcqRel) {
+        deliver(ec, ev::RECALL);
     }
     crate::fpu::load_for_guest(&ec);
     let next = match &v.hw {
