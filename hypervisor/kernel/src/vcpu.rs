@@ -393,7 +393,7 @@ fn run(ec: Arc<Ec>) -> ! {
     match next {
         Next::Event(nr) => deliver(ec, nr),
         Next::Interrupt => {
-            crate::arch::x86::svm::take_pending_interrupts();
+            crate::arch::x86::cr::interrupt_window();
             drop(ec);
             sched::preempt_if_needed();
             sched::schedule()
