@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use peregrine_tests::images;
-use xtask::bench_vmexit::{run_kvm_guest, unavailable, KvmGuest};
+use xtask::baseline_kvm::{run_kvm_guest, unavailable, KvmGuest};
 use xtask::Emulator;
 
 const CHECKS: &[&str] = &[

@@ -100,7 +100,7 @@ fn vmm_hostile_guest_beside_a_good_one() {
         "vmm-hostile",
         2,
         &[
-            "name=hostile guest=guest-test cpus=1 mem=16 mode=hostile seed=8 limit=400 cpu=1",
+            "name=hostile guest=guest-test cpus=1 mem=16 mode=hostile seed=3 limit=400 cpu=1",
             "name=good guest=guest-test cpus=1 mem=16 mode=check cpu=0",
         ],
         600,

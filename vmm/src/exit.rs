@@ -100,6 +100,14 @@ pub enum End {
         /// The limit in seconds.
         secs: u64,
     },
+    /// The VMM's own exit handler took an exception (a VMM or kernel bug, never the
+    /// guest's doing): the VMM ended the VM and lives on.
+    VmmFault {
+        /// Exception vector.
+        vector: u64,
+        /// The handler's RIP.
+        rip: u64,
+    },
     /// The instruction behind an MMIO access could not be emulated.
     Emulation {
         /// Why.
@@ -135,6 +143,12 @@ impl fmt::Display for End {
                 write!(f, "instruction fetch from non-RAM address {gpa:#x}")
             }
             End::TimeLimit { secs } => write!(f, "time limit of {secs} s reached"),
+            End::VmmFault { vector, rip } => {
+                write!(
+                    f,
+                    "the exit handler took exception {vector} at rip {rip:#x}"
+                )
+            }
             End::Emulation { error, rip } => {
                 write!(f, "MMIO access not emulated at rip {rip:#x}: {error}")
             }
@@ -158,6 +172,7 @@ impl End {
             End::FetchFromMmio { .. } => 8,
             End::Emulation { .. } => 9,
             End::TimeLimit { .. } => 10,
+            End::VmmFault { .. } => 11,
         };
         kind << 32
     }

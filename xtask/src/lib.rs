@@ -12,9 +12,11 @@
 //! - [`bench`]: `cargo xtask bench`.
 //! - [`linux`]: the Linux guest (kernel, initramfs, disk) and its direct QEMU boot.
 //! - [`bench`]: `cargo xtask bench`; [`bench_vmexit`]: its VM-exit benchmark with the
-//!   KVM baseline (Linux + KVM in QEMU running `guests/kvm-runner`).
+//!   KVM baseline ([`baseline_kvm`]: Linux + KVM in QEMU or Bochs running
+//!   `guests/kvm-runner`).
 
 pub mod baseline;
+pub mod baseline_kvm;
 pub mod bench;
 pub mod bench_vmexit;
 pub mod bochs;

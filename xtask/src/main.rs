@@ -251,7 +251,7 @@ fn linux(mut args: Args) -> Result<ExitCode> {
 }
 
 fn kvm_run(mut args: Args) -> Result<ExitCode> {
-    let mut guest = xtask::bench_vmexit::KvmGuest::new("kvm-run", "check");
+    let mut guest = xtask::baseline_kvm::KvmGuest::new("kvm-run", "check");
     let mut emulator = Emulator::Qemu;
     while let Some(a) = args.0.next() {
         match a.as_str() {
@@ -272,7 +272,7 @@ fn kvm_run(mut args: Args) -> Result<ExitCode> {
     }
     guest.timeout = Duration::from_secs(guest.runner_timeout_s + 900);
     let images = xtask::build(Profile::Release)?;
-    let r = xtask::bench_vmexit::run_kvm_guest(&images, &guest, emulator)?;
+    let r = xtask::baseline_kvm::run_kvm_guest(&images, &guest, emulator)?;
     print!("{}", r.run.serial);
     eprintln!(
         "xtask: {:?} after {:.1} s; runner status {:?}; serial log {}",

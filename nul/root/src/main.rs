@@ -93,7 +93,7 @@ fn main(hip_addr: u64) -> ! {
             .unwrap_or(cpus[i % cpus.len()]);
         // A VMM (`guest=`): its guest's image, a pool for guest RAM (`mem=` MiB) and
         // the kernel memory for a VM PD and, per vCPU (`cpus=`), its 256 exit portals,
-        // handler EC, vCPU and SC.
+        // handler EC with its 32 fault portals and fault EC, vCPU and SC.
         let guest = hip::arg(margs, "guest").map(|g| mods.iter().find(|m| m.0 == g));
         let vmm_mem = nul_rt::start_info::arg_u64(margs, "mem")
             .unwrap_or(16)
@@ -105,7 +105,7 @@ fn main(hip_addr: u64) -> ! {
             Some(Some(g)) => (
                 Some((g.2, g.3)),
                 vmm_mem << 8,
-                128 + vmm_mem + vmm_cpus * 300,
+                128 + vmm_mem + vmm_cpus * 340,
             ),
             Some(None) => {
                 println!(

@@ -37,17 +37,15 @@ pub struct LocalEc {
 
 /// Creates a local EC on `cpu` in the own PD, ready to serve portals.
 pub fn local_ec(cpu: u64, evt_base: u64) -> Result<LocalEc, Status> {
+    local_ec_at(cpu, evt_base, new_stack())
+}
+
+/// Like [`local_ec`], on a stack the caller provides: the handler is entered with
+/// `rsp` = `sp` (make it ≡ 8 mod 16, as after a `call`).
+pub fn local_ec_at(cpu: u64, evt_base: u64, sp: u64) -> Result<LocalEc, Status> {
     let s = sel::alloc();
     let utcb = NEXT_UTCB.fetch_add(4096, Ordering::Relaxed);
-    hc::create_ec(
-        s,
-        sel::OWN_PD,
-        EcKind::Local,
-        cpu,
-        utcb,
-        new_stack(),
-        evt_base,
-    )?;
+    hc::create_ec(s, sel::OWN_PD, EcKind::Local, cpu, utcb, sp, evt_base)?;
     Ok(LocalEc { sel: s, utcb })
 }
 

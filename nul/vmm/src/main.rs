@@ -122,9 +122,10 @@ fn main(info: u64) -> ! {
             reported = true;
             let exits = vm.machine.exits();
             println!(
-                "vmm: {} exits handled ({} answered with #UD)",
+                "vmm: {} exits handled ({} answered with #UD), handler stack use {} bytes",
                 exits,
-                vm.machine.undefined()
+                vm.machine.undefined(),
+                vm.stack_used()
             );
             let _ = svc::result(svc::key::VM_EXITS, exits);
             let _ = svc::result(svc::key::VM_END, code);

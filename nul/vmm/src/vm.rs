@@ -9,8 +9,9 @@ use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use nul_rt::hc::{self, EcKind};
 use nul_rt::utcb::UtcbRef;
 use nul_rt::{sel, thread};
-use peregrine_abi::event::NUM_VCPU_EVENTS;
+use peregrine_abi::event::{NUM_HOST_EVENTS, NUM_VCPU_EVENTS};
 use peregrine_abi::perm::{self, MemPerm};
+use peregrine_abi::utcb::gpr;
 use peregrine_abi::{Crd, Mtd, Status, XferFlags, PAGE_BITS};
 use peregrine_vmm::exit::{portal_mtd, Config, End, Machine, Step};
 use peregrine_vmm::testdev::LineSink;
@@ -53,11 +54,54 @@ pub struct Vm {
     running: AtomicU32,
     /// A semaphore nobody ups: the handler of a stopped vCPU waits on it for good.
     park: u64,
+    /// The handler ECs' stacks.
+    stacks: Vec<HandlerStack>,
+}
+
+/// Bytes of a handler EC's stack: the instruction emulator (decoder, page walk) runs
+/// on it.
+const HANDLER_STACK: usize = 64 * 1024;
+/// What a fresh handler stack is filled with, to measure how much of it was used.
+const STACK_FILL: u8 = 0xa5;
+
+/// A handler EC's stack, leaked for the VMM's lifetime.
+pub struct HandlerStack(&'static mut [u8]);
+
+impl HandlerStack {
+    fn new() -> Self {
+        let s = alloc::vec![STACK_FILL; HANDLER_STACK].into_boxed_slice();
+        HandlerStack(alloc::boxed::Box::leak(s))
+    }
+
+    /// The initial stack pointer (≡ 8 mod 16, as after a call).
+    fn top(&self) -> u64 {
+        ((self.0.as_ptr() as u64 + HANDLER_STACK as u64) & !0xf) - 8
+    }
+
+    /// Bytes of the stack ever used (those no longer holding the fill pattern).
+    pub fn used(&self) -> usize {
+        let base = self.0.as_ptr();
+        let untouched = (0..HANDLER_STACK)
+            // SAFETY: reads within the leaked allocation; the handler EC may write the
+            // upper part concurrently, which only makes the estimate stale (bytes).
+            .take_while(|&i| unsafe { core::ptr::read_volatile(base.add(i)) } == STACK_FILL)
+            .count();
+        HANDLER_STACK - untouched
+    }
 }
 
 static VM: spin::Once<Vm> = spin::Once::new();
 
 impl Vm {
+    /// The most stack any handler EC used so far, in bytes.
+    pub fn stack_used(&self) -> usize {
+        self.stacks
+            .iter()
+            .map(HandlerStack::used)
+            .max()
+            .unwrap_or(0)
+    }
+
     /// The VM's end, once it ended: its code for the root.
     pub fn ended(&self) -> Option<u64> {
         self.ended
@@ -215,9 +259,28 @@ pub fn create(p: Params) -> Result<&'static Vm, Error> {
     }
 
     let mut vcpus = Vec::new();
+    let mut stacks = Vec::new();
     for i in 0..p.vcpus {
         let cpu = (p.first_cpu + u64::from(i)) % p.ncpus.max(1);
-        let ec = thread::local_ec(cpu, 0).map_err(kernel("create a handler EC"))?;
+        // The handler's own exceptions go to portals of the VMM on its CPU.
+        let fault_ec = thread::local_ec(cpu, 0).map_err(kernel("create a fault EC"))?;
+        let fault_base = sel::alloc_aligned(5);
+        for v in 0..NUM_HOST_EVENTS {
+            hc::create_pt(
+                fault_base + v,
+                sel::OWN_PD,
+                fault_ec.sel,
+                Mtd::GPRS | Mtd::RIP_LEN | Mtd::RFLAGS | Mtd::QUAL,
+                handler_fault as *const () as u64,
+            )
+            .map_err(kernel("create a fault portal"))?;
+            hc::pt_ctrl(fault_base + v, (u64::from(i) << 8) | v)
+                .map_err(kernel("set a portal id"))?;
+        }
+        let stack = HandlerStack::new();
+        let ec = thread::local_ec_at(cpu, fault_base, stack.top())
+            .map_err(kernel("create a handler EC"))?;
+        stacks.push(stack);
         let base = sel::alloc_aligned(8);
         for nr in 0..NUM_VCPU_EVENTS {
             hc::create_pt(
@@ -258,6 +321,7 @@ pub fn create(p: Params) -> Result<&'static Vm, Error> {
         end_code: AtomicU64::new(0),
         running: AtomicU32::new(1),
         park,
+        stacks,
     });
     let sc = sel::alloc();
     hc::create_sc(sc, sel::OWN_PD, vm.vcpus[0].ec, PRIO, QUANTUM_US)
@@ -300,4 +364,46 @@ extern "C" fn vm_exit(id: u64, utcb: u64) -> ! {
     }
     u.get().head.set_counts(0, 0);
     hc::reply()
+}
+
+/// An exception of vCPU `id >> 8`'s handler EC (vector `id & 0xff`): a bug of the VMM
+/// or the kernel, never the guest's doing. Logs the handler's state, ends the VM, and
+/// sends the handler to [`park_handler`] on a fresh stack: the VMM lives on.
+extern "C" fn handler_fault(id: u64, utcb: u64) -> ! {
+    // SAFETY: the kernel passes this handler EC's own UTCB address.
+    let u = unsafe { UtcbRef::from_addr(utcb) };
+    let a = u.get().arch_mut();
+    let (n, vector) = ((id >> 8) as usize, id & 0xff);
+    vlog!(
+        "vmm: vCPU {}'s exit handler: exception {} at rip {:#x} rsp {:#x} rflags {:#x} qual {:#x} {:#x} gprs {:x?}",
+        n,
+        vector,
+        a.rip,
+        a.gpr[gpr::RSP],
+        a.rflags,
+        a.qual[0],
+        a.qual[1],
+        a.gpr
+    );
+    let rip = a.rip;
+    a.mtd = Mtd::empty();
+    if let Some(vm) = VM.get() {
+        vm.end(End::VmmFault { vector, rip });
+        if let Some(s) = vm.stacks.get(n) {
+            a.rip = park_handler as *const () as u64;
+            a.gpr[gpr::RSP] = s.top();
+            a.mtd = Mtd::RIP_LEN | Mtd::RSP;
+        }
+    }
+    u.get().head.set_counts(0, 0);
+    hc::reply()
+}
+
+/// Where a faulted handler EC waits for good.
+extern "C" fn park_handler() -> ! {
+    loop {
+        if let Some(vm) = VM.get() {
+            let _ = hc::sm_down(vm.park, false, 0);
+        }
+    }
 }
