@@ -46,3 +46,18 @@ fn bochs_x2apic() {
         assert!(r.passed(name), "no `PASS {name}` line\n{}", r.report());
     }
 }
+
+/// The root's `test=vm` on VT-x with EPT (`corei7_skylake_x`): the tiny guest's exit
+/// sequence (with `vmcall`), recall from the other CPU, revocation of a guest page
+/// (INVEPT) and a hostile VMM whose random state the kernel refuses or the entry
+/// reports as INVALID_STATE.
+#[test]
+fn bochs_vmx_scenario_vm() {
+    let spec = system("bochs-vmx-vm")
+        .root_args("test=vm rounds=100")
+        .smp(2)
+        .timeout(Duration::from_secs(120));
+    let r = boot_in(Emulator::Bochs, &spec);
+    assert_success(&r, &["vmx: EPT"]);
+    assert!(r.passed("vm"), "no `PASS vm` line\n{}", r.report());
+}

@@ -26,7 +26,7 @@ mod vmx;
 use alloc::boxed::Box;
 use alloc::sync::Arc;
 use core::cell::UnsafeCell;
-use core::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use core::sync::atomic::{AtomicBool, Ordering};
 
 use peregrine_abi::event::vcpu as ev;
 use peregrine_abi::hip::MAX_CPUS;
@@ -87,15 +87,19 @@ pub enum Backend {
     Vmx = 2,
 }
 
-static BACKEND: AtomicU8 = AtomicU8::new(0);
+static BACKEND: spin::Once<Backend> = spin::Once::new();
 
-/// The backend chosen at boot.
+/// The backend (decided by the first CPU that asks; CPUs are assumed alike).
 pub fn backend() -> Backend {
-    match BACKEND.load(Ordering::Acquire) {
-        1 => Backend::Svm,
-        2 => Backend::Vmx,
-        _ => Backend::None,
-    }
+    *BACKEND.call_once(|| {
+        if crate::arch::x86::vmx::caps().is_some() {
+            Backend::Vmx
+        } else if crate::arch::x86::svm::caps().is_some() {
+            Backend::Svm
+        } else {
+            Backend::None
+        }
+    })
 }
 
 struct Held(UnsafeCell<Option<Arc<Pd>>>);
@@ -111,21 +115,10 @@ fn trace() -> bool {
     TRACE.load(Ordering::Relaxed)
 }
 
-/// Enables hardware virtualization on this CPU at bring-up (the BSP decides the
-/// backend).
+/// Enables hardware virtualization on this CPU at bring-up.
 pub fn init_cpu(cpu: usize) {
-    if cpu == 0 {
-        if crate::multiboot::info().has_arg("trace_vm") {
-            TRACE.store(true, Ordering::Relaxed);
-        }
-        let b = if crate::arch::x86::vmx::caps().is_some() {
-            Backend::Vmx
-        } else if crate::arch::x86::svm::caps().is_some() {
-            Backend::Svm
-        } else {
-            Backend::None
-        };
-        BACKEND.store(b as u8, Ordering::Release);
+    if cpu == 0 && crate::multiboot::info().has_arg("trace_vm") {
+        TRACE.store(true, Ordering::Relaxed);
     }
     match backend() {
         Backend::Svm => svm::init_cpu(cpu),
