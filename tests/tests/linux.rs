@@ -23,10 +23,12 @@ fn boot(smp: u32, tests: &str) {
     static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let r = linux::check_qemu(guest(), smp, tests).unwrap_or_else(|e| panic!("{e:#}"));
+    let f = linux::figures(&r).expect("the marker has the guest's uptime");
     eprintln!(
-        "linux smp {smp}: marker at guest uptime {:.2} s, QEMU ran {:.1} s; {:?}",
-        linux::marker_uptime(&r.serial).unwrap_or(f64::NAN),
-        r.wall.as_secs_f64(),
+        "linux smp {smp}: marker at guest uptime {:.2} s, QEMU ran {:.1} s, read {:?}; {:?}",
+        f.marker_s,
+        f.wall_s,
+        f.read,
         linux::test_results(&r.serial)
     );
 }

@@ -22,6 +22,8 @@ pub enum Tool {
     Busybox,
     /// ACPICA's `iasl`, which the vmm crate's tests check the guest's DSDT with.
     Iasl,
+    /// A C++ compiler: `libfuzzer-sys` builds libFuzzer with it.
+    Cxx,
 }
 
 /// How to tell that a requirement is met.
@@ -74,6 +76,7 @@ const REQUIREMENTS: &[Requirement] = &[
     req(Tool::Grub, Check::Program("mformat"), "mtools"),
     req(Tool::Busybox, Check::Path("/bin/busybox"), "busybox-static"),
     req(Tool::Iasl, Check::Program("iasl"), "acpica-tools"),
+    req(Tool::Cxx, Check::Program("c++"), "g++"),
 ];
 
 impl Check {
@@ -187,6 +190,7 @@ mod tests {
             Tool::Grub,
             Tool::Busybox,
             Tool::Iasl,
+            Tool::Cxx,
         ] {
             assert!(REQUIREMENTS
                 .iter()

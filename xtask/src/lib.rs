@@ -10,6 +10,7 @@
 //! - [`deps`]: host tools, installed with apt when running as root.
 //! - [`suite`]: `cargo xtask test`, the README's test command and what CI runs.
 //! - [`bench`]: `cargo xtask bench`.
+//! - [`fuzz`]: the VMM library's fuzz targets, built and run on stable.
 //! - [`linux`]: the Linux guest (kernel, initramfs, disk) and its direct QEMU boot.
 //! - [`bench`]: `cargo xtask bench`; [`bench_vmexit`]: its VM-exit benchmark with the
 //!   KVM baseline ([`baseline_kvm`]: Linux + KVM in QEMU or Bochs running
@@ -23,6 +24,7 @@ pub mod bochs;
 pub mod boot;
 pub mod build;
 pub mod deps;
+pub mod fuzz;
 pub mod kvm;
 pub mod linux;
 pub mod multiboot;

@@ -282,6 +282,32 @@ pub fn test_results(serial: &str) -> Vec<(String, String, String)> {
         .collect()
 }
 
+/// What one boot of the guest measured, for `bench boot`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Figures {
+    /// Guest uptime at the marker, seconds.
+    pub marker_s: f64,
+    /// The `read` test: milliseconds for the whole disk, and its size in bytes.
+    pub read: Option<(u64, u64)>,
+    /// Wall time of the whole emulator run, seconds.
+    pub wall_s: f64,
+}
+
+/// The figures of a run with the marker (and the `read` test, if it ran).
+pub fn figures(r: &RunResult) -> Option<Figures> {
+    let read = test_results(&r.serial)
+        .into_iter()
+        .find(|t| t.0 == "read")
+        .and_then(|(_, ms, bytes)| {
+            Some((ms.strip_suffix("ms")?.parse().ok()?, bytes.parse().ok()?))
+        });
+    Some(Figures {
+        marker_s: marker_uptime(&r.serial)?,
+        read,
+        wall_s: r.wall.as_secs_f64(),
+    })
+}
+
 /// The guest's uptime when it printed the marker, in seconds.
 pub fn marker_uptime(serial: &str) -> Option<f64> {
     let l = serial.lines().find(|l| l.contains(MARKER))?;
@@ -362,6 +388,21 @@ mod tests {
         assert_eq!(t.len(), 3);
         assert_eq!(t[0], ("nproc".into(), "2".into(), String::new()));
         assert_eq!(t[2], ("read".into(), "120ms".into(), "8388608".into()));
+    }
+
+    #[test]
+    fn figures_from_a_run() {
+        let r = RunResult {
+            exit: Exit::Other(0),
+            serial: "PEREGRINE-LINUX-READY uptime=2.50\nPEREGRINE-TEST read 40ms 8388608\n".into(),
+            wall: Duration::from_millis(6500),
+            serial_log: PathBuf::new(),
+            emulator_output: String::new(),
+        };
+        let f = figures(&r).unwrap();
+        assert_eq!(f.marker_s, 2.5);
+        assert_eq!(f.read, Some((40, 8 << 20)));
+        assert_eq!(f.wall_s, 6.5);
     }
 
     #[test]

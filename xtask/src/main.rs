@@ -40,6 +40,9 @@ commands:
       --test LIST            run these /init tests and power off (all, or some of
                              nproc,kvmclock,disk,write,read); default: a shell
       --prepare              only fetch the kernel and build initramfs and disk
+  fuzz [--secs N] [TARGET..] build the VMM's fuzz targets (libFuzzer, stable toolchain)
+                             and run each N seconds (default 60): emulator, virtqueue,
+                             bzimage, devices
   bench ipc                  IPC round-trip instruction counts under QEMU -icount;
                              writes <target>/bench/ipc.json
   bench vmexit [--emulator bochs]
@@ -90,6 +93,7 @@ fn real_main() -> Result<ExitCode> {
         "bench" => bench(args),
         "linux" => linux(args),
         "kvm-run" => kvm_run(args),
+        "fuzz" => fuzz(args),
         "help" | "--help" | "-h" => {
             print!("{USAGE}");
             Ok(ExitCode::SUCCESS)
@@ -286,4 +290,18 @@ fn kvm_run(mut args: Args) -> Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+fn fuzz(mut args: Args) -> Result<ExitCode> {
+    let mut secs = 60;
+    let mut targets = Vec::new();
+    while let Some(a) = args.0.next() {
+        match a.as_str() {
+            "--secs" => secs = args.number(&a)?,
+            t if !t.starts_with('-') => targets.push(t.to_string()),
+            _ => bail!("fuzz: unknown option {a:?}\n{USAGE}"),
+        }
+    }
+    xtask::fuzz::run(&targets, secs)?;
+    Ok(ExitCode::SUCCESS)
 }

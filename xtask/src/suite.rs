@@ -1,5 +1,6 @@
 //! `cargo xtask test`: every check, cheapest first (fmt, clippy on host and bare-metal
-//! crates, host unit tests, the linux-loader comparison on Debian's kernel, image build,
+//! crates, host unit tests, the linux-loader comparison on Debian's kernel, a brief run
+//! of each fuzz target, image build,
 //! emulator integration tests with the Linux guest's direct QEMU boot), then one summary
 //! line `N passed, N failed[, N skipped]`.
 
@@ -176,9 +177,9 @@ pub fn run(opts: &Options) -> Result<Summary> {
     let filter: Vec<String> = opts.filter.iter().cloned().collect();
 
     let tools: &[Tool] = if opts.quick {
-        &[Tool::Qemu, Tool::Iasl]
+        &[Tool::Qemu, Tool::Iasl, Tool::Cxx]
     } else {
-        &[Tool::Qemu, Tool::Bochs, Tool::Grub, Tool::Iasl]
+        &[Tool::Qemu, Tool::Bochs, Tool::Grub, Tool::Iasl, Tool::Cxx]
     };
     step(&mut summary, "host tools", || {
         deps::ensure(tools)?;
@@ -229,6 +230,7 @@ pub fn run(opts: &Options) -> Result<Summary> {
             &mut counts,
         )
     });
+    step(&mut summary, "fuzz targets", || xtask_fuzz_briefly(&filter));
     let built = step(&mut summary, "build images", || {
         crate::build::build(Profile::Release).map(|_| ())
     });
@@ -257,6 +259,31 @@ pub fn run(opts: &Options) -> Result<Summary> {
     println!("xtask test: total {}", fmt_duration(total));
     println!("{}", summary.line());
     Ok(summary)
+}
+
+/// Seconds each fuzz target runs in `cargo xtask test` (`$PEREGRINE_FUZZ_SECS`).
+const FUZZ_SECS: u64 = 10;
+
+/// Builds the fuzz targets and runs each briefly (a filter that names none skips them).
+fn xtask_fuzz_briefly(filter: &[String]) -> Result<()> {
+    let secs = std::env::var("PEREGRINE_FUZZ_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(FUZZ_SECS);
+    let targets: Vec<String> = crate::fuzz::TARGETS
+        .iter()
+        .map(|t| t.to_string())
+        .filter(|t| {
+            filter
+                .iter()
+                .all(|f| t.contains(f.as_str()) || "fuzz".contains(f.as_str()))
+        })
+        .collect();
+    if targets.is_empty() {
+        println!("xtask test: the filter names no fuzz target");
+        return Ok(());
+    }
+    crate::fuzz::run(&targets, secs)
 }
 
 fn fmt_duration(d: Duration) -> String {

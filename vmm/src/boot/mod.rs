@@ -202,7 +202,9 @@ pub fn parse(image: &[u8]) -> Result<BzImage<'_>, BootError> {
     let header_end = 0x202 + usize::from(image[0x201]);
     let need = setup_len as u64 + u64::from(hdr.syssize) * 16;
     // `syssize` counts 16-byte paragraphs, rounded up: allow the last one partial.
-    if (image.len() as u64) + 15 < need || image.len() < header_end {
+    // The setup code must be there in full even when `syssize` claims no kernel (the
+    // fuzzer's find: the paragraph slack alone let a file end inside the setup).
+    if (image.len() as u64) + 15 < need || image.len() < header_end.max(setup_len) {
         return Err(BootError::Truncated {
             need,
             have: image.len() as u64,

@@ -215,3 +215,18 @@ fn struct_round_trip() {
     assert_eq!({ back.init_size }, 0xdead_beef);
     assert!(SetupHeader::from_bytes(&b[1..]).is_none());
 }
+
+#[test]
+fn a_file_ending_inside_the_setup_code_is_truncated() {
+    // syssize 0 and a file a few bytes short of its setup sectors: found by the
+    // bzimage fuzz target (it panicked slicing the kernel).
+    let mut img = image(2, &[], |h| h.syssize = 0);
+    img.truncate(3 * 512 - 11);
+    assert_eq!(
+        parse(&img).err(),
+        Some(BootError::Truncated {
+            need: 3 * 512,
+            have: 3 * 512 - 11
+        })
+    );
+}

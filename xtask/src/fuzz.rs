@@ -1,0 +1,222 @@
+//! `cargo xtask fuzz`: the VMM library's fuzz targets (`vmm/fuzz`), built and run with
+//! libFuzzer on the pinned stable toolchain.
+//!
+//! cargo-fuzz needs nightly only for `-Zsanitizer=address` (and its `-Z` build
+//! options); the coverage instrumentation libFuzzer steers by is LLVM's SanitizerCoverage,
+//! which stable `rustc` turns on with the stable codegen options below — exactly the
+//! flags cargo-fuzz passes. Without AddressSanitizer, what a run can find is what safe
+//! Rust can do wrong: panics, arithmetic overflow (built with overflow checks and debug
+//! assertions), hangs (`-timeout`) and runaway memory (`-rss_limit_mb`) — which is what
+//! these targets are for. `libfuzzer-sys` compiles libFuzzer itself with the host C++
+//! compiler. The flags go through `RUSTFLAGS` with an explicit `--target`, so build
+//! scripts and proc macros are built without them (they cannot link the coverage
+//! callbacks).
+//!
+//! Each run starts from `<target>/fuzz/corpus/<name>/` (kept, so runs on one machine
+//! build on each other) plus the seeds below, written there when it is empty; a crash,
+//! hang or leak leaves its input in `<target>/fuzz/artifacts/<name>/` and fails.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+
+use crate::deps::{self, Tool};
+use crate::workspace;
+
+/// The targets, in `vmm/fuzz/fuzz_targets/`.
+pub const TARGETS: &[&str] = &["emulator", "virtqueue", "bzimage", "devices"];
+
+/// The instrumentation cargo-fuzz uses, without the sanitizer.
+const RUSTFLAGS: &[&str] = &[
+    "--cfg",
+    "fuzzing",
+    "-Cpasses=sancov-module",
+    "-Cllvm-args=-sanitizer-coverage-level=4",
+    "-Cllvm-args=-sanitizer-coverage-inline-8bit-counters",
+    "-Cllvm-args=-sanitizer-coverage-pc-table",
+    "-Cllvm-args=-sanitizer-coverage-trace-compares",
+    "-Cdebug-assertions",
+    "-Coverflow-checks",
+];
+
+/// The host's target triple (`rustc -vV`).
+fn host_triple() -> Result<String> {
+    let out = Command::new(std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into()))
+        .current_dir(workspace::root())
+        .arg("-vV")
+        .output()
+        .context("running rustc -vV")?;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("host: ").map(str::to_string))
+        .context("rustc -vV names no host")
+}
+
+/// Builds every target; the directory holding the binaries.
+pub fn build() -> Result<PathBuf> {
+    deps::ensure(&[Tool::Cxx])?;
+    let triple = host_triple()?;
+    let target_dir = workspace::out_dir("fuzz")?;
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(workspace::root().join("vmm/fuzz"))
+        .env("CARGO_TARGET_DIR", &target_dir)
+        .env("RUSTFLAGS", RUSTFLAGS.join(" "))
+        .args(["build", "--release", "--bins", "--target", &triple]);
+    workspace::run_checked(&mut cmd).context("building the fuzz targets")?;
+    Ok(target_dir.join(triple).join("release"))
+}
+
+/// Seed inputs: one well-formed input per target, so that a short run starts from the
+/// interesting paths instead of rediscovering the formats.
+pub fn seeds(target: &str) -> Vec<Vec<u8>> {
+    match target {
+        "emulator" => {
+            // Long mode, RCX 4, MMIO; then an MMIO store, load, zero-extending load,
+            // a string copy and port output.
+            let head = |dev: u8| {
+                let mut h = vec![2u8, 0, 4, dev];
+                h.resize(20, 0);
+                h
+            };
+            let codes: [&[u8]; 6] = [
+                &[0x89, 0x08],
+                &[0x8b, 0x07],
+                &[0x0f, 0xb7, 0x07],
+                &[0x48, 0x89, 0x07],
+                &[0xf3, 0xa4],
+                &[0xf3, 0x6e],
+            ];
+            codes
+                .iter()
+                .map(|c| [head(1), c.to_vec()].concat())
+                .collect()
+        }
+        "virtqueue" => {
+            // Queue size 4; one chain: descriptor 0, 16 device-writable bytes.
+            let mut m = vec![0u8; 0x220];
+            m[0] = 2;
+            m[2..4].copy_from_slice(&1u16.to_le_bytes());
+            m[0x210..0x218].copy_from_slice(&0x1800u64.to_le_bytes());
+            m[0x218..0x21c].copy_from_slice(&16u32.to_le_bytes());
+            m[0x21c..0x21e].copy_from_slice(&2u16.to_le_bytes());
+            vec![m]
+        }
+        "bzimage" => {
+            // The smallest loadable 64-bit bzImage: 4 setup sectors, 32 bytes of kernel.
+            let mut b = vec![0u8; 5 * 512 + 32];
+            let put = |b: &mut Vec<u8>, at: usize, v: &[u8]| b[at..at + v.len()].copy_from_slice(v);
+            put(&mut b, 0x1f1, &[4]);
+            put(&mut b, 0x1f4, &2u32.to_le_bytes());
+            put(&mut b, 0x1fe, &0xaa55u16.to_le_bytes());
+            put(&mut b, 0x200, &[0xeb, 0x6a]);
+            put(&mut b, 0x202, b"HdrS");
+            put(&mut b, 0x206, &0x020fu16.to_le_bytes());
+            put(&mut b, 0x211, &[1]);
+            put(&mut b, 0x22c, &0x7fff_ffffu32.to_le_bytes());
+            put(&mut b, 0x230, &0x20_0000u32.to_le_bytes());
+            put(&mut b, 0x236, &1u16.to_le_bytes());
+            put(&mut b, 0x238, &255u32.to_le_bytes());
+            put(&mut b, 0x258, &0x100_0000u64.to_le_bytes());
+            put(&mut b, 0x260, &0x10_0000u32.to_le_bytes());
+            vec![b]
+        }
+        "devices" => {
+            // PIT channel 0 rate generator; HPET enabled with timer 0 armed; a PCI
+            // configuration read through CF8/CFC; the I/O APIC's version register.
+            vec![[
+                &[1u8, 3, 3, 0, 0x34][..],
+                &[1, 3, 0, 0, 0x10],
+                &[1, 3, 0, 0, 0x00],
+                &[5, 12, 0x10, 10, 1, 0, 0, 0],
+                &[5, 12, 0x00, 0, 4, 0, 0, 0],
+                &[5, 12, 0x08, 20, 0x10, 0, 0, 0],
+                &[5, 8, 0, 0, 0, 0, 0, 0x80],
+                &[4, 9, 0, 0],
+                &[1, 11, 0, 0, 1],
+                &[4, 11, 0x10, 30],
+            ]
+            .concat()]
+        }
+        _ => Vec::new(),
+    }
+}
+
+/// Runs `target` for `secs` seconds from its corpus; the number of executions.
+pub fn run_target(bin_dir: &Path, target: &str, secs: u64) -> Result<u64> {
+    let dir = workspace::out_dir("fuzz")?;
+    let corpus = dir.join("corpus").join(target);
+    let artifacts = dir.join("artifacts").join(target);
+    std::fs::create_dir_all(&corpus)?;
+    std::fs::create_dir_all(&artifacts)?;
+    if std::fs::read_dir(&corpus)?.next().is_none() {
+        for (i, s) in seeds(target).iter().enumerate() {
+            std::fs::write(corpus.join(format!("seed-{i}")), s)?;
+        }
+    }
+    let start = Instant::now();
+    let out = Command::new(bin_dir.join(target))
+        .arg(format!("-max_total_time={secs}"))
+        .args(["-timeout=10", "-rss_limit_mb=2048", "-print_final_stats=1"])
+        .arg(format!("-artifact_prefix={}/", artifacts.display()))
+        .arg(&corpus)
+        .output()
+        .with_context(|| format!("running fuzz target {target}"))?;
+    let log = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() {
+        let tail: Vec<&str> = log.lines().rev().take(30).collect();
+        bail!(
+            "fuzz target {target} failed ({}); input in {}:\n{}",
+            out.status,
+            artifacts.display(),
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        );
+    }
+    let runs = log
+        .lines()
+        .find_map(|l| l.strip_prefix("Done ")?.split(' ').next()?.parse().ok())
+        .unwrap_or(0);
+    println!(
+        "xtask fuzz: {target}: {runs} executions in {:.1} s, no failure",
+        start.elapsed().as_secs_f64()
+    );
+    Ok(runs)
+}
+
+/// Builds the targets and runs each of `targets` (all if empty) for `secs` seconds.
+pub fn run(targets: &[String], secs: u64) -> Result<()> {
+    for t in targets {
+        if !TARGETS.contains(&t.as_str()) {
+            bail!("unknown fuzz target {t:?} (have {})", TARGETS.join(", "));
+        }
+    }
+    let bins = build()?;
+    let all: Vec<String> = TARGETS.iter().map(|t| t.to_string()).collect();
+    for t in if targets.is_empty() { &all } else { targets } {
+        run_target(&bins, t, secs)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_target_has_seeds_and_a_source() {
+        for t in TARGETS {
+            assert!(!seeds(t).is_empty(), "{t}");
+            let src = workspace::root().join(format!("vmm/fuzz/fuzz_targets/{t}.rs"));
+            assert!(src.is_file(), "{}", src.display());
+        }
+    }
+
+    #[test]
+    fn the_bzimage_seed_is_a_bzimage() {
+        let b = &seeds("bzimage")[0];
+        assert_eq!(&b[0x202..0x206], b"HdrS");
+        assert_eq!(0x202 + usize::from(b[0x201]), 0x26c, "header end");
+    }
+}
