@@ -79,8 +79,11 @@ fn main(hip_addr: u64) -> ! {
             )
         })
         .collect();
-    let guests: alloc::vec::Vec<&str> =
-        mods.iter().filter_map(|m| hip::arg(m.1, "guest")).collect();
+    let guests: alloc::vec::Vec<&str> = mods
+        .iter()
+        .flat_map(|m| ["guest", "initrd", "disk"].map(|k| hip::arg(m.1, k)))
+        .flatten()
+        .collect();
     for (i, &(file, margs, addr, size)) in
         mods.iter().filter(|m| !guests.contains(&m.0)).enumerate()
     {
@@ -105,7 +108,7 @@ fn main(hip_addr: u64) -> ! {
             Some(Some(g)) => (
                 Some((g.2, g.3)),
                 vmm_mem << 8,
-                128 + vmm_mem + vmm_cpus * 340,
+                192 + vmm_mem + vmm_cpus * 360,
             ),
             Some(None) => {
                 println!(
@@ -131,6 +134,11 @@ fn main(hip_addr: u64) -> ! {
             caps: &[],
             pool_pages,
             guest,
+            modules: ["initrd", "disk"].map(|k| {
+                hip::arg(margs, k)
+                    .and_then(|n| mods.iter().find(|m| m.0 == n))
+                    .map(|m| (m.2, m.3))
+            }),
         };
         match component::start(&spec) {
             Ok(id) => println!("started {} (id {}) on cpu {}", name, id, cpu),

@@ -14,7 +14,7 @@ use nul_rt::{hc, println, sel};
 use spin::Mutex;
 
 /// Lines the queue holds.
-const MAX_LINES: usize = 256;
+const MAX_LINES: usize = 4096;
 
 static LINES: Mutex<VecDeque<String>> = Mutex::new(VecDeque::new());
 static SM: AtomicU64 = AtomicU64::new(0);

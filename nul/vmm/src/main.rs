@@ -56,11 +56,18 @@ fn main(info: u64) -> ! {
     let Some(si) = (unsafe { StartInfo::at(info) }) else {
         fail(&"no start-info page")
     };
-    let args = si.args();
+    // The guest kernel's command line follows ` -- `.
+    let (args, cmdline) = match si.args().split_once(" -- ") {
+        Some((a, c)) => (a, c.trim()),
+        None => (si.args(), ""),
+    };
     let mode = start_info::arg(args, "mode").unwrap_or("check");
     let seed = start_info::arg_u64(args, "seed").unwrap_or(1);
-    let Some(mode) = Mode::parse(mode, seed) else {
-        fail(&alloc::format!("unknown mode {:?}", mode))
+    let linux = mode == "linux";
+    let mode = match Mode::parse(mode, seed) {
+        Some(m) => m,
+        None if linux => Mode::Check,
+        None => fail(&alloc::format!("unknown mode {:?}", mode)),
     };
     let vcpus = start_info::arg_u64(args, "cpus").unwrap_or(1).clamp(1, 64) as u32;
     let mem = start_info::arg_u64(args, "mem").unwrap_or(16).max(4) << 20;
@@ -84,16 +91,44 @@ fn main(info: u64) -> ! {
     if let Err(e) = log::init() {
         fail(&alloc::format!("cannot create a semaphore: {:?}", e));
     }
-    println!(
-        "vmm: guest {} ({} bytes), {} MiB, {} vCPU(s), {:?}",
-        start_info::arg(args, "guest").unwrap_or("?"),
-        image.len(),
-        mem >> 20,
-        vcpus,
-        mode
-    );
+    let linux = linux.then(|| {
+        // SAFETY: the root maps the initrd read-only and the disk read-write for our
+        // lifetime; each is taken once, here, and the initrd only read.
+        let (initrd, disk) = unsafe {
+            (
+                si.module(start_info::MODULE_INITRD).map(|m| &*m),
+                si.module(start_info::MODULE_DISK),
+            )
+        };
+        println!(
+            "vmm: Linux {} ({} bytes), initrd {} bytes, disk {} bytes, {} MiB, {} vCPU(s), cmdline {:?}",
+            start_info::arg(args, "guest").unwrap_or("?"),
+            image.len(),
+            initrd.map_or(0, |i| i.len()),
+            disk.as_ref().map_or(0, |d| d.len()),
+            mem >> 20,
+            vcpus,
+            cmdline
+        );
+        vm::LinuxParams {
+            cmdline,
+            initrd,
+            disk,
+        }
+    });
+    if linux.is_none() {
+        println!(
+            "vmm: guest {} ({} bytes), {} MiB, {} vCPU(s), {:?}",
+            start_info::arg(args, "guest").unwrap_or("?"),
+            image.len(),
+            mem >> 20,
+            vcpus,
+            mode
+        );
+    }
     let params = vm::Params {
         image,
+        linux,
         ram,
         mode,
         vcpus,
