@@ -4,7 +4,7 @@ use super::*;
 fn memory_map_splits_the_first_mib() {
     let m = memory_map(256 << 20);
     assert_eq!((m[0].addr, m[0].size, m[0].typ), (0, 0x9_fc00, e820::RAM));
-    assert_eq!(m[1].typ, e820::RESERVED);
+    assert_eq!({ m[1].typ }, e820::RESERVED);
     assert_eq!(m[1].addr + m[1].size, 0x10_0000);
     assert_eq!((m[2].addr, m[2].size), (0x10_0000, (256 << 20) - 0x10_0000));
 }
