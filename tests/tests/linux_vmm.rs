@@ -60,10 +60,18 @@ fn linux_vmm_one_vcpu() {
 #[test]
 fn linux_vmm_two_vcpus() {
     let r = run("linux-vmm-2", 2, 2, "nproc,disk", 240);
-    assert!(r.serial.contains(linux::MARKER), "no marker\n{}", r.report());
+    assert!(
+        r.serial.contains(linux::MARKER),
+        "no marker\n{}",
+        r.report()
+    );
     let t = linux::test_results(&r.serial);
     assert_eq!(result(&t, "nproc"), Some("2"), "{}", r.report());
     assert_eq!(result(&t, "disk"), Some("ok"), "{}", r.report());
-    assert!(r.serial.contains("vmm: guest powered off"), "{}", r.report());
+    assert!(
+        r.serial.contains("vmm: guest powered off"),
+        "{}",
+        r.report()
+    );
     assert_success(&r, &["PASS vmm"]);
 }

@@ -151,6 +151,16 @@ impl<S: LineSink> SerialLines<S> {
     }
 }
 
+impl<S: LineSink> SerialLines<S> {
+    /// Passes on the unfinished line, if any ([`LineSink::partial`]).
+    pub fn flush(&mut self) {
+        if !self.buf.is_empty() {
+            self.sink.partial(&self.buf);
+            self.buf.clear();
+        }
+    }
+}
+
 impl<S: LineSink> SerialSink for SerialLines<S> {
     fn put(&mut self, byte: u8) {
         match byte {
@@ -323,14 +333,19 @@ pub struct Pc {
     undefined: AtomicU64,
 }
 
-/// Console input into the UART.
+/// Console input into the UART, and its output's unfinished line.
 trait UartInput: BusDevice {
     fn input(&mut self, bytes: &[u8]) -> usize;
+    fn flush(&mut self);
 }
 
-impl<S: SerialSink + 'static> UartInput for Uart16550<S> {
+impl<S: LineSink + 'static> UartInput for Uart16550<SerialLines<S>> {
     fn input(&mut self, bytes: &[u8]) -> usize {
         self.enqueue_input(bytes)
+    }
+
+    fn flush(&mut self) {
+        self.sink().flush();
     }
 }
 
@@ -558,6 +573,11 @@ impl Pc {
         let n = self.uart.lock().input(bytes);
         self.drain();
         n
+    }
+
+    /// Passes COM1's unfinished output line on (an interactive console's prompt).
+    pub fn flush_console(&self) {
+        self.uart.lock().flush();
     }
 
     /// The state every event's portal must transfer.

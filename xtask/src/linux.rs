@@ -358,6 +358,22 @@ pub fn check_qemu(guest: &Guest, smp: u32, tests: &str) -> Result<RunResult> {
     Ok(r)
 }
 
+/// The guest as `prepare` left it, if every file is there (nothing fetched or built):
+/// what `cargo xtask run` boots by default.
+pub fn existing() -> Option<Guest> {
+    let linux = workspace::target_dir().ok()?.join("linux");
+    let kernel = baseline::newest_vmlinuz(&linux.join("root/boot"))?;
+    let dir = linux.join("guest");
+    let (initramfs, disk) = (dir.join("initramfs.cpio"), dir.join("disk.img"));
+    let disk_md5 = std::fs::read_to_string(dir.join("disk.md5")).ok()?;
+    (initramfs.is_file() && disk.is_file()).then(|| Guest {
+        kernel,
+        initramfs,
+        disk,
+        disk_md5: disk_md5.split_whitespace().next().unwrap_or("").to_string(),
+    })
+}
+
 /// Guest RAM of the Linux VM on Peregrine, in MiB (as the direct QEMU boot's `-m`).
 pub const VMM_MEM_MIB: u32 = 256;
 

@@ -91,6 +91,7 @@ fn main(info: u64) -> ! {
     if let Err(e) = log::init() {
         fail(&alloc::format!("cannot create a semaphore: {:?}", e));
     }
+    let interactive = linux && start_info::flag(args, "interactive");
     let linux = linux.then(|| {
         // SAFETY: the root maps the initrd read-only and the disk read-write for our
         // lifetime; each is taken once, here, and the initrd only read.
@@ -114,6 +115,7 @@ fn main(info: u64) -> ! {
             cmdline,
             initrd,
             disk,
+            interactive: start_info::flag(args, "interactive"),
         }
     });
     if linux.is_none() {
@@ -146,8 +148,27 @@ fn main(info: u64) -> ! {
         s => hc::rdtsc().saturating_add(s.saturating_mul(si.tsc_khz).saturating_mul(1000)),
     };
     let mut reported = false;
+    // An interactive Linux console: the root's console input is polled every 10 ms.
+    let poll = interactive.then(|| si.tsc_khz.saturating_mul(10).max(1));
+    let mut pending: alloc::vec::Vec<u8> = alloc::vec::Vec::new();
     log::serve(move || {
         let Some(vm) = vm::get() else { return 0 };
+        let mut next = end_tsc;
+        if let (Some(poll), vm::Guest::Linux(pc), None) = (poll, &vm.machine, vm.ended()) {
+            let mut b = [0u8; svc::INPUT_MAX];
+            if pending.len() < 4096 {
+                if let Ok(n) = svc::input(&mut b) {
+                    pending.extend_from_slice(&b[..n]);
+                }
+            }
+            if !pending.is_empty() {
+                let n = pc.console_input(&pending);
+                pending.drain(..n);
+            }
+            pc.flush_console();
+            let t = hc::rdtsc() + poll;
+            next = if next == 0 { t } else { next.min(t) };
+        }
         if end_tsc != 0 && vm.ended().is_none() && hc::rdtsc() >= end_tsc {
             vm.end(End::TimeLimit { secs: limit });
             // Print the end's line first: come back at once.
@@ -168,7 +189,7 @@ fn main(info: u64) -> ! {
         if reported {
             0
         } else {
-            end_tsc
+            next
         }
     })
 }

@@ -310,12 +310,29 @@ pub fn get() -> Option<&'static Vm> {
     VM.get()
 }
 
-/// Guest console lines go to the VMM's console unchanged.
-struct GuestConsole;
+/// Guest console lines go to the VMM's console unchanged; an interactive console
+/// (`raw`) goes out untagged, unfinished lines included.
+struct GuestConsole {
+    raw: bool,
+}
 
 impl LineSink for GuestConsole {
     fn line(&mut self, line: &[u8]) {
-        crate::log::line(alloc::string::String::from_utf8_lossy(line).into_owned());
+        let s = alloc::string::String::from_utf8_lossy(line).into_owned();
+        if self.raw {
+            crate::log::raw(s + "\n");
+        } else {
+            crate::log::line(s);
+        }
+    }
+
+    fn partial(&mut self, bytes: &[u8]) {
+        let s = alloc::string::String::from_utf8_lossy(bytes).into_owned();
+        if self.raw {
+            crate::log::raw(s);
+        } else {
+            crate::log::line(s);
+        }
     }
 }
 
@@ -327,6 +344,9 @@ pub struct LinuxParams<'a> {
     pub initrd: Option<&'a [u8]>,
     /// The disk image (the VMM's own copy: the guest's writes land in it).
     pub disk: Option<&'static mut [u8]>,
+    /// The console is interactive: COM1's output goes out untagged, and the root's
+    /// console input comes in.
+    pub interactive: bool,
 }
 
 /// What [`create`] needs.
@@ -416,7 +436,7 @@ pub fn create(p: Params) -> Result<&'static Vm, Error> {
                 vcpus: p.vcpus,
                 entry,
             };
-            Guest::Test(Machine::new(cfg, GuestConsole, host_cpuid))
+            Guest::Test(Machine::new(cfg, GuestConsole { raw: false }, host_cpuid))
         }
         Some(l) => {
             let cfg = PcConfig {
@@ -433,7 +453,7 @@ pub fn create(p: Params) -> Result<&'static Vm, Error> {
                 l.cmdline.as_bytes(),
                 l.initrd,
                 l.disk.map(RamDisk),
-                GuestConsole,
+                GuestConsole { raw: l.interactive },
                 Arc::new(TscClock { khz: p.tsc_khz }),
                 sync.clone(),
                 host_cpuid,
