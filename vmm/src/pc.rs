@@ -1051,7 +1051,7 @@ fn skip(regs: &mut ArchState, len: u64) {
     regs.mtd |= Mtd::RIP_LEN;
 }
 
-#[allow(dead_code)]
+/// Whether `msr` is the local APIC's (base, TSC deadline, the x2APIC registers).
 fn lapic_msr(msr: u32) -> bool {
     msr == lapic::MSR_APIC_BASE
         || msr == lapic::MSR_TSC_DEADLINE

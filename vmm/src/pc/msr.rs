@@ -9,7 +9,6 @@
 
 use super::{gp0, skip, Pc};
 use crate::exit::Step;
-use crate::lapic;
 use crate::vcpu::{gpr, Mtd, Platform};
 
 /// MSR numbers (SDM vol. 4, AMD APM vol. 2 appendix A).
@@ -169,11 +168,8 @@ impl Pc {
             }
             nr::TSC_AUX => self.msrs[vcpu as usize].lock().tsc_aux = v & 0xffff_ffff,
             nr::MISC_ENABLE => self.msrs[vcpu as usize].lock().misc_enable = v,
-            m if super::lapic_msr(m) => {
-                let ok = self.lapics[vcpu as usize].lock().write_msr(m, v);
-                // A new timer deadline: the platform's timer thread looks again.
-                return ok;
-            }
+            // A new timer deadline is the platform's to notice (`Pc::next_deadline`).
+            m if super::lapic_msr(m) => return self.lapics[vcpu as usize].lock().write_msr(m, v),
             m => {
                 let now = self.sample(tsc);
                 let wall = self.boot_wall_ns();
@@ -183,7 +179,6 @@ impl Pc {
                 let _ = clock.wrmsr(p, m, v, now, wall);
             }
         }
-        let _ = lapic::MSR_APIC_BASE;
         true
     }
 }
