@@ -52,6 +52,9 @@ commands:
                              with guests/test) under QEMU -cpu EPYC -icount (SVM), or
                              in Bochs corei7_skylake_x (VMX, minutes);
                              writes <target>/bench/vmexit.json
+  bench boot                 the Linux guest booted by Peregrine's VMM and directly by
+                             QEMU: marker uptime, wall time, virtio read;
+                             writes <target>/bench/boot.json
 ";
 
 /// Command-line arguments, consumed front to back.
