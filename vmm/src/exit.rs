@@ -48,6 +48,10 @@ pub enum Step {
     /// The vCPU halted with interrupts disabled: nothing wakes it, it stops for good
     /// (no reply). When every vCPU stopped, the VMM ends the VM ([`End::HaltForever`]).
     Stop,
+    /// The vCPU halted with interrupts enabled and has no interrupt to take: block it
+    /// until one is pending, then let the machine inject it
+    /// ([`crate::pc::Pc::wake`]) and reply.
+    Wait,
     /// End the VM.
     End(End),
 }

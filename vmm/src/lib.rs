@@ -42,6 +42,7 @@ pub mod ioapic;
 pub mod kvmclock;
 pub mod lapic;
 pub mod loader;
+pub mod pc;
 pub mod pci;
 pub mod pic8259;
 pub mod pit8254;

@@ -94,6 +94,11 @@ impl Mode {
 pub trait LineSink: Send {
     /// One line, without its `\n`.
     fn line(&mut self, line: &[u8]);
+    /// The start of a line not yet ended, given up waiting for the rest (an
+    /// interactive console's prompt); by default passed on as a line.
+    fn partial(&mut self, bytes: &[u8]) {
+        self.line(bytes);
+    }
 }
 
 impl LineSink for Vec<Vec<u8>> {

@@ -129,7 +129,7 @@ pub fn build_initramfs(dir: &Path) -> Result<PathBuf> {
 }
 
 /// The newest `vmlinuz-*` in `dir`.
-fn newest_vmlinuz(dir: &Path) -> Option<PathBuf> {
+pub fn newest_vmlinuz(dir: &Path) -> Option<PathBuf> {
     let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
         .ok()?
         .filter_map(|e| e.ok().map(|e| e.path()))

@@ -358,6 +358,68 @@ pub fn check_qemu(guest: &Guest, smp: u32, tests: &str) -> Result<RunResult> {
     Ok(r)
 }
 
+/// The guest as `prepare` left it, if every file is there (nothing fetched or built):
+/// what `cargo xtask run` boots by default.
+pub fn existing() -> Option<Guest> {
+    let linux = workspace::target_dir().ok()?.join("linux");
+    let kernel = baseline::newest_vmlinuz(&linux.join("root/boot"))?;
+    let dir = linux.join("guest");
+    let (initramfs, disk) = (dir.join("initramfs.cpio"), dir.join("disk.img"));
+    let disk_md5 = std::fs::read_to_string(dir.join("disk.md5")).ok()?;
+    (initramfs.is_file() && disk.is_file()).then(|| Guest {
+        kernel,
+        initramfs,
+        disk,
+        disk_md5: disk_md5.split_whitespace().next().unwrap_or("").to_string(),
+    })
+}
+
+/// Guest RAM of the Linux VM on Peregrine, in MiB (as the direct QEMU boot's `-m`).
+pub const VMM_MEM_MIB: u32 = 256;
+
+/// The module line of the VMM that boots `guest` with `cpus` vCPUs and the `/init`
+/// tests `tests` (empty: the shell); the kernel command line follows ` -- `.
+pub fn vmm_args(guest: &Guest, cpus: u32, tests: &str, extra: &str) -> String {
+    let name = |p: &Path| {
+        p.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    };
+    format!(
+        "name=linux guest={} initrd={} disk={} cpus={cpus} mem={VMM_MEM_MIB} mode=linux cpu=0 {extra}-- {} no_timer_check",
+        name(&guest.kernel),
+        name(&guest.initramfs),
+        name(&guest.disk),
+        cmdline(tests)
+    )
+}
+
+/// `spec` (the system with the root task) with a VMM booting `guest`: the VMM module
+/// (`vmm` is its image) and the kernel, initramfs and disk as boot modules. The root
+/// runs `test=vmm` when `tests` is set (waiting for the power-off), else nothing.
+pub fn with_vmm(
+    spec: BootSpec,
+    vmm: PathBuf,
+    guest: &Guest,
+    cpus: u32,
+    tests: &str,
+    extra: &str,
+) -> BootSpec {
+    let spec = if tests.is_empty() {
+        spec
+    } else {
+        spec.root_args("test=vmm secs=600")
+    };
+    let mut spec = spec
+        .module(vmm, &vmm_args(guest, cpus, tests, extra))
+        .module(guest.kernel.clone(), "")
+        .module(guest.initramfs.clone(), "")
+        .module(guest.disk.clone(), "");
+    // Room for the guest's RAM besides the kernel, the root and the modules.
+    spec.memory_mib = spec.memory_mib.max(VMM_MEM_MIB + 256);
+    spec
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

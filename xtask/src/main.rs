@@ -15,7 +15,9 @@ commands:
   run [options] [-- ARGS]    build and boot the default system; ARGS go on the kernel
                              command line
       --emulator qemu|bochs  emulator (default qemu; bochs boots a GRUB ISO, VMX)
-      --smp N                number of CPUs (default 1)
+      --smp N                number of CPUs (default 1; also the Linux guest's vCPUs)
+      --no-linux             without the Linux guest (booted by default when
+                             `cargo xtask linux --prepare` left its files)
       --memory MIB           guest memory (default 512)
       --cpu MODEL            CPU model (default: QEMU EPYC, or host with KVM; Bochs
                              corei7_skylake_x, trinity_apu for SVM)
@@ -128,8 +130,10 @@ fn run(mut args: Args) -> Result<ExitCode> {
     let (mut cpu, mut root_args, mut icount, mut profile) =
         (None, String::new(), false, Profile::Release);
     let mut kernel_args = Vec::new();
+    let mut linux_guest = true;
     while let Some(a) = args.0.next() {
         match a.as_str() {
+            "--no-linux" => linux_guest = false,
             "--emulator" => emulator = args.value(&a)?.parse()?,
             "--smp" => smp = args.number(&a)?,
             "--memory" => memory = args.number(&a)?,
@@ -153,6 +157,24 @@ fn run(mut args: Args) -> Result<ExitCode> {
     spec.cpu_model = cpu;
     spec.icount = icount;
     spec.output = Output::Inherit;
+    // The headline: with no root arguments, a VMM boots the Linux guest (when `cargo
+    // xtask linux --prepare` left its files) with a shell on this terminal.
+    let linux = (linux_guest && root_args.is_empty() && emulator == Emulator::Qemu)
+        .then(xtask::linux::existing)
+        .flatten();
+    if let Some(g) = &linux {
+        eprintln!(
+            "xtask: the VMM boots {} with {} vCPU(s) (--no-linux: without it)",
+            g.kernel.display(),
+            smp
+        );
+        spec = xtask::linux::with_vmm(spec, images.vmm(), g, smp, "", "interactive ");
+        spec.memory_mib = spec.memory_mib.max(memory);
+    } else if linux_guest && root_args.is_empty() && emulator == Emulator::Qemu {
+        eprintln!(
+            "xtask: no Linux guest (`cargo xtask linux --prepare` builds it): the bare system"
+        );
+    }
     if emulator == Emulator::Qemu {
         let kvm = xtask::qemu::uses_kvm(&spec);
         eprintln!(

@@ -170,6 +170,9 @@ pub struct ChildSpec<'a> {
     /// A boot module to map read-only at [`IMAGE_ADDR`] (a VMM's guest): physical
     /// address and size.
     pub guest: Option<(u64, u64)>,
+    /// Further boot modules of a VMM (initrd, disk): physical address and size; the
+    /// disk is mapped read-write.
+    pub modules: [Option<(u64, u64)>; 2],
 }
 
 /// Delegates `pages` pages of the root's window from physical `phys` to `addr` in
@@ -260,8 +263,11 @@ fn build(spec: &ChildSpec, id: usize, pd: u64) -> Result<(), StartError> {
     si.tsc_khz = spec.tsc_khz;
     si.set_args(spec.args);
     if spec.pool_pages > 0 {
-        // 2 MiB aligned like POOL_ADDR: the pool goes over in large pieces.
-        let phys = mem::alloc_aligned(spec.pool_pages, 512).ok_or(StartError::NoMemory)?;
+        // 2-MiB aligned, so the VMM and the VM map it with large pages (and few
+        // mapping-database nodes).
+        let phys = mem::alloc_aligned(spec.pool_pages, 512)
+            .or_else(|| mem::alloc(spec.pool_pages))
+            .ok_or(StartError::NoMemory)?;
         ranges.push((phys, spec.pool_pages));
         map_range(pd, POOL_ADDR, phys, spec.pool_pages, MemPerm::all())?;
         si.pool_size = spec.pool_pages << PAGE_BITS;
@@ -272,6 +278,19 @@ fn build(spec: &ChildSpec, id: usize, pd: u64) -> Result<(), StartError> {
         map_range(pd, IMAGE_ADDR, first << PAGE_BITS, pages, MemPerm::R)?;
         si.image_addr = IMAGE_ADDR + (addr & ((1 << PAGE_BITS) - 1));
         si.image_size = size;
+    }
+    for (i, m) in spec.modules.iter().enumerate() {
+        let Some((addr, size)) = *m else { continue };
+        let first = addr >> PAGE_BITS;
+        let pages = (addr + size).div_ceil(1 << PAGE_BITS) - first;
+        let at = start_info::MODULES_ADDR + i as u64 * start_info::MODULE_STRIDE;
+        let perm = if i == start_info::MODULE_DISK {
+            MemPerm::R | MemPerm::W
+        } else {
+            MemPerm::R
+        };
+        map_range(pd, at, first << PAGE_BITS, pages, perm)?;
+        si.modules[i] = [at + (addr & ((1 << PAGE_BITS) - 1)), size];
     }
     let shared = give_page(pd, SHARED_ADDR, MemPerm::R | MemPerm::W, &mut ranges)?;
     let role = start_info::arg(spec.args, "role").unwrap_or("");

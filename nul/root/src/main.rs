@@ -81,8 +81,11 @@ fn main(hip_addr: u64) -> ! {
             )
         })
         .collect();
-    let guests: alloc::vec::Vec<&str> =
-        mods.iter().filter_map(|m| hip::arg(m.1, "guest")).collect();
+    let guests: alloc::vec::Vec<&str> = mods
+        .iter()
+        .flat_map(|m| ["guest", "initrd", "disk"].map(|k| hip::arg(m.1, k)))
+        .flatten()
+        .collect();
     for (i, &(file, margs, addr, size)) in
         mods.iter().filter(|m| !guests.contains(&m.0)).enumerate()
     {
@@ -109,7 +112,7 @@ fn main(hip_addr: u64) -> ! {
                 vmm_mem << 8,
                 // + mapping-database nodes of the pool, in the VMM and in the VM (a
                 // page per 32 nodes, one node per 4 KiB at worst).
-                128 + vmm_mem + 2 * ((vmm_mem << 8) / 32) + vmm_cpus * 340,
+                192 + vmm_mem + 2 * ((vmm_mem << 8) / 32) + vmm_cpus * 360,
             ),
             Some(None) => {
                 println!(
@@ -135,6 +138,11 @@ fn main(hip_addr: u64) -> ! {
             caps: &[],
             pool_pages,
             guest,
+            modules: ["initrd", "disk"].map(|k| {
+                hip::arg(margs, k)
+                    .and_then(|n| mods.iter().find(|m| m.0 == n))
+                    .map(|m| (m.2, m.3))
+            }),
         };
         match component::start(&spec) {
             Ok(id) => println!("started {} (id {}) on cpu {}", name, id, cpu),

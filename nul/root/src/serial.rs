@@ -51,6 +51,28 @@ pub fn write_tagged(tag: &str, bytes: &[u8]) {
     }
 }
 
+/// Writes bytes untagged (a guest's interactive console).
+pub fn write_raw(bytes: &[u8]) {
+    let _g = LOCK.lock();
+    for &b in bytes {
+        if b == b'\n' {
+            putc(b'\r');
+        }
+        putc(b);
+    }
+}
+
+/// Reads what the serial port received, up to `buf.len()` bytes (polled).
+pub fn read(buf: &mut [u8]) -> usize {
+    let _g = LOCK.lock();
+    let mut n = 0;
+    while n < buf.len() && inb(COM1 + 5) & 1 != 0 {
+        buf[n] = inb(COM1);
+        n += 1;
+    }
+    n
+}
+
 /// The root's own console sink.
 pub fn root_sink(bytes: &[u8]) {
     write_tagged("root", bytes);

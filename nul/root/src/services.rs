@@ -105,8 +105,12 @@ pub extern "C" fn console_handler(id: u64, utcb: u64) -> ! {
     let words = &u.get().data[..n];
     let mut buf = [0u8; nul_rt::console::LINE_MAX];
     let len = nul_rt::console::decode(words, &mut buf);
-    let name = component::name_of(id as usize);
-    serial::write_tagged(&name, &buf[..len]);
+    if words.first().is_some_and(|w| w & nul_rt::console::RAW != 0) {
+        serial::write_raw(&buf[..len]);
+    } else {
+        let name = component::name_of(id as usize);
+        serial::write_tagged(&name, &buf[..len]);
+    }
     u.get().head.set_counts(0, 0);
     hc::reply()
 }
@@ -144,6 +148,17 @@ pub extern "C" fn service_handler(id: u64, utcb: u64) -> ! {
         svc::PROGRESS if got == 0 && n >= 2 => {
             component::with(id, |c| c.progress = a);
             ok = true;
+        }
+        svc::INPUT if got == 0 => {
+            let mut b = [0u8; svc::INPUT_MAX];
+            let got = serial::read(&mut b);
+            let mut w = [0u64; 2 + svc::INPUT_MAX / 8];
+            w[1] = got as u64;
+            for (i, &c) in b[..got].iter().enumerate() {
+                w[2 + i / 8] |= u64::from(c) << ((i % 8) * 8);
+            }
+            u.set_msg(&w[..2 + got.div_ceil(8)]);
+            hc::reply()
         }
         _ => refresh_window(&u),
     }

@@ -22,12 +22,25 @@ pub fn set_sink(s: Sink) {
 /// Bytes of a line the console portal takes per call.
 pub const LINE_MAX: usize = 480;
 
+/// Bit of the length word that marks raw output: the root writes the bytes as they
+/// are, without its `[name] ` tag (a guest's interactive console).
+pub const RAW: u64 = 1 << 63;
+
 fn portal_sink(bytes: &[u8]) {
-    // Words: [len, bytes packed little-endian...]
+    send(bytes, 0);
+}
+
+/// Writes `bytes` to the console untagged (through the root's console portal).
+pub fn print_raw(bytes: &[u8]) {
+    send(bytes, RAW);
+}
+
+fn send(bytes: &[u8], flags: u64) {
+    // Words: [len | flags, bytes packed little-endian...]
     for chunk in bytes.chunks(LINE_MAX) {
         let u = UtcbRef::main();
         let utcb = u.get();
-        utcb.data[0] = chunk.len() as u64;
+        utcb.data[0] = chunk.len() as u64 | flags;
         for (i, w) in chunk.chunks(8).enumerate() {
             let mut b = [0u8; 8];
             b[..w.len()].copy_from_slice(w);
@@ -43,7 +56,7 @@ pub fn decode(words: &[u64], out: &mut [u8; LINE_MAX]) -> usize {
     let Some((&len, rest)) = words.split_first() else {
         return 0;
     };
-    let len = (len as usize).min(LINE_MAX).min(rest.len() * 8);
+    let len = ((len & !RAW) as usize).min(LINE_MAX).min(rest.len() * 8);
     for (i, b) in out.iter_mut().enumerate().take(len) {
         *b = (rest[i / 8] >> ((i % 8) * 8)) as u8;
     }

@@ -22,11 +22,22 @@ pub const POOL_ADDR: u64 = 0x5000_0000_0000;
 /// starts at [`StartInfo::image_addr`]).
 pub const IMAGE_ADDR: u64 = 0x4f00_0000_0000;
 
+/// Where the root maps a VMM's further boot modules (`initrd=`, `disk=`): module `i`
+/// of [`StartInfo::modules`] at `MODULES_ADDR + i * MODULE_STRIDE` (the disk read-write,
+/// the others read-only).
+pub const MODULES_ADDR: u64 = 0x4e00_0000_0000;
+/// Address space set aside per further module.
+pub const MODULE_STRIDE: u64 = 0x10_0000_0000;
+/// Module slot of the initrd.
+pub const MODULE_INITRD: usize = 0;
+/// Module slot of the disk image.
+pub const MODULE_DISK: usize = 1;
+
 /// "NULSTART" little-endian.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"NULSTART");
 
 /// Bytes of the argument string the page holds.
-pub const ARGS_MAX: usize = 4096 - 10 * 8;
+pub const ARGS_MAX: usize = 4096 - 14 * 8;
 
 /// The start-info page.
 #[repr(C)]
@@ -49,6 +60,9 @@ pub struct StartInfo {
     pub image_addr: u64,
     /// Bytes of the guest image.
     pub image_size: u64,
+    /// Further boot modules (address and size; 0 if absent): [`MODULE_INITRD`],
+    /// [`MODULE_DISK`].
+    pub modules: [[u64; 2]; 2],
     /// Length of the argument string.
     pub args_len: u64,
     /// The argument string (the module command line without the file name).
@@ -69,6 +83,20 @@ impl StartInfo {
         // SAFETY: the caller guarantees a mapped page; StartInfo is plain integers.
         let s = unsafe { &*(addr as *const StartInfo) };
         (s.magic == MAGIC).then_some(s)
+    }
+
+    /// Further boot module `i`, if the root gave it.
+    ///
+    /// # Safety
+    /// The start-info page must be the root's, which maps the module there for the
+    /// component's lifetime (read-write for [`MODULE_DISK`], read-only otherwise); the
+    /// caller must not make two live slices of the same module.
+    pub unsafe fn module(&self, i: usize) -> Option<&'static mut [u8]> {
+        let [addr, size] = *self.modules.get(i)?;
+        // SAFETY: per the contract above, `[addr, addr + size)` is mapped for us; a
+        // read-only module is only ever read through the slice (callers' duty).
+        (addr != 0)
+            .then(|| unsafe { core::slice::from_raw_parts_mut(addr as *mut u8, size as usize) })
     }
 
     /// The argument string.

@@ -21,6 +21,11 @@ pub const REGISTER: u64 = 1;
 pub const RESULT: u64 = 2;
 /// Report progress.
 pub const PROGRESS: u64 = 3;
+/// Take console input: the reply is `[0, n, bytes packed 8 per word]` (up to
+/// [`INPUT_MAX`] bytes the root read from its serial port).
+pub const INPUT: u64 = 4;
+/// The most input bytes one [`INPUT`] call returns.
+pub const INPUT_MAX: usize = 64;
 
 fn call(words: &[u64], item: Option<Xfer>) -> Result<(), Status> {
     let u = UtcbRef::main();
@@ -49,6 +54,17 @@ pub fn result(key: u64, value: u64) -> Result<(), Status> {
 /// Reports a progress counter.
 pub fn progress(count: u64) -> Result<(), Status> {
     call(&[PROGRESS, count], None)
+}
+
+/// Takes the console input the root has (up to [`INPUT_MAX`] bytes into `buf`).
+pub fn input(buf: &mut [u8]) -> Result<usize, Status> {
+    call(&[INPUT], None)?;
+    let u = UtcbRef::main();
+    let n = (u.word(1) as usize).min(buf.len()).min(INPUT_MAX);
+    for (i, b) in buf.iter_mut().enumerate().take(n) {
+        *b = (u.word(2 + i / 8) >> ((i % 8) * 8)) as u8;
+    }
+    Ok(n)
 }
 
 /// Result keys the test components report ([`RESULT`]).

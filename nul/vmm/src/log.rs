@@ -14,9 +14,10 @@ use nul_rt::{hc, println, sel};
 use spin::Mutex;
 
 /// Lines the queue holds.
-const MAX_LINES: usize = 256;
+const MAX_LINES: usize = 4096;
 
-static LINES: Mutex<VecDeque<String>> = Mutex::new(VecDeque::new());
+/// Queued output: lines (tagged by the root) and raw bytes (`true`: printed as they are).
+static LINES: Mutex<VecDeque<(bool, String)>> = Mutex::new(VecDeque::new());
 static SM: AtomicU64 = AtomicU64::new(0);
 static LOST: AtomicU64 = AtomicU64::new(0);
 
@@ -30,13 +31,22 @@ pub fn init() -> Result<(), peregrine_abi::Status> {
 
 /// Queues a line for the console (from any EC on any CPU).
 pub fn line(s: String) {
+    push(false, s);
+}
+
+/// Queues raw console output (a guest's interactive console: no tag, no newline added).
+pub fn raw(s: String) {
+    push(true, s);
+}
+
+fn push(raw: bool, s: String) {
     {
         let mut q = LINES.lock();
         if q.len() >= MAX_LINES {
             LOST.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        q.push_back(s);
+        q.push_back((raw, s));
     }
     wake();
 }
@@ -61,7 +71,8 @@ pub fn serve(mut after: impl FnMut() -> u64) -> ! {
         loop {
             let next = LINES.lock().pop_front();
             match next {
-                Some(l) => println!("{}", l),
+                Some((false, l)) => println!("{}", l),
+                Some((true, b)) => nul_rt::console::print_raw(b.as_bytes()),
                 None => break,
             }
         }

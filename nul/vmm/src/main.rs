@@ -56,11 +56,18 @@ fn main(info: u64) -> ! {
     let Some(si) = (unsafe { StartInfo::at(info) }) else {
         fail(&"no start-info page")
     };
-    let args = si.args();
+    // The guest kernel's command line follows ` -- `.
+    let (args, cmdline) = match si.args().split_once(" -- ") {
+        Some((a, c)) => (a, c.trim()),
+        None => (si.args(), ""),
+    };
     let mode = start_info::arg(args, "mode").unwrap_or("check");
     let seed = start_info::arg_u64(args, "seed").unwrap_or(1);
-    let Some(mode) = Mode::parse(mode, seed) else {
-        fail(&alloc::format!("unknown mode {:?}", mode))
+    let linux = mode == "linux";
+    let mode = match Mode::parse(mode, seed) {
+        Some(m) => m,
+        None if linux => Mode::Check,
+        None => fail(&alloc::format!("unknown mode {:?}", mode)),
     };
     let vcpus = start_info::arg_u64(args, "cpus").unwrap_or(1).clamp(1, 64) as u32;
     let mem = start_info::arg_u64(args, "mem").unwrap_or(16).max(4) << 20;
@@ -84,16 +91,46 @@ fn main(info: u64) -> ! {
     if let Err(e) = log::init() {
         fail(&alloc::format!("cannot create a semaphore: {:?}", e));
     }
-    println!(
-        "vmm: guest {} ({} bytes), {} MiB, {} vCPU(s), {:?}",
-        start_info::arg(args, "guest").unwrap_or("?"),
-        image.len(),
-        mem >> 20,
-        vcpus,
-        mode
-    );
+    let interactive = linux && start_info::flag(args, "interactive");
+    let linux = linux.then(|| {
+        // SAFETY: the root maps the initrd read-only and the disk read-write for our
+        // lifetime; each is taken once, here, and the initrd only read.
+        let (initrd, disk) = unsafe {
+            (
+                si.module(start_info::MODULE_INITRD).map(|m| &*m),
+                si.module(start_info::MODULE_DISK),
+            )
+        };
+        println!(
+            "vmm: Linux {} ({} bytes), initrd {} bytes, disk {} bytes, {} MiB, {} vCPU(s), cmdline {:?}",
+            start_info::arg(args, "guest").unwrap_or("?"),
+            image.len(),
+            initrd.map_or(0, |i| i.len()),
+            disk.as_ref().map_or(0, |d| d.len()),
+            mem >> 20,
+            vcpus,
+            cmdline
+        );
+        vm::LinuxParams {
+            cmdline,
+            initrd,
+            disk,
+            interactive: start_info::flag(args, "interactive"),
+        }
+    });
+    if linux.is_none() {
+        println!(
+            "vmm: guest {} ({} bytes), {} MiB, {} vCPU(s), {:?}",
+            start_info::arg(args, "guest").unwrap_or("?"),
+            image.len(),
+            mem >> 20,
+            vcpus,
+            mode
+        );
+    }
     let params = vm::Params {
         image,
+        linux,
         ram,
         mode,
         vcpus,
@@ -111,8 +148,27 @@ fn main(info: u64) -> ! {
         s => hc::rdtsc().saturating_add(s.saturating_mul(si.tsc_khz).saturating_mul(1000)),
     };
     let mut reported = false;
+    // An interactive Linux console: the root's console input is polled every 10 ms.
+    let poll = interactive.then(|| si.tsc_khz.saturating_mul(10).max(1));
+    let mut pending: alloc::vec::Vec<u8> = alloc::vec::Vec::new();
     log::serve(move || {
         let Some(vm) = vm::get() else { return 0 };
+        let mut next = end_tsc;
+        if let (Some(poll), vm::Guest::Linux(pc), None) = (poll, &vm.machine, vm.ended()) {
+            let mut b = [0u8; svc::INPUT_MAX];
+            if pending.len() < 4096 {
+                if let Ok(n) = svc::input(&mut b) {
+                    pending.extend_from_slice(&b[..n]);
+                }
+            }
+            if !pending.is_empty() {
+                let n = pc.console_input(&pending);
+                pending.drain(..n);
+            }
+            pc.flush_console();
+            let t = hc::rdtsc() + poll;
+            next = if next == 0 { t } else { next.min(t) };
+        }
         if end_tsc != 0 && vm.ended().is_none() && hc::rdtsc() >= end_tsc {
             vm.end(End::TimeLimit { secs: limit });
             // Print the end's line first: come back at once.
@@ -133,7 +189,7 @@ fn main(info: u64) -> ! {
         if reported {
             0
         } else {
-            end_tsc
+            next
         }
     })
 }

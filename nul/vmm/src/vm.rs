@@ -3,17 +3,20 @@
 //! its exit needs, `peregrine_vmm::exit::portal_mtd`), delegated into the VM PD at the
 //! vCPU's event base. Ending the VM revokes the VM PD.
 
+use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use nul_rt::hc::{self, EcKind};
 use nul_rt::utcb::UtcbRef;
 use nul_rt::{sel, thread};
+use peregrine_abi::event::host;
 use peregrine_abi::event::{NUM_HOST_EVENTS, NUM_VCPU_EVENTS};
 use peregrine_abi::perm::{self, MemPerm};
 use peregrine_abi::utcb::gpr;
 use peregrine_abi::{Crd, Mtd, Status, XferFlags, PAGE_BITS};
 use peregrine_vmm::exit::{portal_mtd, Config, End, Machine, Step};
+use peregrine_vmm::pc::{Kick, Pc, PcConfig, RamDisk};
 use peregrine_vmm::testdev::LineSink;
 
 use crate::platform::{GuestRam, HvVcpu};
@@ -33,10 +36,93 @@ pub struct Vcpu {
     pub cpu: u64,
 }
 
+/// What the VM is: the test guest's machine, or the PC that boots Linux.
+pub enum Guest {
+    /// The bare-metal test guest.
+    Test(Machine),
+    /// A Linux kernel on the PC.
+    Linux(Pc),
+}
+
+impl Guest {
+    /// Events handled so far.
+    pub fn exits(&self) -> u64 {
+        match self {
+            Guest::Test(m) => m.exits(),
+            Guest::Linux(pc) => pc.exits(),
+        }
+    }
+
+    /// Instructions answered with #UD.
+    pub fn undefined(&self) -> u64 {
+        match self {
+            Guest::Test(m) => m.undefined(),
+            Guest::Linux(pc) => pc.undefined(),
+        }
+    }
+
+    fn portal_mtd(&self, event: u64) -> Mtd {
+        match self {
+            Guest::Test(_) => portal_mtd(event),
+            Guest::Linux(_) => Pc::portal_mtd(event),
+        }
+    }
+}
+
+/// What wakes a vCPU: its semaphores, and whether it waits in HLT.
+pub struct VcpuSync {
+    /// The vCPU EC (0 until created).
+    ec: AtomicU64,
+    /// Upped when an interrupt is pending for the vCPU while it waits in HLT.
+    wake: u64,
+    /// Upped when the vCPU's next timer deadline moved earlier.
+    timer: u64,
+    /// The vCPU waits in HLT.
+    halted: AtomicBool,
+    /// The clock time (ns) the timer thread sleeps until (`u64::MAX`: none).
+    sleeping_until: AtomicU64,
+}
+
+/// The platform side of [`Kick`]: wake a halted vCPU, recall a running one.
+struct Kicker(Vec<VcpuSync>);
+
+impl Kick for Kicker {
+    fn kick(&self, vcpu: u32) {
+        let Some(s) = self.0.get(vcpu as usize) else {
+            return;
+        };
+        if s.halted.load(Ordering::Acquire) {
+            let _ = hc::sm_up(s.wake);
+        } else {
+            let ec = s.ec.load(Ordering::Acquire);
+            if ec != 0 {
+                let _ = hc::ec_recall(ec);
+            }
+            // It may have just halted: the wake-up is never lost.
+            if s.halted.load(Ordering::Acquire) {
+                let _ = hc::sm_up(s.wake);
+            }
+        }
+    }
+}
+
+/// The VM's clock: the host TSC in ns (the guest's TSC is the host's).
+struct TscClock {
+    khz: u64,
+}
+
+impl peregrine_vmm::clock::Clock for TscClock {
+    fn now_ns(&self) -> u64 {
+        (u128::from(hc::rdtsc()) * 1_000_000 / u128::from(self.khz.max(1))) as u64
+    }
+}
+
 /// The running VM.
 pub struct Vm {
     /// Devices and exit handling.
-    pub machine: Machine,
+    pub machine: Guest,
+    /// Per vCPU: how to wake it.
+    sync: Arc<Kicker>,
     /// Guest RAM.
     pub ram: GuestRam,
     /// The VM PD's selector.
@@ -152,24 +238,123 @@ impl Vm {
     }
 }
 
+impl Vm {
+    /// Blocks vCPU `n`'s handler until an interrupt is pending for it (or the VM ends).
+    fn wait(&self, pc: &Pc, n: u32) {
+        let Some(s) = self.sync.0.get(n as usize) else {
+            return;
+        };
+        s.halted.store(true, Ordering::Release);
+        while !pc.interrupt_pending(n) && !self.ending.load(Ordering::Acquire) {
+            let _ = hc::sm_down(s.wake, true, 0);
+        }
+        s.halted.store(false, Ordering::Release);
+    }
+
+    /// Wakes vCPU `n`'s timer thread if its next deadline moved before the one the
+    /// thread sleeps until.
+    fn poke_timer(&self, pc: &Pc, n: u32) {
+        let Some(s) = self.sync.0.get(n as usize) else {
+            return;
+        };
+        if pc.next_deadline(n).unwrap_or(u64::MAX) < s.sleeping_until.load(Ordering::Acquire) {
+            let _ = hc::sm_up(s.timer);
+        }
+    }
+}
+
+/// STARTUP of a timer thread.
+extern "C" fn timer_startup(_id: u64, utcb: u64) -> ! {
+    // SAFETY: the kernel passes this handler EC's own UTCB address.
+    let u = unsafe { UtcbRef::from_addr(utcb) };
+    thread::startup_reply(u.get());
+    hc::reply()
+}
+
+/// vCPU `n`'s timer thread: brings its timers up to date whenever the next one is due
+/// (raising interrupts kicks the vCPU), then sleeps until the next deadline.
+extern "C" fn timer_thread(n: u64, _utcb: u64) -> ! {
+    let n = n as u32;
+    loop {
+        let Some(vm) = VM.get() else {
+            core::hint::spin_loop();
+            continue;
+        };
+        let Guest::Linux(pc) = &vm.machine else {
+            break;
+        };
+        let s = &vm.sync.0[n as usize];
+        if vm.ending.load(Ordering::Acquire) {
+            break;
+        }
+        pc.update_timers(n);
+        let next = pc.next_deadline(n).unwrap_or(u64::MAX);
+        s.sleeping_until.store(next, Ordering::Release);
+        // The deadline as a host TSC value (rounded up), 0 for none.
+        let tsc = if next == u64::MAX {
+            0
+        } else {
+            ((u128::from(next) * u128::from(vm.tsc_khz.max(1))).div_ceil(1_000_000) as u64).max(1)
+        };
+        let _ = hc::sm_down(s.timer, true, tsc);
+    }
+    loop {
+        if let Some(vm) = VM.get() {
+            let _ = hc::sm_down(vm.park, false, 0);
+        }
+    }
+}
+
 /// The running VM, once [`create`] made it.
 pub fn get() -> Option<&'static Vm> {
     VM.get()
 }
 
-/// Guest console lines go to the VMM's console unchanged.
-struct GuestConsole;
+/// Guest console lines go to the VMM's console unchanged; an interactive console
+/// (`raw`) goes out untagged, unfinished lines included.
+struct GuestConsole {
+    raw: bool,
+}
 
 impl LineSink for GuestConsole {
     fn line(&mut self, line: &[u8]) {
-        crate::log::line(alloc::string::String::from_utf8_lossy(line).into_owned());
+        let s = alloc::string::String::from_utf8_lossy(line).into_owned();
+        if self.raw {
+            crate::log::raw(s + "\n");
+        } else {
+            crate::log::line(s);
+        }
     }
+
+    fn partial(&mut self, bytes: &[u8]) {
+        let s = alloc::string::String::from_utf8_lossy(bytes).into_owned();
+        if self.raw {
+            crate::log::raw(s);
+        } else {
+            crate::log::line(s);
+        }
+    }
+}
+
+/// A Linux guest: what the PC loads.
+pub struct LinuxParams<'a> {
+    /// The kernel command line.
+    pub cmdline: &'a str,
+    /// The initrd.
+    pub initrd: Option<&'a [u8]>,
+    /// The disk image (the VMM's own copy: the guest's writes land in it).
+    pub disk: Option<&'static mut [u8]>,
+    /// The console is interactive: COM1's output goes out untagged, and the root's
+    /// console input comes in.
+    pub interactive: bool,
 }
 
 /// What [`create`] needs.
 pub struct Params<'a> {
-    /// The guest's ELF image.
+    /// The guest's ELF image, or the Linux kernel's bzImage.
     pub image: &'a [u8],
+    /// Set for a Linux guest.
+    pub linux: Option<LinuxParams<'a>>,
     /// Guest RAM.
     pub ram: GuestRam,
     /// Guest configuration (mode, vCPUs).
@@ -191,6 +376,8 @@ pub enum Error {
     Load(peregrine_vmm::loader::LoadError),
     /// The entry tables did not fit.
     Boot(peregrine_vmm::boot::BootError),
+    /// The Linux PC could not be built.
+    Pc(peregrine_vmm::pc::PcError),
     /// A hypercall failed: which, and its status.
     Kernel(&'static str, Status),
 }
@@ -200,6 +387,7 @@ impl core::fmt::Display for Error {
         match self {
             Error::Load(e) => write!(f, "guest image: {}", e),
             Error::Boot(e) => write!(f, "entry tables: {}", e),
+            Error::Pc(e) => write!(f, "{}", e),
             Error::Kernel(what, s) => write!(f, "cannot {}: {:?}", what, s),
         }
     }
@@ -226,14 +414,56 @@ fn vm_quota(ram: u64, vcpus: u32) -> u64 {
 /// Loads the guest, creates the VM and starts vCPU 0.
 pub fn create(p: Params) -> Result<&'static Vm, Error> {
     let mut ram = p.ram;
-    let entry = peregrine_vmm::loader::load_elf(&mut ram, p.image).map_err(Error::Load)?;
-    peregrine_vmm::boot::write_entry_tables(&mut ram).map_err(Error::Boot)?;
-    let cfg = Config {
-        mode: p.mode,
-        vcpus: p.vcpus,
-        entry,
+    let mut sync = Vec::new();
+    for _ in 0..p.vcpus {
+        let (wake, timer) = (sel::alloc(), sel::alloc());
+        hc::create_sm(wake, sel::OWN_PD, 0).map_err(kernel("create a semaphore"))?;
+        hc::create_sm(timer, sel::OWN_PD, 0).map_err(kernel("create a semaphore"))?;
+        sync.push(VcpuSync {
+            ec: AtomicU64::new(0),
+            wake,
+            timer,
+            halted: AtomicBool::new(false),
+            sleeping_until: AtomicU64::new(u64::MAX),
+        });
+    }
+    let sync = Arc::new(Kicker(sync));
+    let linux = p.linux.is_some();
+    let machine = match p.linux {
+        None => {
+            let entry = peregrine_vmm::loader::load_elf(&mut ram, p.image).map_err(Error::Load)?;
+            peregrine_vmm::boot::write_entry_tables(&mut ram).map_err(Error::Boot)?;
+            let cfg = Config {
+                mode: p.mode,
+                vcpus: p.vcpus,
+                entry,
+            };
+            Guest::Test(Machine::new(cfg, GuestConsole { raw: false }, host_cpuid))
+        }
+        Some(l) => {
+            let cfg = PcConfig {
+                vcpus: p.vcpus,
+                ram: ram.size(),
+                tsc_hz: p.tsc_khz * 1000,
+                // 2026-01-01: the VMM has no wall clock of its own yet.
+                wall_secs: 1_767_225_600,
+            };
+            let pc = Pc::new(
+                cfg,
+                &mut ram,
+                p.image,
+                l.cmdline.as_bytes(),
+                l.initrd,
+                l.disk.map(RamDisk),
+                GuestConsole { raw: l.interactive },
+                Arc::new(TscClock { khz: p.tsc_khz }),
+                sync.clone(),
+                host_cpuid,
+            )
+            .map_err(Error::Pc)?;
+            Guest::Linux(pc)
+        }
     };
-    let machine = Machine::new(cfg, GuestConsole, host_cpuid);
 
     let pd = sel::alloc();
     hc::create_pd(pd, sel::OWN_PD, vm_quota(ram.size(), p.vcpus), true)
@@ -262,6 +492,7 @@ pub fn create(p: Params) -> Result<&'static Vm, Error> {
 
     let mut vcpus = Vec::new();
     let mut stacks = Vec::new();
+    let mut timer_bases = Vec::new();
     for i in 0..p.vcpus {
         let cpu = (p.first_cpu + u64::from(i)) % p.ncpus.max(1);
         // The handler's own exceptions go to portals of the VMM on its CPU.
@@ -289,7 +520,7 @@ pub fn create(p: Params) -> Result<&'static Vm, Error> {
                 base + nr,
                 sel::OWN_PD,
                 ec.sel,
-                portal_mtd(nr),
+                machine.portal_mtd(nr),
                 vm_exit as *const () as u64,
             )
             .map_err(kernel("create an exit portal"))?;
@@ -307,13 +538,35 @@ pub fn create(p: Params) -> Result<&'static Vm, Error> {
         .map_err(kernel("delegate the exit portals"))?;
         let v = sel::alloc();
         hc::create_ec(v, pd, EcKind::Vcpu, cpu, 0, 0, evt).map_err(kernel("create a vCPU"))?;
+        sync.0[i as usize].ec.store(v, Ordering::Release);
         vlog!("vmm: vCPU {} on cpu {}", i, cpu);
         vcpus.push(Vcpu { ec: v, cpu });
+        if linux {
+            // The vCPU's timer thread, on its CPU: STARTUP to its own portal, any
+            // exception to the handler-fault portals.
+            let tbase = sel::alloc_aligned(5);
+            for e in 0..NUM_HOST_EVENTS {
+                let (mtd, ip) = if e == host::STARTUP {
+                    (Mtd::RSP, timer_startup as *const () as u64)
+                } else {
+                    (
+                        Mtd::GPRS | Mtd::RIP_LEN | Mtd::RFLAGS | Mtd::QUAL,
+                        handler_fault as *const () as u64,
+                    )
+                };
+                hc::create_pt(tbase + e, sel::OWN_PD, fault_ec.sel, mtd, ip)
+                    .map_err(kernel("create a timer portal"))?;
+                hc::pt_ctrl(tbase + e, (u64::from(i) << 8) | e)
+                    .map_err(kernel("set a portal id"))?;
+            }
+            timer_bases.push((cpu, tbase));
+        }
     }
     let park = sel::alloc();
     hc::create_sm(park, sel::OWN_PD, 0).map_err(kernel("create a semaphore"))?;
     let vm = VM.call_once(|| Vm {
         machine,
+        sync,
         ram,
         pd,
         vcpus,
@@ -325,6 +578,10 @@ pub fn create(p: Params) -> Result<&'static Vm, Error> {
         park,
         stacks,
     });
+    for (i, (cpu, tbase)) in timer_bases.into_iter().enumerate() {
+        thread::thread(cpu, tbase, PRIO, timer_thread, i as u64)
+            .map_err(kernel("start a timer thread"))?;
+    }
     let sc = sel::alloc();
     hc::create_sc(sc, sel::OWN_PD, vm.vcpus[0].ec, PRIO, QUANTUM_US)
         .map_err(kernel("create vCPU 0's SC"))?;
@@ -350,8 +607,22 @@ extern "C" fn vm_exit(id: u64, utcb: u64) -> ! {
             ram: vm.ram,
             tsc_khz: vm.tsc_khz,
         };
-        match vm.machine.handle(&mut p, (id >> 8) as u32, id & 0xff) {
-            Step::Resume => {}
+        let n = (id >> 8) as u32;
+        let step = match &vm.machine {
+            Guest::Test(m) => m.handle(&mut p, n, id & 0xff),
+            Guest::Linux(pc) => {
+                let mut step = pc.handle(&mut p, n, id & 0xff);
+                if step == Step::Wait {
+                    vm.wait(pc, n);
+                    pc.wake(&mut p, n);
+                    step = Step::Resume;
+                }
+                vm.poke_timer(pc, n);
+                step
+            }
+        };
+        match step {
+            Step::Resume | Step::Wait => {}
             Step::Start(n) => vm.start(n),
             Step::Stop => {
                 let rip = p.regs.rip;

@@ -1,0 +1,77 @@
+//! Linux on Peregrine: the VMM component (`nul-vmm mode=linux`) boots Debian's kernel
+//! (`guests/linux`) on QEMU's software SVM with NPT, with the initramfs and the disk as
+//! boot modules, runs `/init`'s tests and powers off; the VMM reports the power-off to
+//! the root (`test=vmm`).
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use peregrine_tests::{assert_success, boot, images, system, RunResult};
+use xtask::linux::{self, Guest};
+
+fn guest() -> &'static Guest {
+    static GUEST: OnceLock<Result<Guest, String>> = OnceLock::new();
+    match GUEST.get_or_init(|| linux::prepare().map_err(|e| format!("{e:#}"))) {
+        Ok(g) => g,
+        Err(e) => panic!("preparing the Linux guest failed: {e}"),
+    }
+}
+
+fn run(name: &str, smp: u32, cpus: u32, tests: &str, timeout_s: u64) -> RunResult {
+    let spec = system(name)
+        .smp(smp)
+        .timeout(Duration::from_secs(timeout_s));
+    let spec = linux::with_vmm(spec, images().vmm(), guest(), cpus, tests, "");
+    let r = boot(&spec);
+    eprintln!(
+        "{name}: marker at guest uptime {:?} s, QEMU ran {:.1} s; {:?}",
+        linux::figures(&r).map(|f| f.marker_s),
+        r.wall.as_secs_f64(),
+        linux::test_results(&r.serial)
+    );
+    r
+}
+
+fn result<'a>(results: &'a [(String, String, String)], name: &str) -> Option<&'a str> {
+    results.iter().find(|t| t.0 == name).map(|t| t.1.as_str())
+}
+
+#[test]
+fn linux_vmm_one_vcpu() {
+    let r = run("linux-vmm-1", 1, 1, "all", 240);
+    assert!(
+        r.serial.contains(linux::MARKER),
+        "no marker\n{}",
+        r.report()
+    );
+    let t = linux::test_results(&r.serial);
+    assert_eq!(result(&t, "nproc"), Some("1"), "{}", r.report());
+    assert_eq!(result(&t, "kvmclock"), Some("current"), "{}", r.report());
+    assert_eq!(result(&t, "disk"), Some("ok"), "{}", r.report());
+    assert_eq!(result(&t, "write"), Some("ok"), "{}", r.report());
+    assert!(
+        r.serial.contains("vmm: guest powered off"),
+        "{}",
+        r.report()
+    );
+    assert_success(&r, &["PASS vmm"]);
+}
+
+#[test]
+fn linux_vmm_two_vcpus() {
+    let r = run("linux-vmm-2", 2, 2, "nproc,disk", 240);
+    assert!(
+        r.serial.contains(linux::MARKER),
+        "no marker\n{}",
+        r.report()
+    );
+    let t = linux::test_results(&r.serial);
+    assert_eq!(result(&t, "nproc"), Some("2"), "{}", r.report());
+    assert_eq!(result(&t, "disk"), Some("ok"), "{}", r.report());
+    assert!(
+        r.serial.contains("vmm: guest powered off"),
+        "{}",
+        r.report()
+    );
+    assert_success(&r, &["PASS vmm"]);
+}

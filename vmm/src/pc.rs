@@ -1,0 +1,1059 @@
+//! The PC that boots Linux: the devices wired together, and the exit handler.
+//!
+//! [`Pc`] holds the VM's buses with the devices of a small PC (PIC pair, PIT, RTC/CMOS,
+//! COM1, ACPI PM block and reset register, I/O APIC, HPET, one local APIC per vCPU,
+//! the PCI host bridge with a virtio-blk disk), loads a bzImage with the 64-bit boot
+//! protocol ([`crate::boot`]) and the ACPI tables ([`crate::acpi`]), and answers every
+//! vCPU event on a [`Platform`] the way KVM would: KVM's CPUID leaves with kvmclock,
+//! the MSRs Linux touches, I/O and MMIO through the buses and the instruction
+//! emulator, interrupts from the local APICs injected when the guest can take them.
+//!
+//! Interrupt wiring: ISA IRQ *n* drives PIC input *n* and I/O APIC input *n* (IRQ 0 on
+//! input 2, as the MADT says); PCI INTx# drives I/O APIC inputs 16–19
+//! ([`crate::pci::intx_gsi`]). The I/O APIC sends to the local APICs; a local APIC's
+//! interrupt wire calls [`Kick::kick`], which the platform implements (wake the halted
+//! vCPU, or recall the running one so its handler injects). The PIC's output is not
+//! connected: Linux routes every ISA interrupt through the I/O APIC.
+//!
+//! Time: every device reads one [`Clock`]; the platform calls [`Pc::update_timers`] when
+//! [`Pc::next_deadline`] passes (a timer thread per vCPU), and on a HLT with interrupts
+//! enabled the handler returns [`Step::Wait`]: the platform blocks the vCPU until
+//! [`Pc::interrupt_pending`] and then calls [`Pc::wake`].
+//!
+//! Locks: a device's lock may be held while it drives a wire into the I/O APIC, and the
+//! I/O APIC's while it delivers to a local APIC; what leaves a local APIC (IPIs, EOI
+//! broadcasts) is queued and delivered after its lock is released
+//! ([`Pc::drain`]), so no two locks are ever taken in opposite orders.
+
+use alloc::boxed::Box;
+use alloc::sync::Arc;
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use peregrine_abi::event::vcpu as ev;
+use peregrine_abi::utcb::inj;
+
+use crate::acpi::{self, AcpiConfig};
+use crate::acpi_pm::{AcpiPm, ResetControl, PM_BASE, PM_LEN};
+use crate::boot::{self, e820, BootInfo, E820Entry};
+use crate::bus::BusDevice;
+use crate::bus::{Action, Bus, IrqLine, SharedDevice};
+use crate::clock::{Clock, NS_PER_SEC};
+use crate::cpuid::{self, KvmCpuid};
+use crate::emul::{self, BusIo, EmulError};
+use crate::exit::{CpuidFn, End, Step};
+use crate::hpet::{Hpet, IrqPins, HPET_BASE, HPET_SIZE};
+use crate::ioapic::{
+    DeliveryMode, InterruptMessage, InterruptSink, IoApic, IOAPIC_BASE, IOAPIC_SIZE,
+};
+use crate::kvmclock::{KvmClock, TimeSample};
+use crate::lapic::{self, ApicSink, Destination, Ipi, IpiMode, Lapic, LAPIC_BASE, LAPIC_SIZE};
+use crate::pci::{self, PciHost, PciLayout};
+use crate::pic8259::{PicPair, ELCR_BASE, MASTER_BASE, SLAVE_BASE};
+use crate::pit8254::{Pit, PIT_BASE, PORT61_BASE};
+use crate::rtc_cmos::{Rtc, RTC_BASE};
+use crate::sync::SpinLock;
+use crate::testdev::LineSink;
+use crate::uart16550::{SerialSink, Uart16550};
+use crate::vcpu::{
+    bits, gpr, vector, ArchState, Event, Fault, GuestMemory, Mtd, Platform, Segment,
+};
+use crate::virtio::block::{BlockBackend, BlockError, VirtioBlock, SECTOR_SIZE};
+use crate::virtio::pci::VirtioPci;
+
+mod msr;
+#[cfg(test)]
+mod tests;
+
+/// COM1.
+pub const COM1_BASE: u64 = 0x3f8;
+/// COM1's IRQ.
+pub const COM1_IRQ: u8 = 4;
+/// The PCI slot of the virtio-blk disk.
+pub const DISK_SLOT: u8 = 1;
+/// Where the ACPI tables go (the BIOS area Linux scans for the RSDP).
+pub const ACPI_ADDR: u64 = acpi::TABLES_ADDR;
+/// The first MiB is split at 640 KiB: RAM below, reserved (BIOS, ACPI tables) above.
+const LOW_RAM_END: u64 = 0x9_fc00;
+
+/// How the platform gets an interrupt to a vCPU.
+pub trait Kick: Send + Sync {
+    /// An interrupt became pending for `vcpu`: wake it if it waits in HLT, else make it
+    /// exit (recall) so its handler injects the interrupt.
+    fn kick(&self, vcpu: u32);
+}
+
+/// What the PC is.
+#[derive(Clone, Debug)]
+pub struct PcConfig {
+    /// vCPUs (1–64).
+    pub vcpus: u32,
+    /// Guest RAM in bytes, from guest-physical 0 (below 3 GiB).
+    pub ram: u64,
+    /// The guest TSC's frequency.
+    pub tsc_hz: u64,
+    /// The wall-clock time at clock 0, in Unix seconds (RTC and kvmclock wall clock).
+    pub wall_secs: u64,
+}
+
+/// A disk in memory the VMM owns (a boot module's pages): writes land in it, flush has
+/// nothing more to do.
+pub struct RamDisk(pub &'static mut [u8]);
+
+impl RamDisk {
+    fn range(&self, sector: u64, len: usize) -> Result<core::ops::Range<usize>, BlockError> {
+        let start = sector
+            .checked_mul(SECTOR_SIZE)
+            .ok_or(BlockError::OutOfRange)? as usize;
+        let end = start.checked_add(len).ok_or(BlockError::OutOfRange)?;
+        if end > self.0.len() {
+            return Err(BlockError::OutOfRange);
+        }
+        Ok(start..end)
+    }
+}
+
+impl BlockBackend for RamDisk {
+    fn read(&mut self, sector: u64, buf: &mut [u8]) -> Result<(), BlockError> {
+        let r = self.range(sector, buf.len())?;
+        buf.copy_from_slice(&self.0[r]);
+        Ok(())
+    }
+
+    fn write(&mut self, sector: u64, buf: &[u8]) -> Result<(), BlockError> {
+        let r = self.range(sector, buf.len())?;
+        self.0[r].copy_from_slice(buf);
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), BlockError> {
+        Ok(())
+    }
+
+    fn capacity(&self) -> u64 {
+        self.0.len() as u64 / SECTOR_SIZE
+    }
+}
+
+/// Serial output to a line sink, a line at a time.
+pub struct SerialLines<S: LineSink> {
+    buf: Vec<u8>,
+    sink: S,
+}
+
+impl<S: LineSink> SerialLines<S> {
+    /// Lines to `sink`.
+    pub fn new(sink: S) -> Self {
+        Self {
+            buf: Vec::new(),
+            sink,
+        }
+    }
+}
+
+impl<S: LineSink> SerialLines<S> {
+    /// Passes on the unfinished line, if any ([`LineSink::partial`]).
+    pub fn flush(&mut self) {
+        if !self.buf.is_empty() {
+            self.sink.partial(&self.buf);
+            self.buf.clear();
+        }
+    }
+}
+
+impl<S: LineSink> SerialSink for SerialLines<S> {
+    fn put(&mut self, byte: u8) {
+        match byte {
+            b'\n' => {
+                self.sink.line(&self.buf);
+                self.buf.clear();
+            }
+            b'\r' => {}
+            b => {
+                self.buf.push(b);
+                if self.buf.len() >= 512 {
+                    self.sink.line(&self.buf);
+                    self.buf.clear();
+                }
+            }
+        }
+    }
+}
+
+/// What leaves a local APIC, delivered once its lock is released.
+enum Outgoing {
+    Ipi(Ipi),
+    Eoi(u8),
+}
+
+/// The local APICs as the I/O APIC and the IPIs reach them.
+struct Apics {
+    lapics: SpinLock<Vec<Arc<SpinLock<Lapic>>>>,
+    queue: SpinLock<Vec<Outgoing>>,
+    /// SIPI vectors of vCPUs to start (vCPU index → vector | 0x100).
+    sipi: Vec<AtomicU64>,
+}
+
+impl Apics {
+    fn all(&self) -> Vec<Arc<SpinLock<Lapic>>> {
+        self.lapics.lock().clone()
+    }
+}
+
+impl InterruptSink for Apics {
+    fn deliver(&self, msg: InterruptMessage) {
+        if !matches!(msg.mode, DeliveryMode::Fixed | DeliveryMode::LowestPriority) {
+            return;
+        }
+        let lowest = msg.mode == DeliveryMode::LowestPriority;
+        for l in &self.all() {
+            let mut l = l.lock();
+            let hit = if msg.logical {
+                l.logical_match(u32::from(msg.dest))
+            } else {
+                msg.dest == 0xff || l.id() == u32::from(msg.dest)
+            };
+            if hit {
+                l.deliver(msg.vector, msg.level);
+                if lowest {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+impl ApicSink for Apics {
+    fn ipi(&self, ipi: Ipi) {
+        self.queue.lock().push(Outgoing::Ipi(ipi));
+    }
+
+    fn eoi(&self, vector: u8) {
+        self.queue.lock().push(Outgoing::Eoi(vector));
+    }
+}
+
+/// A local APIC's interrupt wire: kicks its vCPU.
+struct VcpuWire {
+    vcpu: u32,
+    kick: Arc<dyn Kick>,
+}
+
+impl IrqLine for VcpuWire {
+    fn set_level(&self, level: bool) {
+        if level {
+            self.kick.kick(self.vcpu);
+        }
+    }
+}
+
+/// An ISA IRQ: the PIC's input and the I/O APIC's.
+struct IsaLine {
+    irq: u8,
+    pic: Arc<SpinLock<PicPair>>,
+    ioapic: Arc<SpinLock<IoApic>>,
+}
+
+impl IrqLine for IsaLine {
+    fn set_level(&self, level: bool) {
+        self.pic.lock().set_irq(self.irq, level);
+        let pin = if self.irq == 0 { 2 } else { self.irq };
+        self.ioapic.lock().set_irq(usize::from(pin), level);
+    }
+}
+
+/// An I/O APIC input (PCI INTx#, HPET).
+struct GsiLine {
+    gsi: u8,
+    ioapic: Arc<SpinLock<IoApic>>,
+}
+
+impl IrqLine for GsiLine {
+    fn set_level(&self, level: bool) {
+        self.ioapic.lock().set_irq(usize::from(self.gsi), level);
+    }
+}
+
+struct HpetPins(Arc<SpinLock<IoApic>>);
+
+impl IrqPins for HpetPins {
+    fn set_pin(&self, pin: u8, level: bool) {
+        self.0.lock().set_irq(usize::from(pin), level);
+    }
+}
+
+/// Ports 0xcf8–0xcfb: dword accesses are the PCI host bridge's CONFIG_ADDRESS, a byte
+/// access to 0xcf9 is the reset control register (as on PC chipsets).
+struct ConfigAddress {
+    host: Arc<SpinLock<PciHost>>,
+    reset: ResetControl,
+}
+
+impl BusDevice for ConfigAddress {
+    fn read(&mut self, base: u64, offset: u64, data: &mut [u8]) {
+        if offset == 1 && data.len() == 1 {
+            self.reset.read(base + 1, 0, data);
+        } else {
+            self.host.lock().read(base, offset, data);
+        }
+    }
+
+    fn write(&mut self, base: u64, offset: u64, data: &[u8]) -> Option<Action> {
+        if offset == 1 && data.len() == 1 {
+            self.reset.write(base + 1, 0, data)
+        } else {
+            self.host.lock().write(base, offset, data)
+        }
+    }
+}
+
+/// The PC.
+pub struct Pc {
+    /// Port I/O.
+    pub pio: Bus,
+    /// MMIO.
+    pub mmio: Bus,
+    cfg: PcConfig,
+    boot: BootInfo,
+    clock: Arc<dyn Clock>,
+    cpuid: CpuidFn,
+    kvm: KvmCpuid,
+    apics: Arc<Apics>,
+    lapics: Vec<Arc<SpinLock<Lapic>>>,
+    ioapic: Arc<SpinLock<IoApic>>,
+    pit: Arc<SpinLock<Pit>>,
+    rtc: Arc<SpinLock<Rtc>>,
+    pm: Arc<SpinLock<AcpiPm>>,
+    hpet: Arc<SpinLock<Hpet>>,
+    uart: Arc<SpinLock<dyn UartInput>>,
+    kvmclock: Vec<SpinLock<KvmClock>>,
+    msrs: Vec<SpinLock<msr::Msrs>>,
+    started: AtomicU64,
+    exits: AtomicU64,
+    undefined: AtomicU64,
+}
+
+/// Console input into the UART, and its output's unfinished line.
+trait UartInput: BusDevice {
+    fn input(&mut self, bytes: &[u8]) -> usize;
+    fn flush(&mut self);
+}
+
+impl<S: LineSink + 'static> UartInput for Uart16550<SerialLines<S>> {
+    fn input(&mut self, bytes: &[u8]) -> usize {
+        self.enqueue_input(bytes)
+    }
+
+    fn flush(&mut self) {
+        self.sink().flush();
+    }
+}
+
+/// Why the PC could not be built.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PcError {
+    /// The kernel did not load.
+    Boot(boot::BootError),
+    /// The ACPI tables did not fit in guest RAM.
+    Acpi,
+}
+
+impl core::fmt::Display for PcError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            PcError::Boot(e) => write!(f, "kernel: {e}"),
+            PcError::Acpi => write!(f, "the ACPI tables do not fit in guest RAM"),
+        }
+    }
+}
+
+/// The e820 map of a PC with `ram` bytes of RAM (below 3 GiB).
+pub fn memory_map(ram: u64) -> [E820Entry; 3] {
+    [
+        E820Entry {
+            addr: 0,
+            size: LOW_RAM_END,
+            typ: e820::RAM,
+        },
+        E820Entry {
+            addr: LOW_RAM_END,
+            size: 0x10_0000 - LOW_RAM_END,
+            typ: e820::RESERVED,
+        },
+        E820Entry {
+            addr: 0x10_0000,
+            size: ram.saturating_sub(0x10_0000),
+            typ: e820::RAM,
+        },
+    ]
+}
+
+impl Pc {
+    /// Builds the PC: loads `kernel` (a bzImage) with `cmdline` and `initrd` into `mem`
+    /// (guest RAM, also what the virtio device's queues are read from), writes the ACPI
+    /// tables, and wires the devices. Console output goes to `console` a line at a
+    /// time; the disk is `disk`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new<M: GuestMemory + Clone + Send + 'static>(
+        cfg: PcConfig,
+        mem: &mut M,
+        kernel: &[u8],
+        cmdline: &[u8],
+        initrd: Option<&[u8]>,
+        disk: Option<RamDisk>,
+        console: impl LineSink + 'static,
+        clock: Arc<dyn Clock>,
+        kick: Arc<dyn Kick>,
+        cpuid: CpuidFn,
+    ) -> Result<Self, PcError> {
+        let image = boot::parse(kernel).map_err(PcError::Boot)?;
+        let regions = memory_map(cfg.ram);
+        let info = boot::load(mem, &image, &regions, cmdline, initrd).map_err(PcError::Boot)?;
+        let vcpus = cfg.vcpus.clamp(1, 64);
+        let acpi_cfg = AcpiConfig::new(vcpus as u8);
+        acpi::write(mem, &acpi_cfg, ACPI_ADDR).map_err(|_| PcError::Acpi)?;
+
+        let apics = Arc::new(Apics {
+            lapics: SpinLock::new(Vec::new()),
+            queue: SpinLock::new(Vec::new()),
+            sipi: (0..vcpus).map(|_| AtomicU64::new(0)).collect(),
+        });
+        let lapics: Vec<Arc<SpinLock<Lapic>>> = (0..vcpus)
+            .map(|i| {
+                Arc::new(SpinLock::new(Lapic::new(
+                    i,
+                    i == 0,
+                    cfg.tsc_hz,
+                    clock.clone(),
+                    apics.clone(),
+                    Arc::new(VcpuWire {
+                        vcpu: i,
+                        kick: kick.clone(),
+                    }),
+                )))
+            })
+            .collect();
+        *apics.lapics.lock() = lapics.clone();
+        let ioapic = Arc::new(SpinLock::new(IoApic::new(
+            acpi_cfg.ioapic_id,
+            apics.clone(),
+        )));
+        let pic = Arc::new(SpinLock::new(PicPair::new(Arc::new(crate::bus::NoIrq))));
+        let isa = |irq: u8| -> Arc<dyn IrqLine> {
+            Arc::new(IsaLine {
+                irq,
+                pic: pic.clone(),
+                ioapic: ioapic.clone(),
+            })
+        };
+        let pit = Arc::new(SpinLock::new(Pit::new(clock.clone(), isa(0))));
+        let mut rtc = Rtc::new(clock.clone(), isa(8), cfg.wall_secs as i64);
+        rtc.set_memory_layout(cfg.ram, 0, vcpus as u8);
+        let rtc = Arc::new(SpinLock::new(rtc));
+        let pm = Arc::new(SpinLock::new(AcpiPm::new(
+            clock.clone(),
+            isa(acpi::SCI_IRQ),
+            acpi_cfg.pm,
+        )));
+        let hpet = Arc::new(SpinLock::new(Hpet::new(
+            clock.clone(),
+            Arc::new(HpetPins(ioapic.clone())),
+        )));
+        let uart = Arc::new(SpinLock::new(Uart16550::new(
+            isa(COM1_IRQ),
+            SerialLines::new(console),
+        )));
+
+        let mut pio = Bus::new();
+        let mut mmio = Bus::new();
+        let layout = PciLayout::DEFAULT;
+        let mut host = PciHost::new(layout.ecam_base);
+        if let Some(disk) = disk {
+            let line = Arc::new(GsiLine {
+                gsi: pci::intx_gsi(DISK_SLOT, 0) as u8,
+                ioapic: ioapic.clone(),
+            });
+            let mut blk = VirtioPci::new(
+                VirtioBlock::new(disk, false, b"peregrine-disk"),
+                mem.clone(),
+                line,
+            );
+            let bar = layout.mmio32.0;
+            blk.place_bar(bar);
+            let blk = Arc::new(SpinLock::new(blk));
+            let dev: SharedDevice = blk.clone();
+            let _ = mmio.insert(bar, crate::virtio::pci::BAR_SIZE, dev);
+            let _ = host.add(DISK_SLOT, 0, Box::new(blk));
+        }
+        let host = Arc::new(SpinLock::new(host));
+
+        // Fixed, non-overlapping ranges on empty buses: these inserts cannot fail.
+        let p: SharedDevice = pic;
+        for base in [MASTER_BASE, SLAVE_BASE, ELCR_BASE] {
+            let _ = pio.insert(base, 2, p.clone());
+        }
+        let d: SharedDevice = pit.clone();
+        let _ = pio.insert(PIT_BASE, 4, d.clone());
+        let _ = pio.insert(PORT61_BASE, 1, d);
+        let d: SharedDevice = rtc.clone();
+        let _ = pio.insert(RTC_BASE, 2, d);
+        let d: SharedDevice = pm.clone();
+        let _ = pio.insert(PM_BASE, PM_LEN, d);
+        let d: SharedDevice = uart.clone();
+        let _ = pio.insert(COM1_BASE, 8, d);
+        // 0xcf8–0xcfb: CONFIG_ADDRESS, whose byte 0xcf9 alone is the reset register.
+        let d: SharedDevice = Arc::new(SpinLock::new(ConfigAddress {
+            host: host.clone(),
+            reset: ResetControl::default(),
+        }));
+        let _ = pio.insert(pci::CONFIG_ADDRESS, 4, d);
+        let d: SharedDevice = host.clone();
+        let _ = pio.insert(pci::CONFIG_DATA, 4, d.clone());
+        let _ = mmio.insert(layout.ecam_base, pci::ECAM_SIZE, d);
+        let d: SharedDevice = ioapic.clone();
+        let _ = mmio.insert(IOAPIC_BASE, IOAPIC_SIZE, d);
+        let d: SharedDevice = hpet.clone();
+        let _ = mmio.insert(HPET_BASE, HPET_SIZE, d);
+        // The xAPIC page: every vCPU's accesses go to its own local APIC (`lapic_mmio`).
+        let d: SharedDevice = Arc::new(SpinLock::new(crate::testdev::TestPorts));
+        let _ = mmio.insert(LAPIC_BASE, LAPIC_SIZE, d);
+
+        let kvmclock = (0..vcpus)
+            .map(|_| SpinLock::new(KvmClock::new(cfg.tsc_hz)))
+            .collect();
+        let msrs = (0..vcpus)
+            .map(|_| SpinLock::new(msr::Msrs::default()))
+            .collect();
+        Ok(Self {
+            pio,
+            mmio,
+            cfg: PcConfig { vcpus, ..cfg },
+            boot: info,
+            clock,
+            cpuid,
+            kvm: KvmCpuid::default(),
+            apics,
+            lapics,
+            ioapic,
+            pit,
+            rtc,
+            pm,
+            hpet,
+            uart,
+            kvmclock,
+            msrs,
+            started: AtomicU64::new(1),
+            exits: AtomicU64::new(0),
+            undefined: AtomicU64::new(0),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &PcConfig {
+        &self.cfg
+    }
+
+    /// Where the kernel was loaded.
+    pub fn boot_info(&self) -> &BootInfo {
+        &self.boot
+    }
+
+    /// Events handled so far (STARTUP not counted).
+    pub fn exits(&self) -> u64 {
+        self.exits.load(Ordering::Relaxed)
+    }
+
+    /// Instructions behind MMIO or string I/O exits answered with #UD.
+    pub fn undefined(&self) -> u64 {
+        self.undefined.load(Ordering::Relaxed)
+    }
+
+    /// Console input for COM1: how many bytes it took.
+    pub fn console_input(&self, bytes: &[u8]) -> usize {
+        let n = self.uart.lock().input(bytes);
+        self.drain();
+        n
+    }
+
+    /// Passes COM1's unfinished output line on (an interactive console's prompt).
+    pub fn flush_console(&self) {
+        self.uart.lock().flush();
+    }
+
+    /// The state every event's portal must transfer.
+    pub fn portal_mtd(event: u64) -> Mtd {
+        let base = Mtd::RIP_LEN | Mtd::RFLAGS | Mtd::STA | Mtd::INJ;
+        base | match event {
+            ev::STARTUP => Mtd::empty(),
+            ev::CPUID => Mtd::GPR_ACDB | Mtd::CR,
+            ev::XSETBV => Mtd::GPR_ACDB,
+            ev::RDMSR | ev::WRMSR => {
+                Mtd::GPR_ACDB
+                    | Mtd::EFER
+                    | Mtd::FS_GS
+                    | Mtd::SYSENTER
+                    | Mtd::SYSCALL_SWAPGS
+                    | Mtd::PAT
+                    | Mtd::TSC
+            }
+            ev::NPT_FAULT | ev::IO | ev::EXCEPTION => {
+                Mtd::GPRS | Mtd::CS_SS | Mtd::DS_ES | Mtd::FS_GS | Mtd::CR | Mtd::EFER | Mtd::QUAL
+            }
+            _ => Mtd::QUAL,
+        }
+    }
+
+    /// When the next timer of `vcpu` is due (clock ns): its local APIC's, and for vCPU 0
+    /// also the platform timers'.
+    pub fn next_deadline(&self, vcpu: u32) -> Option<u64> {
+        let mut d = self
+            .lapics
+            .get(vcpu as usize)
+            .and_then(|l| l.lock().next_event());
+        if vcpu == 0 {
+            for n in [
+                self.pit.lock().next_event(),
+                self.hpet.lock().next_event(),
+                self.rtc.lock().next_event(),
+                self.pm.lock().next_event(),
+            ] {
+                d = match (d, n) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+            }
+        }
+        d
+    }
+
+    /// Brings `vcpu`'s timers up to date (raising what expired).
+    pub fn update_timers(&self, vcpu: u32) {
+        if let Some(l) = self.lapics.get(vcpu as usize) {
+            l.lock().update();
+        }
+        if vcpu == 0 {
+            self.pit.lock().update();
+            self.hpet.lock().update();
+            self.rtc.lock().update();
+            self.pm.lock().update();
+        }
+        self.drain();
+    }
+
+    /// Whether `vcpu` has an interrupt to take.
+    pub fn interrupt_pending(&self, vcpu: u32) -> bool {
+        self.lapics
+            .get(vcpu as usize)
+            .is_some_and(|l| l.lock().pending_vector().is_some())
+    }
+
+    /// Delivers what local APICs queued (IPIs, EOI broadcasts).
+    fn drain(&self) {
+        loop {
+            let out = core::mem::take(&mut *self.apics.queue.lock());
+            if out.is_empty() {
+                return;
+            }
+            for o in out {
+                match o {
+                    Outgoing::Eoi(v) => self.ioapic.lock().end_of_interrupt(v),
+                    Outgoing::Ipi(ipi) => self.ipi(ipi),
+                }
+            }
+        }
+    }
+
+    fn ipi(&self, ipi: Ipi) {
+        for (i, l) in self.lapics.iter().enumerate() {
+            let mut l = l.lock();
+            let id = l.id();
+            let hit = match ipi.dest {
+                Destination::AllExcludingSelf => id != ipi.source,
+                Destination::Physical(d) => d == id || d == 0xff || d == u32::MAX,
+                Destination::Logical(d) => l.logical_match(d),
+            };
+            if !hit {
+                continue;
+            }
+            match ipi.mode {
+                IpiMode::Fixed | IpiMode::LowestPriority => l.deliver(ipi.vector, ipi.level),
+                IpiMode::Startup => {
+                    self.apics.sipi[i].store(0x100 | u64::from(ipi.vector), Ordering::Release);
+                }
+                IpiMode::Init | IpiMode::Nmi | IpiMode::Smi => {}
+            }
+        }
+    }
+
+    /// Handles `event` of vCPU `vcpu`, whose state `p` holds; then injects a pending
+    /// interrupt if the vCPU can take one (else asks for an interrupt window). The
+    /// caller clears the MTD before and replies with it after.
+    pub fn handle<P: Platform + ?Sized>(&self, p: &mut P, vcpu: u32, event: u64) -> Step {
+        if event != ev::STARTUP {
+            self.exits.fetch_add(1, Ordering::Relaxed);
+        }
+        let step = self.event(p, vcpu, event);
+        self.drain();
+        if step == Step::Resume {
+            self.inject_pending(p, vcpu);
+            // A SIPI to a vCPU never started: start it.
+            for (i, s) in self.apics.sipi.iter().enumerate().skip(1) {
+                let bit = 1u64 << i;
+                if s.load(Ordering::Acquire) != 0
+                    && self.started.fetch_or(bit, Ordering::AcqRel) & bit == 0
+                {
+                    return Step::Start(i as u32);
+                }
+            }
+        }
+        step
+    }
+
+    /// After [`Step::Wait`]: the vCPU has an interrupt (or the platform gives up
+    /// waiting); inject it.
+    pub fn wake<P: Platform + ?Sized>(&self, p: &mut P, vcpu: u32) {
+        self.drain();
+        self.inject_pending(p, vcpu);
+    }
+
+    fn inject_pending<P: Platform + ?Sized>(&self, p: &mut P, vcpu: u32) {
+        let Some(l) = self.lapics.get(vcpu as usize) else {
+            return;
+        };
+        let r = p.regs();
+        let busy = r.inj_info & inj::VALID != 0;
+        let open = r.rflags & bits::IF != 0 && r.intr_state & 3 == 0;
+        let mut l = l.lock();
+        let Some(v) = l.pending_vector() else {
+            return;
+        };
+        if !busy && open {
+            l.accept(v);
+            drop(l);
+            p.inject(Event::Interrupt(v));
+        } else {
+            drop(l);
+            let r = p.regs_mut();
+            r.inj_info |= inj::REQ_INTR_WINDOW;
+            r.mtd |= Mtd::INJ;
+        }
+    }
+
+    fn event<P: Platform + ?Sized>(&self, p: &mut P, vcpu: u32, event: u64) -> Step {
+        let r = p.regs();
+        let (rip, rflags, qual) = (r.rip, r.rflags, r.qual);
+        match event {
+            ev::STARTUP => {
+                self.entry_state(p.regs_mut(), vcpu);
+                Step::Resume
+            }
+            ev::CPUID => {
+                self.cpuid(p.regs_mut(), vcpu);
+                skip(p.regs_mut(), 2);
+                Step::Resume
+            }
+            ev::IO => self.io(p),
+            ev::NPT_FAULT => self.npt(p, vcpu),
+            ev::HLT => {
+                let regs = p.regs_mut();
+                skip(regs, 1);
+                regs.intr_state &= !3;
+                regs.mtd |= Mtd::STA;
+                if rflags & bits::IF == 0 {
+                    return Step::Stop;
+                }
+                if self.interrupt_pending(vcpu) {
+                    Step::Resume
+                } else {
+                    Step::Wait
+                }
+            }
+            ev::VMCALL => {
+                let regs = p.regs_mut();
+                regs.gpr[gpr::RAX] = crate::exit::HC_ENOSYS;
+                regs.mtd |= Mtd::GPR_ACDB;
+                skip(regs, 3);
+                Step::Resume
+            }
+            ev::RDMSR | ev::WRMSR => self.msr(p, vcpu, event == ev::WRMSR),
+            ev::XSETBV => {
+                let r = p.regs();
+                let (rax, rcx, rdx) = (r.gpr[gpr::RAX], r.gpr[gpr::RCX], r.gpr[gpr::RDX]);
+                let v = (rdx << 32) | (rax & 0xffff_ffff);
+                let [lo, _, _, hi] = (self.cpuid)(0xd, 0);
+                let host = u64::from(lo) | u64::from(hi) << 32;
+                let ok =
+                    rcx as u32 == 0 && v & 1 != 0 && (v & 4 == 0 || v & 2 != 0) && v & !host == 0;
+                if !ok {
+                    p.inject(gp0());
+                    return Step::Resume;
+                }
+                let regs = p.regs_mut();
+                regs.xcr0 = v;
+                regs.mtd |= Mtd::XSAVE;
+                skip(regs, 3);
+                Step::Resume
+            }
+            ev::INVD | ev::WBINVD => {
+                skip(p.regs_mut(), 2);
+                Step::Resume
+            }
+            ev::OTHER | ev::MONITOR | ev::MWAIT => {
+                p.inject(Event::Exception {
+                    vector: vector::UD,
+                    error: None,
+                });
+                Step::Resume
+            }
+            ev::PAUSE | ev::RECALL | ev::INTR_WINDOW => Step::Resume,
+            ev::TRIPLE_FAULT => Step::End(End::TripleFault { rip }),
+            ev::INVALID_STATE => Step::End(End::InvalidState { qual }),
+            _ => Step::End(End::Unhandled { event, qual, rip }),
+        }
+    }
+
+    /// The entry state: vCPU 0 at the kernel's 64-bit entry, the others in real mode at
+    /// their SIPI's page.
+    pub fn entry_state(&self, regs: &mut ArchState, vcpu: u32) {
+        let mtd = regs.mtd;
+        *regs = ArchState::default();
+        regs.mtd = mtd;
+        if vcpu == 0 {
+            boot::entry_state(regs, &self.boot);
+        } else {
+            let sipi = self
+                .apics
+                .sipi
+                .get(vcpu as usize)
+                .map_or(0, |s| s.load(Ordering::Acquire)) as u8;
+            let seg = |sel: u16, base: u64, ar: u16| Segment {
+                sel,
+                ar,
+                limit: 0xffff,
+                base,
+            };
+            regs.cs = seg(u16::from(sipi) << 8, u64::from(sipi) << 12, 0x9b);
+            for s in [
+                &mut regs.ds,
+                &mut regs.es,
+                &mut regs.ss,
+                &mut regs.fs,
+                &mut regs.gs,
+            ] {
+                *s = seg(0, 0, 0x93);
+            }
+            regs.tr = seg(0, 0, 0x8b);
+            regs.ldtr = seg(0, 0, 0x82);
+            regs.gdtr = seg(0, 0, 0);
+            regs.idtr = seg(0, 0, 0);
+            regs.cr0 = 1 << 4; // ET
+            regs.rflags = 2;
+            regs.rip = 0;
+            regs.gpr[gpr::RDX] = 0x600;
+            regs.mtd |= Mtd::GPRS
+                | Mtd::RIP_LEN
+                | Mtd::RFLAGS
+                | Mtd::CS_SS
+                | Mtd::DS_ES
+                | Mtd::FS_GS
+                | Mtd::TR
+                | Mtd::LDTR
+                | Mtd::GDTR
+                | Mtd::IDTR
+                | Mtd::CR
+                | Mtd::EFER;
+        }
+        regs.pat = 0x0007_0406_0007_0406;
+        regs.xcr0 = 1;
+        regs.mtd |= Mtd::STA | Mtd::INJ | Mtd::PAT | Mtd::XSAVE;
+    }
+
+    fn cpuid(&self, regs: &mut ArchState, vcpu: u32) {
+        let leaf = regs.gpr[gpr::RAX] as u32;
+        let sub = regs.gpr[gpr::RCX] as u32;
+        let mut v = match self.kvm.leaf(leaf) {
+            Some(v) => v,
+            None if (0x4000_0000..=0x4fff_ffff).contains(&leaf) => [0; 4],
+            None => (self.cpuid)(leaf, sub),
+        };
+        match leaf {
+            1 => {
+                // Hypervisor, x2APIC, TSC deadline; no VMX, no MONITOR; OSXSAVE as the
+                // guest's CR4 says; no MTRRs (Linux then leaves their MSRs alone).
+                const X2APIC: u32 = 1 << 21;
+                const TSC_DEADLINE: u32 = 1 << 24;
+                // No XSAVE (nor AVX, FMA, F16C): the guest keeps x87/SSE state only.
+                const XSAVE_AVX: u32 = 1 << 12 | 1 << 26 | 1 << 27 | 1 << 28 | 1 << 29;
+                v[2] = (v[2] | cpuid::HYPERVISOR_BIT | X2APIC | TSC_DEADLINE)
+                    & !(1 << 5 | 1 << 3 | XSAVE_AVX);
+                v[3] &= !(1 << 12);
+                v[1] = (v[1] & 0x0000_ffff) | (vcpu << 24) | (self.cfg.vcpus.min(255) << 16);
+                v[3] |= 1 << 28; // HTT: the logical count above is valid
+            }
+            // Always-running APIC timer.
+            6 => v[0] |= 1 << 2,
+            // No AVX2, no AVX-512.
+            7 if sub == 0 => v[1] &= !(1 << 5 | 0xffff_0000),
+            0xd => v = [0; 4],
+            0xb | 0x1f => v[3] = vcpu,
+            // No SVM, no MWAITX.
+            0x8000_0001 => v[2] &= !(1 << 2 | 1 << 29),
+            0x8000_000a => v = [0; 4],
+            _ => {}
+        }
+        for (i, x) in v.iter().enumerate() {
+            regs.gpr[[gpr::RAX, gpr::RBX, gpr::RCX, gpr::RDX][i]] = u64::from(*x);
+        }
+        regs.mtd |= Mtd::GPR_ACDB;
+    }
+
+    fn io<P: Platform + ?Sized>(&self, p: &mut P) -> Step {
+        let r = p.regs();
+        let (q, rip, inst_len) = (r.qual[0], r.rip, r.inst_len);
+        let size = ((q & 7) + 1) as usize;
+        let input = q & (1 << 3) != 0;
+        let port = (q >> 16) as u16;
+        if q & (1 << 4) != 0 {
+            let mut io = BusIo {
+                mmio: &self.mmio,
+                pio: &self.pio,
+            };
+            let res = emul::emulate(p, &mut io, None);
+            return self.emulated(p, res, rip);
+        }
+        if inst_len == 0 {
+            return Step::End(End::NoLength { rip });
+        }
+        let size = size.min(4);
+        let mut action = None;
+        let regs = p.regs_mut();
+        if input {
+            let mut b = [0u8; 4];
+            let _ = self.pio.read(u64::from(port), &mut b[..size]);
+            let v = u64::from(u32::from_le_bytes(b));
+            let old = regs.gpr[gpr::RAX];
+            regs.gpr[gpr::RAX] = match size {
+                1 => (old & !0xff) | (v & 0xff),
+                2 => (old & !0xffff) | (v & 0xffff),
+                _ => v,
+            };
+            regs.mtd |= Mtd::GPR_ACDB;
+        } else {
+            let b = regs.gpr[gpr::RAX].to_le_bytes();
+            action = self.pio.write(u64::from(port), &b[..size]).ok().flatten();
+        }
+        skip(regs, 0);
+        self.act(p, action)
+    }
+
+    fn npt<P: Platform + ?Sized>(&self, p: &mut P, vcpu: u32) -> Step {
+        let r = p.regs();
+        let (gpa, fetch, rip) = (r.qual[1], r.qual[0] & (1 << 4) != 0, r.rip);
+        if fetch {
+            return Step::End(End::FetchFromMmio { gpa });
+        }
+        let res = if (LAPIC_BASE..LAPIC_BASE + LAPIC_SIZE).contains(&gpa) {
+            // This vCPU's own local APIC.
+            let mut bus = Bus::new();
+            let l: SharedDevice = self.lapics[vcpu as usize].clone();
+            let _ = bus.insert(LAPIC_BASE, LAPIC_SIZE, l);
+            let mut io = BusIo {
+                mmio: &bus,
+                pio: &self.pio,
+            };
+            emul::emulate(p, &mut io, Some(gpa))
+        } else {
+            let mut io = BusIo {
+                mmio: &self.mmio,
+                pio: &self.pio,
+            };
+            emul::emulate(p, &mut io, Some(gpa))
+        };
+        self.emulated(p, res, rip)
+    }
+
+    fn emulated<P: Platform + ?Sized>(
+        &self,
+        p: &mut P,
+        res: Result<emul::Outcome, EmulError>,
+        rip: u64,
+    ) -> Step {
+        match res {
+            Ok(out) => self.act(p, out.action),
+            Err(EmulError::Invalid | EmulError::Truncated | EmulError::Unsupported(_)) => {
+                self.undefined.fetch_add(1, Ordering::Relaxed);
+                p.inject(Event::Exception {
+                    vector: vector::UD,
+                    error: None,
+                });
+                Step::Resume
+            }
+            Err(EmulError::Fetch(Fault::PageFault { addr, error }))
+            | Err(EmulError::Access(Fault::PageFault { addr, error })) => {
+                let regs = p.regs_mut();
+                regs.cr2 = addr;
+                regs.mtd |= Mtd::CR;
+                p.inject(Event::Exception {
+                    vector: vector::PF,
+                    error: Some(error),
+                });
+                Step::Resume
+            }
+            Err(error) => Step::End(End::Emulation { error, rip }),
+        }
+    }
+
+    fn act<P: Platform + ?Sized>(&self, p: &mut P, action: Option<Action>) -> Step {
+        match action {
+            None | Some(Action::StartVcpu(_)) => Step::Resume,
+            Some(Action::Done(code)) => Step::End(End::Done(code)),
+            Some(Action::PowerOff) => Step::End(End::PowerOff),
+            Some(Action::Reset) => Step::End(End::Reset),
+            Some(Action::Exception { vector, error }) => {
+                if vector < 32 && vector != 2 {
+                    p.inject(Event::Exception { vector, error });
+                }
+                Step::Resume
+            }
+        }
+    }
+
+    /// The guest's clocks now.
+    fn sample(&self, tsc: u64) -> TimeSample {
+        TimeSample {
+            tsc,
+            ns: self.clock.now_ns(),
+        }
+    }
+
+    /// Wall-clock time at clock 0, in ns since the epoch.
+    fn boot_wall_ns(&self) -> u64 {
+        self.cfg.wall_secs.saturating_mul(NS_PER_SEC)
+    }
+}
+
+fn gp0() -> Event {
+    Event::Exception {
+        vector: vector::GP,
+        error: Some(0),
+    }
+}
+
+/// Advances RIP past the instruction: by the exit's length, or `len` when the exit
+/// did not say.
+fn skip(regs: &mut ArchState, len: u64) {
+    let n = if regs.inst_len != 0 {
+        regs.inst_len
+    } else {
+        len
+    };
+    regs.rip = regs.rip.wrapping_add(n);
+    regs.mtd |= Mtd::RIP_LEN;
+}
+
+/// Whether `msr` is the local APIC's (base, TSC deadline, the x2APIC registers).
+fn lapic_msr(msr: u32) -> bool {
+    msr == lapic::MSR_APIC_BASE
+        || msr == lapic::MSR_TSC_DEADLINE
+        || lapic::X2APIC_MSRS.contains(&msr)
+}

@@ -1,0 +1,314 @@
+use super::*;
+
+#[test]
+fn memory_map_splits_the_first_mib() {
+    let m = memory_map(256 << 20);
+    assert_eq!((m[0].addr, m[0].size, m[0].typ), (0, 0x9_fc00, e820::RAM));
+    assert_eq!({ m[1].typ }, e820::RESERVED);
+    assert_eq!(m[1].addr + m[1].size, 0x10_0000);
+    assert_eq!((m[2].addr, m[2].size), (0x10_0000, (256 << 20) - 0x10_0000));
+}
+
+#[test]
+fn serial_lines_split_on_newlines() {
+    let mut s = SerialLines::new(Vec::<Vec<u8>>::new());
+    for b in b"hello\r\nworld\n" {
+        s.put(*b);
+    }
+    assert_eq!(s.sink, vec![b"hello".to_vec(), b"world".to_vec()]);
+}
+
+#[test]
+fn ram_disk_reads_back_writes_and_refuses_out_of_range() {
+    let d: &'static mut [u8] = Box::leak(vec![0u8; 4096].into_boxed_slice());
+    let mut d = RamDisk(d);
+    assert_eq!(d.capacity(), 8);
+    d.write(1, &[7; 512]).unwrap();
+    let mut b = [0u8; 512];
+    d.read(1, &mut b).unwrap();
+    assert_eq!(b, [7; 512]);
+    assert_eq!(d.read(8, &mut b), Err(BlockError::OutOfRange));
+}
+
+use std::sync::Mutex;
+
+use crate::boot::{BootParams, SetupHeader};
+use crate::clock::ManualClock;
+use crate::testutil::{MockVcpu, SharedMem};
+
+const RAM: u64 = 0x400_0000;
+
+/// A minimal 64-bit bzImage (as `boot`'s tests build one).
+fn bzimage() -> Vec<u8> {
+    let mut img = vec![0u8; 5 * 512];
+    img.extend_from_slice(&[0x90; 4096]);
+    let mut h = SetupHeader::zeroed();
+    h.setup_sects = 4;
+    h.boot_flag = 0xaa55;
+    h.jump = 0xeb | ((0x26c - 0x202) << 8);
+    h.header = u32::from_le_bytes(*b"HdrS");
+    h.version = 0x020f;
+    h.loadflags = 1;
+    h.xloadflags = 1;
+    h.syssize = 256;
+    h.cmdline_size = 2047;
+    h.initrd_addr_max = 0x7fff_ffff;
+    h.pref_address = 0x100_0000;
+    h.init_size = 0x20_0000;
+    h.kernel_alignment = 0x20_0000;
+    h.write_to(&mut img[0x1f1..]);
+    img
+}
+
+/// Kicks, recorded.
+#[derive(Default)]
+struct Kicks(Mutex<Vec<u32>>);
+
+impl Kick for Kicks {
+    fn kick(&self, vcpu: u32) {
+        self.0.lock().unwrap().push(vcpu);
+    }
+}
+
+struct Setup {
+    pc: Pc,
+    mem: SharedMem,
+    clock: Arc<ManualClock>,
+    kicks: Arc<Kicks>,
+}
+
+fn host_cpuid(leaf: u32, _sub: u32) -> [u32; 4] {
+    match leaf {
+        1 => [0x800f12, 0x0800, 1 << 26 | 1 << 28 | 1 << 5, 1 << 12],
+        _ => [leaf, 0, 0, 0],
+    }
+}
+
+fn pc(vcpus: u32) -> Setup {
+    let mut mem = SharedMem::new(RAM as usize);
+    let clock = Arc::new(ManualClock::new(0));
+    let kicks = Arc::new(Kicks::default());
+    let disk: &'static mut [u8] = Box::leak(vec![0u8; 1 << 16].into_boxed_slice());
+    let pc = Pc::new(
+        PcConfig {
+            vcpus,
+            ram: RAM,
+            tsc_hz: 1_000_000_000,
+            wall_secs: 0,
+        },
+        &mut mem,
+        &bzimage(),
+        b"console=ttyS0",
+        Some(&[1, 2, 3]),
+        Some(RamDisk(disk)),
+        Vec::<Vec<u8>>::new(),
+        clock.clone(),
+        kicks.clone(),
+        host_cpuid,
+    )
+    .unwrap();
+    Setup {
+        pc,
+        mem,
+        clock,
+        kicks,
+    }
+}
+
+fn vcpu() -> MockVcpu {
+    let mut v = MockVcpu::new(0x10_0000);
+    v.regs.inst_len = 0;
+    v
+}
+
+fn exit(pc: &Pc, v: &mut MockVcpu, event: u64) -> Step {
+    v.regs.mtd = Mtd::empty();
+    pc.handle(v, 0, event)
+}
+
+fn rdmsr(pc: &Pc, v: &mut MockVcpu, msr: u32) -> u64 {
+    v.regs.gpr[gpr::RCX] = u64::from(msr);
+    v.regs.inj_info = 0;
+    assert_eq!(exit(pc, v, ev::RDMSR), Step::Resume);
+    assert_eq!(v.regs.inj_info, 0, "rdmsr {msr:#x} faulted");
+    (v.regs.gpr[gpr::RDX] << 32) | (v.regs.gpr[gpr::RAX] & 0xffff_ffff)
+}
+
+fn wrmsr(pc: &Pc, v: &mut MockVcpu, msr: u32, value: u64) {
+    v.regs.gpr[gpr::RCX] = u64::from(msr);
+    v.regs.gpr[gpr::RAX] = value & 0xffff_ffff;
+    v.regs.gpr[gpr::RDX] = value >> 32;
+    v.regs.inj_info = 0;
+    assert_eq!(exit(pc, v, ev::WRMSR), Step::Resume);
+    assert_eq!(v.regs.inj_info, 0, "wrmsr {msr:#x} faulted");
+}
+
+#[test]
+fn the_bsp_starts_at_the_kernels_64bit_entry_with_the_zero_page() {
+    let s = pc(1);
+    let mut v = vcpu();
+    assert_eq!(exit(&s.pc, &mut v, ev::STARTUP), Step::Resume);
+    assert_eq!(v.regs.rip, 0x100_0200);
+    assert_eq!(v.regs.gpr[gpr::RSI], boot::ZERO_PAGE_ADDR);
+    let zp = s.mem.bytes(boot::ZERO_PAGE_ADDR, BootParams::SIZE);
+    let bp = BootParams::from_bytes(&zp).unwrap();
+    assert_eq!({ bp.e820_entries }, 3);
+    assert_eq!({ bp.e820(2).size }, RAM - 0x10_0000);
+    assert_ne!({ bp.hdr.ramdisk_image }, 0);
+    // The RSDP in the BIOS area where Linux looks for it.
+    assert_eq!(&s.mem.bytes(ACPI_ADDR, 8), b"RSD PTR ");
+}
+
+#[test]
+fn cpuid_offers_kvm_leaves_x2apic_and_tsc_deadline_but_no_xsave() {
+    let s = pc(2);
+    let mut v = vcpu();
+    v.regs.gpr[gpr::RAX] = 0x4000_0000;
+    exit(&s.pc, &mut v, ev::CPUID);
+    assert_eq!(v.regs.gpr[gpr::RBX] as u32, cpuid::KVM_SIGNATURE[0]);
+    assert_eq!(v.regs.rip, 2, "CPUID skipped without NRIP save");
+    v.regs.gpr[gpr::RAX] = 1;
+    exit(&s.pc, &mut v, ev::CPUID);
+    let ecx = v.regs.gpr[gpr::RCX] as u32;
+    assert_ne!(ecx & cpuid::HYPERVISOR_BIT, 0);
+    assert_ne!(ecx & (1 << 21 | 1 << 24), 0);
+    assert_eq!(ecx & (1 << 26 | 1 << 28 | 1 << 5), 0, "no XSAVE, AVX, VMX");
+    assert_eq!(v.regs.gpr[gpr::RDX] as u32 & (1 << 12), 0, "no MTRRs");
+    assert_eq!((v.regs.gpr[gpr::RBX] >> 16) as u8, 2, "logical CPUs");
+}
+
+#[test]
+fn msrs_live_in_the_register_file_and_unknown_ones_read_zero() {
+    let s = pc(1);
+    let mut v = vcpu();
+    wrmsr(&s.pc, &mut v, msr::nr::EFER, 0xd01);
+    assert!(v.regs.mtd.contains(Mtd::EFER));
+    assert_eq!(rdmsr(&s.pc, &mut v, msr::nr::EFER), 0xd01 & !(1 << 10));
+    wrmsr(&s.pc, &mut v, msr::nr::LSTAR, 0xffff_ffff_8100_0000);
+    assert_eq!(v.regs.lstar, 0xffff_ffff_8100_0000);
+    assert_eq!(rdmsr(&s.pc, &mut v, 0xc001_0015), 0);
+    // A non-canonical LSTAR is a #GP.
+    v.regs.gpr[gpr::RCX] = u64::from(msr::nr::LSTAR);
+    v.regs.gpr[gpr::RDX] = 0x8000;
+    exit(&s.pc, &mut v, ev::WRMSR);
+    assert_eq!(v.regs.inj_info, 0x8000_0b0d);
+    // kvmclock: enabling it writes the structure (version even, TSC-stable flag).
+    wrmsr(
+        &s.pc,
+        &mut v,
+        crate::kvmclock::MSR_KVM_SYSTEM_TIME_NEW,
+        0x5000 | 1,
+    );
+    assert_eq!(v.mem[0x5000] & 1, 0);
+    assert_ne!(v.mem[0x5000], 0);
+    assert_eq!(v.mem[0x5000 + 28], crate::kvmclock::PVCLOCK_TSC_STABLE_BIT);
+}
+
+#[test]
+fn a_tsc_deadline_interrupt_is_injected_when_the_guest_can_take_it() {
+    let s = pc(1);
+    let mut v = vcpu();
+    // x2APIC on, software-enabled, timer in TSC-deadline mode on vector 0xec.
+    wrmsr(
+        &s.pc,
+        &mut v,
+        0x1b,
+        0xfee0_0000 | 1 << 11 | 1 << 10 | 1 << 8,
+    );
+    wrmsr(&s.pc, &mut v, 0x80f, 0x1ff);
+    wrmsr(&s.pc, &mut v, 0x832, 2 << 17 | 0xec);
+    wrmsr(&s.pc, &mut v, 0x6e0, 5_000);
+    assert_eq!(s.pc.next_deadline(0), Some(5_000));
+    // HLT with nothing pending: the vCPU waits; with IF clear it stops.
+    v.regs.rflags = bits::IF;
+    assert_eq!(exit(&s.pc, &mut v, ev::HLT), Step::Wait);
+    v.regs.rflags = 0;
+    assert_eq!(exit(&s.pc, &mut v, ev::HLT), Step::Stop);
+    s.clock.set(5_000);
+    s.pc.update_timers(0);
+    assert_eq!(*s.kicks.0.lock().unwrap(), vec![0]);
+    assert!(s.pc.interrupt_pending(0));
+    // Interrupts off: an interrupt window is asked for, nothing injected.
+    v.regs.inj_info = 0;
+    exit(&s.pc, &mut v, ev::RECALL);
+    assert_eq!(v.regs.inj_info, inj::REQ_INTR_WINDOW);
+    // The window opens: the vector goes in, and the local APIC has it in service.
+    v.regs.rflags = bits::IF;
+    v.regs.inj_info = 0;
+    exit(&s.pc, &mut v, ev::INTR_WINDOW);
+    assert_eq!(v.regs.inj_info, 0x8000_00ec);
+    assert!(!s.pc.interrupt_pending(0));
+    wrmsr(&s.pc, &mut v, 0x80b, 0); // EOI
+}
+
+#[test]
+fn serial_input_reaches_the_vcpu_through_the_io_apic() {
+    let s = pc(1);
+    let mut v = vcpu();
+    wrmsr(
+        &s.pc,
+        &mut v,
+        0x1b,
+        0xfee0_0000 | 1 << 11 | 1 << 10 | 1 << 8,
+    );
+    wrmsr(&s.pc, &mut v, 0x80f, 0x1ff);
+    // I/O APIC pin 4 (COM1) → vector 0x24, physical destination 0.
+    let w = |reg: u32, val: u32| {
+        s.pc.mmio.write(IOAPIC_BASE, &reg.to_le_bytes()).unwrap();
+        s.pc.mmio
+            .write(IOAPIC_BASE + 0x10, &val.to_le_bytes())
+            .unwrap();
+    };
+    w(0x10 + 2 * 4, 0x24);
+    w(0x11 + 2 * 4, 0);
+    s.pc.pio.write(COM1_BASE + 4, &[0x08]).unwrap(); // MCR OUT2
+    s.pc.pio.write(COM1_BASE + 1, &[0x01]).unwrap(); // IER: receive
+    assert_eq!(s.pc.console_input(b"x"), 1);
+    assert_eq!(*s.kicks.0.lock().unwrap(), vec![0]);
+    v.regs.rflags = bits::IF;
+    exit(&s.pc, &mut v, ev::RECALL);
+    assert_eq!(v.regs.inj_info, 0x8000_0024);
+}
+
+#[test]
+fn a_sipi_starts_the_other_vcpu_in_real_mode_at_its_page() {
+    let s = pc(2);
+    let mut v = vcpu();
+    wrmsr(
+        &s.pc,
+        &mut v,
+        0x1b,
+        0xfee0_0000 | 1 << 11 | 1 << 10 | 1 << 8,
+    );
+    wrmsr(&s.pc, &mut v, 0x80f, 0x1ff);
+    // INIT, then SIPI with vector 0x9a to APIC 1.
+    wrmsr(&s.pc, &mut v, 0x830, 1 << 32 | 5 << 8 | 1 << 14);
+    v.regs.gpr[gpr::RCX] = 0x830;
+    v.regs.gpr[gpr::RAX] = 6 << 8 | 0x9a;
+    v.regs.gpr[gpr::RDX] = 1;
+    assert_eq!(exit(&s.pc, &mut v, ev::WRMSR), Step::Start(1));
+    let mut ap = vcpu();
+    ap.regs.mtd = Mtd::empty();
+    s.pc.handle(&mut ap, 1, ev::STARTUP);
+    assert_eq!(
+        (ap.regs.cs.sel, ap.regs.cs.base, ap.regs.rip),
+        (0x9a00, 0x9a000, 0)
+    );
+    assert_eq!(ap.regs.cr0 & bits::CR0_PE, 0);
+}
+
+#[test]
+fn power_off_through_pm1_control_ends_the_vm() {
+    let s = pc(1);
+    let mut v = vcpu();
+    // out dx, ax to PM1_CNT with SLP_TYP 5 and SLP_EN.
+    v.regs.qual[0] = 1 | (PM_BASE + 4) << 16;
+    v.regs.inst_len = 1;
+    v.regs.gpr[gpr::RAX] = 5 << 10 | 1 << 13;
+    assert_eq!(exit(&s.pc, &mut v, ev::IO), Step::End(End::PowerOff));
+    // Unknown ports read all ones.
+    v.regs.qual[0] = 8 | 0x1234 << 16;
+    v.regs.gpr[gpr::RAX] = 0;
+    exit(&s.pc, &mut v, ev::IO);
+    assert_eq!(v.regs.gpr[gpr::RAX], 0xff);
+}
