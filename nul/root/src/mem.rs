@@ -138,29 +138,6 @@ pub fn alloc(pages: u64) -> Option<u64> {
     Some(phys)
 }
 
-/// Allocates `pages` zeroed pages whose physical address is a multiple of `align`
-/// pages (a power of two), so they can be mapped with large pages.
-pub fn alloc_aligned(pages: u64, align: u64) -> Option<u64> {
-    let mut free = FREE.lock();
-    let (i, start) = free.iter().enumerate().find_map(|(i, &(b, n))| {
-        let start = b.div_ceil(align) * align;
-        (start + pages <= b + n).then_some((i, start))
-    })?;
-    let (b, n) = free[i];
-    free.remove(i);
-    if start > b {
-        free.push((b, start - b));
-    }
-    if start + pages < b + n {
-        free.push((start + pages, b + n - start - pages));
-    }
-    drop(free);
-    let phys = start * 4096;
-    // SAFETY: as in `alloc`: free RAM in the window, just taken off the free list.
-    unsafe { core::ptr::write_bytes(virt(phys) as *mut u8, 0, (pages * 4096) as usize) };
-    Some(phys)
-}
-
 /// Returns pages to the allocator.
 pub fn free(phys: u64, pages: u64) {
     FREE.lock().push((phys / 4096, pages));
