@@ -75,3 +75,18 @@ fn linux_vmm_two_vcpus() {
     );
     assert_success(&r, &["PASS vmm"]);
 }
+
+/// Two vCPUs sharing one host CPU (with their handlers and timer threads).
+#[test]
+fn linux_vmm_two_vcpus_on_one_cpu() {
+    let r = run("linux-vmm-2on1", 1, 2, "nproc,disk", 240);
+    assert!(
+        r.serial.contains(linux::MARKER),
+        "no marker\n{}",
+        r.report()
+    );
+    let t = linux::test_results(&r.serial);
+    assert_eq!(result(&t, "nproc"), Some("2"), "{}", r.report());
+    assert_eq!(result(&t, "disk"), Some("ok"), "{}", r.report());
+    assert_success(&r, &["PASS vmm"]);
+}

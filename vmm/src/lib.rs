@@ -24,7 +24,8 @@
 //! Linux bzImage for the 64-bit boot protocol; [`acpi`] generates the guest's ACPI
 //! tables; [`cpuid`] and [`kvmclock`] are the KVM-compatible paravirtual interface.
 //! [`testdev`] are the bare-metal test guest's devices, [`loader`] loads its ELF image
-//! and [`exit`] is its machine: the exit handler `nul/vmm` runs today.
+//! and [`exit`] is its machine. [`pc`] is the machine that boots Linux: every device
+//! above wired together, the kernel and ACPI tables loaded, and its exit handler.
 #![cfg_attr(not(test), no_std)]
 
 extern crate alloc;

@@ -34,7 +34,7 @@ pub struct Figure {
 }
 
 /// The benchmarks `cargo xtask bench` knows.
-pub const BENCHMARKS: &[&str] = &["ipc", "vmexit"];
+pub const BENCHMARKS: &[&str] = &["ipc", "vmexit", "boot"];
 
 /// The unit of a figure printed without one: TSC ticks, which count instructions under
 /// `-icount shift=0`.
@@ -161,6 +161,9 @@ pub fn bench(name: &str) -> Result<Vec<Figure>> {
     }
     if name == "vmexit" {
         return crate::bench_vmexit::bench(crate::boot::Emulator::Qemu);
+    }
+    if name == "boot" {
+        return crate::bench_boot::bench(None);
     }
     let peregrine =
         crate::build::build(Profile::Release).and_then(|images| peregrine_ipc(&images, name));

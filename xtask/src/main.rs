@@ -172,7 +172,9 @@ fn run(mut args: Args) -> Result<ExitCode> {
             g.kernel.display(),
             smp
         );
-        spec = xtask::linux::with_vmm(spec, images.vmm(), g, smp, "", "interactive ");
+        spec = xtask::linux::with_vmm(spec, images.vmm(), g, smp, "", "interactive ")
+            // The root waits (a year at most) for the VM's power-off, then ends QEMU.
+            .root_args("test=vmm secs=31536000");
         spec.memory_mib = spec.memory_mib.max(memory);
     } else if linux_guest && root_args.is_empty() && emulator == Emulator::Qemu {
         eprintln!(

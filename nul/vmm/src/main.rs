@@ -17,6 +17,10 @@
 //! `mode=check` runs the guest's check list, `mode=bench` its exit benchmark (its
 //! `BENCH` lines are printed unchanged), `mode=hostile seed=N` its hostile mode;
 //! `limit=S` ends the VM after S seconds.
+//!
+//! `mode=linux` boots a Linux bzImage (`guest=`) on the PC of `peregrine_vmm::pc`, with
+//! the boot modules `initrd=` and `disk=` and the kernel command line after ` -- `;
+//! `interactive` makes COM1 the console (untagged output, the root's serial input).
 #![no_std]
 #![no_main]
 
