@@ -451,13 +451,35 @@ pub fn kvm_side(guest: &Guest) -> Result<SideRun> {
     Ok(SideRun { side, run })
 }
 
+/// Rounds of the three sides `cargo xtask bench boot` runs by default.
+pub const RUNS: u32 = 3;
+
 /// The sides, by the names `--only` takes.
 pub const SIDES: &[&str] = &["peregrine", "qemu-direct", "kvm-l1"];
 
-/// `cargo xtask bench boot [--only SIDE]`: the three sides (or the one named) one after
-/// another, the table, and `<target>/bench/boot.json`. Fails if a side failed (the
-/// others' figures are written).
-pub fn bench(only: Option<&str>) -> Result<Vec<Figure>> {
+/// The median of `values` (the upper one of the middle two for an even count), `None`
+/// for none.
+pub fn median<T: Copy + PartialOrd>(mut values: Vec<T>) -> Option<T> {
+    values.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    values.get(values.len() / 2).copied()
+}
+
+/// Each figure's median over `runs` (the read's time and size as one).
+pub fn median_side(runs: &[Side]) -> Side {
+    Side {
+        marker_s: median(runs.iter().filter_map(|s| s.marker_s).collect()),
+        wall_s: median(runs.iter().filter_map(|s| s.wall_s).collect()),
+        read: median(runs.iter().filter_map(|s| s.read).collect()),
+        loadavg: median(runs.iter().filter_map(|s| s.loadavg).collect()),
+    }
+}
+
+/// `cargo xtask bench boot [--runs N] [--only SIDE]`: `runs` rounds of the three sides
+/// (or the one named), one side after another in each round so that a change in the
+/// machine's load falls on every side alike; the table of each figure's median, and
+/// `<target>/bench/boot.json`. Fails if a run failed (the other runs' figures are
+/// written).
+pub fn bench(only: Option<&str>, runs: u32) -> Result<Vec<Figure>> {
     if let Some(o) = only.filter(|o| !SIDES.contains(o)) {
         bail!(
             "bench boot: unknown side {o:?} (known: {})",
@@ -465,40 +487,42 @@ pub fn bench(only: Option<&str>) -> Result<Vec<Figure>> {
         );
     }
     let guest = linux::prepare()?;
-    let mut sides = Vec::new();
-    let mut failed = Vec::new();
     type SideFn = fn(&Guest) -> Result<SideRun>;
     let all: [(&str, SideFn); 3] = [
         ("peregrine", peregrine_side),
         ("qemu-direct", direct_side),
         ("kvm-l1", kvm_side),
     ];
-    for (name, f) in all {
-        if only.is_some_and(|o| o != name) {
-            sides.push(Side::default());
-            continue;
-        }
-        eprintln!("xtask: bench boot: {name} …");
-        match f(&guest) {
-            Ok(s) => {
-                eprintln!(
-                    "xtask: bench boot: {name}: {:?}; serial log {}",
-                    s.side,
-                    s.run.serial_log.display()
-                );
-                sides.push(s.side);
+    let mut results: Vec<Vec<Side>> = vec![Vec::new(); all.len()];
+    let mut failed = Vec::new();
+    for round in 1..=runs.max(1) {
+        for ((name, f), results) in all.iter().zip(results.iter_mut()) {
+            if only.is_some_and(|o| o != *name) {
+                continue;
             }
-            Err(e) => {
-                eprintln!("xtask: bench boot: {name} failed: {e:#}");
-                failed.push(name);
-                sides.push(Side::default());
+            eprintln!("xtask: bench boot: {name}, run {round} of {runs} …");
+            match f(&guest) {
+                Ok(s) => {
+                    eprintln!(
+                        "xtask: bench boot: {name}: {:?}; serial log {}",
+                        s.side,
+                        s.run.serial_log.display()
+                    );
+                    results.push(s.side);
+                }
+                Err(e) => {
+                    eprintln!("xtask: bench boot: {name} failed: {e:#}");
+                    failed.push(format!("{name} (run {round})"));
+                }
             }
         }
     }
+    let sides: Vec<Side> = results.iter().map(|r| median_side(r)).collect();
     let figures = figures(&sides[0], &sides[1], &sides[2]);
     let path = workspace::out_dir("bench")?.join("boot.json");
     std::fs::write(&path, serde_json::to_string_pretty(&figures)? + "\n")
         .with_context(|| format!("writing {}", path.display()))?;
+    println!("medians of {runs} run(s) per side:");
     print!("{}", table(&figures));
     println!("wrote {}", path.display());
     if !failed.is_empty() {
@@ -567,6 +591,29 @@ mod tests {
             "{t}"
         );
         assert!(lines[3].contains(" - "), "no KVM read: {t}");
+    }
+
+    #[test]
+    fn medians_per_figure() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(vec![4, 1, 3, 2]), Some(3));
+        assert_eq!(median::<f64>(Vec::new()), None);
+        let a = Side::from_serial(LOG, Some(9.0), Some(1.0));
+        let b = Side {
+            marker_s: Some(2.0),
+            read: Some((100, 8 << 20)),
+            ..Side::default()
+        };
+        let c = Side {
+            marker_s: Some(3.0),
+            read: Some((80, 8 << 20)),
+            ..a
+        };
+        let m = median_side(&[a, b, c]);
+        assert_eq!(m.marker_s, Some(2.75));
+        assert_eq!(m.read, Some((100, 8 << 20)));
+        assert_eq!(m.wall_s, Some(9.0), "of the two runs that have one");
+        assert_eq!(median_side(&[]), Side::default());
     }
 
     #[test]
