@@ -364,6 +364,14 @@ pub fn l1_init(modules: &[String]) -> String {
     s
 }
 
+/// The L1 VMM's exit status (`KVMBOOT status <n>`), once it has ended.
+pub fn vmm_status(serial: &str) -> Option<i32> {
+    serial.lines().find_map(|l| {
+        let rest = &l[l.find(VMM_END)? + VMM_END.len()..];
+        rest.split_whitespace().next()?.parse().ok()
+    })
+}
+
 /// The KVM side's L1 initramfs: busybox, `kvm` and `kvm_amd`, this machine's
 /// `qemu-system-x86_64` with its libraries and firmware, and the guest's files.
 fn l1_initramfs(guest: &Guest) -> Result<PathBuf> {
@@ -643,6 +651,12 @@ mod tests {
         let end = s.find(VMM_END).unwrap();
         assert!(start < vmm && vmm < end, "{s}");
         assert!(s.ends_with("poweroff -f\n"));
+        assert_eq!(
+            vmm_status("KVMBOOT start uptime=3.0\r\nKVMBOOT status 1 uptime=9.1\r\n"),
+            Some(1)
+        );
+        assert_eq!(vmm_status("KVMBOOT status 0\n"), Some(0));
+        assert_eq!(vmm_status("KVMBOOT start uptime=3.0\n"), None);
         let c = l1_vmm_command();
         assert!(c.contains("accel=kvm") && c.contains("-m 256 "), "{c}");
         assert!(c.contains(&format!("-append '{}'", linux::cmdline(TESTS))));
