@@ -864,8 +864,29 @@ impl Pc {
                 | Mtd::EFER;
         }
         regs.pat = 0x0007_0406_0007_0406;
-        regs.xcr0 = 1;
+        regs.xcr0 = self.initial_xcr0();
         regs.mtd |= Mtd::STA | Mtd::INJ | Mtd::PAT | Mtd::XSAVE;
+    }
+
+    /// The XCR0 a vCPU starts with: the user state components the host offers that
+    /// Linux enables (x87, SSE, AVX, AVX-512, PKRU, AMX), not the architectural 1.
+    ///
+    /// QEMU's software SVM does not deliver the guest's XSETBV as an exit (the kernel
+    /// asks for the intercept; the VMM never sees it), so the guest's own XCR0 write
+    /// lasts only until the next VM entry, where the kernel loads the XCR0 the VMM
+    /// gave. Starting with the value Linux will write keeps the two equal; with an
+    /// XCR0 of 1 Linux's XRSTOR of a signal frame (whose SSE bit it always sets) fails
+    /// and init dies in `rt_sigreturn`. Where the exit comes, [`Pc::handle`] takes the
+    /// guest's value as it should.
+    fn initial_xcr0(&self) -> u64 {
+        const LINUX_USER: u64 = 0x7 | 0xe0 | 1 << 9 | 3 << 17;
+        let [lo, _, _, hi] = (self.cpuid)(0xd, 0);
+        let x = (u64::from(lo) | u64::from(hi) << 32) & LINUX_USER;
+        if x & 3 == 3 {
+            x
+        } else {
+            1
+        }
     }
 
     fn cpuid(&self, regs: &mut ArchState, vcpu: u32) {
@@ -882,19 +903,18 @@ impl Pc {
                 // guest's CR4 says; no MTRRs (Linux then leaves their MSRs alone).
                 const X2APIC: u32 = 1 << 21;
                 const TSC_DEADLINE: u32 = 1 << 24;
-                // No XSAVE (nor AVX, FMA, F16C): the guest keeps x87/SSE state only.
-                const XSAVE_AVX: u32 = 1 << 12 | 1 << 26 | 1 << 27 | 1 << 28 | 1 << 29;
+                const OSXSAVE: u32 = 1 << 27;
                 v[2] = (v[2] | cpuid::HYPERVISOR_BIT | X2APIC | TSC_DEADLINE)
-                    & !(1 << 5 | 1 << 3 | XSAVE_AVX);
+                    & !(1 << 5 | 1 << 3 | OSXSAVE);
+                if regs.cr4 & (1 << 18) != 0 {
+                    v[2] |= OSXSAVE;
+                }
                 v[3] &= !(1 << 12);
                 v[1] = (v[1] & 0x0000_ffff) | (vcpu << 24) | (self.cfg.vcpus.min(255) << 16);
                 v[3] |= 1 << 28; // HTT: the logical count above is valid
             }
             // Always-running APIC timer.
             6 => v[0] |= 1 << 2,
-            // No AVX2, no AVX-512.
-            7 if sub == 0 => v[1] &= !(1 << 5 | 0xffff_0000),
-            0xd => v = [0; 4],
             0xb | 0x1f => v[3] = vcpu,
             // No SVM, no MWAITX.
             0x8000_0001 => v[2] &= !(1 << 2 | 1 << 29),

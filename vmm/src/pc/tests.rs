@@ -79,7 +79,13 @@ struct Setup {
 
 fn host_cpuid(leaf: u32, _sub: u32) -> [u32; 4] {
     match leaf {
-        1 => [0x800f12, 0x0800, 1 << 26 | 1 << 28 | 1 << 5, 1 << 12],
+        1 => [
+            0x800f12,
+            0x0800,
+            1 << 26 | 1 << 27 | 1 << 28 | 1 << 5,
+            1 << 12,
+        ],
+        0xd => [0x7, 0x340, 0x340, 0],
         _ => [leaf, 0, 0, 0],
     }
 }
@@ -149,6 +155,7 @@ fn the_bsp_starts_at_the_kernels_64bit_entry_with_the_zero_page() {
     let mut v = vcpu();
     assert_eq!(exit(&s.pc, &mut v, ev::STARTUP), Step::Resume);
     assert_eq!(v.regs.rip, 0x100_0200);
+    assert_eq!(v.regs.xcr0, 7, "the XCR0 Linux will set");
     assert_eq!(v.regs.gpr[gpr::RSI], boot::ZERO_PAGE_ADDR);
     let zp = s.mem.bytes(boot::ZERO_PAGE_ADDR, BootParams::SIZE);
     let bp = BootParams::from_bytes(&zp).unwrap();
@@ -160,7 +167,7 @@ fn the_bsp_starts_at_the_kernels_64bit_entry_with_the_zero_page() {
 }
 
 #[test]
-fn cpuid_offers_kvm_leaves_x2apic_and_tsc_deadline_but_no_xsave() {
+fn cpuid_offers_kvm_leaves_x2apic_and_tsc_deadline() {
     let s = pc(2);
     let mut v = vcpu();
     v.regs.gpr[gpr::RAX] = 0x4000_0000;
@@ -172,7 +179,16 @@ fn cpuid_offers_kvm_leaves_x2apic_and_tsc_deadline_but_no_xsave() {
     let ecx = v.regs.gpr[gpr::RCX] as u32;
     assert_ne!(ecx & cpuid::HYPERVISOR_BIT, 0);
     assert_ne!(ecx & (1 << 21 | 1 << 24), 0);
-    assert_eq!(ecx & (1 << 26 | 1 << 28 | 1 << 5), 0, "no XSAVE, AVX, VMX");
+    assert_eq!(
+        ecx & (1 << 26 | 1 << 28),
+        1 << 26 | 1 << 28,
+        "XSAVE, AVX as the host's"
+    );
+    assert_eq!(
+        ecx & (1 << 5 | 1 << 27),
+        0,
+        "no VMX; OSXSAVE only with CR4.OSXSAVE"
+    );
     assert_eq!(v.regs.gpr[gpr::RDX] as u32 & (1 << 12), 0, "no MTRRs");
     assert_eq!((v.regs.gpr[gpr::RBX] >> 16) as u8, 2, "logical CPUs");
 }
