@@ -399,7 +399,40 @@ fn kernel(what: &'static str) -> impl Fn(Status) -> Error {
 
 fn host_cpuid(leaf: u32, sub: u32) -> [u32; 4] {
     let r = core::arch::x86_64::__cpuid_count(leaf, sub);
-    [r.eax, r.ebx, r.ecx, r.edx]
+    let mut v = [r.eax, r.ebx, r.ecx, r.edx];
+    // XSAVE components: only those the host kernel enabled in its XCR0 can be the
+    // guest's (the kernel refuses a guest XCR0 beyond them), whatever the CPU supports.
+    if leaf == 0xd {
+        let host = host_xcr0();
+        match sub {
+            0 => {
+                v[0] &= host as u32;
+                v[3] &= (host >> 32) as u32;
+                // The largest area the offered components need: the host's current one.
+                v[2] = v[1];
+            }
+            1 => {}
+            n if n < 64 && host & (1 << n) == 0 => v = [0; 4],
+            _ => {}
+        }
+    }
+    v
+}
+
+/// The XCR0 the host kernel runs with (x87 and SSE without XSAVE).
+fn host_xcr0() -> u64 {
+    let c = core::arch::x86_64::__cpuid(1);
+    if c.ecx & (1 << 27) == 0 {
+        return 3;
+    }
+    let (lo, hi): (u32, u32);
+    // SAFETY: CPUID.1:ECX.OSXSAVE says CR4.OSXSAVE is set, so xgetbv is allowed at any
+    // privilege level; it reads XCR0 and touches nothing else.
+    unsafe {
+        core::arch::asm!("xgetbv", in("ecx") 0u32, out("eax") lo, out("edx") hi,
+            options(nomem, nostack, preserves_flags));
+    }
+    u64::from(lo) | u64::from(hi) << 32
 }
 
 /// Kernel-memory quota of the VM PD: nested page tables for the RAM (4-KiB pages at

@@ -415,6 +415,27 @@ pub fn entry_state(regs: &mut ArchState, info: &BootInfo) {
         limit: (GDT.len() * 8 - 1) as u32,
         base: GDT_ADDR,
     };
+    // VT-x enters a 64-bit guest only with a busy 64-bit TSS in TR (the reset state's
+    // 16-bit TSS is refused) and an LDTR that is unusable or an LDT; Linux loads its own
+    // before it needs them.
+    regs.tr = Segment {
+        sel: 0,
+        ar: 0x8b,
+        limit: 0x67,
+        base: 0,
+    };
+    regs.ldtr = Segment {
+        sel: 0,
+        ar: 0,
+        limit: 0,
+        base: 0,
+    };
+    regs.idtr = Segment {
+        sel: 0,
+        ar: 0,
+        limit: 0,
+        base: 0,
+    };
     regs.cr0 = bits::CR0_PE | bits::CR0_PG | (1 << 4); // ET
     regs.cr3 = info.cr3;
     regs.cr4 = bits::CR4_PAE;
@@ -429,7 +450,10 @@ pub fn entry_state(regs: &mut ArchState, info: &BootInfo) {
         | Mtd::CS_SS
         | Mtd::DS_ES
         | Mtd::FS_GS
+        | Mtd::TR
+        | Mtd::LDTR
         | Mtd::GDTR
+        | Mtd::IDTR
         | Mtd::CR
         | Mtd::EFER;
 }
