@@ -599,6 +599,7 @@ impl Pc {
             ev::NPT_FAULT | ev::IO | ev::EXCEPTION => {
                 Mtd::GPRS | Mtd::CS_SS | Mtd::DS_ES | Mtd::FS_GS | Mtd::CR | Mtd::EFER | Mtd::QUAL
             }
+            ev::CR_ACCESS => Mtd::GPRS | Mtd::CR | Mtd::QUAL,
             _ => Mtd::QUAL,
         }
     }
@@ -798,6 +799,7 @@ impl Pc {
                 skip(p.regs_mut(), 2);
                 Step::Resume
             }
+            ev::CR_ACCESS => cr_access(p.regs_mut(), qual[0], rip),
             ev::OTHER | ev::MONITOR | ev::MWAIT => {
                 p.inject(Event::Exception {
                     vector: vector::UD,
@@ -1061,6 +1063,54 @@ fn gp0() -> Event {
 
 /// Advances RIP past the instruction: by the exit's length, or `len` when the exit
 /// did not say.
+/// A control-register access that exited (VT-x: a write that changes a bit VMX fixes,
+/// such as CR4.VMXE or CR0.NE, whose value the kernel keeps in the read shadow).
+/// `qual`: CR number (bits 0–3), access type (bits 4–5: mov to, mov from, CLTS, LMSW),
+/// GPR (bits 8–11), LMSW source (bits 16–31); see ABI.md.
+fn cr_access(regs: &mut ArchState, qual: u64, rip: u64) -> Step {
+    let cr = qual & 0xf;
+    let g = ((qual >> 8) & 0xf) as usize;
+    match (qual >> 4) & 3 {
+        0 => {
+            let v = regs.gpr[g];
+            match cr {
+                0 => regs.cr0 = v,
+                3 => regs.cr3 = v,
+                4 => regs.cr4 = v,
+                _ => {
+                    return Step::End(End::Unhandled {
+                        event: ev::CR_ACCESS,
+                        qual: [qual, 0],
+                        rip,
+                    })
+                }
+            }
+            regs.mtd |= Mtd::CR;
+        }
+        1 => {
+            regs.gpr[g] = match cr {
+                0 => regs.cr0,
+                3 => regs.cr3,
+                4 => regs.cr4,
+                _ => 0,
+            };
+            regs.mtd |= Mtd::GPRS;
+        }
+        2 => {
+            regs.cr0 &= !bits::CR0_TS;
+            regs.mtd |= Mtd::CR;
+        }
+        _ => {
+            // LMSW: MP, EM, TS and PE from the source; PE is never cleared.
+            let src = (qual >> 16) & 0xf;
+            regs.cr0 = (regs.cr0 & !0xe) | src | (regs.cr0 & 1);
+            regs.mtd |= Mtd::CR;
+        }
+    }
+    skip(regs, 3);
+    Step::Resume
+}
+
 fn skip(regs: &mut ArchState, len: u64) {
     let n = if regs.inst_len != 0 {
         regs.inst_len

@@ -24,6 +24,8 @@ pub mod bits {
     pub const CR0_PE: u64 = 1 << 0;
     /// CR0.WP: supervisor writes honour read-only pages.
     pub const CR0_WP: u64 = 1 << 16;
+    /// CR0.TS (task switched).
+    pub const CR0_TS: u64 = 1 << 3;
     /// CR0.PG: paging.
     pub const CR0_PG: u64 = 1 << 31;
     /// CR4.PSE: 4-MiB pages with 32-bit paging.

@@ -411,7 +411,9 @@ fn host_cpuid(leaf: u32, sub: u32) -> [u32; 4] {
                 // The largest area the offered components need: the host's current one.
                 v[2] = v[1];
             }
-            1 => {}
+            // No XSAVES/XRSTORS (bit 3): supervisor state components (IA32_XSS) are not
+            // offered, and VT-x raises #UD for them unless the kernel enabled them.
+            1 => v[0] &= !(1 << 3),
             n if n < 64 && host & (1 << n) == 0 => v = [0; 4],
             _ => {}
         }

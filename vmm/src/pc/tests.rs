@@ -328,3 +328,39 @@ fn power_off_through_pm1_control_ends_the_vm() {
     exit(&s.pc, &mut v, ev::IO);
     assert_eq!(v.regs.gpr[gpr::RAX], 0xff);
 }
+
+#[test]
+fn cr_access_exits_are_emulated() {
+    let mut regs = ArchState {
+        cr0: 0x8000_0031,
+        cr4: 0x20,
+        rip: 0x1000,
+        inst_len: 3,
+        ..ArchState::default()
+    };
+    // mov cr4, rdx (VMX qualification: CR 4, type 0, GPR 2).
+    regs.gpr[2] = 0x6f0;
+    assert!(matches!(
+        cr_access(&mut regs, 4 | 2 << 8, 0x1000),
+        Step::Resume
+    ));
+    assert_eq!((regs.cr4, regs.rip), (0x6f0, 0x1003));
+    assert!(regs.mtd.contains(Mtd::CR | Mtd::RIP_LEN));
+    // mov rax, cr0 (type 1, GPR 0).
+    assert!(matches!(cr_access(&mut regs, 1 << 4, 0), Step::Resume));
+    assert_eq!(regs.gpr[0], 0x8000_0031);
+    // CLTS, then LMSW that sets TS and tries to clear PE.
+    regs.cr0 |= 8;
+    assert!(matches!(cr_access(&mut regs, 2 << 4, 0), Step::Resume));
+    assert_eq!(regs.cr0 & 8, 0);
+    assert!(matches!(
+        cr_access(&mut regs, 3 << 4 | 8 << 16, 0),
+        Step::Resume
+    ));
+    assert_eq!(regs.cr0 & 0xf, 0x9);
+    // A write to CR8 without a TPR shadow is not emulated: the VM ends, the VMM lives.
+    assert!(matches!(
+        cr_access(&mut regs, 8, 0x2000),
+        Step::End(End::Unhandled { .. })
+    ));
+}

@@ -215,6 +215,11 @@ fn proc2_for(c: &VmxCaps, ctl: u64) -> u32 {
     if c.proc2.1 & proc2::RDTSCP != 0 {
         p |= proc2::RDTSCP;
     }
+    // INVPCID works in the guest (else it raises #UD there although CPUID offers it);
+    // with INVLPG exiting it exits instead (reported as OTHER).
+    if c.proc2.1 & proc2::INVPCID != 0 {
+        p |= proc2::INVPCID;
+    }
     if ctl & ctrl::WBINVD != 0 {
         p |= proc2::WBINVD;
     }

@@ -194,6 +194,7 @@ pub mod proc2 {
     pub const VPID: u32 = 1 << 5;
     pub const WBINVD: u32 = 1 << 6;
     pub const UNRESTRICTED: u32 = 1 << 7;
+    pub const INVPCID: u32 = 1 << 12;
 }
 
 /// VM-exit controls (SDM 25.7.1).
