@@ -170,11 +170,12 @@ pub fn reply(h: Arc<Ec>) -> ! {
                 cf.rdi = st as u64;
             }
             CallKind::Event => {
-                let a = *hu.arch();
-                // SVM: a vCPU's state goes back into its VMCB, validated.
+                // A vCPU's state goes back into its VMCB/VMCS, validated (from the
+                // kernel's own copy, see `vcpu::put_state`).
                 if c.kind == EcKind::Vcpu {
-                    crate::vcpu::put_state(&c, &a);
+                    crate::vcpu::put_state(&c, hu.arch());
                 } else {
+                    let a = *hu.arch();
                     put_state(cf, &a);
                 }
             }

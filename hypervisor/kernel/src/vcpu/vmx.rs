@@ -23,7 +23,7 @@ use peregrine_abi::utcb::{ctrl, inj, ArchState, Segment};
 use peregrine_abi::{Mtd, Status};
 use spin::Mutex;
 
-use super::{canonical, injection, pat_ok, seg_ok, trace, Common, Next};
+use super::{canonical, injection, pat_ok, seg_ok, trace, Common, Next, RARE};
 use super::{CR0_CD, CR0_NW, CR0_PE, CR0_PG, CR4_OK, EFER_LMA, EFER_LME, RFLAGS_OK};
 use crate::arch::x86::cr;
 use crate::arch::x86::msr::{rdmsr, rdmsr_raw, wrmsr, Msr};
@@ -497,7 +497,13 @@ pub(super) fn run(ec: &Ec, v: &Vcpu, c: &mut Common) -> Next {
     // SAFETY: the current vCPU on its own CPU, interrupts off.
     let st = unsafe { v.state() };
     load(v, st);
-    prepare_entry();
+    if c.check {
+        // VM exits keep EFER.LMA and the IA-32e-mode-guest control in step with the
+        // guest, and re-inject only what the processor reported: only the VMM's writes
+        // need deriving again.
+        prepare_entry();
+        c.check = false;
+    }
     let fg = super::flush_gen(ec);
     if fg != c.flush_seen || !st.flushed {
         // The VM lost mappings since this vCPU's last entry (or this is its first entry:
@@ -725,7 +731,7 @@ fn handle_exit(st: &mut State, c: &mut Common) -> Next {
 }
 
 /// Writes the state `mtd` selects from VMX vCPU `v` into a handler's UTCB.
-pub(super) fn get_state(v: &Vcpu, c: &Common, mtd: Mtd, a: &mut ArchState) {
+pub(super) fn get_state(v: &Vcpu, mtd: Mtd, a: &mut ArchState) {
     // SAFETY: the vCPU is bound to this CPU and does not run (it is delivering).
     let st = unsafe { v.state() };
     load(v, st);
@@ -747,6 +753,30 @@ pub(super) fn get_state(v: &Vcpu, c: &Common, mtd: Mtd, a: &mut ArchState) {
     }
     if mtd.contains(Mtd::RFLAGS) {
         a.rflags = read(f::GUEST_RFLAGS);
+    }
+    if mtd.contains(Mtd::INJ) {
+        let e = read(f::ENTRY_INTR_INFO);
+        let mut i = if e & inj::VALID != 0 {
+            e & 0x8000_0fff
+        } else {
+            0
+        };
+        let p = read(f::PROC_CONTROLS) as u32;
+        if p & proc1::INTR_WINDOW != 0 {
+            i |= inj::REQ_INTR_WINDOW;
+        }
+        if p & proc1::NMI_WINDOW != 0 {
+            i |= inj::REQ_NMI_WINDOW;
+        }
+        a.inj_info = i;
+        a.inj_error = read(f::ENTRY_EXCEPTION_ERROR);
+    }
+    if mtd.contains(Mtd::STA) {
+        a.intr_state = read(f::GUEST_INTERRUPTIBILITY) as u32;
+        a.actv_state = read(f::GUEST_ACTIVITY) as u32;
+    }
+    if !mtd.intersects(RARE) {
+        return;
     }
     let segs: [(Mtd, u64, &mut Segment); 8] = [
         (Mtd::DS_ES, 3, &mut a.ds),
@@ -803,27 +833,6 @@ pub(super) fn get_state(v: &Vcpu, c: &Common, mtd: Mtd, a: &mut ArchState) {
         a.sysenter_esp = read(f::GUEST_SYSENTER_ESP);
         a.sysenter_eip = read(f::GUEST_SYSENTER_EIP);
     }
-    if mtd.contains(Mtd::INJ) {
-        let e = read(f::ENTRY_INTR_INFO);
-        let mut i = if e & inj::VALID != 0 {
-            e & 0x8000_0fff
-        } else {
-            0
-        };
-        let p = read(f::PROC_CONTROLS) as u32;
-        if p & proc1::INTR_WINDOW != 0 {
-            i |= inj::REQ_INTR_WINDOW;
-        }
-        if p & proc1::NMI_WINDOW != 0 {
-            i |= inj::REQ_NMI_WINDOW;
-        }
-        a.inj_info = i;
-        a.inj_error = read(f::ENTRY_EXCEPTION_ERROR);
-    }
-    if mtd.contains(Mtd::STA) {
-        a.intr_state = read(f::GUEST_INTERRUPTIBILITY) as u32;
-        a.actv_state = read(f::GUEST_ACTIVITY) as u32;
-    }
     if mtd.contains(Mtd::TSC) {
         a.tsc_off = read(f::TSC_OFFSET);
         a.tsc_val = crate::arch::rdtsc().wrapping_add(a.tsc_off);
@@ -846,7 +855,6 @@ pub(super) fn get_state(v: &Vcpu, c: &Common, mtd: Mtd, a: &mut ArchState) {
     if mtd.contains(Mtd::PAT) {
         a.pat = read(f::GUEST_PAT);
     }
-    let _ = c;
 }
 
 /// Applies `ctrl` (validated) to the execution controls, keeping the window requests.
@@ -898,6 +906,55 @@ pub(super) fn put_state(v: &Vcpu, c: &mut Common, a: &ArchState) -> bool {
     }
     if mtd.contains(Mtd::RFLAGS) {
         write(f::GUEST_RFLAGS, (a.rflags & RFLAGS_OK) | 2);
+    }
+    if mtd.contains(Mtd::INJ) {
+        let windows = inj::REQ_INTR_WINDOW | inj::REQ_NMI_WINDOW;
+        let req = a.inj_info & !windows;
+        match injection(req) {
+            Some(_) if req & inj::VALID == 0 => write(f::ENTRY_INTR_INFO, 0),
+            Some((vector, ty, ev)) => {
+                // Software exceptions go in as hardware exceptions and software
+                // interrupts with length 0 (the VMM has moved RIP past the instruction,
+                // as on SVM); without zero-length injection, as external interrupts.
+                let ty = match ty {
+                    5 | 6 => 3,
+                    4 if !caps.zero_len_inject() => 0,
+                    t => t,
+                };
+                write(
+                    f::ENTRY_INTR_INFO,
+                    vector | (ty << 8) | if ev { inj::ERROR_VALID } else { 0 } | inj::VALID,
+                );
+                write(f::ENTRY_EXCEPTION_ERROR, a.inj_error & 0xffff_ffff);
+                write(f::ENTRY_INSTRUCTION_LEN, 0);
+            }
+            None => take(false, &mut || {}),
+        }
+        if injection(req).is_some() {
+            let mut p = read(f::PROC_CONTROLS) as u32 & !(proc1::INTR_WINDOW | proc1::NMI_WINDOW);
+            if a.inj_info & inj::REQ_INTR_WINDOW != 0 {
+                p |= proc1::INTR_WINDOW;
+            }
+            if a.inj_info & inj::REQ_NMI_WINDOW != 0 {
+                p |= proc1::NMI_WINDOW;
+            }
+            write(f::PROC_CONTROLS, u64::from(p));
+        }
+    }
+    if mtd.contains(Mtd::STA) {
+        let actv_ok = match a.actv_state {
+            0 => true,
+            1 => caps.hlt_state(),
+            3 => caps.misc & (1 << 8) != 0,
+            _ => false,
+        };
+        take(actv_ok, &mut || {
+            write(f::GUEST_INTERRUPTIBILITY, u64::from(a.intr_state & 0xb));
+            write(f::GUEST_ACTIVITY, u64::from(a.actv_state));
+        });
+    }
+    if !mtd.intersects(RARE) {
+        return !bad;
     }
     let segs: [(Mtd, u64, &Segment); 8] = [
         (Mtd::DS_ES, 3, &a.ds),
@@ -983,52 +1040,6 @@ pub(super) fn put_state(v: &Vcpu, c: &mut Common, a: &ArchState) -> bool {
                 apply_ctrl(&caps, a.ctrl);
             },
         );
-    }
-    if mtd.contains(Mtd::INJ) {
-        let windows = inj::REQ_INTR_WINDOW | inj::REQ_NMI_WINDOW;
-        let req = a.inj_info & !windows;
-        match injection(req) {
-            Some(_) if req & inj::VALID == 0 => write(f::ENTRY_INTR_INFO, 0),
-            Some((vector, ty, ev)) => {
-                // Software exceptions go in as hardware exceptions and software
-                // interrupts with length 0 (the VMM has moved RIP past the instruction,
-                // as on SVM); without zero-length injection, as external interrupts.
-                let ty = match ty {
-                    5 | 6 => 3,
-                    4 if !caps.zero_len_inject() => 0,
-                    t => t,
-                };
-                write(
-                    f::ENTRY_INTR_INFO,
-                    vector | (ty << 8) | if ev { inj::ERROR_VALID } else { 0 } | inj::VALID,
-                );
-                write(f::ENTRY_EXCEPTION_ERROR, a.inj_error & 0xffff_ffff);
-                write(f::ENTRY_INSTRUCTION_LEN, 0);
-            }
-            None => take(false, &mut || {}),
-        }
-        if injection(req).is_some() {
-            let mut p = read(f::PROC_CONTROLS) as u32 & !(proc1::INTR_WINDOW | proc1::NMI_WINDOW);
-            if a.inj_info & inj::REQ_INTR_WINDOW != 0 {
-                p |= proc1::INTR_WINDOW;
-            }
-            if a.inj_info & inj::REQ_NMI_WINDOW != 0 {
-                p |= proc1::NMI_WINDOW;
-            }
-            write(f::PROC_CONTROLS, u64::from(p));
-        }
-    }
-    if mtd.contains(Mtd::STA) {
-        let actv_ok = match a.actv_state {
-            0 => true,
-            1 => caps.hlt_state(),
-            3 => caps.misc & (1 << 8) != 0,
-            _ => false,
-        };
-        take(actv_ok, &mut || {
-            write(f::GUEST_INTERRUPTIBILITY, u64::from(a.intr_state & 0xb));
-            write(f::GUEST_ACTIVITY, u64::from(a.actv_state));
-        });
     }
     if mtd.contains(Mtd::TSC) {
         write(f::TSC_OFFSET, a.tsc_off);
