@@ -3,9 +3,9 @@
 //! A vCPU's VMCS is set up on its own CPU the first time it is used there (VMPTRLD makes
 //! it current; the host state of that CPU goes in once), and stays current until another
 //! vCPU of the CPU needs the VMCS pointer. What the VMCS does not switch is switched here
-//! around each entry: CR2, XCR0, and — only while the guest has EFER.SCE or EFER.LME set,
-//! the only states in which it can use them — STAR, LSTAR, CSTAR, FMASK and
-//! KERNEL_GS_BASE. The guest sees CR0 and CR4 through read shadows: the bits VMX fixes
+//! around each entry: CR2, XCR0, and — only in the states in which the guest can use
+//! them — STAR, LSTAR, CSTAR and FMASK (EFER.SCE set) and KERNEL_GS_BASE (EFER.LME
+//! set). The guest sees CR0 and CR4 through read shadows: the bits VMX fixes
 //! (CR0.NE, CR4.VMXE, …) are forced in the real registers and shown as the VMM set them.
 //!
 //! Host interrupts exit the guest (external-interrupt exiting) without being acknowledged
@@ -16,6 +16,7 @@
 
 use alloc::vec::Vec;
 use core::cell::UnsafeCell;
+use core::sync::atomic::{AtomicBool, Ordering};
 
 use peregrine_abi::event::vcpu as ev;
 use peregrine_abi::hip::MAX_CPUS;
@@ -85,6 +86,9 @@ impl Vcpu {
 /// Per CPU: VMCS regions of vCPUs that went while their VMCS may be active on that CPU
 /// (freed there after VMCLEAR).
 static ZOMBIES: [Mutex<Vec<u64>>; MAX_CPUS] = [const { Mutex::new(Vec::new()) }; MAX_CPUS];
+/// Per CPU: whether its `ZOMBIES` list may be non-empty (set after a push, so a reader
+/// that sees it clear finds nothing to reap yet; it reaps on a later entry).
+static ZOMBIE_ANY: [AtomicBool; MAX_CPUS] = [const { AtomicBool::new(false) }; MAX_CPUS];
 
 /// Enters VMX operation on this CPU at bring-up.
 pub fn init_cpu(cpu: usize) {
@@ -158,15 +162,17 @@ pub fn release(pd: &Pd, cpu: usize, v: &Vcpu) {
         crate::mem::free_frame(v.vmcs);
     } else {
         ZOMBIES[cpu].lock().push(v.vmcs);
+        ZOMBIE_ANY[cpu].store(true, Ordering::Release);
     }
 }
 
 /// Clears and frees VMCS regions of vCPUs of this CPU that went elsewhere.
 fn reap() {
-    let z = &ZOMBIES[crate::percpu::cpu_id()];
-    if z.lock().is_empty() {
+    let cpu = crate::percpu::cpu_id();
+    if !ZOMBIE_ANY[cpu].load(Ordering::Relaxed) || !ZOMBIE_ANY[cpu].swap(false, Ordering::Acquire) {
         return;
     }
+    let z = &ZOMBIES[cpu];
     let list = core::mem::take(&mut *z.lock());
     for p in list {
         // SAFETY: VMX is on here; the region was a VMCS used only on this CPU and its
@@ -483,13 +489,7 @@ fn host_syscall_msrs() -> [u64; 4] {
     }
 }
 
-const SYSCALL_MSRS: [Msr; 5] = [
-    Msr::Star,
-    Msr::Lstar,
-    Msr::Cstar,
-    Msr::Fmask,
-    Msr::KernelGsBase,
-];
+const SYSCALL_MSRS: [Msr; 4] = [Msr::Star, Msr::Lstar, Msr::Cstar, Msr::Fmask];
 
 /// Enters the guest of VMX vCPU `v` (current on this CPU, FPU loaded) until an exit.
 pub(super) fn run(ec: &Ec, v: &Vcpu, c: &mut Common) -> Next {
@@ -537,18 +537,31 @@ pub(super) fn run(ec: &Ec, v: &Vcpu, c: &mut Common) -> Next {
             c.xcr0
         );
     }
-    let swap_msrs = read(f::GUEST_EFER) & (EFER_SCE | EFER_LME) != 0;
-    let mut host_msrs = [0u64; 5];
-    if swap_msrs {
-        let h = host_syscall_msrs();
-        host_msrs[..4].copy_from_slice(&h);
-        // SAFETY: KERNEL_GS_BASE exists on every x86_64 CPU.
-        host_msrs[4] = unsafe { rdmsr(Msr::KernelGsBase) };
+    // STAR, LSTAR, CSTAR and FMASK serve only SYSCALL/SYSRET, which need EFER.SCE;
+    // KERNEL_GS_BASE serves only SWAPGS, which needs 64-bit mode, possible only with
+    // EFER.LME. Every WRMSR of the guest exits (no MSR bitmap), so SCE changes only
+    // through `put_state`; LME may turn into LMA without an exit (a CR0 write).
+    let efer = read(f::GUEST_EFER);
+    let swap_sce = efer & EFER_SCE != 0;
+    let swap_kgs = efer & EFER_LME != 0;
+    let mut host_msrs = [0u64; 4];
+    let mut host_kgs = 0;
+    if swap_sce {
+        host_msrs = host_syscall_msrs();
         for (m, val) in SYSCALL_MSRS.iter().zip(st.msr) {
             // SAFETY: the guest's values (canonical where it matters, checked by
             // `put_state`) take effect only in the guest: the kernel makes no system
             // call and the host's values are back before anything returns to user mode.
             unsafe { wrmsr(*m, val) };
+        }
+    }
+    if swap_kgs {
+        // SAFETY: KERNEL_GS_BASE exists on every x86_64 CPU; the guest's value (checked
+        // canonical by `put_state`) is used only by the guest's SWAPGS: the kernel
+        // executes none before it restores the host's value.
+        unsafe {
+            host_kgs = rdmsr(Msr::KernelGsBase);
+            wrmsr(Msr::KernelGsBase, st.msr[4]);
         }
     }
     let host_xcr0 = super::enter_xcr0(c.xcr0);
@@ -567,12 +580,18 @@ pub(super) fn run(ec: &Ec, v: &Vcpu, c: &mut Common) -> Next {
     }
     st.cr2 = cr::read_cr2();
     super::leave_xcr0(host_xcr0);
-    if swap_msrs {
-        // SAFETY: KERNEL_GS_BASE exists; the guest may have changed it with SWAPGS.
-        st.msr[4] = unsafe { rdmsr(Msr::KernelGsBase) };
+    if swap_sce {
         for (m, val) in SYSCALL_MSRS.iter().zip(host_msrs) {
             // SAFETY: restores the host's own values.
             unsafe { wrmsr(*m, val) };
+        }
+    }
+    if swap_kgs {
+        // SAFETY: KERNEL_GS_BASE exists; the guest may have changed it with SWAPGS; the
+        // host's own value goes back.
+        unsafe {
+            st.msr[4] = rdmsr(Msr::KernelGsBase);
+            wrmsr(Msr::KernelGsBase, host_kgs);
         }
     }
     crate::arch::x86::gdt::reload_tr();
