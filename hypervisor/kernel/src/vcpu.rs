@@ -499,17 +499,46 @@ pub fn put_state(ec: &Ec, utcb: &ArchState) {
     // SAFETY: the vCPU is bound to this CPU and waits for this reply; its reply copy is
     // used only here.
     let (c, a) = unsafe { (v.common(), &mut *v.reply.get()) };
-    // The head (MTD, RIP, RFLAGS, injection, interruptibility) and the GPRs always; the
-    // rest only when the MTD the copy holds selects any of it.
-    const HEAD: usize = core::mem::offset_of!(ArchState, qual);
-    let src = utcb as *const ArchState as *const u8;
-    let dst = a as *mut ArchState as *mut u8;
-    // SAFETY: both are whole `ArchState`s (plain integers); the copy is of bytes.
-    unsafe { core::ptr::copy_nonoverlapping(src, dst, HEAD) };
-    if a.mtd.intersects(TAIL) {
-        let n = core::mem::size_of::<ArchState>() - HEAD;
-        // SAFETY: as above, the bytes after the head.
-        unsafe { core::ptr::copy_nonoverlapping(src.add(HEAD), dst.add(HEAD), n) };
+    // What the MTD (read once) selects: the common groups one by one, the rest (at and
+    // after `qual`) in one piece.
+    let mtd = utcb.mtd;
+    a.mtd = mtd;
+    if mtd.contains(Mtd::GPR_ACDB) {
+        a.gpr[0..4].copy_from_slice(&utcb.gpr[0..4]);
+    }
+    if mtd.contains(Mtd::RSP) {
+        a.gpr[4] = utcb.gpr[4];
+    }
+    if mtd.contains(Mtd::GPR_BSD) {
+        a.gpr[5..8].copy_from_slice(&utcb.gpr[5..8]);
+    }
+    if mtd.contains(Mtd::GPR_R8_R15) {
+        a.gpr[8..16].copy_from_slice(&utcb.gpr[8..16]);
+    }
+    if mtd.contains(Mtd::RIP_LEN) {
+        a.rip = utcb.rip;
+    }
+    if mtd.contains(Mtd::RFLAGS) {
+        a.rflags = utcb.rflags;
+    }
+    if mtd.contains(Mtd::INJ) {
+        (a.inj_info, a.inj_error) = (utcb.inj_info, utcb.inj_error);
+    }
+    if mtd.contains(Mtd::STA) {
+        (a.intr_state, a.actv_state) = (utcb.intr_state, utcb.actv_state);
+    }
+    if mtd.intersects(TAIL) {
+        const HEAD: usize = core::mem::offset_of!(ArchState, qual);
+        let src = utcb as *const ArchState as *const u8;
+        let dst = a as *mut ArchState as *mut u8;
+        // SAFETY: both are whole `ArchState`s (plain integers); the bytes from `qual` on.
+        unsafe {
+            core::ptr::copy_nonoverlapping(
+                src.add(HEAD),
+                dst.add(HEAD),
+                core::mem::size_of::<ArchState>() - HEAD,
+            )
+        };
     }
     let a: &ArchState = a;
     let mut bad = false;

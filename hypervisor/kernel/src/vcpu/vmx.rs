@@ -330,8 +330,8 @@ fn init_vmcs(v: &Vcpu) {
     let cpu = crate::percpu::cpu_id();
     let need = pin::EXT_INT_EXITING | pin::NMI_EXITING | pin::VIRTUAL_NMIS;
     write(f::PIN_CONTROLS, u64::from((need | c.pin.0) & c.pin.1));
-    write(f::PROC_CONTROLS, u64::from(proc1_for(&c, 0, 0)));
-    write(f::PROC_CONTROLS2, u64::from(proc2_for(&c, 0)));
+    write(f::PROC_CONTROLS, u64::from(proc1_for(c, 0, 0)));
+    write(f::PROC_CONTROLS2, u64::from(proc2_for(c, 0)));
     let exit = exitc::HOST_64
         | exitc::SAVE_EFER
         | exitc::LOAD_EFER
@@ -353,8 +353,8 @@ fn init_vmcs(v: &Vcpu) {
         write(f::VIRTUAL_APIC_PAGE, v.vapic);
         write(f::TPR_THRESHOLD, 0);
     }
-    write(f::CR0_MASK, cr0_mask(&c, 0));
-    write(f::CR4_MASK, cr4_mask(&c, 0));
+    write(f::CR0_MASK, cr0_mask(c, 0));
+    write(f::CR4_MASK, cr4_mask(c, 0));
     write(f::VMCS_LINK_POINTER, u64::MAX);
 
     use crate::arch::x86::gdt;
@@ -416,9 +416,9 @@ fn init_vmcs(v: &Vcpu) {
     write(f::GUEST_IDTR_LIMIT, 0xffff);
     let cr0 = 0x6000_0010;
     write(f::CR0_SHADOW, cr0);
-    write(f::GUEST_CR0, real_cr0(&c, cr0));
+    write(f::GUEST_CR0, real_cr0(c, cr0));
     write(f::CR4_SHADOW, 0);
-    write(f::GUEST_CR4, real_cr4(&c, 0));
+    write(f::GUEST_CR4, real_cr4(c, 0));
     write(f::GUEST_CR3, 0);
     write(f::GUEST_EFER, 0);
     write(f::GUEST_DR7, 0x400);
@@ -1005,16 +1005,16 @@ pub(super) fn put_state(v: &Vcpu, c: &mut Common, a: &ArchState) -> bool {
         let cr0_ok = a.cr0 >> 32 == 0
             && !(a.cr0 & CR0_NW != 0 && a.cr0 & CR0_CD == 0)
             && !(a.cr0 & CR0_PG != 0 && a.cr0 & CR0_PE == 0)
-            && real_cr0(&caps, a.cr0) & (CR0_PE | CR0_PG) == a.cr0 & (CR0_PE | CR0_PG);
+            && real_cr0(caps, a.cr0) & (CR0_PE | CR0_PG) == a.cr0 & (CR0_PE | CR0_PG);
         take(cr0_ok, &mut || {
             write(f::CR0_SHADOW, a.cr0);
-            write(f::GUEST_CR0, real_cr0(&caps, a.cr0));
+            write(f::GUEST_CR0, real_cr0(caps, a.cr0));
         });
         take(a.cr3 >> 52 == 0, &mut || write(f::GUEST_CR3, a.cr3));
         let cr4_ok = a.cr4 & !CR4_OK == 0 && (a.cr4 | caps.cr4_fixed.0) & !caps.cr4_fixed.1 == 0;
         take(cr4_ok, &mut || {
             write(f::CR4_SHADOW, a.cr4);
-            write(f::GUEST_CR4, real_cr4(&caps, a.cr4));
+            write(f::GUEST_CR4, real_cr4(caps, a.cr4));
         });
         st.cr2 = a.cr2;
         take(a.cr8 <= 0xf, &mut || {
@@ -1056,7 +1056,7 @@ pub(super) fn put_state(v: &Vcpu, c: &mut Common, a: &ArchState) -> bool {
             a.ctrl[0] & !ctrl::ALL == 0 && a.ctrl[1] >> 32 == 0,
             &mut || {
                 c.ctrl = a.ctrl;
-                apply_ctrl(&caps, a.ctrl);
+                apply_ctrl(caps, a.ctrl);
             },
         );
     }
