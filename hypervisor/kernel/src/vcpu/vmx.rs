@@ -313,7 +313,9 @@ fn set_seg(i: u64, s: &Segment) {
     write(f::GUEST_ES_BASE + 2 * i, s.base);
 }
 
-/// Makes `v`'s VMCS current on this CPU, setting it up at its first use.
+/// Makes `v`'s VMCS current on this CPU, setting it up at its first use (inline: it
+/// runs up to three times per exit; the set-up is out of line).
+#[inline(always)]
 fn load(v: &Vcpu, st: &mut State) {
     // SAFETY: the vCPU is bound to this CPU, which `create` checked runs VMX; the VMCS
     // region is the vCPU's own and is only ever made current here.
@@ -325,6 +327,8 @@ fn load(v: &Vcpu, st: &mut State) {
 }
 
 /// Control and host state, and the architectural reset state of the guest.
+#[cold]
+#[inline(never)]
 fn init_vmcs(v: &Vcpu) {
     let c = vmx::info();
     let cpu = crate::percpu::cpu_id();

@@ -250,7 +250,17 @@ pub fn info() -> &'static VmxCaps {
         ept_vpid: 0,
         misc: 0,
     };
-    CAPS.call_once(read_caps).as_ref().unwrap_or(&NONE)
+    match CAPS.get() {
+        Some(c) => c.as_ref(),
+        None => caps_slow(),
+    }
+    .unwrap_or(&NONE)
+}
+
+/// The first call: reads the capabilities.
+#[cold]
+fn caps_slow() -> Option<&'static VmxCaps> {
+    CAPS.call_once(read_caps).as_ref()
 }
 
 /// Whether VMX runs on some CPU (VM PDs can be created).
