@@ -458,7 +458,9 @@ fn run(ec: Arc<Ec>) -> ! {
     }
 }
 
-/// Writes the state `mtd` selects from vCPU `ec` into a handler's UTCB.
+/// Writes the state `mtd` selects from vCPU `ec` into a handler's UTCB (inline: its
+/// one caller is the event path).
+#[inline(always)]
 pub fn get_state(ec: &Ec, mtd: Mtd, vector: u64, a: &mut ArchState) {
     let Some(v) = ec.vcpu.as_deref() else {
         return;
