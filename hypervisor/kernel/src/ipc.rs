@@ -16,32 +16,67 @@ use peregrine_abi::{Mtd, Status, Utcb};
 use crate::cap::KObj;
 use crate::ec::{CallKind, Ec, EcKind};
 use crate::frame::Frame;
-use crate::pt::Pt;
 use crate::sched;
 
-/// Result of looking up a portal for a call.
-fn portal(ec: &Ec, sel: u64, need_call: bool) -> Result<Arc<Pt>, Status> {
-    match ec.pd.cap(sel) {
-        Some(c) => match c.obj {
-            KObj::Pt(pt) => {
-                if need_call && c.perm & PtPerm::CALL.bits() == 0 {
-                    Err(Status::BadCapability)
-                } else {
-                    Ok(pt)
-                }
-            }
-            _ => Err(Status::BadCapability),
-        },
-        None => Err(Status::BadCapability),
+/// What a call or event takes from a portal: read under the capability space's lock,
+/// so that no reference to the portal itself is counted up and down on the hot path.
+struct Entry {
+    /// The handler EC.
+    ec: Arc<Ec>,
+    ip: u64,
+    mtd: Mtd,
+    id: u64,
+}
+
+/// Looks up the portal at `sel` for a call (`need_call`: the capability must carry the
+/// call permission) or an event.
+fn portal(ec: &Ec, sel: u64, need_call: bool) -> Result<Entry, Status> {
+    let objs = ec.pd.obj.lock();
+    let Some(c) = objs.get(sel) else {
+        return Err(Status::BadCapability);
+    };
+    match &c.obj {
+        KObj::Pt(pt) if !need_call || c.perm & PtPerm::CALL.bits() != 0 => Ok(Entry {
+            ec: pt.ec.clone(),
+            ip: pt.ip,
+            mtd: pt.mtd,
+            id: pt.id(),
+        }),
+        _ => Err(Status::BadCapability),
     }
 }
 
 /// Prepares `h` to run the portal's entry.
-fn enter_handler(h: &Ec, pt: &Pt) {
+fn enter_handler(h: &Ec, pt: &Entry) {
     // SAFETY: `h` is a local EC on this CPU, idle (no caller) until now.
     let f = unsafe { h.frame() };
-    *f = Frame::user(pt.ip, h.sp);
-    f.rdi = pt.id();
+    // Field by field (not `Frame::user`): a whole-frame store compiles to a `rep stos`,
+    // which costs an instruction per word under the emulators' instruction counts.
+    let zero = [
+        &mut f.r15,
+        &mut f.r14,
+        &mut f.r13,
+        &mut f.r12,
+        &mut f.r11,
+        &mut f.r10,
+        &mut f.r9,
+        &mut f.r8,
+        &mut f.rbp,
+        &mut f.rdx,
+        &mut f.rcx,
+        &mut f.rbx,
+        &mut f.rax,
+        &mut f.vector,
+        &mut f.error,
+    ];
+    for r in zero {
+        // SAFETY: a plain store to a field of the frame (volatile so that the stores are
+        // not merged back into a `memset`).
+        unsafe { core::ptr::write_volatile(r, 0) };
+    }
+    let user = Frame::user(pt.ip, h.sp);
+    (f.rip, f.cs, f.rflags, f.rsp, f.ss) = (user.rip, user.cs, user.rflags, user.rsp, user.ss);
+    f.rdi = pt.id;
     f.rsi = h.utcb_uva;
 }
 
@@ -76,7 +111,7 @@ pub fn call(c: Arc<Ec>, sel: u64, nonblocking: bool) -> ! {
 
 fn enter_call(c: &Arc<Ec>, sel: u64, nonblocking: bool) -> Result<Next, Status> {
     let pt = portal(c, sel, true)?;
-    let h = pt.ec.clone();
+    let h = &pt.ec;
     if h.cpu != c.cpu {
         return Err(Status::BadCpu);
     }
@@ -85,8 +120,8 @@ fn enter_call(c: &Arc<Ec>, sel: u64, nonblocking: bool) -> Result<Next, Status> 
     }
     // SAFETY: both ECs are bound to this CPU.
     let hl = unsafe { h.local() };
-    if hl.caller.is_some() || Arc::ptr_eq(&h, c) {
-        if nonblocking || Arc::ptr_eq(&h, c) {
+    if hl.caller.is_some() || Arc::ptr_eq(h, c) {
+        if nonblocking || Arc::ptr_eq(h, c) {
             return Err(Status::Timeout);
         }
         // Wait for the handler; the call is re-issued when it becomes free.
@@ -100,13 +135,13 @@ fn enter_call(c: &Arc<Ec>, sel: u64, nonblocking: bool) -> Result<Next, Status> 
     }
     // SAFETY: both UTCBs belong to ECs on this CPU, and neither runs now.
     let (su, du) = unsafe { (c.utcb(), h.utcb()) };
-    copy_msg(c, su, &h, du)?;
+    copy_msg(c, su, h, du)?;
     // `call` stores the caller in `hl.caller`.
     hl.kind = CallKind::Ipc;
     // SAFETY: as above.
     unsafe { c.local() }.callee = Some(h.clone());
-    enter_handler(&h, &pt);
-    Ok(Next::Handler(h))
+    enter_handler(h, &pt);
+    Ok(Next::Handler(pt.ec))
 }
 
 /// Copies a message (untyped words and typed items) from `s` to `d`.
@@ -170,11 +205,12 @@ pub fn reply(h: Arc<Ec>) -> ! {
                 cf.rdi = st as u64;
             }
             CallKind::Event => {
-                let a = *hu.arch();
-                // SVM: a vCPU's state goes back into its VMCB, validated.
+                // A vCPU's state goes back into its VMCB/VMCS, validated (from the
+                // kernel's own copy, see `vcpu::put_state`).
                 if c.kind == EcKind::Vcpu {
-                    crate::vcpu::put_state(&c, &a);
+                    crate::vcpu::put_state(&c, hu.arch());
                 } else {
+                    let a = *hu.arch();
                     put_state(cf, &a);
                 }
             }
@@ -284,7 +320,7 @@ fn enter_event(c: &Arc<Ec>, vector: u64) -> Option<Next> {
         Ok(p) if p.ec.cpu == c.cpu && !p.ec.is_dead() && !Arc::ptr_eq(&p.ec, c) => p,
         _ => return None,
     };
-    let h = pt.ec.clone();
+    let h = &pt.ec;
     // SAFETY: both ECs are bound to this CPU.
     let hl = unsafe { h.local() };
     if hl.caller.is_some() {
@@ -310,8 +346,8 @@ fn enter_event(c: &Arc<Ec>, vector: u64) -> Option<Next> {
     hl.kind = CallKind::Event;
     // SAFETY: as above.
     unsafe { c.local() }.callee = Some(h.clone());
-    enter_handler(&h, &pt);
-    Some(Next::Handler(h))
+    enter_handler(h, &pt);
+    Some(Next::Handler(pt.ec))
 }
 
 /// The first dispatch of a global EC: its STARTUP event.

@@ -48,6 +48,10 @@ struct Common {
     flush_seen: u64,
     /// The last reply carried a value the kernel refused.
     invalid: bool,
+    /// The VMM wrote state the backend's entry checks depend on (`CHECKED`) since they
+    /// last passed: they run before the next entry. State the guest itself exited with
+    /// was consistent for the processor, which entered it.
+    check: bool,
     /// An event that must reach the VMM before the guest runs again (set before the
     /// delivery, cleared when the handler gets it: a busy handler delays it).
     pending: Option<u64>,
@@ -63,6 +67,10 @@ pub struct Vcpu {
     pd: Arc<Pd>,
     cpu: usize,
     common: UnsafeCell<Common>,
+    /// The kernel's copy of a reply's state: [`put_state`] validates and applies only
+    /// this copy, never the UTCB, which other threads of the VMM may change meanwhile.
+    /// Only what the reply's MTD selects is copied; the rest is stale and unread.
+    reply: UnsafeCell<ArchState>,
     hw: Hw,
 }
 
@@ -113,6 +121,27 @@ const CR0_PG: u64 = 1 << 31;
 const CR4_OK: u64 = 0x0077_0fff;
 /// RFLAGS bits a guest may hold (bit 1 is forced on).
 const RFLAGS_OK: u64 = 0x003f_7fd5;
+
+/// The MTD groups whose state lies at or after `ArchState::qual` (see [`put_state`]).
+const TAIL: Mtd = Mtd::all()
+    .difference(Mtd::GPRS)
+    .difference(Mtd::GPR_R8_R15)
+    .difference(Mtd::RIP_LEN)
+    .difference(Mtd::RFLAGS)
+    .difference(Mtd::INJ)
+    .difference(Mtd::STA);
+/// The groups a backend's `get_state`/`put_state` handles after the common ones
+/// (GPRs, RIP, RFLAGS, injection, interruptibility): most exits select none of them.
+const RARE: Mtd = TAIL.difference(Mtd::QUAL).difference(Mtd::XSAVE);
+/// Reply groups whose state the backend's entry checks depend on (CR0, CR4, EFER, CS,
+/// SS, RFLAGS, injection): without them the state the guest exited with enters again
+/// unchecked.
+const CHECKED: Mtd = Mtd::CR
+    .union(Mtd::EFER)
+    .union(Mtd::CS_SS)
+    .union(Mtd::RFLAGS)
+    .union(Mtd::INJ)
+    .union(Mtd::CTRL);
 
 struct Held(UnsafeCell<Option<Arc<Pd>>>);
 // SAFETY: each CPU's slot is used only by that CPU with interrupts off.
@@ -259,6 +288,7 @@ pub fn create(pd: &Arc<Pd>, cpu: usize, evt: u64) -> Result<Arc<Ec>, Status> {
                 pd: pd.clone(),
                 cpu,
                 common: UnsafeCell::new(new_common(0)),
+                reply: UnsafeCell::new(ArchState::default()),
                 hw,
             });
             return Err(e);
@@ -279,6 +309,7 @@ pub fn create(pd: &Arc<Pd>, cpu: usize, evt: u64) -> Result<Arc<Ec>, Status> {
         pd: pd.clone(),
         cpu,
         common: UnsafeCell::new(new_common(g.flush_gen.load(Ordering::Acquire))),
+        reply: UnsafeCell::new(ArchState::default()),
         hw,
     }));
     Ok(Arc::new(ec))
@@ -292,6 +323,7 @@ fn new_common(flush_seen: u64) -> Common {
         inst_len: 0,
         flush_seen,
         invalid: false,
+        check: true,
         pending: None,
     }
 }
@@ -426,7 +458,9 @@ fn run(ec: Arc<Ec>) -> ! {
     }
 }
 
-/// Writes the state `mtd` selects from vCPU `ec` into a handler's UTCB.
+/// Writes the state `mtd` selects from vCPU `ec` into a handler's UTCB (inline: its
+/// one caller is the event path).
+#[inline(always)]
 pub fn get_state(ec: &Ec, mtd: Mtd, vector: u64, a: &mut ArchState) {
     let Some(v) = ec.vcpu.as_deref() else {
         return;
@@ -453,20 +487,66 @@ pub fn get_state(ec: &Ec, mtd: Mtd, vector: u64, a: &mut ArchState) {
     }
     match &v.hw {
         Hw::Svm(s) => svm::get_state(s, mtd, a),
-        Hw::Vmx(x) => vmx::get_state(x, c, mtd, a),
+        Hw::Vmx(x) => vmx::get_state(x, mtd, a),
     }
 }
 
 /// Takes back the state a VMM's reply selects, validating every value: a value that
 /// would make the VM entry fail or harm the host is not written, and the vCPU's next
 /// event is INVALID_STATE.
-pub fn put_state(ec: &Ec, a: &ArchState) {
+pub fn put_state(ec: &Ec, utcb: &ArchState) {
     let Some(v) = ec.vcpu.as_deref() else {
         return;
     };
-    // SAFETY: the vCPU is bound to this CPU and waits for this reply.
-    let c = unsafe { v.common() };
+    // SAFETY: the vCPU is bound to this CPU and waits for this reply; its reply copy is
+    // used only here.
+    let (c, a) = unsafe { (v.common(), &mut *v.reply.get()) };
+    // What the MTD (read once) selects: the common groups one by one, the rest (at and
+    // after `qual`) in one piece.
+    let mtd = utcb.mtd;
+    a.mtd = mtd;
+    if mtd.contains(Mtd::GPR_ACDB) {
+        a.gpr[0..4].copy_from_slice(&utcb.gpr[0..4]);
+    }
+    if mtd.contains(Mtd::RSP) {
+        a.gpr[4] = utcb.gpr[4];
+    }
+    if mtd.contains(Mtd::GPR_BSD) {
+        a.gpr[5..8].copy_from_slice(&utcb.gpr[5..8]);
+    }
+    if mtd.contains(Mtd::GPR_R8_R15) {
+        a.gpr[8..16].copy_from_slice(&utcb.gpr[8..16]);
+    }
+    if mtd.contains(Mtd::RIP_LEN) {
+        a.rip = utcb.rip;
+    }
+    if mtd.contains(Mtd::RFLAGS) {
+        a.rflags = utcb.rflags;
+    }
+    if mtd.contains(Mtd::INJ) {
+        (a.inj_info, a.inj_error) = (utcb.inj_info, utcb.inj_error);
+    }
+    if mtd.contains(Mtd::STA) {
+        (a.intr_state, a.actv_state) = (utcb.intr_state, utcb.actv_state);
+    }
+    if mtd.intersects(TAIL) {
+        const HEAD: usize = core::mem::offset_of!(ArchState, qual);
+        let src = utcb as *const ArchState as *const u8;
+        let dst = a as *mut ArchState as *mut u8;
+        // SAFETY: both are whole `ArchState`s (plain integers); the bytes from `qual` on.
+        unsafe {
+            core::ptr::copy_nonoverlapping(
+                src.add(HEAD),
+                dst.add(HEAD),
+                core::mem::size_of::<ArchState>() - HEAD,
+            )
+        };
+    }
+    let a: &ArchState = a;
     let mut bad = false;
+    if a.mtd.intersects(CHECKED) {
+        c.check = true;
+    }
     if a.mtd.contains(Mtd::XSAVE) {
         if xcr0_ok(a.xcr0) {
             c.xcr0 = a.xcr0;

@@ -11,7 +11,7 @@ use peregrine_abi::event::vcpu as ev;
 use peregrine_abi::utcb::{ctrl, inj, ArchState, Segment};
 use peregrine_abi::{Mtd, Status};
 
-use super::{canonical, pat_ok, seg_ok, trace, Common, Next};
+use super::{canonical, pat_ok, seg_ok, trace, Common, Next, RARE};
 use super::{CR0_CD, CR0_NW, CR0_PE, CR0_PG, CR4_OK, EFER_LMA, EFER_LME, RFLAGS_OK};
 use crate::arch::x86::svm::vmcb::{self as f, exit, i3, i4, Vmcb};
 use crate::arch::x86::svm::{self, Gprs};
@@ -162,8 +162,14 @@ pub(super) fn run(ec: &Ec, v: &Vcpu, c: &mut Common) -> Next {
     // SAFETY: the current vCPU on its own CPU, interrupts off.
     let st = unsafe { v.state() };
     let vm = Vmcb::at(v.vmcb);
-    if !check_entry(vm) {
-        return Next::Event(ev::INVALID_STATE);
+    // CS.L outside long mode is the one inconsistency a guest can load by itself (a far
+    // jump); everything else `check_entry` looks at changes only through `put_state`.
+    let long_cs = || (vm.r32(f::CS) >> 16) & u32::from(AR_L) != 0;
+    if c.check || (long_cs() && vm.r64(f::EFER) & EFER_LMA == 0) {
+        if !check_entry(vm) {
+            return Next::Event(ev::INVALID_STATE);
+        }
+        c.check = false;
     }
     let (asid, gen, wrapped) = svm::asid_for(st.asid, st.asid_gen);
     st.asid = asid;
@@ -390,6 +396,26 @@ pub(super) fn get_state(v: &Vcpu, mtd: Mtd, a: &mut ArchState) {
     if mtd.contains(Mtd::RFLAGS) {
         a.rflags = vm.r64(f::RFLAGS);
     }
+    if mtd.contains(Mtd::INJ) {
+        let e = vm.r64(f::EVENTINJ);
+        let mut i = if e & inj::VALID != 0 {
+            e & 0x8000_0fff
+        } else {
+            0
+        };
+        if vm.r32(f::INTERCEPT_3) & i3::VINTR != 0 {
+            i |= inj::REQ_INTR_WINDOW;
+        }
+        a.inj_info = i;
+        a.inj_error = e >> 32;
+    }
+    if mtd.contains(Mtd::STA) {
+        a.intr_state = (vm.r64(f::INT_SHADOW) & 1) as u32;
+        a.actv_state = 0;
+    }
+    if !mtd.intersects(RARE) {
+        return;
+    }
     let segs: [(Mtd, usize, &mut Segment); 10] = [
         (Mtd::DS_ES, f::DS, &mut a.ds),
         (Mtd::DS_ES, f::ES, &mut a.es),
@@ -421,23 +447,6 @@ pub(super) fn get_state(v: &Vcpu, mtd: Mtd, a: &mut ArchState) {
         a.sysenter_cs = vm.r64(f::SYSENTER_CS);
         a.sysenter_esp = vm.r64(f::SYSENTER_ESP);
         a.sysenter_eip = vm.r64(f::SYSENTER_EIP);
-    }
-    if mtd.contains(Mtd::INJ) {
-        let e = vm.r64(f::EVENTINJ);
-        let mut i = if e & inj::VALID != 0 {
-            e & 0x8000_0fff
-        } else {
-            0
-        };
-        if vm.r32(f::INTERCEPT_3) & i3::VINTR != 0 {
-            i |= inj::REQ_INTR_WINDOW;
-        }
-        a.inj_info = i;
-        a.inj_error = e >> 32;
-    }
-    if mtd.contains(Mtd::STA) {
-        a.intr_state = (vm.r64(f::INT_SHADOW) & 1) as u32;
-        a.actv_state = 0;
     }
     if mtd.contains(Mtd::TSC) {
         a.tsc_off = vm.r64(f::TSC_OFFSET);
@@ -560,6 +569,29 @@ pub(super) fn put_state(v: &Vcpu, c: &mut Common, a: &ArchState) -> bool {
     if mtd.contains(Mtd::RFLAGS) {
         vm.w64(f::RFLAGS, (a.rflags & RFLAGS_OK) | 2);
     }
+    if mtd.contains(Mtd::INJ) {
+        let windows = inj::REQ_INTR_WINDOW | inj::REQ_NMI_WINDOW;
+        match event_inj(a.inj_info & !windows & 0xffff_ffff, a.inj_error) {
+            Some(e) if a.inj_info >> 34 == 0 => {
+                vm.w64(f::EVENTINJ, e);
+                let (vi, i3v) = (vm.r64(f::VINTR), vm.r32(f::INTERCEPT_3));
+                if a.inj_info & inj::REQ_INTR_WINDOW != 0 {
+                    vm.w64(f::VINTR, vi | VINTR_REQ);
+                    vm.w32(f::INTERCEPT_3, i3v | i3::VINTR);
+                } else {
+                    vm.w64(f::VINTR, vi & !VINTR_REQ);
+                    vm.w32(f::INTERCEPT_3, i3v & !i3::VINTR);
+                }
+            }
+            _ => take(false, &mut || {}),
+        }
+    }
+    if mtd.contains(Mtd::STA) {
+        vm.w64(f::INT_SHADOW, u64::from(a.intr_state & 3 != 0));
+    }
+    if !mtd.intersects(RARE) {
+        return !bad;
+    }
     let segs: [(Mtd, usize, &Segment); 10] = [
         (Mtd::DS_ES, f::DS, &a.ds),
         (Mtd::DS_ES, f::ES, &a.es),
@@ -633,26 +665,6 @@ pub(super) fn put_state(v: &Vcpu, c: &mut Common, a: &ArchState) -> bool {
                 apply_ctrl(vm, a.ctrl);
             },
         );
-    }
-    if mtd.contains(Mtd::INJ) {
-        let windows = inj::REQ_INTR_WINDOW | inj::REQ_NMI_WINDOW;
-        match event_inj(a.inj_info & !windows & 0xffff_ffff, a.inj_error) {
-            Some(e) if a.inj_info >> 34 == 0 => {
-                vm.w64(f::EVENTINJ, e);
-                let (vi, i3v) = (vm.r64(f::VINTR), vm.r32(f::INTERCEPT_3));
-                if a.inj_info & inj::REQ_INTR_WINDOW != 0 {
-                    vm.w64(f::VINTR, vi | VINTR_REQ);
-                    vm.w32(f::INTERCEPT_3, i3v | i3::VINTR);
-                } else {
-                    vm.w64(f::VINTR, vi & !VINTR_REQ);
-                    vm.w32(f::INTERCEPT_3, i3v & !i3::VINTR);
-                }
-            }
-            _ => take(false, &mut || {}),
-        }
-    }
-    if mtd.contains(Mtd::STA) {
-        vm.w64(f::INT_SHADOW, u64::from(a.intr_state & 3 != 0));
     }
     if mtd.contains(Mtd::TSC) {
         vm.w64(f::TSC_OFFSET, a.tsc_off);

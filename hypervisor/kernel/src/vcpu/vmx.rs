@@ -3,9 +3,9 @@
 //! A vCPU's VMCS is set up on its own CPU the first time it is used there (VMPTRLD makes
 //! it current; the host state of that CPU goes in once), and stays current until another
 //! vCPU of the CPU needs the VMCS pointer. What the VMCS does not switch is switched here
-//! around each entry: CR2, XCR0, and — only while the guest has EFER.SCE or EFER.LME set,
-//! the only states in which it can use them — STAR, LSTAR, CSTAR, FMASK and
-//! KERNEL_GS_BASE. The guest sees CR0 and CR4 through read shadows: the bits VMX fixes
+//! around each entry: CR2, XCR0, and — only in the states in which the guest can use
+//! them — STAR, LSTAR, CSTAR and FMASK (EFER.SCE set) and KERNEL_GS_BASE (EFER.LME
+//! set). The guest sees CR0 and CR4 through read shadows: the bits VMX fixes
 //! (CR0.NE, CR4.VMXE, …) are forced in the real registers and shown as the VMM set them.
 //!
 //! Host interrupts exit the guest (external-interrupt exiting) without being acknowledged
@@ -16,6 +16,7 @@
 
 use alloc::vec::Vec;
 use core::cell::UnsafeCell;
+use core::sync::atomic::{AtomicBool, Ordering};
 
 use peregrine_abi::event::vcpu as ev;
 use peregrine_abi::hip::MAX_CPUS;
@@ -23,7 +24,7 @@ use peregrine_abi::utcb::{ctrl, inj, ArchState, Segment};
 use peregrine_abi::{Mtd, Status};
 use spin::Mutex;
 
-use super::{canonical, injection, pat_ok, seg_ok, trace, Common, Next};
+use super::{canonical, injection, pat_ok, seg_ok, trace, Common, Next, RARE};
 use super::{CR0_CD, CR0_NW, CR0_PE, CR0_PG, CR4_OK, EFER_LMA, EFER_LME, RFLAGS_OK};
 use crate::arch::x86::cr;
 use crate::arch::x86::msr::{rdmsr, rdmsr_raw, wrmsr, Msr};
@@ -85,6 +86,9 @@ impl Vcpu {
 /// Per CPU: VMCS regions of vCPUs that went while their VMCS may be active on that CPU
 /// (freed there after VMCLEAR).
 static ZOMBIES: [Mutex<Vec<u64>>; MAX_CPUS] = [const { Mutex::new(Vec::new()) }; MAX_CPUS];
+/// Per CPU: whether its `ZOMBIES` list may be non-empty (set after a push, so a reader
+/// that sees it clear finds nothing to reap yet; it reaps on a later entry).
+static ZOMBIE_ANY: [AtomicBool; MAX_CPUS] = [const { AtomicBool::new(false) }; MAX_CPUS];
 
 /// Enters VMX operation on this CPU at bring-up.
 pub fn init_cpu(cpu: usize) {
@@ -158,15 +162,17 @@ pub fn release(pd: &Pd, cpu: usize, v: &Vcpu) {
         crate::mem::free_frame(v.vmcs);
     } else {
         ZOMBIES[cpu].lock().push(v.vmcs);
+        ZOMBIE_ANY[cpu].store(true, Ordering::Release);
     }
 }
 
 /// Clears and frees VMCS regions of vCPUs of this CPU that went elsewhere.
 fn reap() {
-    let z = &ZOMBIES[crate::percpu::cpu_id()];
-    if z.lock().is_empty() {
+    let cpu = crate::percpu::cpu_id();
+    if !ZOMBIE_ANY[cpu].load(Ordering::Relaxed) || !ZOMBIE_ANY[cpu].swap(false, Ordering::Acquire) {
         return;
     }
+    let z = &ZOMBIES[cpu];
     let list = core::mem::take(&mut *z.lock());
     for p in list {
         // SAFETY: VMX is on here; the region was a VMCS used only on this CPU and its
@@ -312,7 +318,9 @@ fn set_seg(i: u64, s: &Segment) {
     write(f::GUEST_ES_BASE + 2 * i, s.base);
 }
 
-/// Makes `v`'s VMCS current on this CPU, setting it up at its first use.
+/// Makes `v`'s VMCS current on this CPU, setting it up at its first use (inline: it
+/// runs up to three times per exit; the set-up is out of line).
+#[inline(always)]
 fn load(v: &Vcpu, st: &mut State) {
     // SAFETY: the vCPU is bound to this CPU, which `create` checked runs VMX; the VMCS
     // region is the vCPU's own and is only ever made current here.
@@ -324,13 +332,15 @@ fn load(v: &Vcpu, st: &mut State) {
 }
 
 /// Control and host state, and the architectural reset state of the guest.
+#[cold]
+#[inline(never)]
 fn init_vmcs(v: &Vcpu) {
     let c = vmx::info();
     let cpu = crate::percpu::cpu_id();
     let need = pin::EXT_INT_EXITING | pin::NMI_EXITING | pin::VIRTUAL_NMIS;
     write(f::PIN_CONTROLS, u64::from((need | c.pin.0) & c.pin.1));
-    write(f::PROC_CONTROLS, u64::from(proc1_for(&c, 0, 0)));
-    write(f::PROC_CONTROLS2, u64::from(proc2_for(&c, 0)));
+    write(f::PROC_CONTROLS, u64::from(proc1_for(c, 0, 0)));
+    write(f::PROC_CONTROLS2, u64::from(proc2_for(c, 0)));
     let exit = exitc::HOST_64
         | exitc::SAVE_EFER
         | exitc::LOAD_EFER
@@ -352,8 +362,8 @@ fn init_vmcs(v: &Vcpu) {
         write(f::VIRTUAL_APIC_PAGE, v.vapic);
         write(f::TPR_THRESHOLD, 0);
     }
-    write(f::CR0_MASK, cr0_mask(&c, 0));
-    write(f::CR4_MASK, cr4_mask(&c, 0));
+    write(f::CR0_MASK, cr0_mask(c, 0));
+    write(f::CR4_MASK, cr4_mask(c, 0));
     write(f::VMCS_LINK_POINTER, u64::MAX);
 
     use crate::arch::x86::gdt;
@@ -415,9 +425,9 @@ fn init_vmcs(v: &Vcpu) {
     write(f::GUEST_IDTR_LIMIT, 0xffff);
     let cr0 = 0x6000_0010;
     write(f::CR0_SHADOW, cr0);
-    write(f::GUEST_CR0, real_cr0(&c, cr0));
+    write(f::GUEST_CR0, real_cr0(c, cr0));
     write(f::CR4_SHADOW, 0);
-    write(f::GUEST_CR4, real_cr4(&c, 0));
+    write(f::GUEST_CR4, real_cr4(c, 0));
     write(f::GUEST_CR3, 0);
     write(f::GUEST_EFER, 0);
     write(f::GUEST_DR7, 0x400);
@@ -488,13 +498,7 @@ fn host_syscall_msrs() -> [u64; 4] {
     }
 }
 
-const SYSCALL_MSRS: [Msr; 5] = [
-    Msr::Star,
-    Msr::Lstar,
-    Msr::Cstar,
-    Msr::Fmask,
-    Msr::KernelGsBase,
-];
+const SYSCALL_MSRS: [Msr; 4] = [Msr::Star, Msr::Lstar, Msr::Cstar, Msr::Fmask];
 
 /// Enters the guest of VMX vCPU `v` (current on this CPU, FPU loaded) until an exit.
 pub(super) fn run(ec: &Ec, v: &Vcpu, c: &mut Common) -> Next {
@@ -502,7 +506,13 @@ pub(super) fn run(ec: &Ec, v: &Vcpu, c: &mut Common) -> Next {
     // SAFETY: the current vCPU on its own CPU, interrupts off.
     let st = unsafe { v.state() };
     load(v, st);
-    prepare_entry();
+    if c.check {
+        // VM exits keep EFER.LMA and the IA-32e-mode-guest control in step with the
+        // guest, and re-inject only what the processor reported: only the VMM's writes
+        // need deriving again.
+        prepare_entry();
+        c.check = false;
+    }
     let fg = super::flush_gen(ec);
     if fg != c.flush_seen || !st.flushed {
         // The VM lost mappings since this vCPU's last entry (or this is its first entry:
@@ -536,18 +546,31 @@ pub(super) fn run(ec: &Ec, v: &Vcpu, c: &mut Common) -> Next {
             c.xcr0
         );
     }
-    let swap_msrs = read(f::GUEST_EFER) & (EFER_SCE | EFER_LME) != 0;
-    let mut host_msrs = [0u64; 5];
-    if swap_msrs {
-        let h = host_syscall_msrs();
-        host_msrs[..4].copy_from_slice(&h);
-        // SAFETY: KERNEL_GS_BASE exists on every x86_64 CPU.
-        host_msrs[4] = unsafe { rdmsr(Msr::KernelGsBase) };
+    // STAR, LSTAR, CSTAR and FMASK serve only SYSCALL/SYSRET, which need EFER.SCE;
+    // KERNEL_GS_BASE serves only SWAPGS, which needs 64-bit mode, possible only with
+    // EFER.LME. Every WRMSR of the guest exits (no MSR bitmap), so SCE changes only
+    // through `put_state`; LME may turn into LMA without an exit (a CR0 write).
+    let efer = read(f::GUEST_EFER);
+    let swap_sce = efer & EFER_SCE != 0;
+    let swap_kgs = efer & EFER_LME != 0;
+    let mut host_msrs = [0u64; 4];
+    let mut host_kgs = 0;
+    if swap_sce {
+        host_msrs = host_syscall_msrs();
         for (m, val) in SYSCALL_MSRS.iter().zip(st.msr) {
             // SAFETY: the guest's values (canonical where it matters, checked by
             // `put_state`) take effect only in the guest: the kernel makes no system
             // call and the host's values are back before anything returns to user mode.
             unsafe { wrmsr(*m, val) };
+        }
+    }
+    if swap_kgs {
+        // SAFETY: KERNEL_GS_BASE exists on every x86_64 CPU; the guest's value (checked
+        // canonical by `put_state`) is used only by the guest's SWAPGS: the kernel
+        // executes none before it restores the host's value.
+        unsafe {
+            host_kgs = rdmsr(Msr::KernelGsBase);
+            wrmsr(Msr::KernelGsBase, st.msr[4]);
         }
     }
     let host_xcr0 = super::enter_xcr0(c.xcr0);
@@ -566,12 +589,18 @@ pub(super) fn run(ec: &Ec, v: &Vcpu, c: &mut Common) -> Next {
     }
     st.cr2 = cr::read_cr2();
     super::leave_xcr0(host_xcr0);
-    if swap_msrs {
-        // SAFETY: KERNEL_GS_BASE exists; the guest may have changed it with SWAPGS.
-        st.msr[4] = unsafe { rdmsr(Msr::KernelGsBase) };
+    if swap_sce {
         for (m, val) in SYSCALL_MSRS.iter().zip(host_msrs) {
             // SAFETY: restores the host's own values.
             unsafe { wrmsr(*m, val) };
+        }
+    }
+    if swap_kgs {
+        // SAFETY: KERNEL_GS_BASE exists; the guest may have changed it with SWAPGS; the
+        // host's own value goes back.
+        unsafe {
+            st.msr[4] = rdmsr(Msr::KernelGsBase);
+            wrmsr(Msr::KernelGsBase, host_kgs);
         }
     }
     crate::arch::x86::gdt::reload_tr();
@@ -730,7 +759,7 @@ fn handle_exit(st: &mut State, c: &mut Common) -> Next {
 }
 
 /// Writes the state `mtd` selects from VMX vCPU `v` into a handler's UTCB.
-pub(super) fn get_state(v: &Vcpu, c: &Common, mtd: Mtd, a: &mut ArchState) {
+pub(super) fn get_state(v: &Vcpu, mtd: Mtd, a: &mut ArchState) {
     // SAFETY: the vCPU is bound to this CPU and does not run (it is delivering).
     let st = unsafe { v.state() };
     load(v, st);
@@ -752,6 +781,30 @@ pub(super) fn get_state(v: &Vcpu, c: &Common, mtd: Mtd, a: &mut ArchState) {
     }
     if mtd.contains(Mtd::RFLAGS) {
         a.rflags = read(f::GUEST_RFLAGS);
+    }
+    if mtd.contains(Mtd::INJ) {
+        let e = read(f::ENTRY_INTR_INFO);
+        let mut i = if e & inj::VALID != 0 {
+            e & 0x8000_0fff
+        } else {
+            0
+        };
+        let p = read(f::PROC_CONTROLS) as u32;
+        if p & proc1::INTR_WINDOW != 0 {
+            i |= inj::REQ_INTR_WINDOW;
+        }
+        if p & proc1::NMI_WINDOW != 0 {
+            i |= inj::REQ_NMI_WINDOW;
+        }
+        a.inj_info = i;
+        a.inj_error = read(f::ENTRY_EXCEPTION_ERROR);
+    }
+    if mtd.contains(Mtd::STA) {
+        a.intr_state = read(f::GUEST_INTERRUPTIBILITY) as u32;
+        a.actv_state = read(f::GUEST_ACTIVITY) as u32;
+    }
+    if !mtd.intersects(RARE) {
+        return;
     }
     let segs: [(Mtd, u64, &mut Segment); 8] = [
         (Mtd::DS_ES, 3, &mut a.ds),
@@ -808,27 +861,6 @@ pub(super) fn get_state(v: &Vcpu, c: &Common, mtd: Mtd, a: &mut ArchState) {
         a.sysenter_esp = read(f::GUEST_SYSENTER_ESP);
         a.sysenter_eip = read(f::GUEST_SYSENTER_EIP);
     }
-    if mtd.contains(Mtd::INJ) {
-        let e = read(f::ENTRY_INTR_INFO);
-        let mut i = if e & inj::VALID != 0 {
-            e & 0x8000_0fff
-        } else {
-            0
-        };
-        let p = read(f::PROC_CONTROLS) as u32;
-        if p & proc1::INTR_WINDOW != 0 {
-            i |= inj::REQ_INTR_WINDOW;
-        }
-        if p & proc1::NMI_WINDOW != 0 {
-            i |= inj::REQ_NMI_WINDOW;
-        }
-        a.inj_info = i;
-        a.inj_error = read(f::ENTRY_EXCEPTION_ERROR);
-    }
-    if mtd.contains(Mtd::STA) {
-        a.intr_state = read(f::GUEST_INTERRUPTIBILITY) as u32;
-        a.actv_state = read(f::GUEST_ACTIVITY) as u32;
-    }
     if mtd.contains(Mtd::TSC) {
         a.tsc_off = read(f::TSC_OFFSET);
         a.tsc_val = crate::arch::rdtsc().wrapping_add(a.tsc_off);
@@ -851,7 +883,6 @@ pub(super) fn get_state(v: &Vcpu, c: &Common, mtd: Mtd, a: &mut ArchState) {
     if mtd.contains(Mtd::PAT) {
         a.pat = read(f::GUEST_PAT);
     }
-    let _ = c;
 }
 
 /// Applies `ctrl` (validated) to the execution controls, keeping the window requests.
@@ -904,91 +935,6 @@ pub(super) fn put_state(v: &Vcpu, c: &mut Common, a: &ArchState) -> bool {
     if mtd.contains(Mtd::RFLAGS) {
         write(f::GUEST_RFLAGS, (a.rflags & RFLAGS_OK) | 2);
     }
-    let segs: [(Mtd, u64, &Segment); 8] = [
-        (Mtd::DS_ES, 3, &a.ds),
-        (Mtd::DS_ES, 0, &a.es),
-        (Mtd::FS_GS, 4, &a.fs),
-        (Mtd::FS_GS, 5, &a.gs),
-        (Mtd::CS_SS, 1, &a.cs),
-        (Mtd::CS_SS, 2, &a.ss),
-        (Mtd::TR, 7, &a.tr),
-        (Mtd::LDTR, 6, &a.ldtr),
-    ];
-    for (m, i, s) in segs {
-        if mtd.contains(m) {
-            take(seg_ok(s) && seg_vmx_ok(i, s), &mut || set_seg(i, s));
-        }
-    }
-    for (m, s, lim, base) in [
-        (Mtd::GDTR, &a.gdtr, f::GUEST_GDTR_LIMIT, f::GUEST_GDTR_BASE),
-        (Mtd::IDTR, &a.idtr, f::GUEST_IDTR_LIMIT, f::GUEST_IDTR_BASE),
-    ] {
-        if mtd.contains(m) {
-            take(canonical(s.base) && s.limit <= 0xffff, &mut || {
-                write(lim, u64::from(s.limit));
-                write(base, s.base);
-            });
-        }
-    }
-    if mtd.contains(Mtd::CR) {
-        let cr0_ok = a.cr0 >> 32 == 0
-            && !(a.cr0 & CR0_NW != 0 && a.cr0 & CR0_CD == 0)
-            && !(a.cr0 & CR0_PG != 0 && a.cr0 & CR0_PE == 0)
-            && real_cr0(&caps, a.cr0) & (CR0_PE | CR0_PG) == a.cr0 & (CR0_PE | CR0_PG);
-        take(cr0_ok, &mut || {
-            write(f::CR0_SHADOW, a.cr0);
-            write(f::GUEST_CR0, real_cr0(&caps, a.cr0));
-        });
-        take(a.cr3 >> 52 == 0, &mut || write(f::GUEST_CR3, a.cr3));
-        let cr4_ok = a.cr4 & !CR4_OK == 0 && (a.cr4 | caps.cr4_fixed.0) & !caps.cr4_fixed.1 == 0;
-        take(cr4_ok, &mut || {
-            write(f::CR4_SHADOW, a.cr4);
-            write(f::GUEST_CR4, real_cr4(&caps, a.cr4));
-        });
-        st.cr2 = a.cr2;
-        take(a.cr8 <= 0xf, &mut || {
-            if v.vapic != 0 {
-                // SAFETY: the virtual-APIC page is the vCPU's own, mapped in the physmap.
-                unsafe {
-                    crate::mem::phys_to_ptr::<u32>(v.vapic + VTPR as u64)
-                        .write_volatile((a.cr8 as u32) << 4)
-                };
-            } else {
-                st.cr8 = a.cr8;
-            }
-        });
-    }
-    if mtd.contains(Mtd::DR) {
-        take(a.dr7 >> 32 == 0, &mut || write(f::GUEST_DR7, a.dr7));
-    }
-    if mtd.contains(Mtd::SYSENTER) {
-        take(
-            a.sysenter_cs >> 32 == 0 && canonical(a.sysenter_esp) && canonical(a.sysenter_eip),
-            &mut || {
-                write(f::GUEST_SYSENTER_CS, a.sysenter_cs);
-                write(f::GUEST_SYSENTER_ESP, a.sysenter_esp);
-                write(f::GUEST_SYSENTER_EIP, a.sysenter_eip);
-            },
-        );
-    }
-    if mtd.contains(Mtd::SYSCALL_SWAPGS) {
-        take(
-            canonical(a.lstar)
-                && canonical(a.cstar)
-                && canonical(a.kernel_gs_base)
-                && a.fmask >> 32 == 0,
-            &mut || st.msr = [a.star, a.lstar, a.cstar, a.fmask, a.kernel_gs_base],
-        );
-    }
-    if mtd.contains(Mtd::CTRL) {
-        take(
-            a.ctrl[0] & !ctrl::ALL == 0 && a.ctrl[1] >> 32 == 0,
-            &mut || {
-                c.ctrl = a.ctrl;
-                apply_ctrl(&caps, a.ctrl);
-            },
-        );
-    }
     if mtd.contains(Mtd::INJ) {
         let windows = inj::REQ_INTR_WINDOW | inj::REQ_NMI_WINDOW;
         let req = a.inj_info & !windows;
@@ -1034,6 +980,94 @@ pub(super) fn put_state(v: &Vcpu, c: &mut Common, a: &ArchState) -> bool {
             write(f::GUEST_INTERRUPTIBILITY, u64::from(a.intr_state & 0xb));
             write(f::GUEST_ACTIVITY, u64::from(a.actv_state));
         });
+    }
+    if !mtd.intersects(RARE) {
+        return !bad;
+    }
+    let segs: [(Mtd, u64, &Segment); 8] = [
+        (Mtd::DS_ES, 3, &a.ds),
+        (Mtd::DS_ES, 0, &a.es),
+        (Mtd::FS_GS, 4, &a.fs),
+        (Mtd::FS_GS, 5, &a.gs),
+        (Mtd::CS_SS, 1, &a.cs),
+        (Mtd::CS_SS, 2, &a.ss),
+        (Mtd::TR, 7, &a.tr),
+        (Mtd::LDTR, 6, &a.ldtr),
+    ];
+    for (m, i, s) in segs {
+        if mtd.contains(m) {
+            take(seg_ok(s) && seg_vmx_ok(i, s), &mut || set_seg(i, s));
+        }
+    }
+    for (m, s, lim, base) in [
+        (Mtd::GDTR, &a.gdtr, f::GUEST_GDTR_LIMIT, f::GUEST_GDTR_BASE),
+        (Mtd::IDTR, &a.idtr, f::GUEST_IDTR_LIMIT, f::GUEST_IDTR_BASE),
+    ] {
+        if mtd.contains(m) {
+            take(canonical(s.base) && s.limit <= 0xffff, &mut || {
+                write(lim, u64::from(s.limit));
+                write(base, s.base);
+            });
+        }
+    }
+    if mtd.contains(Mtd::CR) {
+        let cr0_ok = a.cr0 >> 32 == 0
+            && !(a.cr0 & CR0_NW != 0 && a.cr0 & CR0_CD == 0)
+            && !(a.cr0 & CR0_PG != 0 && a.cr0 & CR0_PE == 0)
+            && real_cr0(caps, a.cr0) & (CR0_PE | CR0_PG) == a.cr0 & (CR0_PE | CR0_PG);
+        take(cr0_ok, &mut || {
+            write(f::CR0_SHADOW, a.cr0);
+            write(f::GUEST_CR0, real_cr0(caps, a.cr0));
+        });
+        take(a.cr3 >> 52 == 0, &mut || write(f::GUEST_CR3, a.cr3));
+        let cr4_ok = a.cr4 & !CR4_OK == 0 && (a.cr4 | caps.cr4_fixed.0) & !caps.cr4_fixed.1 == 0;
+        take(cr4_ok, &mut || {
+            write(f::CR4_SHADOW, a.cr4);
+            write(f::GUEST_CR4, real_cr4(caps, a.cr4));
+        });
+        st.cr2 = a.cr2;
+        take(a.cr8 <= 0xf, &mut || {
+            if v.vapic != 0 {
+                // SAFETY: the virtual-APIC page is the vCPU's own, mapped in the physmap.
+                unsafe {
+                    crate::mem::phys_to_ptr::<u32>(v.vapic + VTPR as u64)
+                        .write_volatile((a.cr8 as u32) << 4)
+                };
+            } else {
+                st.cr8 = a.cr8;
+            }
+        });
+    }
+    if mtd.contains(Mtd::DR) {
+        take(a.dr7 >> 32 == 0, &mut || write(f::GUEST_DR7, a.dr7));
+    }
+    if mtd.contains(Mtd::SYSENTER) {
+        take(
+            a.sysenter_cs >> 32 == 0 && canonical(a.sysenter_esp) && canonical(a.sysenter_eip),
+            &mut || {
+                write(f::GUEST_SYSENTER_CS, a.sysenter_cs);
+                write(f::GUEST_SYSENTER_ESP, a.sysenter_esp);
+                write(f::GUEST_SYSENTER_EIP, a.sysenter_eip);
+            },
+        );
+    }
+    if mtd.contains(Mtd::SYSCALL_SWAPGS) {
+        take(
+            canonical(a.lstar)
+                && canonical(a.cstar)
+                && canonical(a.kernel_gs_base)
+                && a.fmask >> 32 == 0,
+            &mut || st.msr = [a.star, a.lstar, a.cstar, a.fmask, a.kernel_gs_base],
+        );
+    }
+    if mtd.contains(Mtd::CTRL) {
+        take(
+            a.ctrl[0] & !ctrl::ALL == 0 && a.ctrl[1] >> 32 == 0,
+            &mut || {
+                c.ctrl = a.ctrl;
+                apply_ctrl(caps, a.ctrl);
+            },
+        );
     }
     if mtd.contains(Mtd::TSC) {
         write(f::TSC_OFFSET, a.tsc_off);

@@ -237,8 +237,30 @@ pub fn caps() -> Option<VmxCaps> {
 }
 
 /// The capabilities of an enabled VMX (call only when [`enabled`]).
-pub fn info() -> VmxCaps {
-    caps().unwrap_or_default()
+pub fn info() -> &'static VmxCaps {
+    static NONE: VmxCaps = VmxCaps {
+        revision: 0,
+        pin: (0, 0),
+        proc1: (0, 0),
+        proc2: (0, 0),
+        exit: (0, 0),
+        entry: (0, 0),
+        cr0_fixed: (0, 0),
+        cr4_fixed: (0, 0),
+        ept_vpid: 0,
+        misc: 0,
+    };
+    match CAPS.get() {
+        Some(c) => c.as_ref(),
+        None => caps_slow(),
+    }
+    .unwrap_or(&NONE)
+}
+
+/// The first call: reads the capabilities.
+#[cold]
+fn caps_slow() -> Option<&'static VmxCaps> {
+    CAPS.call_once(read_caps).as_ref()
 }
 
 /// Whether VMX runs on some CPU (VM PDs can be created).
