@@ -1,11 +1,13 @@
 //! The test guest (`guests/test`) under the KVM baseline's setup: Debian's Linux with
 //! KVM in QEMU (`-cpu EPYC -icount shift=0 -smp 1`, software SVM with nested paging)
-//! runs `kvm-runner`, which runs the guest's check list on two vCPUs. This tests the
-//! guest and the runner against real KVM, independently of Peregrine's VMM.
+//! runs `kvm-runner`, which runs the guest's check list on two vCPUs, and the guest's
+//! hostile mode. This tests the guest and the runner against real KVM, independently of
+//! Peregrine's VMM.
 //!
 //! Needs QEMU, busybox and Debian's kernel package (fetched with `apt-get download`);
 //! when one cannot be had the test says so on stderr as `SKIPPED …` and passes.
 
+use std::sync::Mutex;
 use std::time::Duration;
 
 use peregrine_tests::images;
@@ -26,12 +28,16 @@ const CHECKS: &[&str] = &[
     "smp",
 ];
 
+/// One emulator at a time (the tests of this file run in parallel threads).
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
 #[test]
 fn kvm_runner_runs_the_guest_check_list() {
     if let Some(why) = unavailable() {
         eprintln!("SKIPPED kvm_runner_runs_the_guest_check_list: {why}");
         return;
     }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let guest = KvmGuest {
         cpus: 2,
         runner_timeout_s: 60,
@@ -49,4 +55,34 @@ fn kvm_runner_runs_the_guest_check_list() {
     }
     assert!(r.run.serial.contains("guest: done 0"), "{report}");
     assert_eq!(r.status, Some(0), "runner status\n{report}");
+}
+
+/// The hostile guest under real KVM: it makes progress (past 1,000 actions) and the run
+/// ends the way a hostile run may end (triple fault, the runner's time limit, a halt
+/// with interrupts disabled, or an end code its random code wrote), never with a
+/// runner error.
+#[test]
+fn kvm_runner_survives_the_hostile_guest() {
+    if let Some(why) = unavailable() {
+        eprintln!("SKIPPED kvm_runner_survives_the_hostile_guest: {why}");
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let guest = KvmGuest {
+        seed: 1,
+        runner_timeout_s: 30,
+        timeout: Duration::from_secs(150),
+        ..KvmGuest::new("kvm-hostile", "hostile")
+    };
+    let r = run_kvm_guest(images(), &guest, Emulator::Qemu).expect("running Linux with KVM");
+    let report = r.run.report();
+    assert!(
+        r.run.serial.contains("hostile: vCPU 0 1000 actions"),
+        "no progress\n{report}"
+    );
+    assert!(
+        matches!(r.status, Some(s) if s != 125),
+        "runner status {:?}\n{report}",
+        r.status
+    );
 }

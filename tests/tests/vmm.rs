@@ -118,3 +118,37 @@ fn vmm_hostile_guest_beside_a_good_one() {
         r.report()
     );
 }
+
+/// `mode=bench`: the guest's exit benchmark runs to its end and the VMM prints its
+/// `BENCH` lines unchanged (figures: `cargo xtask bench vmexit`, under `-icount`).
+#[test]
+fn vmm_bench_mode_prints_the_guest_figures() {
+    let r = run_vmms(
+        "vmm-bench",
+        1,
+        &["name=vm guest=guest-test cpus=1 mem=16 mode=bench"],
+        120,
+    );
+    for f in [
+        "vmexit_none",
+        "vmexit_cpuid",
+        "vmexit_pio_out",
+        "vmexit_mmio",
+        "vmexit_hypercall",
+        "vmexit_hlt",
+    ] {
+        let prefix = format!("[vm] BENCH {f} ");
+        assert!(
+            r.serial
+                .lines()
+                .any(|l| l.starts_with(&prefix) && l.ends_with(" tsc-ticks")),
+            "no {prefix:?} line\n{}",
+            r.report()
+        );
+    }
+    assert!(
+        r.serial.contains("[vm] vmm: guest done 0"),
+        "{}",
+        r.report()
+    );
+}

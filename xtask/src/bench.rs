@@ -266,6 +266,8 @@ mod tests {
         assert_eq!(o["baseline"], 1600.0);
         let t = table(&f);
         assert!(t.contains("0.50"), "{t}");
+        let k = table_with(&f, "kvm");
+        assert!(k.lines().next().unwrap().contains(" kvm "), "{k}");
         f[0].baseline = None;
         assert_eq!(
             serde_json::to_value(&f).unwrap()[0]["baseline"],

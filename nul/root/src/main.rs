@@ -3,8 +3,10 @@
 //! The first boot module. It receives the HIP and capabilities to its own PD, EC, SC and
 //! the kernel PD; takes every I/O port and all memory from the kernel PD; starts one
 //! service EC per CPU (console, start-up and exception portals); starts the other boot
-//! modules as child PDs with only what they need; reports and removes a component that
-//! faults; and runs the test scenario named by its `test=` argument.
+//! modules as child PDs with only what they need (a VMM, a module with `guest=NAME`,
+//! also gets module NAME mapped as its guest image, which is then no component, and a
+//! memory pool for guest RAM); reports and removes a component that faults; and runs
+//! the test scenario named by its `test=` argument.
 #![no_std]
 #![no_main]
 

@@ -386,3 +386,39 @@ fn random_exits_never_panic() {
         let _ = m.handle(&mut v, (i % 3) as u32, e);
     }
 }
+
+#[test]
+fn ends_have_distinct_codes_and_messages() {
+    let ends = [
+        End::Done(0),
+        End::PowerOff,
+        End::Reset,
+        End::TripleFault { rip: 1 },
+        End::InvalidState { qual: [1, 2] },
+        End::HaltForever { rip: 1 },
+        End::Unhandled {
+            event: 9,
+            qual: [0; 2],
+            rip: 1,
+        },
+        End::NoLength { rip: 1 },
+        End::FetchFromMmio { gpa: 1 },
+        End::Emulation {
+            error: EmulError::Invalid,
+            rip: 1,
+        },
+        End::TimeLimit { secs: 5 },
+        End::VmmFault { vector: 0, rip: 1 },
+    ];
+    let codes: Vec<u64> = ends.iter().map(End::code).collect();
+    for (i, c) in codes.iter().enumerate() {
+        assert!(!codes[..i].contains(c), "{:?} shares its code", ends[i]);
+    }
+    assert_eq!(std::format!("{}", End::Done(3)), "guest done 3");
+    assert_eq!(
+        End::Done(u32::MAX).code(),
+        0xffff_ffff,
+        "below every other kind"
+    );
+    assert!(std::format!("{}", End::TripleFault { rip: 0x10 }).contains("0x10"));
+}
