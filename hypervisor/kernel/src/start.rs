@@ -116,7 +116,7 @@ pub fn bsp() -> ! {
         user_ranges: &user,
         modules: &modules,
         cpus: &cpus,
-        features: crate::arch::x86::cpu::info().features,
+        features: crate::vcpu::hip_features(crate::arch::x86::cpu::info().features),
         tsc_khz: plat.tsc_khz,
         bus_khz: plat.bus_khz,
         num_gsi: crate::arch::x86::ioapic::num_gsis() as u64,

@@ -29,7 +29,7 @@ use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicBool, Ordering};
 
 use peregrine_abi::event::vcpu as ev;
-use peregrine_abi::hip::MAX_CPUS;
+use peregrine_abi::hip::{Features, MAX_CPUS};
 use peregrine_abi::utcb::{inj, ArchState, Segment};
 use peregrine_abi::{Mtd, Status};
 
@@ -133,6 +133,18 @@ pub fn available() -> bool {
         Backend::Svm => crate::arch::x86::svm::enabled(),
         Backend::Vmx => crate::arch::x86::vmx::enabled(),
         Backend::None => false,
+    }
+}
+
+/// The HIP's feature bits: the CPU's, with the virtualization bits only of the backend
+/// that runs vCPUs (none if neither is usable).
+pub fn hip_features(cpu: Features) -> Features {
+    let vmx = Features::VMX | Features::EPT | Features::VPID | Features::UG;
+    let svm = Features::SVM | Features::NPT | Features::NRIPS;
+    match (backend(), available()) {
+        (Backend::Vmx, true) => cpu - svm,
+        (Backend::Svm, true) => cpu - vmx,
+        _ => cpu - vmx - svm,
     }
 }
 
@@ -378,11 +390,12 @@ fn run(ec: Arc<Ec>) -> ! {
     if let Some(nr) = c.pending {
         crate::ipc::event(ec, nr);
     }
-    if ec.recall.swap(false, Ordering::AcqRel) {
-        deliver(ec, ev::RECALL);
-    }
+    // A refused reply makes INVALID_STATE the next event, before a pending recall.
     if core::mem::take(&mut c.invalid) {
         deliver(ec, ev::INVALID_STATE);
+    }
+    if ec.recall.swap(false, Ordering::AcqRel) {
+        deliver(ec, ev::RECALL);
     }
     crate::fpu::load_for_guest(&ec);
     let next = match &v.hw {
@@ -392,7 +405,7 @@ fn run(ec: Arc<Ec>) -> ! {
     match next {
         Next::Event(nr) => deliver(ec, nr),
         Next::Interrupt => {
-            crate::arch::x86::svm::take_pending_interrupts();
+            crate::arch::x86::cr::interrupt_window();
             drop(ec);
             sched::preempt_if_needed();
             sched::schedule()

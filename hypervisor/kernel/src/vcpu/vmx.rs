@@ -274,6 +274,31 @@ fn ar_from_vmx(v: u64) -> u16 {
     }
 }
 
+/// The per-segment VM-entry checks of segment `i` (SDM 26.3.1.2, unrestricted guest, not
+/// virtual-8086 mode): types, S bit, presence, and limit against granularity. What
+/// depends on other state (DPLs against CS and CR0.PE, IA-32e mode) is left to the
+/// processor's checks, which report INVALID_STATE.
+fn seg_vmx_ok(i: u64, s: &Segment) -> bool {
+    let ar = s.ar;
+    let present = ar & 0x80 != 0;
+    let ty = ar & 0xf;
+    let code_data = ar & 0x10 != 0;
+    let g = ar & 0x800 != 0;
+    let limit_ok = (s.limit & 0xfff == 0xfff || !g) && (s.limit >> 20 == 0 || g);
+    match i {
+        // TR: a busy 16- or 32/64-bit TSS.
+        7 => present && !code_data && (ty == 3 || ty == 11) && limit_ok,
+        // LDTR: unusable, or an LDT.
+        6 => !present || (!code_data && ty == 2 && limit_ok),
+        // CS: an accessed code segment (or a read/write data segment in real mode).
+        1 => present && code_data && matches!(ty, 3 | 9 | 11 | 13 | 15) && limit_ok,
+        // SS: unusable, or an accessed read/write data segment.
+        2 => !present || (code_data && (ty == 3 || ty == 7) && limit_ok),
+        // DS ES FS GS: unusable, or accessed, and readable if code.
+        _ => !present || (code_data && ty & 1 != 0 && (ty & 8 == 0 || ty & 2 != 0) && limit_ok),
+    }
+}
+
 /// Segment `i` (0 ES, 1 CS, 2 SS, 3 DS, 4 FS, 5 GS, 6 LDTR, 7 TR).
 fn seg(i: u64) -> Segment {
     Segment {
@@ -895,12 +920,7 @@ pub(super) fn put_state(v: &Vcpu, c: &mut Common, a: &ArchState) -> bool {
     ];
     for (m, i, s) in segs {
         if mtd.contains(m) {
-            let mut ok = seg_ok(s);
-            if i == 1 {
-                // A present code segment.
-                ok &= s.ar & 0x98 == 0x98;
-            }
-            take(ok, &mut || set_seg(i, s));
+            take(seg_ok(s) && seg_vmx_ok(i, s), &mut || set_seg(i, s));
         }
     }
     for (m, s, lim, base) in [

@@ -415,9 +415,21 @@ fn random_state(a: &mut ArchState) {
             &mut a.gdtr,
             &mut a.idtr,
         ] {
-            s.ar = (s.ar & 0xeff) | 0x90;
+            // Accessed, present; limit and granularity consistent (VMX checks both).
+            s.ar = (s.ar & 0xeff) | 0x91;
             s.base &= 0xffff;
+            if s.ar & 0x800 != 0 {
+                s.limit |= 0xfff;
+            } else {
+                s.limit &= 0xf_ffff;
+            }
         }
+        // Code in CS, writable data in SS, a busy TSS and an LDT, an active vCPU.
+        a.cs.ar |= 0x0a;
+        a.ss.ar = (a.ss.ar & 0xf64) | 0x93;
+        a.tr.ar = (a.tr.ar & 0xf00) | 0x8b;
+        a.ldtr.ar = (a.ldtr.ar & 0xf00) | 0x82;
+        a.actv_state = 0;
         a.gdtr.limit &= 0xffff;
         a.idtr.limit &= 0xffff;
         a.mtd -= Mtd::SYSENTER | Mtd::SYSCALL_SWAPGS;
@@ -554,6 +566,10 @@ fn test_handler(id: u64, a: &mut ArchState) {
                     park()
                 }
             }
+        }
+        ev::RECALL if phase == 2 => {
+            // The root's recall of a hostile phase that just ended: resume unchanged.
+            a.mtd = Mtd::empty();
         }
         ev::RECALL => {
             log(id, a.rip);

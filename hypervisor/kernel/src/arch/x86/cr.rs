@@ -106,6 +106,15 @@ pub fn enable_and_hlt() {
     unsafe { asm!("sti", "hlt", options(nomem, nostack)) };
 }
 
+/// Opens a one-instruction interrupt window (`sti; nop; cli`): an interrupt pending at
+/// the LAPIC (e.g. the cause of a VM exit) is taken by the kernel's handlers now.
+#[inline]
+pub fn interrupt_window() {
+    // SAFETY: the kernel's IDT and stack are ready; handlers of kernel-mode interrupts
+    // return here (as in the idle loop).
+    unsafe { asm!("sti", "nop", "cli", options(nomem, nostack)) };
+}
+
 /// Disables interrupts.
 #[inline]
 pub fn cli() {

@@ -293,11 +293,3 @@ pub unsafe fn vmrun(gprs: &mut Gprs, vmcb: u64) {
     // registers and the stack, and restores the host's segment state before setting GIF.
     unsafe { svm_world_switch(gprs, vmcb, host) }
 }
-
-/// Lets a pending host interrupt (the cause of an INTR exit) be delivered now, in the
-/// kernel, then disables interrupts again.
-pub fn take_pending_interrupts() {
-    // SAFETY: the kernel's IDT and stack are ready; handlers of kernel-mode interrupts
-    // return here (as in the idle loop).
-    unsafe { core::arch::asm!("sti", "nop", "cli", options(nomem, nostack)) };
-}
