@@ -25,7 +25,7 @@
 //! INTA#–INTD# of every slot to the GSI [`intx_gsi`] names (what the VMM wires each
 //! function's INTx# to); `\_SB.MRES` (PNP0C02, motherboard resources) reserves the ECAM
 //! window that the MCFG table describes; `\_SB.HPET` (PNP0103) and the HPET table
-//! describe the [`hpet`](crate::hpet) block.
+//! describe the [`hpet`] block.
 //!
 //! `acpi_tables` 0.2 has no builder for the MADT's interrupt source overrides and
 //! local APIC NMIs, nor a setter for the MADT flags: the first two are added as raw

@@ -60,6 +60,23 @@ impl PciLayout {
     };
 }
 
+impl PciLayout {
+    /// The range the e820 map must mark reserved (base, size): the ECAM window.
+    pub const fn e820_reserved(&self) -> (u64, u64) {
+        (self.ecam_base, ECAM_SIZE)
+    }
+
+    /// Whether `[base, base + size)` lies in one of the MMIO windows (where a BAR may
+    /// go).
+    pub fn in_window(&self, base: u64, size: u64) -> bool {
+        let Some(end) = base.checked_add(size) else {
+            return false;
+        };
+        let inside = |(b, s): (u64, u64)| base >= b && end <= b + s;
+        inside(self.mmio32) || inside(self.mmio64)
+    }
+}
+
 impl Default for PciLayout {
     fn default() -> Self {
         Self::DEFAULT
@@ -492,6 +509,27 @@ mod tests {
     use alloc::sync::Arc;
 
     const ECAM: u64 = 0xb000_0000;
+
+    #[test]
+    fn default_layout_windows() {
+        let l = PciLayout::DEFAULT;
+        assert_eq!(l.e820_reserved(), (0xe000_0000, ECAM_SIZE));
+        assert!(l.in_window(0xc000_0000, 0x4000));
+        assert!(l.in_window(0x40_0000_0000, 0x4000));
+        assert!(
+            !l.in_window(0xdfff_f000, 0x2000),
+            "runs into the ECAM window"
+        );
+        assert!(!l.in_window(0xe000_0000, 0x1000));
+        assert!(!l.in_window(u64::MAX, 2));
+        // Neither window overlaps the ECAM window or the APICs and HPET.
+        for (b, s) in [l.mmio32, l.mmio64] {
+            assert!(b + s <= l.ecam_base || b >= l.ecam_base + ECAM_SIZE);
+            assert!(b + s <= 0xfec0_0000 || b >= 1 << 32);
+        }
+        assert_eq!(intx_gsi(1, 0), 17);
+        assert_eq!(intx_gsi(3, 1), 16);
+    }
 
     fn setup() -> (Bus, Bus, Arc<SpinLock<PciHost>>) {
         let host = Arc::new(SpinLock::new(PciHost::new(ECAM)));
