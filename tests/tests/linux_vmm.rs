@@ -6,7 +6,7 @@
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use peregrine_tests::{assert_success, boot, images, system, RunResult};
+use peregrine_tests::{assert_success, boot_in, images, system, Emulator, RunResult};
 use xtask::linux::{self, Guest};
 
 fn guest() -> &'static Guest {
@@ -18,13 +18,17 @@ fn guest() -> &'static Guest {
 }
 
 fn run(name: &str, smp: u32, cpus: u32, tests: &str, timeout_s: u64) -> RunResult {
+    run_in(Emulator::Qemu, name, smp, cpus, tests, timeout_s)
+}
+
+fn run_in(e: Emulator, name: &str, smp: u32, cpus: u32, tests: &str, timeout_s: u64) -> RunResult {
     let spec = system(name)
         .smp(smp)
         .timeout(Duration::from_secs(timeout_s));
     let spec = linux::with_vmm(spec, images().vmm(), guest(), cpus, tests, "");
-    let r = boot(&spec);
+    let r = boot_in(e, &spec);
     eprintln!(
-        "{name}: marker at guest uptime {:?} s, QEMU ran {:.1} s; {:?}",
+        "{name}: marker at guest uptime {:?} s, the emulator ran {:.1} s; {:?}",
         linux::figures(&r).map(|f| f.marker_s),
         r.wall.as_secs_f64(),
         linux::test_results(&r.serial)
@@ -87,6 +91,33 @@ fn linux_vmm_two_vcpus_on_one_cpu() {
     );
     let t = linux::test_results(&r.serial);
     assert_eq!(result(&t, "nproc"), Some("2"), "{}", r.report());
+    assert_eq!(result(&t, "disk"), Some("ok"), "{}", r.report());
+    assert_success(&r, &["PASS vmm"]);
+}
+
+/// The same Linux on Intel VT-x with EPT: Bochs `corei7_skylake_x`, one vCPU, to the
+/// marker and the disk check. Bochs emulates about 40 M instructions per second, so this
+/// is a named long test, not part of every run: `cargo test -p peregrine-tests --test
+/// linux_vmm -- --ignored`.
+#[test]
+#[ignore = "long (Bochs VMX boots Linux in minutes): run with -- --ignored"]
+fn bochs_linux_vmm_one_vcpu_long() {
+    let r = run_in(
+        Emulator::Bochs,
+        "bochs-linux-vmm-1",
+        1,
+        1,
+        "nproc,disk",
+        1800,
+    );
+    assert!(r.serial.contains("VMX EPT"), "{}", r.report());
+    assert!(
+        r.serial.contains(linux::MARKER),
+        "no marker\n{}",
+        r.report()
+    );
+    let t = linux::test_results(&r.serial);
+    assert_eq!(result(&t, "nproc"), Some("1"), "{}", r.report());
     assert_eq!(result(&t, "disk"), Some("ok"), "{}", r.report());
     assert_success(&r, &["PASS vmm"]);
 }

@@ -4,11 +4,16 @@
 
 use std::time::Duration;
 
-use peregrine_tests::{assert_success, boot, images, system, RunResult};
+use peregrine_tests::{assert_success, boot_in, images, system, Emulator, RunResult};
 
 /// Boots the root with `test=vmm` and one `nul-vmm` module per argument string, plus
 /// the test guest's image.
 fn run_vmms(name: &str, smp: u32, vmms: &[&str], timeout_s: u64) -> RunResult {
+    run_vmms_in(Emulator::Qemu, name, smp, vmms, timeout_s)
+}
+
+/// [`run_vmms`] in emulator `e`.
+fn run_vmms_in(e: Emulator, name: &str, smp: u32, vmms: &[&str], timeout_s: u64) -> RunResult {
     let mut spec = system(name)
         .root_args("test=vmm")
         .smp(smp)
@@ -17,7 +22,7 @@ fn run_vmms(name: &str, smp: u32, vmms: &[&str], timeout_s: u64) -> RunResult {
         spec = spec.module(images().vmm(), a);
     }
     spec = spec.module(images().guest_test(), "");
-    let r = boot(&spec);
+    let r = boot_in(e, &spec);
     assert_success(&r, &["PASS vmm"]);
     r
 }
@@ -117,6 +122,29 @@ fn vmm_hostile_guest_beside_a_good_one() {
         "the hostile VM's VMM was removed\n{}",
         r.report()
     );
+}
+
+/// The same check list on Intel VT-x with EPT: Bochs `corei7_skylake_x`, one vCPU and
+/// two vCPUs on two CPUs.
+#[test]
+fn bochs_vmx_vmm_check_list() {
+    let r = run_vmms_in(
+        Emulator::Bochs,
+        "bochs-vmm-check-1",
+        1,
+        &["name=vm guest=guest-test cpus=1 mem=16 mode=check"],
+        240,
+    );
+    assert!(r.serial.contains("VMX EPT"), "{}", r.report());
+    assert_checks(&r, "vm", false);
+    let r = run_vmms_in(
+        Emulator::Bochs,
+        "bochs-vmm-check-2",
+        2,
+        &["name=vm guest=guest-test cpus=2 mem=16 mode=check cpu=0"],
+        300,
+    );
+    assert_checks(&r, "vm", true);
 }
 
 /// `mode=bench`: the guest's exit benchmark runs to its end and the VMM prints its

@@ -163,7 +163,7 @@ pub fn bench(name: &str) -> Result<Vec<Figure>> {
         return crate::bench_vmexit::bench(crate::boot::Emulator::Qemu);
     }
     if name == "boot" {
-        return crate::bench_boot::bench();
+        return crate::bench_boot::bench(None, crate::bench_boot::RUNS);
     }
     let peregrine =
         crate::build::build(Profile::Release).and_then(|images| peregrine_ipc(&images, name));

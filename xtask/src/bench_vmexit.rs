@@ -1,9 +1,9 @@
 //! `cargo xtask bench vmexit`: VM-exit round trips of Peregrine and of Linux/KVM, side by
 //! side in the same emulator mode.
 //!
-//! - **Peregrine**: [`peregrine_spec`] — today the root task's `bench=vmexit` scenario
-//!   (its own small guest, no VMM library), later `nul/vmm` with `guests/test`: that one
-//!   function changes.
+//! - **Peregrine**: [`peregrine_spec`] — the VMM component `nul/vmm` (exit portals, the
+//!   `vmm` library's exit handling) running `guests/test` in benchmark mode. (The root
+//!   task's own `bench=vmexit` scenario measures the kernel path with a minimal handler.)
 //! - **KVM**: [`crate::baseline_kvm`]: Linux with KVM in the same emulator runs
 //!   `kvm-runner` on the test guest in benchmark mode. Under QEMU `-icount shift=0` the
 //!   guest's rdtsc deltas are instruction counts of the whole round trip (KVM handles
@@ -44,11 +44,17 @@ pub fn mode(emulator: Emulator) -> &'static str {
     }
 }
 
-/// The boot spec of the Peregrine side: the one place to switch it to `nul/vmm` with
-/// the test guest (`images.guest_test()` in benchmark mode).
+/// The boot spec of the Peregrine side: the VMM component `nul-vmm` running the test
+/// guest (`guests/test`) in benchmark mode, the same guest the KVM runner runs; the
+/// root's `test=vmm` waits for the VM's end.
 pub fn peregrine_spec(images: &Images) -> BootSpec {
     BootSpec::new("bench-vmexit", images)
-        .root_args("bench=vmexit")
+        .root_args("test=vmm")
+        .module(
+            images.vmm(),
+            "name=vm guest=guest-test cpus=1 mem=16 mode=bench",
+        )
+        .module(images.guest_test(), "")
         .smp(1)
         .timeout(Duration::from_secs(300))
 }

@@ -14,7 +14,8 @@
 //! - [`linux`]: the Linux guest (kernel, initramfs, disk) and its direct QEMU boot.
 //! - [`bench`]: `cargo xtask bench`; [`bench_vmexit`]: its VM-exit benchmark with the
 //!   KVM baseline ([`baseline_kvm`]: Linux + KVM in QEMU or Bochs running
-//!   `guests/kvm-runner`).
+//!   `guests/kvm-runner`); [`bench_boot`]: the Linux boot and disk read on Peregrine,
+//!   directly in QEMU and under KVM as the L1 hypervisor.
 
 pub mod baseline;
 pub mod baseline_kvm;

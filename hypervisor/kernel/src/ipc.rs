@@ -153,7 +153,8 @@ pub fn reply(h: Arc<Ec>) -> ! {
     let cl = unsafe { c.local() };
     cl.callee = None;
     if let Some(w) = waiter {
-        sched::wake(w, Status::Success);
+        // It re-issues its call (or re-raises its exception) with its registers intact.
+        sched::wake_retry(w);
     }
     if !c.is_dead() {
         // SAFETY: as above.

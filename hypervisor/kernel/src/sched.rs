@@ -60,7 +60,7 @@ static LOCAL: [CpuCell; MAX_CPUS] = [CELL; MAX_CPUS];
 /// What another CPU hands to this one.
 enum Remote {
     /// A blocked EC woken, with the status its blocking hypercall returns.
-    Wake(Arc<Ec>, Status),
+    Wake(Arc<Ec>, Option<Status>),
     /// A new SC to schedule.
     Sc(Arc<Sc>),
 }
@@ -136,7 +136,7 @@ pub fn enqueue(sc: Arc<Sc>) {
     }
 }
 
-fn post_remote(ec: Arc<Ec>, st: Status) {
+fn post_remote(ec: Arc<Ec>, st: Option<Status>) {
     let cpu = ec.cpu;
     REMOTE[cpu].lock().push(Remote::Wake(ec, st));
     crate::arch::send_resched_ipi(cpu);
@@ -146,16 +146,29 @@ fn post_remote(ec: Arc<Ec>, st: Status) {
 /// the EC: it removed it from the queue it was blocked on.
 pub fn wake(ec: Arc<Ec>, st: Status) {
     if ec.cpu != percpu::cpu_id() {
-        post_remote(ec, st);
+        post_remote(ec, Some(st));
         return;
     }
-    wake_local(ec, st);
+    wake_local(ec, Some(st));
 }
 
-fn wake_local(ec: Arc<Ec>, st: Status) {
+/// Makes a blocked EC runnable again without touching its registers: it re-executes
+/// what blocked it (a call that waited for a busy handler, whose hypercall word is
+/// still in `rdi`; an exception whose handler was busy, with the thread's own `rdi`).
+pub fn wake_retry(ec: Arc<Ec>) {
+    if ec.cpu != percpu::cpu_id() {
+        post_remote(ec, None);
+        return;
+    }
+    wake_local(ec, None);
+}
+
+fn wake_local(ec: Arc<Ec>, st: Option<Status>) {
     // SAFETY: the EC is blocked and bound to this CPU; its local state is ours.
     let (f, lcl) = unsafe { (ec.frame(), ec.local()) };
-    f.rdi = st as u64;
+    if let Some(st) = st {
+        f.rdi = st as u64;
+    }
     lcl.waiting_on = None;
     if let Some(sc) = lcl.blocked_sc.take() {
         // SAFETY: interrupts are off in the kernel.
@@ -250,7 +263,7 @@ fn fire_timeouts(now: u64) {
     });
     for (ec, sm, gen) in due {
         if ec.wait_gen.load(core::sync::atomic::Ordering::Relaxed) == gen && sm.dequeue(&ec) {
-            wake_local(ec, Status::Timeout);
+            wake_local(ec, Some(Status::Timeout));
         }
     }
 }

@@ -10,6 +10,9 @@ use crate::root::{self, Module, Platform};
 use crate::{boot, kprintln, percpu, sched};
 
 static GO: AtomicBool = AtomicBool::new(false);
+/// Application processors that finished their per-CPU set-up (vCPU support included):
+/// the root starts only after all did, so it never sees a half-initialised CPU.
+static APS_READY: core::sync::atomic::AtomicUsize = core::sync::atomic::AtomicUsize::new(0);
 
 /// Subtracts `holes` from `[s, e)`, appending the page ranges left to `out`.
 fn subtract(s: u64, e: u64, holes: &[(u64, u64)], out: &mut Vec<(u64, u64)>) {
@@ -133,6 +136,10 @@ pub fn bsp() -> ! {
         kprintln!("no boot modules: nothing to run");
         crate::arch::x86::qemu::qemu_exit(0x11);
     }
+    // Every AP ran its vCPU set-up (hooks::ap_ready) before it reaches `ap`.
+    while APS_READY.load(Ordering::Acquire) + 1 < crate::arch::online_cpus() {
+        core::hint::spin_loop();
+    }
     if let Err(e) = root::create(&p) {
         kprintln!("cannot start the root task: {:?}", e);
         crate::arch::x86::qemu::qemu_exit(0x11);
@@ -145,6 +152,7 @@ pub fn bsp() -> ! {
 /// An application processor: wait for the boot CPU, then schedule.
 pub fn ap() -> ! {
     sched::init_cpu();
+    APS_READY.fetch_add(1, Ordering::Release);
     // Wait with interrupts enabled, so the timer keeps ticking here.
     while !GO.load(Ordering::Acquire) {
         crate::arch::idle_wait();

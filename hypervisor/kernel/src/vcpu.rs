@@ -102,6 +102,18 @@ pub fn backend() -> Backend {
     })
 }
 
+// Architectural bits both backends check in the state a VMM writes back.
+const EFER_LME: u64 = 1 << 8;
+const EFER_LMA: u64 = 1 << 10;
+const CR0_PE: u64 = 1;
+const CR0_NW: u64 = 1 << 29;
+const CR0_CD: u64 = 1 << 30;
+const CR0_PG: u64 = 1 << 31;
+/// VME..UMIP, FSGSBASE, PCIDE, OSXSAVE, SMEP, SMAP, PKE.
+const CR4_OK: u64 = 0x0077_0fff;
+/// RFLAGS bits a guest may hold (bit 1 is forced on).
+const RFLAGS_OK: u64 = 0x003f_7fd5;
+
 struct Held(UnsafeCell<Option<Arc<Pd>>>);
 // SAFETY: each CPU's slot is used only by that CPU with interrupts off.
 unsafe impl Sync for Held {}
@@ -115,7 +127,8 @@ fn trace() -> bool {
     TRACE.load(Ordering::Relaxed)
 }
 
-/// Enables hardware virtualization on this CPU at bring-up.
+/// Enables hardware virtualization on this CPU at bring-up (the backend is decided
+/// once, by whichever CPU asks first: see `backend`).
 pub fn init_cpu(cpu: usize) {
     if cpu == 0 && crate::multiboot::info().has_arg("trace_vm") {
         TRACE.store(true, Ordering::Relaxed);

@@ -110,7 +110,9 @@ fn main(hip_addr: u64) -> ! {
             Some(Some(g)) => (
                 Some((g.2, g.3)),
                 vmm_mem << 8,
-                192 + vmm_mem + vmm_cpus * 360,
+                // + mapping-database nodes of the pool, in the VMM and in the VM (a
+                // page per 32 nodes, one node per 4 KiB at worst).
+                192 + vmm_mem + 2 * ((vmm_mem << 8) / 32) + vmm_cpus * 360,
             ),
             Some(None) => {
                 println!(

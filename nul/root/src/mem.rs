@@ -91,6 +91,35 @@ pub fn init(hip: &HipView) -> u64 {
     total
 }
 
+/// Allocates `pages` contiguous zeroed physical pages aligned to `align` pages (a power
+/// of two): a pool mapped at an equally aligned address then goes to its holder in few
+/// large pieces (few mapping-database nodes, large pages). Falls back to [`alloc`].
+pub fn alloc_aligned(pages: u64, align: u64) -> Option<u64> {
+    let align = align.max(1).next_power_of_two();
+    let mut free = FREE.lock();
+    let found = free.iter().enumerate().find_map(|(i, &(b, n))| {
+        let a = b.next_multiple_of(align);
+        (a + pages <= b + n).then_some((i, b, n, a))
+    });
+    let Some((i, b, n, a)) = found else {
+        drop(free);
+        return alloc(pages);
+    };
+    // Keep the parts before and after the aligned range.
+    free.remove(i);
+    if a + pages < b + n {
+        free.insert(i, (a + pages, b + n - a - pages));
+    }
+    if a > b {
+        free.insert(i, (b, a - b));
+    }
+    drop(free);
+    let phys = a * 4096;
+    // SAFETY: as in `alloc`: free RAM of the window, just taken off the free list.
+    unsafe { core::ptr::write_bytes(virt(phys) as *mut u8, 0, (pages * 4096) as usize) };
+    Some(phys)
+}
+
 /// Allocates `pages` contiguous zeroed physical pages; returns the physical address.
 pub fn alloc(pages: u64) -> Option<u64> {
     let mut free = FREE.lock();
@@ -105,29 +134,6 @@ pub fn alloc(pages: u64) -> Option<u64> {
     let phys = b * 4096;
     // SAFETY: the range is free RAM mapped writable in the window (taken in `init`), and
     // no one else uses it: it was just removed from the free list.
-    unsafe { core::ptr::write_bytes(virt(phys) as *mut u8, 0, (pages * 4096) as usize) };
-    Some(phys)
-}
-
-/// Allocates `pages` zeroed pages whose physical address is a multiple of `align`
-/// pages (a power of two), so they can be mapped with large pages.
-pub fn alloc_aligned(pages: u64, align: u64) -> Option<u64> {
-    let mut free = FREE.lock();
-    let (i, start) = free.iter().enumerate().find_map(|(i, &(b, n))| {
-        let start = b.div_ceil(align) * align;
-        (start + pages <= b + n).then_some((i, start))
-    })?;
-    let (b, n) = free[i];
-    free.remove(i);
-    if start > b {
-        free.push((b, start - b));
-    }
-    if start + pages < b + n {
-        free.push((start + pages, b + n - start - pages));
-    }
-    drop(free);
-    let phys = start * 4096;
-    // SAFETY: as in `alloc`: free RAM in the window, just taken off the free list.
     unsafe { core::ptr::write_bytes(virt(phys) as *mut u8, 0, (pages * 4096) as usize) };
     Some(phys)
 }

@@ -47,7 +47,7 @@ fn send(bytes: &[u8], flags: u64) {
             utcb.data[1 + i] = u64::from_le_bytes(b);
         }
         utcb.head.set_counts(1 + chunk.len().div_ceil(8), 0);
-        let _ = crate::hc::call_retry(crate::sel::CONSOLE_PT);
+        let _ = crate::hc::call(crate::sel::CONSOLE_PT);
     }
 }
 

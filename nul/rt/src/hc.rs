@@ -93,49 +93,6 @@ pub fn reply() -> ! {
     }
 }
 
-/// Calls portal `pt` like [`call`], but waits for a busy handler in user space: it
-/// retries a non-blocking call, sleeping briefly between tries.
-///
-/// Work-around for a kernel bug: a blocking call to a busy handler waits in the kernel
-/// and re-executes its `syscall` once the handler is free (`ipc::call` rewinds RIP), but
-/// the wake-up (`sched::wake_local`) writes the status into `rdi`, the hypercall word,
-/// so the re-executed syscall is a call of portal selector 0 (in a component: the root's
-/// exception portal for vector 0, which reports a divide error and removes it). Use
-/// this for portals other ECs share (the root's console and service portals).
-pub fn call_retry(pt: u64) -> Result<(), Status> {
-    loop {
-        match call_nonblocking(pt) {
-            Err(Status::Timeout) => pause(),
-            r => return r,
-        }
-    }
-}
-
-/// A semaphore nobody ups, for [`pause`] (created on first use).
-static PAUSE_SM: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
-
-/// TSC ticks [`pause`] sleeps (about 20 µs at 2.5 GHz).
-const PAUSE_TICKS: u64 = 50_000;
-
-/// Sleeps a little (a down with a near deadline on a semaphore nobody ups): lets the
-/// other ECs of this CPU run.
-pub fn pause() {
-    use core::sync::atomic::Ordering;
-    let mut sm = PAUSE_SM.load(Ordering::Acquire);
-    if sm == 0 {
-        let s = crate::sel::alloc();
-        if create_sm(s, crate::sel::OWN_PD, 0).is_err() {
-            core::hint::spin_loop();
-            return;
-        }
-        sm = match PAUSE_SM.compare_exchange(0, s, Ordering::AcqRel, Ordering::Acquire) {
-            Ok(_) => s,
-            Err(other) => other,
-        };
-    }
-    let _ = sm_down(sm, false, rdtsc().wrapping_add(PAUSE_TICKS));
-}
-
 /// Creates a PD at `dst`, carving `quota` pages of kernel memory out of `parent`'s.
 pub fn create_pd(dst: u64, parent: u64, quota: u64, vm: bool) -> Result<(), Status> {
     let f = if vm { hypercall::pd_flags::VM } else { 0 };

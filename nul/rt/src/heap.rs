@@ -10,7 +10,7 @@ struct Arena([u8; HEAP_SIZE]);
 
 static mut ARENA: Arena = Arena([0; HEAP_SIZE]);
 
-#[global_allocator]
+#[cfg_attr(not(test), global_allocator)]
 static HEAP: LockedHeap = LockedHeap::empty();
 
 /// Hands the arena to the allocator; called once by the start-up code.

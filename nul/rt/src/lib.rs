@@ -9,7 +9,9 @@
 //!   port, everyone else calls the root's console portal);
 //! - [`start`]: the `_start` entry, the stack and the panic handler;
 //! - [`thread`]: local ECs (portal handlers) with their stacks and UTCBs.
-#![no_std]
+// A host test build (`cargo clippy --workspace --all-targets`) links std, with its own
+// panic handler and allocator.
+#![cfg_attr(not(test), no_std)]
 
 extern crate alloc;
 

@@ -60,6 +60,7 @@ pub fn set_panic_hook(f: fn() -> !) {
     PANIC_HOOK.store(f as usize, Ordering::Relaxed);
 }
 
+#[cfg(not(test))]
 #[panic_handler]
 fn panic(info: &core::panic::PanicInfo) -> ! {
     crate::println!("panic: {}", info);

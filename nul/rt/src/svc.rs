@@ -33,7 +33,7 @@ fn call(words: &[u64], item: Option<Xfer>) -> Result<(), Status> {
     if let Some(x) = item {
         u.push_xfer(x);
     }
-    hc::call_retry(sel::SERVICE_PT)?;
+    hc::call(sel::SERVICE_PT)?;
     match u.word(0) {
         0 => Ok(()),
         _ => Err(Status::BadParameter),

@@ -403,10 +403,12 @@ fn host_cpuid(leaf: u32, sub: u32) -> [u32; 4] {
 }
 
 /// Kernel-memory quota of the VM PD: nested page tables for the RAM (4-KiB pages at
-/// worst: one table per 2 MiB, plus the upper levels) and two pages per vCPU (the vCPU
-/// and its VMCB).
+/// worst: one table per 2 MiB, plus the upper levels), the mapping-database nodes of
+/// the delegated RAM (a page per 32; one node per 4-KiB page at worst, when the pool's
+/// physical and virtual alignments differ) and two pages per vCPU (the vCPU and its
+/// VMCB or VMCS).
 fn vm_quota(ram: u64, vcpus: u32) -> u64 {
-    16 + (ram >> 21) + 2 * u64::from(vcpus)
+    16 + (ram >> 21) + (ram >> 12).div_ceil(32) + 2 * u64::from(vcpus)
 }
 
 /// Loads the guest, creates the VM and starts vCPU 0.

@@ -12,6 +12,7 @@ use peregrine_abi::utcb::{ctrl, inj, ArchState, Segment};
 use peregrine_abi::{Mtd, Status};
 
 use super::{canonical, pat_ok, seg_ok, trace, Common, Next};
+use super::{CR0_CD, CR0_NW, CR0_PE, CR0_PG, CR4_OK, EFER_LMA, EFER_LME, RFLAGS_OK};
 use crate::arch::x86::svm::vmcb::{self as f, exit, i3, i4, Vmcb};
 use crate::arch::x86::svm::{self, Gprs};
 use crate::ec::Ec;
@@ -41,19 +42,9 @@ const BASE4: u32 = i4::VMRUN
     | i4::XSETBV;
 
 const EFER_SVME: u64 = 1 << 12;
-const EFER_LME: u64 = 1 << 8;
-const EFER_LMA: u64 = 1 << 10;
 /// SCE LME LMA NXE SVME LMSLE FFXSR TCE.
 const EFER_OK: u64 = 0xfd01;
-const CR0_PE: u64 = 1;
-const CR0_NW: u64 = 1 << 29;
-const CR0_CD: u64 = 1 << 30;
-const CR0_PG: u64 = 1 << 31;
 const CR4_PAE: u64 = 1 << 5;
-/// VME..UMIP, FSGSBASE, PCIDE, OSXSAVE, SMEP, SMAP, PKE.
-const CR4_OK: u64 = 0x0077_0fff;
-/// RFLAGS bits a guest may hold (bit 1 is forced on).
-const RFLAGS_OK: u64 = 0x003f_7fd5;
 const RFLAGS_VM: u64 = 1 << 17;
 const AR_L: u16 = 1 << 9;
 const AR_D: u16 = 1 << 10;

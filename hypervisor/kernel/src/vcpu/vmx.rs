@@ -24,6 +24,7 @@ use peregrine_abi::{Mtd, Status};
 use spin::Mutex;
 
 use super::{canonical, injection, pat_ok, seg_ok, trace, Common, Next};
+use super::{CR0_CD, CR0_NW, CR0_PE, CR0_PG, CR4_OK, EFER_LMA, EFER_LME, RFLAGS_OK};
 use crate::arch::x86::cr;
 use crate::arch::x86::msr::{rdmsr, rdmsr_raw, wrmsr, Msr};
 use crate::arch::x86::vmx::vmcs::{
@@ -35,18 +36,8 @@ use crate::pd::Pd;
 use crate::space_guest::SpaceGuest;
 
 const EFER_SCE: u64 = 1;
-const EFER_LME: u64 = 1 << 8;
-const EFER_LMA: u64 = 1 << 10;
 /// SCE LME LMA NXE.
 const EFER_OK: u64 = 0xd01;
-const CR0_PE: u64 = 1;
-const CR0_NW: u64 = 1 << 29;
-const CR0_CD: u64 = 1 << 30;
-const CR0_PG: u64 = 1 << 31;
-/// VME..UMIP, FSGSBASE, PCIDE, OSXSAVE, SMEP, SMAP, PKE.
-const CR4_OK: u64 = 0x0077_0fff;
-/// RFLAGS bits a guest may hold (bit 1 is forced on).
-const RFLAGS_OK: u64 = 0x003f_7fd5;
 /// VMX access rights: segment unusable.
 const AR_UNUSABLE: u32 = 1 << 16;
 /// Interruptibility: blocking by NMI.

@@ -1,6 +1,8 @@
 //! `test=ipc`: calls with untyped words to a local EC of the root and across PDs to the
 //! echo component; bad selectors and the wrong CPU.
 
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
 use nul_rt::thread;
 use nul_rt::utcb::UtcbRef;
 use nul_rt::{hc, println, sel};
@@ -106,5 +108,69 @@ pub fn run(hip: &HipView) -> bool {
     } else {
         println!("one CPU: skipping the bad-CPU check");
     }
-    ok
+    ok & busy_handler(cpu0)
+}
+
+/// The slow portal of [`busy_handler`] (selector), the second caller's result.
+static SLOW_PT: AtomicU64 = AtomicU64::new(0);
+static SECOND: AtomicU64 = AtomicU64::new(0);
+static SECOND_DONE: AtomicBool = AtomicBool::new(false);
+
+/// An echo that sleeps 20 ms first: whoever calls meanwhile waits for it.
+extern "C" fn slow_echo(_id: u64, utcb: u64) -> ! {
+    super::sleep_ms(20);
+    // SAFETY: the kernel passes this handler EC's own UTCB address.
+    let u = unsafe { UtcbRef::from_addr(utcb) };
+    let d = &mut u.get().data;
+    d[0] = d[0].wrapping_add(1);
+    u.get().head.set_counts(1, 0);
+    hc::reply()
+}
+
+/// The second caller: calls the slow portal while the first call is in it.
+extern "C" fn second_caller(_arg: u64, utcb: u64) -> ! {
+    super::sleep_ms(5);
+    // SAFETY: this thread's own UTCB, passed by its start-up.
+    let u = unsafe { UtcbRef::from_addr(utcb) };
+    u.get().data[0] = 0x5151;
+    u.get().head.set_counts(1, 0);
+    let r = hc::call(SLOW_PT.load(Ordering::Relaxed));
+    let v = if r.is_ok() { u.get().data[0] } else { 0 };
+    SECOND.store(v, Ordering::Relaxed);
+    SECOND_DONE.store(true, Ordering::Release);
+    crate::block_forever()
+}
+
+/// A call that finds its handler busy waits and is re-issued when the handler replies
+/// to the first caller: with its registers intact (the hypercall word included), so it
+/// reaches the same portal and gets its own answer.
+fn busy_handler(cpu: u64) -> bool {
+    let Some(evt) = services::evt_base(cpu) else {
+        return check(false, "event base");
+    };
+    let pt = match thread::local_ec(cpu, evt)
+        .and_then(|ec| thread::portal(&ec, slow_echo, Mtd::empty(), 0))
+    {
+        Ok(p) => p,
+        Err(e) => return check(false, &alloc::format!("slow echo portal: {:?}", e)),
+    };
+    SLOW_PT.store(pt, Ordering::Relaxed);
+    if let Err(e) = super::spawn(cpu, second_caller, 0) {
+        return check(false, &alloc::format!("second caller: {:?}", e));
+    }
+    let u = UtcbRef::main();
+    u.get().data[0] = 0x4040;
+    u.get().head.set_counts(1, 0);
+    let r = hc::call(pt);
+    let first = if r.is_ok() { u.get().data[0] } else { 0 };
+    let end = super::deadline_ms(2000);
+    while !SECOND_DONE.load(Ordering::Acquire) && hc::rdtsc() < end {
+        super::sleep_ms(1);
+    }
+    let second = SECOND.load(Ordering::Relaxed);
+    println!("busy handler: first {:#x}, second {:#x}", first, second);
+    check(
+        first == 0x4041 && second == 0x5152,
+        "a call that waited for a busy handler is re-issued intact and answered",
+    )
 }
