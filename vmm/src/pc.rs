@@ -367,8 +367,10 @@ impl core::fmt::Display for PcError {
     }
 }
 
-/// The e820 map of a PC with `ram` bytes of RAM (below 3 GiB).
-pub fn memory_map(ram: u64) -> [E820Entry; 3] {
+/// The e820 map of a PC with `ram` bytes of RAM (below 3 GiB): RAM, the BIOS area,
+/// and the PCI ECAM window reserved (so Linux uses the MCFG table's ECAM).
+pub fn memory_map(ram: u64) -> [E820Entry; 4] {
+    let (ecam, ecam_size) = PciLayout::DEFAULT.e820_reserved();
     [
         E820Entry {
             addr: 0,
@@ -384,6 +386,11 @@ pub fn memory_map(ram: u64) -> [E820Entry; 3] {
             addr: 0x10_0000,
             size: ram.saturating_sub(0x10_0000),
             typ: e820::RAM,
+        },
+        E820Entry {
+            addr: ecam,
+            size: ecam_size,
+            typ: e820::RESERVED,
         },
     ]
 }

@@ -386,7 +386,7 @@ pub fn vmm_args(guest: &Guest, cpus: u32, tests: &str, extra: &str) -> String {
             .unwrap_or_default()
     };
     format!(
-        "name=linux guest={} initrd={} disk={} cpus={cpus} mem={VMM_MEM_MIB} mode=linux cpu=0 {extra}-- {} no_timer_check",
+        "name=linux guest={} initrd={} disk={} cpus={cpus} mem={VMM_MEM_MIB} mode=linux cpu=0 {extra}-- {}",
         name(&guest.kernel),
         name(&guest.initramfs),
         name(&guest.disk),

@@ -7,6 +7,7 @@ fn memory_map_splits_the_first_mib() {
     assert_eq!({ m[1].typ }, e820::RESERVED);
     assert_eq!(m[1].addr + m[1].size, 0x10_0000);
     assert_eq!((m[2].addr, m[2].size), (0x10_0000, (256 << 20) - 0x10_0000));
+    assert_eq!(({ m[3].addr }, { m[3].typ }), (0xe000_0000, e820::RESERVED));
 }
 
 #[test]
@@ -159,7 +160,7 @@ fn the_bsp_starts_at_the_kernels_64bit_entry_with_the_zero_page() {
     assert_eq!(v.regs.gpr[gpr::RSI], boot::ZERO_PAGE_ADDR);
     let zp = s.mem.bytes(boot::ZERO_PAGE_ADDR, BootParams::SIZE);
     let bp = BootParams::from_bytes(&zp).unwrap();
-    assert_eq!({ bp.e820_entries }, 3);
+    assert_eq!({ bp.e820_entries }, 4);
     assert_eq!({ bp.e820(2).size }, RAM - 0x10_0000);
     assert_ne!({ bp.hdr.ramdisk_image }, 0);
     // The RSDP in the BIOS area where Linux looks for it.
