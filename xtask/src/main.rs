@@ -15,9 +15,10 @@ commands:
   run [options] [-- ARGS]    build and boot the default system; ARGS go on the kernel
                              command line
       --emulator qemu|bochs  emulator (default qemu; bochs boots a GRUB ISO, VMX)
-      --smp N                number of CPUs (default 1; also the Linux guest's vCPUs)
-      --no-linux             without the Linux guest (booted by default when
-                             `cargo xtask linux --prepare` left its files)
+      --smp N                number of CPUs and Linux vCPUs (default 2 with Linux, else 1)
+      --no-linux             without the Linux guest (by default, with no --root, a VMM
+                             boots it with 2 vCPUs; the first run fetches Debian's
+                             kernel and builds the initramfs)
       --memory MIB           guest memory (default 512)
       --cpu MODEL            CPU model (default: QEMU EPYC, or host with KVM; Bochs
                              corei7_skylake_x, trinity_apu for SVM)
@@ -137,11 +138,15 @@ fn run(mut args: Args) -> Result<ExitCode> {
         (None, String::new(), false, Profile::Release);
     let mut kernel_args = Vec::new();
     let mut linux_guest = true;
+    let mut smp_given = false;
     while let Some(a) = args.0.next() {
         match a.as_str() {
             "--no-linux" => linux_guest = false,
             "--emulator" => emulator = args.value(&a)?.parse()?,
-            "--smp" => smp = args.number(&a)?,
+            "--smp" => {
+                smp = args.number(&a)?;
+                smp_given = true;
+            }
             "--memory" => memory = args.number(&a)?,
             "--timeout" => timeout = Some(args.number::<u64>(&a)?),
             "--cpu" => cpu = Some(args.value(&a)?),
@@ -165,9 +170,23 @@ fn run(mut args: Args) -> Result<ExitCode> {
     spec.output = Output::Inherit;
     // The headline: with no root arguments, a VMM boots the Linux guest (when `cargo
     // xtask linux --prepare` left its files) with a shell on this terminal.
-    let linux = (linux_guest && root_args.is_empty() && emulator == Emulator::Qemu)
-        .then(xtask::linux::existing)
-        .flatten();
+    // On a fresh machine it fetches Debian's kernel and builds the initramfs first.
+    let linux = if linux_guest && root_args.is_empty() && emulator == Emulator::Qemu {
+        match xtask::linux::existing().map_or_else(xtask::linux::prepare, Ok) {
+            Ok(g) => Some(g),
+            Err(e) => {
+                eprintln!("xtask: cannot prepare the Linux guest ({e:#}): the bare system");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    // Two vCPUs on two CPUs unless `--smp` says otherwise.
+    if linux.is_some() && !smp_given {
+        smp = 2;
+        spec = spec.smp(smp);
+    }
     if let Some(g) = &linux {
         eprintln!(
             "xtask: the VMM boots {} with {} vCPU(s) (--no-linux: without it)",
@@ -178,10 +197,6 @@ fn run(mut args: Args) -> Result<ExitCode> {
             // The root waits (a year at most) for the VM's power-off, then ends QEMU.
             .root_args("test=vmm secs=31536000");
         spec.memory_mib = spec.memory_mib.max(memory);
-    } else if linux_guest && root_args.is_empty() && emulator == Emulator::Qemu {
-        eprintln!(
-            "xtask: no Linux guest (`cargo xtask linux --prepare` builds it): the bare system"
-        );
     }
     if emulator == Emulator::Qemu {
         let kvm = xtask::qemu::uses_kvm(&spec);
