@@ -411,18 +411,12 @@ impl Machine {
             0x8000_0001 => v[2] &= !(1 << 2),
             _ => {}
         }
-        for (i, x) in v.iter().enumerate() {
-            regs.gpr[[gpr::RAX, gpr::RBX, gpr::RCX, gpr::RDX][i]] = u64::from(*x);
-        }
-        regs.mtd |= Mtd::GPR_ACDB;
+        set_cpuid_result(regs, v);
     }
 
     fn io<P: Platform + ?Sized>(&self, p: &mut P) -> Step {
         let r = p.regs();
         let (q, rip, inst_len) = (r.qual[0], r.rip, r.inst_len);
-        let size = ((q & 7) + 1) as usize;
-        let input = q & (1 << 3) != 0;
-        let port = (q >> 16) as u16;
         if q & (1 << 4) != 0 {
             // INS/OUTS: the emulator runs them (up to `emul::MAX_REP` iterations).
             let mut io = BusIo {
@@ -435,25 +429,7 @@ impl Machine {
         if inst_len == 0 {
             return Step::End(End::NoLength { rip });
         }
-        let size = size.min(4);
-        let mut action = None;
-        let regs = p.regs_mut();
-        if input {
-            let mut b = [0u8; 4];
-            let _ = self.pio.read(u64::from(port), &mut b[..size]);
-            let v = u64::from(u32::from_le_bytes(b));
-            let old = regs.gpr[gpr::RAX];
-            regs.gpr[gpr::RAX] = match size {
-                1 => (old & !0xff) | (v & 0xff),
-                2 => (old & !0xffff) | (v & 0xffff),
-                _ => v,
-            };
-            regs.mtd |= Mtd::GPR_ACDB;
-        } else {
-            let b = regs.gpr[gpr::RAX].to_le_bytes();
-            action = self.pio.write(u64::from(port), &b[..size]).ok().flatten();
-        }
-        skip(regs, 0);
+        let action = port_io(&self.pio, p.regs_mut());
         self.act(p, action)
     }
 
@@ -539,9 +515,44 @@ fn gp0() -> Event {
     }
 }
 
+/// A CPUID result into EAX, EBX, ECX, EDX.
+pub(crate) fn set_cpuid_result(regs: &mut ArchState, v: [u32; 4]) {
+    for (r, x) in [gpr::RAX, gpr::RBX, gpr::RCX, gpr::RDX].into_iter().zip(v) {
+        regs.gpr[r] = u64::from(x);
+    }
+    regs.mtd |= Mtd::GPR_ACDB;
+}
+
+/// A non-string IN or OUT (qualification in `regs.qual[0]`: size − 1, direction, port)
+/// on the port bus `pio`: on input the value is merged into AL, AX or EAX; RIP goes past
+/// the instruction. Returns what the device asks of the VM.
+pub(crate) fn port_io(pio: &Bus, regs: &mut ArchState) -> Option<Action> {
+    let q = regs.qual[0];
+    let size = (((q & 7) + 1) as usize).min(4);
+    let port = u64::from((q >> 16) as u16);
+    let mut action = None;
+    if q & (1 << 3) != 0 {
+        let mut b = [0u8; 4];
+        let _ = pio.read(port, &mut b[..size]);
+        let v = u64::from(u32::from_le_bytes(b));
+        let old = regs.gpr[gpr::RAX];
+        regs.gpr[gpr::RAX] = match size {
+            1 => (old & !0xff) | (v & 0xff),
+            2 => (old & !0xffff) | (v & 0xffff),
+            _ => v,
+        };
+        regs.mtd |= Mtd::GPR_ACDB;
+    } else {
+        let b = regs.gpr[gpr::RAX].to_le_bytes();
+        action = pio.write(port, &b[..size]).ok().flatten();
+    }
+    skip(regs, 0);
+    action
+}
+
 /// Advances RIP past the instruction: by the exit's length, or `len` when the exit
 /// did not say.
-fn skip(regs: &mut ArchState, len: u64) {
+pub(crate) fn skip(regs: &mut ArchState, len: u64) {
     let n = if regs.inst_len != 0 {
         regs.inst_len
     } else {

@@ -41,7 +41,7 @@ use crate::bus::{Action, Bus, IrqLine, SharedDevice};
 use crate::clock::{Clock, NS_PER_SEC};
 use crate::cpuid::{self, KvmCpuid};
 use crate::emul::{self, BusIo, EmulError};
-use crate::exit::{CpuidFn, End, Step};
+use crate::exit::{port_io, set_cpuid_result, skip, CpuidFn, End, Step};
 use crate::hpet::{Hpet, IrqPins, HPET_BASE, HPET_SIZE};
 use crate::ioapic::{
     DeliveryMode, InterruptMessage, InterruptSink, IoApic, IOAPIC_BASE, IOAPIC_SIZE,
@@ -930,18 +930,12 @@ impl Pc {
             0x8000_000a => v = [0; 4],
             _ => {}
         }
-        for (i, x) in v.iter().enumerate() {
-            regs.gpr[[gpr::RAX, gpr::RBX, gpr::RCX, gpr::RDX][i]] = u64::from(*x);
-        }
-        regs.mtd |= Mtd::GPR_ACDB;
+        set_cpuid_result(regs, v);
     }
 
     fn io<P: Platform + ?Sized>(&self, p: &mut P) -> Step {
         let r = p.regs();
         let (q, rip, inst_len) = (r.qual[0], r.rip, r.inst_len);
-        let size = ((q & 7) + 1) as usize;
-        let input = q & (1 << 3) != 0;
-        let port = (q >> 16) as u16;
         if q & (1 << 4) != 0 {
             let mut io = BusIo {
                 mmio: &self.mmio,
@@ -953,25 +947,7 @@ impl Pc {
         if inst_len == 0 {
             return Step::End(End::NoLength { rip });
         }
-        let size = size.min(4);
-        let mut action = None;
-        let regs = p.regs_mut();
-        if input {
-            let mut b = [0u8; 4];
-            let _ = self.pio.read(u64::from(port), &mut b[..size]);
-            let v = u64::from(u32::from_le_bytes(b));
-            let old = regs.gpr[gpr::RAX];
-            regs.gpr[gpr::RAX] = match size {
-                1 => (old & !0xff) | (v & 0xff),
-                2 => (old & !0xffff) | (v & 0xffff),
-                _ => v,
-            };
-            regs.mtd |= Mtd::GPR_ACDB;
-        } else {
-            let b = regs.gpr[gpr::RAX].to_le_bytes();
-            action = self.pio.write(u64::from(port), &b[..size]).ok().flatten();
-        }
-        skip(regs, 0);
+        let action = port_io(&self.pio, p.regs_mut());
         self.act(p, action)
     }
 
@@ -1116,16 +1092,6 @@ fn cr_access(regs: &mut ArchState, qual: u64, rip: u64) -> Step {
     }
     skip(regs, 3);
     Step::Resume
-}
-
-fn skip(regs: &mut ArchState, len: u64) {
-    let n = if regs.inst_len != 0 {
-        regs.inst_len
-    } else {
-        len
-    };
-    regs.rip = regs.rip.wrapping_add(n);
-    regs.mtd |= Mtd::RIP_LEN;
 }
 
 /// Whether `msr` is the local APIC's (base, TSC deadline, the x2APIC registers).
