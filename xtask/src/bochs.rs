@@ -163,6 +163,13 @@ pub fn bochsrc(spec: &BootSpec, iso: &Path, serial_log: &Path, log: &Path) -> St
     );
     // Debian's Bochs has no `nogui`; rfb without waiting for a viewer works headless.
     let _ = writeln!(rc, "display_library: rfb, options=\"timeout=0\"");
+    // Without a sound configuration, Debian's Bochs 2.7 aborts at start ("buffer
+    // overflow detected") once its ALSA plugin finds none (seen on a fresh machine):
+    // the dummy drivers keep it away from the host's sound system.
+    let _ = writeln!(
+        rc,
+        "sound: waveoutdrv=dummy, waveindrv=dummy, midioutdrv=dummy"
+    );
     let _ = writeln!(rc, "clock: sync=none, time0=local");
     let _ = writeln!(rc, "log: {}", log.display());
     let _ = writeln!(rc, "panic: action=fatal");
@@ -320,6 +327,11 @@ mod tests {
         assert!(rc.contains("cpu: model=corei7_skylake_x, count=2,"), "{rc}");
         assert!(rc.contains("com1: enabled=1, mode=file, dev=/s.log"));
         assert!(rc.contains("ata0-master: type=cdrom, path=/i.iso, status=inserted"));
+        // A fresh machine has no ALSA configuration: Bochs must not touch it.
+        assert!(
+            rc.contains("sound: waveoutdrv=dummy, waveindrv=dummy, midioutdrv=dummy"),
+            "{rc}"
+        );
     }
 
     #[test]
