@@ -105,6 +105,32 @@ fn scenario_hostile() {
     scenario("hostile", "calls=10000000 secs=900", &hostile, 4, 600);
 }
 
+/// The kernel-object findings of the isolation review (issue 8): kernel memory that
+/// grew without a charge, quota minted by a lost race, a PD chain deeper than any
+/// stack, death that left handlers busy and waiters asleep, a failed delegation that
+/// unmapped a UTCB. Also: ECs that die without event portals are reported a few times,
+/// not once each (a flood on a busy-waiting UART).
+#[test]
+fn scenario_isolation() {
+    let spec = system("scenario-isolation")
+        .root_args("test=isolation")
+        .smp(2)
+        .timeout(Duration::from_secs(300));
+    let r = boot(&with_test_components(spec, &["role=blocker deferred"]));
+    assert_success(&r, &[]);
+    assert!(
+        r.passed("isolation"),
+        "no `PASS isolation` line\n{}",
+        r.report()
+    );
+    let reports = r.serial.matches("unhandled event").count();
+    assert!(
+        reports <= 20,
+        "{reports} unhandled-event reports for 200 stopped ECs\n{}",
+        r.report()
+    );
+}
+
 /// Virtualization (issue 3): a VM with one vCPU on QEMU's software SVM with NPT — exits
 /// as portal calls, guest-memory revoke, recall from another CPU, a hostile VMM's
 /// replies refused, a triple-faulting guest.

@@ -151,6 +151,26 @@ pub mod pd_ctrl_op {
     pub const DELEGATE: u8 = 0;
     /// Move `arg2` pages of kernel-memory quota from the source PD to the destination.
     pub const QUOTA: u8 = 1;
+    /// Read one figure (argument 1: a [`stat`](super::stat) item) of the PD into the
+    /// first result register: its quota, or, on the kernel PD, the kernel's memory.
+    pub const STAT: u8 = 2;
+}
+
+/// Items of [`pd_ctrl_op::STAT`](pd_ctrl_op::STAT) (argument 1).
+pub mod stat {
+    /// Pages of the PD's kernel-memory quota not charged.
+    pub const QUOTA_AVAIL: u64 = 0;
+    /// Pages of the PD's kernel-memory quota in all.
+    pub const QUOTA_TOTAL: u64 = 1;
+    /// Kernel PD only: free frames of the kernel's frame pool (after freeing every frame
+    /// that waited for a TLB shootdown).
+    pub const POOL_FREE: u64 = 16;
+    /// Kernel PD only: frames of the kernel's frame pool in all.
+    pub const POOL_TOTAL: u64 = 17;
+    /// Kernel PD only: bytes of the kernel heap in use.
+    pub const HEAP_USED: u64 = 18;
+    /// Kernel PD only: bytes of the kernel heap mapped (taken from the pool).
+    pub const HEAP_MAPPED: u64 = 19;
 }
 
 /// Flags of [`Hypercall::AssignGsi`] (argument 2).

@@ -1,8 +1,8 @@
 //! Object capability space: a sparse map from selector to capability.
 //!
 //! Design (NOVA's `space_obj`, without the hardware trick of mapping the table into
-//! the kernel's address space): a three-level radix table with 512 entries per level,
-//! so selectors have up to [`MAX_SEL_BITS`] = 27 bits. Only the top level is sized by the
+//! the kernel's address space): a three-level radix table with 128 entries per level,
+//! so selectors have up to [`MAX_SEL_BITS`] = 21 bits. Only the top level is sized by the
 //! configured limit; middle and leaf tables are allocated on first insert into their
 //! range and freed again when their last entry goes, so an empty space costs no heap
 //! and a lookup is three indexed loads.
@@ -19,7 +19,9 @@
 use alloc::vec::Vec;
 
 /// Bits of selector resolved per table level.
-pub const LEVEL_BITS: u32 = 9;
+/// (128 entries: a middle or leaf table fits a page, so the kernel can charge a PD's
+/// space page by page.)
+pub const LEVEL_BITS: u32 = 7;
 /// Entries per table.
 const ENTRIES: usize = 1 << LEVEL_BITS;
 /// Selector width the table can represent (three levels).
@@ -125,6 +127,24 @@ impl<T> CapSpace<T> {
     /// lets the kernel account the space's memory against a quota.
     pub const fn tables(&self) -> usize {
         self.tables
+    }
+
+    /// Bytes of kernel heap the space's tables take: what the kernel charges the
+    /// space's owner for (rounded up to pages).
+    pub fn bytes(&self) -> usize {
+        if self.top.is_empty() {
+            return 0;
+        }
+        let mids = self.top.iter().filter(|m| m.is_some()).count();
+        let leaves = self.tables - mids - 1;
+        self.top.capacity() * core::mem::size_of::<Option<Mid<T>>>()
+            + mids * ENTRIES * core::mem::size_of::<Option<Leaf<T>>>()
+            + leaves * ENTRIES * core::mem::size_of::<Option<Cap<T>>>()
+    }
+
+    /// [`bytes`](Self::bytes) in whole pages.
+    pub fn pages(&self) -> u64 {
+        self.bytes().div_ceil(4096) as u64
     }
 
     /// The capability at `sel`, if any.
@@ -435,6 +455,28 @@ mod tests {
         assert_eq!(s.remove(5), None);
         assert_eq!(s.tables(), 0);
         assert!(s.is_empty());
+    }
+
+    #[test]
+    fn pages_follow_the_tables() {
+        // Option<Cap<u64>>: 24 bytes, so a leaf is 3 KiB; a middle table's entries are
+        // 32 bytes, 4 KiB; the top table for a 2^18 limit has 16 entries (512 bytes).
+        let mut s: CapSpace<u64> = CapSpace::new(1 << 18);
+        assert_eq!((s.bytes(), s.pages()), (0, 0));
+        s.insert(0, Cap { obj: 1, perm: 1 }).unwrap();
+        assert_eq!((s.bytes(), s.pages()), (512 + 4096 + 3072, 2));
+        s.insert(127, Cap { obj: 1, perm: 1 }).unwrap();
+        assert_eq!(s.pages(), 2);
+        s.insert(128, Cap { obj: 1, perm: 1 }).unwrap();
+        assert_eq!((s.bytes(), s.pages()), (512 + 4096 + 6144, 3));
+        s.insert(1 << 14, Cap { obj: 1, perm: 1 }).unwrap();
+        assert_eq!(s.bytes(), 512 + 8192 + 9216);
+        s.remove(0);
+        s.remove(127);
+        s.remove(1 << 14);
+        assert_eq!(s.pages(), 2);
+        s.remove(128);
+        assert_eq!(s.pages(), 0);
     }
 
     #[test]

@@ -212,6 +212,18 @@ impl Mdb {
             .map(|(b, n)| Self::mapping(space, b, n))
     }
 
+    /// The nodes of `space` overlapping `base ..= last`, in ascending order.
+    pub fn mappings_in(&self, space: SpaceId, base: u64, last: u64) -> Vec<Mapping> {
+        self.overlapping(space, base, last)
+            .into_iter()
+            .filter_map(|b| {
+                self.nodes
+                    .get(&(space, b))
+                    .map(|n| Self::mapping(space, b, n))
+            })
+            .collect()
+    }
+
     /// The nodes of `space` in ascending order.
     pub fn mappings(&self, space: SpaceId) -> impl Iterator<Item = Mapping> + '_ {
         self.nodes
@@ -388,6 +400,22 @@ impl Mdb {
         include_self: bool,
         removed: impl FnMut(Removed),
     ) -> Result<(), MdbError> {
+        self.revoke_with(space, base, order, include_self, |_, _| true, removed)
+    }
+
+    /// [`revoke`](Self::revoke), asking `can_split(space, extra)` before a node of
+    /// `space` would be split into pieces that add `extra` nodes: when it answers no
+    /// (the space's owner cannot pay for them), the whole node goes instead, with
+    /// everything derived from it. Revocation never needs memory it cannot get.
+    pub fn revoke_with(
+        &mut self,
+        space: SpaceId,
+        base: u64,
+        order: u8,
+        include_self: bool,
+        mut can_split: impl FnMut(SpaceId, u64) -> bool,
+        removed: impl FnMut(Removed),
+    ) -> Result<(), MdbError> {
         if !aligned(base, order) {
             return Err(MdbError::BadRange);
         }
@@ -397,7 +425,7 @@ impl Mdb {
             order,
             this: include_self,
         }];
-        self.run(work, removed);
+        self.run(work, &mut can_split, removed);
         Ok(())
     }
 
@@ -409,8 +437,20 @@ impl Mdb {
         order: u8,
         include_self: bool,
     ) -> Result<Vec<Removed>, MdbError> {
+        self.revoke_collect_with(space, base, order, include_self, |_, _| true)
+    }
+
+    /// [`revoke_with`](Self::revoke_with) collecting the removed ranges.
+    pub fn revoke_collect_with(
+        &mut self,
+        space: SpaceId,
+        base: u64,
+        order: u8,
+        include_self: bool,
+        can_split: impl FnMut(SpaceId, u64) -> bool,
+    ) -> Result<Vec<Removed>, MdbError> {
         let mut v = Vec::new();
-        self.revoke(space, base, order, include_self, |r| v.push(r))?;
+        self.revoke_with(space, base, order, include_self, can_split, |r| v.push(r))?;
         Ok(v)
     }
 
@@ -426,10 +466,16 @@ impl Mdb {
                 this: true,
             })
             .collect();
-        self.run(work, removed);
+        // Whole nodes go, and what derives from them lies inside them: nothing splits.
+        self.run(work, &mut |_, _| true, removed);
     }
 
-    fn run(&mut self, mut work: Vec<Work>, mut removed: impl FnMut(Removed)) {
+    fn run(
+        &mut self,
+        mut work: Vec<Work>,
+        can_split: &mut dyn FnMut(SpaceId, u64) -> bool,
+        mut removed: impl FnMut(Removed),
+    ) {
         while let Some(w) = work.pop() {
             let last = w.base | mask(w.order);
             for nb in self.overlapping(w.space, w.base, last) {
@@ -437,11 +483,17 @@ impl Mdb {
                     continue;
                 };
                 // Both ranges are naturally aligned and overlap: one contains the other.
-                let (ib, io) = if node.order >= w.order {
+                let (mut ib, mut io) = if node.order >= w.order {
                     (w.base, w.order)
                 } else {
                     (nb, node.order)
                 };
+                // Taking a part leaves the rest as `node.order - io` buddy pieces: one
+                // node becomes that many.
+                if w.this && io < node.order && !can_split(w.space, u64::from(node.order - io) - 1)
+                {
+                    (ib, io) = (nb, node.order);
+                }
                 self.revoke_part(w.space, nb, node, ib, io, w.this, &mut work, &mut removed);
             }
         }
@@ -728,6 +780,51 @@ mod tests {
         let r = m.revoke_collect(K, 0, 4, true).unwrap();
         assert_eq!(items(&r).len(), 16 + 15 + 15 + 2 + 3);
         assert!(m.is_empty());
+    }
+
+    #[test]
+    fn unpaid_split_takes_the_whole_node() {
+        let mut m = Mdb::new();
+        m.insert_root(K, 0, 4, 7, 100).unwrap();
+        m.delegate(K, 0, A, 0x20, 4, 7).unwrap();
+        m.delegate(A, 0x28, B, 0, 2, 7).unwrap();
+        // A may not grow: its node goes whole, with B's node derived from it.
+        let mut asked = Vec::new();
+        let r = m
+            .revoke_collect_with(K, 5, 0, false, |s, n| {
+                asked.push((s, n));
+                s != A
+            })
+            .unwrap();
+        assert_eq!(asked, [(A, 3)]);
+        assert!(m.lookup(A, 0x20).is_none() && m.lookup(A, 0x2f).is_none());
+        assert!(m.lookup(B, 0).is_none());
+        assert_eq!(m.count(A), 0);
+        let got = items(&r);
+        assert!(got.contains(&(A, 0x25)) && got.contains(&(B, 3)));
+        m.check().unwrap();
+        // Paid: the same revocation splits A's node and leaves B's alone.
+        m.delegate(K, 0, A, 0x20, 4, 7).unwrap();
+        m.delegate(A, 0x28, B, 0, 2, 7).unwrap();
+        m.revoke_collect_with(K, 5, 0, false, |_, n| n == 3)
+            .unwrap();
+        assert_eq!(m.count(A), 4);
+        assert!(m.lookup(A, 0x25).is_none() && m.lookup(A, 0x24).is_some());
+        assert!(m.lookup(B, 0).is_some());
+        m.check().unwrap();
+    }
+
+    #[test]
+    fn mappings_in_a_range() {
+        let mut m = Mdb::new();
+        m.insert_root(K, 0, 4, 7, 0).unwrap();
+        m.insert_root(K, 0x20, 0, 7, 0).unwrap();
+        m.insert_root(K, 0x30, 3, 7, 0).unwrap();
+        let bases = |v: Vec<Mapping>| v.iter().map(|x| x.base).collect::<Vec<_>>();
+        assert_eq!(bases(m.mappings_in(K, 8, 0x20)), [0, 0x20]);
+        assert_eq!(bases(m.mappings_in(K, 0x21, 0x2f)), Vec::<u64>::new());
+        assert_eq!(bases(m.mappings_in(K, 0x34, 0x34)), [0x30]);
+        assert_eq!(bases(m.mappings_in(A, 0, u64::MAX)), Vec::<u64>::new());
     }
 
     #[test]

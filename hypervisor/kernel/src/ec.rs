@@ -56,6 +56,11 @@ pub struct EcLocal {
     pub started: bool,
     /// The semaphore this EC waits on.
     pub waiting_on: Option<Arc<Sm>>,
+    /// The busy handler in whose queue this EC waits (to call it, or to deliver an
+    /// event to it).
+    pub waiting_for: Option<Arc<Ec>>,
+    /// A semaphore deadline of this EC is in its CPU's timeout list.
+    pub timeout: bool,
 }
 
 /// An execution context.
@@ -134,6 +139,8 @@ impl Ec {
                 blocked_sc: None,
                 started: kind == EcKind::Local,
                 waiting_on: None,
+                waiting_for: None,
+                timeout: false,
             }),
             dead: AtomicBool::new(false),
             recall: AtomicBool::new(false),
@@ -195,17 +202,49 @@ impl Ec {
 
 impl Drop for Ec {
     fn drop(&mut self) {
+        // The charge first, while `pd` keeps the PD and its account alive (the fields
+        // drop after this, `pd` before `_charge`).
+        drop(self._charge.take());
+        // Out of its PD's list (the list holds weak references, which would keep this
+        // EC's memory allocated).
+        self.pd.ecs.lock().retain(|w| w.strong_count() > 0);
         if self.utcb_phys != 0 {
             // Unmap the UTCB; the page (and any table emptied) is reused only after a
             // shootdown of the CPUs that have the PD loaded (batched: `tlb::reclaim`).
             // The last reference may go under a lock, where no shootdown may wait.
             let mut pages = Vec::new();
-            self.pd
-                .mem
-                .unmap_deferred(self.utcb_uva >> peregrine_abi::PAGE_BITS, 0, &mut pages);
-            pages.push(self.utcb_phys);
+            self.pd.mem.unmap_deferred(
+                None,
+                self.utcb_uva >> peregrine_abi::PAGE_BITS,
+                0,
+                &mut pages,
+            );
+            if pages.try_reserve(1).is_ok() {
+                pages.push(self.utcb_phys);
+            }
             crate::kmem::uncharge(&self.pd, pages.len() as u64);
             crate::tlb::defer_free(self.pd.id, pages);
+        }
+        // The ECs it is linked to in call chains go iteratively: a chain of calls can
+        // be longer than the kernel stack is deep.
+        let mut stack: Vec<Arc<Ec>> = Vec::new();
+        take_links(self.local.get_mut(), &mut stack);
+        while let Some(e) = stack.pop() {
+            if let Some(mut e) = Arc::into_inner(e) {
+                take_links(e.local.get_mut(), &mut stack);
+            }
+        }
+    }
+}
+
+/// Moves the EC references of `l` onto `stack` (where there is room; the rest are
+/// dropped right here).
+fn take_links(l: &mut EcLocal, stack: &mut Vec<Arc<Ec>>) {
+    let links = [l.caller.take(), l.callee.take(), l.waiting_for.take()];
+    let waiters = core::mem::take(&mut l.waiters);
+    for e in links.into_iter().flatten().chain(waiters) {
+        if stack.try_reserve(1).is_ok() {
+            stack.push(e);
         }
     }
 }

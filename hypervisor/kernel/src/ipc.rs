@@ -125,12 +125,15 @@ fn enter_call(c: &Arc<Ec>, sel: u64, nonblocking: bool) -> Result<Next, Status> 
             return Err(Status::Timeout);
         }
         // Wait for the handler; the call is re-issued when it becomes free.
+        hl.waiters.try_reserve(1).map_err(|_| Status::OutOfMemory)?;
         {
             // SAFETY: `c` runs on this CPU.
             let f = unsafe { c.frame() };
             f.rip = f.rip.wrapping_sub(2);
         }
         hl.waiters.push_back(c.clone());
+        // SAFETY: `c` runs on this CPU.
+        unsafe { c.local() }.waiting_for = Some(h.clone());
         return Ok(Next::Block);
     }
     // SAFETY: both UTCBs belong to ECs on this CPU, and neither runs now.
@@ -289,6 +292,61 @@ fn put_state(f: &mut Frame, a: &ArchState) {
     }
 }
 
+/// Reports of ECs stopped for want of an event portal: a component can stop thousands
+/// of ECs a second, and the UART busy-waits with interrupts off, so the kernel prints
+/// at most [`Reports::BURST`] of them per second and counts the rest.
+static REPORTS: Reports = Reports::new();
+
+/// A rate limit for kernel reports (lock-free: a lost race costs one line either way).
+struct Reports {
+    window: core::sync::atomic::AtomicU64,
+    printed: core::sync::atomic::AtomicU64,
+    suppressed: core::sync::atomic::AtomicU64,
+}
+
+impl Reports {
+    /// Reports per window.
+    const BURST: u64 = 8;
+
+    const fn new() -> Self {
+        use core::sync::atomic::AtomicU64;
+        Reports {
+            window: AtomicU64::new(0),
+            printed: AtomicU64::new(0),
+            suppressed: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether a report may be printed at `now`; if so, how many were suppressed
+    /// before it.
+    fn admit(&self, now: u64) -> Option<u64> {
+        use core::sync::atomic::Ordering::Relaxed;
+        let window = now / (crate::arch::tsc_khz().max(1) * 1000);
+        if self.window.swap(window, Relaxed) != window {
+            self.printed.store(0, Relaxed);
+        }
+        if self.printed.fetch_add(1, Relaxed) < Self::BURST {
+            Some(self.suppressed.swap(0, Relaxed))
+        } else {
+            self.suppressed.fetch_add(1, Relaxed);
+            None
+        }
+    }
+}
+
+/// " (N more not reported)" for N > 0.
+struct Suppressed(u64);
+
+impl core::fmt::Display for Suppressed {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        if self.0 > 0 {
+            write!(f, " ({} more not reported)", self.0)
+        } else {
+            Ok(())
+        }
+    }
+}
+
 /// Delivers event `vector` of the running EC `c` to its portal (exception or start-up),
 /// or stops `c` if there is no usable portal.
 pub fn event(c: Arc<Ec>, vector: u64) -> ! {
@@ -303,13 +361,16 @@ pub fn event(c: Arc<Ec>, vector: u64) -> ! {
             sched::schedule()
         }
         None => {
-            crate::kprintln!(
-                "ec in pd {}: unhandled event {} at rip {:#x}: stopped",
-                c.pd.id,
-                vector,
-                // SAFETY: `c` runs on this CPU.
-                unsafe { c.frame() }.rip
-            );
+            if let Some(suppressed) = REPORTS.admit(crate::arch::rdtsc()) {
+                crate::kprintln!(
+                    "ec in pd {}: unhandled event {} at rip {:#x}: stopped{}",
+                    c.pd.id,
+                    vector,
+                    // SAFETY: `c` runs on this CPU.
+                    unsafe { c.frame() }.rip,
+                    Suppressed(suppressed)
+                );
+            }
             stop(c)
         }
     }
@@ -326,7 +387,10 @@ fn enter_event(c: &Arc<Ec>, vector: u64) -> Option<Next> {
     if hl.caller.is_some() {
         // Busy handler: wait, then take the event again (re-executing the faulting
         // instruction re-raises it; start-up is retried by the scheduler).
+        hl.waiters.try_reserve(1).ok()?;
         hl.waiters.push_back(c.clone());
+        // SAFETY: `c` runs on this CPU.
+        unsafe { c.local() }.waiting_for = Some(h.clone());
         return Some(Next::Block);
     }
     // SAFETY: as above.

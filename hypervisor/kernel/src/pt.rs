@@ -10,6 +10,8 @@ use crate::ec::Ec;
 
 /// A portal.
 pub struct Pt {
+    /// Its page of quota; dropped first (see `Sc`).
+    _charge: crate::kmem::Charge,
     /// The handler EC.
     pub ec: Arc<Ec>,
     /// Entry instruction pointer.
@@ -18,7 +20,6 @@ pub struct Pt {
     pub mtd: Mtd,
     /// Identifier given to the handler in `rdi` (set by `pt_ctrl`).
     pub id: AtomicU64,
-    _charge: crate::kmem::Charge,
 }
 
 impl Pt {

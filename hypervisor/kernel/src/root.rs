@@ -211,7 +211,8 @@ fn build_hip(page: *mut u8, p: &Platform) {
 pub fn create(p: &Platform) -> Result<(), RootError> {
     let first = p.modules.first().ok_or(RootError::NoModule)?;
 
-    let kern = Arc::new(Pd::new(None, Quota::new(0), true, false).ok_or(RootError::NoMemory)?);
+    let kern =
+        Arc::new(Pd::new(None, Quota::new(0), true, false).map_err(|_| RootError::NoMemory)?);
     space::register(&kern);
     for &(base, pages) in p.user_ranges {
         for (b, order) in aligned_pieces(base, pages, 40) {
@@ -233,8 +234,9 @@ pub fn create(p: &Platform) -> Result<(), RootError> {
             .map_err(|_| RootError::NoMemory)?;
     }
 
-    let root =
-        Arc::new(Pd::new(None, Quota::new(p.root_quota), false, false).ok_or(RootError::NoMemory)?);
+    let root = Arc::new(
+        Pd::new(None, Quota::new(p.root_quota), false, false).map_err(|_| RootError::NoMemory)?,
+    );
     space::insert_root_cap(&root, sel::ROOT_PD, KObj::Pd(root.clone()))
         .map_err(|_| RootError::NoMemory)?;
     space::insert_root_cap(&root, sel::KERN_PD, KObj::Pd(kern.clone()))

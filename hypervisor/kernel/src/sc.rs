@@ -9,6 +9,9 @@ use crate::ec::Ec;
 
 /// A scheduling context.
 pub struct Sc {
+    /// Its page of quota. Declared first, so dropped first: the charge goes back to
+    /// the PD while `ec` still keeps the PD (and its account) alive.
+    _charge: Option<crate::kmem::Charge>,
     /// The EC it belongs to.
     pub ec: Arc<Ec>,
     /// Its CPU (the EC's).
@@ -23,7 +26,6 @@ pub struct Sc {
     pub time: AtomicU64,
     /// Descheduled for good (its original capability was revoked).
     pub dead: AtomicBool,
-    _charge: Option<crate::kmem::Charge>,
 }
 
 impl Sc {

@@ -39,8 +39,11 @@ pub struct CpuLocal {
     pub sc: Option<Arc<Sc>>,
     /// Ready SCs.
     pub rq: RunQueue<Arc<Sc>>,
-    /// Semaphore deadlines.
+    /// Semaphore deadlines (unordered; an EC has at most one, see `EcLocal::timeout`).
     pub timeouts: Vec<Timeout>,
+    /// No deadline in `timeouts` is earlier (the timer tick looks at the list only
+    /// then).
+    pub next_due: u64,
     /// TSC when the current SC was last charged.
     pub last: u64,
     /// Id of the PD whose page table is loaded.
@@ -61,8 +64,10 @@ static LOCAL: [CpuCell; MAX_CPUS] = [CELL; MAX_CPUS];
 enum Remote {
     /// A blocked EC woken, with the status its blocking hypercall returns.
     Wake(Arc<Ec>, Option<Status>),
-    /// A new SC to schedule.
+    /// A new SC to schedule (or a dead one to take apart: see [`kill_sc`]).
     Sc(Arc<Sc>),
+    /// A dead EC to take out of every queue and chain (see [`reap`]).
+    Reap(Arc<Ec>),
 }
 
 type RemoteList = Mutex<Vec<Remote>>;
@@ -80,6 +85,7 @@ pub fn init_cpu() {
             sc: None,
             rq: RunQueue::new(),
             timeouts: Vec::new(),
+            next_due: u64::MAX,
             last: crate::arch::rdtsc(),
             space: 0,
             pio_gen: 0,
@@ -131,15 +137,22 @@ pub fn enqueue(sc: Arc<Sc>) {
         let _ = l.rq.enqueue(sc, p, false);
     } else {
         let cpu = sc.cpu;
-        REMOTE[cpu].lock().push(Remote::Sc(sc));
-        crate::arch::send_resched_ipi(cpu);
+        post(cpu, Remote::Sc(sc));
     }
 }
 
 fn post_remote(ec: Arc<Ec>, st: Option<Status>) {
     let cpu = ec.cpu;
-    REMOTE[cpu].lock().push(Remote::Wake(ec, st));
-    crate::arch::send_resched_ipi(cpu);
+    post(cpu, Remote::Wake(ec, st));
+}
+
+/// Hands `r` to CPU `cpu` (this one too: then it is taken at the next scheduling
+/// decision) and interrupts it if it is another.
+fn post(cpu: usize, r: Remote) {
+    REMOTE[cpu].lock().push(r);
+    if cpu != percpu::cpu_id() {
+        crate::arch::send_resched_ipi(cpu);
+    }
 }
 
 /// Wakes a blocked EC with the status its blocking hypercall returns. The caller owns
@@ -170,6 +183,10 @@ fn wake_local(ec: Arc<Ec>, st: Option<Status>) {
         f.rdi = st as u64;
     }
     lcl.waiting_on = None;
+    lcl.waiting_for = None;
+    if core::mem::take(&mut lcl.timeout) {
+        remove_timeout(&ec);
+    }
     if let Some(sc) = lcl.blocked_sc.take() {
         // SAFETY: interrupts are off in the kernel.
         let l = unsafe { local() };
@@ -184,40 +201,77 @@ pub fn drain_remote() {
     let posted = core::mem::take(&mut *REMOTE[c].lock());
     for r in posted {
         match r {
-            Remote::Wake(ec, st) => {
-                if !ec.is_dead() {
-                    wake_local(ec, st);
-                }
-            }
+            // A dead EC is woken all the same: what it blocked (its SC) must go on,
+            // and the scheduler ends its part in a call chain.
+            Remote::Wake(ec, st) => wake_local(ec, st),
             Remote::Sc(sc) => {
                 // SAFETY: interrupts are off in the kernel.
                 let l = unsafe { local() };
                 let p = sc.prio;
                 let _ = l.rq.enqueue(sc, p, false);
             }
+            Remote::Reap(ec) => reap(ec),
         }
     }
 }
 
-/// Stops an EC of a destroyed PD that may run on another CPU.
-pub fn kill_remote(ec: &Arc<Ec>) {
+/// Interrupts `ec`'s CPU, if another, so that it reschedules (e.g. for a recall).
+pub fn kick(ec: &Arc<Ec>) {
     if ec.cpu != percpu::cpu_id() {
         crate::arch::send_resched_ipi(ec.cpu);
     }
 }
 
-/// Stops `ec` for good (its original capability was revoked): it never runs again;
-/// its CPU, if another, reschedules at once.
+/// Stops `ec` for good (its original capability was revoked, or its PD destroyed): it
+/// never runs again, and its CPU takes it out of whatever it waited in ([`reap`]).
 pub fn kill(ec: &Arc<Ec>) {
     ec.dead.store(true, core::sync::atomic::Ordering::Release);
-    kill_remote(ec);
+    if ec.cpu == percpu::cpu_id() {
+        // Callers hold no lock; the EC does not run now (at most it is the caller).
+        reap(ec.clone());
+    } else {
+        post(ec.cpu, Remote::Reap(ec.clone()));
+    }
 }
 
-/// Deschedules `sc` for good: its CPU drops it when it next dispatches or preempts it.
+/// Deschedules `sc` for good. Its CPU takes it apart at its next scheduling decision:
+/// the call chain it drove is unwound wherever the SC is parked (see [`unwind`]).
 pub fn kill_sc(sc: &Arc<Sc>) {
     sc.dead.store(true, core::sync::atomic::Ordering::Release);
-    if sc.cpu != percpu::cpu_id() {
-        crate::arch::send_resched_ipi(sc.cpu);
+    enqueue(sc.clone());
+}
+
+/// On a dead EC's CPU: takes it out of the semaphore, handler queue and timeout list it
+/// waited in, hands the SC it held to the scheduler (which ends its part of the call
+/// chain: see [`runnable_head`]) and sends the callers that waited for it (a handler)
+/// to retry, which tells them it died. No queue keeps a reference to it afterwards, so
+/// it and its PD go as soon as the capabilities to them do.
+fn reap(ec: Arc<Ec>) {
+    // SAFETY: a dead EC bound to this CPU, which is in the kernel with interrupts off;
+    // it does not run (the scheduler never resumes a dead EC).
+    let lcl = unsafe { ec.local() };
+    let mut release = false;
+    if let Some(sm) = lcl.waiting_on.take() {
+        release |= sm.dequeue(&ec);
+    }
+    if let Some(h) = lcl.waiting_for.take() {
+        // SAFETY: the handler is bound to this CPU too (IPC is CPU-local).
+        let hw = &mut unsafe { h.local() }.waiters;
+        if let Some(i) = hw.iter().position(|w| Arc::ptr_eq(w, &ec)) {
+            hw.remove(i);
+            release = true;
+        }
+    }
+    if core::mem::take(&mut lcl.timeout) {
+        remove_timeout(&ec);
+    }
+    for w in core::mem::take(&mut lcl.waiters) {
+        wake_retry(w);
+    }
+    if release {
+        if let Some(sc) = lcl.blocked_sc.take() {
+            enqueue(sc);
+        }
     }
 }
 
@@ -233,11 +287,31 @@ pub fn block_current() {
     }
 }
 
-/// Registers a semaphore deadline for the running EC (which is about to block).
-pub fn add_timeout(deadline: u64, ec: Arc<Ec>, sm: Arc<Sm>) {
-    let gen = ec.wait_gen.load(core::sync::atomic::Ordering::Relaxed);
+/// Per CPU, the room the timeout list keeps when it empties (more is given back).
+const TIMEOUTS_KEEP: usize = 16;
+
+/// Makes room for one more semaphore deadline on this CPU (before the running EC
+/// blocks: a failure is its `OutOfMemory`, never a lost deadline).
+pub fn reserve_timeout() -> Result<(), Status> {
     // SAFETY: interrupts are off in the kernel.
     let l = unsafe { local() };
+    if l.timeouts.capacity() == 0 {
+        l.timeouts
+            .try_reserve_exact(TIMEOUTS_KEEP)
+            .map_err(|_| Status::OutOfMemory)?;
+    }
+    l.timeouts.try_reserve(1).map_err(|_| Status::OutOfMemory)
+}
+
+/// Registers a semaphore deadline for the running EC (which is about to block; room
+/// was made by [`reserve_timeout`]).
+pub fn add_timeout(deadline: u64, ec: Arc<Ec>, sm: Arc<Sm>) {
+    let gen = ec.wait_gen.load(core::sync::atomic::Ordering::Relaxed);
+    // SAFETY: the running EC belongs to this CPU.
+    unsafe { ec.local() }.timeout = true;
+    // SAFETY: interrupts are off in the kernel.
+    let l = unsafe { local() };
+    l.next_due = l.next_due.min(deadline);
     l.timeouts.push(Timeout {
         deadline,
         ec,
@@ -246,24 +320,57 @@ pub fn add_timeout(deadline: u64, ec: Arc<Ec>, sm: Arc<Sm>) {
     });
 }
 
+/// Drops `ec`'s deadline (it was woken before it, or died).
+fn remove_timeout(ec: &Arc<Ec>) {
+    // SAFETY: interrupts are off in the kernel.
+    let l = unsafe { local() };
+    if let Some(i) = l.timeouts.iter().position(|t| Arc::ptr_eq(&t.ec, ec)) {
+        let t = l.timeouts.swap_remove(i);
+        shrink_timeouts(l);
+        drop(t);
+    }
+}
+
+/// An empty list keeps a little room, not what a burst of waiters needed.
+fn shrink_timeouts(l: &mut CpuLocal) {
+    if l.timeouts.is_empty() {
+        l.next_due = u64::MAX;
+        if l.timeouts.capacity() > TIMEOUTS_KEEP {
+            l.timeouts.shrink_to(TIMEOUTS_KEEP);
+        }
+    }
+}
+
 fn fire_timeouts(now: u64) {
     // SAFETY: interrupts are off in the kernel.
     let l = unsafe { local() };
-    if l.timeouts.is_empty() {
+    if now < l.next_due {
         return;
     }
     let mut due = Vec::new();
-    l.timeouts.retain(|t| {
-        if t.deadline <= now {
-            due.push((t.ec.clone(), t.sm.clone(), t.gen));
-            false
+    let mut next = u64::MAX;
+    let mut i = 0;
+    while i < l.timeouts.len() {
+        if l.timeouts[i].deadline <= now {
+            if due.try_reserve(1).is_err() {
+                // Fired at the next tick.
+                next = now;
+                break;
+            }
+            due.push(l.timeouts.swap_remove(i));
         } else {
-            true
+            next = next.min(l.timeouts[i].deadline);
+            i += 1;
         }
-    });
-    for (ec, sm, gen) in due {
-        if ec.wait_gen.load(core::sync::atomic::Ordering::Relaxed) == gen && sm.dequeue(&ec) {
-            wake_local(ec, Some(Status::Timeout));
+    }
+    l.next_due = next;
+    shrink_timeouts(l);
+    for t in due {
+        // SAFETY: the EC is bound to this CPU.
+        unsafe { t.ec.local() }.timeout = false;
+        if t.ec.wait_gen.load(core::sync::atomic::Ordering::Relaxed) == t.gen && t.sm.dequeue(&t.ec)
+        {
+            wake_local(t.ec, Some(Status::Timeout));
         }
     }
 }
@@ -296,9 +403,11 @@ pub fn preempt_if_needed() {
     }
 }
 
-/// Finds the EC an SC should run, ending calls into handlers that died on the way.
+/// Finds the EC an SC should run, ending calls into handlers that died on the way. A
+/// dead SC runs nothing: the chain it drove is unwound first.
 fn runnable_head(sc: &Arc<Sc>) -> Option<Arc<Ec>> {
     if sc.dead.load(core::sync::atomic::Ordering::Acquire) {
+        unwind(sc);
         return None;
     }
     loop {
@@ -306,17 +415,63 @@ fn runnable_head(sc: &Arc<Sc>) -> Option<Arc<Ec>> {
         if !head.is_dead() {
             return Some(head);
         }
+        // SAFETY: the chain lives on this CPU.
+        let hl = unsafe { head.local() };
+        // Whoever waited for the dead handler retries and learns it died.
+        for w in core::mem::take(&mut hl.waiters) {
+            wake_retry(w);
+        }
         if Arc::ptr_eq(&head, &sc.ec) {
             return None;
         }
         // A handler died while serving a call: the caller gets Aborted.
-        // SAFETY: the chain lives on this CPU.
-        let caller = unsafe { head.local() }.caller.take();
-        let caller = caller?;
+        let caller = hl.caller.take()?;
         // SAFETY: as above.
         unsafe {
             caller.local().callee = None;
             caller.frame().rdi = Status::Aborted as u64;
+        }
+    }
+}
+
+/// Takes apart the call chain of the dead SC `sc` (on its CPU): every call on it is
+/// aborted and its handler freed for the callers that wait for it; the EC at the head is
+/// taken out of whatever it waits in, and the SC out of it. Nothing keeps a reference
+/// to the SC afterwards but its capabilities, and nothing stays busy for it. Idempotent.
+fn unwind(sc: &Arc<Sc>) {
+    let mut ec = sc.ec.clone();
+    loop {
+        // SAFETY: the chain's ECs are bound to this CPU and none runs (we schedule).
+        let lcl = unsafe { ec.local() };
+        match lcl.callee.take() {
+            Some(h) => {
+                // SAFETY: as above.
+                unsafe { ec.frame() }.rdi = Status::Aborted as u64;
+                // SAFETY: as above.
+                let hl = unsafe { h.local() };
+                hl.caller = None;
+                for w in core::mem::take(&mut hl.waiters) {
+                    wake_retry(w);
+                }
+                ec = h;
+            }
+            None => {
+                if lcl.blocked_sc.as_ref().is_some_and(|b| Arc::ptr_eq(b, sc)) {
+                    lcl.blocked_sc = None;
+                    if let Some(sm) = lcl.waiting_on.take() {
+                        sm.dequeue(&ec);
+                    }
+                    if let Some(h) = lcl.waiting_for.take() {
+                        // SAFETY: as above.
+                        let hw = &mut unsafe { h.local() }.waiters;
+                        hw.retain(|w| !Arc::ptr_eq(w, &ec));
+                    }
+                    if core::mem::take(&mut lcl.timeout) {
+                        remove_timeout(&ec);
+                    }
+                }
+                return;
+            }
         }
     }
 }

@@ -71,25 +71,30 @@ impl Sm {
         }
     }
 
-    /// Up: wakes the first waiter or counts.
+    /// Up: wakes the first living waiter or counts. Dead waiters met on the way are
+    /// woken too (their CPU then lets go of them) but do not take the up.
     pub fn up(&self) {
-        let w = {
-            let mut i = self.inner.lock();
-            match i.waiters.pop_front() {
-                Some(w) => Some(w),
-                None => {
-                    i.count = i.count.saturating_add(1);
-                    None
+        loop {
+            let w = {
+                let mut i = self.inner.lock();
+                match i.waiters.pop_front() {
+                    Some(w) => w,
+                    None => {
+                        i.count = i.count.saturating_add(1);
+                        return;
+                    }
                 }
+            };
+            if !w.is_dead() {
+                sched::wake(w, Status::Success);
+                return;
             }
-        };
-        if let Some(w) = w {
-            sched::wake(w, Status::Success);
+            sched::wake(w, Status::Aborted);
         }
     }
 
     /// Down by `ec`: takes one (or, with `zero`, all) or queues `ec`.
-    pub fn down(&self, ec: &Arc<Ec>, zero: bool) -> Down {
+    pub fn down(&self, ec: &Arc<Ec>, zero: bool) -> Result<Down, Status> {
         let mut i = self.inner.lock();
         if let Some(g) = i.gsi {
             if g.level {
@@ -102,10 +107,11 @@ impl Sm {
             } else {
                 i.count -= 1;
             }
-            Down::Acquired
+            Ok(Down::Acquired)
         } else {
+            i.waiters.try_reserve(1).map_err(|_| Status::OutOfMemory)?;
             i.waiters.push_back(ec.clone());
-            Down::Blocked
+            Ok(Down::Blocked)
         }
     }
 

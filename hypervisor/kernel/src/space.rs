@@ -43,18 +43,56 @@ fn mdb_err(e: MdbError) -> Status {
     }
 }
 
-/// Installs the original capability to a newly created object at `sel`.
+/// Installs the original capability to a newly created object at `sel`, charging the
+/// capability-space tables it needs to `pd`. Fails once `pd` is destroyed (checked under
+/// the database lock its destruction takes too, so no capability lands in a dead space).
 pub fn insert_root_cap(pd: &Arc<Pd>, sel: u64, obj: KObj) -> Result<(), Status> {
     let perm = peregrine_abi::perm::ALL;
     let mut mdb = MDB_OBJ.lock();
-    mdb.insert_root(sid(pd), sel, 0, perm, 0).map_err(mdb_err)?;
-    if let KObj::Pd(p) = &obj {
-        register(p);
-    }
-    let r = pd.obj.lock().insert(sel, Cap { obj, perm });
-    if r.is_err() {
-        let _ = mdb.revoke(sid(pd), sel, 0, true, |_| {});
+    if pd.is_dead() {
         return Err(Status::BadCapability);
+    }
+    mdb.insert_root(sid(pd), sel, 0, perm, 0).map_err(mdb_err)?;
+    let child = if let KObj::Pd(p) = &obj {
+        Some(p.clone())
+    } else {
+        None
+    };
+    // The node is charged like every node of the space, the tables the capability
+    // needs as well.
+    let undone = if let Err(e) = settle(&mdb, Db::Obj, pd, true) {
+        Some((e, Some(Cap { obj, perm })))
+    } else {
+        let mut s = pd.obj.lock();
+        match s.insert(sel, Cap { obj, perm }) {
+            Err((e, cap)) => Some((
+                if e == peregrine_core::capspace::CapError::NoMemory {
+                    Status::OutOfMemory
+                } else {
+                    Status::BadCapability
+                },
+                Some(cap),
+            )),
+            Ok(()) => match pd.settle_cap_tables(s.pages(), true) {
+                Ok(()) => None,
+                Err(e) => {
+                    let cap = s.remove(sel);
+                    let _ = pd.settle_cap_tables(s.pages(), false);
+                    Some((e, cap))
+                }
+            },
+        }
+    };
+    if let Some((e, cap)) = undone {
+        let _ = mdb.revoke(sid(pd), sel, 0, true, |_| {});
+        let _ = settle(&mdb, Db::Obj, pd, false);
+        drop(mdb);
+        // The object goes here, outside every lock (a PD's release takes its own).
+        drop(cap);
+        return Err(e);
+    }
+    if let Some(p) = child {
+        register(&p);
     }
     Ok(())
 }
@@ -176,13 +214,29 @@ fn delegate_nodes(
         Db::Obj => &MDB_OBJ,
     };
     let mut mdb = lock.lock();
+    // A PD being destroyed takes this lock after it is marked dead: whatever lands in
+    // its spaces before is torn down with them, nothing lands after.
+    if dst.is_dead() {
+        return Err(Status::BadCapability);
+    }
     let new = mdb
         .delegate_range(sid(src), sb, dsid, base, order, mask)
         .map_err(mdb_err)?;
-    let r = settle(&mdb, db, dst, true).and_then(|()| new.iter().try_for_each(&mut apply));
+    let mut applied = 0;
+    let r = settle(&mdb, db, dst, true).and_then(|()| {
+        new.iter().try_for_each(|m| {
+            apply(m)?;
+            applied += 1;
+            Ok(())
+        })
+    });
     if r.is_err() {
         for m in &new {
             let _ = mdb.revoke(m.space, m.base, m.order, true, |_| {});
+        }
+        // Only what this delegation put there goes again (an application that failed
+        // changed nothing: it may have met a UTCB or another mapping it must not touch).
+        for m in &new[..applied] {
             undo(m);
         }
         let _ = settle(&mdb, db, dst, false);
@@ -210,7 +264,7 @@ fn delegate_mem(
         sid(dst),
         (sb, db, order, mask),
         |m| dst.mem.map(dst, m.base, m.origin, m.order, m.perm),
-        |m| dst.mem.unmap_deferred(m.base, m.order, &mut freed),
+        |m| dst.mem.unmap_deferred(None, m.base, m.order, &mut freed),
     );
     if r.is_err() {
         // What was mapped may be cached: flush before the tables are reused.
@@ -250,7 +304,7 @@ fn delegate_guest(
         crate::space_guest::sid(dst),
         (sb, db, order, mask),
         |m| g.map(dst, m.base, m.origin, m.order, m.perm),
-        |m| g.unmap_deferred(m.base, m.order, &mut freed),
+        |m| g.unmap_deferred(None, m.base, m.order, &mut freed),
     );
     if r.is_err() {
         crate::tlb::shootdown();
@@ -280,10 +334,13 @@ fn delegate_pio(
         sid(dst),
         (sb, db, order, mask),
         |m| {
-            dst.pio.set(m.base, m.order, true);
-            Ok(())
+            dst.pio.set(m.base, m.order, true, || {
+                dst.charge_io_bitmap(crate::space_pio::IOPB_PAGES)
+            })
         },
-        |m| dst.pio.set(m.base, m.order, false),
+        |m| {
+            let _ = dst.pio.set(m.base, m.order, false, || Ok(()));
+        },
     )
 }
 
@@ -312,26 +369,43 @@ fn delegate_obj(
             let (_, src_base) = m.src.unwrap_or((sid(src), m.base));
             // Only the slots that hold something (absent tables are skipped); the
             // source's lock is dropped before the destination's is taken.
-            let caps: Vec<(u64, Cap)> = match src.obj.lock().range(src_base, m.order) {
-                Ok(r) => r
-                    .map(|(sel, c)| {
-                        let cap = Cap {
+            let mut caps: Vec<(u64, Cap)> = Vec::new();
+            if let Ok(r) = src.obj.lock().range(src_base, m.order) {
+                for (sel, c) in r {
+                    caps.try_reserve(1).map_err(|_| Status::OutOfMemory)?;
+                    caps.push((
+                        m.base + (sel - src_base),
+                        Cap {
                             obj: c.obj.clone(),
                             perm: c.perm & m.perm,
-                        };
-                        (m.base + (sel - src_base), cap)
-                    })
-                    .collect(),
-                Err(_) => Vec::new(),
-            };
-            let mut d = dst.obj.lock();
-            for (sel, cap) in caps {
-                let _ = d.insert(sel, cap);
+                        },
+                    ));
+                }
             }
-            Ok(())
+            let mut d = dst.obj.lock();
+            let mut r = Ok(());
+            for (sel, cap) in caps {
+                if let Err((e, _)) = d.insert(sel, cap) {
+                    if e == peregrine_core::capspace::CapError::NoMemory {
+                        r = Err(Status::OutOfMemory);
+                        break;
+                    }
+                }
+            }
+            // The tables they needed are charged to the receiver.
+            r.and_then(|()| dst.settle_cap_tables(d.pages(), true))
+                .inspect_err(|_| clear_caps(dst, &mut d, m.base, m.order))
         },
-        |_| {},
+        |m| clear_caps(dst, &mut dst.obj.lock(), m.base, m.order),
     )
+}
+
+/// Takes the capabilities of `base .. base + 2^order` out of `pd`'s space `s` (a
+/// delegation undone: they are copies, their objects live on elsewhere) and returns
+/// the table pages that freed.
+fn clear_caps(pd: &Pd, s: &mut peregrine_core::capspace::CapSpace<KObj>, base: u64, order: u8) {
+    let _ = s.remove_range(base, order, |_, _| {});
+    let _ = pd.settle_cap_tables(s.pages(), false);
 }
 
 /// `lookup`: the node covering the CRD's base in the caller's space of that kind.
@@ -361,7 +435,7 @@ pub fn revoke(pd: &Arc<Pd>, crd: Crd, own: bool) -> Result<(), Status> {
             let removed = {
                 let mut mdb = MDB_MEM.lock();
                 let r = mdb
-                    .revoke_collect(sid(pd), base, order, own)
+                    .revoke_collect_with(sid(pd), base, order, own, |s, n| can_split(Db::Mem, s, n))
                     .map_err(mdb_err)?;
                 settle_removed(&mdb, Db::Mem, &r);
                 r
@@ -373,14 +447,14 @@ pub fn revoke(pd: &Arc<Pd>, crd: Crd, own: bool) -> Result<(), Status> {
             let removed = {
                 let mut mdb = MDB_PIO.lock();
                 let r = mdb
-                    .revoke_collect(sid(pd), base, order, own)
+                    .revoke_collect_with(sid(pd), base, order, own, |s, n| can_split(Db::Pio, s, n))
                     .map_err(mdb_err)?;
                 settle_removed(&mdb, Db::Pio, &r);
                 r
             };
             for r in removed {
                 if let Some(p) = pd_of(r.space) {
-                    p.pio.set(r.base, r.order, false);
+                    let _ = p.pio.set(r.base, r.order, false, || Ok(()));
                 }
             }
             crate::tlb::shootdown();
@@ -396,7 +470,9 @@ pub fn revoke(pd: &Arc<Pd>, crd: Crd, own: bool) -> Result<(), Status> {
                 let mut mdb = MDB_OBJ.lock();
                 if own {
                     let last = base + (1u64 << order.min(63)) - 1;
-                    for m in mdb.mappings(sid(pd)) {
+                    // Only the nodes in the range: the work is the range's, not the
+                    // size of the caller's space.
+                    for m in mdb.mappings_in(sid(pd), base, last) {
                         if m.src.is_none() && m.base >= base && m.base <= last {
                             match pd.cap(m.base) {
                                 Some(Cap {
@@ -409,7 +485,7 @@ pub fn revoke(pd: &Arc<Pd>, crd: Crd, own: bool) -> Result<(), Status> {
                     }
                 }
                 let r = mdb
-                    .revoke_collect(sid(pd), base, order, own)
+                    .revoke_collect_with(sid(pd), base, order, own, |s, n| can_split(Db::Obj, s, n))
                     .map_err(mdb_err)?;
                 settle_removed(&mdb, Db::Obj, &r);
                 r
@@ -430,12 +506,24 @@ pub fn revoke(pd: &Arc<Pd>, crd: Crd, own: bool) -> Result<(), Status> {
     }
 }
 
+/// Whether the owner of `space` can pay for `extra` more nodes of `db` that a split
+/// by revocation would create (charged now; settled exactly when the revocation ends).
+fn can_split(db: Db, space: SpaceId, extra: u64) -> bool {
+    pd_of(SpaceId(space.0 & !crate::space_guest::GUEST_SPACE_BIT))
+        .is_none_or(|p| p.reserve_nodes(db as usize, extra))
+}
+
 fn remove_caps(removed: &[Removed]) {
     let mut dropped = Vec::new();
     for r in removed {
         if let Some(p) = pd_of(r.space) {
             let mut s = p.obj.lock();
-            let _ = s.remove_range(r.base, r.order, |_, c| dropped.push(c));
+            let _ = s.remove_range(r.base, r.order, |_, c| {
+                if dropped.try_reserve(1).is_ok() {
+                    dropped.push(c);
+                }
+            });
+            let _ = p.settle_cap_tables(s.pages(), false);
         }
     }
     // Objects are dropped outside the space locks (a dropped PD takes its own locks).
@@ -451,9 +539,9 @@ fn unmap_removed(removed: &[Removed]) {
             let mut f = Vec::new();
             match (&p.guest, guest) {
                 // SVM/NPT: a guest-physical mapping.
-                (Some(g), true) => g.unmap_deferred(r.base, r.order, &mut f),
+                (Some(g), true) => g.unmap_deferred(Some(&p), r.base, r.order, &mut f),
                 (_, true) => {}
-                (_, false) => p.mem.unmap_deferred(r.base, r.order, &mut f),
+                (_, false) => p.mem.unmap_deferred(Some(&p), r.base, r.order, &mut f),
             }
             freed.push((p, f));
         }
@@ -526,13 +614,21 @@ pub fn destroy_spaces(pd: &Arc<Pd>) {
     unmap_removed(&destroy_in(&MDB_MEM, Db::Mem, &mem));
     for r in &destroy_in(&MDB_PIO, Db::Pio, &[sid(pd)]) {
         if let Some(p) = pd_of(r.space) {
-            p.pio.set(r.base, r.order, false);
+            let _ = p.pio.set(r.base, r.order, false, || Ok(()));
         }
     }
     remove_caps(&destroy_in(&MDB_OBJ, Db::Obj, &[sid(pd)]));
     // Caps it still holds without database nodes (none expected) go with the space.
     let mut rest = Vec::new();
-    pd.obj.lock().clear(|_, c| rest.push(c));
+    {
+        let mut s = pd.obj.lock();
+        s.clear(|_, c| {
+            if rest.try_reserve(1).is_ok() {
+                rest.push(c);
+            }
+        });
+        let _ = pd.settle_cap_tables(s.pages(), false);
+    }
     drop(rest);
     PDS.lock().remove(&pd.id);
 }

@@ -107,11 +107,17 @@ impl SpaceGuest {
 
     /// Unmaps `2^order` guest pages from `gpage`; emptied tables go to `freed` (the
     /// caller frees them after the TLB shootdown it must do).
-    pub fn unmap_deferred(&self, gpage: u64, order: u8, freed: &mut Vec<u64>) {
+    /// A large page only partly inside is split with a table charged to `pd`, or
+    /// unmapped whole (`space_mem::unmap_widening`).
+    pub fn unmap_deferred(&self, pd: Option<&Pd>, gpage: u64, order: u8, freed: &mut Vec<u64>) {
         {
             let _g = self.lock.lock();
-            let mut m = Tables { pd: None, freed };
-            let _ = with_table!(self, t => t.unmap(&mut m, gpage << PAGE_BITS, order));
+            let mut m = Tables { pd, freed };
+            crate::space_mem::unmap_widening(
+                gpage,
+                order,
+                |g, o| with_table!(self, t => t.unmap(&mut m, g << PAGE_BITS, o)),
+            );
         }
         self.flush_gen.fetch_add(1, Ordering::AcqRel);
     }

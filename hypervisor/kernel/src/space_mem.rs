@@ -44,6 +44,23 @@ impl TableMem for Tables<'_> {
     }
 }
 
+/// Unmaps `2^order` pages from `vpage` with `unmap(vpage, order)`. Splitting a large
+/// page that lies only partly inside needs a table; when its owner cannot pay for it
+/// (`NoMemory`), the unmap widens to the whole large page (2 MiB, then 1 GiB), which
+/// needs none: a revocation never leaves a page mapped for want of memory, at worst it
+/// takes the rest of the large page's mapping with it (the nodes stay; SECURITY.md).
+pub(crate) fn unmap_widening(
+    vpage: u64,
+    order: u8,
+    mut unmap: impl FnMut(u64, u8) -> Result<bool, PtError>,
+) {
+    for o in [order, order.max(9), order.max(18)] {
+        if !matches!(unmap(vpage & !((1u64 << o) - 1), o), Err(PtError::NoMemory)) {
+            return;
+        }
+    }
+}
+
 /// A PD's memory space.
 pub struct SpaceMem {
     root: u64,
@@ -113,13 +130,16 @@ impl SpaceMem {
 
     /// Unmaps `2^order` pages from `vpage`. The caller shoots down TLBs afterwards; page
     /// tables emptied here are freed only after that (returned to the caller's list).
-    pub fn unmap_deferred(&self, vpage: u64, order: u8, freed: &mut Vec<u64>) {
+    /// A large page only partly inside is split, with a table charged to `pd` (see
+    /// [`unmap_widening`]).
+    pub fn unmap_deferred(&self, pd: Option<&Pd>, vpage: u64, order: u8, freed: &mut Vec<u64>) {
         if self.root == 0 {
             return;
         }
         let _g = self.lock.lock();
-        let mut m = Tables { pd: None, freed };
-        let _ = self.table().unmap(&mut m, vpage << PAGE_BITS, order);
+        let mut m = Tables { pd, freed };
+        let t = self.table();
+        unmap_widening(vpage, order, |v, o| t.unmap(&mut m, v << PAGE_BITS, o));
     }
 
     /// The physical address `uva` maps to.

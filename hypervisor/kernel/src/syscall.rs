@@ -82,7 +82,7 @@ pub extern "C" fn syscall_handler(_frame: *mut Frame) -> ! {
         },
         Hypercall::AssignPci => Err(Status::BadFeature),
         Hypercall::AssignGsi => assign_gsi(&c, &args).map(|()| 0),
-        Hypercall::PdCtrl => pd_ctrl(&c, &args).map(|()| 0),
+        Hypercall::PdCtrl => pd_ctrl(&c, &args),
     };
     if TRACE.load(core::sync::atomic::Ordering::Relaxed) {
         if let Err(s) = r {
@@ -172,13 +172,11 @@ fn create_pd(c: &Ec, a: &Args) -> Result<(), Status> {
         }
     };
     match Pd::new(Some(parent.clone()), q, false, vm) {
-        Some(pd) => {
-            let pd = Arc::new(pd);
-            install(c, a.sel(), KObj::Pd(pd.clone())).inspect_err(|_| {
-                crate::kmem::uncharge(&parent, 2);
-            })
-        }
-        None => {
+        // A PD that is not installed goes at once: dropping it returns both the two
+        // pages and its quota to the parent (nothing else may return them again).
+        Ok(pd) => install(c, a.sel(), KObj::Pd(Arc::new(pd))),
+        Err(q) => {
+            let _ = q.merge_into(&parent.quota);
             crate::kmem::uncharge(&parent, 2);
             Err(Status::OutOfMemory)
         }
@@ -199,7 +197,7 @@ fn create_ec(c: &Ec, a: &Args) -> Result<(), Status> {
             return Err(Status::BadCapability);
         }
         let ec = crate::vcpu::create(&pd, cpu as usize, a.a[4])?;
-        pd.ecs.lock().push(Arc::downgrade(&ec));
+        pd.add_ec(&ec)?;
         return install(c, a.sel(), KObj::Ec(ec));
     }
     if pd.vm {
@@ -235,7 +233,7 @@ fn create_ec(c: &Ec, a: &Args) -> Result<(), Status> {
         utcb,
         Frame::user(0, sp),
     ));
-    pd.ecs.lock().push(Arc::downgrade(&ec));
+    pd.add_ec(&ec)?;
     install(c, a.sel(), KObj::Ec(ec))
 }
 
@@ -310,7 +308,7 @@ fn ec_ctrl(c: &Ec, a: &Args) -> Result<(), Status> {
     match a.a[0] {
         ec_ctrl_op::RECALL => {
             ec.recall.store(true, core::sync::atomic::Ordering::Release);
-            sched::kill_remote(&ec);
+            sched::kick(&ec);
             Ok(())
         }
         _ => Err(Status::BadParameter),
@@ -361,9 +359,13 @@ fn sm_ctrl(c: &Arc<Ec>, a: &Args) -> Result<bool, Status> {
             false => Err(Status::Timeout),
         };
     }
+    if deadline != 0 {
+        // Room for the deadline first: once queued on the semaphore, the EC blocks.
+        sched::reserve_timeout()?;
+    }
     c.wait_gen
         .fetch_add(1, core::sync::atomic::Ordering::Relaxed);
-    match sm.down(c, a.flags() & sm_flags::ZERO != 0) {
+    match sm.down(c, a.flags() & sm_flags::ZERO != 0)? {
         Down::Acquired => Ok(false),
         Down::Blocked => {
             // SAFETY: the running EC on this CPU.
@@ -389,8 +391,11 @@ fn assign_gsi(c: &Ec, a: &Args) -> Result<(), Status> {
     crate::irq::route_gsi(gsi.gsi, cpu as usize, fl)
 }
 
-fn pd_ctrl(c: &Ec, a: &Args) -> Result<(), Status> {
+fn pd_ctrl(c: &Ec, a: &Args) -> Result<u64, Status> {
     let src = cap_pd(c, a.sel(), PdPerm::empty())?;
+    if a.flags() == pd_ctrl_op::STAT {
+        return pd_stat(&src, a.a[0]);
+    }
     let dst = cap_pd(c, a.a[0], PdPerm::empty())?;
     if !dst.is_within(&c.pd) || dst.kernel || dst.is_dead() {
         return Err(Status::BadCapability);
@@ -401,7 +406,7 @@ fn pd_ctrl(c: &Ec, a: &Args) -> Result<(), Status> {
     match a.flags() {
         pd_ctrl_op::DELEGATE => {
             let flags = XferFlags::from_bits_truncate(a.a[4]);
-            space::delegate(&src, &dst, Crd(a.a[1]), Crd(a.a[2]), a.a[3], flags)
+            space::delegate(&src, &dst, Crd(a.a[1]), Crd(a.a[2]), a.a[3], flags).map(|()| 0)
         }
         pd_ctrl_op::QUOTA => {
             if src.kernel {
@@ -409,8 +414,28 @@ fn pd_ctrl(c: &Ec, a: &Args) -> Result<(), Status> {
             }
             let n = u32::try_from(a.a[1]).map_err(|_| Status::OutOfMemory)?;
             peregrine_core::quota::Quota::transfer(&src.quota, &dst.quota, n)
+                .map(|()| 0)
                 .map_err(|_| Status::OutOfMemory)
         }
+        _ => Err(Status::BadParameter),
+    }
+}
+
+/// `pd_ctrl` STAT: one figure of PD `pd` (see `peregrine_abi::hypercall::stat`).
+fn pd_stat(pd: &Pd, item: u64) -> Result<u64, Status> {
+    use peregrine_abi::hypercall::stat;
+    match item {
+        stat::QUOTA_AVAIL => Ok(u64::from(pd.quota.avail())),
+        stat::QUOTA_TOTAL => Ok(u64::from(pd.quota.total())),
+        _ if !pd.kernel => Err(Status::BadParameter),
+        stat::POOL_FREE => {
+            // Frames waiting for a shootdown are free in all but name.
+            crate::tlb::reclaim_now();
+            Ok(crate::mem::frame::stats().0 as u64)
+        }
+        stat::POOL_TOTAL => Ok(crate::mem::frame::stats().1 as u64),
+        stat::HEAP_USED => Ok(crate::mem::heap::stats().0 as u64),
+        stat::HEAP_MAPPED => Ok(crate::mem::heap::stats().1),
         _ => Err(Status::BadParameter),
     }
 }

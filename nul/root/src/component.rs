@@ -65,6 +65,9 @@ pub struct Child {
     pub shared: u64,
     /// Physical address of its pattern page at [`TEST_PAGE_ADDR`] (memcheck), or 0.
     pub test_page: u64,
+    /// Objects the root created for it (its EC and SC, the portals it was given):
+    /// destroyed with it.
+    pub owned: Vec<u64>,
 }
 
 impl Child {
@@ -145,6 +148,77 @@ fn give_page(
     Ok(phys)
 }
 
+/// A boot module the root runs as a component, as the boot configuration names it: the
+/// root starts it at boot unless its arguments say `deferred`, and scenarios start
+/// (again) what they need with [`start_module`].
+#[derive(Debug, Clone)]
+pub struct Module {
+    /// Name for the console.
+    pub name: String,
+    /// Arguments.
+    pub args: String,
+    /// The ELF image: physical address and size.
+    pub image: (u64, u64),
+    /// CPU of the main EC.
+    pub cpu: u64,
+    /// Number of online CPUs.
+    pub ncpus: u64,
+    /// TSC frequency in kHz.
+    pub tsc_khz: u64,
+    /// Kernel-memory quota in pages.
+    pub quota: u64,
+    /// I/O ports it gets (base, order).
+    pub ports: Option<(u64, u8)>,
+    /// Pages of guest RAM (a VMM).
+    pub pool_pages: u64,
+    /// A VMM's guest image.
+    pub guest: Option<(u64, u64)>,
+    /// A VMM's further modules.
+    pub modules: [Option<(u64, u64)>; 2],
+}
+
+/// Every module the boot configuration lists for a component.
+pub static MODULES: Mutex<Vec<Module>> = Mutex::new(Vec::new());
+
+impl Module {
+    /// Whether the root leaves it to a scenario to start.
+    pub fn deferred(&self) -> bool {
+        start_info::flag(&self.args, "deferred")
+    }
+
+    /// The `role=` argument.
+    pub fn role(&self) -> &str {
+        start_info::arg(&self.args, "role").unwrap_or("")
+    }
+}
+
+/// The first module with `role=ROLE`.
+pub fn module(role: &str) -> Option<Module> {
+    MODULES.lock().iter().find(|m| m.role() == role).cloned()
+}
+
+/// Starts a component from module `m`; returns its id.
+pub fn start_module(m: Module) -> Result<usize, StartError> {
+    // SAFETY: boot modules lie in the root's window, mapped read-only for good.
+    let image = unsafe {
+        core::slice::from_raw_parts(mem::virt(m.image.0) as *const u8, m.image.1 as usize)
+    };
+    start(&ChildSpec {
+        image,
+        name: &m.name,
+        args: &m.args,
+        cpu: m.cpu,
+        ncpus: m.ncpus,
+        tsc_khz: m.tsc_khz,
+        quota: m.quota,
+        ports: m.ports,
+        caps: &[],
+        pool_pages: m.pool_pages,
+        guest: m.guest,
+        modules: m.modules,
+    })
+}
+
 /// Options for a child.
 pub struct ChildSpec<'a> {
     /// ELF image bytes.
@@ -196,18 +270,20 @@ pub fn start(spec: &ChildSpec) -> Result<usize, StartError> {
     let id = CHILDREN.lock().len();
     let pd = sel::alloc();
     hc::create_pd(pd, sel::OWN_PD, spec.quota, false)?;
-    let r = build(spec, id, pd);
+    let mut owned = Vec::new();
+    let r = build(spec, id, pd, &mut owned);
     if r.is_err() {
-        // Destroying the PD removes everything given to it; its portals (which carry
-        // `id`) go with the capabilities derived from them.
-        let _ = hc::revoke(Crd::obj(pd, 0, perm::ALL), true);
+        // Destroying the PD removes everything given to it; the portals the root made
+        // for it (which carry `id`) go as well.
+        destroy_all(&[pd]);
+        destroy_all(&owned);
         with(id, |c| c.alive = false);
     }
     r.map(|()| id)
 }
 
 /// Loads the image into `pd`, gives it its pages and capabilities, and starts it.
-fn build(spec: &ChildSpec, id: usize, pd: u64) -> Result<(), StartError> {
+fn build(spec: &ChildSpec, id: usize, pd: u64, owned: &mut Vec<u64>) -> Result<(), StartError> {
     let file =
         ElfBytes::<LittleEndian>::minimal_parse(spec.image).map_err(|_| StartError::BadElf)?;
     if file.ehdr.class != elf::file::Class::ELF64 || file.ehdr.e_machine != elf::abi::EM_X86_64 {
@@ -310,10 +386,13 @@ fn build(spec: &ChildSpec, id: usize, pd: u64) -> Result<(), StartError> {
     delegate_obj(pd, pd, sel::OWN_PD, perm::ALL)?;
     let svc = services::for_cpu(spec.cpu).ok_or(StartError::Kernel(Status::BadCpu))?;
     let con = services::portal(&svc, services::console_handler, Mtd::empty(), id as u64)?;
+    owned.push(con);
     delegate_obj(pd, con, sel::CONSOLE_PT, CALL)?;
     let spt = services::portal(&svc, services::service_handler, Mtd::empty(), id as u64)?;
+    owned.push(spt);
     delegate_obj(pd, spt, sel::SERVICE_PT, CALL)?;
     let peer = services::portal(&svc, services::echo_handler, Mtd::empty(), id as u64)?;
+    owned.push(peer);
     delegate_obj(pd, peer, sel::PEER_PT, CALL)?;
     let sm = sel::alloc();
     hc::create_sm(sm, sel::OWN_PD, 0)?;
@@ -325,6 +404,7 @@ fn build(spec: &ChildSpec, id: usize, pd: u64) -> Result<(), StartError> {
             (services::fault_handler as services::Handler, fault_mtd)
         };
         let pt = services::portal(&svc, h, mtd, ((id as u64) << 8) | v)?;
+        owned.push(pt);
         delegate_obj(pd, pt, v, CALL)?;
     }
     if let Some((base, order)) = spec.ports {
@@ -343,6 +423,7 @@ fn build(spec: &ChildSpec, id: usize, pd: u64) -> Result<(), StartError> {
 
     let ec = sel::alloc();
     let sc = sel::alloc();
+    owned.extend([ec, sc]);
     CHILDREN.lock().push(Child {
         name: String::from(spec.name),
         args: String::from(spec.args),
@@ -364,6 +445,7 @@ fn build(spec: &ChildSpec, id: usize, pd: u64) -> Result<(), StartError> {
         peer_pt: peer,
         shared,
         test_page,
+        owned: owned.clone(),
     });
     hc::create_ec(ec, pd, EcKind::Global, spec.cpu, ROOT_UTCB_ADDR, 0, 0)?;
     delegate_obj(pd, ec, sel::OWN_EC, perm::ALL)?;
@@ -375,17 +457,26 @@ fn build(spec: &ChildSpec, id: usize, pd: u64) -> Result<(), StartError> {
 /// Removes a component: destroys its PD (the kernel stops its ECs and revokes every
 /// capability derived from it) and takes its memory back.
 pub fn kill(id: usize, reason: &str) {
-    let (pd, mem, name, sm) = {
+    let (pd, mem, name, sm, owned) = {
         let mut ch = CHILDREN.lock();
         let Some(c) = ch.get_mut(id) else { return };
         if !c.alive {
             return;
         }
         c.alive = false;
-        (c.pd, core::mem::take(&mut c.mem), c.name.clone(), c.sm)
+        (
+            c.pd,
+            core::mem::take(&mut c.mem),
+            c.name.clone(),
+            c.sm,
+            core::mem::take(&mut c.owned),
+        )
     };
     println!("component {} ({}) removed: {}", name, id, reason);
-    let _ = hc::revoke(Crd::obj(pd, 0, perm::ALL), true);
+    // The PD first (its ECs stop), then what the root made for it: its EC and SC
+    // (their original capabilities are the root's) and its portals.
+    destroy_all(&[pd]);
+    destroy_all(&owned);
     for (phys, pages) in mem {
         for (p, order) in mem::aligned_pieces(phys >> PAGE_BITS, pages) {
             let _ = hc::revoke(
@@ -397,6 +488,27 @@ pub fn kill(id: usize, reason: &str) {
     }
     // Whoever waits for this component learns of its end.
     let _ = hc::sm_up(sm);
+}
+
+/// Destroys the objects at the root's selectors `sels` and frees the selectors.
+fn destroy_all(sels: &[u64]) {
+    for &s in sels {
+        let _ = hc::revoke(Crd::obj(s, 0, perm::ALL), true);
+        sel::free(s);
+    }
+}
+
+/// Frees what the root still keeps of a removed component (its semaphore, which told
+/// waiters of its end): after this, the component has cost the kernel nothing.
+pub fn reap(id: usize) {
+    let sm = {
+        let mut ch = CHILDREN.lock();
+        match ch.get_mut(id) {
+            Some(c) if !c.alive && c.sm != 0 => core::mem::replace(&mut c.sm, 0),
+            _ => return,
+        }
+    };
+    destroy_all(&[sm]);
 }
 
 /// The first living component with `role=ROLE`.

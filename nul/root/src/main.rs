@@ -89,10 +89,6 @@ fn main(hip_addr: u64) -> ! {
     for (i, &(file, margs, addr, size)) in
         mods.iter().filter(|m| !guests.contains(&m.0)).enumerate()
     {
-        // SAFETY: the module's pages were taken into the window by `mem::init` and are
-        // never written by the root.
-        let image =
-            unsafe { core::slice::from_raw_parts(mem::virt(addr) as *const u8, size as usize) };
         let cpu = hip::arg(margs, "cpu")
             .and_then(|c| c.parse().ok())
             .unwrap_or(cpus[i % cpus.len()]);
@@ -111,8 +107,8 @@ fn main(hip_addr: u64) -> ! {
                 Some((g.2, g.3)),
                 vmm_mem << 8,
                 // + mapping-database nodes of the pool, in the VMM and in the VM (a
-                // page per 32 nodes, one node per 4 KiB at worst).
-                192 + vmm_mem + 2 * ((vmm_mem << 8) / 32) + vmm_cpus * 360,
+                // page per 16 nodes, one node per 4 KiB at worst).
+                192 + vmm_mem + 2 * ((vmm_mem << 8) / 16) + vmm_cpus * 360,
             ),
             Some(None) => {
                 println!(
@@ -125,17 +121,16 @@ fn main(hip_addr: u64) -> ! {
             None => (None, 0, 256),
         };
         let name = hip::arg(margs, "name").unwrap_or(file);
-        let spec = component::ChildSpec {
-            image,
-            name,
-            args: margs,
+        let m = component::Module {
+            name: name.into(),
+            args: margs.into(),
+            image: (addr, size),
             cpu,
             ncpus: cpus.len() as u64,
             tsc_khz: hip.0.freq_tsc_khz,
             quota,
             // The memcheck test component checks an I/O port delegation (POST port).
             ports: (hip::arg(margs, "role") == Some("memcheck")).then_some((0x80, 0)),
-            caps: &[],
             pool_pages,
             guest,
             modules: ["initrd", "disk"].map(|k| {
@@ -144,7 +139,12 @@ fn main(hip_addr: u64) -> ! {
                     .map(|m| (m.2, m.3))
             }),
         };
-        match component::start(&spec) {
+        component::MODULES.lock().push(m.clone());
+        if m.deferred() {
+            println!("{} (deferred: a scenario starts it)", name);
+            continue;
+        }
+        match component::start_module(m) {
             Ok(id) => println!("started {} (id {}) on cpu {}", name, id, cpu),
             Err(e) => println!("cannot start {}: {:?}", name, e),
         }

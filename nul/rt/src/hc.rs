@@ -230,6 +230,18 @@ pub fn pd_quota(src_pd: u64, dst_pd: u64, pages: u64) -> Result<(), Status> {
     ))
 }
 
+/// Reads figure `item` (`peregrine_abi::hypercall::stat`) of PD `pd`: its quota, or
+/// on the kernel PD the kernel's memory.
+pub fn pd_stat(pd: u64, item: u64) -> Result<u64, Status> {
+    let r = hc(
+        Hypercall::PdCtrl,
+        hypercall::pd_ctrl_op::STAT,
+        pd,
+        [item, 0, 0, 0, 0],
+    );
+    st(r).map(|()| r.out1)
+}
+
 /// Reads the time-stamp counter.
 #[inline(always)]
 pub fn rdtsc() -> u64 {

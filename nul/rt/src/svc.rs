@@ -88,4 +88,6 @@ pub mod key {
     /// VMM: how its VM ended (`peregrine_vmm::exit::End::code`: the guest's code for
     /// `guest done`, else the kind of end in bits 32–39).
     pub const VM_END: u64 = 9;
+    /// blocker: its threads are about to block for good (the value is their count).
+    pub const BLOCKED: u64 = 10;
 }

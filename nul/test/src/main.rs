@@ -12,11 +12,13 @@
 //! | `paged` | writes and reads back 4 pages the root's pager maps on demand |
 //! | `memcheck` | checks delegated memory, port and portal; after the root revokes, touches them again |
 //! | `hostile seed=N` | random hypercalls forever, reporting its count to the root |
+//! | `blocker` | leaves a thread and its main EC (in a call) blocked for good |
 #![no_std]
 #![no_main]
 
 extern crate alloc;
 
+mod blocker;
 mod hostile;
 mod memtest;
 mod server;
@@ -46,6 +48,7 @@ fn main(arg: u64) -> ! {
         "paged" => memtest::paged(),
         "memcheck" => memtest::memcheck(si),
         "hostile" => hostile::run(si),
+        "blocker" => blocker::run(si),
         _ => {
             println!("unknown role {:?}", role);
             block_forever()

@@ -439,11 +439,11 @@ fn host_xcr0() -> u64 {
 
 /// Kernel-memory quota of the VM PD: nested page tables for the RAM (4-KiB pages at
 /// worst: one table per 2 MiB, plus the upper levels), the mapping-database nodes of
-/// the delegated RAM (a page per 32; one node per 4-KiB page at worst, when the pool's
-/// physical and virtual alignments differ) and two pages per vCPU (the vCPU and its
-/// VMCB or VMCS).
+/// the delegated RAM (a page per 16; one node per 4-KiB page at worst, when the pool's
+/// physical and virtual alignments differ), its capability-space tables and two pages
+/// per vCPU (the vCPU and its VMCB or VMCS).
 fn vm_quota(ram: u64, vcpus: u32) -> u64 {
-    16 + (ram >> 21) + (ram >> 12).div_ceil(32) + 2 * u64::from(vcpus)
+    24 + (ram >> 21) + (ram >> 12).div_ceil(16) + 2 * u64::from(vcpus)
 }
 
 /// Loads the guest, creates the VM and starts vCPU 0.

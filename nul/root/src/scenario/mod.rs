@@ -21,6 +21,7 @@
 //! | `test=fault` | `nul-test role=fault cpu=0`, `nul-test role=canary cpu=0` | ≥ 1 |
 //! | `test=hostile calls=10000000 secs=900` | `nul-test role=hostile seed=K cpu=C` for several K and C (e.g. seeds 1–3 on CPUs 1–3), `nul-test role=canary cpu=0` | ≥ 2 (4 suggested) |
 //! | `bench=ipc` | `nul-test role=benchsrv cpu=0` | ≥ 1 |
+//! | `test=isolation` | `nul-test role=blocker deferred` | 2 |
 //! | `test=vm [rounds=N] [seed=S]` | none (SVM with NPT: QEMU `-cpu EPYC`) | ≥ 1 (2: cross-CPU recall) |
 //! | `bench=vmexit` | none; `-icount shift=0 -smp 1` for instruction counts | 1 |
 //! | `test=vmm [secs=N]` | `nul-vmm guest=guest-test cpus=C mem=16 mode=check\|bench\|hostile [seed=S] [name=TAG] [cpu=N]` (one or more), and the `guest-test` module | ≥ C |
@@ -31,6 +32,7 @@
 
 mod bench;
 mod ipc;
+mod isolation;
 mod memory;
 mod robust;
 mod sync;
@@ -68,6 +70,7 @@ pub fn run(name: &str, args: &str, hip: &HipView) -> bool {
         "quota" => robust::quota(hip),
         "fault" => robust::fault(),
         "hostile" => robust::hostile(args),
+        "isolation" => isolation::run(hip, args),
         "vm" => vm::test(hip, args),
         "vmm" => vmm::run(args),
         _ => {

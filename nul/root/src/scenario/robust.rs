@@ -113,15 +113,16 @@ fn portals_freed(hip: &HipView) -> bool {
 }
 
 /// Mapping-database nodes are charged to the PD that receives a delegation (a page
-/// per `NODES_PER_PAGE` = 32 nodes): one capability delegated to a 3-page PD at
-/// ever new selectors runs out of quota after at most 96 nodes.
+/// per `NODES_PER_PAGE` = 16 nodes), and so are the capability-space tables they land
+/// in (2 pages for the first 128 selectors): one capability delegated to an 8-page PD
+/// at ever new selectors runs out of quota after at most 96 nodes.
 fn nodes_charged() -> bool {
     let q = sel::alloc();
     let sm = sel::alloc();
-    if hc::create_pd(q, sel::OWN_PD, 3, false).is_err()
+    if hc::create_pd(q, sel::OWN_PD, 8, false).is_err()
         || hc::create_sm(sm, sel::OWN_PD, 0).is_err()
     {
-        return check(false, "create a 3-page PD and a semaphore");
+        return check(false, "create an 8-page PD and a semaphore");
     }
     let mut n = 0;
     let mut last = Ok(());
@@ -141,12 +142,12 @@ fn nodes_charged() -> bool {
         n += 1;
     }
     println!(
-        "capabilities delegated into a 3-page PD: {} ({:?})",
+        "capabilities delegated into an 8-page PD: {} ({:?})",
         n, last
     );
     let ok = check(
         last == Err(Status::OutOfMemory) && (32..=96).contains(&n),
-        "delegations into a 3-page PD: out of memory after at most 96 nodes",
+        "delegations into an 8-page PD: out of memory after at most 96 nodes",
     );
     // Revoking them returns the pages: the same number fits again.
     let _ = hc::revoke(Crd::obj(sm, 0, perm::ALL), false);
