@@ -4,7 +4,7 @@
 //! memory — is charged to that PD's quota first, so no component can exhaust the
 //! kernel: the answer is `OutOfMemory` for that PD only.
 
-use alloc::sync::{Arc, Weak};
+use alloc::sync::Arc;
 
 use peregrine_abi::Status;
 
@@ -46,8 +46,14 @@ pub fn uncharge(pd: &Pd, pages: u64) {
 }
 
 /// Pages charged to a PD for the lifetime of an object: returned when the object goes.
+///
+/// The charge keeps the PD's account (the `Pd`, not its spaces, which its destruction
+/// empties) alive: an object can outlive its PD's destruction (a semaphore whose
+/// capability another PD holds, an SC still queued), and its pages must come back to
+/// that account, which then goes back to the parent. No cycle stays: a PD's objects are
+/// reached only through its capability space, which destruction empties.
 pub struct Charge {
-    pd: Weak<Pd>,
+    pd: Arc<Pd>,
     pages: u32,
 }
 
@@ -56,7 +62,7 @@ impl Charge {
     pub fn new(pd: &Arc<Pd>, pages: u32) -> Result<Self, Status> {
         pd.quota.charge(pages).map_err(|_| Status::OutOfMemory)?;
         Ok(Charge {
-            pd: Arc::downgrade(pd),
+            pd: pd.clone(),
             pages,
         })
     }
@@ -64,8 +70,6 @@ impl Charge {
 
 impl Drop for Charge {
     fn drop(&mut self) {
-        if let Some(pd) = self.pd.upgrade() {
-            let _ = pd.quota.uncharge(self.pages);
-        }
+        let _ = self.pd.quota.uncharge(self.pages);
     }
 }

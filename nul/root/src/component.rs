@@ -68,6 +68,8 @@ pub struct Child {
     /// Objects the root created for it (its EC and SC, the portals it was given):
     /// destroyed with it.
     pub owned: Vec<u64>,
+    /// Its calls by status, as last reported with its progress.
+    pub by_status: [u64; nul_rt::svc::STATUS_BUCKETS],
 }
 
 impl Child {
@@ -195,6 +197,16 @@ impl Module {
 /// The first module with `role=ROLE`.
 pub fn module(role: &str) -> Option<Module> {
     MODULES.lock().iter().find(|m| m.role() == role).cloned()
+}
+
+/// Every module with `role=ROLE`.
+pub fn modules(role: &str) -> Vec<Module> {
+    MODULES
+        .lock()
+        .iter()
+        .filter(|m| m.role() == role)
+        .cloned()
+        .collect()
 }
 
 /// Starts a component from module `m`; returns its id.
@@ -446,6 +458,7 @@ fn build(spec: &ChildSpec, id: usize, pd: u64, owned: &mut Vec<u64>) -> Result<(
         shared,
         test_page,
         owned: owned.clone(),
+        by_status: [0; nul_rt::svc::STATUS_BUCKETS],
     });
     hc::create_ec(ec, pd, EcKind::Global, spec.cpu, ROOT_UTCB_ADDR, 0, 0)?;
     delegate_obj(pd, ec, sel::OWN_EC, perm::ALL)?;
@@ -457,7 +470,7 @@ fn build(spec: &ChildSpec, id: usize, pd: u64, owned: &mut Vec<u64>) -> Result<(
 /// Removes a component: destroys its PD (the kernel stops its ECs and revokes every
 /// capability derived from it) and takes its memory back.
 pub fn kill(id: usize, reason: &str) {
-    let (pd, mem, name, sm, owned) = {
+    let (pd, mem, name, sm, mut owned) = {
         let mut ch = CHILDREN.lock();
         let Some(c) = ch.get_mut(id) else { return };
         if !c.alive {
@@ -472,6 +485,11 @@ pub fn kill(id: usize, reason: &str) {
             core::mem::take(&mut c.owned),
         )
     };
+    // The portal it registered (a copy of its own, gone with its PD) leaves a
+    // selector behind.
+    if let Some(r) = with(id, |c| c.registered.take()).flatten() {
+        owned.push(r);
+    }
     println!("component {} ({}) removed: {}", name, id, reason);
     // The PD first (its ECs stop), then what the root made for it: its EC and SC
     // (their original capabilities are the root's) and its portals.

@@ -118,7 +118,14 @@ fn main(hip_addr: u64) -> ! {
                 );
                 continue;
             }
-            None => (None, 0, 256),
+            // `quota=` pages (a hostile component that builds deep PD chains).
+            None => (
+                None,
+                0,
+                nul_rt::start_info::arg_u64(margs, "quota")
+                    .unwrap_or(256)
+                    .clamp(64, 1 << 16),
+            ),
         };
         let name = hip::arg(margs, "name").unwrap_or(file);
         let m = component::Module {

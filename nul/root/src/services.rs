@@ -146,7 +146,18 @@ pub extern "C" fn service_handler(id: u64, utcb: u64) -> ! {
             ok = true;
         }
         svc::PROGRESS if got == 0 && n >= 2 => {
-            component::with(id, |c| c.progress = a);
+            let mut st = [0u64; svc::STATUS_BUCKETS];
+            if n >= 2 + svc::STATUS_BUCKETS {
+                for (i, v) in st.iter_mut().enumerate() {
+                    *v = u.word(2 + i);
+                }
+            }
+            component::with(id, |c| {
+                c.progress = a;
+                if n >= 2 + svc::STATUS_BUCKETS {
+                    c.by_status = st;
+                }
+            });
             ok = true;
         }
         svc::INPUT if got == 0 => {

@@ -7,7 +7,7 @@
 //! |---|---|---|---|
 //! | [`REGISTER`] | `[REGISTER]` | one object item: a portal | "here is my service portal" |
 //! | [`RESULT`] | `[RESULT, key, value]` | — | a test result (the root keeps them in order) |
-//! | [`PROGRESS`] | `[PROGRESS, count]` | — | a running counter (the hostile component) |
+//! | [`PROGRESS`] | `[PROGRESS, count]` or `[PROGRESS, count, s0 … s10]` | — | a running counter and, optionally, how many calls ended with each status (the hostile component) |
 
 use peregrine_abi::perm;
 use peregrine_abi::{Crd, Status, Xfer, XferFlags};
@@ -56,6 +56,18 @@ pub fn progress(count: u64) -> Result<(), Status> {
     call(&[PROGRESS, count], None)
 }
 
+/// Status buckets of [`progress_stats`]: statuses 0–9, then everything else.
+pub const STATUS_BUCKETS: usize = 11;
+
+/// Reports a progress counter with the number of calls that ended with each status.
+pub fn progress_stats(count: u64, by_status: &[u64; STATUS_BUCKETS]) -> Result<(), Status> {
+    let mut w = [0u64; 2 + STATUS_BUCKETS];
+    w[0] = PROGRESS;
+    w[1] = count;
+    w[2..].copy_from_slice(by_status);
+    call(&w, None)
+}
+
 /// Takes the console input the root has (up to [`INPUT_MAX`] bytes into `buf`).
 pub fn input(buf: &mut [u8]) -> Result<usize, Status> {
     call(&[INPUT], None)?;
@@ -90,4 +102,6 @@ pub mod key {
     pub const VM_END: u64 = 9;
     /// blocker: its threads are about to block for good (the value is their count).
     pub const BLOCKED: u64 = 10;
+    /// hostile: a PD chain was built to this depth and destroyed.
+    pub const CHAIN: u64 = 11;
 }

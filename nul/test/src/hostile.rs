@@ -1,6 +1,19 @@
 //! `role=hostile seed=N`: random hypercalls forever — random numbers (0–20), selectors,
 //! argument words, flags and UTCB contents (counts, typed items with random CRDs,
-//! windows) — reporting the count to the root every 100,000 calls.
+//! windows) — reporting the count and the calls by status to the root every 4,096
+//! calls. Beside the random calls (the second generation of the hostile test, issue 8):
+//! - a *victim* thread makes random hypercalls like the main EC, and a *scribbler*
+//!   thread on the next CPU rewrites the victim's UTCB all the time, so the kernel reads
+//!   UTCBs that change under it during the victim's hypercalls;
+//! - a *sleeper* thread waits on the semaphores the root shares among the hostile
+//!   components ([`SHARED_SM`]) with far deadlines, and the main EC ups them;
+//! - after 20,000 calls and then every [`CHAIN_EVERY`] calls a chain of [`CHAIN_DEPTH`]
+//!   PDs, each the parent of the next, is built and destroyed at once (deeper than any
+//!   kernel stack could recurse), and its depth reported;
+//! - the peers' echo portals ([`PEER_PT`]), the shared semaphores and a shared PD
+//!   ([`SHARED_PD`]) that the root delegates to every hostile component are called, upped,
+//!   downed and used as parent or target like its own objects, and typed items carry
+//!   its playground (PDs included) to whoever it calls.
 //!
 //! The kernel must survive anything; the component only avoids hurting itself, so that
 //! it keeps running:
@@ -10,7 +23,8 @@
 //! - `revoke` with "self" only outside its image, UTCBs and well-known selectors, and
 //!   no delegation of selectors 0–63 (a copy of a root event portal, called, kills it);
 //! - windows, UTCB addresses and event bases away from what it uses;
-//! - semaphore downs always with a deadline, SC priorities at most its own (10).
+//! - semaphore downs of the main EC and the victim always with a deadline, SC
+//!   priorities at most its own (10).
 //!
 //! Its own echo handler (selectors 40/41) answers its random calls with random replies.
 //! Every 2,048 calls it revokes its playground (selectors 64–1023, the scratch memory
@@ -39,6 +53,29 @@ const PLAY_BASE: u64 = 64;
 const PLAY_END: u64 = 1024;
 /// Random event bases land here, clear of everything it uses.
 const EVT_ZONE: u64 = 0x2_0000;
+/// The peers' echo portals (delegated by the root): 4 selectors.
+pub const PEER_PT: u64 = 48;
+/// Semaphores shared by all hostile components (delegated by the root): 4 selectors.
+pub const SHARED_SM: u64 = 52;
+/// A PD shared by all hostile components (delegated by the root).
+pub const SHARED_PD: u64 = 56;
+/// Event bases of its threads, one per CPU (only STARTUP is served).
+const THREAD_EVT: u64 = 0x3_0000;
+/// Where the PD chains are built (below the limit of 2^18 selectors).
+const CHAIN_BASE: u64 = 0x3_8000;
+/// PDs per chain.
+pub const CHAIN_DEPTH: u64 = 1000;
+/// Calls between two chains.
+const CHAIN_EVERY: u64 = 100_000;
+/// Calls between two progress reports.
+const REPORT_EVERY: u64 = 4096;
+/// A deadline that never comes.
+const FAR: u64 = u64::MAX >> 1;
+
+/// The victim's calls, and its calls by status.
+static VICTIM_CALLS: AtomicU64 = AtomicU64::new(0);
+static VICTIM_STATUS: [AtomicU64; svc::STATUS_BUCKETS] =
+    [const { AtomicU64::new(0) }; svc::STATUS_BUCKETS];
 
 static RNG: AtomicU64 = AtomicU64::new(1);
 
@@ -222,6 +259,10 @@ fn one(u: &UtcbRef) -> u8 {
             if sel < 40 || rnd().is_multiple_of(4) {
                 sel = ECHO_PT;
             }
+            if rnd().is_multiple_of(8) {
+                // A peer's echo portal: on this CPU a call, on another BadCpu.
+                sel = PEER_PT + rnd() % 4;
+            }
             random_msg(u);
         }
         Some(Hypercall::Reply) => {
@@ -248,11 +289,27 @@ fn one(u: &UtcbRef) -> u8 {
                 hc::rdtsc() + rnd() % 20_000
             };
         }
+        Some(Hypercall::SmCtrl) if rnd().is_multiple_of(4) => sel = SHARED_SM + rnd() % 4,
         Some(Hypercall::PdCtrl) => {
             a[1] = source(crd()).0;
             a[2] = window(crd()).0;
         }
         _ => {}
+    }
+    // The PD the root shares among the hostile components: parent or home of new
+    // objects, destination of delegations.
+    if matches!(
+        Hypercall::from_raw(n),
+        Some(
+            Hypercall::CreatePd
+                | Hypercall::CreateSm
+                | Hypercall::CreatePt
+                | Hypercall::CreateSc
+                | Hypercall::PdCtrl
+        )
+    ) && rnd().is_multiple_of(4)
+    {
+        a[0] = SHARED_PD;
     }
     let w = n as u64 | ((flags as u64) << 8) | (sel << 12);
     hc::raw(w, a[0], a[1], a[2], a[3], a[4]).status
@@ -266,6 +323,123 @@ fn cleanup() {
     let _ = hc::revoke(Crd::mem(SCRATCH_PAGE, SCRATCH_ORDER, MemPerm::all()), true);
 }
 
+/// Builds a chain of [`CHAIN_DEPTH`] PDs, each created with the previous one as its
+/// parent, and destroys it with one revocation of the first; returns the statuses.
+fn chain(by_status: &mut [u64; svc::STATUS_BUCKETS]) -> u64 {
+    let mut parent = nul_rt::sel::OWN_PD;
+    let mut quota = 2 * CHAIN_DEPTH;
+    let mut n = 0;
+    for i in 0..CHAIN_DEPTH {
+        let st = hc::raw(
+            peregrine_abi::hypercall::HypercallWord::new(Hypercall::CreatePd, 0, CHAIN_BASE + i).0,
+            parent,
+            quota,
+            0,
+            0,
+            0,
+        )
+        .status;
+        by_status[(st as usize).min(svc::STATUS_BUCKETS - 1)] += 1;
+        n += 1;
+        if st != 0 {
+            break;
+        }
+        parent = CHAIN_BASE + i;
+        quota -= 2;
+    }
+    let r = hc::revoke(Crd::obj(CHAIN_BASE, 10, peregrine_abi::perm::ALL), true);
+    by_status[if r.is_ok() {
+        0
+    } else {
+        svc::STATUS_BUCKETS - 1
+    }] += 1;
+    n + 1
+}
+
+/// STARTUP of its threads.
+extern "C" fn thread_startup(_id: u64, utcb: u64) -> ! {
+    // SAFETY: the kernel passes this handler EC's own UTCB address.
+    let u = unsafe { UtcbRef::from_addr(utcb) };
+    thread::startup_reply(u.get());
+    hc::reply()
+}
+
+/// The scribbler: rewrites the victim's UTCB (address in `arg`) with garbage, for good.
+extern "C" fn scribbler(arg: u64, _utcb: u64) -> ! {
+    let words = (arg as *mut u64, 4096 / 8);
+    let mut x = arg | 1;
+    let mut i = 0usize;
+    loop {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        // Mostly the header and the first words (counts, windows, message), sometimes
+        // the typed items at the top.
+        let idx = match x % 4 {
+            0 => (x >> 8) as usize % 4,
+            1 => words.1 - 1 - (x >> 8) as usize % 16,
+            _ => (x >> 8) as usize % 64,
+        };
+        // SAFETY: `arg` is the victim's UTCB, one page mapped read-write in this PD;
+        // `idx` < 512. Writing it while the victim and the kernel use it is the point
+        // (hostile); volatile so that every write happens.
+        unsafe {
+            words
+                .0
+                .add(idx)
+                .write_volatile(x.rotate_left(i as u32 % 64))
+        };
+        i = i.wrapping_add(1);
+    }
+}
+
+/// The victim: random hypercalls like the main EC's, from a UTCB the scribbler rewrites.
+extern "C" fn victim(_arg: u64, utcb: u64) -> ! {
+    // SAFETY: the kernel passes this thread's own UTCB address.
+    let u = unsafe { UtcbRef::from_addr(utcb) };
+    loop {
+        let st = one(&u);
+        VICTIM_STATUS[(st as usize).min(svc::STATUS_BUCKETS - 1)].fetch_add(1, Ordering::Relaxed);
+        VICTIM_CALLS.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// The sleeper: downs a shared semaphore with a far deadline, over and over.
+extern "C" fn sleeper(arg: u64, _utcb: u64) -> ! {
+    let mut x = arg | 1;
+    loop {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        if hc::sm_down(SHARED_SM + x % 4, false, FAR).is_err() {
+            // Not delegated yet (or gone): wait a little on nothing.
+            let _ = hc::sm_down(arg, false, hc::rdtsc() + 1_000_000);
+        }
+    }
+}
+
+/// Starts the victim and the sleeper on this CPU, the scribbler on the next.
+fn threads(si: &StartInfo) -> Result<(), Status> {
+    let other = (si.cpu + 1) % si.ncpus.max(1);
+    let nap = nul_rt::sel::alloc();
+    hc::create_sm(nap, nul_rt::sel::OWN_PD, 0)?;
+    for cpu in [si.cpu, other] {
+        let evt = THREAD_EVT + 32 * cpu;
+        let ec = thread::local_ec(cpu, EVT_ZONE)?;
+        hc::create_pt(
+            evt + peregrine_abi::event::host::STARTUP,
+            nul_rt::sel::OWN_PD,
+            ec.sel,
+            Mtd::RSP,
+            thread_startup as thread::Handler as usize as u64,
+        )?;
+    }
+    let v = thread::thread(si.cpu, THREAD_EVT + 32 * si.cpu, 10, victim, 0)?;
+    thread::thread(other, THREAD_EVT + 32 * other, 10, scribbler, v.utcb)?;
+    thread::thread(si.cpu, THREAD_EVT + 32 * si.cpu, 10, sleeper, nap)?;
+    Ok(())
+}
+
 /// Runs forever.
 pub fn run(si: &StartInfo) -> ! {
     let seed = start_info::arg_u64(si.args(), "seed").unwrap_or(1);
@@ -275,23 +449,48 @@ pub fn run(si: &StartInfo) -> ! {
     );
     if let Err(e) = setup(si) {
         println!("hostile: no echo portal ({:?}); going on without", e);
+    } else if svc::register(ECHO_PT).is_err() {
+        println!("hostile: cannot register the echo portal");
+    }
+    if let Err(e) = threads(si) {
+        println!(
+            "hostile: no scribbler or sleeper ({:?}); going on without",
+            e
+        );
     }
     let u = UtcbRef::main();
     let mut count: u64 = 0;
-    let mut by_status = [0u64; 11];
+    let mut by_status = [0u64; svc::STATUS_BUCKETS];
+    let (mut next_chain, mut next_report, mut next_print) = (20_000, REPORT_EVERY, 1_000_000);
     loop {
         let st = one(&u);
-        by_status[(st as usize).min(10)] += 1;
+        by_status[(st as usize).min(svc::STATUS_BUCKETS - 1)] += 1;
         count += 1;
+        if count.is_multiple_of(64) {
+            let _ = hc::sm_up(SHARED_SM + rnd() % 4);
+        }
         if count.is_multiple_of(2048) {
             cleanup();
         }
-        if count.is_multiple_of(100_000) {
+        if count >= next_chain {
+            let n = chain(&mut by_status);
+            count += n;
+            next_chain += CHAIN_EVERY;
+            // The depth reached (all created and destroyed: CHAIN_DEPTH + 1 calls).
+            let _ = svc::result(svc::key::CHAIN, n - 1);
+        }
+        if count >= next_report {
+            next_report += REPORT_EVERY;
             // The reply needs no window: clear what the random calls left.
             u.get().head.crd_dlg = Crd::NULL;
-            let _ = svc::progress(count);
+            let mut all = by_status;
+            for (a, v) in all.iter_mut().zip(VICTIM_STATUS.iter()) {
+                *a += v.load(Ordering::Relaxed);
+            }
+            let _ = svc::progress_stats(count + VICTIM_CALLS.load(Ordering::Relaxed), &all);
         }
-        if count.is_multiple_of(1_000_000) {
+        if count >= next_print {
+            next_print += 1_000_000;
             println!("hostile: {} calls; by status {:?}", count, by_status);
         }
     }

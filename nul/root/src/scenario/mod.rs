@@ -19,7 +19,7 @@
 //! | `test=xcpu` | none | ≥ 2 |
 //! | `test=quota` | none | ≥ 1 |
 //! | `test=fault` | `nul-test role=fault cpu=0`, `nul-test role=canary cpu=0` | ≥ 1 |
-//! | `test=hostile calls=10000000 secs=900` | `nul-test role=hostile seed=K cpu=C` for several K and C (e.g. seeds 1–3 on CPUs 1–3), `nul-test role=canary cpu=0` | ≥ 2 (4 suggested) |
+//! | `test=hostile calls=10000000 secs=900 respawn_ms=2000` | `nul-test role=hostile seed=K cpu=C quota=2600 deferred` for several K and C (e.g. seeds 1–4 on CPUs 0–3), `nul-test role=canary cpu=0` | ≥ 2 (4 suggested; 1 GiB) |
 //! | `bench=ipc` | `nul-test role=benchsrv cpu=0` | ≥ 1 |
 //! | `test=isolation` | `nul-test role=blocker deferred` | 2 |
 //! | `test=vm [rounds=N] [seed=S]` | none (SVM with NPT: QEMU `-cpu EPYC`) | ≥ 1 (2: cross-CPU recall) |
@@ -27,7 +27,9 @@
 //! | `test=vmm [secs=N]` | `nul-vmm guest=guest-test cpus=C mem=16 mode=check\|bench\|hostile [seed=S] [name=TAG] [cpu=N]` (one or more), and the `guest-test` module | ≥ C |
 //!
 //! `calls=` (default 10,000,000) and `secs=` (default 600 s of TSC time) bound the
-//! hostile test. The benchmark prints `BENCH <figure> <min>` lines (TSC ticks, the
+//! hostile test; `respawn_ms=` (default 3000) is how often it destroys and restarts one
+//! hostile component. A module with `deferred` is not started at boot: the scenario
+//! starts it (and measures the kernel's memory before). The benchmark prints `BENCH <figure> <min>` lines (TSC ticks, the
 //! minimum over the iterations) and `BENCH-MEDIAN <figure> <median>` lines.
 
 mod bench;

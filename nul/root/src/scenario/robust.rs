@@ -2,11 +2,16 @@
 //! component removed while others keep running, and hostile components issuing random
 //! hypercalls on several CPUs while a canary keeps answering.
 
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::fmt::Write as _;
 use nul_rt::start_info::arg_u64;
 use nul_rt::{hc, println, sel, thread};
 use peregrine_abi::event::host;
+use peregrine_abi::perm::PtPerm;
 use peregrine_abi::{perm, Crd, Mtd, Status, XferFlags};
 
+use super::isolation::{quota_avail, Kmem};
 use super::{check, deadline_ms, echo_ok, ms, need, sleep_ms, wait_child, wait_registered};
 use crate::hip::HipView;
 use crate::{component, services};
@@ -204,13 +209,85 @@ pub fn fault() -> bool {
     ok
 }
 
-/// `test=hostile`.
+/// One hostile module and its incarnations.
+struct Slot {
+    module: component::Module,
+    /// Component ids, the last one alive (unless the run ended).
+    lives: Vec<usize>,
+    /// When the current one started (TSC).
+    since: u64,
+}
+
+/// Shared objects (root selectors) and where they go in every hostile component.
+struct Shared {
+    sms: [u64; 4],
+    pd: u64,
+}
+
+/// Gives every living hostile component the shared objects and the others' echo
+/// portals (a slot whose peer died is empty again and gets the successor's). A
+/// delegation onto an occupied slot fails: that is fine.
+fn connect(slots: &[Slot], shared: &Shared) {
+    let live: Vec<(usize, Option<u64>)> = slots
+        .iter()
+        .filter_map(|s| s.lives.last().copied())
+        .filter_map(|id| component::with(id, |c| c.alive.then_some((c.pd, c.registered))).flatten())
+        .map(|(pd, reg)| (pd as usize, reg))
+        .collect();
+    for (i, &(pd, _)) in live.iter().enumerate() {
+        let pd = pd as u64;
+        let give = |root: u64, at: u64, p: u8| {
+            let _ = hc::pd_delegate(
+                sel::OWN_PD,
+                pd,
+                Crd::obj(root, 0, p),
+                Crd::obj(at, 0, p),
+                0,
+                XferFlags::empty(),
+            );
+        };
+        for (k, &sm) in shared.sms.iter().enumerate() {
+            give(sm, nul_test_sel::SHARED_SM + k as u64, perm::ALL);
+        }
+        give(shared.pd, nul_test_sel::SHARED_PD, perm::ALL);
+        for (k, &(_, reg)) in live.iter().enumerate().filter(|&(k, _)| k != i).take(4) {
+            if let Some(r) = reg {
+                give(
+                    r,
+                    nul_test_sel::PEER_PT + (k as u64 % 4),
+                    PtPerm::CALL.bits(),
+                );
+            }
+        }
+    }
+}
+
+/// Where the hostile component (`nul/test/src/hostile.rs`) expects what the root
+/// shares.
+mod nul_test_sel {
+    pub const PEER_PT: u64 = 48;
+    pub const SHARED_SM: u64 = 52;
+    pub const SHARED_PD: u64 = 56;
+}
+
+/// `test=hostile [calls=N] [secs=S] [respawn_ms=M]`: hostile components (deferred
+/// modules, started here) issue random hypercalls on every CPU, the canary's too, and
+/// share semaphores, a PD and their portals; one of them is destroyed and started again
+/// every `respawn_ms`. The canary answers every call; each component makes progress;
+/// the calls reach the deep paths (a share of them succeeds, many statuses show); and
+/// when every hostile component is gone, the kernel's memory is where it was: the
+/// root's quota to the page, the frames to the frame, the heap within a margin (B-tree
+/// shapes and queue capacities are not restored byte by byte).
 pub fn hostile(args: &str) -> bool {
     let target = arg_u64(args, "calls").unwrap_or(10_000_000);
     let secs = arg_u64(args, "secs").unwrap_or(600);
-    let hs = component::find_all("hostile");
-    if hs.is_empty() {
-        return check(false, "hostile components present (check the module list)");
+    let respawn = arg_u64(args, "respawn_ms").unwrap_or(3000).max(100);
+    let mods = component::modules("hostile");
+    if mods.is_empty() || mods.iter().any(|m| !m.deferred()) {
+        return check(
+            false,
+            "hostile modules present, all deferred (nul-test role=hostile … deferred)",
+        );
     }
     let Some(c) = need("canary") else {
         return false;
@@ -218,15 +295,48 @@ pub fn hostile(args: &str) -> bool {
     let Some(pt) = wait_registered(c, 10_000) else {
         return check(false, "canary registered within 10 s");
     };
+    let k0 = Kmem::settled();
+    let q0 = quota_avail(sel::OWN_PD);
+    let shared = Shared {
+        sms: core::array::from_fn(|_| {
+            let s = sel::alloc();
+            let _ = hc::create_sm(s, sel::OWN_PD, 0);
+            s
+        }),
+        pd: {
+            let p = sel::alloc();
+            let _ = hc::create_pd(p, sel::OWN_PD, 256, false);
+            p
+        },
+    };
+    let mut slots: Vec<Slot> = mods
+        .into_iter()
+        .map(|module| Slot {
+            module,
+            lives: Vec::new(),
+            since: 0,
+        })
+        .collect();
+    for s in slots.iter_mut() {
+        if let Ok(id) = component::start_module(s.module.clone()) {
+            s.lives.push(id);
+            s.since = hc::rdtsc();
+        }
+    }
     println!(
-        "hostile: {} components, target {} hypercalls, at most {} s",
-        hs.len(),
+        "hostile: {} components, target {} hypercalls, at most {} s, one restarted every {} ms",
+        slots.len(),
         target,
-        secs
+        secs,
+        respawn
     );
+    let start = hc::rdtsc();
     let end = deadline_ms(secs.saturating_mul(1000));
-    let (mut asked, mut answered) = (0u64, 0u64);
-    let mut next_print = hc::rdtsc() + ms(5000);
+    let (mut asked, mut answered, mut restarts, mut short_lived_idle) = (0u64, 0u64, 0u64, 0u64);
+    let mut next_print = start + ms(5000);
+    let mut next_connect = start;
+    let mut next_respawn = start + ms(respawn);
+    let mut victim = 0;
     loop {
         asked += 1;
         match echo_ok(pt, 2, asked) {
@@ -234,33 +344,98 @@ pub fn hostile(args: &str) -> bool {
             Err(e) if asked - answered <= 5 => println!("canary call {}: {}", asked, e),
             Err(_) => {}
         }
-        let total = progress(&hs);
+        let total = progress(&slots);
         let now = hc::rdtsc();
         if total >= target || now >= end {
             break;
         }
+        if now >= next_connect {
+            connect(&slots, &shared);
+            next_connect = now + ms(100);
+        }
+        if now >= next_respawn {
+            let n = slots.len();
+            let s = &mut slots[victim % n];
+            victim += 1;
+            if let Some(&id) = s.lives.last() {
+                // A component that lived a second and never reported did not run.
+                if now - s.since >= ms(1000)
+                    && component::with(id, |c| c.progress).unwrap_or(0) == 0
+                {
+                    short_lived_idle += 1;
+                }
+                component::kill(id, "restarted by the hostile test");
+                component::reap(id);
+            }
+            if let Ok(id) = component::start_module(s.module.clone()) {
+                s.lives.push(id);
+                s.since = now;
+                restarts += 1;
+            }
+            next_respawn = now + ms(respawn);
+        }
         if now >= next_print {
             println!(
-                "hostile: {} hypercalls so far, canary {}/{}",
-                total, answered, asked
+                "hostile: {} hypercalls so far, canary {}/{}, {} restarts",
+                total, answered, asked, restarts
             );
             next_print = now + ms(5000);
         }
         sleep_ms(1);
     }
-    let total = progress(&hs);
-    let alive = hs
-        .iter()
-        .filter(|&&h| component::with(h, |c| c.alive).unwrap_or(false))
-        .count();
+    let elapsed_ms = (hc::rdtsc() - start) / ms(1).max(1);
+    let total = progress(&slots);
+    let mut by_status = [0u64; nul_rt::svc::STATUS_BUCKETS];
+    let (mut alive_at_end, mut chains) = (0, 0);
+    for s in &slots {
+        for &id in &s.lives {
+            component::with(id, |c| {
+                for (t, v) in by_status.iter_mut().zip(c.by_status) {
+                    *t += v;
+                }
+                alive_at_end += usize::from(c.alive);
+                chains += c
+                    .results
+                    .iter()
+                    .filter(|r| r.0 == nul_rt::svc::key::CHAIN && r.1 >= 1000)
+                    .count();
+            });
+        }
+    }
+    // Every hostile component goes, then the root's shared objects: the kernel's
+    // memory must be back where it was.
+    for s in &slots {
+        for &id in &s.lives {
+            component::kill(id, "end of the hostile test");
+            component::reap(id);
+        }
+    }
+    for &o in shared.sms.iter().chain([&shared.pd]) {
+        let _ = hc::revoke(Crd::obj(o, 0, perm::ALL), true);
+        sel::free(o);
+    }
+    let (frames, heap) = k0.lost("hostile: after every hostile PD is destroyed");
+    let q1 = quota_avail(sel::OWN_PD);
+    let counted: u64 = by_status.iter().sum();
     println!(
-        "hostile: {} hypercalls, canary answered {} times",
-        total, answered
+        "hostile: {} hypercalls in {} ms, {} components alive at the end, {} restarts, {} PD chains 1000 deep; canary answered {} of {}",
+        total, elapsed_ms, alive_at_end, restarts, chains, answered, asked
     );
+    let mut line = String::from("hostile: calls by status:");
+    for (i, &n) in by_status.iter().enumerate() {
+        let name = Status::from_raw(i as u8).map_or("other", |s| s.name());
+        let _ = write!(
+            line,
+            " {} {}.{}%",
+            name,
+            n * 100 / counted.max(1),
+            n * 1000 / counted.max(1) % 10
+        );
+    }
+    println!("{}", line);
     println!(
-        "hostile: {} of {} hostile components still running",
-        alive,
-        hs.len()
+        "hostile: root quota {} -> {} pages, kernel frames {} fewer free, kernel heap {} bytes larger",
+        q0, q1, frames, heap
     );
     let mut ok = check(
         total >= target,
@@ -271,12 +446,35 @@ pub fn hostile(args: &str) -> bool {
         component::with(c, |c| c.alive).unwrap_or(false),
         "the canary is still running",
     );
+    ok &= check(
+        alive_at_end == slots.len() && short_lived_idle == 0,
+        "every hostile component ran and made progress until it was destroyed",
+    );
+    ok &= check(
+        restarts >= slots.len() as u64,
+        "every hostile component was destroyed and started again during the run",
+    );
+    ok &= check(
+        chains >= slots.len(),
+        "PD chains 1000 deep (deeper than any kernel stack) built and destroyed",
+    );
+    let distinct = by_status.iter().filter(|&&n| n * 1000 >= counted).count();
+    ok &= check(
+        by_status[0] * 20 >= counted && distinct >= 6,
+        "the calls reach the deep paths: at least 5% succeed, 6 statuses each >= 0.1%",
+    );
+    ok &= check(
+        q1 == q0 && frames == 0 && heap.unsigned_abs() < 64 * 1024,
+        "accounting: the root's quota and the kernel's frames back exactly, its heap within 64 KiB",
+    );
     ok
 }
 
-/// The hypercalls the hostile components reported so far.
-fn progress(hs: &[usize]) -> u64 {
-    hs.iter()
+/// The hypercalls the hostile components reported so far (every incarnation).
+fn progress(slots: &[Slot]) -> u64 {
+    slots
+        .iter()
+        .flat_map(|s| s.lives.iter())
         .map(|&h| component::with(h, |c| c.progress).unwrap_or(0))
         .sum()
 }
