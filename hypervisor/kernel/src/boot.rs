@@ -156,6 +156,10 @@ pub extern "C" fn kmain(mb_magic: u32, mb_info_phys: u32) -> ! {
         bus_khz,
     });
     kprintln!("all {} CPUs online", online);
+    crate::arch::x86::selfcheck::run(online);
+    if bi.has_arg("selftest=stack_overflow") {
+        stack_overflow();
+    }
 
     if bi.has_arg("fault_test") {
         // SAFETY: deliberately faults (bring-up test of the kernel fault path).
@@ -245,6 +249,28 @@ fn selftest(cpus: usize) {
         used / 1024,
         mapped / 1024
     );
+}
+
+/// `selftest=stack_overflow` (kernel command line only, never reachable from user
+/// space): recurses on this CPU's kernel stack until it overflows. The guard page below
+/// the stack must end this in the panic `kernel stack overflow on cpu N`.
+fn stack_overflow() -> ! {
+    #[inline(never)]
+    fn recurse(depth: u64) -> u64 {
+        // 512 bytes a frame that the optimizer cannot drop (nor the call: it is not a
+        // tail call, its result is used after it).
+        let frame = core::hint::black_box([depth; 64]);
+        if core::hint::black_box(depth) == u64::MAX {
+            return 0;
+        }
+        recurse(depth + 1).wrapping_add(frame[(depth % 64) as usize])
+    }
+    kprintln!(
+        "selftest: overflowing the kernel stack of cpu {}",
+        percpu::cpu_id()
+    );
+    let r = recurse(0);
+    panic!("selftest: the recursion returned {r}")
 }
 
 /// Bring-up test of the ring-3 path (`user_test`): runs `ud2` in user mode; the #UD must

@@ -15,6 +15,7 @@ pub mod pic;
 pub mod pit;
 pub mod qemu;
 pub mod regs;
+pub mod selfcheck;
 pub mod serial;
 pub mod smp;
 pub mod svm;

@@ -200,6 +200,44 @@ pub unsafe fn init(bi: &BootInfo, nx_supported: bool) {
     unsafe { super::cr::write_cr3(root) };
 }
 
+/// A present leaf of a page-table walk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Leaf {
+    /// The leaf entry.
+    pub entry: u64,
+    /// Its level: 0 for a 4 KiB page, 1 for 2 MiB, 2 for 1 GiB.
+    pub level: u32,
+    /// Whether every level of the walk allows writes.
+    pub writable: bool,
+    /// Whether no level of the walk forbids instruction fetches (NX).
+    pub executable: bool,
+}
+
+/// Walks the page table `root` for `virt`: the leaf that maps it, or `None` when some
+/// level is not present.
+pub fn walk(root: u64, virt: u64) -> Option<Leaf> {
+    let mut t = root;
+    let (mut writable, mut executable) = (true, true);
+    for level in (0..4).rev() {
+        let e = table(t)[idx(virt, level)];
+        if e & Flags::P.bits() == 0 {
+            return None;
+        }
+        writable &= e & Flags::W.bits() != 0;
+        executable &= e & Flags::NX.bits() == 0;
+        if level == 0 || (level < 3 && e & Flags::PS.bits() != 0) {
+            return Some(Leaf {
+                entry: e,
+                level,
+                writable,
+                executable,
+            });
+        }
+        t = e & ADDR_MASK;
+    }
+    None
+}
+
 /// Activates `root` (a PML4 from [`new_user_root`] or [`kernel_root`]) on this CPU.
 ///
 /// # Safety

@@ -50,6 +50,43 @@ pub const KSTACK_PAGES: usize = 8;
 /// IST stack size (each of NMI, #DF, #MC).
 pub const IST_PAGES: usize = 2;
 
+/// One kernel stack of a CPU, for the boot self-check.
+#[derive(Debug, Clone, Copy)]
+pub struct StackInfo {
+    /// What it serves: `kernel`, `nmi`, `df` or `mc`.
+    pub name: &'static str,
+    /// Its top (the initial stack pointer).
+    pub top: u64,
+    /// Its size in bytes.
+    pub bytes: u64,
+}
+
+/// CPU `cpu`'s stacks: its kernel stack and its IST stacks (NMI, #DF, #MC).
+pub fn stacks(cpu: usize) -> [StackInfo; 4] {
+    let k = percpu::get(cpu).kstack_top.load(Ordering::Relaxed);
+    let kbytes = if cpu == 0 {
+        0x10000
+    } else {
+        KSTACK_PAGES as u64 * PAGE_SIZE
+    };
+    let ist = super::gdt::tss(cpu).ist;
+    let i = |n: usize, name| StackInfo {
+        name,
+        top: ist[n],
+        bytes: IST_PAGES as u64 * PAGE_SIZE,
+    };
+    [
+        StackInfo {
+            name: "kernel",
+            top: k,
+            bytes: kbytes,
+        },
+        i(0, "nmi"),
+        i(1, "df"),
+        i(2, "mc"),
+    ]
+}
+
 /// Allocates a stack of `pages` and returns its top (physmap address).
 pub fn alloc_stack(pages: usize) -> u64 {
     let p = frame::alloc_frames(pages, 1).expect("smp: no memory for a stack");
