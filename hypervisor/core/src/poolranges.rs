@@ -61,7 +61,8 @@ impl<const N: usize> PoolRanges<N> {
 
 /// Takes up to `want` pages for the pool from `ram` (page-aligned ranges `[start, end)`
 /// in ascending order), skipping pages that overlap a `reserved` range, recording each
-/// page in `ranges` and calling `take` with its address. Returns the number of pages
+/// page in `ranges` and calling `take` with its address. A page is taken only once it is
+/// recorded: when the ranges are full, the pool ends there. Returns the number of pages
 /// taken.
 pub fn select<const N: usize>(
     ram: impl IntoIterator<Item = (u64, u64)>,
@@ -76,7 +77,12 @@ pub fn select<const N: usize>(
         let mut a = s;
         while a < end && taken < want {
             if !busy(a) {
-                ranges.record(a);
+                // A page no range can record stays out of the pool: it remains the
+                // root's. Once one fails, no later (higher, not adjacent) page can
+                // extend the last range either.
+                if !ranges.record(a) {
+                    return taken;
+                }
                 take(a);
                 taken += 1;
             }

@@ -3,7 +3,9 @@
 //! At boot the kernel takes a pool of RAM below 4 GiB (default: 1/8 of RAM, 16..256 MiB;
 //! `kmem=<MiB>` on the command line overrides), avoiding the low 1 MiB, its own image,
 //! the loader's info and the modules. Everything else stays for the root task. The pool's
-//! ranges are recorded for the HIP (kind HYPERVISOR).
+//! ranges are recorded for the HIP (kind HYPERVISOR); a frame enters the pool only once
+//! a range records it ([`poolranges::select`]), so the root never sees a pool frame as
+//! free RAM however fragmented the memory map is.
 
 use peregrine_core::poolranges::{self, PoolRanges};
 use spin::Mutex;
