@@ -96,8 +96,10 @@ pub fn select<const N: usize>(
 mod tests {
     use super::*;
 
+    type Ranges = Vec<(u64, u64)>;
+
     /// 40 one-page holes in 41 MiB of RAM: 41 fragments, more than 32 ranges can hold.
-    fn fragmented() -> (Vec<(u64, u64)>, Vec<(u64, u64)>) {
+    fn fragmented() -> (Ranges, Ranges) {
         let ram = vec![(0x10_0000, 0x10_0000 + (41 << 20))];
         let reserved = (1..=40u64)
             .map(|i| {

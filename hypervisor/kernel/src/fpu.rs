@@ -1,12 +1,20 @@
-//! FPU/SSE/AVX state per EC (threads, handlers and vCPUs alike), switched lazily.
+//! FPU/SSE/AVX state per EC (threads, handlers and vCPUs alike), switched eagerly.
 //!
 //! The kernel itself never uses the FPU (soft-float target). Each CPU remembers whose
-//! state its FPU registers hold (the *owner*). Returning to user mode in another EC sets
-//! CR0.TS (once; it stays set while ECs that do not use the FPU run); that EC's first
-//! FPU instruction raises #NM, and only then the owner's registers are saved to its area
-//! (`xsave`, or `fxsave` without XSAVE) and the EC's are loaded. IPC between ECs that do
-//! not touch the FPU thus costs nothing. A vCPU cannot be trapped through the host's
-//! CR0.TS (VMRUN loads the guest's CR0), so its state is loaded eagerly before VMRUN.
+//! state its FPU registers hold (the *owner*). Returning to user mode in another EC saves
+//! the owner's registers to its area and loads the EC's (`xsaveopt`/`xrstor`, `xsave`
+//! where XSAVEOPT is missing or the owner is a vCPU, `fxsave`/`fxrstor` without XSAVE):
+//! the registers always hold the running EC's state, so no other EC's values can be
+//! read speculatively (LazyFP, CVE-2018-3665). The switch is skipped when the same EC
+//! continues; XSAVEOPT's modified optimization writes only what changed since the
+//! area's own `xrstor`. A vCPU's state is loaded the same way before VM entry.
+//!
+//! With `mitigations=off` the switch is lazy instead: returning to another EC sets
+//! CR0.TS (once; it stays set while ECs that do not use the FPU run); that EC's first FPU
+//! instruction raises #NM, and only then are the registers switched. A vCPU cannot be
+//! trapped through the host's CR0.TS (VMRUN loads the guest's CR0), so its state is
+//! loaded eagerly before VM entry in both modes.
+//!
 //! A new EC starts from the initial state (FCW 0x37f, MXCSR 0x1f80, all components in
 //! their init configuration).
 
@@ -74,18 +82,26 @@ fn is_owner(s: &(Option<Weak<Ec>>, bool), ec: &Arc<Ec>) -> bool {
 /// Moves the FPU to `ec`: saves the owner's registers, loads `ec`'s. TS must be clear.
 fn take_over(s: &mut (Option<Weak<Ec>>, bool), ec: &Arc<Ec>) {
     if let Some(prev) = s.0.take().and_then(|w| w.upgrade()) {
-        save(prev.fpu.0.get());
+        // XSAVEOPT relies on the area's last `xrstor` being the state's source; a
+        // guest's own XRSTORs in guest mode may match the area's linear address, so a
+        // vCPU's state is saved in full.
+        save(prev.fpu.0.get(), prev.kind != crate::ec::EcKind::Vcpu);
     }
     restore(ec.fpu.0.get());
     s.0 = Some(Arc::downgrade(ec));
 }
 
-/// Before returning to user mode in `ec` (on its CPU, interrupts off): the FPU traps
-/// unless `ec` owns it.
+/// Before returning to user mode in `ec` (on its CPU, interrupts off): eagerly, the FPU
+/// registers get `ec`'s state unless they hold it already; lazily (`mitigations=off`),
+/// the FPU traps unless `ec` owns it.
 pub fn switch_to(ec: &Arc<Ec>) {
     let s = slot();
     let own = is_owner(s, ec);
-    if own == s.1 {
+    if crate::arch::x86::spec::eager_fpu() {
+        if !own {
+            take_over(s, ec);
+        }
+    } else if own == s.1 {
         s.1 = !own;
         set_ts(!own);
     }
@@ -118,8 +134,17 @@ pub fn load_for_guest(ec: &Arc<Ec>) {
     }
 }
 
-fn save(a: *mut Area) {
-    match crate::arch::x86::cpu::info().xsave {
+/// Saves the FPU registers to `a`; `opt`: XSAVEOPT may be used (the registers were
+/// loaded from `a` by `xrstor` and `a` was not written since).
+fn save(a: *mut Area, opt: bool) {
+    let info = crate::arch::x86::cpu::info();
+    match info.xsave {
+        // SAFETY: as below; XSAVEOPT writes the same format as XSAVE, skipping only
+        // components unmodified since the `xrstor` from this very area, whose values
+        // the area still holds (nothing but `save` writes an area after `Fpu::new`).
+        Some(x) if opt && info.xsaveopt => unsafe {
+            core::arch::asm!("xsaveopt64 [{}]", in(reg) a, in("eax") x as u32, in("edx") (x >> 32) as u32, options(nostack, preserves_flags))
+        },
         // SAFETY: `a` is a 64-byte aligned area of 1024 bytes, large enough for the
         // components XCR0 enables; only the owning CPU writes it (the EC is bound here)
         // and the Weak reference that led here keeps the EC's memory allocated.

@@ -18,6 +18,8 @@ pub mod regs;
 pub mod selfcheck;
 pub mod serial;
 pub mod smp;
+pub mod spec;
+pub mod stack;
 pub mod svm;
 pub mod syscall;
 pub mod timer;

@@ -9,7 +9,7 @@
 //!   the physmap is not executable.
 
 use super::paging::{self, walk};
-use super::smp;
+use super::stack;
 use crate::kprintln;
 use crate::mem::layout::{self, phys_to_virt, KERNEL_VMA};
 use crate::mem::PAGE_SIZE;
@@ -28,7 +28,7 @@ fn stacks(cpus: usize) -> bool {
     let mut ok = true;
     let mut n = 0;
     for cpu in 0..cpus {
-        for s in smp::stacks(cpu) {
+        for s in stack::live(cpu) {
             n += 1;
             let bottom = s.top - s.bytes;
             let mut v = bottom;
@@ -37,7 +37,7 @@ fn stacks(cpus: usize) -> bool {
                     kprintln!(
                         "FAIL selfcheck: cpu {} {} stack page {:#x} not mapped writable",
                         cpu,
-                        s.name,
+                        s.stack.name(),
                         v
                     );
                     ok = false;
@@ -49,7 +49,7 @@ fn stacks(cpus: usize) -> bool {
                 kprintln!(
                     "FAIL selfcheck: cpu {} {} stack {:#x}..{:#x} has no guard page (the page below is mapped)",
                     cpu,
-                    s.name,
+                    s.stack.name(),
                     bottom,
                     s.top
                 );

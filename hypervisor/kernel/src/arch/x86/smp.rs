@@ -3,9 +3,10 @@
 
 use core::sync::atomic::Ordering;
 
+use super::stack::{self, Stack};
 use super::{apic, cr, paging};
+use crate::mem::frame;
 use crate::mem::layout::phys_to_ptr;
-use crate::mem::{frame, PAGE_SIZE};
 use crate::percpu;
 
 /// Physical address of the trampoline page (below 1 MiB, outside the frame pool).
@@ -45,54 +46,6 @@ fn trampoline_root() -> (u64, [u64; 3]) {
     (pml4, [pml4, pdpt, pd])
 }
 
-/// Kernel stack size per CPU.
-pub const KSTACK_PAGES: usize = 8;
-/// IST stack size (each of NMI, #DF, #MC).
-pub const IST_PAGES: usize = 2;
-
-/// One kernel stack of a CPU, for the boot self-check.
-#[derive(Debug, Clone, Copy)]
-pub struct StackInfo {
-    /// What it serves: `kernel`, `nmi`, `df` or `mc`.
-    pub name: &'static str,
-    /// Its top (the initial stack pointer).
-    pub top: u64,
-    /// Its size in bytes.
-    pub bytes: u64,
-}
-
-/// CPU `cpu`'s stacks: its kernel stack and its IST stacks (NMI, #DF, #MC).
-pub fn stacks(cpu: usize) -> [StackInfo; 4] {
-    let k = percpu::get(cpu).kstack_top.load(Ordering::Relaxed);
-    let kbytes = if cpu == 0 {
-        0x10000
-    } else {
-        KSTACK_PAGES as u64 * PAGE_SIZE
-    };
-    let ist = super::gdt::tss(cpu).ist;
-    let i = |n: usize, name| StackInfo {
-        name,
-        top: ist[n],
-        bytes: IST_PAGES as u64 * PAGE_SIZE,
-    };
-    [
-        StackInfo {
-            name: "kernel",
-            top: k,
-            bytes: kbytes,
-        },
-        i(0, "nmi"),
-        i(1, "df"),
-        i(2, "mc"),
-    ]
-}
-
-/// Allocates a stack of `pages` and returns its top (physmap address).
-pub fn alloc_stack(pages: usize) -> u64 {
-    let p = frame::alloc_frames(pages, 1).expect("smp: no memory for a stack");
-    crate::mem::layout::phys_to_virt(p) + pages as u64 * PAGE_SIZE
-}
-
 /// Starts CPUs 1.. one after the other (each waits for the previous to be online).
 /// Returns the number of CPUs online.
 pub fn start_aps(apic_ids: &[u32]) -> usize {
@@ -107,7 +60,8 @@ pub fn start_aps(apic_ids: &[u32]) -> usize {
     let (root, frames) = trampoline_root();
     let mut online = 1;
     for (cpu, &apic_id) in apic_ids.iter().enumerate().skip(1) {
-        let top = alloc_stack(KSTACK_PAGES);
+        // Mapped by `stack::map_all` before.
+        let top = stack::top(cpu, Stack::Kernel);
         percpu::prepare(cpu, apic_id, top);
         let params = [
             root,
