@@ -139,8 +139,14 @@ fn flood_nmis(log: PathBuf, marker: &'static str, sock: PathBuf, stop: Arc<Atomi
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    let Ok(mut conn) = UnixStream::connect(&sock) else {
-        return 0;
+    let mut conn = loop {
+        match UnixStream::connect(&sock) {
+            Ok(c) => break c,
+            Err(_) if !stop.load(Ordering::Relaxed) => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            Err(_) => return 0,
+        }
     };
     // Drain the monitor's replies so that it never blocks on a full socket.
     if let Ok(mut rd) = conn.try_clone() {
@@ -169,7 +175,10 @@ fn hardening_nmi_flood() {
     let name = "hardening-nmi-flood";
     let dir = xtask::workspace::out_dir("emulator").expect("target directory");
     let sock = dir.join(format!("{name}.monitor.sock"));
+    let log = dir.join(format!("{name}.serial.log"));
+    // A stale log or socket from an earlier run must not start the flood early.
     let _ = std::fs::remove_file(&sock);
+    let _ = std::fs::remove_file(&log);
     let mut spec = system(name)
         .kernel_args("trace_hc")
         .root_args("test=hostile calls=40000 secs=120")
@@ -182,11 +191,7 @@ fn hardening_nmi_flood() {
     let spec = with_test_components(spec, &["role=hostile seed=7 cpu=1", "role=canary cpu=0"]);
     let stop = Arc::new(AtomicBool::new(false));
     let flood = {
-        let (log, sock, stop) = (
-            dir.join(format!("{name}.serial.log")),
-            sock.clone(),
-            stop.clone(),
-        );
+        let (log, sock, stop) = (log.clone(), sock.clone(), stop.clone());
         std::thread::spawn(move || flood_nmis(log, "hostile: 1 components", sock, stop))
     };
     let r = boot(&spec);

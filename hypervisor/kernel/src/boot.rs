@@ -67,6 +67,7 @@ pub extern "C" fn kmain(mb_magic: u32, mb_info_phys: u32) -> ! {
     idt::init();
     idt::load();
     let info = cpu::detect();
+    crate::fpu::init();
     // SAFETY: BSP bring-up, once.
     unsafe {
         cpu::init_cpu();
