@@ -1,6 +1,5 @@
 //! Kernel logic that needs no hardware: capability spaces, the mapping database,
-//! allocators, the frame pool's ranges, kernel-memory quotas, the choice of
-//! transient-execution mitigations, scheduler run queues and page-table walking.
+//! allocators, kernel-memory quotas, scheduler run queues and page-table walking.
 //!
 //! Everything here is `no_std` + `alloc`, never panics on any input (errors come back
 //! as `Result`/`Option`), bounds its recursion by constants, not by user input, and is
