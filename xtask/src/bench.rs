@@ -149,10 +149,28 @@ pub fn merge(mut figures: Vec<Figure>, baseline: Vec<Figure>) -> Vec<Figure> {
     figures
 }
 
+/// How `bench ipc` and `bench vmexit` run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Options {
+    /// Extra kernel command line of Peregrine's side, e.g. `mitigations=off`.
+    pub kernel_args: String,
+    /// Whether the baseline (Linux, Linux/KVM) runs too.
+    pub baseline: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            kernel_args: String::new(),
+            baseline: true,
+        }
+    }
+}
+
 /// Runs benchmark `name` (see [`BENCHMARKS`]) and its baseline, prints the table and
 /// writes `<target>/bench/<name>.json`. Fails if Peregrine's run failed (the baseline's
 /// figures are still written) or the baseline failed.
-pub fn bench(name: &str) -> Result<Vec<Figure>> {
+pub fn bench(name: &str, opts: &Options) -> Result<Vec<Figure>> {
     if !BENCHMARKS.contains(&name) {
         bail!(
             "unknown benchmark {name:?} (known: {})",
@@ -160,15 +178,19 @@ pub fn bench(name: &str) -> Result<Vec<Figure>> {
         );
     }
     if name == "vmexit" {
-        return crate::bench_vmexit::bench(crate::boot::Emulator::Qemu);
+        return crate::bench_vmexit::bench(crate::boot::Emulator::Qemu, opts);
     }
     if name == "boot" {
         return crate::bench_boot::bench(None, crate::bench_boot::RUNS);
     }
-    let peregrine =
-        crate::build::build(Profile::Release).and_then(|images| peregrine_ipc(&images, name));
+    let peregrine = crate::build::build(Profile::Release)
+        .and_then(|images| peregrine_ipc(&images, name, &opts.kernel_args));
     // TODO: with usable KVM, also measure both sides in cycles (mode `qemu-kvm`).
-    let baseline = crate::baseline::run();
+    let baseline = if opts.baseline {
+        crate::baseline::run()
+    } else {
+        Ok(Vec::new())
+    };
     let figures = merge(
         peregrine.as_ref().cloned().unwrap_or_default(),
         baseline.as_ref().cloned().unwrap_or_default(),
@@ -191,9 +213,10 @@ pub fn write_results(name: &str, figures: &[Figure], baseline: &str) -> Result<P
 }
 
 /// Boots the system with the root task's `bench=<name>` under `-icount shift=0 -smp 1`
-/// and collects its `BENCH` lines.
-fn peregrine_ipc(images: &Images, name: &str) -> Result<Vec<Figure>> {
+/// (kernel command line `kernel_args`) and collects its `BENCH` lines.
+fn peregrine_ipc(images: &Images, name: &str, kernel_args: &str) -> Result<Vec<Figure>> {
     let spec = BootSpec::new(&format!("bench-{name}"), images)
+        .kernel_args(kernel_args)
         .root_args(&format!("bench={name}"))
         .module(images.test_component(), "role=benchsrv cpu=0")
         .smp(1)

@@ -61,8 +61,12 @@ pub fn peregrine_spec(images: &Images) -> BootSpec {
 
 /// Runs the Peregrine side in `emulator` (QEMU with `-icount shift=0`) and returns its
 /// figures.
-pub fn peregrine_side(images: &Images, emulator: Emulator) -> Result<Vec<Figure>> {
-    let mut spec = peregrine_spec(images);
+pub fn peregrine_side(
+    images: &Images,
+    emulator: Emulator,
+    kernel_args: &str,
+) -> Result<Vec<Figure>> {
+    let mut spec = peregrine_spec(images).kernel_args(kernel_args);
     if emulator == Emulator::Qemu {
         spec = spec.icount();
     } else {
@@ -140,13 +144,18 @@ pub fn merge(peregrine: &[Figure], kvm: &[Figure]) -> Vec<Figure> {
     out
 }
 
-/// `cargo xtask bench vmexit [--emulator bochs]`: both sides in `emulator`, the table,
-/// and `<target>/bench/vmexit.json`, where this mode's entries replace those of an
-/// earlier run in the same mode (entries of other modes stay).
-pub fn bench(emulator: Emulator) -> Result<Vec<Figure>> {
+/// `cargo xtask bench vmexit [--emulator bochs]`: both sides in `emulator` (the KVM side
+/// unless `opts` leaves the baseline out; Peregrine's with `opts.kernel_args`), the
+/// table, and `<target>/bench/vmexit.json`, where this mode's entries replace those of
+/// an earlier run in the same mode (entries of other modes stay).
+pub fn bench(emulator: Emulator, opts: &crate::bench::Options) -> Result<Vec<Figure>> {
     let images = crate::build::build(Profile::Release)?;
-    let peregrine = peregrine_side(&images, emulator);
-    let kvm = kvm_side(&images, emulator);
+    let peregrine = peregrine_side(&images, emulator, &opts.kernel_args);
+    let kvm = if opts.baseline {
+        kvm_side(&images, emulator)
+    } else {
+        Ok(Vec::new())
+    };
     let figures = merge(
         peregrine.as_ref().map(Vec::as_slice).unwrap_or_default(),
         kvm.as_ref().map(Vec::as_slice).unwrap_or_default(),

@@ -46,13 +46,16 @@ commands:
   fuzz [--secs N] [TARGET..] build the VMM's fuzz targets (libFuzzer, stable toolchain)
                              and run each N seconds (default 60): emulator, virtqueue,
                              bzimage, devices
-  bench ipc                  IPC round-trip instruction counts under QEMU -icount;
+  bench ipc [--kernel-args ARGS] [--no-baseline]
+                             IPC round-trip instruction counts under QEMU -icount;
                              writes <target>/bench/ipc.json
-  bench vmexit [--emulator bochs]
+  bench vmexit [--emulator bochs] [--kernel-args ARGS] [--no-baseline]
                              VM-exit round trips, Peregrine and Linux/KVM (kvm-runner
                              with guests/test) under QEMU -cpu EPYC -icount (SVM), or
                              in Bochs corei7_skylake_x (VMX, minutes);
                              writes <target>/bench/vmexit.json
+      --kernel-args ARGS     Peregrine's kernel command line, e.g. mitigations=off
+      --no-baseline          Peregrine's side only
   bench boot [--runs N] [--only SIDE]
                              Linux boot to the init marker and a virtio-blk read, on
                              Peregrine, directly in QEMU and under Linux/KVM in QEMU
@@ -242,20 +245,23 @@ fn bench(mut args: Args) -> Result<ExitCode> {
     let mut emulator = Emulator::Qemu;
     let mut only = None;
     let mut runs = xtask::bench_boot::RUNS;
+    let mut opts = xtask::bench::Options::default();
     while let Some(a) = args.0.next() {
         match a.as_str() {
             "--emulator" if name == "vmexit" => emulator = args.value(&a)?.parse()?,
             "--only" if name == "boot" => only = Some(args.value(&a)?),
             "--runs" if name == "boot" => runs = args.number(&a)?,
+            "--kernel-args" if name != "boot" => opts.kernel_args = args.value(&a)?,
+            "--no-baseline" if name != "boot" => opts.baseline = false,
             _ => bail!("bench: unexpected argument {a:?}\n{USAGE}"),
         }
     }
     if name == "boot" {
         xtask::bench_boot::bench(only.as_deref(), runs)?;
     } else if emulator == Emulator::Bochs {
-        xtask::bench_vmexit::bench(emulator)?;
+        xtask::bench_vmexit::bench(emulator, &opts)?;
     } else {
-        xtask::bench::bench(&name)?;
+        xtask::bench::bench(&name, &opts)?;
     }
     Ok(ExitCode::SUCCESS)
 }

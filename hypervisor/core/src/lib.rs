@@ -11,6 +11,8 @@ extern crate alloc;
 pub mod buddy;
 pub mod capspace;
 pub mod mdb;
+pub mod mitigation;
 pub mod pagetable;
+pub mod poolranges;
 pub mod quota;
 pub mod runqueue;

@@ -5,7 +5,7 @@ use core::sync::atomic::Ordering;
 use peregrine_abi::hip::{mem_kind, MemDesc, MAX_CPUS};
 use spin::Once;
 
-use crate::arch::x86::{acpi, apic, cpu, gdt, idt, ioapic, pic, smp, syscall, timer};
+use crate::arch::x86::{acpi, apic, cpu, gdt, idt, ioapic, pic, smp, spec, stack, syscall, timer};
 use crate::mem::{self, frame, heap, layout, PAGE_SIZE};
 use crate::{kprintln, multiboot, percpu};
 
@@ -32,12 +32,14 @@ pub fn platform() -> &'static Platform {
     PLATFORM.get().expect("platform not up")
 }
 
-/// IST stack tops per CPU (NMI, #DF, #MC).
+/// IST stack pointers per CPU (NMI, #DF, #MC).
 static mut IST: [[u64; 3]; MAX_CPUS] = [[0; 3]; MAX_CPUS];
 
+/// The BSP's IST stacks until its guarded stacks are mapped (early boot only, like the
+/// boot stack in `boot.S`).
 #[repr(C, align(16))]
-struct Stack([u8; 8192]);
-static mut BSP_IST: [Stack; 3] = [const { Stack([0; 8192]) }; 3];
+struct EarlyStack([u8; 8192]);
+static mut EARLY_IST: [EarlyStack; 3] = [const { EarlyStack([0; 8192]) }; 3];
 
 extern "C" {
     static boot_stack_top: u8;
@@ -50,12 +52,12 @@ pub extern "C" fn kmain(mb_magic: u32, mb_info_phys: u32) -> ! {
     kprintln!();
     // Descriptor tables first, so that early faults are reported.
     let kstack = core::ptr::addr_of!(boot_stack_top) as u64;
-    // SAFETY: single-threaded boot; BSP_IST is only used as CPU 0's IST stacks.
-    let ist = unsafe {
-        let s = &*core::ptr::addr_of!(BSP_IST);
-        [0, 1, 2].map(|i| s[i].0.as_ptr() as u64 + 8192)
-    };
     percpu::prepare(0, 0, kstack);
+    // SAFETY: single-threaded boot; EARLY_IST is only used as CPU 0's first IST stacks.
+    let ist = unsafe {
+        let s = &*core::ptr::addr_of!(EARLY_IST);
+        [0, 1, 2].map(|i| stack::ist_entry(0, s[i].0.as_ptr() as u64 + 8192))
+    };
     // SAFETY: BSP bring-up, once; stacks are valid.
     unsafe {
         (*core::ptr::addr_of_mut!(IST))[0] = ist;
@@ -65,6 +67,7 @@ pub extern "C" fn kmain(mb_magic: u32, mb_info_phys: u32) -> ! {
     idt::init();
     idt::load();
     let info = cpu::detect();
+    crate::fpu::init();
     // SAFETY: BSP bring-up, once.
     unsafe {
         cpu::init_cpu();
@@ -75,6 +78,9 @@ pub extern "C" fn kmain(mb_magic: u32, mb_info_phys: u32) -> ! {
     }
     // SAFETY: the loader's pointer, boot page tables still map 0..4 GiB at the physmap.
     let bi = unsafe { multiboot::parse(u64::from(mb_info_phys)) };
+    spec::init(bi.has_arg("mitigations=off"));
+    // SAFETY: BSP bring-up, once, after `spec::init`; the kernel touches no user page.
+    unsafe { spec::init_cpu() };
 
     let mut reserved = [(0u64, 0u64); 2 + 4 + 2 * multiboot::MAX_MODULES];
     let mut n = 0;
@@ -98,6 +104,31 @@ pub extern "C" fn kmain(mb_magic: u32, mb_info_phys: u32) -> ! {
     unsafe { crate::arch::x86::paging::init(bi, info.nx) };
     heap::init();
 
+    // From here on the BSP runs on its guarded stacks (`stack`): the boot stack in
+    // `boot.S` and EARLY_IST are left behind.
+    let ist = stack::map_all(0);
+    let top = stack::top(0, stack::Stack::Kernel);
+    percpu::get(0).kstack_top.store(top, Ordering::Relaxed);
+    gdt::set_stacks(top, ist);
+    // SAFETY: `top` is the top of this CPU's freshly mapped kernel stack; nothing on the
+    // boot stack is used again (`kmain_bsp` never returns and takes no arguments).
+    unsafe {
+        core::arch::asm!(
+            "mov rsp, {top}",
+            "xor ebp, ebp",
+            "call {f}",
+            "ud2",
+            top = in(reg) top,
+            f = sym kmain_bsp,
+            options(noreturn)
+        )
+    }
+}
+
+/// The rest of the BSP's bring-up, on its guarded kernel stack.
+extern "C" fn kmain_bsp() -> ! {
+    let bi = multiboot::info();
+    let info = cpu::info();
     pic::disable();
     // SAFETY: IA32_APIC_BASE exists on every x86_64 CPU.
     let lapic_phys = unsafe { crate::arch::x86::msr::rdmsr(crate::arch::x86::msr::Msr::ApicBase) }
@@ -136,6 +167,7 @@ pub extern "C" fn kmain(mb_magic: u32, mb_info_phys: u32) -> ! {
         bi.ram_bytes() >> 20,
         feat
     );
+    spec::print();
     log_details(bi, &plat, tsc_khz, bus_khz);
 
     percpu::set_num_cpus(plat.num_cpus);
@@ -144,7 +176,7 @@ pub extern "C" fn kmain(mb_magic: u32, mb_info_phys: u32) -> ! {
     percpu::get(0).online.store(true, Ordering::Release);
 
     for cpu in 1..plat.num_cpus {
-        let ist = [0; 3].map(|_| smp::alloc_stack(smp::IST_PAGES));
+        let ist = stack::map_all(cpu);
         // SAFETY: the AP has not started; only it reads its entry afterwards.
         unsafe { (*core::ptr::addr_of_mut!(IST))[cpu] = ist };
     }
@@ -156,6 +188,10 @@ pub extern "C" fn kmain(mb_magic: u32, mb_info_phys: u32) -> ! {
         bus_khz,
     });
     kprintln!("all {} CPUs online", online);
+    crate::arch::x86::selfcheck::run(online);
+    if bi.has_arg("selftest=stack_overflow") {
+        stack_overflow();
+    }
 
     if bi.has_arg("fault_test") {
         // SAFETY: deliberately faults (bring-up test of the kernel fault path).
@@ -184,9 +220,10 @@ pub extern "C" fn ap_main(cpu: usize) -> ! {
         percpu::install(cpu);
     }
     idt::load();
-    // SAFETY: this CPU's bring-up, once.
+    // SAFETY: this CPU's bring-up, once (`spec::init` ran on the BSP).
     unsafe {
         cpu::init_cpu();
+        spec::init_cpu();
         syscall::init_cpu();
     }
     apic::init_cpu();
@@ -245,6 +282,28 @@ fn selftest(cpus: usize) {
         used / 1024,
         mapped / 1024
     );
+}
+
+/// `selftest=stack_overflow` (kernel command line only, never reachable from user
+/// space): recurses on this CPU's kernel stack until it overflows. The guard page below
+/// the stack must end this in the panic `kernel stack overflow on cpu N`.
+fn stack_overflow() -> ! {
+    #[inline(never)]
+    fn recurse(depth: u64) -> u64 {
+        // 512 bytes a frame that the optimizer cannot drop (nor the call: it is not a
+        // tail call, its result is used after it).
+        let frame = core::hint::black_box([depth; 64]);
+        if core::hint::black_box(depth) == u64::MAX {
+            return 0;
+        }
+        recurse(depth + 1).wrapping_add(frame[(depth % 64) as usize])
+    }
+    kprintln!(
+        "selftest: overflowing the kernel stack of cpu {}",
+        percpu::cpu_id()
+    );
+    let r = recurse(0);
+    panic!("selftest: the recursion returned {r}")
 }
 
 /// Bring-up test of the ring-3 path (`user_test`): runs `ud2` in user mode; the #UD must

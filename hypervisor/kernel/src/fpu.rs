@@ -1,21 +1,34 @@
-//! FPU/SSE/AVX state per EC (threads, handlers and vCPUs alike), switched lazily.
+//! FPU/SSE/AVX state per EC (threads, handlers and vCPUs alike), switched eagerly.
 //!
 //! The kernel itself never uses the FPU (soft-float target). Each CPU remembers whose
-//! state its FPU registers hold (the *owner*). Returning to user mode in another EC sets
-//! CR0.TS (once; it stays set while ECs that do not use the FPU run); that EC's first
-//! FPU instruction raises #NM, and only then the owner's registers are saved to its area
-//! (`xsave`, or `fxsave` without XSAVE) and the EC's are loaded. IPC between ECs that do
-//! not touch the FPU thus costs nothing. A vCPU cannot be trapped through the host's
-//! CR0.TS (VMRUN loads the guest's CR0), so its state is loaded eagerly before VMRUN.
+//! state its FPU registers hold (the *owner*). Returning to user mode in another EC saves
+//! the owner's registers to its area and loads the EC's (`xsaveopt`/`xrstor`, `xsave`
+//! where XSAVEOPT is missing or the owner is a vCPU, `fxsave`/`fxrstor` without XSAVE):
+//! the registers always hold the running EC's state, so no other EC's values can be
+//! read speculatively (LazyFP, CVE-2018-3665). The switch is skipped when the same EC
+//! continues; XSAVEOPT's modified optimization writes only what changed since the
+//! area's own `xrstor`. A vCPU's state is loaded the same way before VM entry.
+//!
+//! The owner is a raw area pointer per CPU, with no reference count to maintain on the
+//! IPC path: an area's `Drop` (its EC's end, on any CPU) clears the pointer, and waits
+//! while that CPU is marking its slot busy to save into an area.
+//!
+//! With `mitigations=off` the switch is lazy instead: returning to another EC sets
+//! CR0.TS (once; it stays set while ECs that do not use the FPU run); that EC's first FPU
+//! instruction raises #NM, and only then are the registers switched. A vCPU cannot be
+//! trapped through the host's CR0.TS (VMRUN loads the guest's CR0), so its state is
+//! loaded eagerly before VM entry in both modes.
+//!
 //! A new EC starts from the initial state (FCW 0x37f, MXCSR 0x1f80, all components in
 //! their init configuration).
 
-use alloc::sync::{Arc, Weak};
+use alloc::sync::Arc;
 use core::cell::UnsafeCell;
+use core::sync::atomic::{AtomicPtr, AtomicU64, AtomicU8, Ordering};
 
 use peregrine_abi::hip::MAX_CPUS;
 
-use crate::ec::Ec;
+use crate::ec::{Ec, EcKind};
 
 /// An XSAVE area (legacy region, header, AVX: 832 bytes with x87|SSE|AVX, the most the
 /// kernel enables in XCR0).
@@ -23,6 +36,7 @@ use crate::ec::Ec;
 pub struct Area([u8; 1024]);
 
 /// The saved FPU state of one EC.
+#[repr(transparent)]
 pub struct Fpu(UnsafeCell<Area>);
 
 impl Fpu {
@@ -41,17 +55,101 @@ impl Default for Fpu {
     }
 }
 
-/// Per CPU: the EC whose state the FPU registers hold, and whether CR0.TS is set.
-struct Owner(UnsafeCell<(Option<Weak<Ec>>, bool)>);
-// SAFETY: each CPU's slot is used only by that CPU with interrupts off.
+impl Drop for Fpu {
+    /// The area goes away with its EC: no CPU may keep it as its owner. A CPU busy
+    /// switching (saving into its owner's area, perhaps this one) is waited for.
+    fn drop(&mut self) {
+        let a = self.0.get();
+        for o in &OWNER {
+            loop {
+                let cur = o.area.load(Ordering::Acquire);
+                if cur == BUSY {
+                    core::hint::spin_loop();
+                    continue;
+                }
+                if cur != a
+                    || o.area
+                        .compare_exchange(
+                            a,
+                            core::ptr::null_mut(),
+                            Ordering::AcqRel,
+                            Ordering::Acquire,
+                        )
+                        .is_ok()
+                {
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// How state is saved and loaded: FXSAVE/FXRSTOR.
+const MODE_FX: u8 = 0;
+/// XSAVE/XRSTOR with the mask in [`XCR0`].
+const MODE_XSAVE: u8 = 1;
+/// As [`MODE_XSAVE`], and XSAVEOPT exists.
+const MODE_XSAVEOPT: u8 = 2;
+
+static MODE: AtomicU8 = AtomicU8::new(MODE_FX);
+static XCR0: AtomicU64 = AtomicU64::new(0);
+
+/// Takes the save/restore instructions from the CPU's features (BSP, once, after
+/// `cpu::detect`).
+pub fn init() {
+    let i = crate::arch::x86::cpu::info();
+    if let Some(x) = i.xsave {
+        XCR0.store(x, Ordering::Relaxed);
+        let m = if i.xsaveopt {
+            MODE_XSAVEOPT
+        } else {
+            MODE_XSAVE
+        };
+        MODE.store(m, Ordering::Relaxed);
+    }
+}
+
+/// [`Owner::area`] while its CPU saves into the owner's area (never an area's address:
+/// areas are 64-byte aligned).
+const BUSY: *mut Area = core::ptr::without_provenance_mut(1);
+
+/// Per CPU: whose state the FPU registers hold.
+struct Owner {
+    /// The owner's area (null: nobody's; [`BUSY`]: being switched). Written by its CPU;
+    /// cleared by an area's `Drop` on any CPU, which never frees an area its CPU is
+    /// saving into.
+    area: AtomicPtr<Area>,
+    /// Used only by its CPU, interrupts off.
+    local: UnsafeCell<Local>,
+}
+
+struct Local {
+    /// XSAVEOPT may save the owner's state (it is not a vCPU: see [`take_over`]).
+    opt: bool,
+    /// CR0.TS is set (lazy switching only).
+    ts: bool,
+}
+
+// SAFETY: `area` is atomic; `local` is used only by the slot's own CPU with interrupts
+// off.
 unsafe impl Sync for Owner {}
 
-static OWNER: [Owner; MAX_CPUS] = [const { Owner(UnsafeCell::new((None, false))) }; MAX_CPUS];
+static OWNER: [Owner; MAX_CPUS] = [const {
+    Owner {
+        area: AtomicPtr::new(core::ptr::null_mut()),
+        local: UnsafeCell::new(Local {
+            opt: false,
+            ts: false,
+        }),
+    }
+}; MAX_CPUS];
 
-fn slot() -> &'static mut (Option<Weak<Ec>>, bool) {
+/// This CPU's slot and its local part.
+fn slot() -> (&'static Owner, &'static mut Local) {
+    let o = &OWNER[crate::percpu::cpu_id()];
     // SAFETY: this CPU's slot, interrupts off (see `Owner`); callers do not keep the
     // reference across calls that could take it again.
-    unsafe { &mut *OWNER[crate::percpu::cpu_id()].0.get() }
+    (o, unsafe { &mut *o.local.get() })
 }
 
 fn set_ts(on: bool) {
@@ -66,27 +164,46 @@ fn set_ts(on: bool) {
     unsafe { cr::write_cr0(v) };
 }
 
-fn is_owner(s: &(Option<Weak<Ec>>, bool), ec: &Arc<Ec>) -> bool {
-    s.0.as_ref()
-        .is_some_and(|w| core::ptr::eq(w.as_ptr(), Arc::as_ptr(ec)))
+/// The area of `ec`.
+#[inline]
+fn area(ec: &Ec) -> *mut Area {
+    ec.fpu.0.get()
+}
+
+#[inline]
+fn is_owner(o: &Owner, ec: &Ec) -> bool {
+    o.area.load(Ordering::Relaxed) == area(ec)
 }
 
 /// Moves the FPU to `ec`: saves the owner's registers, loads `ec`'s. TS must be clear.
-fn take_over(s: &mut (Option<Weak<Ec>>, bool), ec: &Arc<Ec>) {
-    if let Some(prev) = s.0.take().and_then(|w| w.upgrade()) {
-        save(prev.fpu.0.get());
+#[inline(always)]
+fn take_over(o: &Owner, l: &mut Local, ec: &Ec) {
+    let prev = o.area.swap(BUSY, Ordering::Acquire);
+    if !prev.is_null() {
+        save(prev, l.opt);
     }
-    restore(ec.fpu.0.get());
-    s.0 = Some(Arc::downgrade(ec));
+    let a = area(ec);
+    restore(a);
+    // XSAVEOPT relies on the area's last `xrstor` being the state's source; a guest's
+    // own XRSTORs in guest mode may match the area's linear address, so a vCPU's state
+    // is saved in full.
+    l.opt = ec.kind != EcKind::Vcpu;
+    o.area.store(a, Ordering::Release);
 }
 
-/// Before returning to user mode in `ec` (on its CPU, interrupts off): the FPU traps
-/// unless `ec` owns it.
+/// Before returning to user mode in `ec` (on its CPU, interrupts off): eagerly, the FPU
+/// registers get `ec`'s state unless they hold it already; lazily (`mitigations=off`),
+/// the FPU traps unless `ec` owns it.
+#[inline]
 pub fn switch_to(ec: &Arc<Ec>) {
-    let s = slot();
-    let own = is_owner(s, ec);
-    if own == s.1 {
-        s.1 = !own;
+    let (o, l) = slot();
+    let own = is_owner(o, ec);
+    if crate::arch::x86::spec::eager_fpu() {
+        if !own {
+            take_over(o, l, ec);
+        }
+    } else if own == l.ts {
+        l.ts = !own;
         set_ts(!own);
     }
 }
@@ -94,57 +211,67 @@ pub fn switch_to(ec: &Arc<Ec>) {
 /// #NM from user mode in `ec`: hands it the FPU. False if the trap was not ours (TS
 /// clear: a real device-not-available fault, reported to the EC's handler).
 pub fn device_not_available(ec: &Arc<Ec>) -> bool {
-    let s = slot();
-    if !s.1 {
+    let (o, l) = slot();
+    if !l.ts {
         return false;
     }
     set_ts(false);
-    s.1 = false;
-    if !is_owner(s, ec) {
-        take_over(s, ec);
+    l.ts = false;
+    if !is_owner(o, ec) {
+        take_over(o, l, ec);
     }
     true
 }
 
 /// Before VMRUN of vCPU `ec`: its FPU state is loaded and TS is clear.
 pub fn load_for_guest(ec: &Arc<Ec>) {
-    let s = slot();
-    if s.1 {
+    let (o, l) = slot();
+    if l.ts {
         set_ts(false);
-        s.1 = false;
+        l.ts = false;
     }
-    if !is_owner(s, ec) {
-        take_over(s, ec);
+    if !is_owner(o, ec) {
+        take_over(o, l, ec);
     }
 }
 
-fn save(a: *mut Area) {
-    match crate::arch::x86::cpu::info().xsave {
+/// Saves the FPU registers to `a`; `opt`: XSAVEOPT may be used (the registers were
+/// loaded from `a` by `xrstor` and `a` was not written since).
+fn save(a: *mut Area, opt: bool) {
+    let x = XCR0.load(Ordering::Relaxed);
+    match MODE.load(Ordering::Relaxed) {
+        // SAFETY: as below; XSAVEOPT writes the same format as XSAVE, skipping only
+        // components unmodified since the `xrstor` from this very area, whose values
+        // the area still holds (nothing but `save` writes an area after `Fpu::new`).
+        MODE_XSAVEOPT if opt => unsafe {
+            core::arch::asm!("xsaveopt64 [{}]", in(reg) a, in("eax") x as u32, in("edx") (x >> 32) as u32, options(nostack, preserves_flags))
+        },
         // SAFETY: `a` is a 64-byte aligned area of 1024 bytes, large enough for the
-        // components XCR0 enables; only the owning CPU writes it (the EC is bound here)
-        // and the Weak reference that led here keeps the EC's memory allocated.
-        Some(x) => unsafe {
+        // components XCR0 enables; its EC's `Drop` waits while this CPU's slot is BUSY,
+        // so it stays allocated; only the owning CPU writes it (ECs are bound to one
+        // CPU).
+        MODE_XSAVE | MODE_XSAVEOPT => unsafe {
             core::arch::asm!("xsave64 [{}]", in(reg) a, in("eax") x as u32, in("edx") (x >> 32) as u32, options(nostack, preserves_flags))
         },
         // SAFETY: as above (512 bytes, 16-byte aligned suffice for fxsave).
-        None => unsafe {
+        _ => unsafe {
             core::arch::asm!("fxsave64 [{}]", in(reg) a, options(nostack, preserves_flags))
         },
     }
 }
 
 fn restore(a: *const Area) {
-    match crate::arch::x86::cpu::info().xsave {
+    let x = XCR0.load(Ordering::Relaxed);
+    if MODE.load(Ordering::Relaxed) == MODE_FX {
+        // SAFETY: MXCSR in the area has no reserved bits set (init 0x1f80 or saved by
+        // fxsave); restoring only changes user-visible FPU registers.
+        unsafe { core::arch::asm!("fxrstor64 [{}]", in(reg) a, options(nostack, preserves_flags)) }
+    } else {
         // SAFETY: the area was initialized by `Fpu::new` (valid header: XSTATE_BV 0,
-        // XCOMP_BV 0) or written by `xsave64` with the same XCR0; restoring it only
-        // changes user-visible FPU registers.
-        Some(x) => unsafe {
+        // XCOMP_BV 0) or written by `xsave64`/`xsaveopt64` with the same XCR0; restoring
+        // it only changes user-visible FPU registers.
+        unsafe {
             core::arch::asm!("xrstor64 [{}]", in(reg) a, in("eax") x as u32, in("edx") (x >> 32) as u32, options(nostack, preserves_flags))
-        },
-        // SAFETY: as above; MXCSR in the area has no reserved bits set (init 0x1f80 or
-        // saved by fxsave).
-        None => unsafe {
-            core::arch::asm!("fxrstor64 [{}]", in(reg) a, options(nostack, preserves_flags))
-        },
+        }
     }
 }

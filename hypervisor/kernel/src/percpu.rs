@@ -1,8 +1,10 @@
 //! Per-CPU data, reached through the GS base in kernel mode.
 //!
 //! In the kernel GS base points at this CPU's [`PerCpu`]; while user code runs it is in
-//! IA32_KERNEL_GS_BASE (entry stubs `swapgs` when they come from ring 3). Assembly uses
-//! the `PERCPU_*` offsets below, pinned by assertions.
+//! IA32_KERNEL_GS_BASE (entry stubs `swapgs` when they come from ring 3; the NMI, #DF
+//! and #MC entries from ring 0 check the GS_BASE MSR itself, as they may interrupt the
+//! instructions between an entry and its `swapgs`). Assembly uses the `PERCPU_*` offsets
+//! below, pinned by assertions.
 
 use core::mem::offset_of;
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -37,6 +39,12 @@ pub struct PerCpu {
     pub frame_top: AtomicU64,
     /// Set once the CPU has finished bring-up.
     pub online: AtomicBool,
+    /// NMIs taken (the NMI handler only counts them).
+    pub nmis: AtomicU64,
+    /// The VM (PD id) whose guest this CPU entered last (`spec::vm_entry`).
+    pub last_vm: AtomicU64,
+    /// Guest code ran here since the last switch to a host address space (`spec`).
+    pub guest_ran: AtomicBool,
 }
 
 /// Offset of [`PerCpu::self_ptr`].
@@ -88,6 +96,9 @@ impl PerCpu {
             ipis: AtomicU64::new(0),
             frame_top: AtomicU64::new(0),
             online: AtomicBool::new(false),
+            nmis: AtomicU64::new(0),
+            last_vm: AtomicU64::new(0),
+            guest_ran: AtomicBool::new(false),
         }
     }
 }

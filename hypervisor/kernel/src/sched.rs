@@ -483,7 +483,28 @@ pub fn current_prio() -> u8 {
 }
 
 /// Picks the next SC and runs it; idles when there is none.
+///
+/// On a fresh kernel stack: every path into the scheduler diverges (its callers hold
+/// nothing they need afterwards), and an EC's start-up or death can lead straight back
+/// here, so without the reset each such turn would nest a frame deeper.
 pub fn schedule() -> ! {
+    // SAFETY: nothing on this CPU's kernel stack is live (every caller diverges and
+    // passes nothing); `scheduler` never returns. The per-CPU slot holds the top of this
+    // CPU's kernel stack, which the kernel runs on here (never on an IST stack).
+    unsafe {
+        core::arch::asm!(
+            "mov rsp, gs:[{k}]",
+            "xor ebp, ebp",
+            "call {f}",
+            "ud2",
+            k = const crate::percpu::PERCPU_KSTACK_TOP,
+            f = sym scheduler,
+            options(noreturn)
+        )
+    }
+}
+
+extern "C" fn scheduler() -> ! {
     loop {
         drain_remote();
         // SAFETY: interrupts are off in the kernel.

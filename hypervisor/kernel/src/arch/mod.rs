@@ -83,6 +83,7 @@ pub fn load_kernel_space() {
 /// # Safety
 /// `root` must share the kernel half (entries 256..511) with the kernel's table.
 pub unsafe fn load_cr3(root: u64) {
+    x86::spec::host_space_switch();
     // SAFETY: forwarded to the caller.
     unsafe { paging::activate(root) };
 }

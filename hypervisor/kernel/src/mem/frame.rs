@@ -3,8 +3,11 @@
 //! At boot the kernel takes a pool of RAM below 4 GiB (default: 1/8 of RAM, 16..256 MiB;
 //! `kmem=<MiB>` on the command line overrides), avoiding the low 1 MiB, its own image,
 //! the loader's info and the modules. Everything else stays for the root task. The pool's
-//! ranges are recorded for the HIP (kind HYPERVISOR).
+//! ranges are recorded for the HIP (kind HYPERVISOR); a frame enters the pool only once
+//! a range records it ([`poolranges::select`]), so the root never sees a pool frame as
+//! free RAM however fragmented the memory map is.
 
+use peregrine_core::poolranges::{self, PoolRanges};
 use spin::Mutex;
 
 use super::layout::phys_to_ptr;
@@ -22,8 +25,7 @@ struct Pool {
     hint: usize,
     free: usize,
     total: usize,
-    ranges: [(u64, u64); MAX_POOL_RANGES],
-    nranges: usize,
+    ranges: PoolRanges<MAX_POOL_RANGES>,
 }
 
 static POOL: Mutex<Pool> = Mutex::new(Pool {
@@ -31,8 +33,7 @@ static POOL: Mutex<Pool> = Mutex::new(Pool {
     hint: 0,
     free: 0,
     total: 0,
-    ranges: [(0, 0); MAX_POOL_RANGES],
-    nranges: 0,
+    ranges: PoolRanges::new(),
 });
 
 impl Pool {
@@ -46,17 +47,11 @@ impl Pool {
         self.bits[f / 64] &= !(1 << (f % 64));
     }
 
+    /// Puts a frame that [`poolranges::select`] took (and recorded) into the pool.
     fn add(&mut self, f: usize) {
         self.set_free(f);
         self.free += 1;
         self.total += 1;
-        let a = f as u64 * PAGE_SIZE;
-        if self.nranges > 0 && self.ranges[self.nranges - 1].1 == a {
-            self.ranges[self.nranges - 1].1 = a + PAGE_SIZE;
-        } else if self.nranges < MAX_POOL_RANGES {
-            self.ranges[self.nranges] = (a, a + PAGE_SIZE);
-            self.nranges += 1;
-        }
     }
 
     /// Finds `n` free frames aligned to `align` frames, first fit from the hint.
@@ -96,21 +91,19 @@ pub fn init(bi: &BootInfo, reserved: &[(u64, u64)]) {
     {
         want = mib << 20;
     }
-    let mut want_frames = (want / PAGE_SIZE) as usize;
+    let want_frames = (want / PAGE_SIZE) as usize;
+    let ram = bi.mmap().iter().filter(|e| e.kind == 1).map(|e| {
+        (
+            align_up(e.addr.max(0x10_0000), PAGE_SIZE),
+            align_down((e.addr + e.len).min(1 << 32), PAGE_SIZE),
+        )
+    });
     let mut p = POOL.lock();
-    let busy = |a: u64| reserved.iter().any(|&(s, e)| a + PAGE_SIZE > s && a < e);
-    for e in bi.mmap().iter().filter(|e| e.kind == 1) {
-        let s = align_up(e.addr.max(0x10_0000), PAGE_SIZE);
-        let end = align_down((e.addr + e.len).min(1 << 32), PAGE_SIZE);
-        let mut a = s;
-        while a < end && want_frames > 0 {
-            if !busy(a) {
-                p.add((a / PAGE_SIZE) as usize);
-                want_frames -= 1;
-            }
-            a += PAGE_SIZE;
-        }
-    }
+    let mut ranges = PoolRanges::new();
+    poolranges::select(ram, reserved, want_frames, &mut ranges, |a| {
+        p.add((a / PAGE_SIZE) as usize)
+    });
+    p.ranges = ranges;
 }
 
 /// Allocates `n` physically contiguous frames aligned to `align` frames (a power of
@@ -151,10 +144,7 @@ pub fn free_frames(phys: u64, n: usize) {
         let f0 = (phys / PAGE_SIZE) as usize;
         for f in f0..f0 + n {
             let a = f as u64 * PAGE_SIZE;
-            assert!(
-                p.ranges[..p.nranges].iter().any(|&(s, e)| a >= s && a < e),
-                "free_frame: {a:#x} not in pool"
-            );
+            assert!(p.ranges.contains(a), "free_frame: {a:#x} not in pool");
             assert!(!p.is_free(f), "free_frame: {a:#x} double free");
             p.set_free(f);
         }
@@ -176,7 +166,7 @@ pub fn stats() -> (usize, usize) {
 /// Calls `f(start, end)` for each physical range of the pool (for the HIP).
 pub fn for_each_range(mut f: impl FnMut(u64, u64)) {
     let p = POOL.lock();
-    for &(s, e) in &p.ranges[..p.nranges] {
+    for &(s, e) in p.ranges.as_slice() {
         f(s, e);
     }
 }

@@ -4,9 +4,15 @@
 //! 0x0000_0000_0000_0000 .. 0x0000_8000_0000_0000  user space (PML4 0..255, empty in the
 //!                                                 kernel's own page table)
 //! 0xffff_8000_0000_0000 .. 0xffff_c000_0000_0000  PHYSMAP: all RAM and 0..4 GiB MMIO
-//!                                                 (PML4 256..383; 2 MiB pages)
+//!                                                 (PML4 256..383; 2 MiB pages, never
+//!                                                 executable; the kernel image's text
+//!                                                 and rodata read-only in 4 KiB pages)
 //! 0xffff_c000_0000_0000 .. +1 GiB                 kernel heap (PML4 384, grown on demand)
-//! 0xffff_c080_0000_0000 .. 0xffff_ff80_0000_0000  free for kernel use (PML4 385..510)
+//! 0xffff_c080_0000_0000 .. +32 MiB                kernel stacks (PML4 385): a slot of
+//!                                                 STACK_SLOT bytes per CPU and stack,
+//!                                                 the stack at its top, the rest of the
+//!                                                 slot unmapped (the guard below it)
+//! 0xffff_c080_0200_0000 .. 0xffff_ff80_0000_0000  free for kernel use (PML4 385..510)
 //! 0xffff_ffff_8000_0000 .. +image                 kernel image at KERNEL_VMA + physical
 //!                                                 (PML4 511, PDPT 510)
 //! ```
@@ -21,8 +27,18 @@ pub const PHYSMAP_SIZE: u64 = 1 << 46;
 pub const HEAP_BASE: u64 = 0xffff_c000_0000_0000;
 /// Kernel heap maximum size.
 pub const HEAP_MAX: u64 = 1 << 30;
+/// Base of the kernel stacks' region.
+pub const STACKS_BASE: u64 = 0xffff_c080_0000_0000;
+/// Bytes of virtual address space per stack: the stack sits at the top of its slot, the
+/// rest of the slot below it is never mapped.
+pub const STACK_SLOT: u64 = 128 << 10;
+/// Stacks per CPU: the kernel stack and the IST stacks for NMI, #DF and #MC.
+pub const STACKS_PER_CPU: u64 = 4;
+/// End of the kernel stacks' region.
+pub const STACKS_END: u64 =
+    STACKS_BASE + STACK_SLOT * STACKS_PER_CPU * peregrine_abi::hip::MAX_CPUS as u64;
 /// First address of the range left free for other kernel mappings.
-pub const KERNEL_FREE_BASE: u64 = 0xffff_c080_0000_0000;
+pub const KERNEL_FREE_BASE: u64 = STACKS_END;
 /// End of that range.
 pub const KERNEL_FREE_END: u64 = 0xffff_ff80_0000_0000;
 /// Where the kernel image is linked: `virt = KERNEL_VMA + phys`.

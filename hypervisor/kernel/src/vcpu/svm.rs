@@ -212,6 +212,7 @@ pub(super) fn run(ec: &Ec, v: &Vcpu, c: &mut Common) -> Next {
         );
     }
     let host_xcr0 = super::enter_xcr0(c.xcr0);
+    crate::arch::x86::spec::vm_entry(ec.pd.id);
     // SAFETY: the VMCB was built by `init_vmcb` (mandatory intercepts, permission maps,
     // the VM's nested page table) and changed only through `put_state`'s checks;
     // `check_entry` passed; SVM is on here (`create` checked `enabled_on`).

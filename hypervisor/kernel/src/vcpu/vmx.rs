@@ -577,6 +577,7 @@ pub(super) fn run(ec: &Ec, v: &Vcpu, c: &mut Common) -> Next {
     // SAFETY: CR2 is the guest's while it runs; the kernel reads CR2 only in its
     // page-fault handler, for faults it takes itself (none between here and the exit).
     unsafe { cr::write_cr2(st.cr2) };
+    crate::arch::x86::spec::vm_entry(ec.pd.id);
     // SAFETY: the VMCS was set up by `init_vmcs` for this CPU (host state, mandatory
     // exiting controls, the VM's EPT) and changed only through `put_state`'s checks and
     // `prepare_entry`; VMX is on here; interrupts are off.

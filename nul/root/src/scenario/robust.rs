@@ -270,15 +270,18 @@ mod nul_test_sel {
     pub const SHARED_PD: u64 = 56;
 }
 
-/// `test=hostile [calls=N] [secs=S] [respawn_ms=M]`: hostile components (deferred
+/// `test=hostile [calls=N] [secs=S] [respawn_ms=M] [quick]`: hostile components (deferred
 /// modules, started here) issue random hypercalls on every CPU, the canary's too, and
 /// share semaphores, a PD and their portals; one of them is destroyed and started again
 /// every `respawn_ms`. The canary answers every call; each component makes progress;
 /// the calls reach the deep paths (a share of them succeeds, many statuses show); and
 /// when every hostile component is gone, the kernel's memory is where it was: the
 /// root's quota to the page, the frames to the frame, the heap within a margin (B-tree
-/// shapes and queue capacities are not restored byte by byte).
+/// shapes and queue capacities are not restored byte by byte). `quick` (a short run
+/// beside another test, e.g. an NMI flood) leaves out the checks of the run's shape
+/// (restarts, PD chains, the spread of statuses).
 pub fn hostile(args: &str) -> bool {
+    let quick = nul_rt::start_info::flag(args, "quick");
     let target = arg_u64(args, "calls").unwrap_or(10_000_000);
     let secs = arg_u64(args, "secs").unwrap_or(600);
     let respawn = arg_u64(args, "respawn_ms").unwrap_or(3000).max(100);
@@ -450,19 +453,21 @@ pub fn hostile(args: &str) -> bool {
         alive_at_end == slots.len() && short_lived_idle == 0,
         "every hostile component ran and made progress until it was destroyed",
     );
-    ok &= check(
-        restarts >= slots.len() as u64,
-        "every hostile component was destroyed and started again during the run",
-    );
-    ok &= check(
-        chains >= slots.len(),
-        "PD chains 1000 deep (deeper than any kernel stack) built and destroyed",
-    );
-    let distinct = by_status.iter().filter(|&&n| n * 1000 >= counted).count();
-    ok &= check(
-        by_status[0] * 20 >= counted && distinct >= 6,
-        "the calls reach the deep paths: at least 5% succeed, 6 statuses each >= 0.1%",
-    );
+    if !quick {
+        ok &= check(
+            restarts >= slots.len() as u64,
+            "every hostile component was destroyed and started again during the run",
+        );
+        ok &= check(
+            chains >= slots.len(),
+            "PD chains 1000 deep (deeper than any kernel stack) built and destroyed",
+        );
+        let distinct = by_status.iter().filter(|&&n| n * 1000 >= counted).count();
+        ok &= check(
+            by_status[0] * 20 >= counted && distinct >= 6,
+            "the calls reach the deep paths: at least 5% succeed, 6 statuses each >= 0.1%",
+        );
+    }
     ok &= check(
         q1 == q0 && frames == 0 && heap.unsigned_abs() < 64 * 1024,
         "accounting: the root's quota and the kernel's frames back exactly, its heap within 64 KiB",

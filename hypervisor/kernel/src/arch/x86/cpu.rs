@@ -24,6 +24,8 @@ pub struct CpuInfo {
     pub smep: bool,
     /// XSAVE (and the XCR0 value the kernel sets).
     pub xsave: Option<u64>,
+    /// XSAVEOPT (CPUID.(EAX=0DH,ECX=1):EAX[0]).
+    pub xsaveopt: bool,
     /// TSC frequency from CPUID 0x15 in kHz, if reported.
     pub cpuid_tsc_khz: Option<u64>,
     /// Processor base frequency from CPUID 0x16 in kHz, if reported.
@@ -111,6 +113,7 @@ pub fn detect() -> &'static CpuInfo {
             tsc_deadline: fi.as_ref().is_some_and(|f| f.has_tsc_deadline()),
             smep: ef.as_ref().is_some_and(|e| e.has_smep()),
             xsave,
+            xsaveopt: xsave.is_some() && raw_cpuid::native_cpuid::cpuid_count(0xd, 1).eax & 1 != 0,
             cpuid_tsc_khz,
             cpuid_base_khz,
             vendor,
@@ -124,7 +127,7 @@ pub fn info() -> &'static CpuInfo {
 }
 
 /// Sets CR0/CR4/EFER/XCR0 on this CPU: SSE (OSFXSR, OSXMMEXCPT), global pages, XSAVE,
-/// SMEP, NX, SYSCALL. SMAP stays off (user-memory helpers would need stac/clac).
+/// SMEP, NX, SYSCALL. SMAP is one of the mitigations `spec::init_cpu` sets.
 ///
 /// # Safety
 /// Call once per CPU during its bring-up.

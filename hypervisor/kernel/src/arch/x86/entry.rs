@@ -6,12 +6,14 @@
 //! `trap_handler(&mut Regs)` (from ring 3 on the CPU's kernel stack if the hardware
 //! frame was pushed elsewhere, i.e. TSS.RSP0 was pointed at an EC's frame). When the
 //! handler returns, `trap_exit` pops the frame and `iretq`s; [`return_to`] enters it
-//! with any frame (e.g. to start a user thread).
+//! with any frame (e.g. to start a user thread). NMI, #DF and #MC (on their IST stacks)
+//! enter through `paranoid_common` instead, which decides about the GS base from the
+//! GS_BASE MSR itself when they interrupted ring 0.
 
 use super::regs::{Regs, REGS_CS, REGS_VECTOR};
 
-/// Largest kernel stack (the BSP's boot stack): a user trap whose frame lies within this
-/// distance below `kstack_top` is already on the kernel stack.
+/// Size of every CPU's kernel stack (`stack.rs`): a user trap whose frame lies within
+/// this distance below `kstack_top` is already on the kernel stack.
 pub const KSTACK_MAX: usize = 0x10000;
 
 /// Bytes between consecutive stubs.
@@ -35,19 +37,35 @@ core::arch::global_asm!(
     ".set stub_vec, stub_vec + 1",
     ".endr",
     ".endm",
+    ".macro PARANOID_NOERR",
+    ".balign 16",
+    "push 0",
+    "push stub_vec",
+    "jmp paranoid_common",
+    ".set stub_vec, stub_vec + 1",
+    ".endm",
+    ".macro PARANOID_ERR",
+    ".balign 16",
+    "push stub_vec",
+    "jmp paranoid_common",
+    ".set stub_vec, stub_vec + 1",
+    ".endm",
     "",
     ".section .text.trap, \"ax\"",
     ".balign 16",
     ".global trap_stubs",
     "trap_stubs:",
     ".set stub_vec, 0",
-    "STUB_NOERR 8",   // 0-7
-    "STUB_ERR 1",     // 8 #DF
+    "STUB_NOERR 2",   // 0-1
+    "PARANOID_NOERR", // 2 NMI
+    "STUB_NOERR 5",   // 3-7
+    "PARANOID_ERR",   // 8 #DF
     "STUB_NOERR 1",   // 9
     "STUB_ERR 5",     // 10-14 #TS #NP #SS #GP #PF
     "STUB_NOERR 2",   // 15-16
     "STUB_ERR 1",     // 17 #AC
-    "STUB_NOERR 3",   // 18-20
+    "PARANOID_NOERR", // 18 #MC
+    "STUB_NOERR 2",   // 19-20
     "STUB_ERR 1",     // 21 #CP
     "STUB_NOERR 7",   // 22-28
     "STUB_ERR 2",     // 29 #VC, 30 #SX
@@ -58,6 +76,11 @@ core::arch::global_asm!(
     "test byte ptr [rsp + {cs_off}], 3",
     "jz 1f",
     "swapgs",
+    // Ring 3 may have set RFLAGS.AC, which turns SMAP off: clear it (SYSCALL's FMASK
+    // does so on the other path). `clac` exists only with SMAP.
+    "cmp byte ptr [rip + {smap_on}], 0",
+    "je 1f",
+    "clac",
     "1:",
     "push rax",
     "push rbx",
@@ -110,15 +133,79 @@ core::arch::global_asm!(
     "test byte ptr [rsp + {cs_off2}], 3",
     "jz 2f",
     "swapgs",
+    // MDS: clear the CPU buffers last thing before user mode (VERW with a memory
+    // operand, on CPUs whose `spec` choice says so).
+    "cmp byte ptr [rip + {verw_on}], 0",
+    "je 2f",
+    "verw word ptr [rip + {verw_sel}]",
     "2:",
     "add rsp, 16",
     "iretq",
+    "",
+    // NMI, #DF and #MC can arrive anywhere, also between SYSCALL and its SWAPGS or
+    // between the exit's SWAPGS and IRETQ: from ring 0 the saved CS says nothing about
+    // the GS base. Like Linux's paranoid entry: from ring 3 the ordinary path swaps; from
+    // ring 0 read GS_BASE, load this CPU's per-CPU address (the word above this IST
+    // stack's top, `stack.rs`) if it differs, and put the interrupted value back before
+    // returning.
+    ".balign 16",
+    "paranoid_common:",
+    "test byte ptr [rsp + {cs_off}], 3",
+    "jnz trap_common",
+    "push rax",
+    "push rbx",
+    "push rcx",
+    "push rdx",
+    "push rsi",
+    "push rdi",
+    "push rbp",
+    "push r8",
+    "push r9",
+    "push r10",
+    "push r11",
+    "push r12",
+    "push r13",
+    "push r14",
+    "push r15",
+    "cld",
+    "mov rbx, rsp",
+    "mov r12, [rsp + {regs_size}]",
+    "mov ecx, {gs_base}",
+    "rdmsr",
+    "shl rdx, 32",
+    "or rax, rdx",
+    "mov r13, rax",
+    "cmp rax, r12",
+    "je 4f",
+    "mov rax, r12",
+    "mov rdx, r12",
+    "shr rdx, 32",
+    "wrmsr",
+    "4:",
+    "xor ebp, ebp",
+    "mov rdi, rbx",
+    "call {handler}",
+    "cmp r13, r12",
+    "je 5f",
+    "mov ecx, {gs_base}",
+    "mov rax, r13",
+    "mov rdx, r13",
+    "shr rdx, 32",
+    "wrmsr",
+    "5:",
+    "mov rsp, rbx",
+    "jmp trap_exit",
     cs_off = const REGS_CS - REGS_VECTOR,
     cs_off2 = const REGS_CS - REGS_VECTOR,
     cs_off_full = const REGS_CS,
     kstack = const crate::percpu::PERCPU_KSTACK_TOP,
     kstack_max = const KSTACK_MAX,
     handler = sym super::trap::trap_handler,
+    smap_on = sym super::spec::SMAP_ON,
+    verw_on = sym super::spec::VERW_ON,
+    verw_sel = sym super::spec::VERW_SEL,
+    regs_size = const super::regs::REGS_SIZE,
+    gs_base = const super::msr::Msr::GsBase as u32,
 );
 
 extern "C" {

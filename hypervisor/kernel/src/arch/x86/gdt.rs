@@ -155,6 +155,22 @@ pub fn tss(cpu: usize) -> Tss {
     unsafe { core::ptr::addr_of!((*core::ptr::addr_of!(TSS))[cpu].tss).read_volatile() }
 }
 
+/// Points this CPU's TSS at new stacks: RSP0 at `rsp0`, IST1..3 at `ist` (the BSP's move
+/// from its boot stacks to its guarded ones).
+pub fn set_stacks(rsp0: u64, ist: [u64; 3]) {
+    let cpu = crate::percpu::cpu_id();
+    // SAFETY: only this CPU writes its own TSS after bring-up; the CPU reads these fields
+    // only when delivering an interrupt, and interrupts are off here; an NMI taken
+    // between the writes uses either the old NMI stack or the new one, both valid.
+    unsafe {
+        let t = core::ptr::addr_of_mut!((*core::ptr::addr_of_mut!(TSS))[cpu].tss);
+        core::ptr::addr_of_mut!((*t).rsp[0]).write_unaligned(rsp0);
+        for (i, &v) in ist.iter().enumerate() {
+            core::ptr::addr_of_mut!((*t).ist[i]).write_unaligned(v);
+        }
+    }
+}
+
 /// Sets this CPU's TSS.RSP0 (the stack ring-3 interrupts push their frame on).
 pub fn set_rsp0(rsp0: u64) {
     let cpu = crate::percpu::cpu_id();

@@ -132,8 +132,10 @@ pub fn new_user_root() -> Option<u64> {
 /// Builds the kernel's final page table and switches to it.
 ///
 /// Layout: see [`crate::mem::layout`]. Physmap with 2 MiB pages over all RAM and the
-/// whole 0..4 GiB (non-RAM chunks below 4 GiB uncached); kernel image with 4 KiB pages
-/// (text RX, rodata R, data/bss RW-NX); every PML4 entry 256..511 gets its PDPT now.
+/// whole 0..4 GiB (non-RAM chunks below 4 GiB uncached), never executable, and with the
+/// kernel image's text and rodata read-only (4 KiB pages where they lie); kernel image
+/// with 4 KiB pages (text RX, rodata R, data/bss RW-NX); every PML4 entry 256..511 gets
+/// its PDPT now.
 ///
 /// # Safety
 /// Call once on the BSP during boot, after the frame pool is set up; `nx_supported` must
@@ -163,6 +165,10 @@ pub unsafe fn init(bi: &BootInfo, nx_supported: bool) {
             .iter()
             .any(|e| matches!(e.kind, 1 | 3 | 4) && a + (1 << 21) > e.addr && a < e.addr + e.len)
     };
+    // The image's text and read-only data stay read-only through their physmap alias:
+    // the 2 MiB pages covering them are split into 4 KiB pages.
+    let (start, text_end, ro_end, _) = layout::image_bounds();
+    let (ro_first, ro_last) = (start - KERNEL_VMA, ro_end - KERNEL_VMA);
     let mut a = 0;
     while a < top {
         let v = PHYSMAP_BASE + a;
@@ -173,12 +179,25 @@ pub unsafe fn init(bi: &BootInfo, nx_supported: bool) {
         } else {
             Flags::KERNEL_MMIO
         };
-        table(pd)[idx(v, 1)] = a | fix(f | Flags::PS);
+        if a < ro_last && a + (1 << 21) > ro_first {
+            let pt = next(&mut table(pd)[idx(v, 1)]).expect("paging: no frame for a PT");
+            for (i, e) in table(pt).iter_mut().enumerate() {
+                let p = a + i as u64 * PAGE_SIZE;
+                let pf = if p >= ro_first && p < ro_last {
+                    Flags::P | Flags::G | Flags::NX
+                } else {
+                    f
+                };
+                *e = p | fix(pf);
+            }
+        } else {
+            table(pd)[idx(v, 1)] = a | fix(f | Flags::PS);
+        }
         a += 1 << 21;
     }
 
     // Kernel image.
-    let (start, text_end, ro_end, end) = layout::image_bounds();
+    let end = layout::image_bounds().3;
     let mut v = start;
     while v < end {
         let flags = if v < text_end {
@@ -198,6 +217,44 @@ pub unsafe fn init(bi: &BootInfo, nx_supported: bool) {
     // boot table did at the same virtual addresses; only the identity map goes away, and
     // nothing uses it any more.
     unsafe { super::cr::write_cr3(root) };
+}
+
+/// A present leaf of a page-table walk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Leaf {
+    /// The leaf entry.
+    pub entry: u64,
+    /// Its level: 0 for a 4 KiB page, 1 for 2 MiB, 2 for 1 GiB.
+    pub level: u32,
+    /// Whether every level of the walk allows writes.
+    pub writable: bool,
+    /// Whether no level of the walk forbids instruction fetches (NX).
+    pub executable: bool,
+}
+
+/// Walks the page table `root` for `virt`: the leaf that maps it, or `None` when some
+/// level is not present.
+pub fn walk(root: u64, virt: u64) -> Option<Leaf> {
+    let mut t = root;
+    let (mut writable, mut executable) = (true, true);
+    for level in (0..4).rev() {
+        let e = table(t)[idx(virt, level)];
+        if e & Flags::P.bits() == 0 {
+            return None;
+        }
+        writable &= e & Flags::W.bits() != 0;
+        executable &= e & Flags::NX.bits() == 0;
+        if level == 0 || (level < 3 && e & Flags::PS.bits() != 0) {
+            return Some(Leaf {
+                entry: e,
+                level,
+                writable,
+                executable,
+            });
+        }
+        t = e & ADDR_MASK;
+    }
+    None
 }
 
 /// Activates `root` (a PML4 from [`new_user_root`] or [`kernel_root`]) on this CPU.

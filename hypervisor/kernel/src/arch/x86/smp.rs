@@ -3,9 +3,10 @@
 
 use core::sync::atomic::Ordering;
 
+use super::stack::{self, Stack};
 use super::{apic, cr, paging};
+use crate::mem::frame;
 use crate::mem::layout::phys_to_ptr;
-use crate::mem::{frame, PAGE_SIZE};
 use crate::percpu;
 
 /// Physical address of the trampoline page (below 1 MiB, outside the frame pool).
@@ -45,17 +46,6 @@ fn trampoline_root() -> (u64, [u64; 3]) {
     (pml4, [pml4, pdpt, pd])
 }
 
-/// Kernel stack size per CPU.
-pub const KSTACK_PAGES: usize = 8;
-/// IST stack size (each of NMI, #DF, #MC).
-pub const IST_PAGES: usize = 2;
-
-/// Allocates a stack of `pages` and returns its top (physmap address).
-pub fn alloc_stack(pages: usize) -> u64 {
-    let p = frame::alloc_frames(pages, 1).expect("smp: no memory for a stack");
-    crate::mem::layout::phys_to_virt(p) + pages as u64 * PAGE_SIZE
-}
-
 /// Starts CPUs 1.. one after the other (each waits for the previous to be online).
 /// Returns the number of CPUs online.
 pub fn start_aps(apic_ids: &[u32]) -> usize {
@@ -70,7 +60,8 @@ pub fn start_aps(apic_ids: &[u32]) -> usize {
     let (root, frames) = trampoline_root();
     let mut online = 1;
     for (cpu, &apic_id) in apic_ids.iter().enumerate().skip(1) {
-        let top = alloc_stack(KSTACK_PAGES);
+        // Mapped by `stack::map_all` before.
+        let top = stack::top(cpu, Stack::Kernel);
         percpu::prepare(cpu, apic_id, top);
         let params = [
             root,

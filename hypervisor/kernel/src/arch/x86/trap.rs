@@ -18,9 +18,14 @@ pub extern "C" fn trap_handler(regs: &mut Regs) {
     let v = regs.vector as u8;
     let user = regs.from_user();
     match v {
+        // NMIs are counted, nothing else: an NMI may arrive while its CPU holds any lock
+        // (the console's included), so its handler takes none.
         exc::NMI => {
-            crate::kprintln!("cpu {}: NMI at {:#x}", percpu::cpu_id(), regs.rip);
+            percpu::percpu()
+                .nmis
+                .fetch_add(1, core::sync::atomic::Ordering::Relaxed);
         }
+        exc::DF => double_fault(regs),
         0..=31 if regs.from_user() => hooks::user_trap(regs),
         0..=31 => kernel_fault(regs),
         VEC_TIMER => {
@@ -98,14 +103,43 @@ pub fn exception_name(v: u8) -> &'static str {
     NAMES.get(usize::from(v)).copied().unwrap_or("interrupt")
 }
 
+/// A double fault: always a kernel bug. When the fault's address or the stack pointer
+/// lies in a stack's guard, the #PF could not push its frame on an overflowed stack.
+fn double_fault(regs: &Regs) -> ! {
+    overflow_check(regs);
+    kernel_fault(regs)
+}
+
+/// Panics naming the stack overflow when `regs` (a #DF or #PF) faulted on a guard page.
+fn overflow_check(regs: &Regs) {
+    let cr2 = cr::read_cr2();
+    let hit = [cr2, regs.rsp, regs.rsp.wrapping_sub(8)]
+        .into_iter()
+        .find_map(super::stack::guard_of);
+    if let Some((cpu, s)) = hit {
+        panic!(
+            "kernel stack overflow on cpu {} ({} stack; fault at {:#x}, rsp {:#x}, rip {:#x})",
+            cpu,
+            s.name(),
+            cr2,
+            regs.rsp,
+            regs.rip
+        );
+    }
+}
+
 fn kernel_fault(regs: &Regs) -> ! {
     let cpu = percpu::cpu_id();
-    crate::kprintln!(
-        "cpu {}: kernel exception {} \n{}",
+    if regs.vector == u64::from(exc::PF) {
+        overflow_check(regs);
+    }
+    // Without the console lock: the fault may have hit while this CPU held it.
+    crate::console::print_unlocked(format_args!(
+        "cpu {}: kernel exception {} \n{}\n",
         cpu,
         exception_name(regs.vector as u8),
         regs
-    );
+    ));
     panic!(
         "kernel exception {} at {:#x}",
         exception_name(regs.vector as u8),

@@ -270,6 +270,7 @@ core::arch::global_asm!(
     "pop r12",
     "pop rbx",
     "pop rbp",
+    "call spec_rsb_fill", // before the first `ret` after the exit (arch/x86/spec.rs)
     "ret",
 );
 
