@@ -171,6 +171,8 @@ pub mod stat {
     pub const HEAP_USED: u64 = 18;
     /// Kernel PD only: bytes of the kernel heap mapped (taken from the pool).
     pub const HEAP_MAPPED: u64 = 19;
+    /// Kernel PD only: mapping-database nodes (memory, I/O ports and objects together).
+    pub const MDB_NODES: u64 = 20;
 }
 
 /// Flags of [`Hypercall::AssignGsi`] (argument 2).

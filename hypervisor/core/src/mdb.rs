@@ -457,8 +457,22 @@ impl Mdb {
     /// Removes everything `space` holds and everything delegated from it (its PD is
     /// destroyed).
     pub fn destroy_space(&mut self, space: SpaceId, removed: impl FnMut(Removed)) {
+        self.destroy_space_some(space, usize::MAX, removed);
+    }
+
+    /// [`destroy_space`](Self::destroy_space) for at most `max` of the space's nodes
+    /// (with everything derived from them); true when the space is empty afterwards. A
+    /// kernel calls it again and again, letting go of its lock in between, so that no
+    /// space makes others wait for all of it.
+    pub fn destroy_space_some(
+        &mut self,
+        space: SpaceId,
+        max: usize,
+        removed: impl FnMut(Removed),
+    ) -> bool {
         let work = self
             .mappings(space)
+            .take(max)
             .map(|m| Work {
                 space,
                 base: m.base,
@@ -468,6 +482,7 @@ impl Mdb {
             .collect();
         // Whole nodes go, and what derives from them lies inside them: nothing splits.
         self.run(work, &mut |_, _| true, removed);
+        self.count(space) == 0
     }
 
     fn run(
@@ -812,6 +827,24 @@ mod tests {
         assert!(m.lookup(A, 0x25).is_none() && m.lookup(A, 0x24).is_some());
         assert!(m.lookup(B, 0).is_some());
         m.check().unwrap();
+    }
+
+    #[test]
+    fn destroy_a_space_in_parts() {
+        let mut m = Mdb::new();
+        m.insert_root(K, 0, 10, 7, 0).unwrap();
+        for i in 0..100u64 {
+            m.delegate(K, i, A, 2 * i, 0, 7).unwrap();
+            m.delegate(A, 2 * i, B, i, 0, 7).unwrap();
+        }
+        let mut gone = 0;
+        let mut rounds = 0;
+        while !m.destroy_space_some(A, 16, |_| gone += 1) {
+            rounds += 1;
+            m.check().unwrap();
+        }
+        assert_eq!((rounds, gone), (6, 200));
+        assert_eq!((m.count(A), m.count(B), m.len()), (0, 0, 1));
     }
 
     #[test]

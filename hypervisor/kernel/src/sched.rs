@@ -281,6 +281,14 @@ pub fn block_current() {
     let l = unsafe { local() };
     account(l);
     let sc = l.sc.take();
+    if let Some(sc) = sc
+        .as_ref()
+        .filter(|s| s.dead.load(core::sync::atomic::Ordering::Acquire))
+    {
+        // A dead SC drove the chain this far: where it blocks, the chain ends.
+        unwind(sc);
+        return;
+    }
     if let Some(ec) = &l.current {
         // SAFETY: the running EC belongs to this CPU.
         unsafe { ec.local() }.blocked_sc = sc;
@@ -403,16 +411,28 @@ pub fn preempt_if_needed() {
     }
 }
 
-/// Finds the EC an SC should run, ending calls into handlers that died on the way. A
-/// dead SC runs nothing: the chain it drove is unwound first.
+/// Finds the EC an SC should run, ending calls into handlers that died on the way.
+///
+/// A dead SC still drives the handlers of its call chain while they run: a handler
+/// stopped in the middle of its work would leave the server's own state (a lock, a
+/// half-done update) torn. Once the chain's head blocks, or the SC's own EC would run
+/// again, the rest of the chain is taken apart ([`unwind`]) and the SC runs nothing.
 fn runnable_head(sc: &Arc<Sc>) -> Option<Arc<Ec>> {
-    if sc.dead.load(core::sync::atomic::Ordering::Acquire) {
-        unwind(sc);
-        return None;
-    }
+    let dead_sc = sc.dead.load(core::sync::atomic::Ordering::Acquire);
     loop {
         let head = sc.head();
         if !head.is_dead() {
+            if dead_sc {
+                // SAFETY: the chain lives on this CPU.
+                let parked = unsafe { head.local() }
+                    .blocked_sc
+                    .as_ref()
+                    .is_some_and(|b| Arc::ptr_eq(b, sc));
+                if parked || Arc::ptr_eq(&head, &sc.ec) {
+                    unwind(sc);
+                    return None;
+                }
+            }
             return Some(head);
         }
         // SAFETY: the chain lives on this CPU.
@@ -422,6 +442,9 @@ fn runnable_head(sc: &Arc<Sc>) -> Option<Arc<Ec>> {
             wake_retry(w);
         }
         if Arc::ptr_eq(&head, &sc.ec) {
+            if dead_sc {
+                unwind(sc);
+            }
             return None;
         }
         // A handler died while serving a call: the caller gets Aborted.
@@ -456,19 +479,21 @@ fn unwind(sc: &Arc<Sc>) {
                 ec = h;
             }
             None => {
+                // The head: out of whatever it waits in (it blocks on the dead SC, or
+                // the SC is parked with it), and the SC out of it.
                 if lcl.blocked_sc.as_ref().is_some_and(|b| Arc::ptr_eq(b, sc)) {
                     lcl.blocked_sc = None;
-                    if let Some(sm) = lcl.waiting_on.take() {
-                        sm.dequeue(&ec);
-                    }
-                    if let Some(h) = lcl.waiting_for.take() {
-                        // SAFETY: as above.
-                        let hw = &mut unsafe { h.local() }.waiters;
-                        hw.retain(|w| !Arc::ptr_eq(w, &ec));
-                    }
-                    if core::mem::take(&mut lcl.timeout) {
-                        remove_timeout(&ec);
-                    }
+                }
+                if let Some(sm) = lcl.waiting_on.take() {
+                    sm.dequeue(&ec);
+                }
+                if let Some(h) = lcl.waiting_for.take() {
+                    // SAFETY: as above.
+                    let hw = &mut unsafe { h.local() }.waiters;
+                    hw.retain(|w| !Arc::ptr_eq(w, &ec));
+                }
+                if core::mem::take(&mut lcl.timeout) {
+                    remove_timeout(&ec);
                 }
                 return;
             }

@@ -23,6 +23,14 @@ static MDB_OBJ: Mutex<Mdb> = Mutex::new(Mdb::new());
 /// Every live PD by id, to apply revocations to the spaces the database names.
 static PDS: Mutex<BTreeMap<u64, Weak<Pd>>> = Mutex::new(BTreeMap::new());
 
+/// Mapping-database nodes in all (a figure of `pd_ctrl` stat).
+pub fn nodes() -> u64 {
+    [&MDB_MEM, &MDB_PIO, &MDB_OBJ]
+        .iter()
+        .map(|m| m.lock().len() as u64)
+        .sum()
+}
+
 /// Registers a PD so revocations can find it.
 pub fn register(pd: &Arc<Pd>) {
     PDS.lock().insert(pd.id, Arc::downgrade(pd));
@@ -595,29 +603,45 @@ pub fn destroy(pd: &Arc<Pd>) {
     }
 }
 
+/// Nodes of a destroyed PD's space taken away per hold of a database's lock.
+const DESTROY_PART: usize = 64;
+
 /// Tears down the spaces of a destroyed PD: everything it holds and everything derived.
 pub fn destroy_spaces(pd: &Arc<Pd>) {
-    let destroy_in = |lock: &Mutex<Mdb>, db: Db, spaces: &[SpaceId]| {
-        let mut removed = Vec::new();
-        let mut mdb = lock.lock();
+    // A part at a time, with the database's lock let go in between: the work is
+    // proportional to the PD's size, and other CPUs' delegations and revocations must
+    // not wait for all of it.
+    let destroy_in = |lock: &Mutex<Mdb>, db: Db, spaces: &[SpaceId], then: &dyn Fn(&[Removed])| {
         for &s in spaces {
-            mdb.destroy_space(s, |r| removed.push(r));
+            loop {
+                let mut removed = Vec::new();
+                let done = {
+                    let mut mdb = lock.lock();
+                    let done = mdb.destroy_space_some(s, DESTROY_PART, |r| removed.push(r));
+                    settle_removed(&mdb, db, &removed);
+                    let _ = settle(&mdb, db, pd, false);
+                    done
+                };
+                then(&removed);
+                if done {
+                    break;
+                }
+            }
         }
-        settle_removed(&mdb, db, &removed);
-        let _ = settle(&mdb, db, pd, false);
-        removed
     };
     let mut mem = alloc::vec![sid(pd)];
     if pd.vm {
         mem.push(crate::space_guest::sid(pd));
     }
-    unmap_removed(&destroy_in(&MDB_MEM, Db::Mem, &mem));
-    for r in &destroy_in(&MDB_PIO, Db::Pio, &[sid(pd)]) {
-        if let Some(p) = pd_of(r.space) {
-            let _ = p.pio.set(r.base, r.order, false, || Ok(()));
+    destroy_in(&MDB_MEM, Db::Mem, &mem, &|r| unmap_removed(r));
+    destroy_in(&MDB_PIO, Db::Pio, &[sid(pd)], &|removed| {
+        for r in removed {
+            if let Some(p) = pd_of(r.space) {
+                let _ = p.pio.set(r.base, r.order, false, || Ok(()));
+            }
         }
-    }
-    remove_caps(&destroy_in(&MDB_OBJ, Db::Obj, &[sid(pd)]));
+    });
+    destroy_in(&MDB_OBJ, Db::Obj, &[sid(pd)], &|r| remove_caps(r));
     // Caps it still holds without database nodes (none expected) go with the space.
     let mut rest = Vec::new();
     {

@@ -436,6 +436,7 @@ fn pd_stat(pd: &Pd, item: u64) -> Result<u64, Status> {
         stat::POOL_TOTAL => Ok(crate::mem::frame::stats().1 as u64),
         stat::HEAP_USED => Ok(crate::mem::heap::stats().0 as u64),
         stat::HEAP_MAPPED => Ok(crate::mem::heap::stats().1),
+        stat::MDB_NODES => Ok(space::nodes()),
         _ => Err(Status::BadParameter),
     }
 }

@@ -447,6 +447,9 @@ pub fn run(si: &StartInfo) -> ! {
         seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1,
         Ordering::Relaxed,
     );
+    // What the runtime allocates from here on (its threads, their portals) lies above
+    // the playground (64–1023), which every cleanup revokes.
+    let _ = nul_rt::sel::alloc_aligned(10);
     if let Err(e) = setup(si) {
         println!("hostile: no echo portal ({:?}); going on without", e);
     } else if svc::register(ECHO_PT).is_err() {

@@ -39,6 +39,19 @@ pub struct Kmem {
     pub frames: u64,
     /// Bytes of kernel heap in use.
     pub heap: u64,
+    /// Mapping-database nodes.
+    pub nodes: u64,
+}
+
+/// What [`Kmem::lost`] found.
+#[derive(Debug, Clone, Copy)]
+pub struct Lost {
+    /// Frames fewer free.
+    pub frames: i64,
+    /// Heap bytes more in use.
+    pub heap: i64,
+    /// Mapping-database nodes more.
+    pub nodes: i64,
 }
 
 impl Kmem {
@@ -54,19 +67,21 @@ impl Kmem {
         Kmem {
             frames: kstat(stat::POOL_FREE) + (kstat(stat::HEAP_MAPPED) >> PAGE_BITS),
             heap: kstat(stat::HEAP_USED),
+            nodes: kstat(stat::MDB_NODES),
         }
     }
 
-    /// (frames lost, heap bytes grown) since `self` (settled), printed as `what`.
-    pub fn lost(&self, what: &str) -> (i64, i64) {
+    /// What was lost since `self` (settled), printed as `what`.
+    pub fn lost(&self, what: &str) -> Lost {
         let n = Kmem::settled();
-        let d = (
-            self.frames as i64 - n.frames as i64,
-            n.heap as i64 - self.heap as i64,
-        );
+        let d = Lost {
+            frames: self.frames as i64 - n.frames as i64,
+            heap: n.heap as i64 - self.heap as i64,
+            nodes: n.nodes as i64 - self.nodes as i64,
+        };
         println!(
-            "{}: {} kernel frames fewer free, kernel heap {} bytes larger",
-            what, d.0, d.1
+            "{}: {} kernel frames fewer free, kernel heap {} bytes larger, {} mapping-database nodes more",
+            what, d.frames, d.heap, d.nodes
         );
         d
     }
@@ -111,12 +126,28 @@ const CHECKS: &[Check] = &[
     ("dead_waiter", dead_waiter_eats_no_up),
     ("destroyed_pd", destroyed_pd_returns_its_quota),
     ("failed_delegation", failed_delegation_keeps_the_utcb),
+    ("delegate_race", delegation_races_destruction),
     ("unhandled_events", unhandled_events_rate_limited),
 ];
+
+/// The semaphore the checks' threads wait on for good when they are done ([`park`]).
+static PARK: AtomicU64 = AtomicU64::new(0);
+
+/// Blocks the running thread for good, on one semaphore for all (a semaphore each would
+/// be kernel memory the checks count).
+fn park() -> ! {
+    loop {
+        let _ = hc::sm_down(PARK.load(Ordering::Relaxed), false, 0);
+    }
+}
 
 /// Runs the scenario (`only=` a comma-separated selection of [`CHECKS`]).
 pub fn run(hip: &HipView, args: &str) -> bool {
     let only = nul_rt::start_info::arg(args, "only");
+    match new_sm(0) {
+        Some(s) => PARK.store(s, Ordering::Relaxed),
+        None => return check(false, "create the parking semaphore"),
+    }
     let mut ok = true;
     for &(name, f) in CHECKS {
         if only.is_some_and(|o| !o.split(',').any(|n| n == name)) {
@@ -179,7 +210,7 @@ extern "C" fn racer(rounds: u64, _utcb: u64) -> ! {
         }
         RACE_DONE.store(r, Ordering::Release);
     }
-    crate::block_forever()
+    park()
 }
 
 /// `create_pd` and `create_sm` race onto one selector; the loser's `create_pd` must
@@ -251,7 +282,7 @@ extern "C" fn far_waiter(arg: u64, _utcb: u64) -> ! {
         let _ = hc::sm_down(a, false, u64::MAX - 1);
         let _ = hc::sm_up(b);
     }
-    crate::block_forever()
+    park()
 }
 
 /// A semaphore down with a far deadline, ended by an up: the deadline leaves with the
@@ -274,7 +305,7 @@ fn timeouts_freed() -> bool {
     }
     destroy(sc);
     destroy(ec);
-    let (_, grew) = before.lost("far deadlines");
+    let grew = before.lost("far deadlines").heap;
     destroy(a);
     destroy(b);
     check(
@@ -301,7 +332,7 @@ fn ecs_freed() -> bool {
         made += 1;
         destroy(s);
     }
-    let (_, grew) = before.lost("EC churn");
+    let grew = before.lost("EC churn").heap;
     println!("EC churn: {} of {} ECs created", made, N);
     check(
         made == N && grew < 64 * 1024,
@@ -377,8 +408,8 @@ fn splits_charged() -> bool {
     for i in (0..pages).step_by(2) {
         let _ = hc::revoke(Crd::mem(src + i, 0, rw), false);
     }
-    let (frames, heap) = before.lost("splits");
-    let grew = frames * 4096 + heap;
+    let lost = before.lost("splits");
+    let grew = lost.frames * 4096 + lost.heap;
     let charged = (4 - quota_avail(c)) as i64 - used0 as i64;
     println!(
         "splits: delegation {:?}; kernel memory grew {} bytes, {} pages more charged to the holder",
@@ -465,7 +496,7 @@ extern "C" fn caller(arg: u64, utcb: u64) -> ! {
         Err(s) => s as u64,
     };
     CALLED[slot % 4].store(code + 1, Ordering::Release);
-    crate::block_forever()
+    park()
 }
 
 /// A local EC on CPU 0 with a [`blocking_echo`] portal blocking on a fresh semaphore.
@@ -567,7 +598,7 @@ extern "C" fn downer(arg: u64, _utcb: u64) -> ! {
     if hc::sm_down(arg, false, 0).is_ok() {
         WOKEN.fetch_add(1, Ordering::Release);
     }
-    crate::block_forever()
+    park()
 }
 
 /// A dead EC in a semaphore's queue does not swallow an up meant for a live waiter.
@@ -618,14 +649,18 @@ fn destroyed_pd_returns_its_quota() -> bool {
     sleep_ms(20);
     component::kill(id, "test");
     component::reap(id);
-    let (frames, grew) = before.lost("blocker destroyed");
+    let lost = before.lost("blocker destroyed");
     let after_q = quota_avail(sel::OWN_PD);
     println!(
         "blocker: ready {}, root quota {} -> {}",
         ready, before_q, after_q
     );
     check(
-        ready && after_q == before_q && frames == 0 && grew < 16 * 1024,
+        ready
+            && after_q == before_q
+            && lost.frames == 0
+            && lost.nodes == 0
+            && lost.heap < 16 * 1024,
         "a destroyed component with blocked threads returns all its kernel memory",
     )
 }
@@ -667,6 +702,92 @@ fn failed_delegation_keeps_the_utcb() -> bool {
     check(
         r.is_err() && echoed,
         "a delegation refused at a UTCB leaves the UTCB mapped",
+    )
+}
+
+static TARGET: AtomicU64 = AtomicU64::new(0);
+static RACING: AtomicU64 = AtomicU64::new(0);
+static DELEGATED: AtomicU64 = AtomicU64::new(0);
+
+/// Delegates the page whose window address is in `arg` into the PD named by [`TARGET`],
+/// at ever new addresses, as long as [`RACING`] is set.
+extern "C" fn delegator(arg: u64, _utcb: u64) -> ! {
+    let rw = MemPerm::R | MemPerm::W;
+    let mut at = 0x2000_0000 >> PAGE_BITS;
+    while RACING.load(Ordering::Acquire) != 0 {
+        let t = TARGET.load(Ordering::Acquire);
+        if t != 0
+            && hc::pd_delegate(
+                sel::OWN_PD,
+                t,
+                Crd::mem(arg >> PAGE_BITS, 0, rw),
+                Crd::mem(at, 0, rw),
+                0,
+                XferFlags::empty(),
+            )
+            .is_ok()
+        {
+            DELEGATED.fetch_add(1, Ordering::Relaxed);
+        }
+        at += 1;
+    }
+    RACING.store(2, Ordering::Release);
+    park()
+}
+
+/// Delegations into a PD race its destruction on another CPU: nothing lands in the
+/// dead PD's spaces (checked once before the database lock, a delegation could insert
+/// nodes after the destruction had torn the spaces down, and they stayed for good).
+fn delegation_races_destruction() -> bool {
+    const ROUNDS: u64 = 400;
+    let Some(phys) = mem::alloc(1) else {
+        return check(false, "a page");
+    };
+    let before = Kmem::settled();
+    let q0 = quota_avail(sel::OWN_PD);
+    RACING.store(1, Ordering::Release);
+    DELEGATED.store(0, Ordering::Relaxed);
+    let Some((ec, sc)) = start(1, delegator, mem::WINDOW + phys) else {
+        return check(false, "start the delegator on CPU 1");
+    };
+    let c = sel::alloc();
+    for r in 0..ROUNDS {
+        if hc::create_pd(c, sel::OWN_PD, 64, false).is_err() {
+            break;
+        }
+        TARGET.store(c, Ordering::Release);
+        // Let it delegate a little, for a varying while, then pull the PD away.
+        let spin = hc::rdtsc() + 20_000 + (r * 7919) % 60_000;
+        while hc::rdtsc() < spin {
+            core::hint::spin_loop();
+        }
+        destroy(c);
+        TARGET.store(0, Ordering::Release);
+    }
+    RACING.store(0, Ordering::Release);
+    let end = deadline_ms(1000);
+    while RACING.load(Ordering::Acquire) != 2 && hc::rdtsc() < end {
+        sleep_ms(1);
+    }
+    destroy(sc);
+    destroy(ec);
+    let _ = hc::revoke(
+        Crd::mem((mem::WINDOW + phys) >> PAGE_BITS, 0, MemPerm::all()),
+        false,
+    );
+    mem::free(phys, 1);
+    let lost = before.lost("delegations racing destruction");
+    let q1 = quota_avail(sel::OWN_PD);
+    println!(
+        "delegations racing destruction: {} delegations into {} PDs; root quota {} -> {}",
+        DELEGATED.load(Ordering::Relaxed),
+        ROUNDS,
+        q0,
+        q1
+    );
+    check(
+        DELEGATED.load(Ordering::Relaxed) > 0 && lost.nodes == 0 && lost.frames == 0 && q1 == q0,
+        "delegations racing the destruction of their target leave no node behind",
     )
 }
 
