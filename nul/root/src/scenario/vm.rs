@@ -852,7 +852,88 @@ pub fn test(hip: &HipView, args: &str) -> bool {
         x == 0x1111_2222_3333_4444,
         "the scenario thread's XMM0 survived the handler's and the guest's FPU use",
     );
+    ok &= gdt_limit(cpu);
     ok
+}
+
+/// Selectors beyond the kernel's GDT (indices 8 and up) that user mode could use
+/// (`lar`, `lsl` or `verr` with RPL 3 succeeded), found by [`gdt_probe`].
+static GDT_HITS: AtomicU64 = AtomicU64::new(u64::MAX);
+/// The first such selector (0: none).
+static GDT_FIRST: AtomicU64 = AtomicU64::new(0);
+/// Upped by [`gdt_probe`] when it is done.
+static GDT_SM: AtomicU64 = AtomicU64::new(0);
+
+/// Whether `lar`, `lsl` or `verr` accept selector `s` at CPL 3: true when the
+/// descriptor lies within the GDT limit and user mode may look at it.
+fn selector_usable(s: u16) -> bool {
+    let (lar, lsl, verr): (u8, u8, u8);
+    // SAFETY: LAR, LSL and VERR only read the descriptor table (a selector outside its
+    // limit or an unusable descriptor clears ZF, nothing faults); they write the
+    // output registers and flags only.
+    unsafe {
+        core::arch::asm!(
+            "lar {t:e}, {s:e}",
+            "setz {a}",
+            "lsl {t:e}, {s:e}",
+            "setz {b}",
+            "verr {s:x}",
+            "setz {c}",
+            s = in(reg) u32::from(s),
+            t = out(reg) _,
+            a = out(reg_byte) lar,
+            b = out(reg_byte) lsl,
+            c = out(reg_byte) verr,
+            options(nostack, readonly),
+        )
+    };
+    lar | lsl | verr != 0
+}
+
+/// A root thread on the vCPU's CPU (`arg`): probes every selector from index 8 up with
+/// RPL 3.
+extern "C" fn gdt_probe(_arg: u64, _utcb: u64) -> ! {
+    let mut hits = 0;
+    let mut first = 0;
+    for index in 8..8192u16 {
+        let s = (index << 3) | 3;
+        if selector_usable(s) {
+            if first == 0 {
+                first = u64::from(s);
+            }
+            hits += 1;
+        }
+    }
+    GDT_FIRST.store(first, Ordering::Relaxed);
+    GDT_HITS.store(hits, Ordering::Release);
+    let _ = hc::sm_up(GDT_SM.load(Ordering::Relaxed));
+    park()
+}
+
+/// After the VM ran on `cpu`: user code on that CPU finds no descriptor beyond the GDT
+/// (a VM exit sets the GDTR limit to 0xffff; the kernel must restore its own).
+fn gdt_limit(cpu: u64) -> bool {
+    let sm = sel::alloc();
+    if hc::create_sm(sm, sel::OWN_PD, 0).is_err() {
+        return check(false, "create a semaphore");
+    }
+    GDT_SM.store(sm, Ordering::Relaxed);
+    if let Err(e) = super::spawn(cpu, gdt_probe, cpu) {
+        println!("vm: cannot start the GDT probe on cpu {}: {:?}", cpu, e);
+        return check(false, "start a thread on the vCPU's CPU");
+    }
+    let _ = hc::sm_down(sm, false, deadline_ms(10_000));
+    let hits = GDT_HITS.load(Ordering::Acquire);
+    println!(
+        "vm: cpu {}: {} selectors beyond the GDT usable from user mode (first {:#x})",
+        cpu,
+        hits,
+        GDT_FIRST.load(Ordering::Relaxed)
+    );
+    check(
+        hits == 0,
+        "after VM exits no selector beyond the kernel's GDT is usable from user mode",
+    )
 }
 
 /// `bench=vmexit`.
