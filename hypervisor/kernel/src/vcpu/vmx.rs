@@ -603,7 +603,8 @@ pub(super) fn run(ec: &Ec, v: &Vcpu, c: &mut Common) -> Next {
             wrmsr(Msr::KernelGsBase, host_kgs);
         }
     }
-    crate::arch::x86::gdt::reload_tr();
+    // The exit left the GDTR and IDTR limits at 0xffff and TR's at 0x67.
+    crate::arch::x86::gdt::restore_after_vm_exit();
     match res {
         Entry::Exited => handle_exit(st, c),
         Entry::FailValid | Entry::FailInvalid => {
