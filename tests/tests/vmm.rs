@@ -1,6 +1,7 @@
 //! The VMM component (`nul-vmm`) on QEMU's software SVM with NPT: the test guest's
-//! check list with one and two vCPUs, and a hostile guest beside a well-behaved VM. The
-//! root runs `test=vmm`, which waits for every VMM to report how its VM ended.
+//! check list with one and two vCPUs, and a hostile guest and the exception loops beside
+//! a well-behaved VM and a canary. The root runs `test=vmm`, which waits for every VMM
+//! to report how its VM ended (and calls the canary meanwhile).
 
 use std::time::Duration;
 
@@ -14,12 +15,27 @@ fn run_vmms(name: &str, smp: u32, vmms: &[&str], timeout_s: u64) -> RunResult {
 
 /// [`run_vmms`] in emulator `e`.
 fn run_vmms_in(e: Emulator, name: &str, smp: u32, vmms: &[&str], timeout_s: u64) -> RunResult {
+    run_vmms_with(e, name, smp, vmms, &[], timeout_s)
+}
+
+/// [`run_vmms_in`] with `nul-test` components (e.g. `role=canary cpu=1`) beside the VMMs.
+fn run_vmms_with(
+    e: Emulator,
+    name: &str,
+    smp: u32,
+    vmms: &[&str],
+    components: &[&str],
+    timeout_s: u64,
+) -> RunResult {
     let mut spec = system(name)
         .root_args("test=vmm")
         .smp(smp)
         .timeout(Duration::from_secs(timeout_s));
     for a in vmms {
         spec = spec.module(images().vmm(), a);
+    }
+    for a in components {
+        spec = spec.module(images().test_component(), a);
     }
     spec = spec.module(images().guest_test(), "");
     let r = boot_in(e, &spec);
@@ -97,26 +113,102 @@ fn vmm_check_list_two_vcpus_on_two_cpus() {
     }
 }
 
-/// A hostile guest (random exits until a triple fault) beside a well-behaved VM: the
-/// VMM handles every exit or ends its VM with a reason, and the other VM completes.
+/// The exception loops' check list (`mode=loops`, two vCPUs).
+const LOOP_CHECKS: &[&str] = &["ac", "db_step", "db_data", "ac_loop", "db_loop"];
+
+/// The numbers in the VMM's `vmm: exceptions reflected into the guest: #DB N, #AC M`
+/// line: (#DB, #AC).
+fn reflected(r: &RunResult, tag: &str) -> (u64, u64) {
+    let prefix = format!("[{tag}] vmm: exceptions reflected into the guest: ");
+    let line = r
+        .serial
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .unwrap_or_else(|| panic!("no reflected-exceptions line of {tag}\n{}", r.report()));
+    let num = |k: &str| -> u64 {
+        line.split(", ")
+            .find_map(|p| p.strip_prefix(k))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {k} count in {line:?}"))
+    };
+    (num("#DB "), num("#AC "))
+}
+
+/// The exception loops ran to their end (every check passed), and the VMM got and
+/// reflected the #DB exits (and with `ac`, on a CPU that checks alignment, the #AC
+/// exits), which the kernel intercepts whatever the VMM asked for.
+fn assert_loops(r: &RunResult, tag: &str, ac: bool) {
+    for c in LOOP_CHECKS {
+        let line = format!("[{tag}] check {c} ok");
+        let skipped = format!("[{tag}] check {c} skipped");
+        let may_skip = !ac && c.starts_with("ac");
+        assert!(
+            r.serial.contains(&line) || (may_skip && r.serial.contains(&skipped)),
+            "no {line:?}\n{}",
+            r.report()
+        );
+    }
+    let line = format!("[{tag}] vmm: guest done 0");
+    assert!(r.serial.contains(&line), "no {line:?}\n{}", r.report());
+    let (db, n_ac) = reflected(r, tag);
+    assert!(
+        db >= 3 && (!ac || n_ac >= 3),
+        "the VMM reflected only {db} #DB and {n_ac} #AC exceptions (the kernel must intercept both for it)\n{}",
+        r.report()
+    );
+}
+
+/// A hostile guest (random exits until a triple fault) and the exception loops (#AC and
+/// #DB that re-raise themselves; a canary on the same CPU answers all the while) beside
+/// a well-behaved VM: the VMM handles every exit or ends its VM with a reason (its exit
+/// handler never faults), and the other VM completes.
 #[test]
 fn vmm_hostile_guest_beside_a_good_one() {
-    let r = run_vmms(
+    let r = run_vmms_with(
+        Emulator::Qemu,
         "vmm-hostile",
         2,
         &[
             "name=hostile guest=guest-test cpus=1 mem=16 mode=hostile seed=3 limit=400 cpu=1",
             "name=good guest=guest-test cpus=1 mem=16 mode=check cpu=0",
+            "name=loops guest=guest-test cpus=2 mem=16 mode=loops cpu=0",
         ],
+        &["role=canary cpu=1"],
         600,
     );
     assert_checks(&r, "good", false);
+    // QEMU's software emulation checks no alignment: no #AC at all.
+    assert_loops(&r, "loops", false);
     let n = exits(&r, "hostile");
     assert!(
         n >= 20_000,
         "only {n} exits of the hostile guest\n{}",
         r.report()
     );
+    assert!(
+        !r.serial.contains("component hostile"),
+        "the hostile VM's VMM was removed\n{}",
+        r.report()
+    );
+}
+
+/// The same on Intel VT-x with EPT (Bochs `corei7_skylake_x`), shorter: the hostile
+/// guest for at most 40 s, the exception loops on both CPUs, a canary on CPU 1.
+#[test]
+fn bochs_vmx_vmm_hostile_and_loops() {
+    let r = run_vmms_with(
+        Emulator::Bochs,
+        "bochs-vmm-hostile",
+        2,
+        &[
+            "name=hostile guest=guest-test cpus=1 mem=16 mode=hostile seed=3 limit=40 cpu=1",
+            "name=loops guest=guest-test cpus=2 mem=16 mode=loops cpu=0",
+        ],
+        &["role=canary cpu=1"],
+        170,
+    );
+    assert!(r.serial.contains("VMX EPT"), "{}", r.report());
+    assert_loops(&r, "loops", true);
     assert!(
         !r.serial.contains("component hostile"),
         "the hostile VM's VMM was removed\n{}",

@@ -232,6 +232,7 @@ pub struct Machine {
     started: AtomicU64,
     exits: AtomicU64,
     undefined: AtomicU64,
+    reflected: Reflected,
 }
 
 impl Machine {
@@ -256,6 +257,7 @@ impl Machine {
             started: AtomicU64::new(1),
             exits: AtomicU64::new(0),
             undefined: AtomicU64::new(0),
+            reflected: Reflected::default(),
         }
     }
 
@@ -367,10 +369,22 @@ impl Machine {
                 Step::Resume
             }
             ev::RECALL => Step::Resume,
+            ev::EXCEPTION => match reflect(p) {
+                Some(v) => {
+                    self.reflected.count(v);
+                    Step::Resume
+                }
+                None => Step::End(End::Unhandled { event, qual, rip }),
+            },
             ev::TRIPLE_FAULT => Step::End(End::TripleFault { rip }),
             ev::INVALID_STATE => Step::End(End::InvalidState { qual }),
             _ => Step::End(End::Unhandled { event, qual, rip }),
         }
+    }
+
+    /// Exceptions of vector `v` reflected into the guest so far.
+    pub fn reflected(&self, v: u8) -> u64 {
+        self.reflected.get(v)
     }
 
     /// The contract's entry state for vCPU `vcpu`, every group it sets marked.
@@ -506,6 +520,56 @@ impl Machine {
             }
         }
     }
+}
+
+/// Per exception vector: how many EXCEPTION events were reflected into the guest.
+#[derive(Default)]
+pub(crate) struct Reflected([AtomicU64; 32]);
+
+impl Reflected {
+    pub(crate) fn count(&self, v: u8) {
+        if let Some(c) = self.0.get(usize::from(v)) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub(crate) fn get(&self, v: u8) -> u64 {
+        self.0
+            .get(usize::from(v))
+            .map_or(0, |c| c.load(Ordering::Relaxed))
+    }
+}
+
+/// Reflects the exception of an EXCEPTION event (`qual[0]`: VMX interruption
+/// information with the error code in bits 32–63) into the guest, as the processor
+/// would have delivered it had nobody intercepted it: the same vector with the same
+/// error code; for a software exception (type 5, ICEBP; type 6, INT3/INTO: VT-x exits
+/// on the instruction) RIP first moves past the instruction. Returns the vector, or
+/// `None` for an event that is no exception to reflect (NMI, vector 32 and above).
+///
+/// The kernel intercepts #AC and #DB (and handles #MC itself) whatever the VMM asked
+/// for, so that an exception that raises itself again during its own delivery cannot
+/// hold a physical CPU: this is how a VMM that wants the architectural behaviour
+/// answers them (what KVM does). For #DB the guest's DR6 already holds the bits of this
+/// exception when the event arrives (SVM updates it before the intercept; on VT-x the
+/// kernel applies the exit qualification), so the injection is all there is to do.
+pub(crate) fn reflect<P: Platform + ?Sized>(p: &mut P) -> Option<u8> {
+    let r = p.regs();
+    let q = r.qual[0];
+    let v = (q & 0xff) as u8;
+    let ty = (q >> 8) & 7;
+    if q & (1 << 31) == 0 || v >= 32 || v == 2 || !matches!(ty, 3 | 5 | 6) {
+        return None;
+    }
+    let error = (q & (1 << 11) != 0).then_some((q >> 32) as u32);
+    if ty != 3 {
+        let len = r.inst_len;
+        let regs = p.regs_mut();
+        regs.rip = regs.rip.wrapping_add(len);
+        regs.mtd |= Mtd::RIP_LEN;
+    }
+    p.inject(Event::Exception { vector: v, error });
+    Some(v)
 }
 
 fn gp0() -> Event {

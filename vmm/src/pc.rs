@@ -331,6 +331,7 @@ pub struct Pc {
     started: AtomicU64,
     exits: AtomicU64,
     undefined: AtomicU64,
+    reflected: crate::exit::Reflected,
 }
 
 /// Console input into the UART, and its output's unfinished line.
@@ -552,6 +553,7 @@ impl Pc {
             started: AtomicU64::new(1),
             exits: AtomicU64::new(0),
             undefined: AtomicU64::new(0),
+            reflected: crate::exit::Reflected::default(),
         })
     }
 
@@ -573,6 +575,12 @@ impl Pc {
     /// Instructions behind MMIO or string I/O exits answered with #UD.
     pub fn undefined(&self) -> u64 {
         self.undefined.load(Ordering::Relaxed)
+    }
+
+    /// Exceptions of vector `v` reflected into the guest so far (the #AC and #DB the
+    /// kernel intercepts for every VMM: see `crate::exit::reflect`).
+    pub fn reflected(&self, v: u8) -> u64 {
+        self.reflected.get(v)
     }
 
     /// Console input for COM1: how many bytes it took.
@@ -815,6 +823,13 @@ impl Pc {
                 Step::Resume
             }
             ev::PAUSE | ev::RECALL | ev::INTR_WINDOW => Step::Resume,
+            ev::EXCEPTION => match crate::exit::reflect(p) {
+                Some(v) => {
+                    self.reflected.count(v);
+                    Step::Resume
+                }
+                None => Step::End(End::Unhandled { event, qual, rip }),
+            },
             ev::TRIPLE_FAULT => Step::End(End::TripleFault { rip }),
             ev::INVALID_STATE => Step::End(End::InvalidState { qual }),
             _ => Step::End(End::Unhandled { event, qual, rip }),

@@ -59,6 +59,8 @@ pub enum Mode {
     Bench,
     /// Random exits until a triple fault, from this seed (`rcx`).
     Hostile(u64),
+    /// #AC and #DB, one at a time and as loops (two vCPUs for the loops).
+    Loops,
 }
 
 impl Mode {
@@ -68,6 +70,7 @@ impl Mode {
             Mode::Check => 1,
             Mode::Bench => 2,
             Mode::Hostile(_) => 3,
+            Mode::Loops => 4,
         }
     }
 
@@ -79,12 +82,13 @@ impl Mode {
         }
     }
 
-    /// Parses `check`, `bench` or `hostile` (which takes `seed`).
+    /// Parses `check`, `bench`, `hostile` (which takes `seed`) or `loops`.
     pub fn parse(s: &str, seed: u64) -> Option<Mode> {
         match s {
             "check" => Some(Mode::Check),
             "bench" => Some(Mode::Bench),
             "hostile" => Some(Mode::Hostile(seed)),
+            "loops" => Some(Mode::Loops),
             _ => None,
         }
     }

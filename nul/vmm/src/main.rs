@@ -15,8 +15,10 @@
 //! exits and the end to the root (`nul_rt::svc::key::VM_EXITS`, `VM_END`).
 //!
 //! `mode=check` runs the guest's check list, `mode=bench` its exit benchmark (its
-//! `BENCH` lines are printed unchanged), `mode=hostile seed=N` its hostile mode;
-//! `limit=S` ends the VM after S seconds.
+//! `BENCH` lines are printed unchanged), `mode=hostile seed=N` its hostile mode,
+//! `mode=loops` its exception loops (#AC, #DB; two vCPUs); `limit=S` ends the VM after
+//! S seconds. At the end it prints the exits it handled and the exceptions it reflected
+//! into the guest.
 //!
 //! `mode=linux` boots a Linux bzImage (`guest=`) on the PC of `peregrine_vmm::pc`, with
 //! the boot modules `initrd=` and `disk=` and the kernel command line after ` -- `;
@@ -186,6 +188,11 @@ fn main(info: u64) -> ! {
                 exits,
                 vm.machine.undefined(),
                 vm.stack_used()
+            );
+            println!(
+                "vmm: exceptions reflected into the guest: #DB {}, #AC {}",
+                vm.machine.reflected(1),
+                vm.machine.reflected(17)
             );
             let _ = svc::result(svc::key::VM_EXITS, exits);
             let _ = svc::result(svc::key::VM_END, code);

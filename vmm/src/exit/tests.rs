@@ -345,6 +345,41 @@ fn hlt_hypercall_msr_and_the_rest() {
     assert!(m.exits() > 10);
 }
 
+/// #AC and #DB the VMM did not ask for (the kernel intercepts them for it) go back into
+/// the guest: the same vector and error code; a software #DB (ICEBP on VT-x, type 5)
+/// after RIP moves past the instruction. An NMI or a vector beyond 31 is no exception
+/// to reflect.
+#[test]
+fn exceptions_are_reflected() {
+    let (m, _) = machine(Mode::Loops, 1);
+    let mut v = vcpu(&m, &[]);
+    // #AC, hardware exception with error code 0.
+    v.regs.qual = [0x8000_0b11, 0];
+    assert_eq!(exit(&m, &mut v, ev::EXCEPTION), Step::Resume);
+    assert_eq!((v.regs.inj_info, v.regs.inj_error), (0x8000_0b11, 0));
+    assert_eq!(v.regs.rip, ENTRY);
+    // #DB from a data breakpoint (DR6.B0 in the qualification).
+    v.regs.inj_info = 0;
+    v.regs.qual = [0x8000_0301, 1];
+    assert_eq!(exit(&m, &mut v, ev::EXCEPTION), Step::Resume);
+    assert_eq!(v.regs.inj_info, 0x8000_0301);
+    assert_eq!(v.regs.rip, ENTRY);
+    // ICEBP on VT-x: privileged software exception, one byte.
+    v.regs.inj_info = 0;
+    v.regs.qual = [0x8000_0501, 0];
+    v.regs.inst_len = 1;
+    assert_eq!(exit(&m, &mut v, ev::EXCEPTION), Step::Resume);
+    assert_eq!((v.regs.inj_info, v.regs.rip), (0x8000_0301, ENTRY + 1));
+    assert_eq!((m.reflected(1), m.reflected(17)), (2, 1));
+    for q in [0x8000_0202, 0x8000_0340, 0x0000_0301] {
+        v.regs.qual = [q, 0];
+        assert!(matches!(
+            exit(&m, &mut v, ev::EXCEPTION),
+            Step::End(End::Unhandled { event: 0, .. })
+        ));
+    }
+}
+
 /// A hostile guest: random events with random state never panic the handler, and
 /// every step is one of the three answers.
 #[test]
