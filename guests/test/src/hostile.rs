@@ -464,10 +464,11 @@ pub fn run(index: usize, seed: u64) -> ! {
         n += 1;
         if n.is_multiple_of(PROGRESS) {
             println!(
-                "hostile: vCPU {} {} actions, {} ended by exceptions (#GP {}, #UD {}, #PF {})",
+                "hostile: vCPU {} {} actions, {} ended by exceptions (#DB {}, #GP {}, #UD {}, #PF {})",
                 index,
                 n,
                 faults,
+                VECTORS[1].load(Ordering::Relaxed),
                 VECTORS[13].load(Ordering::Relaxed),
                 VECTORS[6].load(Ordering::Relaxed),
                 VECTORS[14].load(Ordering::Relaxed)
