@@ -97,7 +97,7 @@ pub fn init_cpu(cpu: usize) {
 
 fn init_vmcb(v: Vmcb, ncr3: u64) {
     v.w32(f::INTERCEPT_CR, 0);
-    v.w32(f::INTERCEPT_EXC, 0);
+    v.w32(f::INTERCEPT_EXC, super::FORCED_EXC);
     v.w32(f::INTERCEPT_3, BASE3);
     v.w32(f::INTERCEPT_4, BASE4);
     v.w64(f::IOPM_BASE, svm::iopm());
@@ -296,6 +296,7 @@ fn handle_exit(vm: Vmcb, st: &mut Common) -> Next {
         exit::SHUTDOWN => ev::TRIPLE_FAULT,
         exit::NPF => ev::NPT_FAULT,
         exit::TASK_SWITCH => ev::TASK_SWITCH,
+        exit::EXC_MC => return super::machine_check(),
         exit::EXC_BASE..=exit::EXC_LAST => {
             let vec = code - exit::EXC_BASE;
             let has_err = matches!(vec, 8 | 10..=14 | 17 | 21 | 29 | 30);
@@ -531,7 +532,7 @@ fn apply_ctrl(vm: Vmcb, c: [u64; 2]) {
     vm.w32(f::INTERCEPT_3, v3);
     vm.w32(f::INTERCEPT_4, v4);
     vm.w32(f::INTERCEPT_CR, cr);
-    vm.w32(f::INTERCEPT_EXC, c[1] as u32);
+    vm.w32(f::INTERCEPT_EXC, c[1] as u32 | super::FORCED_EXC);
 }
 
 /// Takes back the state a VMM's reply selects, validating every value: a value that

@@ -45,6 +45,10 @@ const AR_UNUSABLE: u32 = 1 << 16;
 const BLOCK_NMI: u64 = 1 << 3;
 /// Offset of VTPR in the virtual-APIC page.
 const VTPR: usize = 0x80;
+/// Interruptibility: blocking by STI or by MOV SS.
+const BLOCK_STI_MOVSS: u64 = 3;
+/// RFLAGS.TF.
+const RFLAGS_TF: u64 = 1 << 8;
 
 /// The VMX state of a vCPU beyond its EC, touched only by its CPU with interrupts off.
 struct State {
@@ -353,7 +357,7 @@ fn init_vmcs(v: &Vcpu) {
         f::ENTRY_CONTROLS,
         u64::from((entry | c.entry.0) & c.entry.1),
     );
-    write(f::EXCEPTION_BITMAP, 0);
+    write(f::EXCEPTION_BITMAP, u64::from(super::FORCED_EXC));
     if v.vpid != 0 {
         write(f::VPID, u64::from(v.vpid));
     }
@@ -687,6 +691,13 @@ fn handle_exit(st: &mut State, c: &mut Common) -> Next {
                     read(f::GUEST_INTERRUPTIBILITY) | BLOCK_NMI,
                 );
             }
+            let (vector, ty) = (info & 0xff, (info >> 8) & 7);
+            if vector == 18 && ty == 3 {
+                return super::machine_check();
+            }
+            if vector == 1 && ty == 3 {
+                debug_exit(q);
+            }
             let err = if info & inj::ERROR_VALID != 0 {
                 read(f::EXIT_INTR_ERROR) & 0xffff_ffff
             } else {
@@ -757,6 +768,32 @@ fn handle_exit(st: &mut State, c: &mut Common) -> Next {
         }
     };
     Next::Event(nr)
+}
+
+/// A #DB of the guest caused this exit (the kernel intercepts #DB always): makes the
+/// guest's debug state what delivering it would have made it, as SVM does before its
+/// intercept, so that the VMM reflects it by injecting vector 1. A VM exit leaves DR6
+/// and DR7 as they were (SDM vol. 3C 28.1): DR6 takes the exit qualification's
+/// conditions (`q`: B0–B3, BD, BS, RTM), a general-detect #DB clears DR7.GD; and
+/// single-stepping in an STI or MOV-SS shadow keeps its pending single step (the BS bit
+/// of the pending debug exceptions, which VM entry checks against TF and the shadow).
+fn debug_exit(q: u64) {
+    use crate::arch::x86::dr;
+    let dr6 = dr::dr6_after(dr::read_dr6(), q);
+    // SAFETY: bits 32–63 are clear (`dr6_after` keeps bits 0–31 only); the hardware
+    // DR6 is the guest's (the host never reads it).
+    unsafe { dr::write_dr6(dr6 & 0xffff_ffff) };
+    if q & dr::DR6_BD != 0 {
+        write(f::GUEST_DR7, read(f::GUEST_DR7) & !dr::DR7_GD);
+    }
+    if read(f::GUEST_RFLAGS) & RFLAGS_TF != 0
+        && read(f::GUEST_INTERRUPTIBILITY) & BLOCK_STI_MOVSS != 0
+    {
+        write(
+            f::GUEST_PENDING_DBG,
+            read(f::GUEST_PENDING_DBG) | dr::DR6_BS,
+        );
+    }
 }
 
 /// Writes the state `mtd` selects from VMX vCPU `v` into a handler's UTCB.
@@ -891,7 +928,10 @@ fn apply_ctrl(c: &VmxCaps, ctl: [u64; 2]) {
     let win = read(f::PROC_CONTROLS) as u32 & (proc1::INTR_WINDOW | proc1::NMI_WINDOW);
     write(f::PROC_CONTROLS, u64::from(proc1_for(c, ctl[0], win)));
     write(f::PROC_CONTROLS2, u64::from(proc2_for(c, ctl[0])));
-    write(f::EXCEPTION_BITMAP, ctl[1] & 0xffff_ffff);
+    write(
+        f::EXCEPTION_BITMAP,
+        (ctl[1] & 0xffff_ffff) | u64::from(super::FORCED_EXC),
+    );
     // Keep what the guest sees of CR0/CR4 across a mask change.
     let (m0, m4) = (read(f::CR0_MASK), read(f::CR4_MASK));
     let cr0 = (read(f::GUEST_CR0) & !m0) | (read(f::CR0_SHADOW) & m0);

@@ -146,6 +146,8 @@ pub mod exit {
     pub const CR0_READ: u64 = 0x00;
     pub const CR15_WRITE: u64 = 0x1f;
     pub const EXC_BASE: u64 = 0x40;
+    /// Exception 18, machine check.
+    pub const EXC_MC: u64 = 0x52;
     pub const EXC_LAST: u64 = 0x5f;
     pub const INTR: u64 = 0x60;
     pub const NMI: u64 = 0x61;
