@@ -233,7 +233,13 @@ fn io_qual(i1: u64) -> u64 {
 }
 
 fn handle_exit(vm: Vmcb, st: &mut Common) -> Next {
-    let code = vm.r64(f::EXITCODE);
+    let code = match vm.r64(f::EXITCODE) {
+        // VMEXIT_INVALID is -1; QEMU writes it as a 32-bit -1. Taken for another exit,
+        // the VMM's reply entered the guest with what QEMU's failed VMRUN left in the
+        // VMCB: the host's own state.
+        c if c as u32 == u32::MAX => exit::INVALID,
+        c => c,
+    };
     let (i1, i2) = (vm.r64(f::EXITINFO1), vm.r64(f::EXITINFO2));
     if trace() {
         crate::kprintln!(
