@@ -55,6 +55,89 @@ struct Common {
     /// An event that must reach the VMM before the guest runs again (set before the
     /// delivery, cleared when the handler gets it: a busy handler delays it).
     pending: Option<u64>,
+    /// The guest's debug registers that the hardware does not switch.
+    dr: Dr,
+}
+
+/// A vCPU's DR0–DR3 (and on VT-x DR6), which neither VT-x nor SVM switches between
+/// guest and host (DR7 is in the VMCS or VMCB, and SVM's VMCB holds DR6 too).
+///
+/// Kept lazily, the way KVM does: every access of the guest to a debug register
+/// exits (MOV-DR exiting, SVM's DR intercepts), and the kernel handles that exit
+/// itself ([`Dr::accessed`]): it turns the intercept off and lets the instruction run
+/// again with the guest's registers loaded; at the next exit it saves them and turns
+/// the intercept on again. A guest that never touches its debug registers costs one
+/// test per entry and exit. While the guest's DR7 enables a breakpoint, DR0–DR3 are
+/// loaded at every entry too, so that its breakpoints (and only its) fire in it.
+#[derive(Clone, Copy)]
+struct Dr {
+    /// DR0–DR3 (saved at the exit after a [`live`](Self::live) run).
+    db: [u64; 4],
+    /// DR6 (VT-x only; saved likewise). The kernel applies a #DB's conditions here
+    /// (see `vmx::debug_exit`).
+    dr6: u64,
+    /// The access intercept is off: the guest's registers are loaded at entry and
+    /// saved at the exit.
+    live: bool,
+    /// The guest's DR7 enables a breakpoint: DR0–DR3 are loaded at every entry.
+    armed: bool,
+}
+
+impl Dr {
+    const fn new() -> Self {
+        Dr {
+            db: [0; 4],
+            dr6: crate::arch::x86::dr::DR6_INIT,
+            live: false,
+            armed: false,
+        }
+    }
+
+    /// Before an entry: loads the guest's DR0–DR3 if it can use them (and its DR6 if
+    /// it can read it, on VT-x: `with_dr6`).
+    #[inline(always)]
+    fn enter(&self, with_dr6: bool) {
+        if self.live || self.armed {
+            self.load(with_dr6);
+        }
+    }
+
+    #[cold]
+    fn load(&self, with_dr6: bool) {
+        use crate::arch::x86::dr;
+        // SAFETY: the host enables no breakpoint (DR7 is 0x400 outside guests), so the
+        // guest's addresses matter only in the guest; DR6 holds bits 0–31 only
+        // (`put_state` refuses more, the kernel's own values have none).
+        unsafe {
+            dr::write_db(self.db);
+            if with_dr6 && self.live {
+                dr::write_dr6(self.dr6 & 0xffff_ffff);
+            }
+        }
+    }
+
+    /// Saves the guest's registers after a live run; `dr7` is the guest's DR7.
+    #[cold]
+    fn save(&mut self, with_dr6: bool, dr7: u64) {
+        use crate::arch::x86::dr;
+        self.db = dr::read_db();
+        if with_dr6 {
+            self.dr6 = dr::read_dr6();
+        }
+        self.live = false;
+        self.armed = dr7 & dr::DR7_ENABLED != 0;
+    }
+
+    /// The guest accessed a debug register (an exit the kernel handles): the caller
+    /// turns the intercept off and enters the guest again, which repeats the access.
+    fn accessed(&mut self) {
+        self.live = true;
+    }
+
+    /// The VMM wrote DR7.
+    fn set_dr7(&mut self, dr7: u64) {
+        self.armed = dr7 & crate::arch::x86::dr::DR7_ENABLED != 0;
+    }
 }
 
 enum Hw {
@@ -117,8 +200,11 @@ const CR0_PE: u64 = 1;
 const CR0_NW: u64 = 1 << 29;
 const CR0_CD: u64 = 1 << 30;
 const CR0_PG: u64 = 1 << 31;
-/// VME..UMIP, FSGSBASE, PCIDE, OSXSAVE, SMEP, SMAP, PKE.
-const CR4_OK: u64 = 0x0077_0fff;
+/// VME..UMIP, FSGSBASE, PCIDE, OSXSAVE, SMEP, SMAP. Not PKE: the kernel does not switch
+/// PKRU, which a guest with CR4.PKE could read and set for the next guest with it.
+const CR4_OK: u64 = 0x0037_0fff;
+/// CR4.PKE.
+const CR4_PKE: u64 = 1 << 22;
 /// RFLAGS bits a guest may hold (bit 1 is forced on).
 const RFLAGS_OK: u64 = 0x003f_7fd5;
 
@@ -345,6 +431,7 @@ fn new_common(flush_seen: u64) -> Common {
         invalid: false,
         check: true,
         pending: None,
+        dr: Dr::new(),
     }
 }
 
@@ -415,6 +502,8 @@ enum Next {
     Event(u64),
     /// A host interrupt or NMI: take it, then schedule.
     Interrupt,
+    /// The kernel handled the exit itself: enter the guest again.
+    Resume,
 }
 
 /// The guest-TLB flush generation of `ec`'s VM.
@@ -469,6 +558,7 @@ fn run(ec: Arc<Ec>) -> ! {
     };
     match next {
         Next::Event(nr) => deliver(ec, nr),
+        Next::Resume => resume(ec),
         Next::Interrupt => {
             crate::arch::x86::cr::interrupt_window();
             drop(ec);
@@ -507,7 +597,12 @@ pub fn get_state(ec: &Ec, mtd: Mtd, vector: u64, a: &mut ArchState) {
     }
     match &v.hw {
         Hw::Svm(s) => svm::get_state(s, mtd, a),
-        Hw::Vmx(x) => vmx::get_state(x, mtd, a),
+        Hw::Vmx(x) => {
+            vmx::get_state(x, mtd, a);
+            if mtd.contains(Mtd::DR) {
+                a.dr6 = c.dr.dr6;
+            }
+        }
     }
 }
 

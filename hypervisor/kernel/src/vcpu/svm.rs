@@ -6,6 +6,7 @@
 //! nRIP − RIP.
 
 use core::cell::UnsafeCell;
+use core::sync::atomic::{AtomicU8, Ordering};
 
 use peregrine_abi::event::vcpu as ev;
 use peregrine_abi::utcb::{ctrl, inj, ArchState, Segment};
@@ -40,6 +41,34 @@ const BASE4: u32 = i4::VMRUN
     | i4::CLGI
     | i4::SKINIT
     | i4::XSETBV;
+
+/// Reads and writes of DR0–DR7 (the kernel's lazy debug-register switch: `super::Dr`).
+const DR_ALL: u32 = 0x00ff_00ff;
+/// CR intercepts: CR4 writes.
+const CR4_WRITE: u32 = 1 << 20;
+
+/// Whether the CPU has protection keys (CPUID 7.0:ECX.PKU): 0 unknown, 1 no, 2 yes.
+static PKU: AtomicU8 = AtomicU8::new(0);
+
+/// CR intercepts every vCPU has: CR4 writes where the CPU has protection keys, so that
+/// no guest sets CR4.PKE behind the kernel (SVM has no CR4 guest/host mask; the kernel
+/// refuses PKE: `super::CR4_OK`).
+fn base_cr() -> u32 {
+    let mut p = PKU.load(Ordering::Relaxed);
+    if p == 0 {
+        p = if core::arch::x86_64::__cpuid_count(7, 0).ecx & (1 << 3) != 0 {
+            2
+        } else {
+            1
+        };
+        PKU.store(p, Ordering::Relaxed);
+    }
+    if p == 2 {
+        CR4_WRITE
+    } else {
+        0
+    }
+}
 
 const EFER_SVME: u64 = 1 << 12;
 /// SCE LME LMA NXE SVME LMSLE FFXSR TCE.
@@ -96,7 +125,8 @@ pub fn init_cpu(cpu: usize) {
 }
 
 fn init_vmcb(v: Vmcb, ncr3: u64) {
-    v.w32(f::INTERCEPT_CR, 0);
+    v.w32(f::INTERCEPT_CR, base_cr());
+    v.w32(f::INTERCEPT_DR, DR_ALL);
     v.w32(f::INTERCEPT_EXC, super::FORCED_EXC);
     v.w32(f::INTERCEPT_3, BASE3);
     v.w32(f::INTERCEPT_4, BASE4);
@@ -212,10 +242,17 @@ pub(super) fn run(ec: &Ec, v: &Vcpu, c: &mut Common) -> Next {
         );
     }
     let host_xcr0 = super::enter_xcr0(c.xcr0);
+    c.dr.enter(false);
     // SAFETY: the VMCB was built by `init_vmcb` (mandatory intercepts, permission maps,
     // the VM's nested page table) and changed only through `put_state`'s checks;
     // `check_entry` passed; SVM is on here (`create` checked `enabled_on`).
     unsafe { svm::vmrun(&mut st.gprs, v.vmcb) };
+    if c.dr.live {
+        // The guest ran with its DR0–DR3 and no DR intercepts (DR6 and DR7 are in the
+        // VMCB).
+        c.dr.save(false, vm.r64(f::DR7));
+        vm.w32(f::INTERCEPT_DR, DR_ALL);
+    }
     super::leave_xcr0(host_xcr0);
     handle_exit(vm, c)
 }
@@ -303,6 +340,12 @@ fn handle_exit(vm: Vmcb, st: &mut Common) -> Next {
         exit::NPF => ev::NPT_FAULT,
         exit::TASK_SWITCH => ev::TASK_SWITCH,
         exit::EXC_MC => return super::machine_check(),
+        exit::DR0_READ..=exit::DR15_WRITE => {
+            // The kernel's (`super::Dr`): the MOV DR runs again without an intercept.
+            st.dr.accessed();
+            vm.w32(f::INTERCEPT_DR, 0);
+            return Next::Resume;
+        }
         exit::EXC_BASE..=exit::EXC_LAST => {
             let vec = code - exit::EXC_BASE;
             let has_err = matches!(vec, 8 | 10..=14 | 17 | 21 | 29 | 30);
@@ -448,6 +491,7 @@ pub(super) fn get_state(v: &Vcpu, mtd: Mtd, a: &mut ArchState) {
         a.cr8 = vm.r64(f::VINTR) & 0xf;
     }
     if mtd.contains(Mtd::DR) {
+        a.dr6 = vm.r64(f::DR6);
         a.dr7 = vm.r64(f::DR7);
     }
     if mtd.contains(Mtd::SYSENTER) {
@@ -505,7 +549,7 @@ fn event_inj(info: u64, err: u64) -> Option<u64> {
 fn apply_ctrl(vm: Vmcb, c: [u64; 2]) {
     let mut v3 = BASE3 | (vm.r32(f::INTERCEPT_3) & i3::VINTR);
     let mut v4 = BASE4;
-    let mut cr = 0u32;
+    let mut cr = base_cr();
     let c0 = c[0];
     let on = |b: u64| c0 & b != 0;
     if on(ctrl::RDTSC) {
@@ -637,7 +681,11 @@ pub(super) fn put_state(v: &Vcpu, c: &mut Common, a: &ArchState) -> bool {
         });
     }
     if mtd.contains(Mtd::DR) {
-        take(a.dr7 >> 32 == 0, &mut || vm.w64(f::DR7, a.dr7));
+        take(a.dr7 >> 32 == 0 && a.dr6 >> 32 == 0, &mut || {
+            vm.w64(f::DR6, a.dr6);
+            vm.w64(f::DR7, a.dr7);
+            c.dr.set_dr7(a.dr7);
+        });
     }
     if mtd.contains(Mtd::SYSENTER) {
         take(

@@ -25,7 +25,7 @@ use peregrine_abi::{Mtd, Status};
 use spin::Mutex;
 
 use super::{canonical, injection, pat_ok, seg_ok, trace, Common, Next, RARE};
-use super::{CR0_CD, CR0_NW, CR0_PE, CR0_PG, CR4_OK, EFER_LMA, EFER_LME, RFLAGS_OK};
+use super::{CR0_CD, CR0_NW, CR0_PE, CR0_PG, CR4_OK, CR4_PKE, EFER_LMA, EFER_LME, RFLAGS_OK};
 use crate::arch::x86::cr;
 use crate::arch::x86::msr::{rdmsr, rdmsr_raw, wrmsr, Msr};
 use crate::arch::x86::vmx::vmcs::{
@@ -189,7 +189,14 @@ fn reap() {
 /// The primary processor-based controls for `ctrl[0]` (plus the window bits `win`).
 fn proc1_for(c: &VmxCaps, ctl: u64, win: u32) -> u32 {
     let on = |b: u64| ctl & b != 0;
-    let mut p = proc1::HLT | proc1::UNCOND_IO | proc1::SECONDARY | proc1::TSC_OFFSETTING | win;
+    // MOV DR always exits (the kernel's lazy debug-register switch: `super::Dr`); the
+    // DR-access exit clears it until the next exit.
+    let mut p = proc1::HLT
+        | proc1::UNCOND_IO
+        | proc1::SECONDARY
+        | proc1::TSC_OFFSETTING
+        | proc1::MOV_DR
+        | win;
     if c.proc1.1 & proc1::TPR_SHADOW != 0 {
         p |= proc1::TPR_SHADOW;
     } else {
@@ -245,12 +252,13 @@ fn cr0_mask(c: &VmxCaps, ctl: u64) -> u64 {
     (c.cr0_fixed.0 & !(CR0_PE | CR0_PG)) | (!c.cr0_fixed.1 & 0xffff_ffff)
 }
 
-/// CR4 bits the guest cannot own (see [`cr0_mask`]).
+/// CR4 bits the guest cannot own (see [`cr0_mask`]), and PKE, which no guest may set
+/// (`super::CR4_OK`): a guest write that sets it exits.
 fn cr4_mask(c: &VmxCaps, ctl: u64) -> u64 {
     if ctl & ctrl::CR0_CR4_WRITE != 0 {
         return u64::MAX;
     }
-    c.cr4_fixed.0 | (!c.cr4_fixed.1 & 0xffff_ffff)
+    c.cr4_fixed.0 | (!c.cr4_fixed.1 & 0xffff_ffff) | CR4_PKE
 }
 
 /// The CR0 the hardware runs with for a guest-visible `v`.
@@ -578,6 +586,7 @@ pub(super) fn run(ec: &Ec, v: &Vcpu, c: &mut Common) -> Next {
         }
     }
     let host_xcr0 = super::enter_xcr0(c.xcr0);
+    c.dr.enter(true);
     // SAFETY: CR2 is the guest's while it runs; the kernel reads CR2 only in its
     // page-fault handler, for faults it takes itself (none between here and the exit).
     unsafe { cr::write_cr2(st.cr2) };
@@ -592,6 +601,14 @@ pub(super) fn run(ec: &Ec, v: &Vcpu, c: &mut Common) -> Next {
         res = unsafe { vmx::enter(&mut st.gprs, st.launched) };
     }
     st.cr2 = cr::read_cr2();
+    if c.dr.live {
+        // The guest ran with its debug registers and no MOV-DR exiting.
+        c.dr.save(true, read(f::GUEST_DR7));
+        write(
+            f::PROC_CONTROLS,
+            read(f::PROC_CONTROLS) | u64::from(proc1::MOV_DR),
+        );
+    }
     super::leave_xcr0(host_xcr0);
     if swap_sce {
         for (m, val) in SYSCALL_MSRS.iter().zip(host_msrs) {
@@ -696,7 +713,7 @@ fn handle_exit(st: &mut State, c: &mut Common) -> Next {
                 return super::machine_check();
             }
             if vector == 1 && ty == 3 {
-                debug_exit(q);
+                debug_exit(c, q);
             }
             let err = if info & inj::ERROR_VALID != 0 {
                 read(f::EXIT_INTR_ERROR) & 0xffff_ffff
@@ -717,6 +734,12 @@ fn handle_exit(st: &mut State, c: &mut Common) -> Next {
             clear_proc1(proc1::NMI_WINDOW);
             ev::NMI_WINDOW
         }
+        r::DR_ACCESS => {
+            // The kernel's (`super::Dr`): the MOV DR runs again without exiting.
+            c.dr.accessed();
+            clear_proc1(proc1::MOV_DR);
+            return Next::Resume;
+        }
         r::TRIPLE_FAULT
         | r::INIT
         | r::SIPI
@@ -728,7 +751,6 @@ fn handle_exit(st: &mut State, c: &mut Common) -> Next {
         | r::RDTSC
         | r::VMCALL
         | r::CR_ACCESS
-        | r::DR_ACCESS
         | r::RDMSR
         | r::WRMSR
         | r::MWAIT
@@ -777,12 +799,10 @@ fn handle_exit(st: &mut State, c: &mut Common) -> Next {
 /// conditions (`q`: B0–B3, BD, BS, RTM), a general-detect #DB clears DR7.GD; and
 /// single-stepping in an STI or MOV-SS shadow keeps its pending single step (the BS bit
 /// of the pending debug exceptions, which VM entry checks against TF and the shadow).
-fn debug_exit(q: u64) {
+fn debug_exit(c: &mut Common, q: u64) {
     use crate::arch::x86::dr;
-    let dr6 = dr::dr6_after(dr::read_dr6(), q);
-    // SAFETY: bits 32–63 are clear (`dr6_after` keeps bits 0–31 only); the hardware
-    // DR6 is the guest's (the host never reads it).
-    unsafe { dr::write_dr6(dr6 & 0xffff_ffff) };
+    // The guest's DR6 is the kernel's copy here (saved at this exit if it was live).
+    c.dr.dr6 = dr::dr6_after(c.dr.dr6, q) & 0xffff_ffff;
     if q & dr::DR6_BD != 0 {
         write(f::GUEST_DR7, read(f::GUEST_DR7) & !dr::DR7_GD);
     }
@@ -1080,7 +1100,11 @@ pub(super) fn put_state(v: &Vcpu, c: &mut Common, a: &ArchState) -> bool {
         });
     }
     if mtd.contains(Mtd::DR) {
-        take(a.dr7 >> 32 == 0, &mut || write(f::GUEST_DR7, a.dr7));
+        take(a.dr7 >> 32 == 0 && a.dr6 >> 32 == 0, &mut || {
+            write(f::GUEST_DR7, a.dr7);
+            c.dr.dr6 = a.dr6;
+            c.dr.set_dr7(a.dr7);
+        });
     }
     if mtd.contains(Mtd::SYSENTER) {
         take(

@@ -301,6 +301,7 @@ fn sane_state(a: &mut ArchState, rip: u64, iflag: bool) {
     a.cr8 = 0;
     a.efer = 0;
     a.dr7 = 0x400;
+    a.dr6 = 0xffff_0ff0;
     a.rip = rip;
     a.rflags = if iflag { 0x202 } else { 2 };
     a.gpr = [0; 16];
