@@ -12,6 +12,12 @@
 //! validated field by field. A value the kernel refuses is left unchanged and the vCPU's
 //! next event is INVALID_STATE; so is a VM entry the processor refuses.
 //!
+//! Whatever the VMM asks for, every vCPU intercepts #DB and #AC (delivered to the VMM,
+//! which reflects them: an exception that re-raises itself during its own delivery then
+//! exits each time instead of holding the CPU), #MC (the host's: the kernel takes it),
+//! and every debug-register access (the kernel's lazy switch of DR0–DR3: [`Dr`]); no
+//! guest may set CR4.PKE (PKRU is not switched).
+//!
 //! Host interrupts and NMIs always exit the guest; the kernel takes them after the exit
 //! (a short interrupt window) and then runs the scheduler, which preempts the vCPU at
 //! the end of its quantum like any thread. `ec_ctrl` recall sets the flag and sends an

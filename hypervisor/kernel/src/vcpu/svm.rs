@@ -1,7 +1,9 @@
 //! The SVM backend: a VMCB per vCPU, nested paging, ASIDs (see `crate::vcpu`).
 //!
-//! The VMCB holds the guest state the VMM reads and writes; an ASID of this CPU is
-//! re-allocated with a full flush when QEMU's 16 run out. Without NRIP save (QEMU) the
+//! The VMCB holds the guest state the VMM reads and writes (DR6 and DR7 included; DR0–DR3
+//! are switched lazily, see `super::Dr`); an ASID of this CPU is re-allocated with a full
+//! flush when QEMU's 16 run out. #VMEXIT restores the host's GDTR and IDTR whole (from
+//! the host save area), unlike a VT-x exit. Without NRIP save (QEMU) the
 //! instruction length is 0 except for I/O exits; with it (Bochs `trinity_apu`) it is
 //! nRIP − RIP.
 

@@ -3,10 +3,12 @@
 //! A vCPU's VMCS is set up on its own CPU the first time it is used there (VMPTRLD makes
 //! it current; the host state of that CPU goes in once), and stays current until another
 //! vCPU of the CPU needs the VMCS pointer. What the VMCS does not switch is switched here
-//! around each entry: CR2, XCR0, and — only in the states in which the guest can use
-//! them — STAR, LSTAR, CSTAR and FMASK (EFER.SCE set) and KERNEL_GS_BASE (EFER.LME
-//! set). The guest sees CR0 and CR4 through read shadows: the bits VMX fixes
-//! (CR0.NE, CR4.VMXE, …) are forced in the real registers and shown as the VMM set them.
+//! around each entry: CR2, XCR0, DR0–DR3 and DR6 (lazily, see `super::Dr`), and — only
+//! in the states in which the guest can use them — STAR, LSTAR, CSTAR and FMASK
+//! (EFER.SCE set) and KERNEL_GS_BASE (EFER.LME set). After every exit the GDTR and IDTR
+//! limits (which VM exits set to 0xffff) and TR are restored. The guest sees CR0 and
+//! CR4 through read shadows: the bits VMX fixes (CR0.NE, CR4.VMXE, …) are forced in the
+//! real registers and shown as the VMM set them; CR4.PKE is host-owned too (refused).
 //!
 //! Host interrupts exit the guest (external-interrupt exiting) without being acknowledged
 //! on exit: they stay pending at the LAPIC and are taken by the kernel's own handlers in
