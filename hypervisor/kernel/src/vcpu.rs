@@ -77,25 +77,28 @@ struct Common {
 /// loaded at every entry too, so that its breakpoints (and only its) fire in it.
 #[derive(Clone, Copy)]
 struct Dr {
-    /// DR0–DR3 (saved at the exit after a [`live`](Self::live) run).
+    /// DR0–DR3 (saved at the exit after a [`LIVE`](Self::LIVE) run).
     db: [u64; 4],
     /// DR6 (VT-x only; saved likewise). The kernel applies a #DB's conditions here
     /// (see `vmx::debug_exit`).
     dr6: u64,
-    /// The access intercept is off: the guest's registers are loaded at entry and
-    /// saved at the exit.
-    live: bool,
-    /// The guest's DR7 enables a breakpoint: DR0–DR3 are loaded at every entry.
-    armed: bool,
+    /// [`Dr::LIVE`], [`Dr::ARMED`]: one byte, so that a guest that uses neither costs
+    /// one test per entry and one per exit.
+    state: u8,
 }
 
 impl Dr {
+    /// The access intercept is off: the guest's registers are loaded at entry and saved
+    /// at the exit.
+    const LIVE: u8 = 1;
+    /// The guest's DR7 enables a breakpoint: DR0–DR3 are loaded at every entry.
+    const ARMED: u8 = 2;
+
     const fn new() -> Self {
         Dr {
             db: [0; 4],
             dr6: crate::arch::x86::dr::DR6_INIT,
-            live: false,
-            armed: false,
+            state: 0,
         }
     }
 
@@ -103,7 +106,7 @@ impl Dr {
     /// it can read it, on VT-x: `with_dr6`).
     #[inline(always)]
     fn enter(&self, with_dr6: bool) {
-        if self.live || self.armed {
+        if self.state != 0 {
             self.load(with_dr6);
         }
     }
@@ -116,10 +119,17 @@ impl Dr {
         // (`put_state` refuses more, the kernel's own values have none).
         unsafe {
             dr::write_db(self.db);
-            if with_dr6 && self.live {
+            if with_dr6 && self.live() {
                 dr::write_dr6(self.dr6 & 0xffff_ffff);
             }
         }
+    }
+
+    /// After an exit: whether the guest ran with its registers live (then the caller
+    /// saves them with [`Dr::save`] and turns the intercept on again).
+    #[inline(always)]
+    fn live(&self) -> bool {
+        self.state & Self::LIVE != 0
     }
 
     /// Saves the guest's registers after a live run; `dr7` is the guest's DR7.
@@ -130,19 +140,23 @@ impl Dr {
         if with_dr6 {
             self.dr6 = dr::read_dr6();
         }
-        self.live = false;
-        self.armed = dr7 & dr::DR7_ENABLED != 0;
+        self.state = 0;
+        self.set_dr7(dr7);
     }
 
     /// The guest accessed a debug register (an exit the kernel handles): the caller
     /// turns the intercept off and enters the guest again, which repeats the access.
     fn accessed(&mut self) {
-        self.live = true;
+        self.state |= Self::LIVE;
     }
 
-    /// The VMM wrote DR7.
+    /// The guest's DR7 is `dr7` (the VMM wrote it, or the guest did while live).
     fn set_dr7(&mut self, dr7: u64) {
-        self.armed = dr7 & crate::arch::x86::dr::DR7_ENABLED != 0;
+        if dr7 & crate::arch::x86::dr::DR7_ENABLED != 0 {
+            self.state |= Self::ARMED;
+        } else {
+            self.state &= !Self::ARMED;
+        }
     }
 }
 
@@ -506,10 +520,10 @@ extern "C" fn entry(p: *const Ec) -> ! {
 enum Next {
     /// Deliver this event to the VMM.
     Event(u64),
-    /// A host interrupt or NMI: take it, then schedule.
+    /// A host interrupt or NMI, or an exit the kernel handled itself: take pending
+    /// interrupts, then schedule (which enters the guest again, unless another EC is
+    /// due).
     Interrupt,
-    /// The kernel handled the exit itself: enter the guest again.
-    Resume,
 }
 
 /// The guest-TLB flush generation of `ec`'s VM.
@@ -564,7 +578,6 @@ fn run(ec: Arc<Ec>) -> ! {
     };
     match next {
         Next::Event(nr) => deliver(ec, nr),
-        Next::Resume => resume(ec),
         Next::Interrupt => {
             crate::arch::x86::cr::interrupt_window();
             drop(ec);
@@ -603,12 +616,7 @@ pub fn get_state(ec: &Ec, mtd: Mtd, vector: u64, a: &mut ArchState) {
     }
     match &v.hw {
         Hw::Svm(s) => svm::get_state(s, mtd, a),
-        Hw::Vmx(x) => {
-            vmx::get_state(x, mtd, a);
-            if mtd.contains(Mtd::DR) {
-                a.dr6 = c.dr.dr6;
-            }
-        }
+        Hw::Vmx(x) => vmx::get_state(x, c, mtd, a),
     }
 }
 

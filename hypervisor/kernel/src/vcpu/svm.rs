@@ -249,7 +249,7 @@ pub(super) fn run(ec: &Ec, v: &Vcpu, c: &mut Common) -> Next {
     // the VM's nested page table) and changed only through `put_state`'s checks;
     // `check_entry` passed; SVM is on here (`create` checked `enabled_on`).
     unsafe { svm::vmrun(&mut st.gprs, v.vmcb) };
-    if c.dr.live {
+    if c.dr.live() {
         // The guest ran with its DR0–DR3 and no DR intercepts (DR6 and DR7 are in the
         // VMCB).
         c.dr.save(false, vm.r64(f::DR7));
@@ -272,13 +272,7 @@ fn io_qual(i1: u64) -> u64 {
 }
 
 fn handle_exit(vm: Vmcb, st: &mut Common) -> Next {
-    let code = match vm.r64(f::EXITCODE) {
-        // VMEXIT_INVALID is -1; QEMU writes it as a 32-bit -1. Taken for another exit,
-        // the VMM's reply entered the guest with what QEMU's failed VMRUN left in the
-        // VMCB: the host's own state.
-        c if c as u32 == u32::MAX => exit::INVALID,
-        c => c,
-    };
+    let code = vm.r64(f::EXITCODE);
     let (i1, i2) = (vm.r64(f::EXITINFO1), vm.r64(f::EXITINFO2));
     if trace() {
         crate::kprintln!(
@@ -346,7 +340,7 @@ fn handle_exit(vm: Vmcb, st: &mut Common) -> Next {
             // The kernel's (`super::Dr`): the MOV DR runs again without an intercept.
             st.dr.accessed();
             vm.w32(f::INTERCEPT_DR, 0);
-            return Next::Resume;
+            return Next::Interrupt;
         }
         exit::EXC_BASE..=exit::EXC_LAST => {
             let vec = code - exit::EXC_BASE;
@@ -371,7 +365,10 @@ fn handle_exit(vm: Vmcb, st: &mut Common) -> Next {
             st.qual = [crn | (u64::from(read) << 4) | gpr, i1];
             ev::CR_ACCESS
         }
-        exit::INVALID => ev::INVALID_STATE,
+        // VMEXIT_INVALID is -1; QEMU writes it as a 32-bit -1. Taken for another exit,
+        // the VMM's reply entered the guest with what QEMU's failed VMRUN left in the
+        // VMCB: the host's own state.
+        c if c as u32 == exit::INVALID as u32 => ev::INVALID_STATE,
         _ => {
             st.qual = [code, i1];
             ev::OTHER

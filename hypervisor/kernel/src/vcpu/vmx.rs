@@ -603,7 +603,7 @@ pub(super) fn run(ec: &Ec, v: &Vcpu, c: &mut Common) -> Next {
         res = unsafe { vmx::enter(&mut st.gprs, st.launched) };
     }
     st.cr2 = cr::read_cr2();
-    if c.dr.live {
+    if c.dr.live() {
         // The guest ran with its debug registers and no MOV-DR exiting.
         c.dr.save(true, read(f::GUEST_DR7));
         write(
@@ -740,7 +740,7 @@ fn handle_exit(st: &mut State, c: &mut Common) -> Next {
             // The kernel's (`super::Dr`): the MOV DR runs again without exiting.
             c.dr.accessed();
             clear_proc1(proc1::MOV_DR);
-            return Next::Resume;
+            return Next::Interrupt;
         }
         r::TRIPLE_FAULT
         | r::INIT
@@ -819,7 +819,7 @@ fn debug_exit(c: &mut Common, q: u64) {
 }
 
 /// Writes the state `mtd` selects from VMX vCPU `v` into a handler's UTCB.
-pub(super) fn get_state(v: &Vcpu, mtd: Mtd, a: &mut ArchState) {
+pub(super) fn get_state(v: &Vcpu, c: &Common, mtd: Mtd, a: &mut ArchState) {
     // SAFETY: the vCPU is bound to this CPU and does not run (it is delivering).
     let st = unsafe { v.state() };
     load(v, st);
@@ -914,6 +914,7 @@ pub(super) fn get_state(v: &Vcpu, mtd: Mtd, a: &mut ArchState) {
         };
     }
     if mtd.contains(Mtd::DR) {
+        a.dr6 = c.dr.dr6;
         a.dr7 = read(f::GUEST_DR7);
     }
     if mtd.contains(Mtd::SYSENTER) {
