@@ -11,8 +11,9 @@
 //! writes whole: the entry state at STARTUP, and an injection).
 //!
 //! The handler trusts nothing the guest controls: an instruction behind an MMIO or
-//! string I/O exit that it cannot emulate gets #UD; any event it cannot serve ends the
-//! VM with an [`End`] that says why; it never panics. SVM without NRIP save reports no
+//! string I/O exit that it cannot emulate gets #UD, and so does an instruction fetch
+//! from where no RAM is; any event it cannot serve ends the VM with an [`End`] that says
+//! why; it never panics. SVM without NRIP save reports no
 //! instruction length for CPUID, HLT, VMMCALL, RDMSR/WRMSR, XSETBV, INVD and WBINVD: the
 //! handler then skips the instruction's architectural length without prefixes (what
 //! every compiler and Linux emit; a guest that adds redundant prefixes only confuses
@@ -189,6 +190,7 @@ pub fn portal_mtd(event: u64) -> Mtd {
         ev::CPUID | ev::VMCALL | ev::RDMSR | ev::WRMSR | ev::XSETBV => Mtd::GPR_ACDB | Mtd::RIP_LEN,
 
         ev::HLT => Mtd::RIP_LEN | Mtd::RFLAGS | Mtd::STA,
+        ev::CR_ACCESS => Mtd::GPRS | Mtd::CR | Mtd::EFER | Mtd::CS_SS | Mtd::RIP_LEN | Mtd::QUAL,
         ev::INVD | ev::WBINVD | ev::RECALL => Mtd::RIP_LEN,
         // Emulating MMIO accesses and string I/O needs the registers, the segments and
         // the paging state.
@@ -232,6 +234,7 @@ pub struct Machine {
     started: AtomicU64,
     exits: AtomicU64,
     undefined: AtomicU64,
+    reflected: Reflected,
 }
 
 impl Machine {
@@ -256,6 +259,7 @@ impl Machine {
             started: AtomicU64::new(1),
             exits: AtomicU64::new(0),
             undefined: AtomicU64::new(0),
+            reflected: Reflected::default(),
         }
     }
 
@@ -367,10 +371,23 @@ impl Machine {
                 Step::Resume
             }
             ev::RECALL => Step::Resume,
+            ev::CR_ACCESS => cr_access(p, qual[0], rip, cr4_supported(self.cpuid)),
+            ev::EXCEPTION => match reflect(p) {
+                Some(v) => {
+                    self.reflected.count(v);
+                    Step::Resume
+                }
+                None => Step::End(End::Unhandled { event, qual, rip }),
+            },
             ev::TRIPLE_FAULT => Step::End(End::TripleFault { rip }),
             ev::INVALID_STATE => Step::End(End::InvalidState { qual }),
             _ => Step::End(End::Unhandled { event, qual, rip }),
         }
+    }
+
+    /// Exceptions of vector `v` reflected into the guest so far.
+    pub fn reflected(&self, v: u8) -> u64 {
+        self.reflected.get(v)
     }
 
     /// The contract's entry state for vCPU `vcpu`, every group it sets marked.
@@ -407,6 +424,8 @@ impl Machine {
                 v[1] = (v[1] & 0x00ff_ffff) | (vcpu << 24);
             }
             0xb | 0x1f => v[3] = vcpu,
+            // No protection keys (PKU, OSPKE): the kernel refuses CR4.PKE.
+            7 if sub == 0 => v[2] &= !(1 << 3 | 1 << 4),
             // No SVM.
             0x8000_0001 => v[2] &= !(1 << 2),
             _ => {}
@@ -437,7 +456,15 @@ impl Machine {
         let r = p.regs();
         let (gpa, fetch, rip) = (r.qual[1], r.qual[0] & (1 << 4) != 0, r.rip);
         if fetch {
-            return Step::End(End::FetchFromMmio { gpa });
+            // An instruction fetch where no RAM is: the all-ones an empty bus reads
+            // decode to `ff ff`, no instruction: #UD (counted: `undefined`).
+            let _ = gpa;
+            self.undefined.fetch_add(1, Ordering::Relaxed);
+            p.inject(Event::Exception {
+                vector: vector::UD,
+                error: None,
+            });
+            return Step::Resume;
         }
         let mut io = BusIo {
             mmio: &self.mmio,
@@ -508,6 +535,56 @@ impl Machine {
     }
 }
 
+/// Per exception vector: how many EXCEPTION events were reflected into the guest.
+#[derive(Default)]
+pub(crate) struct Reflected([AtomicU64; 32]);
+
+impl Reflected {
+    pub(crate) fn count(&self, v: u8) {
+        if let Some(c) = self.0.get(usize::from(v)) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub(crate) fn get(&self, v: u8) -> u64 {
+        self.0
+            .get(usize::from(v))
+            .map_or(0, |c| c.load(Ordering::Relaxed))
+    }
+}
+
+/// Reflects the exception of an EXCEPTION event (`qual[0]`: VMX interruption
+/// information with the error code in bits 32–63) into the guest, as the processor
+/// would have delivered it had nobody intercepted it: the same vector with the same
+/// error code; for a software exception (type 5, ICEBP; type 6, INT3/INTO: VT-x exits
+/// on the instruction) RIP first moves past the instruction. Returns the vector, or
+/// `None` for an event that is no exception to reflect (NMI, vector 32 and above).
+///
+/// The kernel intercepts #AC and #DB (and handles #MC itself) whatever the VMM asked
+/// for, so that an exception that raises itself again during its own delivery cannot
+/// hold a physical CPU: this is how a VMM that wants the architectural behaviour
+/// answers them (what KVM does). For #DB the guest's DR6 already holds the bits of this
+/// exception when the event arrives (SVM updates it before the intercept; on VT-x the
+/// kernel applies the exit qualification), so the injection is all there is to do.
+pub(crate) fn reflect<P: Platform + ?Sized>(p: &mut P) -> Option<u8> {
+    let r = p.regs();
+    let q = r.qual[0];
+    let v = (q & 0xff) as u8;
+    let ty = (q >> 8) & 7;
+    if q & (1 << 31) == 0 || v >= 32 || v == 2 || !matches!(ty, 3 | 5 | 6) {
+        return None;
+    }
+    let error = (q & (1 << 11) != 0).then_some((q >> 32) as u32);
+    if ty != 3 {
+        let len = r.inst_len;
+        let regs = p.regs_mut();
+        regs.rip = regs.rip.wrapping_add(len);
+        regs.mtd |= Mtd::RIP_LEN;
+    }
+    p.inject(Event::Exception { vector: v, error });
+    Some(v)
+}
+
 fn gp0() -> Event {
     Event::Exception {
         vector: vector::GP,
@@ -548,6 +625,134 @@ pub(crate) fn port_io(pio: &Bus, regs: &mut ArchState) -> Option<Action> {
     }
     skip(regs, 0);
     action
+}
+
+/// CR4 bits a guest may set: what the kernel takes (VME through UMIP, FSGSBASE, PCIDE,
+/// OSXSAVE, SMEP, SMAP; ABI.md); not PKE, whose PKRU the kernel does not switch.
+const CR4_ALLOWED: u64 = 0x0037_0fff;
+
+/// The CR4 bits a guest may set on a CPU whose CPUID is `cpuid` (SDM vol. 3A 2.5: a
+/// bit for a feature CPUID does not report is reserved), within [`CR4_ALLOWED`].
+pub(crate) fn cr4_supported(cpuid: CpuidFn) -> u64 {
+    let [_, _, c1, d1] = cpuid(1, 0);
+    let [max, ..] = cpuid(0, 0);
+    let [_, b7, c7, _] = if max >= 7 { cpuid(7, 0) } else { [0; 4] };
+    let has = |reg: u32, bit: u32| reg & (1 << bit) != 0;
+    let features = [
+        (0, has(d1, 1)),   // VME
+        (1, has(d1, 1)),   // PVI
+        (2, has(d1, 4)),   // TSD
+        (3, has(d1, 2)),   // DE
+        (4, has(d1, 3)),   // PSE
+        (5, has(d1, 6)),   // PAE
+        (6, has(d1, 7)),   // MCE
+        (7, has(d1, 13)),  // PGE
+        (8, true),         // PCE
+        (9, has(d1, 24)),  // OSFXSR
+        (10, has(d1, 25)), // OSXMMEXCPT
+        (11, has(c7, 2)),  // UMIP
+        (16, has(b7, 0)),  // FSGSBASE
+        (17, has(c1, 17)), // PCIDE
+        (18, has(c1, 26)), // OSXSAVE
+        (20, has(b7, 7)),  // SMEP
+        (21, has(b7, 20)), // SMAP
+    ];
+    features
+        .iter()
+        .filter(|&&(_, on)| on)
+        .fold(0, |m, &(bit, _)| m | 1 << bit)
+        & CR4_ALLOWED
+}
+/// CR0.NW, CR0.CD.
+const CR0_NW: u64 = 1 << 29;
+const CR0_CD: u64 = 1 << 30;
+/// CR4.PCIDE.
+const CR4_PCIDE: u64 = 1 << 17;
+
+/// Whether MOV to CR`cr` of `v` raises #GP(0) on a processor like the guest's (SDM vol.
+/// 3A 2.5, MOV—Move to/from Control Registers): reserved bits, NW without CD, PG without
+/// PE, clearing PG in 64-bit mode or PAE in IA-32e mode, PCIDE outside IA-32e mode or
+/// with a PCID in CR3, CR3 bits 52–62.
+fn cr_write_faults(regs: &ArchState, cr: u64, v: u64, cr4_ok: u64) -> bool {
+    let long = regs.efer & bits::EFER_LMA != 0;
+    match cr {
+        0 => {
+            v >> 32 != 0
+                || (v & CR0_NW != 0 && v & CR0_CD == 0)
+                || (v & bits::CR0_PG != 0 && v & bits::CR0_PE == 0)
+                || (crate::vcpu::code_bits(regs) == 64 && v & bits::CR0_PG == 0)
+        }
+        3 => (v >> 52) & 0x7ff != 0,
+        4 => {
+            v & !cr4_ok != 0
+                || (long && v & bits::CR4_PAE == 0)
+                || (v & CR4_PCIDE != 0
+                    && regs.cr4 & CR4_PCIDE == 0
+                    && (!long || regs.cr3 & 0xfff != 0))
+        }
+        _ => false,
+    }
+}
+
+/// A control-register access that exited (VT-x: a write that changes a bit VMX fixes,
+/// such as CR4.VMXE or CR0.NE, whose value the kernel keeps in the read shadow, or
+/// CR4.PKE; with `ctrl::CR0_CR4_WRITE` or `ctrl::CR3_ACCESS`, every such access).
+/// `qual`: CR number (bits 0–3), access type (bits 4–5: mov to, mov from, CLTS, LMSW),
+/// GPR (bits 8–11), LMSW source (bits 16–31); see ABI.md. A write the processor would
+/// refuse gets #GP(0), as it would natively (the kernel would refuse the value too:
+/// INVALID_STATE); `cr4_ok` are the CR4 bits the guest may set ([`cr4_supported`]).
+/// The portal must transfer the GPRs, CR, EFER, CS, RIP and the qualification.
+pub(crate) fn cr_access<P: Platform + ?Sized>(p: &mut P, qual: u64, rip: u64, cr4_ok: u64) -> Step {
+    let cr = qual & 0xf;
+    let g = ((qual >> 8) & 0xf) as usize;
+    let regs = p.regs_mut();
+    match (qual >> 4) & 3 {
+        0 => {
+            // Bit 63 of a CR3 write with CR4.PCIDE only asks not to flush.
+            let v = match cr {
+                3 => regs.gpr[g] & !(1 << 63),
+                _ => regs.gpr[g],
+            };
+            if !matches!(cr, 0 | 3 | 4) {
+                return Step::End(End::Unhandled {
+                    event: ev::CR_ACCESS,
+                    qual: [qual, 0],
+                    rip,
+                });
+            }
+            if cr_write_faults(regs, cr, v, cr4_ok) {
+                p.inject(gp0());
+                return Step::Resume;
+            }
+            match cr {
+                0 => regs.cr0 = v,
+                3 => regs.cr3 = v,
+                _ => regs.cr4 = v,
+            }
+            regs.mtd |= Mtd::CR;
+        }
+        1 => {
+            regs.gpr[g] = match cr {
+                0 => regs.cr0,
+                3 => regs.cr3,
+                4 => regs.cr4,
+                _ => 0,
+            };
+            regs.mtd |= Mtd::GPRS;
+        }
+        2 => {
+            regs.cr0 &= !bits::CR0_TS;
+            regs.mtd |= Mtd::CR;
+        }
+        _ => {
+            // LMSW: MP, EM, TS and PE from the source; PE is never cleared.
+            let src = (qual >> 16) & 0xf;
+            regs.cr0 = (regs.cr0 & !0xe) | src | (regs.cr0 & 1);
+            regs.mtd |= Mtd::CR;
+        }
+    }
+    skip(regs, 3);
+    Step::Resume
 }
 
 /// Advances RIP past the instruction: by the exit's length, or `len` when the exit

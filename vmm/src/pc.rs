@@ -331,6 +331,7 @@ pub struct Pc {
     started: AtomicU64,
     exits: AtomicU64,
     undefined: AtomicU64,
+    reflected: crate::exit::Reflected,
 }
 
 /// Console input into the UART, and its output's unfinished line.
@@ -552,6 +553,7 @@ impl Pc {
             started: AtomicU64::new(1),
             exits: AtomicU64::new(0),
             undefined: AtomicU64::new(0),
+            reflected: crate::exit::Reflected::default(),
         })
     }
 
@@ -573,6 +575,12 @@ impl Pc {
     /// Instructions behind MMIO or string I/O exits answered with #UD.
     pub fn undefined(&self) -> u64 {
         self.undefined.load(Ordering::Relaxed)
+    }
+
+    /// Exceptions of vector `v` reflected into the guest so far (the #AC and #DB the
+    /// kernel intercepts for every VMM: see `crate::exit::reflect`).
+    pub fn reflected(&self, v: u8) -> u64 {
+        self.reflected.get(v)
     }
 
     /// Console input for COM1: how many bytes it took.
@@ -606,7 +614,7 @@ impl Pc {
             ev::NPT_FAULT | ev::IO | ev::EXCEPTION => {
                 Mtd::GPRS | Mtd::CS_SS | Mtd::DS_ES | Mtd::FS_GS | Mtd::CR | Mtd::EFER | Mtd::QUAL
             }
-            ev::CR_ACCESS => Mtd::GPRS | Mtd::CR | Mtd::QUAL,
+            ev::CR_ACCESS => Mtd::GPRS | Mtd::CR | Mtd::EFER | Mtd::CS_SS | Mtd::QUAL,
             _ => Mtd::QUAL,
         }
     }
@@ -806,7 +814,9 @@ impl Pc {
                 skip(p.regs_mut(), 2);
                 Step::Resume
             }
-            ev::CR_ACCESS => cr_access(p.regs_mut(), qual[0], rip),
+            ev::CR_ACCESS => {
+                crate::exit::cr_access(p, qual[0], rip, crate::exit::cr4_supported(self.cpuid))
+            }
             ev::OTHER | ev::MONITOR | ev::MWAIT => {
                 p.inject(Event::Exception {
                     vector: vector::UD,
@@ -815,6 +825,13 @@ impl Pc {
                 Step::Resume
             }
             ev::PAUSE | ev::RECALL | ev::INTR_WINDOW => Step::Resume,
+            ev::EXCEPTION => match crate::exit::reflect(p) {
+                Some(v) => {
+                    self.reflected.count(v);
+                    Step::Resume
+                }
+                None => Step::End(End::Unhandled { event, qual, rip }),
+            },
             ev::TRIPLE_FAULT => Step::End(End::TripleFault { rip }),
             ev::INVALID_STATE => Step::End(End::InvalidState { qual }),
             _ => Step::End(End::Unhandled { event, qual, rip }),
@@ -924,6 +941,8 @@ impl Pc {
             }
             // Always-running APIC timer.
             6 => v[0] |= 1 << 2,
+            // No protection keys (PKU, OSPKE): the kernel refuses CR4.PKE.
+            7 if sub == 0 => v[2] &= !(1 << 3 | 1 << 4),
             0xb | 0x1f => v[3] = vcpu,
             // No SVM, no MWAITX.
             0x8000_0001 => v[2] &= !(1 << 2 | 1 << 29),
@@ -1042,56 +1061,6 @@ fn gp0() -> Event {
         vector: vector::GP,
         error: Some(0),
     }
-}
-
-/// Advances RIP past the instruction: by the exit's length, or `len` when the exit
-/// did not say.
-/// A control-register access that exited (VT-x: a write that changes a bit VMX fixes,
-/// such as CR4.VMXE or CR0.NE, whose value the kernel keeps in the read shadow).
-/// `qual`: CR number (bits 0–3), access type (bits 4–5: mov to, mov from, CLTS, LMSW),
-/// GPR (bits 8–11), LMSW source (bits 16–31); see ABI.md.
-fn cr_access(regs: &mut ArchState, qual: u64, rip: u64) -> Step {
-    let cr = qual & 0xf;
-    let g = ((qual >> 8) & 0xf) as usize;
-    match (qual >> 4) & 3 {
-        0 => {
-            let v = regs.gpr[g];
-            match cr {
-                0 => regs.cr0 = v,
-                3 => regs.cr3 = v,
-                4 => regs.cr4 = v,
-                _ => {
-                    return Step::End(End::Unhandled {
-                        event: ev::CR_ACCESS,
-                        qual: [qual, 0],
-                        rip,
-                    })
-                }
-            }
-            regs.mtd |= Mtd::CR;
-        }
-        1 => {
-            regs.gpr[g] = match cr {
-                0 => regs.cr0,
-                3 => regs.cr3,
-                4 => regs.cr4,
-                _ => 0,
-            };
-            regs.mtd |= Mtd::GPRS;
-        }
-        2 => {
-            regs.cr0 &= !bits::CR0_TS;
-            regs.mtd |= Mtd::CR;
-        }
-        _ => {
-            // LMSW: MP, EM, TS and PE from the source; PE is never cleared.
-            let src = (qual >> 16) & 0xf;
-            regs.cr0 = (regs.cr0 & !0xe) | src | (regs.cr0 & 1);
-            regs.mtd |= Mtd::CR;
-        }
-    }
-    skip(regs, 3);
-    Step::Resume
 }
 
 /// Whether `msr` is the local APIC's (base, TSC deadline, the x2APIC registers).

@@ -31,7 +31,7 @@ pub const NOP_PORT: u64 = 0x80;
 pub const MAGIC_PORT: u64 = 0x81;
 /// What [`MAGIC_PORT`] reads.
 pub const MAGIC: u32 = 0x5a5a_a5a5;
-/// Writing a value here asks for #GP with that error code.
+/// Writing a value here asks for #GP with its low 16 bits as the error code.
 pub const GP_PORT: u64 = 0x83;
 /// Writing n here asks for vCPU n to start.
 pub const START_PORT: u64 = 0xf1;
@@ -59,6 +59,9 @@ pub enum Mode {
     Bench,
     /// Random exits until a triple fault, from this seed (`rcx`).
     Hostile(u64),
+    /// #AC and #DB, one at a time and as loops (two vCPUs for the loops), with flags
+    /// (`rcx`; bit 0: leave out the #DB loop, which QEMU's nested SVM mishandles).
+    Loops(u64),
 }
 
 impl Mode {
@@ -68,23 +71,26 @@ impl Mode {
             Mode::Check => 1,
             Mode::Bench => 2,
             Mode::Hostile(_) => 3,
+            Mode::Loops(_) => 4,
         }
     }
 
     /// The value of `rcx` at entry.
     pub fn rcx(self) -> u64 {
         match self {
-            Mode::Hostile(seed) => seed,
+            Mode::Hostile(seed) | Mode::Loops(seed) => seed,
             _ => 0,
         }
     }
 
-    /// Parses `check`, `bench` or `hostile` (which takes `seed`).
+    /// Parses `check`, `bench`, `hostile` (which takes `seed`) or `loops` (which takes
+    /// its flags in `seed`).
     pub fn parse(s: &str, seed: u64) -> Option<Mode> {
         match s {
             "check" => Some(Mode::Check),
             "bench" => Some(Mode::Bench),
             "hostile" => Some(Mode::Hostile(seed)),
+            "loops" => Some(Mode::Loops(seed)),
             _ => None,
         }
     }
@@ -192,9 +198,11 @@ impl BusDevice for TestPorts {
     fn write(&mut self, base: u64, offset: u64, data: &[u8]) -> Option<Action> {
         let v = le_value(data) as u32;
         match base + offset {
+            // #GP's error code is a selector's: 16 bits (VT-x refuses to inject one with
+            // bits 16-31 set).
             GP_PORT => Some(Action::Exception {
                 vector: crate::vcpu::vector::GP,
-                error: Some(v),
+                error: Some(v & 0xffff),
             }),
             START_PORT => Some(Action::StartVcpu(v)),
             DONE_PORT => Some(Action::Done(v)),
@@ -288,7 +296,7 @@ mod tests {
         assert_eq!(b, [0xa5]);
         assert_eq!(bus.write(NOP_PORT, &[1]), Ok(None));
         assert_eq!(
-            bus.write(GP_PORT, &0x1234u32.to_le_bytes()),
+            bus.write(GP_PORT, &0xab_1234u32.to_le_bytes()),
             Ok(Some(Action::Exception {
                 vector: 13,
                 error: Some(0x1234)

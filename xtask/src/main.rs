@@ -28,7 +28,8 @@ commands:
       --debug                boot the debug build
   kvm-run [options]          boot Linux with KVM in QEMU (-cpu EPYC -icount shift=0) and
                              run guests/test under kvm-runner (the KVM baseline's setup)
-      --mode check|bench|hostile   what the guest runs (default check)
+      --mode M               check, bench, hostile or loops: what the guest runs
+                             (default check)
       --cpus N               guest vCPUs, 1 or 2 (default 1)
       --seed N               seed of the hostile mode
       --timeout S            the runner's own time limit (default: none)
@@ -321,6 +322,7 @@ fn kvm_run(mut args: Args) -> Result<ExitCode> {
                     "check" => "check",
                     "bench" => "bench",
                     "hostile" => "hostile",
+                    "loops" => "loops",
                     m => bail!("kvm-run: unknown mode {m:?}"),
                 }
             }

@@ -21,6 +21,8 @@ pub enum Mode {
     Bench,
     /// 3: the hostile guest.
     Hostile,
+    /// 4: the exception loops (#AC, #DB).
+    Loops,
 }
 
 impl Mode {
@@ -30,6 +32,7 @@ impl Mode {
             Mode::Check => 1,
             Mode::Bench => 2,
             Mode::Hostile => 3,
+            Mode::Loops => 4,
         }
     }
 }
@@ -94,6 +97,7 @@ pub fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Config, ArgE
                     Some("check" | "1") => Mode::Check,
                     Some("bench" | "2") => Mode::Bench,
                     Some("hostile" | "3") => Mode::Hostile,
+                    Some("loops" | "4") => Mode::Loops,
                     other => return Err(ArgError(format!("--mode: unknown mode {other:?}"))),
                 }
             }

@@ -105,7 +105,8 @@ impl<W: Write> Platform<W> {
                 self.console(&chars);
                 Request::None
             }
-            PORT_INJECT_GP => Request::InjectGp(value(first) as u32),
+            // The low 16 bits: a selector error code (VT-x injects no more).
+            PORT_INJECT_GP => Request::InjectGp(value(first) as u32 & 0xffff),
             PORT_START_CPU => Request::StartCpu(value(first) as u32),
             PORT_EXIT => Request::Exit(value(first) as u32),
             _ => Request::None,

@@ -1,9 +1,10 @@
-//! The guest's own CPU setup: per-vCPU stacks, GDT and TSS, one shared IDT whose 256
-//! gates all run on the TSS's interrupt stack (IST1), and the trap entry that hands a
-//! [`Frame`] to [`crate::trap`].
+//! The guest's own CPU setup: per-vCPU stacks, GDT (with user segments) and TSS, one
+//! shared IDT whose 256 gates all run on the TSS's interrupt stack (IST1), and the trap
+//! entry that hands a [`Frame`] to [`crate::trap`].
 //!
 //! Every gate uses IST1 so that a handler always has a good stack, whatever `rsp` the
-//! hostile mode's random code left behind.
+//! hostile mode's random code left behind. A second interrupt stack (IST2) serves the
+//! exception-loop mode, which moves the #DB gate there to end a loop.
 
 use core::arch::{asm, global_asm};
 use core::ptr::addr_of_mut;
@@ -14,6 +15,8 @@ pub const MAX_CPUS: usize = 2;
 pub const STACK: usize = 32 * 1024;
 /// Size of each vCPU's interrupt stack (IST1).
 pub const IST: usize = 16 * 1024;
+/// Size of each vCPU's second interrupt stack (IST2).
+pub const IST2: usize = 4096;
 
 /// Code and data selectors of the guest's GDT.
 pub const CODE_SEL: u16 = 0x08;
@@ -21,13 +24,20 @@ pub const CODE_SEL: u16 = 0x08;
 pub const DATA_SEL: u16 = 0x10;
 /// The TSS selector (a 16-byte system descriptor).
 const TSS_SEL: u16 = 0x18;
+/// 64-bit user code selector (DPL 3, RPL 3).
+pub const USER_CODE_SEL: u16 = 0x28 | 3;
+/// User data selector (DPL 3, RPL 3).
+pub const USER_DATA_SEL: u16 = 0x30 | 3;
+/// GDT entries: null, code, data, TSS (two), user code, user data.
+const GDT_ENTRIES: usize = 7;
 
 /// Per-vCPU memory: stacks, GDT, TSS.
 #[repr(C, align(4096))]
 pub struct Cpu {
     stack: [u8; STACK],
     ist: [u8; IST],
-    gdt: [u64; 5],
+    ist2: [u8; IST2],
+    gdt: [u64; GDT_ENTRIES],
     tss: [u32; 26],
 }
 
@@ -36,7 +46,8 @@ static mut CPUS: [Cpu; MAX_CPUS] = [const {
     Cpu {
         stack: [0; STACK],
         ist: [0; IST],
-        gdt: [0; 5],
+        ist2: [0; IST2],
+        gdt: [0; GDT_ENTRIES],
         tss: [0; 26],
     }
 }; MAX_CPUS];
@@ -189,13 +200,13 @@ extern "C" {
     static trap_stubs: u8;
 }
 
-/// An interrupt gate to `handler` on IST1, present or not.
-fn gate(handler: u64, present: bool) -> Gate {
+/// An interrupt gate to `handler` on interrupt stack `ist` (1 or 2), present or not.
+fn gate(handler: u64, present: bool, ist: u64) -> Gate {
     let attr: u64 = if present { 0x8e } else { 0x0e };
     Gate {
         lo: (handler & 0xffff)
             | (u64::from(CODE_SEL) << 16)
-            | (1 << 32)
+            | (ist << 32)
             | (attr << 40)
             | ((handler >> 16) & 0xffff) << 48,
         hi: handler >> 32,
@@ -218,7 +229,21 @@ pub fn init_idt() {
 pub fn set_gate_present(vector: usize, present: bool) {
     // SAFETY: a volatile write of one in-bounds gate; a concurrent delivery sees the old
     // or the new gate, both valid.
-    unsafe { addr_of_mut!(IDT[vector]).write_volatile(gate(stub(vector), present)) };
+    unsafe { addr_of_mut!(IDT[vector]).write_volatile(gate(stub(vector), present, 1)) };
+}
+
+/// Moves the (present) gate `vector` to interrupt stack `ist` (1 or 2): every vCPU's
+/// next delivery of that vector runs on that stack.
+pub fn set_gate_ist(vector: usize, ist: u64) {
+    // SAFETY: as for `set_gate_present`: one in-bounds gate, valid before and after.
+    unsafe { addr_of_mut!(IDT[vector]).write_volatile(gate(stub(vector), true, ist)) };
+}
+
+/// The top of vCPU `index`'s first interrupt stack (where a delivery on IST1 pushes
+/// its frame, just below).
+pub fn ist_top(index: usize) -> u64 {
+    // SAFETY: only the address of the field is taken.
+    unsafe { addr_of_mut!((*cpu(index)).ist) as u64 + IST as u64 }
 }
 
 /// A descriptor-table pointer for `lgdt`/`lidt`.
@@ -236,9 +261,12 @@ pub fn init_cpu(index: usize) {
     // entry), touched by no other vCPU.
     unsafe {
         let ist_top = addr_of_mut!((*cpu).ist) as u64 + IST as u64;
+        let ist2_top = addr_of_mut!((*cpu).ist2) as u64 + IST2 as u64;
         let tss = addr_of_mut!((*cpu).tss);
         (*tss)[9] = ist_top as u32; // IST1 at offset 0x24
         (*tss)[10] = (ist_top >> 32) as u32;
+        (*tss)[11] = ist2_top as u32; // IST2 at offset 0x2c
+        (*tss)[12] = (ist2_top >> 32) as u32;
         (*tss)[25] = 104 << 16; // I/O map base beyond the limit: no I/O bitmap
         let base = tss as u64;
         let gdt = addr_of_mut!((*cpu).gdt);
@@ -247,8 +275,10 @@ pub fn init_cpu(index: usize) {
         (*gdt)[2] = 0x00cf_9200_0000_ffff; // flat data
         (*gdt)[3] = 103 | ((base & 0xff_ffff) << 16) | (0x89 << 40) | (((base >> 24) & 0xff) << 56);
         (*gdt)[4] = base >> 32;
+        (*gdt)[5] = 0x00af_fa00_0000_ffff; // 64-bit code, DPL 3
+        (*gdt)[6] = 0x00cf_f200_0000_ffff; // flat data, DPL 3
         let gdtr = TablePtr {
-            limit: 5 * 8 - 1,
+            limit: (GDT_ENTRIES * 8 - 1) as u16,
             base: gdt as u64,
         };
         let idtr = TablePtr {
@@ -285,14 +315,19 @@ fn cpu(index: usize) -> *mut Cpu {
     unsafe { addr_of_mut!(CPUS[index]) }
 }
 
-/// The vCPU whose interrupt stack `frame` lies on.
+/// The vCPU whose interrupt stack (IST1 or IST2) `frame` lies on.
 pub fn cpu_of_frame(frame: &Frame) -> usize {
     let at = frame as *const Frame as u64;
     (0..MAX_CPUS)
         .find(|&i| {
-            // SAFETY: only the address of the field is taken.
-            let ist = unsafe { addr_of_mut!((*cpu(i)).ist) } as u64;
-            (ist..ist + IST as u64).contains(&at)
+            // SAFETY: only the addresses of the fields are taken.
+            let (ist, ist2) = unsafe {
+                (
+                    addr_of_mut!((*cpu(i)).ist) as u64,
+                    addr_of_mut!((*cpu(i)).ist2) as u64,
+                )
+            };
+            (ist..ist + IST as u64).contains(&at) || (ist2..ist2 + IST2 as u64).contains(&at)
         })
         .unwrap_or(0)
 }

@@ -1,7 +1,8 @@
 //! Mode 3, the hostile guest: from a seeded xorshift generator, forever one random
 //! exit-causing action after another — random ports in and out (byte, word, dword,
 //! string), random MSR reads and writes, random MMIO accesses of many instruction forms
-//! at unbacked addresses, CR0/CR4 writes of random values, `ud2` with and without a
+//! at unbacked addresses, CR0/CR4 writes of random bits (of those 64-bit code may
+//! change), `ud2` with and without a
 //! handler, `int3`, random privileged and virtualization instructions, random byte
 //! sequences executed from a page, random #GP-injection and vCPU-start requests — and,
 //! rarely, a triple fault (an empty IDT and an exception), which ends the VM.
@@ -243,33 +244,61 @@ fn mmio_address(rng: &mut Rng) -> u64 {
     }
 }
 
-/// CR0/CR4 bits the guest may flip without leaving long mode or hanging itself
-/// (SMEP/SMAP stay off: the host's page tables may mark pages user-accessible).
-const CR0_FLIP: u64 = (1 << 1)
-    | (1 << 2)
-    | (1 << 3)
-    | (1 << 5)
-    | (1 << 16)
-    | (1 << 18)
-    | (1 << 29)
-    | (1 << 30)
-    | 1
-    | (1 << 31);
-const CR4_FLIP: u64 = 0x7f
-    | (1 << 8)
-    | (1 << 9)
-    | (1 << 10)
-    | (1 << 11)
-    | (1 << 12)
-    | (1 << 13)
-    | (1 << 16)
-    | (1 << 17)
-    | (1 << 18)
-    | (1 << 22)
-    | (1 << 23);
+/// CR0 bits the guest flips: those 64-bit code may change without #GP (not PE or PG,
+/// and NW only with CD: see [`cr0_flip`]). A processor answers other writes with #GP,
+/// but QEMU's software SVM takes some (clearing PG in 64-bit mode, NW without CD) and
+/// then refuses the next VMRUN, or ends the VM (VMEXIT_INVALID) for a reserved bit:
+/// the VM would end, not the guest survive.
+const CR0_FLIP: u64 =
+    (1 << 1) | (1 << 2) | (1 << 3) | (1 << 5) | (1 << 16) | (1 << 18) | CR0_NW | CR0_CD;
+const CR0_NW: u64 = 1 << 29;
+const CR0_CD: u64 = 1 << 30;
+
+/// CR4 bits the guest flips where CPUID reports their feature: VME, PVI, TSD, DE, PSE,
+/// MCE, PGE, PCE, OSFXSR, OSXMMEXCPT, UMIP, FSGSBASE, OSXSAVE. Not PAE (#GP in long
+/// mode), PCIDE, LA57, VMXE, SMXE, PKE, CET (reserved or mode-bound: see [`CR0_FLIP`]),
+/// nor SMEP/SMAP (the host's page tables may mark pages user-accessible).
+fn cr4_flip_mask() -> u64 {
+    let (_, _, c1, d1) = arch::cpuid(1, 0);
+    let (max, ..) = arch::cpuid(0, 0);
+    let (_, b7, c7, _) = if max >= 7 {
+        arch::cpuid(7, 0)
+    } else {
+        (0, 0, 0, 0)
+    };
+    let has = |r: u32, bit: u32| r & (1 << bit) != 0;
+    [
+        (0, has(d1, 1)),
+        (1, has(d1, 1)),
+        (2, has(d1, 4)),
+        (3, has(d1, 2)),
+        (4, has(d1, 3)),
+        (6, has(d1, 7)),
+        (7, has(d1, 13)),
+        (8, true),
+        (9, has(d1, 24)),
+        (10, has(d1, 25)),
+        (11, has(c7, 2)),
+        (16, has(b7, 0)),
+        (18, has(c1, 26)),
+    ]
+    .iter()
+    .filter(|&&(_, on)| on)
+    .fold(0, |m, &(bit, _)| m | 1 << bit)
+}
+
+/// A CR0 flip from `r`: within [`CR0_FLIP`], NW only together with CD.
+fn cr0_flip(r: u64) -> u64 {
+    let a = CR0_FLIP & r;
+    if a & CR0_NW != 0 {
+        a | CR0_CD
+    } else {
+        a
+    }
+}
 
 /// Prepares the parameters of one action in `s`.
-fn choose(rng: &mut Rng, s: &mut State) {
+fn choose(rng: &mut Rng, s: &mut State, cr4_flip: u64) {
     let kind = KINDS[rng.below(KINDS.len() as u64) as usize];
     s.kind = kind as u64;
     s.steps = 0;
@@ -281,18 +310,19 @@ fn choose(rng: &mut Rng, s: &mut State) {
         Kind::MsrRead | Kind::MsrWrite => s.a = msr_index(rng),
         Kind::Mmio => s.a = mmio_address(rng),
         Kind::Cr0 => {
-            s.a = if rng.below(2) == 0 {
+            s.a = cr0_flip(if rng.below(2) == 0 {
                 1 << rng.below(64)
             } else {
-                CR0_FLIP & rng.next()
-            }
+                rng.next()
+            })
         }
         Kind::Cr4 => {
-            s.a = if rng.below(2) == 0 {
-                1 << rng.below(64)
-            } else {
-                CR4_FLIP & rng.next()
-            }
+            s.a = cr4_flip
+                & if rng.below(2) == 0 {
+                    1 << rng.below(64)
+                } else {
+                    rng.next()
+                }
         }
         Kind::RandomCode => {
             let len = 1 + rng.below(24) as usize;
@@ -443,6 +473,7 @@ pub fn run(index: usize, seed: u64) -> ! {
     // SAFETY: an in-bounds element pointer (index < MAX_CPUS, checked at entry).
     let s = unsafe { addr_of_mut!(STATES[index]) };
     println!("hostile: vCPU {} seed {:#x}", index, seed);
+    let cr4_flip = cr4_flip_mask();
     let mut n: u64 = 0;
     let mut faults: u64 = 0;
     loop {
@@ -451,7 +482,7 @@ pub fn run(index: usize, seed: u64) -> ! {
             arch::triple_fault();
         }
         // SAFETY: `s` is this vCPU's own state.
-        choose(&mut rng, unsafe { &mut *s });
+        choose(&mut rng, unsafe { &mut *s }, cr4_flip);
         // SAFETY: the probe saves what it must and resumes after any exception of the
         // action (see `trap`); `recover_rsp` is this vCPU's slot.
         let r = unsafe { hostile_probe(action, s, addr_of_mut!((*s).recover_rsp)) };
@@ -464,10 +495,11 @@ pub fn run(index: usize, seed: u64) -> ! {
         n += 1;
         if n.is_multiple_of(PROGRESS) {
             println!(
-                "hostile: vCPU {} {} actions, {} ended by exceptions (#GP {}, #UD {}, #PF {})",
+                "hostile: vCPU {} {} actions, {} ended by exceptions (#DB {}, #GP {}, #UD {}, #PF {})",
                 index,
                 n,
                 faults,
+                VECTORS[1].load(Ordering::Relaxed),
                 VECTORS[13].load(Ordering::Relaxed),
                 VECTORS[6].load(Ordering::Relaxed),
                 VECTORS[14].load(Ordering::Relaxed)

@@ -1,8 +1,8 @@
 //! The bare-metal test and benchmark guest. Its contract with whoever runs it (our VMM
 //! or the KVM runner) is `guests/README.md`: entered in 64-bit mode at 1 MiB with `rdi`
-//! = vCPU index, `rsi` = mode (1 check list, 2 exit benchmark, 3 hostile), `rdx` =
-//! vCPU count, `rcx` = seed (mode 3). It talks to the host through ports, one MMIO
-//! register, one MSR, the hypercall, HLT and an injected #GP.
+//! = vCPU index, `rsi` = mode (1 check list, 2 exit benchmark, 3 hostile, 4 exception
+//! loops), `rdx` = vCPU count, `rcx` = seed (mode 3). It talks to the host through
+//! ports, one MMIO register, one MSR, the hypercall, HLT and an injected #GP.
 
 #![no_std]
 #![no_main]
@@ -12,6 +12,7 @@ mod bench;
 mod checks;
 mod console;
 mod hostile;
+mod loops;
 
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
@@ -48,6 +49,8 @@ pub const MODE_CHECK: u64 = 1;
 pub const MODE_BENCH: u64 = 2;
 /// The hostile guest.
 pub const MODE_HOSTILE: u64 = 3;
+/// Exception loops (#AC, #DB).
+pub const MODE_LOOPS: u64 = 4;
 
 /// Whether the CPU vendor is Intel (`vmcall`) rather than AMD (`vmmcall`).
 pub static INTEL: AtomicBool = AtomicBool::new(false);
@@ -87,6 +90,8 @@ extern "C" fn guest_main(index: u64, mode: u64, cpus: u64, seed: u64) -> ! {
             exit(0)
         }
         (MODE_HOSTILE, _) => hostile::run(index, seed),
+        (MODE_LOOPS, 0) => exit(loops::run(cpus, seed)),
+        (MODE_LOOPS, _) => loops::secondary(seed),
         _ => {
             if index == 0 {
                 println!("guest: unknown mode {}", mode);
@@ -105,6 +110,9 @@ extern "C" fn trap(frame: &mut Frame) {
         return;
     }
     if MODE.load(Ordering::Relaxed) == MODE_HOSTILE && hostile::trap(frame) {
+        return;
+    }
+    if MODE.load(Ordering::Relaxed) == MODE_LOOPS && loops::trap(frame) {
         return;
     }
     if checks::trap(frame) {

@@ -34,7 +34,7 @@ bitflags::bitflags! {
         const IDTR = 1 << 11;
         /// CR0, CR2, CR3, CR4, CR8.
         const CR = 1 << 12;
-        /// DR7.
+        /// DR6 and DR7.
         const DR = 1 << 13;
         /// SYSENTER CS/ESP/EIP.
         const SYSENTER = 1 << 14;

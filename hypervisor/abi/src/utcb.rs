@@ -299,6 +299,8 @@ pub struct ArchState {
     pub idtr: Segment,
     /// PDPTEs.
     pub pdpte: [u64; 4],
+    /// DR6 (MTD `DR`, with DR7).
+    pub dr6: u64,
 }
 
 impl Default for Mtd {
@@ -312,7 +314,8 @@ const _: () = {
     assert!(core::mem::offset_of!(ArchState, gpr) == 56);
     assert!(core::mem::offset_of!(ArchState, qual) == 184);
     assert!(core::mem::offset_of!(ArchState, es) == 368);
-    assert!(core::mem::size_of::<ArchState>() == 560);
+    assert!(core::mem::offset_of!(ArchState, dr6) == 560);
+    assert!(core::mem::size_of::<ArchState>() == 568);
 };
 
 #[cfg(test)]

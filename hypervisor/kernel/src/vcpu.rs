@@ -12,6 +12,12 @@
 //! validated field by field. A value the kernel refuses is left unchanged and the vCPU's
 //! next event is INVALID_STATE; so is a VM entry the processor refuses.
 //!
+//! Whatever the VMM asks for, every vCPU intercepts #DB and #AC (delivered to the VMM,
+//! which reflects them: an exception that re-raises itself during its own delivery then
+//! exits each time instead of holding the CPU), #MC (the host's: the kernel takes it),
+//! and every debug-register access (the kernel's lazy switch of DR0–DR3: [`Dr`]); no
+//! guest may set CR4.PKE (PKRU is not switched).
+//!
 //! Host interrupts and NMIs always exit the guest; the kernel takes them after the exit
 //! (a short interrupt window) and then runs the scheduler, which preempts the vCPU at
 //! the end of its quantum like any thread. `ec_ctrl` recall sets the flag and sends an
@@ -55,6 +61,103 @@ struct Common {
     /// An event that must reach the VMM before the guest runs again (set before the
     /// delivery, cleared when the handler gets it: a busy handler delays it).
     pending: Option<u64>,
+    /// The guest's debug registers that the hardware does not switch.
+    dr: Dr,
+}
+
+/// A vCPU's DR0–DR3 (and on VT-x DR6), which neither VT-x nor SVM switches between
+/// guest and host (DR7 is in the VMCS or VMCB, and SVM's VMCB holds DR6 too).
+///
+/// Kept lazily, the way KVM does: every access of the guest to a debug register
+/// exits (MOV-DR exiting, SVM's DR intercepts), and the kernel handles that exit
+/// itself ([`Dr::accessed`]): it turns the intercept off and lets the instruction run
+/// again with the guest's registers loaded; at the next exit it saves them and turns
+/// the intercept on again. A guest that never touches its debug registers costs one
+/// test per entry and exit. While the guest's DR7 enables a breakpoint, DR0–DR3 are
+/// loaded at every entry too, so that its breakpoints (and only its) fire in it.
+#[derive(Clone, Copy)]
+struct Dr {
+    /// DR0–DR3 (saved at the exit after a [`LIVE`](Self::LIVE) run).
+    db: [u64; 4],
+    /// DR6 (VT-x only; saved likewise). The kernel applies a #DB's conditions here
+    /// (see `vmx::debug_exit`).
+    dr6: u64,
+    /// [`Dr::LIVE`], [`Dr::ARMED`]: one byte, so that a guest that uses neither costs
+    /// one test per entry and one per exit.
+    state: u8,
+}
+
+impl Dr {
+    /// The access intercept is off: the guest's registers are loaded at entry and saved
+    /// at the exit.
+    const LIVE: u8 = 1;
+    /// The guest's DR7 enables a breakpoint: DR0–DR3 are loaded at every entry.
+    const ARMED: u8 = 2;
+
+    const fn new() -> Self {
+        Dr {
+            db: [0; 4],
+            dr6: crate::arch::x86::dr::DR6_INIT,
+            state: 0,
+        }
+    }
+
+    /// Before an entry: loads the guest's DR0–DR3 if it can use them (and its DR6 if
+    /// it can read it, on VT-x: `with_dr6`).
+    #[inline(always)]
+    fn enter(&self, with_dr6: bool) {
+        if self.state != 0 {
+            self.load(with_dr6);
+        }
+    }
+
+    #[cold]
+    fn load(&self, with_dr6: bool) {
+        use crate::arch::x86::dr;
+        // SAFETY: the host enables no breakpoint (DR7 is 0x400 outside guests), so the
+        // guest's addresses matter only in the guest; DR6 holds bits 0–31 only
+        // (`put_state` refuses more, the kernel's own values have none).
+        unsafe {
+            dr::write_db(self.db);
+            if with_dr6 && self.live() {
+                dr::write_dr6(self.dr6 & 0xffff_ffff);
+            }
+        }
+    }
+
+    /// After an exit: whether the guest ran with its registers live (then the caller
+    /// saves them with [`Dr::save`] and turns the intercept on again).
+    #[inline(always)]
+    fn live(&self) -> bool {
+        self.state & Self::LIVE != 0
+    }
+
+    /// Saves the guest's registers after a live run; `dr7` is the guest's DR7.
+    #[cold]
+    fn save(&mut self, with_dr6: bool, dr7: u64) {
+        use crate::arch::x86::dr;
+        self.db = dr::read_db();
+        if with_dr6 {
+            self.dr6 = dr::read_dr6();
+        }
+        self.state = 0;
+        self.set_dr7(dr7);
+    }
+
+    /// The guest accessed a debug register (an exit the kernel handles): the caller
+    /// turns the intercept off and enters the guest again, which repeats the access.
+    fn accessed(&mut self) {
+        self.state |= Self::LIVE;
+    }
+
+    /// The guest's DR7 is `dr7` (the VMM wrote it, or the guest did while live).
+    fn set_dr7(&mut self, dr7: u64) {
+        if dr7 & crate::arch::x86::dr::DR7_ENABLED != 0 {
+            self.state |= Self::ARMED;
+        } else {
+            self.state &= !Self::ARMED;
+        }
+    }
 }
 
 enum Hw {
@@ -117,10 +220,33 @@ const CR0_PE: u64 = 1;
 const CR0_NW: u64 = 1 << 29;
 const CR0_CD: u64 = 1 << 30;
 const CR0_PG: u64 = 1 << 31;
-/// VME..UMIP, FSGSBASE, PCIDE, OSXSAVE, SMEP, SMAP, PKE.
-const CR4_OK: u64 = 0x0077_0fff;
+/// VME..UMIP, FSGSBASE, PCIDE, OSXSAVE, SMEP, SMAP. Not PKE: the kernel does not switch
+/// PKRU, which a guest with CR4.PKE could read and set for the next guest with it.
+const CR4_OK: u64 = 0x0037_0fff;
+/// CR4.PKE.
+const CR4_PKE: u64 = 1 << 22;
 /// RFLAGS bits a guest may hold (bit 1 is forced on).
 const RFLAGS_OK: u64 = 0x003f_7fd5;
+
+/// Exceptions every vCPU intercepts, whatever its VMM asks for in `ctrl[1]`: #DB (1)
+/// and #AC (17), whose delivery can raise them again (a #DB on a breakpoint the
+/// delivery's own stack writes hit, an #AC on a misaligned stack at CPL 3), which the
+/// processor would repeat inside itself, never taking an interrupt, holding its CPU
+/// (CVE-2015-8104, CVE-2015-5307); intercepted, each repetition exits. They go to the
+/// VMM as EXCEPTION events (which reflects them). #MC (18) is the host's: the kernel
+/// takes it, the VMM never sees it ([`machine_check`]).
+const FORCED_EXC: u32 = (1 << 1) | (1 << 17) | (1 << 18);
+
+/// A machine check that arrived while a guest ran (intercepted: `FORCED_EXC`): it is
+/// the host's, handled as the kernel handles one in user mode (it has no recovery to
+/// offer): logged, then the scheduler runs and the vCPU enters its guest again.
+fn machine_check() -> Next {
+    crate::kprintln!(
+        "cpu {}: machine check while a guest ran",
+        crate::percpu::cpu_id()
+    );
+    Next::Interrupt
+}
 
 /// The MTD groups whose state lies at or after `ArchState::qual` (see [`put_state`]).
 const TAIL: Mtd = Mtd::all()
@@ -325,6 +451,7 @@ fn new_common(flush_seen: u64) -> Common {
         invalid: false,
         check: true,
         pending: None,
+        dr: Dr::new(),
     }
 }
 
@@ -393,7 +520,9 @@ extern "C" fn entry(p: *const Ec) -> ! {
 enum Next {
     /// Deliver this event to the VMM.
     Event(u64),
-    /// A host interrupt or NMI: take it, then schedule.
+    /// A host interrupt or NMI, or an exit the kernel handled itself: take pending
+    /// interrupts, then schedule (which enters the guest again, unless another EC is
+    /// due).
     Interrupt,
 }
 
@@ -487,7 +616,7 @@ pub fn get_state(ec: &Ec, mtd: Mtd, vector: u64, a: &mut ArchState) {
     }
     match &v.hw {
         Hw::Svm(s) => svm::get_state(s, mtd, a),
-        Hw::Vmx(x) => vmx::get_state(x, mtd, a),
+        Hw::Vmx(x) => vmx::get_state(x, c, mtd, a),
     }
 }
 

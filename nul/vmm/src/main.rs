@@ -15,8 +15,11 @@
 //! exits and the end to the root (`nul_rt::svc::key::VM_EXITS`, `VM_END`).
 //!
 //! `mode=check` runs the guest's check list, `mode=bench` its exit benchmark (its
-//! `BENCH` lines are printed unchanged), `mode=hostile seed=N` its hostile mode;
-//! `limit=S` ends the VM after S seconds.
+//! `BENCH` lines are printed unchanged), `mode=hostile seed=N` its hostile mode,
+//! `mode=loops [flags=1]` its exception loops (flag 1: without the #DB loop),
+//! `mode=loops` its exception loops (#AC, #DB; two vCPUs); `limit=S` ends the VM after
+//! S seconds. At the end it prints the exits it handled and the exceptions it reflected
+//! into the guest.
 //!
 //! `mode=linux` boots a Linux bzImage (`guest=`) on the PC of `peregrine_vmm::pc`, with
 //! the boot modules `initrd=` and `disk=` and the kernel command line after ` -- `;
@@ -66,7 +69,12 @@ fn main(info: u64) -> ! {
         None => (si.args(), ""),
     };
     let mode = start_info::arg(args, "mode").unwrap_or("check");
-    let seed = start_info::arg_u64(args, "seed").unwrap_or(1);
+    // `seed=` of the hostile mode; `flags=` of the loops mode.
+    let seed = if mode == "loops" {
+        start_info::arg_u64(args, "flags").unwrap_or(0)
+    } else {
+        start_info::arg_u64(args, "seed").unwrap_or(1)
+    };
     let linux = mode == "linux";
     let mode = match Mode::parse(mode, seed) {
         Some(m) => m,
@@ -186,6 +194,11 @@ fn main(info: u64) -> ! {
                 exits,
                 vm.machine.undefined(),
                 vm.stack_used()
+            );
+            println!(
+                "vmm: exceptions reflected into the guest: #DB {}, #AC {}",
+                vm.machine.reflected(1),
+                vm.machine.reflected(17)
             );
             let _ = svc::result(svc::key::VM_EXITS, exits);
             let _ = svc::result(svc::key::VM_END, code);

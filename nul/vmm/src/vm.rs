@@ -61,6 +61,14 @@ impl Guest {
         }
     }
 
+    /// Exceptions of vector `v` reflected into the guest.
+    pub fn reflected(&self, v: u8) -> u64 {
+        match self {
+            Guest::Test(m) => m.reflected(v),
+            Guest::Linux(pc) => pc.reflected(v),
+        }
+    }
+
     fn portal_mtd(&self, event: u64) -> Mtd {
         match self {
             Guest::Test(_) => portal_mtd(event),

@@ -332,7 +332,9 @@ fn power_off_through_pm1_control_ends_the_vm() {
 
 #[test]
 fn cr_access_exits_are_emulated() {
-    let mut regs = ArchState {
+    use crate::exit::cr_access;
+    let mut v = MockVcpu::new(0x1000);
+    v.regs = ArchState {
         cr0: 0x8000_0031,
         cr4: 0x20,
         rip: 0x1000,
@@ -340,28 +342,48 @@ fn cr_access_exits_are_emulated() {
         ..ArchState::default()
     };
     // mov cr4, rdx (VMX qualification: CR 4, type 0, GPR 2).
-    regs.gpr[2] = 0x6f0;
+    v.regs.gpr[2] = 0x6f0;
     assert!(matches!(
-        cr_access(&mut regs, 4 | 2 << 8, 0x1000),
+        cr_access(&mut v, 4 | 2 << 8, 0x1000, 0x0037_0fff),
         Step::Resume
     ));
-    assert_eq!((regs.cr4, regs.rip), (0x6f0, 0x1003));
-    assert!(regs.mtd.contains(Mtd::CR | Mtd::RIP_LEN));
+    assert_eq!((v.regs.cr4, v.regs.rip), (0x6f0, 0x1003));
+    assert!(v.regs.mtd.contains(Mtd::CR | Mtd::RIP_LEN));
     // mov rax, cr0 (type 1, GPR 0).
-    assert!(matches!(cr_access(&mut regs, 1 << 4, 0), Step::Resume));
-    assert_eq!(regs.gpr[0], 0x8000_0031);
-    // CLTS, then LMSW that sets TS and tries to clear PE.
-    regs.cr0 |= 8;
-    assert!(matches!(cr_access(&mut regs, 2 << 4, 0), Step::Resume));
-    assert_eq!(regs.cr0 & 8, 0);
     assert!(matches!(
-        cr_access(&mut regs, 3 << 4 | 8 << 16, 0),
+        cr_access(&mut v, 1 << 4, 0, 0x0037_0fff),
         Step::Resume
     ));
-    assert_eq!(regs.cr0 & 0xf, 0x9);
+    assert_eq!(v.regs.gpr[0], 0x8000_0031);
+    // CLTS, then LMSW that sets TS and tries to clear PE.
+    v.regs.cr0 |= 8;
+    assert!(matches!(
+        cr_access(&mut v, 2 << 4, 0, 0x0037_0fff),
+        Step::Resume
+    ));
+    assert_eq!(v.regs.cr0 & 8, 0);
+    assert!(matches!(
+        cr_access(&mut v, 3 << 4 | 8 << 16, 0, 0x0037_0fff),
+        Step::Resume
+    ));
+    assert_eq!(v.regs.cr0 & 0xf, 0x9);
+    // Writes the processor refuses get #GP(0) and change nothing: CR4.VMXE, CR4.PKE,
+    // CR0.NW without CD, and (in long mode) CR4 without PAE.
+    v.regs.efer = 0x500;
+    for (cr, val) in [(4, 0x2020), (4, 0x40_0020), (0, 0xa000_0031), (4, 0)] {
+        v.regs.inj_info = 0;
+        v.regs.gpr[2] = val;
+        let (cr0, cr4, rip) = (v.regs.cr0, v.regs.cr4, v.regs.rip);
+        assert!(matches!(
+            cr_access(&mut v, cr | 2 << 8, 0x1003, 0x0037_0fff),
+            Step::Resume
+        ));
+        assert_eq!(v.regs.inj_info, 0x8000_0b0d, "CR{cr} = {val:#x}");
+        assert_eq!((v.regs.cr0, v.regs.cr4, v.regs.rip), (cr0, cr4, rip));
+    }
     // A write to CR8 without a TPR shadow is not emulated: the VM ends, the VMM lives.
     assert!(matches!(
-        cr_access(&mut regs, 8, 0x2000),
+        cr_access(&mut v, 8, 0x2000, 0x0037_0fff),
         Step::End(End::Unhandled { .. })
     ));
 }

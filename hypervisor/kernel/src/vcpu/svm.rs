@@ -1,11 +1,14 @@
 //! The SVM backend: a VMCB per vCPU, nested paging, ASIDs (see `crate::vcpu`).
 //!
-//! The VMCB holds the guest state the VMM reads and writes; an ASID of this CPU is
-//! re-allocated with a full flush when QEMU's 16 run out. Without NRIP save (QEMU) the
+//! The VMCB holds the guest state the VMM reads and writes (DR6 and DR7 included; DR0–DR3
+//! are switched lazily, see `super::Dr`); an ASID of this CPU is re-allocated with a full
+//! flush when QEMU's 16 run out. #VMEXIT restores the host's GDTR and IDTR whole (from
+//! the host save area), unlike a VT-x exit. Without NRIP save (QEMU) the
 //! instruction length is 0 except for I/O exits; with it (Bochs `trinity_apu`) it is
 //! nRIP − RIP.
 
 use core::cell::UnsafeCell;
+use core::sync::atomic::{AtomicU8, Ordering};
 
 use peregrine_abi::event::vcpu as ev;
 use peregrine_abi::utcb::{ctrl, inj, ArchState, Segment};
@@ -40,6 +43,34 @@ const BASE4: u32 = i4::VMRUN
     | i4::CLGI
     | i4::SKINIT
     | i4::XSETBV;
+
+/// Reads and writes of DR0–DR7 (the kernel's lazy debug-register switch: `super::Dr`).
+const DR_ALL: u32 = 0x00ff_00ff;
+/// CR intercepts: CR4 writes.
+const CR4_WRITE: u32 = 1 << 20;
+
+/// Whether the CPU has protection keys (CPUID 7.0:ECX.PKU): 0 unknown, 1 no, 2 yes.
+static PKU: AtomicU8 = AtomicU8::new(0);
+
+/// CR intercepts every vCPU has: CR4 writes where the CPU has protection keys, so that
+/// no guest sets CR4.PKE behind the kernel (SVM has no CR4 guest/host mask; the kernel
+/// refuses PKE: `super::CR4_OK`).
+fn base_cr() -> u32 {
+    let mut p = PKU.load(Ordering::Relaxed);
+    if p == 0 {
+        p = if core::arch::x86_64::__cpuid_count(7, 0).ecx & (1 << 3) != 0 {
+            2
+        } else {
+            1
+        };
+        PKU.store(p, Ordering::Relaxed);
+    }
+    if p == 2 {
+        CR4_WRITE
+    } else {
+        0
+    }
+}
 
 const EFER_SVME: u64 = 1 << 12;
 /// SCE LME LMA NXE SVME LMSLE FFXSR TCE.
@@ -96,8 +127,9 @@ pub fn init_cpu(cpu: usize) {
 }
 
 fn init_vmcb(v: Vmcb, ncr3: u64) {
-    v.w32(f::INTERCEPT_CR, 0);
-    v.w32(f::INTERCEPT_EXC, 0);
+    v.w32(f::INTERCEPT_CR, base_cr());
+    v.w32(f::INTERCEPT_DR, DR_ALL);
+    v.w32(f::INTERCEPT_EXC, super::FORCED_EXC);
     v.w32(f::INTERCEPT_3, BASE3);
     v.w32(f::INTERCEPT_4, BASE4);
     v.w64(f::IOPM_BASE, svm::iopm());
@@ -212,11 +244,18 @@ pub(super) fn run(ec: &Ec, v: &Vcpu, c: &mut Common) -> Next {
         );
     }
     let host_xcr0 = super::enter_xcr0(c.xcr0);
+    c.dr.enter(false);
     crate::arch::x86::spec::vm_entry(ec.pd.id);
     // SAFETY: the VMCB was built by `init_vmcb` (mandatory intercepts, permission maps,
     // the VM's nested page table) and changed only through `put_state`'s checks;
     // `check_entry` passed; SVM is on here (`create` checked `enabled_on`).
     unsafe { svm::vmrun(&mut st.gprs, v.vmcb) };
+    if c.dr.live() {
+        // The guest ran with its DR0–DR3 and no DR intercepts (DR6 and DR7 are in the
+        // VMCB).
+        c.dr.save(false, vm.r64(f::DR7));
+        vm.w32(f::INTERCEPT_DR, DR_ALL);
+    }
     super::leave_xcr0(host_xcr0);
     handle_exit(vm, c)
 }
@@ -234,6 +273,17 @@ fn io_qual(i1: u64) -> u64 {
 }
 
 fn handle_exit(vm: Vmcb, st: &mut Common) -> Next {
+    // QEMU 7.2's nested SVM (software emulation) at times fetches the host's next
+    // instruction after a #VMEXIT through the guest's nested page table (more often with
+    // SMAP and eager FPU switching on, and another VM busy on another CPU): a second
+    // #VMEXIT (a nested page fault) then writes the host's own state into the VMCB as
+    // the guest's. The guest's state is gone, and entering it would run the guest on
+    // the host's RIP and CR3 (and show the VMM the host's addresses): INVALID_STATE.
+    if vm.r64(f::RIP) == svm::resume_rip() && vm.r64(f::CR3) == crate::arch::x86::cr::read_cr3() {
+        st.qual = [u64::MAX, 0];
+        st.inst_len = 0;
+        return Next::Event(ev::INVALID_STATE);
+    }
     let code = vm.r64(f::EXITCODE);
     let (i1, i2) = (vm.r64(f::EXITINFO1), vm.r64(f::EXITINFO2));
     if trace() {
@@ -297,6 +347,13 @@ fn handle_exit(vm: Vmcb, st: &mut Common) -> Next {
         exit::SHUTDOWN => ev::TRIPLE_FAULT,
         exit::NPF => ev::NPT_FAULT,
         exit::TASK_SWITCH => ev::TASK_SWITCH,
+        exit::EXC_MC => return super::machine_check(),
+        exit::DR0_READ..=exit::DR15_WRITE => {
+            // The kernel's (`super::Dr`): the MOV DR runs again without an intercept.
+            st.dr.accessed();
+            vm.w32(f::INTERCEPT_DR, 0);
+            return Next::Interrupt;
+        }
         exit::EXC_BASE..=exit::EXC_LAST => {
             let vec = code - exit::EXC_BASE;
             let has_err = matches!(vec, 8 | 10..=14 | 17 | 21 | 29 | 30);
@@ -320,7 +377,10 @@ fn handle_exit(vm: Vmcb, st: &mut Common) -> Next {
             st.qual = [crn | (u64::from(read) << 4) | gpr, i1];
             ev::CR_ACCESS
         }
-        exit::INVALID => ev::INVALID_STATE,
+        // VMEXIT_INVALID is -1; QEMU writes it as a 32-bit -1. Taken for another exit,
+        // the VMM's reply entered the guest with what QEMU's failed VMRUN left in the
+        // VMCB: the host's own state.
+        c if c as u32 == exit::INVALID as u32 => ev::INVALID_STATE,
         _ => {
             st.qual = [code, i1];
             ev::OTHER
@@ -442,6 +502,7 @@ pub(super) fn get_state(v: &Vcpu, mtd: Mtd, a: &mut ArchState) {
         a.cr8 = vm.r64(f::VINTR) & 0xf;
     }
     if mtd.contains(Mtd::DR) {
+        a.dr6 = vm.r64(f::DR6);
         a.dr7 = vm.r64(f::DR7);
     }
     if mtd.contains(Mtd::SYSENTER) {
@@ -499,7 +560,7 @@ fn event_inj(info: u64, err: u64) -> Option<u64> {
 fn apply_ctrl(vm: Vmcb, c: [u64; 2]) {
     let mut v3 = BASE3 | (vm.r32(f::INTERCEPT_3) & i3::VINTR);
     let mut v4 = BASE4;
-    let mut cr = 0u32;
+    let mut cr = base_cr();
     let c0 = c[0];
     let on = |b: u64| c0 & b != 0;
     if on(ctrl::RDTSC) {
@@ -532,7 +593,7 @@ fn apply_ctrl(vm: Vmcb, c: [u64; 2]) {
     vm.w32(f::INTERCEPT_3, v3);
     vm.w32(f::INTERCEPT_4, v4);
     vm.w32(f::INTERCEPT_CR, cr);
-    vm.w32(f::INTERCEPT_EXC, c[1] as u32);
+    vm.w32(f::INTERCEPT_EXC, c[1] as u32 | super::FORCED_EXC);
 }
 
 /// Takes back the state a VMM's reply selects, validating every value: a value that
@@ -631,7 +692,11 @@ pub(super) fn put_state(v: &Vcpu, c: &mut Common, a: &ArchState) -> bool {
         });
     }
     if mtd.contains(Mtd::DR) {
-        take(a.dr7 >> 32 == 0, &mut || vm.w64(f::DR7, a.dr7));
+        take(a.dr7 >> 32 == 0 && a.dr6 >> 32 == 0, &mut || {
+            vm.w64(f::DR6, a.dr6);
+            vm.w64(f::DR7, a.dr7);
+            c.dr.set_dr7(a.dr7);
+        });
     }
     if mtd.contains(Mtd::SYSENTER) {
         take(

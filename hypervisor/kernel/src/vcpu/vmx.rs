@@ -3,10 +3,12 @@
 //! A vCPU's VMCS is set up on its own CPU the first time it is used there (VMPTRLD makes
 //! it current; the host state of that CPU goes in once), and stays current until another
 //! vCPU of the CPU needs the VMCS pointer. What the VMCS does not switch is switched here
-//! around each entry: CR2, XCR0, and — only in the states in which the guest can use
-//! them — STAR, LSTAR, CSTAR and FMASK (EFER.SCE set) and KERNEL_GS_BASE (EFER.LME
-//! set). The guest sees CR0 and CR4 through read shadows: the bits VMX fixes
-//! (CR0.NE, CR4.VMXE, …) are forced in the real registers and shown as the VMM set them.
+//! around each entry: CR2, XCR0, DR0–DR3 and DR6 (lazily, see `super::Dr`), and — only
+//! in the states in which the guest can use them — STAR, LSTAR, CSTAR and FMASK
+//! (EFER.SCE set) and KERNEL_GS_BASE (EFER.LME set). After every exit the GDTR and IDTR
+//! limits (which VM exits set to 0xffff) and TR are restored. The guest sees CR0 and
+//! CR4 through read shadows: the bits VMX fixes (CR0.NE, CR4.VMXE, …) are forced in the
+//! real registers and shown as the VMM set them; CR4.PKE is host-owned too (refused).
 //!
 //! Host interrupts exit the guest (external-interrupt exiting) without being acknowledged
 //! on exit: they stay pending at the LAPIC and are taken by the kernel's own handlers in
@@ -25,7 +27,7 @@ use peregrine_abi::{Mtd, Status};
 use spin::Mutex;
 
 use super::{canonical, injection, pat_ok, seg_ok, trace, Common, Next, RARE};
-use super::{CR0_CD, CR0_NW, CR0_PE, CR0_PG, CR4_OK, EFER_LMA, EFER_LME, RFLAGS_OK};
+use super::{CR0_CD, CR0_NW, CR0_PE, CR0_PG, CR4_OK, CR4_PKE, EFER_LMA, EFER_LME, RFLAGS_OK};
 use crate::arch::x86::cr;
 use crate::arch::x86::msr::{rdmsr, rdmsr_raw, wrmsr, Msr};
 use crate::arch::x86::vmx::vmcs::{
@@ -45,6 +47,10 @@ const AR_UNUSABLE: u32 = 1 << 16;
 const BLOCK_NMI: u64 = 1 << 3;
 /// Offset of VTPR in the virtual-APIC page.
 const VTPR: usize = 0x80;
+/// Interruptibility: blocking by STI or by MOV SS.
+const BLOCK_STI_MOVSS: u64 = 3;
+/// RFLAGS.TF.
+const RFLAGS_TF: u64 = 1 << 8;
 
 /// The VMX state of a vCPU beyond its EC, touched only by its CPU with interrupts off.
 struct State {
@@ -185,7 +191,14 @@ fn reap() {
 /// The primary processor-based controls for `ctrl[0]` (plus the window bits `win`).
 fn proc1_for(c: &VmxCaps, ctl: u64, win: u32) -> u32 {
     let on = |b: u64| ctl & b != 0;
-    let mut p = proc1::HLT | proc1::UNCOND_IO | proc1::SECONDARY | proc1::TSC_OFFSETTING | win;
+    // MOV DR always exits (the kernel's lazy debug-register switch: `super::Dr`); the
+    // DR-access exit clears it until the next exit.
+    let mut p = proc1::HLT
+        | proc1::UNCOND_IO
+        | proc1::SECONDARY
+        | proc1::TSC_OFFSETTING
+        | proc1::MOV_DR
+        | win;
     if c.proc1.1 & proc1::TPR_SHADOW != 0 {
         p |= proc1::TPR_SHADOW;
     } else {
@@ -241,12 +254,13 @@ fn cr0_mask(c: &VmxCaps, ctl: u64) -> u64 {
     (c.cr0_fixed.0 & !(CR0_PE | CR0_PG)) | (!c.cr0_fixed.1 & 0xffff_ffff)
 }
 
-/// CR4 bits the guest cannot own (see [`cr0_mask`]).
+/// CR4 bits the guest cannot own (see [`cr0_mask`]), and PKE, which no guest may set
+/// (`super::CR4_OK`): a guest write that sets it exits.
 fn cr4_mask(c: &VmxCaps, ctl: u64) -> u64 {
     if ctl & ctrl::CR0_CR4_WRITE != 0 {
         return u64::MAX;
     }
-    c.cr4_fixed.0 | (!c.cr4_fixed.1 & 0xffff_ffff)
+    c.cr4_fixed.0 | (!c.cr4_fixed.1 & 0xffff_ffff) | CR4_PKE
 }
 
 /// The CR0 the hardware runs with for a guest-visible `v`.
@@ -353,7 +367,7 @@ fn init_vmcs(v: &Vcpu) {
         f::ENTRY_CONTROLS,
         u64::from((entry | c.entry.0) & c.entry.1),
     );
-    write(f::EXCEPTION_BITMAP, 0);
+    write(f::EXCEPTION_BITMAP, u64::from(super::FORCED_EXC));
     if v.vpid != 0 {
         write(f::VPID, u64::from(v.vpid));
     }
@@ -574,6 +588,7 @@ pub(super) fn run(ec: &Ec, v: &Vcpu, c: &mut Common) -> Next {
         }
     }
     let host_xcr0 = super::enter_xcr0(c.xcr0);
+    c.dr.enter(true);
     // SAFETY: CR2 is the guest's while it runs; the kernel reads CR2 only in its
     // page-fault handler, for faults it takes itself (none between here and the exit).
     unsafe { cr::write_cr2(st.cr2) };
@@ -589,6 +604,14 @@ pub(super) fn run(ec: &Ec, v: &Vcpu, c: &mut Common) -> Next {
         res = unsafe { vmx::enter(&mut st.gprs, st.launched) };
     }
     st.cr2 = cr::read_cr2();
+    if c.dr.live() {
+        // The guest ran with its debug registers and no MOV-DR exiting.
+        c.dr.save(true, read(f::GUEST_DR7));
+        write(
+            f::PROC_CONTROLS,
+            read(f::PROC_CONTROLS) | u64::from(proc1::MOV_DR),
+        );
+    }
     super::leave_xcr0(host_xcr0);
     if swap_sce {
         for (m, val) in SYSCALL_MSRS.iter().zip(host_msrs) {
@@ -604,7 +627,8 @@ pub(super) fn run(ec: &Ec, v: &Vcpu, c: &mut Common) -> Next {
             wrmsr(Msr::KernelGsBase, host_kgs);
         }
     }
-    crate::arch::x86::gdt::reload_tr();
+    // The exit left the GDTR and IDTR limits at 0xffff and TR's at 0x67.
+    crate::arch::x86::gdt::restore_after_vm_exit();
     match res {
         Entry::Exited => handle_exit(st, c),
         Entry::FailValid | Entry::FailInvalid => {
@@ -687,6 +711,13 @@ fn handle_exit(st: &mut State, c: &mut Common) -> Next {
                     read(f::GUEST_INTERRUPTIBILITY) | BLOCK_NMI,
                 );
             }
+            let (vector, ty) = (info & 0xff, (info >> 8) & 7);
+            if vector == 18 && ty == 3 {
+                return super::machine_check();
+            }
+            if vector == 1 && ty == 3 {
+                debug_exit(c, q);
+            }
             let err = if info & inj::ERROR_VALID != 0 {
                 read(f::EXIT_INTR_ERROR) & 0xffff_ffff
             } else {
@@ -706,6 +737,12 @@ fn handle_exit(st: &mut State, c: &mut Common) -> Next {
             clear_proc1(proc1::NMI_WINDOW);
             ev::NMI_WINDOW
         }
+        r::DR_ACCESS => {
+            // The kernel's (`super::Dr`): the MOV DR runs again without exiting.
+            c.dr.accessed();
+            clear_proc1(proc1::MOV_DR);
+            return Next::Interrupt;
+        }
         r::TRIPLE_FAULT
         | r::INIT
         | r::SIPI
@@ -717,7 +754,6 @@ fn handle_exit(st: &mut State, c: &mut Common) -> Next {
         | r::RDTSC
         | r::VMCALL
         | r::CR_ACCESS
-        | r::DR_ACCESS
         | r::RDMSR
         | r::WRMSR
         | r::MWAIT
@@ -759,8 +795,32 @@ fn handle_exit(st: &mut State, c: &mut Common) -> Next {
     Next::Event(nr)
 }
 
+/// A #DB of the guest caused this exit (the kernel intercepts #DB always): makes the
+/// guest's debug state what delivering it would have made it, as SVM does before its
+/// intercept, so that the VMM reflects it by injecting vector 1. A VM exit leaves DR6
+/// and DR7 as they were (SDM vol. 3C 28.1): DR6 takes the exit qualification's
+/// conditions (`q`: B0–B3, BD, BS, RTM), a general-detect #DB clears DR7.GD; and
+/// single-stepping in an STI or MOV-SS shadow keeps its pending single step (the BS bit
+/// of the pending debug exceptions, which VM entry checks against TF and the shadow).
+fn debug_exit(c: &mut Common, q: u64) {
+    use crate::arch::x86::dr;
+    // The guest's DR6 is the kernel's copy here (saved at this exit if it was live).
+    c.dr.dr6 = dr::dr6_after(c.dr.dr6, q) & 0xffff_ffff;
+    if q & dr::DR6_BD != 0 {
+        write(f::GUEST_DR7, read(f::GUEST_DR7) & !dr::DR7_GD);
+    }
+    if read(f::GUEST_RFLAGS) & RFLAGS_TF != 0
+        && read(f::GUEST_INTERRUPTIBILITY) & BLOCK_STI_MOVSS != 0
+    {
+        write(
+            f::GUEST_PENDING_DBG,
+            read(f::GUEST_PENDING_DBG) | dr::DR6_BS,
+        );
+    }
+}
+
 /// Writes the state `mtd` selects from VMX vCPU `v` into a handler's UTCB.
-pub(super) fn get_state(v: &Vcpu, mtd: Mtd, a: &mut ArchState) {
+pub(super) fn get_state(v: &Vcpu, c: &Common, mtd: Mtd, a: &mut ArchState) {
     // SAFETY: the vCPU is bound to this CPU and does not run (it is delivering).
     let st = unsafe { v.state() };
     load(v, st);
@@ -855,6 +915,7 @@ pub(super) fn get_state(v: &Vcpu, mtd: Mtd, a: &mut ArchState) {
         };
     }
     if mtd.contains(Mtd::DR) {
+        a.dr6 = c.dr.dr6;
         a.dr7 = read(f::GUEST_DR7);
     }
     if mtd.contains(Mtd::SYSENTER) {
@@ -891,7 +952,10 @@ fn apply_ctrl(c: &VmxCaps, ctl: [u64; 2]) {
     let win = read(f::PROC_CONTROLS) as u32 & (proc1::INTR_WINDOW | proc1::NMI_WINDOW);
     write(f::PROC_CONTROLS, u64::from(proc1_for(c, ctl[0], win)));
     write(f::PROC_CONTROLS2, u64::from(proc2_for(c, ctl[0])));
-    write(f::EXCEPTION_BITMAP, ctl[1] & 0xffff_ffff);
+    write(
+        f::EXCEPTION_BITMAP,
+        (ctl[1] & 0xffff_ffff) | u64::from(super::FORCED_EXC),
+    );
     // Keep what the guest sees of CR0/CR4 across a mask change.
     let (m0, m4) = (read(f::CR0_MASK), read(f::CR4_MASK));
     let cr0 = (read(f::GUEST_CR0) & !m0) | (read(f::CR0_SHADOW) & m0);
@@ -1040,7 +1104,11 @@ pub(super) fn put_state(v: &Vcpu, c: &mut Common, a: &ArchState) -> bool {
         });
     }
     if mtd.contains(Mtd::DR) {
-        take(a.dr7 >> 32 == 0, &mut || write(f::GUEST_DR7, a.dr7));
+        take(a.dr7 >> 32 == 0 && a.dr6 >> 32 == 0, &mut || {
+            write(f::GUEST_DR7, a.dr7);
+            c.dr.dr6 = a.dr6;
+            c.dr.set_dr7(a.dr7);
+        });
     }
     if mtd.contains(Mtd::SYSENTER) {
         take(

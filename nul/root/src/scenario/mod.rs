@@ -24,7 +24,7 @@
 //! | `test=isolation` | `nul-test role=blocker deferred` | 2 |
 //! | `test=vm [rounds=N] [seed=S]` | none (SVM with NPT: QEMU `-cpu EPYC`) | ≥ 1 (2: cross-CPU recall) |
 //! | `bench=vmexit` | none; `-icount shift=0 -smp 1` for instruction counts | 1 |
-//! | `test=vmm [secs=N]` | `nul-vmm guest=guest-test cpus=C mem=16 mode=check\|bench\|hostile [seed=S] [name=TAG] [cpu=N]` (one or more), and the `guest-test` module | ≥ C |
+//! | `test=vmm [secs=N]` | `nul-vmm guest=guest-test cpus=C mem=16 mode=check\|bench\|hostile\|loops [seed=S] [name=TAG] [cpu=N]` (one or more), and the `guest-test` module; optionally `nul-test role=canary cpu=N` | ≥ C |
 //!
 //! `calls=` (default 10,000,000) and `secs=` (default 600 s of TSC time) bound the
 //! hostile test; `respawn_ms=` (default 3000) is how often it destroys and restarts one
@@ -179,7 +179,11 @@ pub fn need(role: &str) -> Option<usize> {
 /// Calls an echo portal (replies with every word plus one) with `n` words and checks
 /// the reply.
 pub fn echo_ok(pt: u64, n: usize, salt: u64) -> Result<(), &'static str> {
-    let u = UtcbRef::main();
+    echo_ok_on(UtcbRef::main(), pt, n, salt)
+}
+
+/// [`echo_ok`] from a thread whose UTCB is `u`.
+pub fn echo_ok_on(u: UtcbRef, pt: u64, n: usize, salt: u64) -> Result<(), &'static str> {
     let utcb = u.get();
     let n = n.min(utcb.data.len());
     for (i, w) in utcb.data[..n].iter_mut().enumerate() {

@@ -147,6 +147,25 @@ core::arch::global_asm!(
     "vmg_bmmio_end:",
     "VMG_TAIL 20",
     "jmp vmg_final",
+    // Debug-register isolation: report DR0-DR3 (eax, ebx, ecx, edx), write the values
+    // the reply gives, say so, and again.
+    ".global vmg_dr",
+    "vmg_dr:",
+    "mov eax, dr0",
+    "mov ebx, dr1",
+    "mov ecx, dr2",
+    "mov edx, dr3",
+    ".global vmg_hc4",
+    "vmg_hc4:",
+    "vmmcall",
+    "mov dr0, eax",
+    "mov dr1, ebx",
+    "mov dr2, ecx",
+    "mov dr3, edx",
+    ".global vmg_hc5",
+    "vmg_hc5:",
+    "vmmcall",
+    "jmp vmg_dr",
     ".code64",
     ".global vmg_end",
     "vmg_end:",
@@ -173,6 +192,9 @@ extern "C" {
     static vmg_hc1: u8;
     static vmg_hc2: u8;
     static vmg_hc3: u8;
+    static vmg_dr: u8;
+    static vmg_hc4: u8;
+    static vmg_hc5: u8;
 }
 
 /// The guest-physical address of a label in the guest image.
@@ -279,6 +301,7 @@ fn sane_state(a: &mut ArchState, rip: u64, iflag: bool) {
     a.cr8 = 0;
     a.efer = 0;
     a.dr7 = 0x400;
+    a.dr6 = 0xffff_0ff0;
     a.rip = rip;
     a.rflags = if iflag { 0x202 } else { 2 };
     a.gpr = [0; 16];
@@ -680,7 +703,13 @@ fn load_image(ram: u64) {
         *idt.add(0x20) = (isr & 0xffff) | (8 << 16) | (0x8e00 << 32) | ((isr >> 16) << 48);
         if INTEL.load(Ordering::Relaxed) {
             // `vmmcall` (0f 01 d9) is `vmcall` (0f 01 c1) on Intel: same length.
-            for hc in [gpa!(vmg_hc1), gpa!(vmg_hc2), gpa!(vmg_hc3)] {
+            for hc in [
+                gpa!(vmg_hc1),
+                gpa!(vmg_hc2),
+                gpa!(vmg_hc3),
+                gpa!(vmg_hc4),
+                gpa!(vmg_hc5),
+            ] {
                 *base.add(hc as usize + 2) = 0xc1;
             }
         }
@@ -690,6 +719,18 @@ fn load_image(ram: u64) {
 /// Creates the VM PD with the guest memory at `ram`, the portals and the vCPU with its
 /// SC; returns the vCPU's selector.
 fn start_vm(ram: u64, cpu: u64) -> Result<u64, &'static str> {
+    start_vm_with(ram, cpu, vm_exit, 0, portal_mtd)
+}
+
+/// [`start_vm`] with exit handler `handler`, portal ids `id_base | event` and the
+/// portals' MTDs from `mtd`.
+fn start_vm_with(
+    ram: u64,
+    cpu: u64,
+    handler: extern "C" fn(u64, u64) -> !,
+    id_base: u64,
+    mtd: fn(u64) -> Mtd,
+) -> Result<u64, &'static str> {
     let vm = sel::alloc();
     hc::create_pd(vm, sel::OWN_PD, 64, true).map_err(|e| {
         println!("create_pd(VM): {:?}", e);
@@ -720,11 +761,11 @@ fn start_vm(ram: u64, cpu: u64) -> Result<u64, &'static str> {
             base + nr,
             sel::OWN_PD,
             ec.sel,
-            portal_mtd(nr),
-            vm_exit as *const () as u64,
+            mtd(nr),
+            handler as *const () as u64,
         )
         .map_err(|_| "create_pt")?;
-        hc::pt_ctrl(base + nr, nr).map_err(|_| "pt_ctrl")?;
+        hc::pt_ctrl(base + nr, id_base | nr).map_err(|_| "pt_ctrl")?;
     }
     hc::pd_delegate(
         sel::OWN_PD,
@@ -852,7 +893,280 @@ pub fn test(hip: &HipView, args: &str) -> bool {
         x == 0x1111_2222_3333_4444,
         "the scenario thread's XMM0 survived the handler's and the guest's FPU use",
     );
+    ok &= dr_isolation(cpu);
+    ok &= gdt_limit(cpu);
     ok
+}
+
+/// DR0-DR3 of the two VMs of [`dr_isolation`] (A and B), as the guests set them.
+const DR_MAGIC: [[u64; 4]; 2] = [
+    [0xa000_0010, 0xa000_0020, 0xa000_0030, 0xa000_0040],
+    [0xb000_0010, 0xb000_0020, 0xb000_0030, 0xb000_0040],
+];
+/// CR4.PKE.
+const CR4_PKE: u64 = 1 << 22;
+
+/// What the two VMs of [`dr_isolation`] reported (per VM: DR0-DR3 first and second
+/// time), their steps (the number of `VMCALL 4`s seen), and the semaphores they wait on.
+static DR_SEEN: [[AtomicU64; 8]; 2] = [const { [const { AtomicU64::new(u64::MAX) }; 8] }; 2];
+static DR_STEP: [AtomicU64; 2] = [const { AtomicU64::new(0) }; 2];
+/// Upped by VM A's handler when its DRs are set, and by B's when B is done.
+static DR_SM_ROOT: AtomicU64 = AtomicU64::new(0);
+/// Upped by the root to let VM A read its DRs again.
+static DR_SM_A: AtomicU64 = AtomicU64::new(0);
+/// The event that followed VM B's reply with CR4.PKE.
+static PKE_EVENT: AtomicU64 = AtomicU64::new(u64::MAX);
+/// The event that followed VM B's reply with CR4.UMIP, on a CPU without UMIP.
+static UMIP_EVENT: AtomicU64 = AtomicU64::new(u64::MAX);
+/// CR4.UMIP.
+const CR4_UMIP: u64 = 1 << 11;
+
+/// Whether the CPU has UMIP (CPUID 7.0:ECX bit 2).
+fn cpu_umip() -> bool {
+    core::arch::x86_64::__cpuid_count(7, 0).ecx & (1 << 2) != 0
+}
+
+fn dr_portal_mtd(nr: u64) -> Mtd {
+    match nr {
+        ev::VMCALL => Mtd::RIP_LEN | Mtd::GPR_ACDB,
+        ev::STARTUP => Mtd::empty(),
+        _ => Mtd::all(),
+    }
+}
+
+/// The exit handler of the two VMs of [`dr_isolation`] (portal id: VM (1 A, 2 B) << 8
+/// | event).
+extern "C" fn dr_exit(id: u64, utcb: u64) -> ! {
+    // SAFETY: the kernel passes this handler EC's own UTCB address.
+    let u = unsafe { UtcbRef::from_addr(utcb) };
+    let a = u.get().arch_mut();
+    let vm = ((id >> 8) as usize).clamp(1, 2) - 1;
+    let nr = id & 0xff;
+    let root = DR_SM_ROOT.load(Ordering::Relaxed);
+    match nr {
+        ev::STARTUP => sane_state(a, gpa!(vmg_dr), false),
+        ev::VMCALL if a.rip == gpa!(vmg_hc4) => {
+            // The guest reports its DR0-DR3; the reply gives it its own values.
+            let step = DR_STEP[vm].fetch_add(1, Ordering::Relaxed) as usize;
+            if step < 2 {
+                for (i, r) in [0, 3, 1, 2].into_iter().enumerate() {
+                    // eax, ebx, ecx, edx: DR0..DR3.
+                    DR_SEEN[vm][step * 4 + i].store(a.gpr[r] & 0xffff_ffff, Ordering::Relaxed);
+                }
+            }
+            if step >= 1 {
+                // A's second report: done.
+                let _ = hc::sm_up(root);
+                park()
+            }
+            let m = DR_MAGIC[vm];
+            (a.gpr[0], a.gpr[3], a.gpr[1], a.gpr[2]) = (m[0], m[1], m[2], m[3]);
+            a.rip += 3;
+            a.mtd = Mtd::RIP_LEN | Mtd::GPR_ACDB;
+        }
+        ev::VMCALL if a.rip == gpa!(vmg_hc5) => {
+            // The guest wrote its DR0-DR3.
+            a.rip += 3;
+            a.mtd = Mtd::RIP_LEN;
+            if vm == 0 {
+                // A waits until B ran on this CPU, then reads its DRs again.
+                let _ = hc::sm_up(root);
+                let _ = hc::sm_down(DR_SM_A.load(Ordering::Relaxed), false, 0);
+            } else {
+                // B: a reply with CR4.PKE, which the kernel must refuse.
+                a.cr0 = 0x11;
+                a.cr2 = 0;
+                a.cr3 = 0;
+                a.cr4 = CR4_PKE;
+                a.cr8 = 0;
+                a.mtd |= Mtd::CR;
+            }
+        }
+        _ if vm == 1 && DR_STEP[1].load(Ordering::Relaxed) == 1 => {
+            if PKE_EVENT.load(Ordering::Relaxed) == u64::MAX {
+                // B's event after the reply with CR4.PKE.
+                PKE_EVENT.store(nr, Ordering::Relaxed);
+                if !cpu_umip() {
+                    // A state the kernel accepts but the processor refuses at entry
+                    // (VT-x: its CR4 fixed bits; SVM: VMRUN's checks): INVALID_STATE.
+                    sane_state(a, gpa!(vmg_dr), false);
+                    a.cr4 = CR4_UMIP;
+                    u.get().head.set_counts(0, 0);
+                    hc::reply()
+                }
+            } else {
+                UMIP_EVENT.store(nr, Ordering::Relaxed);
+            }
+            let _ = hc::sm_up(root);
+            park()
+        }
+        _ => {
+            println!(
+                "vm: DR VM {}: unexpected event {:#x} at {:#x}",
+                vm, nr, a.rip
+            );
+            ERRORS.fetch_add(1, Ordering::Relaxed);
+            let _ = hc::sm_up(root);
+            park()
+        }
+    }
+    u.get().head.set_counts(0, 0);
+    hc::reply()
+}
+
+/// A VM for [`dr_isolation`] on `cpu` (`which`: 1 A, 2 B).
+fn dr_vm(cpu: u64, which: u64) -> Result<u64, &'static str> {
+    let ram = mem::alloc(GUEST_PAGES).ok_or("guest memory")?;
+    load_image(ram);
+    start_vm_with(ram, cpu, dr_exit, which << 8, dr_portal_mtd)
+}
+
+/// Two more VMs on the vCPU's CPU: A writes its own values to DR0-DR3; then B runs and
+/// must find its DR0-DR3 as a new vCPU has them (0), writes its own; then A must find
+/// its own values again: neither VM sees the other's debug registers (nor a breakpoint
+/// of one fires in the other). B's VMM then replies with CR4.PKE, which the kernel
+/// refuses (INVALID_STATE): a guest with CR4.PKE could read and set a PKRU the kernel
+/// does not switch. On a CPU without UMIP, B's VMM then replies with CR4.UMIP, which
+/// the kernel passes and the processor's entry refuses: INVALID_STATE too.
+fn dr_isolation(cpu: u64) -> bool {
+    let (root, a_go) = (sel::alloc(), sel::alloc());
+    if hc::create_sm(root, sel::OWN_PD, 0).is_err() || hc::create_sm(a_go, sel::OWN_PD, 0).is_err()
+    {
+        return check(false, "create semaphores");
+    }
+    DR_SM_ROOT.store(root, Ordering::Relaxed);
+    DR_SM_A.store(a_go, Ordering::Relaxed);
+    let wait = || hc::sm_down(root, false, deadline_ms(10_000)).is_ok();
+    if let Err(e) = dr_vm(cpu, 1) {
+        return check(false, e);
+    }
+    let mut ok = check(wait(), "VM A set its debug registers");
+    if let Err(e) = dr_vm(cpu, 2) {
+        return check(false, e);
+    }
+    // B's first report, then its event after the PKE reply.
+    ok &= check(wait(), "VM B ran on the same CPU");
+    let _ = hc::sm_up(a_go);
+    ok &= check(wait(), "VM A read its debug registers again");
+    let seen = |vm: usize, step: usize| -> [u64; 4] {
+        core::array::from_fn(|i| DR_SEEN[vm][step * 4 + i].load(Ordering::Relaxed))
+    };
+    println!(
+        "vm: DR0-3: A first {:x?}, B first {:x?}, A again {:x?}",
+        seen(0, 0),
+        seen(1, 0),
+        seen(0, 1)
+    );
+    ok &= check(
+        seen(0, 0) == [0; 4] && seen(1, 0) == [0; 4],
+        "a new VM finds DR0-DR3 clear (no other VM's values)",
+    );
+    ok &= check(
+        seen(0, 1) == DR_MAGIC[0],
+        "a VM finds its own DR0-DR3 after another VM ran on its CPU",
+    );
+    let pku = core::arch::x86_64::__cpuid_count(7, 0).ecx & (1 << 3) != 0;
+    let e = PKE_EVENT.load(Ordering::Relaxed);
+    println!(
+        "vm: after a reply with CR4.PKE (CPU PKU {}): event {:#x}",
+        pku, e
+    );
+    ok &= check(
+        e == ev::INVALID_STATE,
+        "a reply with CR4.PKE is refused (INVALID_STATE)",
+    );
+    if !cpu_umip() {
+        let e = UMIP_EVENT.load(Ordering::Relaxed);
+        println!(
+            "vm: after a reply with CR4.UMIP (CPU without UMIP): event {:#x}",
+            e
+        );
+        ok &= check(
+            e == ev::INVALID_STATE,
+            "an entry the processor refuses (CR4.UMIP without UMIP) is INVALID_STATE",
+        );
+    }
+    ok
+}
+
+/// Selectors beyond the kernel's GDT (indices 8 and up) that user mode could use
+/// (`lar`, `lsl` or `verr` with RPL 3 succeeded), found by [`gdt_probe`].
+static GDT_HITS: AtomicU64 = AtomicU64::new(u64::MAX);
+/// The first such selector (0: none).
+static GDT_FIRST: AtomicU64 = AtomicU64::new(0);
+/// Upped by [`gdt_probe`] when it is done.
+static GDT_SM: AtomicU64 = AtomicU64::new(0);
+
+/// Whether `lar`, `lsl` or `verr` accept selector `s` at CPL 3: true when the
+/// descriptor lies within the GDT limit and user mode may look at it.
+fn selector_usable(s: u16) -> bool {
+    let (lar, lsl, verr): (u8, u8, u8);
+    // SAFETY: LAR, LSL and VERR only read the descriptor table (a selector outside its
+    // limit or an unusable descriptor clears ZF, nothing faults); they write the
+    // output registers and flags only.
+    unsafe {
+        core::arch::asm!(
+            "lar {t:e}, {s:e}",
+            "setz {a}",
+            "lsl {t:e}, {s:e}",
+            "setz {b}",
+            "verr {s:x}",
+            "setz {c}",
+            s = in(reg) u32::from(s),
+            t = out(reg) _,
+            a = out(reg_byte) lar,
+            b = out(reg_byte) lsl,
+            c = out(reg_byte) verr,
+            options(nostack, readonly),
+        )
+    };
+    lar | lsl | verr != 0
+}
+
+/// A root thread on the vCPU's CPU (`arg`): probes every selector from index 8 up with
+/// RPL 3.
+extern "C" fn gdt_probe(_arg: u64, _utcb: u64) -> ! {
+    let mut hits = 0;
+    let mut first = 0;
+    for index in 8..8192u16 {
+        let s = (index << 3) | 3;
+        if selector_usable(s) {
+            if first == 0 {
+                first = u64::from(s);
+            }
+            hits += 1;
+        }
+    }
+    GDT_FIRST.store(first, Ordering::Relaxed);
+    GDT_HITS.store(hits, Ordering::Release);
+    let _ = hc::sm_up(GDT_SM.load(Ordering::Relaxed));
+    park()
+}
+
+/// After the VM ran on `cpu`: user code on that CPU finds no descriptor beyond the GDT
+/// (a VM exit sets the GDTR limit to 0xffff; the kernel must restore its own).
+fn gdt_limit(cpu: u64) -> bool {
+    let sm = sel::alloc();
+    if hc::create_sm(sm, sel::OWN_PD, 0).is_err() {
+        return check(false, "create a semaphore");
+    }
+    GDT_SM.store(sm, Ordering::Relaxed);
+    if let Err(e) = super::spawn(cpu, gdt_probe, cpu) {
+        println!("vm: cannot start the GDT probe on cpu {}: {:?}", cpu, e);
+        return check(false, "start a thread on the vCPU's CPU");
+    }
+    let _ = hc::sm_down(sm, false, deadline_ms(10_000));
+    let hits = GDT_HITS.load(Ordering::Acquire);
+    println!(
+        "vm: cpu {}: {} selectors beyond the GDT usable from user mode (first {:#x})",
+        cpu,
+        hits,
+        GDT_FIRST.load(Ordering::Relaxed)
+    );
+    check(
+        hits == 0,
+        "after VM exits no selector beyond the kernel's GDT is usable from user mode",
+    )
 }
 
 /// `bench=vmexit`.

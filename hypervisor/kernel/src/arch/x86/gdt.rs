@@ -222,15 +222,34 @@ pub fn tss_base(cpu: usize) -> u64 {
     unsafe { core::ptr::addr_of!((*core::ptr::addr_of!(TSS))[cpu].tss) as u64 }
 }
 
-/// Reloads TR on this CPU: a VM exit leaves its limit at 0x67, which would hide the
-/// I/O permission bitmap behind the TSS from user mode.
-pub fn reload_tr() {
+/// Restores this CPU's descriptor-table registers after a VM exit, which sets the GDTR
+/// and IDTR limits to 0xffff (SDM vol. 3C 28.5.2) and TR's limit to 0x67.
+///
+/// With the GDTR limit at 0xffff, user code could load descriptors from the 64 KiB after
+/// this CPU's GDT (the other CPUs' GDTs and whatever kernel data follows: a DPL-3 call
+/// gate there would lead into ring 0); with TR's limit at 0x67 the I/O permission
+/// bitmap behind the TSS would be hidden from user mode.
+pub fn restore_after_vm_exit() {
+    #[repr(C, packed)]
+    struct Ptr {
+        limit: u16,
+        base: u64,
+    }
     let cpu = crate::percpu::cpu_id();
-    // SAFETY: only this CPU touches its own GDT after bring-up; clearing the busy bit
-    // of its own (loaded) TSS descriptor lets `ltr` load it again with the full limit.
+    let ptr = Ptr {
+        limit: (size_of::<[u64; 8]>() - 1) as u16,
+        base: gdt_base(cpu),
+    };
+    // SAFETY: this CPU's own GDT (static, set up by `init`, the table the processor
+    // already uses: only the limit changes back to the table's size; the segment
+    // registers keep their descriptors); only this CPU touches it after bring-up, and
+    // clearing the busy bit of its own (loaded) TSS descriptor lets `ltr` load it again
+    // with the full limit.
     unsafe {
+        core::arch::asm!("lgdt [{}]", in(reg) &ptr, options(readonly, nostack, preserves_flags));
         let d = core::ptr::addr_of_mut!((*core::ptr::addr_of_mut!(GDT))[cpu][6]);
         d.write_volatile(d.read_volatile() & !(1 << 41));
         core::arch::asm!("ltr {0:x}", in(reg) u64::from(TSS_SEL), options(nostack, preserves_flags));
     }
+    super::idt::load();
 }

@@ -4,6 +4,7 @@ pub mod acpi;
 pub mod apic;
 pub mod cpu;
 pub mod cr;
+pub mod dr;
 pub mod entry;
 pub mod gdt;
 pub mod idt;

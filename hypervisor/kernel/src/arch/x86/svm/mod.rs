@@ -198,6 +198,17 @@ pub fn asid_for(asid: u32, gen: u64) -> (u32, u64, bool) {
     (next, g, flush)
 }
 
+extern "C" {
+    /// The host's instruction after VMRUN (a label in the world switch).
+    fn svm_vmrun_resume();
+}
+
+/// Where the host resumes after a #VMEXIT: a VMCB whose guest RIP is this (and whose
+/// CR3 is the host's) holds the host's state, not the guest's (see `vcpu::svm`).
+pub fn resume_rip() -> u64 {
+    svm_vmrun_resume as *const () as u64
+}
+
 /// Guest general-purpose registers that the VMCB does not hold (RAX and RSP live in
 /// it; their slots here are unused), in the x86 encoding order.
 #[repr(C)]
@@ -240,6 +251,8 @@ core::arch::global_asm!(
     "mov rdi, [rdi + 56]",
     "vmrun rax",
     // #VMEXIT: RAX = guest VMCB again (host RAX from the save area), GIF = 0.
+    ".global svm_vmrun_resume",
+    "svm_vmrun_resume:",
     "vmsave rax",
     "push rdi",
     // [rsp]: guest rdi, +8: host area, +16: guest VMCB, +24: &mut Gprs

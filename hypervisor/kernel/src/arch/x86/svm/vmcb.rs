@@ -3,6 +3,8 @@
 
 /// Control area: CR read (bits 0–15) and write (16–31) intercepts.
 pub const INTERCEPT_CR: usize = 0x000;
+/// DR read (bits 0–15) and write (16–31) intercepts.
+pub const INTERCEPT_DR: usize = 0x004;
 /// Exception intercepts (bit n: vector n).
 pub const INTERCEPT_EXC: usize = 0x008;
 /// Intercept vector 3 (see [`i3`]).
@@ -145,7 +147,11 @@ pub mod i4 {
 pub mod exit {
     pub const CR0_READ: u64 = 0x00;
     pub const CR15_WRITE: u64 = 0x1f;
+    pub const DR0_READ: u64 = 0x20;
+    pub const DR15_WRITE: u64 = 0x3f;
     pub const EXC_BASE: u64 = 0x40;
+    /// Exception 18, machine check.
+    pub const EXC_MC: u64 = 0x52;
     pub const EXC_LAST: u64 = 0x5f;
     pub const INTR: u64 = 0x60;
     pub const NMI: u64 = 0x61;
