@@ -7,7 +7,11 @@
 //! the registers always hold the running EC's state, so no other EC's values can be
 //! read speculatively (LazyFP, CVE-2018-3665). The switch is skipped when the same EC
 //! continues; XSAVEOPT's modified optimization writes only what changed since the
-//! area's own `xrstor`. A vCPU's state is loaded the same way before VM entry.
+//! area's own `xrstor`. A vCPU's state is loaded the same way before VM entry. One
+//! exception: an EC of the PD that created the VM whose vCPU owns the registers (its
+//! VMM, handling an exit) runs with CR0.TS set instead of switching, as in lazy mode —
+//! the VM and its VMM are one trust domain, and its first FPU instruction, if any, takes
+//! the registers over.
 //!
 //! The owner is a raw area pointer per CPU, with no reference count to maintain on the
 //! IPC path: an area's `Drop` (its EC's end, on any CPU) clears the pointer, and waits
@@ -126,8 +130,12 @@ struct Owner {
 struct Local {
     /// XSAVEOPT may save the owner's state (it is not a vCPU: see [`take_over`]).
     opt: bool,
-    /// CR0.TS is set (lazy switching only).
+    /// CR0.TS is set (lazy switching, and eager switching while a VMM runs on its
+    /// guest's registers: see [`switch_to`]).
     ts: bool,
+    /// The owner is a vCPU: the id of the PD that created its VM (its VMM); 0 otherwise
+    /// (PD ids start at 1).
+    vmm: u64,
 }
 
 // SAFETY: `area` is atomic; `local` is used only by the slot's own CPU with interrupts
@@ -140,6 +148,7 @@ static OWNER: [Owner; MAX_CPUS] = [const {
         local: UnsafeCell::new(Local {
             opt: false,
             ts: false,
+            vmm: 0,
         }),
     }
 }; MAX_CPUS];
@@ -188,6 +197,11 @@ fn take_over(o: &Owner, l: &mut Local, ec: &Ec) {
     // own XRSTORs in guest mode may match the area's linear address, so a vCPU's state
     // is saved in full.
     l.opt = ec.kind != EcKind::Vcpu;
+    l.vmm = if ec.kind == EcKind::Vcpu {
+        ec.pd.parent.as_ref().map_or(0, |p| p.id)
+    } else {
+        0
+    };
     o.area.store(a, Ordering::Release);
 }
 
@@ -199,7 +213,29 @@ pub fn switch_to(ec: &Arc<Ec>) {
     let (o, l) = slot();
     let own = is_owner(o, ec);
     if crate::arch::x86::spec::eager_fpu() {
-        if !own {
+        if own {
+            if l.ts {
+                l.ts = false;
+                set_ts(false);
+            }
+        } else if l.vmm == ec.pd.id {
+            // The registers hold the state of a guest of `ec`'s PD: the VM and the VMM
+            // that serves it are one trust domain (see `hypervisor/core/src/mitigation.rs`),
+            // so the guest's values may stay there while its VMM handles an exit, as
+            // they do lazily. Should the VMM use the FPU, it traps and takes it over.
+            // (This also keeps QEMU 7.2's nested SVM stable: with the registers
+            // switched at every exit, about one run in eight of the hostile-VM test saw
+            // the host's state written into a guest's VMCB after a #VMEXIT, and Linux
+            // on two vCPUs at times triple-faulted the host there.)
+            if !l.ts {
+                l.ts = true;
+                set_ts(true);
+            }
+        } else {
+            if l.ts {
+                l.ts = false;
+                set_ts(false);
+            }
             take_over(o, l, ec);
         }
     } else if own == l.ts {

@@ -274,11 +274,13 @@ fn io_qual(i1: u64) -> u64 {
 
 fn handle_exit(vm: Vmcb, st: &mut Common) -> Next {
     // QEMU 7.2's nested SVM (software emulation) at times fetches the host's next
-    // instruction after a #VMEXIT through the guest's nested page table (more often with
-    // SMAP and eager FPU switching on, and another VM busy on another CPU): a second
-    // #VMEXIT (a nested page fault) then writes the host's own state into the VMCB as
-    // the guest's. The guest's state is gone, and entering it would run the guest on
-    // the host's RIP and CR3 (and show the VMM the host's addresses): INVALID_STATE.
+    // instruction after a #VMEXIT through the guest's nested page table (seen while the
+    // FPU registers were switched between a vCPU and its VMM at every exit, with another
+    // VM busy on another CPU; `fpu::switch_to` no longer does that): a second #VMEXIT (a
+    // nested page fault) then writes the host's own state into the VMCB as the guest's,
+    // or the host triple-faults. The guest's state is gone, and entering it would run
+    // the guest on the host's RIP and CR3 (and show the VMM the host's addresses):
+    // INVALID_STATE.
     if vm.r64(f::RIP) == svm::resume_rip() && vm.r64(f::CR3) == crate::arch::x86::cr::read_cr3() {
         st.qual = [u64::MAX, 0];
         st.inst_len = 0;
