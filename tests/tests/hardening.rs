@@ -54,6 +54,18 @@ fn hardening_physmap_text_read_only() {
     assert_success(&r, &["ok: kernel text read-only in the physmap"]);
 }
 
+/// Kernel objects are allocated fallibly: the heap block `kmem::try_arc`/`try_box`
+/// allocate ahead (answering `OutOfMemory` when there is none) is the one `Arc::new` and
+/// `Box::new` take (the boot self-check).
+#[test]
+fn hardening_objects_allocated_fallibly() {
+    let spec = system("hardening-objects")
+        .kernel_args("exit_after_boot")
+        .timeout(Duration::from_secs(60));
+    let r = boot(&spec);
+    assert_success(&r, &["ok: kernel objects allocated fallibly"]);
+}
+
 /// The line listing the transient-execution mitigations on QEMU's EPYC model: on by
 /// default (an AMD CPU: eager FPU switching, SMAP, RSB filling on VM exit; not affected
 /// by Meltdown, MDS or L1TF). QEMU's `EPYC` (Zen 1) enumerates neither IBPB nor

@@ -27,6 +27,46 @@ pub fn alloc_frame(pd: &Pd) -> Result<u64, Status> {
     }
 }
 
+/// The layout `Arc::new` asks for: `Arc`'s heap block is a `#[repr(C)]` record of the
+/// strong and weak counts and the value. (Should it ever be another, the block parked
+/// for it goes back unused and the `Arc` is allocated as usual, infallibly: the boot
+/// self-check counts such misses.)
+fn arc_layout<T>() -> Option<core::alloc::Layout> {
+    core::alloc::Layout::new::<[usize; 2]>()
+        .extend(core::alloc::Layout::new::<T>())
+        .ok()
+        .map(|(l, _)| l.pad_to_align())
+}
+
+/// `Arc::new(v)`, or `OutOfMemory` when the heap has no room (never an abort): the
+/// block is allocated first, fallibly, and handed to `Arc::new`.
+pub fn try_arc<T>(v: T) -> Result<Arc<T>, Status> {
+    let layout = arc_layout::<T>().ok_or(Status::OutOfMemory)?;
+    let a = crate::arch::x86::cr::without_interrupts(|| {
+        if !crate::mem::heap::park(layout) {
+            return None;
+        }
+        let a = Arc::new(v);
+        crate::mem::heap::unpark();
+        Some(a)
+    });
+    a.ok_or(Status::OutOfMemory)
+}
+
+/// `Box::new(v)`, or `OutOfMemory` (see [`try_arc`]).
+pub fn try_box<T>(v: T) -> Result<alloc::boxed::Box<T>, Status> {
+    let layout = core::alloc::Layout::new::<T>();
+    let b = crate::arch::x86::cr::without_interrupts(|| {
+        if !crate::mem::heap::park(layout) {
+            return None;
+        }
+        let b = alloc::boxed::Box::new(v);
+        crate::mem::heap::unpark();
+        Some(b)
+    });
+    b.ok_or(Status::OutOfMemory)
+}
+
 /// Frees a page charged to `pd`.
 pub fn free_frame(pd: &Pd, phys: u64) {
     crate::mem::free_frame(phys);

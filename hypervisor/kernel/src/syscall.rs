@@ -174,7 +174,7 @@ fn create_pd(c: &Ec, a: &Args) -> Result<(), Status> {
     match Pd::new(Some(parent.clone()), q, false, vm) {
         // A PD that is not installed goes at once: dropping it returns both the two
         // pages and its quota to the parent (nothing else may return them again).
-        Ok(pd) => install(c, a.sel(), KObj::Pd(Arc::new(pd))),
+        Ok(pd) => install(c, a.sel(), KObj::Pd(crate::kmem::try_arc(pd)?)),
         Err(q) => {
             let _ = q.merge_into(&parent.quota);
             crate::kmem::uncharge(&parent, 2);
@@ -222,7 +222,7 @@ fn create_ec(c: &Ec, a: &Args) -> Result<(), Status> {
         crate::kmem::free_frame(&pd, page);
         return Err(e);
     }
-    let ec = Arc::new(Ec::new(
+    let ec = crate::kmem::try_arc(Ec::new(
         charge,
         pd.clone(),
         cpu as usize,
@@ -232,7 +232,7 @@ fn create_ec(c: &Ec, a: &Args) -> Result<(), Status> {
         page,
         utcb,
         Frame::user(0, sp),
-    ));
+    ))?;
     pd.add_ec(&ec)?;
     install(c, a.sel(), KObj::Ec(ec))
 }
@@ -266,7 +266,13 @@ fn create_sc(c: &Ec, a: &Args) -> Result<(), Status> {
         }
     };
     let ticks = quantum_us.saturating_mul(crate::arch::tsc_khz()) / 1000;
-    let sc = Arc::new(Sc::new(charge, ec.clone(), prio, ticks.max(1)));
+    let sc = match crate::kmem::try_arc(Sc::new(charge, ec.clone(), prio, ticks.max(1))) {
+        Ok(sc) => sc,
+        Err(e) => {
+            ec.has_sc.store(false, Ordering::Release);
+            return Err(e);
+        }
+    };
     if let Err(e) = install(c, a.sel(), KObj::Sc(sc.clone())) {
         ec.has_sc.store(false, Ordering::Release);
         return Err(e);
@@ -289,7 +295,8 @@ fn create_pt(c: &Ec, a: &Args) -> Result<(), Status> {
     }
     check_free(c, a.sel())?;
     let charge = crate::kmem::Charge::new(&pd, 1)?;
-    install(c, a.sel(), KObj::Pt(Arc::new(Pt::new(charge, ec, ip, mtd))))
+    let pt = crate::kmem::try_arc(Pt::new(charge, ec, ip, mtd))?;
+    install(c, a.sel(), KObj::Pt(pt))
 }
 
 fn create_sm(c: &Ec, a: &Args) -> Result<(), Status> {
@@ -299,7 +306,7 @@ fn create_sm(c: &Ec, a: &Args) -> Result<(), Status> {
     install(
         c,
         a.sel(),
-        KObj::Sm(Arc::new(Sm::new(Some(charge), a.a[1]))),
+        KObj::Sm(crate::kmem::try_arc(Sm::new(Some(charge), a.a[1]))?),
     )
 }
 

@@ -29,7 +29,6 @@
 mod svm;
 mod vmx;
 
-use alloc::boxed::Box;
 use alloc::sync::Arc;
 use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicBool, Ordering};
@@ -431,14 +430,14 @@ pub fn create(pd: &Arc<Pd>, cpu: usize, evt: u64) -> Result<Arc<Ec>, Status> {
         0,
         Frame::default(),
     );
-    ec.vcpu = Some(Box::new(Vcpu {
+    ec.vcpu = Some(crate::kmem::try_box(Vcpu {
         pd: pd.clone(),
         cpu,
         common: UnsafeCell::new(new_common(g.flush_gen.load(Ordering::Acquire))),
         reply: UnsafeCell::new(ArchState::default()),
         hw,
-    }));
-    Ok(Arc::new(ec))
+    })?);
+    crate::kmem::try_arc(ec)
 }
 
 fn new_common(flush_seen: u64) -> Common {

@@ -2,7 +2,11 @@
 //! with frames from the pool (so `alloc::{Box, Vec, Arc}` work in the kernel).
 
 use core::alloc::{GlobalAlloc, Layout};
+use core::cell::UnsafeCell;
 use core::ptr::NonNull;
+use core::sync::atomic::{AtomicUsize, Ordering};
+
+use peregrine_abi::hip::MAX_CPUS;
 
 use linked_list_allocator::Heap;
 use spin::Mutex;
@@ -55,6 +59,54 @@ pub fn init() {
     unsafe { heap.init(HEAP_BASE as *mut u8, INITIAL as usize) };
 }
 
+/// Per CPU: a block allocated ahead ([`park`]) for the next allocation of exactly its
+/// layout on that CPU. Rust's `Arc::new` and `Box::new` cannot fail; allocating their
+/// block first, fallibly, and handing it to them is how the kernel makes object creation
+/// answer `OutOfMemory` instead of aborting (`kmem::try_arc`).
+struct Parked(UnsafeCell<Option<(NonNull<u8>, Layout)>>);
+// SAFETY: each CPU's slot is used only by that CPU, with interrupts off.
+unsafe impl Sync for Parked {}
+static PARKED: [Parked; MAX_CPUS] = [const { Parked(UnsafeCell::new(None)) }; MAX_CPUS];
+/// Blocks parked on all CPUs (0: the allocator need not look, e.g. before per-CPU data
+/// exists).
+static PARKED_ANY: AtomicUsize = AtomicUsize::new(0);
+/// Parked blocks that went back unused (the layout asked for was another): a check of
+/// `kmem::try_arc`'s layout rule.
+pub static PARK_MISSES: AtomicUsize = AtomicUsize::new(0);
+
+/// This CPU's parked block.
+fn parked() -> &'static mut Option<(NonNull<u8>, Layout)> {
+    // SAFETY: this CPU's slot; callers run with interrupts off and do not keep the
+    // reference across another call of this function.
+    unsafe { &mut *PARKED[crate::percpu::cpu_id()].0.get() }
+}
+
+/// Allocates a block of `layout` now and keeps it for this CPU's next allocation of
+/// the same layout; false when the heap has no room. Call with interrupts off, and
+/// [`unpark`] after the allocation it was for.
+pub fn park(layout: Layout) -> bool {
+    unpark();
+    // SAFETY: `layout` has a non-zero size (the kernel's objects do); the block goes
+    // back through `dealloc` with the same layout if nobody takes it.
+    let p = unsafe { HEAP.alloc(layout) };
+    let Some(p) = NonNull::new(p) else {
+        return false;
+    };
+    *parked() = Some((p, layout));
+    PARKED_ANY.fetch_add(1, Ordering::Relaxed);
+    true
+}
+
+/// Frees this CPU's parked block if the allocation it was for did not take it.
+pub fn unpark() {
+    if let Some((p, l)) = parked().take() {
+        PARKED_ANY.fetch_sub(1, Ordering::Relaxed);
+        PARK_MISSES.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: the block came from `HEAP.alloc` with layout `l` and nobody uses it.
+        unsafe { HEAP.dealloc(p.as_ptr(), l) };
+    }
+}
+
 /// (used, mapped) heap bytes.
 pub fn stats() -> (usize, u64) {
     let g = HEAP.inner.lock();
@@ -66,6 +118,22 @@ pub fn stats() -> (usize, u64) {
 // properly sized and aligned memory inside the mapped window.
 unsafe impl GlobalAlloc for KernelHeap {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        if PARKED_ANY.load(Ordering::Relaxed) != 0 {
+            let slot = cr::without_interrupts(|| {
+                let slot = parked();
+                match *slot {
+                    Some((p, l)) if l == layout => {
+                        *slot = None;
+                        PARKED_ANY.fetch_sub(1, Ordering::Relaxed);
+                        Some(p)
+                    }
+                    _ => None,
+                }
+            });
+            if let Some(p) = slot {
+                return p.as_ptr();
+            }
+        }
         cr::without_interrupts(|| {
             let mut g = self.inner.lock();
             let (heap, mapped) = &mut *g;

@@ -6,7 +6,9 @@
 //!   mapped, and the page below it is not: an overflow faults instead of overwriting
 //!   whatever lies below;
 //! - the physmap alias of the kernel image's text and read-only data is read-only, and
-//!   the physmap is not executable.
+//!   the physmap is not executable;
+//! - kernel objects are allocated fallibly: the block `kmem::try_arc` and `try_box`
+//!   allocate ahead is the one `Arc::new` and `Box::new` take.
 
 use super::paging::{self, walk};
 use super::stack;
@@ -18,7 +20,29 @@ use crate::mem::PAGE_SIZE;
 pub fn run(cpus: usize) -> bool {
     let a = stacks(cpus);
     let b = physmap_image();
-    a && b
+    let c = objects();
+    a && b && c
+}
+
+/// `kmem::try_arc` and `try_box` hand their fallibly allocated block to `Arc::new` and
+/// `Box::new` (else object creation could still abort when the heap is full).
+fn objects() -> bool {
+    use core::sync::atomic::Ordering;
+    let misses = || crate::mem::heap::PARK_MISSES.load(Ordering::Relaxed);
+    let before = misses();
+    let a = crate::kmem::try_arc([7u64; 40]);
+    let b = crate::kmem::try_box([9u8; 100]);
+    let c = crate::kmem::try_arc(crate::sm::Sm::new(None, 0));
+    let ok = a.is_ok() && b.is_ok() && c.is_ok() && misses() == before;
+    if ok {
+        kprintln!("ok: kernel objects allocated fallibly (the heap block is taken first)");
+    } else {
+        kprintln!(
+            "FAIL selfcheck: an object's allocation did not take the block allocated for it ({} misses)",
+            misses() - before
+        );
+    }
+    ok
 }
 
 /// Each stack's pages are present and writable, the page below its bottom is not
