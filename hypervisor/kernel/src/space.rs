@@ -141,6 +141,7 @@ pub fn delegate(
     if kind == CrdKind::Null || win.kind() != kind {
         return Err(Status::BadParameter);
     }
+    reserve_heap()?;
     if !src_crd.is_aligned() || !win.is_aligned() {
         return Err(Status::BadParameter);
     }
@@ -167,6 +168,19 @@ pub fn delegate(
         CrdKind::Pio => delegate_pio(src, dst, sb, db, order, mask),
         CrdKind::Obj => delegate_obj(src, dst, sb, db, order, mask),
         CrdKind::Null => Err(Status::BadParameter),
+    }
+}
+
+/// Heap room a delegation or revocation makes sure of before it changes anything (see
+/// `mem::heap::reserve`): B-tree nodes for the new mapping-database entries (a few per
+/// node inserted, each under 1 KiB) and the list of removed mappings.
+const HEAP_RESERVE: usize = 64 * 1024;
+
+fn reserve_heap() -> Result<(), Status> {
+    if crate::mem::heap::reserve(HEAP_RESERVE) {
+        Ok(())
+    } else {
+        Err(Status::OutOfMemory)
     }
 }
 
@@ -436,6 +450,7 @@ pub fn revoke(pd: &Arc<Pd>, crd: Crd, own: bool) -> Result<(), Status> {
     if !crd.is_aligned() {
         return Err(Status::BadParameter);
     }
+    reserve_heap()?;
     let (base, order) = (crd.base(), crd.order());
     match crd.kind() {
         CrdKind::Null => Err(Status::BadParameter),

@@ -107,6 +107,29 @@ pub fn unpark() {
     }
 }
 
+/// Makes sure the heap has at least `bytes` free, growing it if it must; false when the
+/// pool cannot supply the frames. The mapping database's B-trees and the lists a
+/// revocation collects allocate through Rust's infallible collections: a delegation or a
+/// revocation first reserves room for them here, so that running out of memory is an
+/// `OutOfMemory` answer before any change instead of an abort in the middle of one.
+/// (Free bytes are not one block, and other CPUs allocate too: the reserve is headroom,
+/// sized well above what one call inserts, not a guarantee.)
+pub fn reserve(bytes: usize) -> bool {
+    cr::without_interrupts(|| {
+        let mut g = HEAP.inner.lock();
+        let (heap, mapped) = &mut *g;
+        let free = heap.free();
+        if free >= bytes {
+            return true;
+        }
+        let before = *mapped;
+        let ok = grow(mapped, (bytes - free) as u64);
+        // SAFETY: [old top, new top) was just mapped and belongs to nobody.
+        unsafe { heap.extend((*mapped - before) as usize) };
+        ok
+    })
+}
+
 /// (used, mapped) heap bytes.
 pub fn stats() -> (usize, u64) {
     let g = HEAP.inner.lock();
