@@ -196,13 +196,16 @@ fn take_over(o: &Owner, l: &mut Local, ec: &Ec) {
     // XSAVEOPT relies on the area's last `xrstor` being the state's source; a guest's
     // own XRSTORs in guest mode may match the area's linear address, so a vCPU's state
     // is saved in full.
-    l.opt = ec.kind != EcKind::Vcpu;
-    l.vmm = if ec.kind == EcKind::Vcpu {
-        ec.pd.parent.as_ref().map_or(0, |p| p.id)
-    } else {
-        0
-    };
+    let vcpu = ec.kind == EcKind::Vcpu;
+    l.opt = !vcpu;
+    l.vmm = if vcpu { vmm_of(ec) } else { 0 };
     o.area.store(a, Ordering::Release);
+}
+
+/// The id of the PD that created vCPU `ec`'s VM (0 for none).
+#[cold]
+fn vmm_of(ec: &Ec) -> u64 {
+    ec.pd.parent.as_ref().map_or(0, |p| p.id)
 }
 
 /// Before returning to user mode in `ec` (on its CPU, interrupts off): eagerly, the FPU
@@ -213,34 +216,36 @@ pub fn switch_to(ec: &Arc<Ec>) {
     let (o, l) = slot();
     let own = is_owner(o, ec);
     if crate::arch::x86::spec::eager_fpu() {
-        if own {
-            if l.ts {
-                l.ts = false;
-                set_ts(false);
-            }
-        } else if l.vmm == ec.pd.id {
-            // The registers hold the state of a guest of `ec`'s PD: the VM and the VMM
-            // that serves it are one trust domain (see `hypervisor/core/src/mitigation.rs`),
-            // so the guest's values may stay there while its VMM handles an exit, as
-            // they do lazily. Should the VMM use the FPU, it traps and takes it over.
-            // (This also keeps QEMU 7.2's nested SVM stable: with the registers
-            // switched at every exit, about one run in eight of the hostile-VM test saw
-            // the host's state written into a guest's VMCB after a #VMEXIT, and Linux
-            // on two vCPUs at times triple-faulted the host there.)
-            if !l.ts {
-                l.ts = true;
-                set_ts(true);
-            }
-        } else {
-            if l.ts {
-                l.ts = false;
-                set_ts(false);
-            }
+        // Eagerly, TS is set only while a vCPU owns the registers (`l.vmm != 0`).
+        if l.vmm != 0 {
+            switch_from_guest(o, l, ec, own);
+        } else if !own {
             take_over(o, l, ec);
         }
     } else if own == l.ts {
         l.ts = !own;
         set_ts(!own);
+    }
+}
+
+/// [`switch_to`], eagerly, while the registers hold a guest's state.
+#[cold]
+#[inline(never)]
+fn switch_from_guest(o: &Owner, l: &mut Local, ec: &Ec, own: bool) {
+    // To an EC of the PD that created the VM, the guest's values may stay: the VM and
+    // the VMM that serves it are one trust domain (see `hypervisor/core/src/mitigation.rs`),
+    // as they do lazily; should the VMM use the FPU, it traps and takes it over. (This
+    // also keeps QEMU 7.2's nested SVM stable: with the registers switched at every exit,
+    // about one run in eight of the hostile-VM test saw the host's state written into a
+    // guest's VMCB after a #VMEXIT, and Linux on two vCPUs at times triple-faulted the
+    // host there.)
+    let stay = !own && l.vmm == ec.pd.id;
+    if l.ts != stay {
+        l.ts = stay;
+        set_ts(stay);
+    }
+    if !own && !stay {
+        take_over(o, l, ec);
     }
 }
 

@@ -446,6 +446,7 @@ pub fn lookup(pd: &Pd, crd: Crd) -> Result<Crd, Status> {
 
 /// `revoke`: takes the range away from everything derived from it (and from the caller
 /// with `own`), in every PD, with TLB shootdown.
+#[inline(never)] // off the IPC path (see `syscall_handler`)
 pub fn revoke(pd: &Arc<Pd>, crd: Crd, own: bool) -> Result<(), Status> {
     if !crd.is_aligned() {
         return Err(Status::BadParameter);

@@ -153,6 +153,7 @@ fn check_free(c: &Ec, sel: u64) -> Result<(), Status> {
     }
 }
 
+#[inline(never)] // off the IPC path: the dispatcher's frame stays small
 fn create_pd(c: &Ec, a: &Args) -> Result<(), Status> {
     let parent = cap_pd(c, a.a[0], PdPerm::PD)?;
     check_free(c, a.sel())?;
@@ -183,6 +184,7 @@ fn create_pd(c: &Ec, a: &Args) -> Result<(), Status> {
     }
 }
 
+#[inline(never)] // off the IPC path: the dispatcher's frame stays small
 fn create_ec(c: &Ec, a: &Args) -> Result<(), Status> {
     let pd = cap_pd(c, a.a[0], PdPerm::EC)?;
     let cpu = a.a[1];
@@ -237,6 +239,7 @@ fn create_ec(c: &Ec, a: &Args) -> Result<(), Status> {
     install(c, a.sel(), KObj::Ec(ec))
 }
 
+#[inline(never)] // off the IPC path: the dispatcher's frame stays small
 fn create_sc(c: &Ec, a: &Args) -> Result<(), Status> {
     let pd = cap_pd(c, a.a[0], PdPerm::SC)?;
     let ec = cap_ec(c, a.a[1], EcPerm::BIND_SC)?;
@@ -282,6 +285,7 @@ fn create_sc(c: &Ec, a: &Args) -> Result<(), Status> {
     Ok(())
 }
 
+#[inline(never)] // off the IPC path: the dispatcher's frame stays small
 fn create_pt(c: &Ec, a: &Args) -> Result<(), Status> {
     let pd = cap_pd(c, a.a[0], PdPerm::PT)?;
     let ec = cap_ec(c, a.a[1], EcPerm::BIND_PT)?;
@@ -299,6 +303,7 @@ fn create_pt(c: &Ec, a: &Args) -> Result<(), Status> {
     install(c, a.sel(), KObj::Pt(pt))
 }
 
+#[inline(never)] // off the IPC path: the dispatcher's frame stays small
 fn create_sm(c: &Ec, a: &Args) -> Result<(), Status> {
     let pd = cap_pd(c, a.a[0], PdPerm::SM)?;
     check_free(c, a.sel())?;
