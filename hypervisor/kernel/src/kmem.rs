@@ -41,30 +41,31 @@ fn arc_layout<T>() -> Option<core::alloc::Layout> {
 /// `Arc::new(v)`, or `OutOfMemory` when the heap has no room (never an abort): the
 /// block is allocated first, fallibly, and handed to `Arc::new`.
 pub fn try_arc<T>(v: T) -> Result<Arc<T>, Status> {
-    let layout = arc_layout::<T>().ok_or(Status::OutOfMemory)?;
-    let a = crate::arch::x86::cr::without_interrupts(|| {
-        if !crate::mem::heap::park(layout) {
-            return None;
-        }
-        let a = Arc::new(v);
-        crate::mem::heap::unpark();
-        Some(a)
-    });
-    a.ok_or(Status::OutOfMemory)
+    with_block(arc_layout::<T>(), || Arc::new(v))
 }
 
 /// `Box::new(v)`, or `OutOfMemory` (see [`try_arc`]).
 pub fn try_box<T>(v: T) -> Result<alloc::boxed::Box<T>, Status> {
-    let layout = core::alloc::Layout::new::<T>();
-    let b = crate::arch::x86::cr::without_interrupts(|| {
+    with_block(Some(core::alloc::Layout::new::<T>()), || {
+        alloc::boxed::Box::new(v)
+    })
+}
+
+/// Runs `make`, whose one allocation has `layout`, with a block of that layout parked
+/// for it on this CPU; `OutOfMemory` when no block can be had.
+fn with_block<R>(
+    layout: Option<core::alloc::Layout>,
+    make: impl FnOnce() -> R,
+) -> Result<R, Status> {
+    let layout = layout.ok_or(Status::OutOfMemory)?;
+    crate::arch::x86::cr::without_interrupts(|| {
         if !crate::mem::heap::park(layout) {
-            return None;
+            return Err(Status::OutOfMemory);
         }
-        let b = alloc::boxed::Box::new(v);
+        let r = make();
         crate::mem::heap::unpark();
-        Some(b)
-    });
-    b.ok_or(Status::OutOfMemory)
+        Ok(r)
+    })
 }
 
 /// Frees a page charged to `pd`.

@@ -514,22 +514,32 @@ pub fn current_prio() -> u8 {
 /// here, so without the reset each such turn would nest a frame deeper.
 pub fn schedule() -> ! {
     // SAFETY: nothing on this CPU's kernel stack is live (every caller diverges and
-    // passes nothing); `scheduler` never returns. The per-CPU slot holds the top of this
-    // CPU's kernel stack, which the kernel runs on here (never on an IST stack).
-    unsafe {
+    // passes nothing).
+    unsafe { on_fresh_stack!(scheduler, 0usize) }
+}
+
+/// Calls `f(arg)` (an `extern "C" fn(usize) -> !`, called directly) from the top of this
+/// CPU's kernel stack, dropping everything on it. Use inside `unsafe`: nothing on the
+/// kernel stack may be live (the caller diverges and passes all it needs in `arg`), and
+/// the kernel must run on that stack (never on an IST stack).
+macro_rules! on_fresh_stack {
+    ($f:path, $arg:expr) => {
+        // The per-CPU slot holds the top of this CPU's kernel stack; `f` never returns.
         core::arch::asm!(
             "mov rsp, gs:[{k}]",
             "xor ebp, ebp",
             "call {f}",
             "ud2",
             k = const crate::percpu::PERCPU_KSTACK_TOP,
-            f = sym scheduler,
+            f = sym $f,
+            in("rdi") $arg,
             options(noreturn)
         )
-    }
+    };
 }
+pub(crate) use on_fresh_stack;
 
-extern "C" fn scheduler() -> ! {
+extern "C" fn scheduler(_: usize) -> ! {
     loop {
         drain_remote();
         // SAFETY: interrupts are off in the kernel.

@@ -493,23 +493,13 @@ fn deliver(ec: Arc<Ec>, nr: u64) -> ! {
 /// that the exit → schedule → resume cycle does not nest.
 pub fn resume(ec: Arc<Ec>) -> ! {
     let p = Arc::into_raw(ec);
-    // SAFETY: every kernel path ends in a non-returning switch, so nothing above the
-    // kernel stack's top is live; `entry` takes over the reference `p` carries.
-    unsafe {
-        core::arch::asm!(
-            "mov rsp, gs:[{k}]",
-            "xor ebp, ebp",
-            "call {f}",
-            "ud2",
-            k = const crate::percpu::PERCPU_KSTACK_TOP,
-            f = sym entry,
-            in("rdi") p,
-            options(noreturn)
-        )
-    }
+    // SAFETY: every kernel path ends in a non-returning switch, so nothing on the kernel
+    // stack is live; `entry` takes over the reference `p` carries.
+    unsafe { crate::sched::on_fresh_stack!(entry, p as usize) }
 }
 
-extern "C" fn entry(p: *const Ec) -> ! {
+extern "C" fn entry(p: usize) -> ! {
+    let p = p as *const Ec;
     // SAFETY: `p` came from `Arc::into_raw` in `resume`.
     let ec = unsafe { Arc::from_raw(p) };
     run(ec)
