@@ -16,6 +16,7 @@
 //! Allocation never aborts: tables are allocated with `try_reserve_exact`, and a failure
 //! comes back as [`CapError::NoMemory`]. Nothing here panics on any input.
 
+use alloc::boxed::Box;
 use alloc::vec::Vec;
 
 /// Bits of selector resolved per table level.
@@ -52,20 +53,23 @@ pub enum CapError {
 }
 
 struct Leaf<T> {
-    slots: Vec<Option<Cap<T>>>,
+    slots: Box<[Option<Cap<T>>; ENTRIES]>,
     used: u16,
 }
 
 struct Mid<T> {
-    leaves: Vec<Option<Leaf<T>>>,
+    leaves: Box<[Option<Leaf<T>>; ENTRIES]>,
     used: u16,
 }
 
-fn try_table<E>() -> Option<Vec<Option<E>>> {
+/// A middle or leaf table, all empty. A fixed-size array, so that a lookup's masked
+/// index needs no bounds check.
+fn try_table<E>() -> Option<Box<[Option<E>; ENTRIES]>> {
     let mut v = Vec::new();
     v.try_reserve_exact(ENTRIES).ok()?;
     v.resize_with(ENTRIES, || None);
-    Some(v)
+    // Exact capacity: the conversion reuses the allocation.
+    v.into_boxed_slice().try_into().ok()
 }
 
 const fn split(sel: u64) -> (usize, usize, usize) {
@@ -149,9 +153,9 @@ impl<T> CapSpace<T> {
 
     /// The capability at `sel`, if any.
     pub fn get(&self, sel: u64) -> Option<&Cap<T>> {
-        if sel >= self.limit {
-            return None;
-        }
+        // No comparison with the limit: no selector at or above it holds a capability
+        // (`insert` refuses them), and `top.get` bounds the index (the IPC path's
+        // lookup: one compare less).
         let (t, m, l) = split(sel);
         self.top
             .get(t)?
@@ -459,18 +463,19 @@ mod tests {
 
     #[test]
     fn pages_follow_the_tables() {
-        // Option<Cap<u64>>: 24 bytes, so a leaf is 3 KiB; a middle table's entries are
-        // 32 bytes, 4 KiB; the top table for a 2^18 limit has 16 entries (512 bytes).
+        // Option<Cap<u64>>: 24 bytes, so a leaf is 3 KiB; a middle table's entries (a
+        // boxed leaf and its count) are 16 bytes, 2 KiB; the top table for a 2^18 limit
+        // has 16 entries of 16 bytes (256 bytes).
         let mut s: CapSpace<u64> = CapSpace::new(1 << 18);
         assert_eq!((s.bytes(), s.pages()), (0, 0));
         s.insert(0, Cap { obj: 1, perm: 1 }).unwrap();
-        assert_eq!((s.bytes(), s.pages()), (512 + 4096 + 3072, 2));
+        assert_eq!((s.bytes(), s.pages()), (256 + 2048 + 3072, 2));
         s.insert(127, Cap { obj: 1, perm: 1 }).unwrap();
         assert_eq!(s.pages(), 2);
         s.insert(128, Cap { obj: 1, perm: 1 }).unwrap();
-        assert_eq!((s.bytes(), s.pages()), (512 + 4096 + 6144, 3));
+        assert_eq!((s.bytes(), s.pages()), (256 + 2048 + 6144, 3));
         s.insert(1 << 14, Cap { obj: 1, perm: 1 }).unwrap();
-        assert_eq!(s.bytes(), 512 + 8192 + 9216);
+        assert_eq!(s.bytes(), 256 + 4096 + 9216);
         s.remove(0);
         s.remove(127);
         s.remove(1 << 14);

@@ -28,7 +28,7 @@
 
 use alloc::sync::Arc;
 use core::cell::UnsafeCell;
-use core::sync::atomic::{AtomicPtr, AtomicU64, AtomicU8, Ordering};
+use core::sync::atomic::{AtomicPtr, AtomicU8, Ordering};
 
 use peregrine_abi::hip::MAX_CPUS;
 
@@ -90,20 +90,18 @@ impl Drop for Fpu {
 
 /// How state is saved and loaded: FXSAVE/FXRSTOR.
 const MODE_FX: u8 = 0;
-/// XSAVE/XRSTOR with the mask in [`XCR0`].
+/// XSAVE/XRSTOR of every component XCR0 enables.
 const MODE_XSAVE: u8 = 1;
 /// As [`MODE_XSAVE`], and XSAVEOPT exists.
 const MODE_XSAVEOPT: u8 = 2;
 
 static MODE: AtomicU8 = AtomicU8::new(MODE_FX);
-static XCR0: AtomicU64 = AtomicU64::new(0);
 
 /// Takes the save/restore instructions from the CPU's features (BSP, once, after
 /// `cpu::detect`).
 pub fn init() {
     let i = crate::arch::x86::cpu::info();
-    if let Some(x) = i.xsave {
-        XCR0.store(x, Ordering::Relaxed);
+    if i.xsave.is_some() {
         let m = if i.xsaveopt {
             MODE_XSAVEOPT
         } else {
@@ -136,6 +134,10 @@ struct Local {
     /// The owner is a vCPU: the id of the PD that created its VM (its VMM); 0 otherwise
     /// (PD ids start at 1).
     vmm: u64,
+    /// The common case of [`switch_to`] holds: switching eagerly, with XSAVEOPT, and
+    /// the owner (if any) is no vCPU (so `opt` holds and TS is clear). Kept by
+    /// [`take_over`], the only place that changes the owner.
+    plain: bool,
 }
 
 // SAFETY: `area` is atomic; `local` is used only by the slot's own CPU with interrupts
@@ -149,13 +151,21 @@ static OWNER: [Owner; MAX_CPUS] = [const {
             opt: false,
             ts: false,
             vmm: 0,
+            plain: false,
         }),
     }
 }; MAX_CPUS];
 
 /// This CPU's slot and its local part.
+#[inline(always)]
 fn slot() -> (&'static Owner, &'static mut Local) {
-    let o = &OWNER[crate::percpu::cpu_id()];
+    slot_on(crate::percpu::cpu_id())
+}
+
+/// CPU `cpu`'s slot (the running CPU's) and its local part.
+#[inline(always)]
+fn slot_on(cpu: usize) -> (&'static Owner, &'static mut Local) {
+    let o = &OWNER[cpu];
     // SAFETY: this CPU's slot, interrupts off (see `Owner`); callers do not keep the
     // reference across calls that could take it again.
     (o, unsafe { &mut *o.local.get() })
@@ -197,8 +207,9 @@ fn take_over(o: &Owner, l: &mut Local, ec: &Ec) {
     // own XRSTORs in guest mode may match the area's linear address, so a vCPU's state
     // is saved in full.
     let vcpu = ec.kind == EcKind::Vcpu;
-    l.opt = !vcpu;
+    l.opt = !vcpu && MODE.load(Ordering::Relaxed) == MODE_XSAVEOPT;
     l.vmm = if vcpu { vmm_of(ec) } else { 0 };
+    l.plain = l.opt && crate::arch::x86::spec::eager_fpu();
     o.area.store(a, Ordering::Release);
 }
 
@@ -210,10 +221,23 @@ fn vmm_of(ec: &Ec) -> u64 {
 
 /// Before returning to user mode in `ec` (on its CPU, interrupts off): eagerly, the FPU
 /// registers get `ec`'s state unless they hold it already; lazily (`mitigations=off`),
-/// the FPU traps unless `ec` owns it.
-#[inline]
-pub fn switch_to(ec: &Arc<Ec>) {
-    let (o, l) = slot();
+/// the FPU traps unless `ec` owns it. `cpu` is the running CPU.
+#[inline(always)]
+pub fn switch_to(cpu: usize, ec: &Ec) {
+    let (o, l) = slot_on(cpu);
+    if l.plain && ec.kind != EcKind::Vcpu {
+        // `take_over` for the common case, with what `plain` guarantees left out.
+        let a = area(ec);
+        if o.area.load(Ordering::Relaxed) != a {
+            let prev = o.area.swap(BUSY, Ordering::Acquire);
+            if !prev.is_null() {
+                save(prev, true);
+            }
+            restore_xsave(a);
+            o.area.store(a, Ordering::Release);
+        }
+        return;
+    }
     let own = is_owner(o, ec);
     if crate::arch::x86::spec::eager_fpu() {
         // Eagerly, TS is set only while a vCPU owns the registers (`l.vmm != 0`).
@@ -276,43 +300,60 @@ pub fn load_for_guest(ec: &Arc<Ec>) {
     }
 }
 
-/// Saves the FPU registers to `a`; `opt`: XSAVEOPT may be used (the registers were
-/// loaded from `a` by `xrstor` and `a` was not written since).
+/// Saves the FPU registers to `a`; `opt`: XSAVEOPT may be used (the CPU has it, the
+/// registers were loaded from `a` by `xrstor` and `a` was not written since).
+#[inline(always)]
 fn save(a: *mut Area, opt: bool) {
-    let x = XCR0.load(Ordering::Relaxed);
-    match MODE.load(Ordering::Relaxed) {
-        // SAFETY: as below; XSAVEOPT writes the same format as XSAVE, skipping only
-        // components unmodified since the `xrstor` from this very area, whose values
-        // the area still holds (nothing but `save` writes an area after `Fpu::new`).
-        MODE_XSAVEOPT if opt => unsafe {
-            core::arch::asm!("xsaveopt64 [{}]", in(reg) a, in("eax") x as u32, in("edx") (x >> 32) as u32, options(nostack, preserves_flags))
-        },
-        // SAFETY: `a` is a 64-byte aligned area of 1024 bytes, large enough for the
-        // components XCR0 enables; its EC's `Drop` waits while this CPU's slot is BUSY,
-        // so it stays allocated; only the owning CPU writes it (ECs are bound to one
-        // CPU).
-        MODE_XSAVE | MODE_XSAVEOPT => unsafe {
-            core::arch::asm!("xsave64 [{}]", in(reg) a, in("eax") x as u32, in("edx") (x >> 32) as u32, options(nostack, preserves_flags))
-        },
-        // SAFETY: as above (512 bytes, 16-byte aligned suffice for fxsave).
-        _ => unsafe {
-            core::arch::asm!("fxsave64 [{}]", in(reg) a, options(nostack, preserves_flags))
-        },
+    if opt {
+        // SAFETY: as in `save_full`; XSAVEOPT writes the same format as XSAVE, skipping
+        // only components unmodified since the `xrstor` from this very area, whose
+        // values the area still holds (nothing but `save` writes an area after
+        // `Fpu::new`). EDX:EAX = all ones requests every component XCR0 enables.
+        unsafe {
+            core::arch::asm!("xsaveopt64 [{}]", in(reg) a, in("eax") u32::MAX, in("edx") u32::MAX, options(nostack, preserves_flags))
+        }
+    } else {
+        save_full(a);
     }
 }
 
+/// [`save`] without XSAVEOPT.
+#[cold]
+#[inline(never)]
+fn save_full(a: *mut Area) {
+    if MODE.load(Ordering::Relaxed) == MODE_FX {
+        // SAFETY: as below (512 bytes, 16-byte aligned suffice for fxsave).
+        unsafe { core::arch::asm!("fxsave64 [{}]", in(reg) a, options(nostack, preserves_flags)) }
+    } else {
+        // SAFETY: `a` is a 64-byte aligned area of 1024 bytes, large enough for the
+        // components XCR0 enables (EDX:EAX = all ones requests exactly those); its EC's
+        // `Drop` waits while this CPU's slot is BUSY, so it stays allocated; only the
+        // owning CPU writes it (ECs are bound to one CPU).
+        unsafe {
+            core::arch::asm!("xsave64 [{}]", in(reg) a, in("eax") u32::MAX, in("edx") u32::MAX, options(nostack, preserves_flags))
+        }
+    }
+}
+
+#[inline(always)]
 fn restore(a: *const Area) {
-    let x = XCR0.load(Ordering::Relaxed);
     if MODE.load(Ordering::Relaxed) == MODE_FX {
         // SAFETY: MXCSR in the area has no reserved bits set (init 0x1f80 or saved by
         // fxsave); restoring only changes user-visible FPU registers.
         unsafe { core::arch::asm!("fxrstor64 [{}]", in(reg) a, options(nostack, preserves_flags)) }
     } else {
-        // SAFETY: the area was initialized by `Fpu::new` (valid header: XSTATE_BV 0,
-        // XCOMP_BV 0) or written by `xsave64`/`xsaveopt64` with the same XCR0; restoring
-        // it only changes user-visible FPU registers.
-        unsafe {
-            core::arch::asm!("xrstor64 [{}]", in(reg) a, in("eax") x as u32, in("edx") (x >> 32) as u32, options(nostack, preserves_flags))
-        }
+        restore_xsave(a);
+    }
+}
+
+/// [`restore`] on a CPU with XSAVE.
+#[inline(always)]
+fn restore_xsave(a: *const Area) {
+    // SAFETY: the area was initialized by `Fpu::new` (valid header: XSTATE_BV 0,
+    // XCOMP_BV 0) or written by `xsave64`/`xsaveopt64` with the same XCR0 (EDX:EAX = all
+    // ones: every enabled component); restoring it only changes user-visible FPU
+    // registers.
+    unsafe {
+        core::arch::asm!("xrstor64 [{}]", in(reg) a, in("eax") u32::MAX, in("edx") u32::MAX, options(nostack, preserves_flags))
     }
 }

@@ -3,8 +3,10 @@
 //! start-up of global ECs are calls as well, carrying architectural state under the
 //! portal's MTD.
 //!
-//! The same-CPU path takes no lock besides the capability lookup, allocates nothing and
-//! copies only the message words.
+//! This is the general path; the common case of `call` and `reply` (untyped words to an
+//! idle handler on the same CPU) takes the shorter one in [`crate::fastpath`], which
+//! takes no lock at all and falls back to this one whenever it does not apply. Both
+//! allocate nothing and copy only the message words.
 
 use alloc::sync::Arc;
 

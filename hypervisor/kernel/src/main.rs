@@ -21,6 +21,7 @@ pub mod percpu;
 pub mod cap;
 pub mod ec;
 pub mod entry;
+pub mod fastpath;
 pub mod fpu;
 pub mod frame;
 pub mod ipc;

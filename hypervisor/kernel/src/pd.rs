@@ -6,11 +6,9 @@ use alloc::vec::Vec;
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use peregrine_abi::Status;
-use peregrine_core::capspace::CapSpace;
 use peregrine_core::quota::Quota;
 use spin::Mutex;
 
-use crate::cap::KObj;
 use crate::ec::Ec;
 use crate::space_mem::SpaceMem;
 use crate::space_pio::SpacePio;
@@ -25,7 +23,7 @@ pub struct Pd {
     /// Unique id (the mapping database's space id is derived from it).
     pub id: u64,
     /// Capabilities.
-    pub obj: Mutex<CapSpace<KObj>>,
+    pub obj: crate::cap::Caps,
     /// Memory.
     pub mem: SpaceMem,
     /// Guest-physical memory (VM PDs only; their host space `mem` is empty).
@@ -94,7 +92,7 @@ impl Pd {
         };
         Ok(Pd {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
-            obj: Mutex::new(CapSpace::new(SEL_NUM)),
+            obj: crate::cap::Caps::new(SEL_NUM),
             mem,
             guest,
             pio: SpacePio::new(),

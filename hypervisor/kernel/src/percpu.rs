@@ -39,6 +39,9 @@ pub struct PerCpu {
     pub frame_top: AtomicU64,
     /// Set once the CPU has finished bring-up.
     pub online: AtomicBool,
+    /// The current EC is a local EC (portal handler): its `reply` needs no saved
+    /// registers (see `entry.rs`).
+    pub local_ec: AtomicBool,
     /// NMIs taken (the NMI handler only counts them).
     pub nmis: AtomicU64,
     /// The VM (PD id) whose guest this CPU entered last (`spec::vm_entry`).
@@ -64,6 +67,10 @@ pub const PERCPU_SCRATCH2: usize = 48;
 
 /// Offset of [`PerCpu::frame_top`].
 pub const PERCPU_FRAME_TOP: usize = 64;
+/// Offset of [`PerCpu::guest_ran`].
+pub const PERCPU_GUEST_RAN: usize = offset_of!(PerCpu, guest_ran);
+/// Offset of [`PerCpu::local_ec`].
+pub const PERCPU_LOCAL_EC: usize = 73;
 /// Alias used by the syscall entry.
 pub const OFF_KSTACK_TOP: usize = PERCPU_KSTACK_TOP;
 /// Alias used by the syscall entry.
@@ -73,6 +80,7 @@ pub const OFF_FRAME_TOP: usize = PERCPU_FRAME_TOP;
 
 const _: () = {
     assert!(offset_of!(PerCpu, frame_top) == PERCPU_FRAME_TOP);
+    assert!(offset_of!(PerCpu, local_ec) == PERCPU_LOCAL_EC);
     assert!(offset_of!(PerCpu, self_ptr) == PERCPU_SELF);
     assert!(offset_of!(PerCpu, kstack_top) == PERCPU_KSTACK_TOP);
     assert!(offset_of!(PerCpu, scratch) == PERCPU_SCRATCH);
@@ -96,6 +104,7 @@ impl PerCpu {
             ipis: AtomicU64::new(0),
             frame_top: AtomicU64::new(0),
             online: AtomicBool::new(false),
+            local_ec: AtomicBool::new(false),
             nmis: AtomicU64::new(0),
             last_vm: AtomicU64::new(0),
             guest_ran: AtomicBool::new(false),
@@ -150,6 +159,27 @@ pub fn set_frame_top(v: u64) {
     percpu().frame_top.store(v, Ordering::Relaxed);
 }
 
+/// Records what the syscall stub needs of the EC about to run: where its frame ends and
+/// whether it is a local EC.
+#[inline(always)]
+pub fn set_running(frame_top: u64, local_ec: bool) {
+    let p = percpu();
+    p.frame_top.store(frame_top, Ordering::Relaxed);
+    p.local_ec.store(local_ec, Ordering::Relaxed);
+}
+
+/// Whether guest code ran on this CPU since the last switch to a host address space
+/// ([`PerCpu::guest_ran`], read in one instruction).
+#[inline(always)]
+pub fn guest_ran() -> bool {
+    let v: u8;
+    // SAFETY: as in `cpu_id`.
+    unsafe {
+        core::arch::asm!("mov {}, byte ptr gs:[{off}]", out(reg_byte) v, off = const PERCPU_GUEST_RAN, options(nostack, readonly, preserves_flags))
+    };
+    v != 0
+}
+
 /// This CPU's index.
 #[inline]
 pub fn cpu_id() -> usize {
@@ -158,6 +188,9 @@ pub fn cpu_id() -> usize {
     unsafe {
         core::arch::asm!("mov {:e}, gs:[{off}]", out(reg) v, off = const PERCPU_CPU, options(nostack, readonly, preserves_flags))
     };
+    // SAFETY: `prepare` stores only indices of PERCPU (it indexes the array with them),
+    // so the per-CPU tables indexed with this need no bounds check.
+    unsafe { core::hint::assert_unchecked((v as usize) < MAX_CPUS) };
     v as usize
 }
 

@@ -48,8 +48,21 @@ pub struct CpuLocal {
     pub last: u64,
     /// Id of the PD whose page table is loaded.
     pub space: u64,
-    /// Port-space generation loaded into this CPU's TSS.
-    pub pio_gen: u64,
+    /// This CPU's index (see [`CpuLocal::cpu`]).
+    cpu: usize,
+    /// Key of the port space open in this CPU's TSS (`SpacePio::key`; 0: none).
+    pub pio_key: u64,
+}
+
+impl CpuLocal {
+    /// This CPU's index.
+    #[inline(always)]
+    pub fn cpu(&self) -> usize {
+        // SAFETY: `init_cpu` stores `percpu::cpu_id()`, which is below MAX_CPUS; the
+        // per-CPU tables indexed with it need no bounds check.
+        unsafe { core::hint::assert_unchecked(self.cpu < MAX_CPUS) };
+        self.cpu
+    }
 }
 
 struct CpuCell(UnsafeCell<Option<CpuLocal>>);
@@ -88,7 +101,8 @@ pub fn init_cpu() {
             next_due: u64::MAX,
             last: crate::arch::rdtsc(),
             space: 0,
-            pio_gen: 0,
+            pio_key: 0,
+            cpu: c,
         });
     }
 }
@@ -591,24 +605,37 @@ pub fn ret_to(ec: Arc<Ec>) -> ! {
     }
     // SAFETY: interrupts are off in the kernel.
     let l = unsafe { local() };
-    let gen = crate::space_pio::GEN.load(core::sync::atomic::Ordering::Acquire);
-    if l.space != ec.pd.id || l.pio_gen != gen {
-        if l.space != ec.pd.id {
-            l.space = ec.pd.id;
-            crate::tlb::loading(ec.pd.id);
-            ec.pd.mem.activate();
-        }
-        l.pio_gen = gen;
-        ec.pd.pio.activate(ec.pd.id);
-    }
-    // Each EC has its own FPU state (switched lazily: see `fpu`).
-    crate::fpu::switch_to(&ec);
+    load_context(l, &ec);
     let frame = ec.frame_ptr();
-    percpu::set_frame_top(crate::entry::frame_top(frame));
     l.current = Some(ec);
     // SAFETY: the frame belongs to the EC we just made current (kept alive by
     // `l.current`), built only by checked setters; we are on this CPU's kernel stack.
     unsafe { crate::entry::ret_user(frame) }
+}
+
+/// Loads what `ec` runs with on this CPU: its address space, its port bitmap and its
+/// FPU state; and points the syscall stub at its frame. (The IPC fast path's switch and
+/// [`ret_to`]'s.)
+#[inline(always)]
+pub fn load_context(l: &mut CpuLocal, ec: &Ec) {
+    let pd = &ec.pd;
+    let cpu = l.cpu();
+    if l.space != pd.id {
+        l.space = pd.id;
+        crate::tlb::loading_on(cpu, pd.id);
+        pd.mem.activate();
+    }
+    let key = pd.pio.key();
+    if l.pio_key != key {
+        l.pio_key = key;
+        pd.pio.activate(cpu, key);
+    }
+    // Each EC has its own FPU state (see `fpu`).
+    crate::fpu::switch_to(cpu, ec);
+    percpu::set_running(
+        crate::entry::frame_top(ec.frame_ptr()),
+        ec.kind == crate::ec::EcKind::Local,
+    );
 }
 
 /// Forgets the running EC. The kernel's own page table is loaded first, so a PD whose

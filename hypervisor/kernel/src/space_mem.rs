@@ -157,6 +157,7 @@ impl SpaceMem {
     }
 
     /// Loads this space on the running CPU.
+    #[inline]
     pub fn activate(&self) {
         if self.root == 0 {
             crate::arch::load_kernel_space();

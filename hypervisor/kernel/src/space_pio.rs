@@ -2,7 +2,7 @@
 //! when the PD runs.
 
 use alloc::boxed::Box;
-use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicU64, Ordering};
 
 use peregrine_abi::Status;
 use spin::Mutex;
@@ -27,14 +27,15 @@ fn new_bitmap() -> Option<Box<[u8; IOPB_BYTES]>> {
     }
 }
 
-/// Bumped on every change of any port space: a CPU reloads its TSS bitmap when the
-/// generation it loaded is stale.
-pub static GEN: AtomicU64 = AtomicU64::new(1);
+/// Source of port-space keys: every change of any port space gives that space a new,
+/// never reused key, so a CPU whose TSS holds a copy under an older key reloads it.
+static GEN: AtomicU64 = AtomicU64::new(1);
 
 /// A PD's port space.
 pub struct SpacePio {
     bitmap: Mutex<Option<Box<[u8; IOPB_BYTES]>>>,
-    any: AtomicBool,
+    /// The key naming the bitmap's current contents (0: no port allowed yet).
+    key: AtomicU64,
 }
 
 impl Default for SpacePio {
@@ -48,7 +49,7 @@ impl SpacePio {
     pub const fn new() -> Self {
         SpacePio {
             bitmap: Mutex::new(None),
-            any: AtomicBool::new(false),
+            key: AtomicU64::new(0),
         }
     }
 
@@ -83,8 +84,11 @@ impl SpacePio {
                 map[i] |= 1 << bit;
             }
         }
-        self.any.store(true, Ordering::Release);
-        GEN.fetch_add(1, Ordering::AcqRel);
+        // A new key (the bitmap is written before, under the lock a reload takes).
+        self.key.store(
+            GEN.fetch_add(1, Ordering::AcqRel) | (1 << 63),
+            Ordering::Release,
+        );
         Ok(())
     }
 
@@ -96,14 +100,30 @@ impl SpacePio {
         }
     }
 
-    /// Loads this space of PD `pd` into the running CPU's TSS.
-    pub fn activate(&self, pd: u64) {
-        if !self.any.load(Ordering::Acquire) {
-            crate::arch::load_iopb(0, None);
-            return;
+    /// The key under which a CPU holds this space in its TSS: 0 when the space allows
+    /// no port (the bitmap offset then lies beyond the TSS limit), else a value that
+    /// names this space's bitmap as it is now (changed by every `set`, never 0).
+    #[inline(always)]
+    pub fn key(&self) -> u64 {
+        self.key.load(Ordering::Acquire)
+    }
+
+    /// Loads this space, whose [`key`](Self::key) is `key`, into the TSS of CPU `cpu`,
+    /// the running one.
+    #[inline(always)]
+    pub fn activate(&self, cpu: usize, key: u64) {
+        if key == 0 {
+            crate::arch::close_iopb(cpu);
+        } else if !crate::arch::open_iopb(cpu, key) {
+            self.copy_in(key);
         }
-        // The key names this PD's bitmap as of the current generation.
-        let key = pd ^ (GEN.load(Ordering::Acquire) << 32);
+    }
+
+    /// Copies this space's bitmap into the running CPU's TSS (which holds another
+    /// space's).
+    #[cold]
+    #[inline(never)]
+    fn copy_in(&self, key: u64) {
         let b = self.bitmap.lock();
         crate::arch::load_iopb(key, b.as_ref().map(|m| &m[..]));
     }

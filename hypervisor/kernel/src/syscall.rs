@@ -44,9 +44,16 @@ impl Args {
 }
 
 /// Entered from the syscall stub with the running EC's saved frame.
-pub extern "C" fn syscall_handler(_frame: *mut Frame) -> ! {
+///
+/// # Safety
+/// Only the syscall stub calls this, with the frame it has just filled (the running
+/// EC's), on this CPU's kernel stack with interrupts off.
+pub unsafe extern "C" fn syscall_handler(frame: *mut Frame) -> ! {
     // No lock is held here: free what waits for a TLB shootdown.
     crate::tlb::reclaim();
+    // SAFETY: the stub passes the running EC's frame, which it has just filled; only
+    // this CPU uses it while the EC is in the kernel.
+    crate::fastpath::try_fast(unsafe { &*frame });
     let c = sched::current();
     // SAFETY: the running EC's frame, on its own CPU, interrupts off.
     let args = Args::from(unsafe { c.frame() });

@@ -56,7 +56,13 @@ pub enum Targets<'a> {
 /// Records that this CPU is about to load PD `id`'s page table (0: the kernel's).
 /// Called before the CR3 write.
 pub fn loading(id: u64) {
-    LOADED[crate::percpu::cpu_id()].store(id, Ordering::SeqCst);
+    loading_on(crate::percpu::cpu_id(), id);
+}
+
+/// [`loading`] on CPU `cpu`, the running one.
+#[inline(always)]
+pub fn loading_on(cpu: usize, id: u64) {
+    LOADED[cpu].store(id, Ordering::SeqCst);
 }
 
 /// Flushes this CPU's TLB for the latest generation (IPI handler and polling).

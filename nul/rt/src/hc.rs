@@ -46,6 +46,33 @@ pub fn raw(word: u64, a1: u64, a2: u64, a3: u64, a4: u64, a5: u64) -> Raw {
     }
 }
 
+/// A hypercall that takes nothing but its first word (`call`, `reply`): the other
+/// argument registers are neither set nor, since the kernel preserves them, clobbered
+/// (the IPC path's own stub, as short as libsel4's).
+#[inline(always)]
+fn word_only(word: u64) -> Raw {
+    let (st, o1, o2): (u64, u64, u64);
+    // SAFETY: as in `raw`: the kernel preserves every register but rcx and r11
+    // (clobbered by syscall/sysret) and rdi/rsi/rdx (results), and touches no memory of
+    // this EC but its UTCB.
+    unsafe {
+        asm!(
+            "syscall",
+            inlateout("rdi") word => st,
+            lateout("rsi") o1,
+            lateout("rdx") o2,
+            out("rcx") _,
+            out("r11") _,
+            options(nostack),
+        );
+    }
+    Raw {
+        status: st as u8,
+        out1: o1,
+        out2: o2,
+    }
+}
+
 #[inline(always)]
 fn hc(h: Hypercall, flags: u8, sel: u64, a: [u64; 5]) -> Raw {
     raw(
@@ -69,7 +96,7 @@ fn st(r: Raw) -> Result<(), Status> {
 /// UTCB.
 #[inline(always)]
 pub fn call(pt: u64) -> Result<(), Status> {
-    st(hc(Hypercall::Call, 0, pt, [0; 5]))
+    st(word_only(HypercallWord::new(Hypercall::Call, 0, pt).0))
 }
 
 /// Like [`call`] but fails with `Timeout` instead of waiting for a busy handler.
@@ -86,7 +113,7 @@ pub fn call_nonblocking(pt: u64) -> Result<(), Status> {
 /// with this; it does not return (the next call starts the handler afresh).
 #[inline(always)]
 pub fn reply() -> ! {
-    hc(Hypercall::Reply, 0, 0, [0; 5]);
+    word_only(HypercallWord::new(Hypercall::Reply, 0, 0).0);
     // The kernel only comes back here when there was no caller to reply to.
     loop {
         core::hint::spin_loop();

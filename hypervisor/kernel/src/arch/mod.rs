@@ -9,7 +9,7 @@ use core::sync::atomic::Ordering;
 use x86::{apic, cr, gdt, idt, ioapic, paging};
 
 pub use cr::{rdtsc, read_cr2};
-pub use gdt::{load_iopb, set_rsp0, USER_CS, USER_DS};
+pub use gdt::{close_iopb, load_iopb, open_iopb, set_rsp0, USER_CS, USER_DS};
 
 /// Signals end of interrupt at the local APIC.
 pub fn eoi() {

@@ -113,8 +113,7 @@ core::arch::global_asm!(
     "mov rdi, rbx",
     "call {handler}",
     "mov rsp, rbx",
-    ".global trap_exit",
-    "trap_exit:",
+    ".macro POP_GPRS",
     "pop r15",
     "pop r14",
     "pop r13",
@@ -130,8 +129,15 @@ core::arch::global_asm!(
     "pop rcx",
     "pop rbx",
     "pop rax",
-    "test byte ptr [rsp + {cs_off2}], 3",
-    "jz 2f",
+    ".endm",
+    ".global trap_exit",
+    "trap_exit:",
+    "test byte ptr [rsp + {cs_off_full}], 3",
+    "jz 4f",
+    // To ring 3 (`return_to_user` enters here: its frame is a user frame).
+    ".global user_exit",
+    "user_exit:",
+    "POP_GPRS",
     "swapgs",
     // MDS: clear the CPU buffers last thing before user mode (VERW with a memory
     // operand, on CPUs whose `spec` choice says so).
@@ -139,6 +145,11 @@ core::arch::global_asm!(
     "je 2f",
     "verw word ptr [rip + {verw_sel}]",
     "2:",
+    "add rsp, 16",
+    "iretq",
+    // To ring 0.
+    "4:",
+    "POP_GPRS",
     "add rsp, 16",
     "iretq",
     "",
@@ -196,8 +207,7 @@ core::arch::global_asm!(
     "mov rsp, rbx",
     "jmp trap_exit",
     cs_off = const REGS_CS - REGS_VECTOR,
-    cs_off2 = const REGS_CS - REGS_VECTOR,
-    cs_off_full = const REGS_CS,
+        cs_off_full = const REGS_CS,
     kstack = const crate::percpu::PERCPU_KSTACK_TOP,
     kstack_max = const KSTACK_MAX,
     handler = sym super::trap::trap_handler,
@@ -212,6 +222,7 @@ extern "C" {
     /// The first of 256 entry stubs, [`STUB_SIZE`] bytes apart.
     pub fn trap_stubs();
     fn trap_exit();
+    fn user_exit();
 }
 
 /// Address of the entry stub for `vector`.
@@ -229,5 +240,16 @@ pub unsafe fn return_to(regs: *const Regs) -> ! {
     // SAFETY: the caller guarantees a valid frame; trap_exit pops it and irets.
     unsafe {
         core::arch::asm!("mov rsp, {}", "jmp {exit}", in(reg) regs, exit = sym trap_exit, options(noreturn))
+    }
+}
+
+/// [`return_to`] for a frame known to return to ring 3 (one test less).
+///
+/// # Safety
+/// As for [`return_to`], and `regs.cs` is a user selector.
+pub unsafe fn return_to_user(regs: *const Regs) -> ! {
+    // SAFETY: the caller guarantees a valid user frame; user_exit pops it and irets.
+    unsafe {
+        core::arch::asm!("mov rsp, {}", "jmp {exit}", in(reg) regs, exit = sym user_exit, options(noreturn))
     }
 }

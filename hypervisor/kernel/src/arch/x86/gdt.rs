@@ -4,7 +4,7 @@
 //! STAR[63:48] = USER_CS32 (SYSRET64: CS = +16 = USER_CS, SS = +8 = USER_DS).
 
 use core::mem::size_of;
-use core::sync::atomic::{AtomicBool, Ordering};
+use core::sync::atomic::Ordering;
 
 use peregrine_abi::hip::MAX_CPUS;
 
@@ -73,7 +73,6 @@ static mut TSS: [TssIo; MAX_CPUS] = [const {
         iopb: [0xff; IOPB_BYTES + 1],
     }
 }; MAX_CPUS];
-static IOPB_OPEN: [AtomicBool; MAX_CPUS] = [const { AtomicBool::new(false) }; MAX_CPUS];
 /// Which space's bitmap each TSS holds (0: none).
 static IOPB_KEY: [core::sync::atomic::AtomicU64; MAX_CPUS] =
     [const { core::sync::atomic::AtomicU64::new(0) }; MAX_CPUS];
@@ -207,7 +206,26 @@ pub fn load_iopb(key: u64, bitmap: Option<&[u8]>) {
             tio.tss.iomap_base = size_of::<Tss>() as u16;
         }
     }
-    IOPB_OPEN[cpu].store(bitmap.is_some(), Ordering::Relaxed);
+}
+
+/// Denies every port to user mode on CPU `cpu`, the running one (the bitmap stays
+/// for [`open_iopb`]).
+#[inline(always)]
+pub fn close_iopb(cpu: usize) {
+    // SAFETY: as in `load_iopb`.
+    unsafe { (*core::ptr::addr_of_mut!(TSS))[cpu].tss.iomap_base = 0xffff };
+}
+
+/// Makes the bitmap the TSS of CPU `cpu` (the running one) holds visible again if it
+/// is the one named `key`; false (nothing changed) when it holds another.
+#[inline(always)]
+pub fn open_iopb(cpu: usize, key: u64) -> bool {
+    if IOPB_KEY[cpu].load(Ordering::Relaxed) != key {
+        return false;
+    }
+    // SAFETY: as in `load_iopb`.
+    unsafe { (*core::ptr::addr_of_mut!(TSS))[cpu].tss.iomap_base = size_of::<Tss>() as u16 };
+    true
 }
 
 /// CPU `cpu`'s GDT base (a VMCS host-state field).

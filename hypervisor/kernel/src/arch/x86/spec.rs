@@ -202,9 +202,8 @@ fn vm_entry_work(m: u32, vm: u64) {
 /// host PD but the one that was loaded while it ran (its VMM's, in the exit loop).
 #[inline]
 pub fn host_space_switch() {
-    let p = percpu::percpu();
-    if p.guest_ran.load(Ordering::Relaxed) {
-        p.guest_ran.store(false, Ordering::Relaxed);
+    if percpu::guest_ran() {
+        percpu::percpu().guest_ran.store(false, Ordering::Relaxed);
         ibpb();
     }
 }
