@@ -359,6 +359,56 @@ fn unaligned_multi_chunk_write_leaves_its_neighbours_alone() {
 }
 
 #[test]
+fn data_buffers_in_the_wrong_direction_are_an_error() {
+    let mut r = rig(false);
+    put(&mut r.mem, DATA, &[0x77; 512]);
+    // A write whose data the device could only write to: nothing to write from.
+    assert_eq!(
+        r.submit(req::OUT, 0, &[(DATA, 512, true)]).0,
+        blk_status::IOERR,
+        "OUT with device-writable data"
+    );
+    // A read whose data the device could only read: nowhere to read into.
+    assert_eq!(
+        r.submit(req::IN, 0, &[(DATA, 512, false)]).0,
+        blk_status::IOERR,
+        "IN with device-readable data"
+    );
+    // Mixed: right-direction data followed by wrong-direction data.
+    assert_eq!(
+        r.submit(
+            req::OUT,
+            0,
+            &[(DATA, 512, false), (DATA + 0x1000, 512, true)]
+        )
+        .0,
+        blk_status::IOERR,
+        "OUT with writable data after its readable data"
+    );
+    assert_eq!(
+        r.submit(
+            req::IN,
+            0,
+            &[(DATA + 0x1000, 512, false), (DATA, 512, true)]
+        )
+        .0,
+        blk_status::IOERR,
+        "IN with readable data before its writable data"
+    );
+    assert_eq!(
+        r.g.dev.device().backend().data,
+        disk().data,
+        "disk untouched"
+    );
+    assert_eq!(
+        r.mem.bytes(DATA, 512),
+        [0x77; 512],
+        "guest buffer untouched"
+    );
+    assert_eq!(r.g.status() & status::DEVICE_NEEDS_RESET, 0);
+}
+
+#[test]
 fn indirect_request() {
     let mut r = rig(false);
     let table = 0x28000;
