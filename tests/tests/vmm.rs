@@ -261,32 +261,59 @@ fn bochs_vmx_vmm_check_list() {
 }
 
 /// `mode=bench`: the guest's exit benchmark runs to its end and the VMM prints its
-/// `BENCH` lines unchanged (figures: `cargo xtask bench vmexit`, under `-icount`).
+/// `BENCH` lines unchanged (figures: `cargo xtask bench vmexit`, under `-icount`): every
+/// figure once, in TSC ticks, and plausible: the rdtsc pair alone (`vmexit_none`)
+/// costs something but less than [`NONE_MAX`]; every exit costs more than the pair
+/// and more than [`EXIT_MIN`] (a round trip through the kernel and the user-level
+/// VMM), less than [`EXIT_MAX`] (the minimum of 200 round trips, not a stall).
 #[test]
 fn vmm_bench_mode_prints_the_guest_figures() {
+    /// The rdtsc pair's cost at most (it was 60 ticks under QEMU's TCG).
+    const NONE_MAX: f64 = 10_000.0;
+    /// An exit's cost at least (some 55,000 ticks under QEMU's TCG).
+    const EXIT_MIN: f64 = 200.0;
+    /// An exit's cost at most: a tenth of a second at 1 GHz.
+    const EXIT_MAX: f64 = 100_000_000.0;
     let r = run_vmms(
         "vmm-bench",
         1,
         &["name=vm guest=guest-test cpus=1 mem=16 mode=bench"],
         120,
     );
-    for f in [
-        "vmexit_none",
-        "vmexit_cpuid",
-        "vmexit_pio_out",
-        "vmexit_mmio",
-        "vmexit_hypercall",
-        "vmexit_hlt",
-    ] {
-        let prefix = format!("[vm] BENCH {f} ");
+    let vm: String = r
+        .serial
+        .lines()
+        .filter(|l| l.starts_with("[vm] "))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let figures = xtask::bench::parse_bench_lines(&vm, "qemu");
+    let value = |name: &str| -> f64 {
+        let found: Vec<_> = figures.iter().filter(|f| f.figure == name).collect();
+        assert_eq!(found.len(), 1, "{name}: {found:?}\n{}", r.report());
+        assert_eq!(found[0].unit, "tsc-ticks", "{name}\n{}", r.report());
+        found[0].peregrine.unwrap_or(f64::NAN)
+    };
+    let none = value("vmexit_none");
+    assert!(
+        none > 0.0 && none < NONE_MAX,
+        "vmexit_none {none} outside 1..{NONE_MAX}\n{}",
+        r.report()
+    );
+    let exits = &xtask::bench_vmexit::FIGURES[1..];
+    assert_eq!(xtask::bench_vmexit::FIGURES[0], "vmexit_none");
+    for f in exits {
+        let v = value(f);
         assert!(
-            r.serial
-                .lines()
-                .any(|l| l.starts_with(&prefix) && l.ends_with(" tsc-ticks")),
-            "no {prefix:?} line\n{}",
+            v > none && (EXIT_MIN..EXIT_MAX).contains(&v),
+            "{f} {v} not above vmexit_none {none} or outside {EXIT_MIN}..{EXIT_MAX}\n{}",
             r.report()
         );
     }
+    assert_eq!(
+        figures.len(),
+        xtask::bench_vmexit::FIGURES.len(),
+        "figures the benchmark does not know: {figures:?}"
+    );
     assert!(
         r.serial.contains("[vm] vmm: guest done 0"),
         "{}",
