@@ -6,9 +6,12 @@
 //! panic, an overflow (the targets are built with overflow checks and debug
 //! assertions) or a hang.
 
+pub mod apic;
 pub mod bzimage;
 pub mod devices;
 pub mod emulator;
+pub mod virtio_blk;
+pub mod virtio_pci;
 pub mod virtqueue;
 
 /// Guest RAM of `len` bytes from address 0, for the targets.
