@@ -169,6 +169,33 @@ fn assert_loops(r: &RunResult, tag: &str, bochs: bool) {
     );
 }
 
+/// The handler ECs' stacks sit above unmapped guard pages: with
+/// `selftest=stack_overflow` the first exit's handler recurses until its stack ends, and
+/// the overflow is a page fault in the guard page (not a write into the heap below),
+/// which the VMM reports, ending that VM with `VmmFault`; the VMM lives on and a second
+/// VM beside it completes its check list.
+#[test]
+fn vmm_handler_stack_overflow_hits_the_guard_page() {
+    let r = run_vmms(
+        "vmm-stack-overflow",
+        1,
+        &[
+            "name=overflow guest=guest-test cpus=1 mem=16 mode=check selftest=stack_overflow",
+            "name=good guest=guest-test cpus=1 mem=16 mode=check",
+        ],
+        120,
+    );
+    for m in [
+        "[overflow] vmm: 1 handler stacks of 64 KiB, each above an unmapped guard page",
+        "[overflow] vmm: selftest: overflowing vCPU 0's handler stack",
+        "[overflow] vmm: vCPU 0's exit handler overflowed its stack into the guard page at",
+        "ok: the VMM's handler stack overflow faulted (guard page), the VMM lives on",
+    ] {
+        assert!(r.serial.contains(m), "no {m:?}\n{}", r.report());
+    }
+    assert_checks(&r, "good", false);
+}
+
 /// A hostile guest (random exits until a triple fault) and the exception loops (#AC and
 /// #DB that re-raise themselves; a canary on the same CPU answers all the while) beside
 /// a well-behaved VM: the VMM handles every exit or ends its VM with a reason (its exit

@@ -184,6 +184,20 @@ impl HandlerStack {
     }
 }
 
+/// Whether the exit handlers overflow their stacks on purpose (`selftest=stack_overflow`):
+/// the guard page's test.
+pub static OVERFLOW_SELFTEST: AtomicBool = AtomicBool::new(false);
+
+/// Recurses until the stack ends (each frame keeps 512 bytes live).
+#[inline(never)]
+fn overflow_the_stack(depth: u64) -> u64 {
+    let frame = core::hint::black_box([depth; 64]);
+    if depth == u64::MAX {
+        return 0;
+    }
+    overflow_the_stack(depth + 1).wrapping_add(frame[(depth % 64) as usize])
+}
+
 static VM: spin::Once<Vm> = spin::Once::new();
 
 impl Vm {
@@ -639,6 +653,13 @@ extern "C" fn vm_exit(id: u64, utcb: u64) -> ! {
     let got = a.mtd;
     a.mtd = Mtd::empty();
     if let Some(vm) = VM.get().filter(|vm| !vm.ending.load(Ordering::Acquire)) {
+        if OVERFLOW_SELFTEST.load(Ordering::Relaxed) {
+            vlog!(
+                "vmm: selftest: overflowing vCPU {}'s handler stack",
+                id >> 8
+            );
+            core::hint::black_box(overflow_the_stack(0));
+        }
         // What the portal did not deliver is stale in the UTCB: an injection must not
         // carry an old request along.
         if !got.contains(Mtd::INJ) {
