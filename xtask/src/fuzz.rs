@@ -77,6 +77,18 @@ pub fn build() -> Result<PathBuf> {
     Ok(target_dir.join(triple).join("release"))
 }
 
+/// Writes split-virtqueue descriptors `(addr, len, flags, next)` into `m` from offset
+/// `table` on (flags: 1 NEXT, 2 WRITE).
+fn put_descriptors(m: &mut [u8], table: usize, descs: &[(u64, u32, u16, u16)]) {
+    for (i, &(addr, len, flags, next)) in descs.iter().enumerate() {
+        let d = table + 16 * i;
+        m[d..d + 8].copy_from_slice(&addr.to_le_bytes());
+        m[d + 8..d + 12].copy_from_slice(&len.to_le_bytes());
+        m[d + 12..d + 14].copy_from_slice(&flags.to_le_bytes());
+        m[d + 14..d + 16].copy_from_slice(&next.to_le_bytes());
+    }
+}
+
 /// Seed inputs: one well-formed input per target, so that a short run starts from the
 /// interesting paths instead of rediscovering the formats.
 pub fn seeds(target: &str) -> Vec<Vec<u8>> {
@@ -157,20 +169,15 @@ pub fn seeds(target: &str) -> Vec<Vec<u8>> {
                 m[0] = size_ro;
                 m[2..4].copy_from_slice(&1u16.to_le_bytes());
                 let data_flags = if data_writable { 3 } else { 1 };
-                for (i, (addr, l, flags, next)) in [
-                    (0x1800u64, 16u32, 1u16, 1u16),
-                    (0x2000, len, data_flags, 2),
-                    (0x1900, 1, 2, 0),
-                ]
-                .into_iter()
-                .enumerate()
-                {
-                    let d = 0x210 + 16 * i;
-                    m[d..d + 8].copy_from_slice(&addr.to_le_bytes());
-                    m[d + 8..d + 12].copy_from_slice(&l.to_le_bytes());
-                    m[d + 12..d + 14].copy_from_slice(&flags.to_le_bytes());
-                    m[d + 14..d + 16].copy_from_slice(&next.to_le_bytes());
-                }
+                put_descriptors(
+                    &mut m,
+                    0x210,
+                    &[
+                        (0x1800, 16, 1, 1),
+                        (0x2000, len, data_flags, 2),
+                        (0x1900, 1, 2, 0),
+                    ],
+                );
                 m[0x1800..0x1804].copy_from_slice(&ty.to_le_bytes());
                 m[0x1808..0x1810].copy_from_slice(&sector.to_le_bytes());
                 m
@@ -186,40 +193,36 @@ pub fn seeds(target: &str) -> Vec<Vec<u8>> {
             // Negotiation (VERSION_1), queue 0 of size 4 at 0x100/0x200/0x300, DRIVER_OK,
             // a notification; memory: an IN of sector 1 into 512 bytes at 0x1000.
             let mut ops: Vec<u8> = Vec::new();
-            let mut w = |off: u16, size_code: u8, v: u64| {
+            // (BAR offset, log2 of the size, value): status, driver features (high
+            // half: VERSION_1), queue select, size, ring addresses, enable, DRIVER_OK,
+            // the notification.
+            let writes: [(u16, u8, u64); 13] = [
+                (0x14, 0, 1),
+                (0x14, 0, 3),
+                (0x08, 2, 1),
+                (0x0c, 2, 1),
+                (0x14, 0, 11),
+                (0x16, 1, 0),
+                (0x18, 1, 4),
+                (0x20, 2, 0x100),
+                (0x28, 2, 0x200),
+                (0x30, 2, 0x300),
+                (0x1c, 1, 1),
+                (0x14, 0, 15),
+                (0x3000, 1, 0),
+            ];
+            for (off, size_code, v) in writes {
                 ops.extend_from_slice(&[1, off as u8, (off >> 8) as u8, size_code]);
                 ops.extend_from_slice(&v.to_le_bytes()[..1 << size_code]);
-            };
-            w(0x14, 0, 1);
-            w(0x14, 0, 3);
-            w(0x08, 2, 1);
-            w(0x0c, 2, 1);
-            w(0x14, 0, 11);
-            w(0x16, 1, 0);
-            w(0x18, 1, 4);
-            w(0x20, 2, 0x100);
-            w(0x28, 2, 0x200);
-            w(0x30, 2, 0x300);
-            w(0x1c, 1, 1);
-            w(0x14, 0, 15);
-            w(0x3000, 1, 0);
+            }
             // A configuration-space read of the vendor ID and a BAR read of the ISR.
             ops.extend_from_slice(&[2, 0, 0, 1, 0, 0, 0x10, 0]);
             let mut mem = vec![0u8; 0x1200];
-            for (i, (addr, l, flags, next)) in [
-                (0x800u64, 16u32, 1u16, 1u16),
-                (0x1000, 512, 3, 2),
-                (0x900, 1, 2, 0),
-            ]
-            .into_iter()
-            .enumerate()
-            {
-                let d = 0x100 + 16 * i;
-                mem[d..d + 8].copy_from_slice(&addr.to_le_bytes());
-                mem[d + 8..d + 12].copy_from_slice(&l.to_le_bytes());
-                mem[d + 12..d + 14].copy_from_slice(&flags.to_le_bytes());
-                mem[d + 14..d + 16].copy_from_slice(&next.to_le_bytes());
-            }
+            put_descriptors(
+                &mut mem,
+                0x100,
+                &[(0x800, 16, 1, 1), (0x1000, 512, 3, 2), (0x900, 1, 2, 0)],
+            );
             mem[0x202..0x204].copy_from_slice(&1u16.to_le_bytes());
             mem[0x808..0x810].copy_from_slice(&1u64.to_le_bytes());
             vec![[&(ops.len() as u16).to_le_bytes()[..], &ops, &mem].concat()]

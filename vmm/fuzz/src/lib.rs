@@ -32,6 +32,14 @@ impl peregrine_vmm::vcpu::GuestMemory for Ram {
 }
 
 impl Ram {
+    /// `len` bytes of RAM starting with `data` (cut to fit), zeros after it.
+    pub fn holding(data: &[u8], len: usize) -> Self {
+        let mut ram = vec![0; len];
+        let n = data.len().min(len);
+        ram[..n].copy_from_slice(&data[..n]);
+        Ram(ram)
+    }
+
     fn range(
         &self,
         gpa: u64,

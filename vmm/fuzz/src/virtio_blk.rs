@@ -11,7 +11,7 @@
 //! end and past it, and multi-chunk requests fit the memory.
 
 use peregrine_vmm::virtio::block::{MemDisk, VirtioBlock, SECTOR_SIZE};
-use peregrine_vmm::virtio::{Queue, VirtioDevice};
+use peregrine_vmm::virtio::VirtioDevice;
 
 use crate::Ram;
 
@@ -22,26 +22,13 @@ const RAM: usize = 0x1_0000;
 
 /// One input.
 pub fn run(data: &[u8]) {
-    if data.len() < 4 {
+    let Some(q) = crate::virtqueue::queue(data) else {
         return;
-    }
-    let mut q = Queue::new(256);
-    q.size = 1 << (data[0] % 9);
-    q.event_idx = data[1] & 1 != 0;
-    q.indirect = data[1] & 2 != 0;
-    q.avail_ring = 0;
-    q.desc_table = 0x210;
-    q.used_ring = 0x1400;
-    if q.check().is_err() {
-        return;
-    }
-    q.ready = true;
+    };
     let read_only = data[0] & 0x80 != 0;
     let image: Vec<u8> = (0..SECTORS * SECTOR_SIZE).map(|i| (i / 7) as u8).collect();
     let mut dev = VirtioBlock::new(MemDisk::new(image.clone()), read_only, b"fuzz");
-    let mut mem = Ram(vec![0; RAM]);
-    let n = data.len().min(RAM);
-    mem.0[..n].copy_from_slice(&data[..n]);
+    let mut mem = Ram::holding(data, RAM);
     let mut queues = [q];
     // Twice: the second pass finds what the first left in the available ring.
     for _ in 0..2 {

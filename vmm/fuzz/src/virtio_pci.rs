@@ -32,9 +32,7 @@ pub fn run(data: &[u8]) {
     let len = usize::from(u16::from_le_bytes([data[0], data[1]]));
     let rest = &data[2..];
     let (ops, memory) = rest.split_at(len.min(rest.len()));
-    let mut ram = Ram(vec![0; RAM]);
-    let n = memory.len().min(RAM);
-    ram.0[..n].copy_from_slice(&memory[..n]);
+    let ram = Ram::holding(memory, RAM);
     let disk = MemDisk::new(vec![0x5a; 64 * SECTOR_SIZE as usize]);
     let mut dev = VirtioPci::new(VirtioBlock::new(disk, false, b"fuzz"), ram, Arc::new(NoIrq));
     dev.place_bar(BAR);
