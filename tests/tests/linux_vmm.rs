@@ -40,6 +40,17 @@ fn result<'a>(results: &'a [(String, String, String)], name: &str) -> Option<&'a
     results.iter().find(|t| t.0 == name).map(|t| t.1.as_str())
 }
 
+/// A test's result and detail.
+fn result_and_detail<'a>(
+    results: &'a [(String, String, String)],
+    name: &str,
+) -> Option<(&'a str, &'a str)> {
+    results
+        .iter()
+        .find(|t| t.0 == name)
+        .map(|t| (t.1.as_str(), t.2.as_str()))
+}
+
 #[test]
 fn linux_vmm_one_vcpu() {
     let r = run("linux-vmm-1", 1, 1, "all", 240);
@@ -52,7 +63,23 @@ fn linux_vmm_one_vcpu() {
     assert_eq!(result(&t, "nproc"), Some("1"), "{}", r.report());
     assert_eq!(result(&t, "kvmclock"), Some("current"), "{}", r.report());
     assert_eq!(result(&t, "disk"), Some("ok"), "{}", r.report());
-    assert_eq!(result(&t, "write"), Some("ok"), "{}", r.report());
+    // The write read back, and the whole disk as built after the write's restore.
+    assert_eq!(
+        result_and_detail(&t, "write"),
+        Some(("ok", guest().disk_md5.as_str())),
+        "{}",
+        r.report()
+    );
+    // The sequential read: every byte of the disk, in some milliseconds.
+    let (ms, bytes) = result_and_detail(&t, "read").unwrap_or_default();
+    assert!(
+        ms.strip_suffix("ms")
+            .and_then(|m| m.parse::<u64>().ok())
+            .is_some(),
+        "read took {ms:?}\n{}",
+        r.report()
+    );
+    assert_eq!(bytes, linux::DISK_SIZE.to_string(), "{}", r.report());
     assert!(
         r.serial.contains("vmm: guest powered off"),
         "{}",

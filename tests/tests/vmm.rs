@@ -169,6 +169,33 @@ fn assert_loops(r: &RunResult, tag: &str, bochs: bool) {
     );
 }
 
+/// The handler ECs' stacks sit above unmapped guard pages: with
+/// `selftest=stack_overflow` the first exit's handler recurses until its stack ends, and
+/// the overflow is a page fault in the guard page (not a write into the heap below),
+/// which the VMM reports, ending that VM with `VmmFault`; the VMM lives on and a second
+/// VM beside it completes its check list.
+#[test]
+fn vmm_handler_stack_overflow_hits_the_guard_page() {
+    let r = run_vmms(
+        "vmm-stack-overflow",
+        1,
+        &[
+            "name=overflow guest=guest-test cpus=1 mem=16 mode=check selftest=stack_overflow",
+            "name=good guest=guest-test cpus=1 mem=16 mode=check",
+        ],
+        120,
+    );
+    for m in [
+        "[overflow] vmm: 1 handler stacks of 64 KiB, each above an unmapped guard page",
+        "[overflow] vmm: selftest: overflowing vCPU 0's handler stack",
+        "[overflow] vmm: vCPU 0's exit handler overflowed its stack into the guard page at",
+        "ok: the VMM's handler stack overflow faulted (guard page), the VMM lives on",
+    ] {
+        assert!(r.serial.contains(m), "no {m:?}\n{}", r.report());
+    }
+    assert_checks(&r, "good", false);
+}
+
 /// A hostile guest (random exits until a triple fault) and the exception loops (#AC and
 /// #DB that re-raise themselves; a canary on the same CPU answers all the while) beside
 /// a well-behaved VM: the VMM handles every exit or ends its VM with a reason (its exit
@@ -261,32 +288,59 @@ fn bochs_vmx_vmm_check_list() {
 }
 
 /// `mode=bench`: the guest's exit benchmark runs to its end and the VMM prints its
-/// `BENCH` lines unchanged (figures: `cargo xtask bench vmexit`, under `-icount`).
+/// `BENCH` lines unchanged (figures: `cargo xtask bench vmexit`, under `-icount`): every
+/// figure once, in TSC ticks, and plausible: the rdtsc pair alone (`vmexit_none`)
+/// costs something but less than [`NONE_MAX`]; every exit costs more than the pair
+/// and more than [`EXIT_MIN`] (a round trip through the kernel and the user-level
+/// VMM), less than [`EXIT_MAX`] (the minimum of 200 round trips, not a stall).
 #[test]
 fn vmm_bench_mode_prints_the_guest_figures() {
+    /// The rdtsc pair's cost at most (it was 60 ticks under QEMU's TCG).
+    const NONE_MAX: f64 = 10_000.0;
+    /// An exit's cost at least (some 55,000 ticks under QEMU's TCG).
+    const EXIT_MIN: f64 = 200.0;
+    /// An exit's cost at most: a tenth of a second at 1 GHz.
+    const EXIT_MAX: f64 = 100_000_000.0;
     let r = run_vmms(
         "vmm-bench",
         1,
         &["name=vm guest=guest-test cpus=1 mem=16 mode=bench"],
         120,
     );
-    for f in [
-        "vmexit_none",
-        "vmexit_cpuid",
-        "vmexit_pio_out",
-        "vmexit_mmio",
-        "vmexit_hypercall",
-        "vmexit_hlt",
-    ] {
-        let prefix = format!("[vm] BENCH {f} ");
+    let vm: String = r
+        .serial
+        .lines()
+        .filter(|l| l.starts_with("[vm] "))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let figures = xtask::bench::parse_bench_lines(&vm, "qemu");
+    let value = |name: &str| -> f64 {
+        let found: Vec<_> = figures.iter().filter(|f| f.figure == name).collect();
+        assert_eq!(found.len(), 1, "{name}: {found:?}\n{}", r.report());
+        assert_eq!(found[0].unit, "tsc-ticks", "{name}\n{}", r.report());
+        found[0].peregrine.unwrap_or(f64::NAN)
+    };
+    let none = value("vmexit_none");
+    assert!(
+        none > 0.0 && none < NONE_MAX,
+        "vmexit_none {none} outside 1..{NONE_MAX}\n{}",
+        r.report()
+    );
+    let exits = &xtask::bench_vmexit::FIGURES[1..];
+    assert_eq!(xtask::bench_vmexit::FIGURES[0], "vmexit_none");
+    for f in exits {
+        let v = value(f);
         assert!(
-            r.serial
-                .lines()
-                .any(|l| l.starts_with(&prefix) && l.ends_with(" tsc-ticks")),
-            "no {prefix:?} line\n{}",
+            v > none && (EXIT_MIN..EXIT_MAX).contains(&v),
+            "{f} {v} not above vmexit_none {none} or outside {EXIT_MIN}..{EXIT_MAX}\n{}",
             r.report()
         );
     }
+    assert_eq!(
+        figures.len(),
+        xtask::bench_vmexit::FIGURES.len(),
+        "figures the benchmark does not know: {figures:?}"
+    );
     assert!(
         r.serial.contains("[vm] vmm: guest done 0"),
         "{}",

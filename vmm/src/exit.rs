@@ -243,7 +243,7 @@ impl Machine {
         let mut pio = Bus::new();
         let mut mmio = Bus::new();
         let con: SharedDevice = Arc::new(SpinLock::new(testdev::DebugConsole::new(console)));
-        let ports: SharedDevice = Arc::new(SpinLock::new(testdev::TestPorts));
+        let ports: SharedDevice = Arc::new(SpinLock::new(testdev::TestPorts::default()));
         let reg: SharedDevice = Arc::new(SpinLock::new(testdev::MmioRegister::default()));
         // Fixed, non-overlapping ranges on empty buses: these inserts cannot fail.
         let _ = pio.insert(testdev::CONSOLE_PORT, 1, con);

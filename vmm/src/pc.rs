@@ -523,7 +523,7 @@ impl Pc {
         let d: SharedDevice = hpet.clone();
         let _ = mmio.insert(HPET_BASE, HPET_SIZE, d);
         // The xAPIC page: every vCPU's accesses go to its own local APIC (`lapic_mmio`).
-        let d: SharedDevice = Arc::new(SpinLock::new(crate::testdev::TestPorts));
+        let d: SharedDevice = Arc::new(SpinLock::new(crate::testdev::TestPorts::default()));
         let _ = mmio.insert(LAPIC_BASE, LAPIC_SIZE, d);
 
         let kvmclock = (0..vcpus)

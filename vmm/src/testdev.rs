@@ -4,7 +4,8 @@
 //! | where            | device            | what                                          |
 //! |------------------|-------------------|-----------------------------------------------|
 //! | port 0xe9        | [`DebugConsole`]  | one character per byte; a line per `\n`       |
-//! | ports 0x80–0x87  | [`TestPorts`]     | 0x80 no-op, 0x81 reads [`MAGIC`], 0x83 #GP    |
+//! | ports 0x80–0x87  | [`TestPorts`]     | 0x80 no-op, 0x81 reads [`MAGIC`], 0x82 echo,  |
+//! |                  |                   | 0x83 #GP                                      |
 //! | ports 0xf0–0xf7  | [`TestPorts`]     | 0xf1 start a vCPU, 0xf4 end of run            |
 //! | MMIO 0xd0000000  | [`MmioRegister`]  | 8 bytes that read back the last value written |
 //!
@@ -31,6 +32,8 @@ pub const NOP_PORT: u64 = 0x80;
 pub const MAGIC_PORT: u64 = 0x81;
 /// What [`MAGIC_PORT`] reads.
 pub const MAGIC: u32 = 0x5a5a_a5a5;
+/// The echo port: reads the last dword written to it (initially 0).
+pub const ECHO_PORT: u64 = 0x82;
 /// Writing a value here asks for #GP with its low 16 bits as the error code.
 pub const GP_PORT: u64 = 0x83;
 /// Writing n here asks for vCPU n to start.
@@ -174,7 +177,10 @@ impl<S: LineSink> BusDevice for DebugConsole<S> {
 
 /// The test ports (both blocks).
 #[derive(Debug, Default)]
-pub struct TestPorts;
+pub struct TestPorts {
+    /// The last value written to [`ECHO_PORT`].
+    echo: u32,
+}
 
 fn le_value(data: &[u8]) -> u64 {
     let mut b = [0u8; 8];
@@ -185,13 +191,17 @@ fn le_value(data: &[u8]) -> u64 {
 
 impl BusDevice for TestPorts {
     fn read(&mut self, base: u64, offset: u64, data: &mut [u8]) {
-        if base + offset == MAGIC_PORT {
-            let m = MAGIC.to_le_bytes();
-            for (i, b) in data.iter_mut().enumerate() {
-                *b = m.get(i).copied().unwrap_or(0);
+        let value = match base + offset {
+            MAGIC_PORT => MAGIC,
+            ECHO_PORT => self.echo,
+            _ => {
+                data.fill(0xff);
+                return;
             }
-        } else {
-            data.fill(0xff);
+        };
+        let v = value.to_le_bytes();
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = v.get(i).copied().unwrap_or(0);
         }
     }
 
@@ -206,6 +216,10 @@ impl BusDevice for TestPorts {
             }),
             START_PORT => Some(Action::StartVcpu(v)),
             DONE_PORT => Some(Action::Done(v)),
+            ECHO_PORT => {
+                self.echo = v;
+                None
+            }
             _ => None,
         }
     }
@@ -285,7 +299,7 @@ mod tests {
     #[test]
     fn ports_decode_where_the_access_starts() {
         let mut bus = Bus::new();
-        let p = Arc::new(SpinLock::new(TestPorts));
+        let p = Arc::new(SpinLock::new(TestPorts::default()));
         bus.insert(LOW_BLOCK, BLOCK_LEN, p.clone()).unwrap();
         bus.insert(HIGH_BLOCK, BLOCK_LEN, p).unwrap();
         let mut d = [0u8; 4];
@@ -295,6 +309,18 @@ mod tests {
         bus.read(MAGIC_PORT, &mut b).unwrap();
         assert_eq!(b, [0xa5]);
         assert_eq!(bus.write(NOP_PORT, &[1]), Ok(None));
+        // The echo port returns what was written, nothing before.
+        bus.read(ECHO_PORT, &mut d).unwrap();
+        assert_eq!(d, [0; 4]);
+        assert_eq!(
+            bus.write(ECHO_PORT, &0x1357_9bdfu32.to_le_bytes()),
+            Ok(None)
+        );
+        bus.read(ECHO_PORT, &mut d).unwrap();
+        assert_eq!(u32::from_le_bytes(d), 0x1357_9bdf);
+        assert_eq!(bus.write(ECHO_PORT, &[0x42]), Ok(None));
+        bus.read(ECHO_PORT, &mut b).unwrap();
+        assert_eq!(b, [0x42]);
         assert_eq!(
             bus.write(GP_PORT, &0xab_1234u32.to_le_bytes()),
             Ok(Some(Action::Exception {

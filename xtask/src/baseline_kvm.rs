@@ -318,7 +318,7 @@ pub fn run_kvm_guest(images: &Images, guest: &KvmGuest, emulator: Emulator) -> R
 }
 
 /// Whether the KVM side can run here: the reason when it cannot (no kernel package,
-/// no busybox, no QEMU), for tests that must say why they skip.
+/// no busybox, no QEMU), for tests that must say why they cannot run.
 pub fn unavailable() -> Option<String> {
     if let Err(e) = deps::ensure(&[Tool::Qemu, Tool::Busybox]) {
         return Some(format!("{e:#}"));

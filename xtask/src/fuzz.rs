@@ -26,7 +26,15 @@ use crate::deps::{self, Tool};
 use crate::workspace;
 
 /// The targets, in `vmm/fuzz/fuzz_targets/`.
-pub const TARGETS: &[&str] = &["emulator", "virtqueue", "bzimage", "devices"];
+pub const TARGETS: &[&str] = &[
+    "emulator",
+    "virtqueue",
+    "bzimage",
+    "devices",
+    "virtio_blk",
+    "virtio_pci",
+    "apic",
+];
 
 /// The instrumentation cargo-fuzz uses, without the sanitizer.
 const RUSTFLAGS: &[&str] = &[
@@ -67,6 +75,18 @@ pub fn build() -> Result<PathBuf> {
         .args(["build", "--release", "--bins", "--target", &triple]);
     workspace::run_checked(&mut cmd).context("building the fuzz targets")?;
     Ok(target_dir.join(triple).join("release"))
+}
+
+/// Writes split-virtqueue descriptors `(addr, len, flags, next)` into `m` from offset
+/// `table` on (flags: 1 NEXT, 2 WRITE).
+fn put_descriptors(m: &mut [u8], table: usize, descs: &[(u64, u32, u16, u16)]) {
+    for (i, &(addr, len, flags, next)) in descs.iter().enumerate() {
+        let d = table + 16 * i;
+        m[d..d + 8].copy_from_slice(&addr.to_le_bytes());
+        m[d + 8..d + 12].copy_from_slice(&len.to_le_bytes());
+        m[d + 12..d + 14].copy_from_slice(&flags.to_le_bytes());
+        m[d + 14..d + 16].copy_from_slice(&next.to_le_bytes());
+    }
 }
 
 /// Seed inputs: one well-formed input per target, so that a short run starts from the
@@ -137,6 +157,103 @@ pub fn seeds(target: &str) -> Vec<Vec<u8>> {
                 &[4, 9, 0, 0],
                 &[1, 11, 0, 0, 1],
                 &[4, 11, 0x10, 30],
+            ]
+            .concat()]
+        }
+        "virtio_blk" => {
+            // Queue size 4 (16 with the read-only bit), one chain each: IN of sector 3
+            // into 512 writable bytes; OUT of two sectors from 159 (past the end);
+            // OUT of sector 0 to a read-only disk; OUT with device-writable data.
+            let request = |size_ro: u8, ty: u32, sector: u64, data_writable: bool, len: u32| {
+                let mut m = vec![0u8; 0x2000 + len as usize];
+                m[0] = size_ro;
+                m[2..4].copy_from_slice(&1u16.to_le_bytes());
+                let data_flags = if data_writable { 3 } else { 1 };
+                put_descriptors(
+                    &mut m,
+                    0x210,
+                    &[
+                        (0x1800, 16, 1, 1),
+                        (0x2000, len, data_flags, 2),
+                        (0x1900, 1, 2, 0),
+                    ],
+                );
+                m[0x1800..0x1804].copy_from_slice(&ty.to_le_bytes());
+                m[0x1808..0x1810].copy_from_slice(&sector.to_le_bytes());
+                m
+            };
+            vec![
+                request(2, 0, 3, true, 512),
+                request(2, 1, 159, false, 1024),
+                request(0x82, 1, 0, false, 512),
+                request(2, 1, 0, true, 512),
+            ]
+        }
+        "virtio_pci" => {
+            // Negotiation (VERSION_1), queue 0 of size 4 at 0x100/0x200/0x300, DRIVER_OK,
+            // a notification; memory: an IN of sector 1 into 512 bytes at 0x1000.
+            let mut ops: Vec<u8> = Vec::new();
+            // (BAR offset, log2 of the size, value): status, driver features (high
+            // half: VERSION_1), queue select, size, ring addresses, enable, DRIVER_OK,
+            // the notification.
+            let writes: [(u16, u8, u64); 13] = [
+                (0x14, 0, 1),
+                (0x14, 0, 3),
+                (0x08, 2, 1),
+                (0x0c, 2, 1),
+                (0x14, 0, 11),
+                (0x16, 1, 0),
+                (0x18, 1, 4),
+                (0x20, 2, 0x100),
+                (0x28, 2, 0x200),
+                (0x30, 2, 0x300),
+                (0x1c, 1, 1),
+                (0x14, 0, 15),
+                (0x3000, 1, 0),
+            ];
+            for (off, size_code, v) in writes {
+                ops.extend_from_slice(&[1, off as u8, (off >> 8) as u8, size_code]);
+                ops.extend_from_slice(&v.to_le_bytes()[..1 << size_code]);
+            }
+            // A configuration-space read of the vendor ID and a BAR read of the ISR.
+            ops.extend_from_slice(&[2, 0, 0, 1, 0, 0, 0x10, 0]);
+            let mut mem = vec![0u8; 0x1200];
+            put_descriptors(
+                &mut mem,
+                0x100,
+                &[(0x800, 16, 1, 1), (0x1000, 512, 3, 2), (0x900, 1, 2, 0)],
+            );
+            mem[0x202..0x204].copy_from_slice(&1u16.to_le_bytes());
+            mem[0x808..0x810].copy_from_slice(&1u64.to_le_bytes());
+            vec![[&(ops.len() as u16).to_le_bytes()[..], &ops, &mem].concat()]
+        }
+        "apic" => {
+            // The LAPIC enabled, its one-shot timer (vector 0x40) armed and fired,
+            // accepted and EOId; I/O APIC pin 0 level-triggered to vector 0x31, raised,
+            // accepted and EOId (redelivered, the pin still high); then x2APIC mode and
+            // an x2APIC ID read.
+            let lapic_w = |off: u16, v: u32, step: u8| {
+                [
+                    &[1u8, off as u8, (off >> 8) as u8, step][..],
+                    &v.to_le_bytes(),
+                ]
+                .concat()
+            };
+            let x2 = 0xfee0_0000u64 | 0x800 | 0x400 | 0x100;
+            vec![[
+                lapic_w(0xf0, 0x1ff, 0),
+                lapic_w(0x320, 0x40, 0),
+                lapic_w(0x3e0, 0xb, 0),
+                lapic_w(0x380, 1000, 20),
+                vec![7, 0, 0, 0],
+                lapic_w(0xb0, 0, 0),
+                [&[5u8, 0, 0, 0][..], &0x10u32.to_le_bytes()].concat(),
+                [&[5u8, 0x10, 0, 0][..], &0x8031u32.to_le_bytes()].concat(),
+                vec![6, 0, 1, 0],
+                vec![7, 0, 0, 0],
+                lapic_w(0xb0, 0, 0),
+                [&[3u8, 0, 1, 0][..], &x2.to_le_bytes()].concat(),
+                vec![2, 2, 0, 0],
             ]
             .concat()]
         }

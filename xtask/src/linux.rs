@@ -315,7 +315,8 @@ pub fn marker_uptime(serial: &str) -> Option<f64> {
 }
 
 /// Boots with the tests in `tests` and checks what every guest must show: the marker,
-/// `nproc` = `smp`, the disk's checksum, the write read back, and a clean power-off.
+/// `nproc` = `smp`, the disk's checksum, the write read back and the whole disk's
+/// checksum after its restore, and a clean power-off.
 pub fn check_qemu(guest: &Guest, smp: u32, tests: &str) -> Result<RunResult> {
     let run = Run {
         name: format!("linux-qemu-smp{smp}"),
@@ -332,7 +333,7 @@ pub fn check_qemu(guest: &Guest, smp: u32, tests: &str) -> Result<RunResult> {
         let ok = match name.as_str() {
             "nproc" => result == smp.to_string(),
             "disk" => result == "ok" && detail == guest.disk_md5,
-            "write" => result == "ok",
+            "write" => result == "ok" && detail == guest.disk_md5,
             "read" => result.ends_with("ms") && detail == DISK_SIZE.to_string(),
             "kvmclock" => !result.is_empty(),
             _ => false,

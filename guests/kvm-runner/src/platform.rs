@@ -1,5 +1,5 @@
 //! The devices of the guest contract as one state machine: the console (port 0xE9), the
-//! no-op port 0x80, port 0x81's answer, the requests on ports 0x83 (#GP injection),
+//! no-op port 0x80, port 0x81's answer, the echo port 0x82, the requests on ports 0x83 (#GP injection),
 //! 0xF1 (start a vCPU) and 0xF4 (end of run), the MMIO register at 0xD000_0000 and the
 //! synthetic MSR 0x4000_0200. Everything else reads as all ones and ignores writes, so a
 //! hostile guest gets answers and no crash.
@@ -12,6 +12,8 @@ pub const PORT_CONSOLE: u16 = 0xe9;
 pub const PORT_NOP: u16 = 0x80;
 /// Reads [`MAGIC_IN`].
 pub const PORT_MAGIC: u16 = 0x81;
+/// Returns the last value written to it.
+pub const PORT_ECHO: u16 = 0x82;
 /// Inject #GP with the written error code.
 pub const PORT_INJECT_GP: u16 = 0x83;
 /// Start the vCPU of the written number.
@@ -45,6 +47,7 @@ pub enum Request {
 /// The platform's state; `out` receives the console's complete lines.
 #[derive(Debug)]
 pub struct Platform<W> {
+    echo: u32,
     mmio: u64,
     msr: u64,
     line: Vec<u8>,
@@ -63,6 +66,7 @@ impl<W: Write> Platform<W> {
     /// A platform in its initial state, console lines to `out`.
     pub fn new(out: W) -> Self {
         Platform {
+            echo: 0,
             mmio: MMIO_INIT,
             msr: 0,
             line: Vec::new(),
@@ -109,6 +113,10 @@ impl<W: Write> Platform<W> {
             PORT_INJECT_GP => Request::InjectGp(value(first) as u32 & 0xffff),
             PORT_START_CPU => Request::StartCpu(value(first) as u32),
             PORT_EXIT => Request::Exit(value(first) as u32),
+            PORT_ECHO => {
+                self.echo = value(first) as u32;
+                Request::None
+            }
             _ => Request::None,
         }
     }
@@ -117,6 +125,7 @@ impl<W: Write> Platform<W> {
     pub fn io_in(&mut self, port: u16, size: usize, data: &mut [u8]) {
         let bytes = match port {
             PORT_MAGIC => MAGIC_IN.to_le_bytes(),
+            PORT_ECHO => self.echo.to_le_bytes(),
             _ => [0xff; 4],
         };
         for element in data.chunks_mut(size.max(1)) {
@@ -210,6 +219,14 @@ mod tests {
         let mut d = [0u8; 4];
         p.io_in(0x3f8, 2, &mut d);
         assert_eq!(d, [0xff; 4]);
+        p.io_in(PORT_ECHO, 4, &mut d);
+        assert_eq!(d, [0; 4]);
+        assert_eq!(
+            p.io_out(PORT_ECHO, 4, &0x1357_9bdfu32.to_le_bytes()),
+            Request::None
+        );
+        p.io_in(PORT_ECHO, 4, &mut d);
+        assert_eq!(u32::from_le_bytes(d), 0x1357_9bdf);
     }
 
     #[test]

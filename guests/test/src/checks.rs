@@ -102,8 +102,18 @@ fn cpuid() -> Verdict {
     Ok(())
 }
 
+/// A no-op `out`, then `out`s to the echo port that only the written values reaching
+/// the host can make read back.
 fn pio_out() -> Verdict {
     arch::outb(crate::PORT_NOP, 0);
+    for v in [0x1357_9bdf_u32, 0xeca8_6420] {
+        arch::outl(crate::PORT_ECHO, v);
+        expect(
+            "in 0x82 after out",
+            arch::inl(crate::PORT_ECHO).into(),
+            v.into(),
+        )?;
+    }
     Ok(())
 }
 

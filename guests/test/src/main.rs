@@ -24,6 +24,8 @@ pub const PORT_CONSOLE: u16 = 0xe9;
 pub const PORT_NOP: u16 = 0x80;
 /// The host answers `MAGIC_IN`.
 pub const PORT_MAGIC: u16 = 0x81;
+/// The host stores what is written and returns it on `in`.
+pub const PORT_ECHO: u16 = 0x82;
 /// The host injects #GP with the written error code.
 pub const PORT_INJECT_GP: u16 = 0x83;
 /// The host starts the vCPU of the written number.

@@ -19,6 +19,7 @@ pub mod console;
 pub mod hc;
 pub mod heap;
 pub mod sel;
+pub mod stack;
 pub mod start;
 pub mod start_info;
 pub mod svc;

@@ -21,6 +21,10 @@
 //! S seconds. At the end it prints the exits it handled and the exceptions it reflected
 //! into the guest.
 //!
+//! `selftest=stack_overflow` makes the first exit's handler recurse until its stack
+//! ends: the guard page below the stack turns that into a page fault the VMM reports,
+//! ending the VM with `End::VmmFault` (the test that the guard holds).
+//!
 //! `mode=linux` boots a Linux bzImage (`guest=`) on the PC of `peregrine_vmm::pc`, with
 //! the boot modules `initrd=` and `disk=` and the kernel command line after ` -- `;
 //! `interactive` makes COM1 the console (untagged output, the root's serial input).
@@ -32,6 +36,8 @@ extern crate alloc;
 mod log;
 mod platform;
 mod vm;
+
+use core::sync::atomic::Ordering;
 
 use nul_rt::start_info::{self, StartInfo};
 use nul_rt::{hc, println, sel, svc};
@@ -81,6 +87,11 @@ fn main(info: u64) -> ! {
         None if linux => Mode::Check,
         None => fail(&alloc::format!("unknown mode {:?}", mode)),
     };
+    match start_info::arg(args, "selftest") {
+        None => {}
+        Some("stack_overflow") => vm::OVERFLOW_SELFTEST.store(true, Ordering::Relaxed),
+        Some(t) => fail(&alloc::format!("unknown selftest {:?}", t)),
+    }
     let vcpus = start_info::arg_u64(args, "cpus").unwrap_or(1).clamp(1, 64) as u32;
     let mem = start_info::arg_u64(args, "mem").unwrap_or(16).max(4) << 20;
     if si.pool_size < mem {

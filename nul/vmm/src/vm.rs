@@ -8,6 +8,7 @@ use alloc::vec::Vec;
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use nul_rt::hc::{self, EcKind};
+use nul_rt::stack::GuardedStack;
 use nul_rt::utcb::UtcbRef;
 use nul_rt::{sel, thread};
 use peregrine_abi::event::host;
@@ -158,30 +159,24 @@ const HANDLER_STACK: usize = 64 * 1024;
 /// What a fresh handler stack is filled with, to measure how much of it was used.
 const STACK_FILL: u8 = 0xa5;
 
-/// A handler EC's stack, leaked for the VMM's lifetime.
-pub struct HandlerStack(&'static mut [u8]);
+/// A handler EC's stack: [`HANDLER_STACK`] bytes above an unmapped guard page, so an
+/// overflow is a page fault the VMM reports ([`handler_fault`]), not corruption of the
+/// heap below.
+pub type HandlerStack = GuardedStack;
 
-impl HandlerStack {
-    fn new() -> Self {
-        let s = alloc::vec![STACK_FILL; HANDLER_STACK].into_boxed_slice();
-        HandlerStack(alloc::boxed::Box::leak(s))
-    }
+/// Whether the exit handlers overflow their stacks on purpose (`selftest=stack_overflow`):
+/// the guard page's test.
+pub static OVERFLOW_SELFTEST: AtomicBool = AtomicBool::new(false);
 
-    /// The initial stack pointer (≡ 8 mod 16, as after a call).
-    fn top(&self) -> u64 {
-        ((self.0.as_ptr() as u64 + HANDLER_STACK as u64) & !0xf) - 8
+/// Recurses until the stack ends (each frame keeps 512 bytes live): only the guard page
+/// stops it.
+#[inline(never)]
+fn overflow_the_stack(depth: u64) -> u64 {
+    let frame = core::hint::black_box([depth; 64]);
+    if depth == u64::MAX {
+        return 0;
     }
-
-    /// Bytes of the stack ever used (those no longer holding the fill pattern).
-    pub fn used(&self) -> usize {
-        let base = self.0.as_ptr();
-        let untouched = (0..HANDLER_STACK)
-            // SAFETY: reads within the leaked allocation; the handler EC may write the
-            // upper part concurrently, which only makes the estimate stale (bytes).
-            .take_while(|&i| unsafe { core::ptr::read_volatile(base.add(i)) } == STACK_FILL)
-            .count();
-        HANDLER_STACK - untouched
-    }
+    overflow_the_stack(depth + 1).wrapping_add(frame[(depth % 64) as usize])
 }
 
 static VM: spin::Once<Vm> = spin::Once::new();
@@ -191,7 +186,7 @@ impl Vm {
     pub fn stack_used(&self) -> usize {
         self.stacks
             .iter()
-            .map(HandlerStack::used)
+            .map(|s| s.used(STACK_FILL))
             .max()
             .unwrap_or(0)
     }
@@ -553,7 +548,8 @@ pub fn create(p: Params) -> Result<&'static Vm, Error> {
             hc::pt_ctrl(fault_base + v, (u64::from(i) << 8) | v)
                 .map_err(kernel("set a portal id"))?;
         }
-        let stack = HandlerStack::new();
+        let stack = GuardedStack::new(HANDLER_STACK, STACK_FILL)
+            .map_err(kernel("guard a handler stack"))?;
         let ec = thread::local_ec_at(cpu, fault_base, stack.top())
             .map_err(kernel("create a handler EC"))?;
         stacks.push(stack);
@@ -605,6 +601,11 @@ pub fn create(p: Params) -> Result<&'static Vm, Error> {
             timer_bases.push((cpu, tbase));
         }
     }
+    vlog!(
+        "vmm: {} handler stacks of {} KiB, each above an unmapped guard page",
+        stacks.len(),
+        HANDLER_STACK / 1024
+    );
     let park = sel::alloc();
     hc::create_sm(park, sel::OWN_PD, 0).map_err(kernel("create a semaphore"))?;
     let vm = VM.call_once(|| Vm {
@@ -639,6 +640,13 @@ extern "C" fn vm_exit(id: u64, utcb: u64) -> ! {
     let got = a.mtd;
     a.mtd = Mtd::empty();
     if let Some(vm) = VM.get().filter(|vm| !vm.ending.load(Ordering::Acquire)) {
+        if OVERFLOW_SELFTEST.load(Ordering::Relaxed) {
+            vlog!(
+                "vmm: selftest: overflowing vCPU {}'s handler stack",
+                id >> 8
+            );
+            core::hint::black_box(overflow_the_stack(0));
+        }
         // What the portal did not deliver is stale in the UTCB: an injection must not
         // carry an old request along.
         if !got.contains(Mtd::INJ) {
@@ -704,6 +712,17 @@ extern "C" fn handler_fault(id: u64, utcb: u64) -> ! {
     let rip = a.rip;
     a.mtd = Mtd::empty();
     if let Some(vm) = VM.get() {
+        let in_guard = vm
+            .stacks
+            .get(n)
+            .is_some_and(|s| s.guard().contains(&a.qual[1]));
+        if vector == host::PF && in_guard {
+            vlog!(
+                "vmm: vCPU {}'s exit handler overflowed its stack into the guard page at {:#x}",
+                n,
+                a.qual[1]
+            );
+        }
         vm.end(End::VmmFault { vector, rip });
         if let Some(s) = vm.stacks.get(n) {
             a.rip = park_handler as *const () as u64;

@@ -6,9 +6,12 @@
 //! panic, an overflow (the targets are built with overflow checks and debug
 //! assertions) or a hang.
 
+pub mod apic;
 pub mod bzimage;
 pub mod devices;
 pub mod emulator;
+pub mod virtio_blk;
+pub mod virtio_pci;
 pub mod virtqueue;
 
 /// Guest RAM of `len` bytes from address 0, for the targets.
@@ -29,6 +32,14 @@ impl peregrine_vmm::vcpu::GuestMemory for Ram {
 }
 
 impl Ram {
+    /// `len` bytes of RAM starting with `data` (cut to fit), zeros after it.
+    pub fn holding(data: &[u8], len: usize) -> Self {
+        let mut ram = vec![0; len];
+        let n = data.len().min(len);
+        ram[..n].copy_from_slice(&data[..n]);
+        Ram(ram)
+    }
+
     fn range(
         &self,
         gpa: u64,

@@ -10,10 +10,12 @@ use peregrine_vmm::virtio::Queue;
 
 use crate::Ram;
 
-/// One input.
-pub fn run(data: &[u8]) {
+/// The queue an input describes (size from byte 0, EVENT_IDX and indirect descriptors
+/// from byte 1, the rings at the fixed places above), ready; `None` for an input too
+/// short or a queue the transport would refuse.
+pub fn queue(data: &[u8]) -> Option<Queue> {
     if data.len() < 4 {
-        return;
+        return None;
     }
     let mut q = Queue::new(256);
     q.size = 1 << (data[0] % 9);
@@ -22,13 +24,17 @@ pub fn run(data: &[u8]) {
     q.avail_ring = 0;
     q.desc_table = 0x210;
     q.used_ring = 0x1400;
-    if q.check().is_err() {
-        return;
-    }
+    q.check().ok()?;
     q.ready = true;
-    let mut mem = Ram(vec![0; 0x2000]);
-    let n = data.len().min(mem.0.len());
-    mem.0[..n].copy_from_slice(&data[..n]);
+    Some(q)
+}
+
+/// One input.
+pub fn run(data: &[u8]) {
+    let Some(mut q) = queue(data) else {
+        return;
+    };
+    let mut mem = Ram::holding(data, 0x2000);
     for _ in 0..64 {
         match q.pop(&mut mem) {
             Ok(Some(chain)) => {

@@ -5,9 +5,11 @@
 //! then one device-writable status byte (§5.2.6). Supported: IN, OUT, FLUSH (with
 //! VIRTIO_BLK_F_FLUSH offered, so the driver sees a write-back cache and flushes),
 //! GET_ID (a 20-byte serial). Anything else answers VIRTIO_BLK_S_UNSUPP; a request
-//! past the end of the disk, not a whole number of sectors, writing a read-only disk
-//! or failing in the backend answers VIRTIO_BLK_S_IOERR. A chain with no room for the
-//! header or the status byte cannot be answered at all: the device needs a reset.
+//! past the end of the disk, not a whole number of sectors, with data buffers in the
+//! wrong direction (device-writable for OUT, device-readable for IN), writing a
+//! read-only disk or failing in the backend answers VIRTIO_BLK_S_IOERR. A chain with
+//! no room for the header or the status byte cannot be answered at all: the device
+//! needs a reset.
 //!
 //! Data moves in chunks of at most [`CHUNK`] bytes, so a guest's request size never
 //! decides how much the VMM allocates.
@@ -217,6 +219,11 @@ impl<B: BlockBackend> VirtioBlock<B> {
         let mut w = c.writer();
         let data_len = writable - 1;
         let status = match ty {
+            // Data the device cannot move in the request's direction (device-readable
+            // bytes after an IN's header, device-writable ones before an OUT's status)
+            // is an error, not a success with nothing moved.
+            req::IN if r.remaining() != 0 => blk_status::IOERR,
+            req::OUT if data_len != 0 => blk_status::IOERR,
             req::IN => self.read_into(sector, data_len, &mut w, mem)?,
             req::OUT => self.write_from(sector, &mut r, mem)?,
             req::FLUSH => match self.backend.flush() {

@@ -5,7 +5,8 @@
 //! exception loops (`mode=check`, `mode=bench`, `mode=loops`) ended with `guest done
 //! 0`; a hostile VM (`mode=hostile`) passes with any end its VMM reports except a fault
 //! of the VMM's own exit handler (`End::VmmFault`): the VMM survived it; a Linux VM
-//! (`mode=linux`) passes when it powered off.
+//! (`mode=linux`) passes when it powered off; a VMM with `selftest=stack_overflow`
+//! passes when its VM ended with that fault (its handler ran into its guard page).
 //!
 //! With a canary (`nul-test role=canary cpu=N`), a root thread on the canary's CPU
 //! calls it every 5 ms while the VMs run: every call must be answered, and never more
@@ -135,9 +136,15 @@ pub fn run(args: &str) -> bool {
             c.result(svc::key::VM_END).is_some() || !c.alive
         });
         let Some((name, mode, end, exits, alive)) = component::with(id, |c| {
+            // A VMM told to overflow its handler's stack must end its VM with the fault
+            // its guard page causes.
+            let mode = match arg(&c.args, "selftest") {
+                Some("stack_overflow") => "stack_overflow",
+                _ => arg(&c.args, "mode").unwrap_or("check"),
+            };
             (
                 c.name.clone(),
-                String::from(arg(&c.args, "mode").unwrap_or("check")),
+                String::from(mode),
                 c.result(svc::key::VM_END),
                 c.result(svc::key::VM_EXITS),
                 c.alive,
@@ -160,6 +167,12 @@ pub fn run(args: &str) -> bool {
                 ok &= check(
                     end != Some(END_VMM_FAULT),
                     "the hostile guest's VMM did not fault (its exit handler took no exception)",
+                )
+            }
+            "stack_overflow" => {
+                ok &= check(
+                    end == Some(END_VMM_FAULT),
+                    "the VMM's handler stack overflow faulted (guard page), the VMM lives on",
                 )
             }
             // Linux ends its run with an ACPI power-off.

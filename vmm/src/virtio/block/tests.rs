@@ -28,7 +28,12 @@ struct Rig {
 }
 
 fn rig(read_only: bool) -> Rig {
-    let mut g = Guest::new(VirtioBlock::new(disk(), read_only, b"peregrine-disk-0"));
+    rig_on(disk(), read_only, 0)
+}
+
+/// A rig on `disk` with at least `ram` bytes of guest memory.
+fn rig_on(disk: MemDisk, read_only: bool, ram: usize) -> Rig {
+    let mut g = Guest::with_ram(VirtioBlock::new(disk, read_only, b"peregrine-disk-0"), ram);
     let d = g.up(
         FEATURES | if read_only { features::RO } else { 0 },
         &[QUEUE_SIZE],
@@ -229,20 +234,178 @@ fn unanswerable_chains_need_a_reset() {
     ));
 }
 
+/// A byte pattern that differs from sector to sector and within each sector.
+fn pattern(len: usize, seed: u32) -> Vec<u8> {
+    (0..len as u32)
+        .map(|i| (i.wrapping_mul(31).wrapping_add(seed) ^ (i >> 9)) as u8)
+        .collect()
+}
+
+/// Writes `data` at `sector` through buffers of the given `sizes` at `base`, `base +
+/// stride`, ...; returns the status.
+fn scattered_out(r: &mut Rig, sector: u64, data: &[u8], sizes: &[usize], base: u64) -> u8 {
+    let mut bufs = Vec::new();
+    let mut at = 0;
+    for (i, &n) in sizes.iter().enumerate() {
+        let gpa = base + i as u64 * BIG_STRIDE;
+        put(&mut r.mem, gpa, &data[at..at + n]);
+        bufs.push((gpa, n as u32, false));
+        at += n;
+    }
+    assert_eq!(at, data.len());
+    let (st, len) = r.submit(req::OUT, sector, &bufs);
+    assert_eq!(len, 1, "a write's used length is the status byte");
+    st
+}
+
+/// Reads `sizes.iter().sum()` bytes from `sector` into buffers of the given sizes;
+/// returns the status and the bytes, concatenated.
+fn scattered_in(r: &mut Rig, sector: u64, sizes: &[usize], base: u64) -> (u8, Vec<u8>) {
+    let bufs: Vec<(u64, u32, bool)> = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| (base + i as u64 * BIG_STRIDE, n as u32, true))
+        .collect();
+    for &(gpa, n, _) in &bufs {
+        put(&mut r.mem, gpa, &std::vec![0xcc; n as usize]);
+    }
+    let total: usize = sizes.iter().sum();
+    let (st, len) = r.submit(req::IN, sector, &bufs);
+    if st == blk_status::OK {
+        assert_eq!(len as usize, total + 1, "the data and the status written");
+    }
+    let mut back = Vec::new();
+    for &(gpa, n, _) in &bufs {
+        back.extend(r.mem.bytes(gpa, n as usize));
+    }
+    (st, back)
+}
+
+/// Guest-physical distance between the data buffers of the multi-chunk tests.
+const BIG_STRIDE: u64 = 0x30000;
+/// Where those buffers start (above the rings, header and status of the rig).
+const BIG_DATA: u64 = 0x40000;
+/// Sectors of the multi-chunk tests' disk: two whole chunks and two sectors more.
+const BIG_SECTORS: u64 = (2 * CHUNK as u64) / SECTOR_SIZE + 2;
+
+fn big_rig() -> Rig {
+    let image = pattern((BIG_SECTORS * SECTOR_SIZE) as usize, 0x55);
+    rig_on(
+        MemDisk::new(image),
+        false,
+        (BIG_DATA + 4 * BIG_STRIDE) as usize,
+    )
+}
+
 #[test]
-fn large_requests_move_in_chunks() {
-    let mut r = rig(false);
-    // 64 sectors (32 KiB) in, the whole disk; then a 32 KiB write with one buffer.
-    let (st, _) = r.submit(req::IN, 0, &[(0x31000, 0x8000, true)]);
-    assert_eq!(st, blk_status::OK);
-    assert_eq!(r.mem.bytes(0x31000 + 0x8000 - 1, 1), [63]);
-    let big = MemDisk::new(std::vec![0; 2 * CHUNK + 1024]);
-    let mut g = Guest::new(VirtioBlock::new(big, false, b""));
-    g.up(FEATURES, &[QUEUE_SIZE]);
+fn whole_disk_write_and_read_across_chunk_boundaries() {
+    let mut r = big_rig();
+    let len = (BIG_SECTORS * SECTOR_SIZE) as usize;
+    let data = pattern(len, 7);
+    // Buffer boundaries fall neither on sectors nor on chunks: 70,000 + 60,000 + rest.
+    let sizes = [70_000, 60_000, len - 130_000];
     assert_eq!(
-        g.dev.device().backend().capacity(),
-        (2 * CHUNK as u64 + 1024) / 512
+        scattered_out(&mut r, 0, &data, &sizes, BIG_DATA),
+        blk_status::OK
     );
+    assert!(
+        r.g.dev.device().backend().data == data,
+        "the disk holds every byte of the multi-chunk write"
+    );
+    // Back through other buffer boundaries: one byte, then just over a chunk, then rest.
+    let sizes = [1, CHUNK + 3, len - CHUNK - 4];
+    let (st, back) = scattered_in(&mut r, 0, &sizes, BIG_DATA);
+    assert_eq!(st, blk_status::OK);
+    assert!(
+        back == data,
+        "the multi-chunk read returns what was written"
+    );
+}
+
+#[test]
+fn unaligned_multi_chunk_write_leaves_its_neighbours_alone() {
+    let mut r = big_rig();
+    let before = r.g.dev.device().backend().data.clone();
+    // Sectors 3 .. 3 + 129 (a chunk and one sector) cross the first chunk boundary of the
+    // request and of the disk at different places.
+    let (sector, len) = (3u64, CHUNK + 512);
+    let data = pattern(len, 99);
+    assert_eq!(
+        scattered_out(&mut r, sector, &data, &[CHUNK + 100, 412], BIG_DATA),
+        blk_status::OK
+    );
+    let start = (sector * SECTOR_SIZE) as usize;
+    let disk = &r.g.dev.device().backend().data;
+    assert!(disk[start..start + len] == data[..], "the written range");
+    assert!(disk[..start] == before[..start], "the sectors before");
+    assert!(
+        disk[start + len..] == before[start + len..],
+        "the sectors after"
+    );
+    let (st, back) = scattered_in(&mut r, sector, &[len], BIG_DATA);
+    assert_eq!(st, blk_status::OK);
+    assert!(back == data, "read back in one buffer");
+    // A multi-chunk request that ends one sector past the disk moves nothing.
+    let tail = BIG_SECTORS - (CHUNK as u64 / SECTOR_SIZE);
+    let (st, _) = scattered_in(&mut r, tail, &[CHUNK + 512], BIG_DATA);
+    assert_eq!(st, blk_status::IOERR);
+    let too_far = pattern(CHUNK + 512, 3);
+    assert_eq!(
+        scattered_out(&mut r, tail, &too_far, &[CHUNK + 512], BIG_DATA),
+        blk_status::IOERR
+    );
+    let disk = &r.g.dev.device().backend().data;
+    assert!(disk[start + len..] == before[start + len..]);
+}
+
+#[test]
+fn data_buffers_in_the_wrong_direction_are_an_error() {
+    let mut r = rig(false);
+    put(&mut r.mem, DATA, &[0x77; 512]);
+    // A write whose data the device could only write to: nothing to write from.
+    assert_eq!(
+        r.submit(req::OUT, 0, &[(DATA, 512, true)]).0,
+        blk_status::IOERR,
+        "OUT with device-writable data"
+    );
+    // A read whose data the device could only read: nowhere to read into.
+    assert_eq!(
+        r.submit(req::IN, 0, &[(DATA, 512, false)]).0,
+        blk_status::IOERR,
+        "IN with device-readable data"
+    );
+    // Mixed: right-direction data followed by wrong-direction data.
+    assert_eq!(
+        r.submit(
+            req::OUT,
+            0,
+            &[(DATA, 512, false), (DATA + 0x1000, 512, true)]
+        )
+        .0,
+        blk_status::IOERR,
+        "OUT with writable data after its readable data"
+    );
+    assert_eq!(
+        r.submit(
+            req::IN,
+            0,
+            &[(DATA + 0x1000, 512, false), (DATA, 512, true)]
+        )
+        .0,
+        blk_status::IOERR,
+        "IN with readable data before its writable data"
+    );
+    assert_eq!(
+        r.g.dev.device().backend().data,
+        disk().data,
+        "disk untouched"
+    );
+    assert_eq!(
+        r.mem.bytes(DATA, 512),
+        [0x77; 512],
+        "guest buffer untouched"
+    );
+    assert_eq!(r.g.status() & status::DEVICE_NEEDS_RESET, 0);
 }
 
 #[test]

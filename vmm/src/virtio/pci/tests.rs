@@ -20,7 +20,12 @@ pub struct Guest<D: VirtioDevice> {
 
 impl<D: VirtioDevice> Guest<D> {
     pub fn new(device: D) -> Self {
-        let mem = SharedMem::new(RAM);
+        Self::with_ram(device, RAM)
+    }
+
+    /// A guest with `ram` bytes of memory (at least [`RAM`] for the drivers' rings).
+    pub fn with_ram(device: D, ram: usize) -> Self {
+        let mem = SharedMem::new(ram.max(RAM));
         let irq = TestIrq::new();
         let mut dev = VirtioPci::new(device, mem.clone(), irq.clone());
         dev.place_bar(BAR_ADDR);
