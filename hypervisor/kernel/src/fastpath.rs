@@ -25,8 +25,10 @@ use peregrine_abi::perm::PtPerm;
 use peregrine_abi::utcb::DATA_WORDS;
 use peregrine_abi::Status;
 
+use alloc::sync::Arc;
+
 use crate::cap::KObj;
-use crate::ec::{CallKind, EcKind};
+use crate::ec::{CallKind, Ec, EcKind};
 use crate::frame::Frame;
 use crate::sched::{self, CpuLocal};
 
@@ -58,9 +60,40 @@ fn untyped_only(mtr: u64) -> Option<usize> {
     (n <= DATA_WORDS).then_some(n)
 }
 
+/// `reply` to a vCPU's event by the running handler: takes the state back and enters
+/// the guest again (`vcpu::run`, straight from this kernel entry's stack, which holds
+/// nothing); returns, having changed nothing, for anything else.
+#[inline(never)]
+fn vcpu_reply(l: &mut CpuLocal) {
+    let Some(h) = l.current.as_ref() else {
+        return;
+    };
+    // SAFETY: the running EC, on this CPU.
+    let hl = unsafe { h.local() };
+    let Some(c) = hl.caller.as_ref() else {
+        return;
+    };
+    if c.kind != EcKind::Vcpu || !hl.waiters.is_empty() || c.is_dead() {
+        return;
+    }
+    // SAFETY: the running EC's UTCB; the vCPU is bound to this CPU and waits for this
+    // reply.
+    let hu = unsafe { h.utcb() };
+    crate::vcpu::put_state(c, hu.arch());
+    // SAFETY: as above.
+    let callee = unsafe { c.local() }.callee.take();
+    let Some(c) = hl.caller.take() else {
+        return;
+    };
+    // The CPU's reference keeps the handler; `vcpu::run` makes the vCPU current and
+    // keeps the handler's PD, whose address space stays loaded, alive while it runs.
+    release(callee);
+    crate::vcpu::run(c)
+}
+
 /// Drops a reference to an EC, in line (the compiler's shared drop glue is a call).
 #[inline(always)]
-fn release(e: Option<alloc::sync::Arc<crate::ec::Ec>>) {
+fn release(e: Option<Arc<Ec>>) {
     if let Some(e) = e {
         drop(e);
     }
@@ -150,6 +183,46 @@ pub extern "C" fn local_reply() -> ! {
     crate::ipc::reply(sched::current())
 }
 
+/// Delivers event `vector` of vCPU `c` (the running EC, just out of its guest) to its
+/// portal's idle handler on this CPU, as `ipc::event` would; gives `c` back, having
+/// changed nothing, where that takes more than the common case.
+pub fn vcpu_event(c: Arc<Ec>, vector: u64) -> Arc<Ec> {
+    // SAFETY: interrupts are off in the kernel; nothing else holds this CPU's state.
+    let l = unsafe { sched::local() };
+    let Some(Some((h, ip, mtd, id))) = c.pd.obj.read_fast(l.cpu(), |s| {
+        match s.get(c.evt.wrapping_add(vector)).map(|cap| &cap.obj) {
+            Some(KObj::Pt(pt)) => Some((pt.ec.clone(), pt.ip, pt.mtd, pt.id())),
+            _ => None,
+        }
+    }) else {
+        return c;
+    };
+    if c.kind != EcKind::Vcpu || h.cpu != c.cpu || h.is_dead() {
+        return c;
+    }
+    // SAFETY: `h` is bound to this CPU (checked); it does not run (see `caller`).
+    let hl = unsafe { h.local() };
+    if hl.caller.is_some() {
+        return c;
+    }
+    // SAFETY: the handler's UTCB; the handler is idle.
+    let hu = unsafe { h.utcb() };
+    hu.head.mtr = 0;
+    crate::vcpu::get_state(&c, mtd, vector, hu.arch_mut());
+    hl.kind = CallKind::Event;
+    // SAFETY: the vCPU runs on this CPU and is in the kernel.
+    unsafe { c.local() }.callee = Some(h.clone());
+    // SAFETY: `hl.caller` is None (checked above), so the plain write loses nothing.
+    unsafe { core::ptr::write(&mut hl.caller, Some(c)) };
+    sched::load_context(l, &h);
+    let (sp, utcb) = (h.sp, h.utcb_uva);
+    // The CPU's reference to the vCPU goes only now that the handler's context is
+    // loaded (the vCPU's `caller` reference keeps it anyway).
+    release(l.current.replace(h));
+    // SAFETY: as in `call`.
+    unsafe { crate::entry::enter_handler(id, utcb, ip, sp) }
+}
+
 /// `reply` by the running EC.
 #[inline(always)]
 fn reply(l: &mut CpuLocal) {
@@ -161,8 +234,10 @@ fn reply(l: &mut CpuLocal) {
     let Some(c) = hl.caller.as_ref() else {
         return;
     };
-    if hl.kind != CallKind::Ipc
-        || !hl.waiters.is_empty()
+    if hl.kind == CallKind::Event {
+        return vcpu_reply(l);
+    }
+    if !hl.waiters.is_empty()
         || c.is_dead()
         || (c.kind == EcKind::Global && c.recall.load(Ordering::Relaxed))
     {

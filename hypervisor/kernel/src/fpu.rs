@@ -288,14 +288,20 @@ pub fn device_not_available(ec: &Arc<Ec>) -> bool {
     true
 }
 
-/// Before VMRUN of vCPU `ec`: its FPU state is loaded and TS is clear.
-pub fn load_for_guest(ec: &Arc<Ec>) {
+/// Before entering the guest of vCPU `ec`: its FPU state is loaded, and TS is clear
+/// unless `keep_ts` and the registers hold its state already. `keep_ts`: the world
+/// switch saves and restores the host's CR0 as it is (SVM: VMRUN keeps it in the host
+/// save area, and the guest runs on the VMCB's CR0), so a set TS, which made its VMM
+/// trap on the FPU, may stay for the round trip and need not be written twice per
+/// exit. (VMX loads the host CR0 from the VMCS, with TS clear: there it must be clear.)
+pub fn load_for_guest(ec: &Arc<Ec>, keep_ts: bool) {
     let (o, l) = slot();
-    if l.ts {
+    let own = is_owner(o, ec);
+    if l.ts && !(keep_ts && own) {
         set_ts(false);
         l.ts = false;
     }
-    if !is_owner(o, ec) {
+    if !own {
         take_over(o, l, ec);
     }
 }

@@ -543,7 +543,7 @@ fn leave_xcr0(host: Option<u64>) {
     }
 }
 
-fn run(ec: Arc<Ec>) -> ! {
+pub fn run(ec: Arc<Ec>) -> ! {
     make_current(&ec);
     let Some(v) = ec.vcpu.as_deref() else {
         crate::ipc::stop(ec);
@@ -560,7 +560,7 @@ fn run(ec: Arc<Ec>) -> ! {
     if ec.recall.swap(false, Ordering::AcqRel) {
         deliver(ec, ev::RECALL);
     }
-    crate::fpu::load_for_guest(&ec);
+    crate::fpu::load_for_guest(&ec, matches!(v.hw, Hw::Svm(_)));
     let next = match &v.hw {
         Hw::Svm(s) => svm::run(&ec, s, c),
         Hw::Vmx(x) => vmx::run(&ec, x, c),
