@@ -34,7 +34,7 @@ pub struct Figure {
 }
 
 /// The benchmarks `cargo xtask bench` knows.
-pub const BENCHMARKS: &[&str] = &["ipc", "vmexit", "boot"];
+pub const BENCHMARKS: &[&str] = &["ipc", "xcpu", "vmexit", "boot"];
 
 /// The unit of a figure printed without one: TSC ticks, which count instructions under
 /// `-icount shift=0`.
@@ -213,13 +213,14 @@ pub fn write_results(name: &str, figures: &[Figure], baseline: &str) -> Result<P
 }
 
 /// Boots the system with the root task's `bench=<name>` under `-icount shift=0 -smp 1`
-/// (kernel command line `kernel_args`) and collects its `BENCH` lines.
+/// (`-smp 2` for the cross-CPU figures of `xcpu`; kernel command line `kernel_args`)
+/// and collects its `BENCH` lines.
 fn peregrine_ipc(images: &Images, name: &str, kernel_args: &str) -> Result<Vec<Figure>> {
     let spec = BootSpec::new(&format!("bench-{name}"), images)
         .kernel_args(kernel_args)
         .root_args(&format!("bench={name}"))
         .module(images.test_component(), "role=benchsrv cpu=0")
-        .smp(1)
+        .smp(if name == "xcpu" { 2 } else { 1 })
         .icount()
         .timeout(Duration::from_secs(300));
     let result = crate::qemu::run_qemu(&spec)?;

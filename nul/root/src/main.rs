@@ -29,6 +29,8 @@ fn fail() -> ! {
 }
 
 fn main(hip_addr: u64) -> ! {
+    let start_tsc = hc::rdtsc();
+    scenario::bench_more::ROOT_START_TSC.store(start_tsc, core::sync::atomic::Ordering::Relaxed);
     // Ports first: the console needs COM1.
     let ports = hc::pd_delegate(
         peregrine_abi::sel::KERN_PD,

@@ -8,6 +8,8 @@
 //! |---|---|
 //! | `echo`, `canary` | serves a portal that replies with every word plus one; registers it with the root |
 //! | `benchsrv` | serves a portal that replies with the words it got (IPC benchmark) |
+//! | `stampsrv` | serves a portal that replies with its TSC on entry and before the reply (one-way IPC figures) |
+//! | `capsrv` | like `benchsrv`, with an object-capability window (capability-transfer figure) |
 //! | `fault` | prints a line, then reads an unmapped address (the root removes it) |
 //! | `paged` | writes and reads back 4 pages the root's pager maps on demand |
 //! | `memcheck` | checks delegated memory, port and portal; after the root revokes, touches them again |
@@ -42,8 +44,10 @@ fn main(arg: u64) -> ! {
         args, si.index, si.cpu, si.ncpus
     );
     match role {
-        "echo" | "canary" => server::serve(si, server::echo_handler, false),
-        "benchsrv" => server::serve(si, server::bench_handler, true),
+        "echo" | "canary" => server::serve(si, server::echo_handler, None),
+        "benchsrv" => server::serve(si, server::bench_handler, Some(server::bench_window())),
+        "stampsrv" => server::serve(si, server::stamp_handler, None),
+        "capsrv" => server::serve(si, server::bench_handler, Some(server::cap_window())),
         "fault" => memtest::fault(),
         "paged" => memtest::paged(),
         "memcheck" => memtest::memcheck(si),

@@ -20,7 +20,8 @@
 //! | `test=quota` | none | ≥ 1 |
 //! | `test=fault` | `nul-test role=fault cpu=0`, `nul-test role=canary cpu=0` | ≥ 1 |
 //! | `test=hostile calls=10000000 secs=900 respawn_ms=2000` | `nul-test role=hostile seed=K cpu=C quota=2600 deferred` for several K and C (e.g. seeds 1–4 on CPUs 0–3), `nul-test role=canary cpu=0` | ≥ 2 (4 suggested; 1 GiB) |
-//! | `bench=ipc` | `nul-test role=benchsrv cpu=0` | ≥ 1 |
+//! | `bench=ipc` | `nul-test role=benchsrv cpu=0` (also started as `stampsrv`, `capsrv`) | ≥ 1 |
+//! | `bench=xcpu` | none | ≥ 2 |
 //! | `test=isolation` | `nul-test role=blocker deferred` | 2 |
 //! | `test=vm [rounds=N] [seed=S]` | none (SVM with NPT: QEMU `-cpu EPYC`) | ≥ 1 (2: cross-CPU recall) |
 //! | `bench=vmexit` | none; `-icount shift=0 -smp 1` for instruction counts | 1 |
@@ -33,6 +34,7 @@
 //! minimum over the iterations) and `BENCH-MEDIAN <figure> <median>` lines.
 
 mod bench;
+pub mod bench_more;
 mod ipc;
 mod isolation;
 mod memory;
@@ -88,6 +90,7 @@ pub fn bench(name: &str, _args: &str, hip: &HipView) -> bool {
     match name {
         "ipc" => bench::ipc(),
         "vmexit" => vm::bench(hip),
+        "xcpu" => bench_more::xcpu(hip),
         _ => {
             println!("unknown benchmark {}", name);
             false

@@ -83,9 +83,23 @@ pub fn sm() -> bool {
     ok
 }
 
-fn outb(port: u16, v: u8) {
+pub(super) fn outb(port: u16, v: u8) {
     // SAFETY: the root holds every I/O port; the PIT's ports have no memory effects.
     unsafe { core::arch::asm!("out dx, al", in("dx") port, in("al") v, options(nomem, nostack)) };
+}
+
+/// Takes the semaphore of `gsi` from the kernel PD; returns its selector.
+pub(super) fn take_gsi_sm(gsi: u64) -> Result<u64, Status> {
+    let sm = sel::alloc();
+    hc::pd_delegate(
+        peregrine_abi::sel::KERN_PD,
+        sel::OWN_PD,
+        Crd::obj(peregrine_abi::sel::GSI_SM_BASE + gsi, 0, perm::ALL),
+        Crd::obj(sm, 0, perm::ALL),
+        0,
+        XferFlags::empty(),
+    )
+    .map(|()| sm)
 }
 
 /// `test=irq`: the PIT (ISA IRQ 0, GSI 2 through the usual interrupt source override)
@@ -93,16 +107,9 @@ fn outb(port: u16, v: u8) {
 pub fn irq() -> bool {
     const GSI: u64 = 2;
     let mut ok = true;
-    let sm = sel::alloc();
-    let r = hc::pd_delegate(
-        peregrine_abi::sel::KERN_PD,
-        sel::OWN_PD,
-        Crd::obj(peregrine_abi::sel::GSI_SM_BASE + GSI, 0, perm::ALL),
-        Crd::obj(sm, 0, perm::ALL),
-        0,
-        XferFlags::empty(),
-    );
+    let r = take_gsi_sm(GSI);
     ok &= check(r.is_ok(), "take the GSI 2 semaphore from the kernel PD");
+    let sm = r.unwrap_or(0);
     let r = hc::assign_gsi(sm, 0, gsi_flags::DEFAULT);
     println!("assign_gsi(2, cpu 0): {:?}", r);
     ok &= check(r.is_ok(), "route GSI 2 to CPU 0");
@@ -139,17 +146,20 @@ pub fn irq() -> bool {
     ok
 }
 
-static XCPU_S1: AtomicU64 = AtomicU64::new(0);
-static XCPU_S2: AtomicU64 = AtomicU64::new(0);
+pub(super) static XCPU_S1: AtomicU64 = AtomicU64::new(0);
+pub(super) static XCPU_S2: AtomicU64 = AtomicU64::new(0);
+/// The TSC when [`ponger`] last woke (`bench=xcpu` reads it).
+pub(super) static XCPU_STAMP: AtomicU64 = AtomicU64::new(0);
 
-/// The other CPU's side: down S1, up S2, forever.
-extern "C" fn ponger(_arg: u64, _utcb: u64) -> ! {
+/// The other CPU's side: down S1, note the TSC, up S2, forever.
+pub(super) extern "C" fn ponger(_arg: u64, _utcb: u64) -> ! {
     let (s1, s2) = (
         XCPU_S1.load(Ordering::Relaxed),
         XCPU_S2.load(Ordering::Relaxed),
     );
     loop {
         if hc::sm_down(s1, false, 0).is_ok() {
+            XCPU_STAMP.store(hc::rdtsc(), Ordering::Release);
             let _ = hc::sm_up(s2);
         }
     }
