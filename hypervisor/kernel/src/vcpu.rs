@@ -456,11 +456,13 @@ fn new_common(flush_seen: u64) -> Common {
 
 /// Makes `ec` this CPU's current EC, keeping the host address space that stays loaded
 /// alive (a vCPU has none of its own).
+#[inline(always)]
 fn make_current(ec: &Arc<Ec>) {
-    let cpu = crate::percpu::cpu_id();
     // SAFETY: interrupts are off in the kernel; no other reference to the scheduler
-    // state or this CPU's slot is alive.
-    let (l, held) = unsafe { (sched::local(), &mut *HELD[cpu].0.get()) };
+    // state is alive.
+    let l = unsafe { sched::local() };
+    // SAFETY: as above, for this CPU's slot.
+    let held = unsafe { &mut *HELD[l.cpu()].0.get() };
     if l.space != 0 && held.as_ref().is_none_or(|p| p.id != l.space) {
         match &l.current {
             Some(cur) if cur.pd.id == l.space => *held = Some(cur.pd.clone()),
