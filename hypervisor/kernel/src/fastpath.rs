@@ -183,9 +183,10 @@ pub extern "C" fn local_reply() -> ! {
     crate::ipc::reply(sched::current())
 }
 
-/// Delivers event `vector` of vCPU `c` (the running EC, just out of its guest) to its
-/// portal's idle handler on this CPU, as `ipc::event` would; gives `c` back, having
-/// changed nothing, where that takes more than the common case.
+/// Delivers event `vector` of vCPU `c` (the running EC, just out of its guest; a vCPU,
+/// `vcpu::deliver` calls this) to its portal's idle handler on this CPU, as
+/// `ipc::event` would; gives `c` back, having changed nothing, where that takes more
+/// than the common case.
 pub fn vcpu_event(c: Arc<Ec>, vector: u64) -> Arc<Ec> {
     // SAFETY: interrupts are off in the kernel; nothing else holds this CPU's state.
     let l = unsafe { sched::local() };
@@ -197,7 +198,7 @@ pub fn vcpu_event(c: Arc<Ec>, vector: u64) -> Arc<Ec> {
     }) else {
         return c;
     };
-    if c.kind != EcKind::Vcpu || h.cpu != c.cpu || h.is_dead() {
+    if h.cpu != c.cpu || h.is_dead() {
         return c;
     }
     // SAFETY: `h` is bound to this CPU (checked); it does not run (see `caller`).

@@ -238,6 +238,11 @@ pub fn switch_to(cpu: usize, ec: &Ec) {
         }
         return;
     }
+    if l.ts && l.vmm == ec.pd.id {
+        // A VMM back on its guest's registers with TS still set (an exit's handler):
+        // both ways of switching leave everything as it is (see `switch_from_guest`).
+        return;
+    }
     let own = is_owner(o, ec);
     if crate::arch::x86::spec::eager_fpu() {
         // Eagerly, TS is set only while a vCPU owns the registers (`l.vmm != 0`).

@@ -352,11 +352,6 @@ impl core::fmt::Display for Suppressed {
 /// Delivers event `vector` of the running EC `c` to its portal (exception or start-up),
 /// or stops `c` if there is no usable portal.
 pub fn event(c: Arc<Ec>, vector: u64) -> ! {
-    let c = if c.kind == EcKind::Vcpu {
-        crate::fastpath::vcpu_event(c, vector)
-    } else {
-        c
-    };
     match enter_event(&c, vector) {
         Some(Next::Handler(h)) => {
             drop(c);

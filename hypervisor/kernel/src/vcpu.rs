@@ -258,6 +258,9 @@ const TAIL: Mtd = Mtd::all()
 /// The groups a backend's `get_state`/`put_state` handles after the common ones
 /// (GPRs, RIP, RFLAGS, injection, interruptibility): most exits select none of them.
 const RARE: Mtd = TAIL.difference(Mtd::QUAL).difference(Mtd::XSAVE);
+/// Reply groups both backends take back in one pass straight from the VMM's UTCB
+/// (`put_simple`): what the common exits' replies select.
+const SIMPLE: Mtd = Mtd::GPRS.union(Mtd::RIP_LEN).union(Mtd::RFLAGS);
 /// Reply groups whose state the backend's entry checks depend on (CR0, CR4, EFER, CS,
 /// SS, RFLAGS, injection): without them the state the guest exited with enters again
 /// unchecked.
@@ -484,6 +487,8 @@ pub fn startup(ec: Arc<Ec>) -> ! {
 }
 
 fn deliver(ec: Arc<Ec>, nr: u64) -> ! {
+    // The common case first: an idle handler on this CPU (nothing pending then).
+    let ec = crate::fastpath::vcpu_event(ec, nr);
     if let Some(v) = ec.vcpu.as_deref() {
         // SAFETY: the vCPU is current on this CPU, interrupts off.
         unsafe { v.common() }.pending = Some(nr);
@@ -621,9 +626,24 @@ pub fn put_state(ec: &Ec, utcb: &ArchState) {
     // SAFETY: the vCPU is bound to this CPU and waits for this reply; its reply copy is
     // used only here.
     let (c, a) = unsafe { (v.common(), &mut *v.reply.get()) };
+    let mtd = utcb.mtd;
+    if SIMPLE.contains(mtd) {
+        // The common replies (CPUID, port I/O, MMIO: registers and RIP) go straight
+        // from the UTCB, each value read once.
+        let ok = match &v.hw {
+            Hw::Svm(s) => svm::put_simple(s, utcb, mtd),
+            Hw::Vmx(x) => vmx::put_simple(x, utcb, mtd),
+        };
+        if mtd.intersects(CHECKED) {
+            c.check = true;
+        }
+        if !ok {
+            c.invalid = true;
+        }
+        return;
+    }
     // What the MTD (read once) selects: the common groups one by one, the rest (at and
     // after `qual`) in one piece.
-    let mtd = utcb.mtd;
     a.mtd = mtd;
     if mtd.contains(Mtd::GPR_ACDB) {
         a.gpr[0..4].copy_from_slice(&utcb.gpr[0..4]);

@@ -601,19 +601,14 @@ fn apply_ctrl(vm: Vmcb, c: [u64; 2]) {
 /// Takes back the state a VMM's reply selects, validating every value: a value that
 /// would make VMRUN fail or harm the host is not written, and the vCPU's next event is
 /// INVALID_STATE.
-pub(super) fn put_state(v: &Vcpu, c: &mut Common, a: &ArchState) -> bool {
+/// Takes back the groups of `mtd` within `super::SIMPLE` (GPRs, RIP, RFLAGS) from `a`,
+/// reading each value once (so `a` may be the VMM's UTCB itself); false if one was
+/// refused (a non-canonical RIP, not written).
+#[inline(always)]
+pub(super) fn put_simple(v: &Vcpu, a: &ArchState, mtd: Mtd) -> bool {
     // SAFETY: the vCPU is bound to this CPU and waits for this reply.
     let st = unsafe { v.state() };
     let vm = Vmcb::at(v.vmcb);
-    let mtd = a.mtd;
-    let mut bad = false;
-    let mut take = |ok: bool, w: &mut dyn FnMut()| {
-        if ok {
-            w()
-        } else {
-            bad = true
-        }
-    };
     if mtd.contains(Mtd::GPR_ACDB) {
         vm.w64(f::RAX, a.gpr[0]);
         st.gprs.0[1..4].copy_from_slice(&a.gpr[1..4]);
@@ -627,12 +622,30 @@ pub(super) fn put_state(v: &Vcpu, c: &mut Common, a: &ArchState) -> bool {
     if mtd.contains(Mtd::GPR_R8_R15) {
         st.gprs.0[8..16].copy_from_slice(&a.gpr[8..16]);
     }
-    if mtd.contains(Mtd::RIP_LEN) {
-        take(canonical(a.rip), &mut || vm.w64(f::RIP, a.rip));
-    }
     if mtd.contains(Mtd::RFLAGS) {
         vm.w64(f::RFLAGS, (a.rflags & RFLAGS_OK) | 2);
     }
+    if mtd.contains(Mtd::RIP_LEN) {
+        let rip = a.rip;
+        if !canonical(rip) {
+            return false;
+        }
+        vm.w64(f::RIP, rip);
+    }
+    true
+}
+
+pub(super) fn put_state(v: &Vcpu, c: &mut Common, a: &ArchState) -> bool {
+    let vm = Vmcb::at(v.vmcb);
+    let mtd = a.mtd;
+    let mut bad = !put_simple(v, a, mtd);
+    let mut take = |ok: bool, w: &mut dyn FnMut()| {
+        if ok {
+            w()
+        } else {
+            bad = true
+        }
+    };
     if mtd.contains(Mtd::INJ) {
         let windows = inj::REQ_INTR_WINDOW | inj::REQ_NMI_WINDOW;
         match event_inj(a.inj_info & !windows & 0xffff_ffff, a.inj_error) {

@@ -968,20 +968,14 @@ fn apply_ctrl(c: &VmxCaps, ctl: [u64; 2]) {
 
 /// Takes back the state a VMM's reply selects into VMX vCPU `v`, validating every value;
 /// false if something was refused.
-pub(super) fn put_state(v: &Vcpu, c: &mut Common, a: &ArchState) -> bool {
+/// Takes back the groups of `mtd` within `super::SIMPLE` (GPRs, RIP, RFLAGS) from `a`,
+/// reading each value once (so `a` may be the VMM's UTCB itself); false if one was
+/// refused (a non-canonical RIP, not written). Makes the VMCS current first.
+#[inline(always)]
+pub(super) fn put_simple(v: &Vcpu, a: &ArchState, mtd: Mtd) -> bool {
     // SAFETY: the vCPU is bound to this CPU and waits for this reply.
     let st = unsafe { v.state() };
     load(v, st);
-    let caps = vmx::info();
-    let mtd = a.mtd;
-    let mut bad = false;
-    let mut take = |ok: bool, w: &mut dyn FnMut()| {
-        if ok {
-            w()
-        } else {
-            bad = true
-        }
-    };
     if mtd.contains(Mtd::GPR_ACDB) {
         st.gprs.0[0..4].copy_from_slice(&a.gpr[0..4]);
     }
@@ -994,12 +988,33 @@ pub(super) fn put_state(v: &Vcpu, c: &mut Common, a: &ArchState) -> bool {
     if mtd.contains(Mtd::GPR_R8_R15) {
         st.gprs.0[8..16].copy_from_slice(&a.gpr[8..16]);
     }
-    if mtd.contains(Mtd::RIP_LEN) {
-        take(canonical(a.rip), &mut || write(f::GUEST_RIP, a.rip));
-    }
     if mtd.contains(Mtd::RFLAGS) {
         write(f::GUEST_RFLAGS, (a.rflags & RFLAGS_OK) | 2);
     }
+    if mtd.contains(Mtd::RIP_LEN) {
+        let rip = a.rip;
+        if !canonical(rip) {
+            return false;
+        }
+        write(f::GUEST_RIP, rip);
+    }
+    true
+}
+
+pub(super) fn put_state(v: &Vcpu, c: &mut Common, a: &ArchState) -> bool {
+    let mtd = a.mtd;
+    let mut bad = !put_simple(v, a, mtd);
+    // SAFETY: the vCPU is bound to this CPU and waits for this reply (`put_simple` is
+    // done with its reference).
+    let st = unsafe { v.state() };
+    let caps = vmx::info();
+    let mut take = |ok: bool, w: &mut dyn FnMut()| {
+        if ok {
+            w()
+        } else {
+            bad = true
+        }
+    };
     if mtd.contains(Mtd::INJ) {
         let windows = inj::REQ_INTR_WINDOW | inj::REQ_NMI_WINDOW;
         let req = a.inj_info & !windows;
