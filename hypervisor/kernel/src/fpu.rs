@@ -294,15 +294,15 @@ pub fn device_not_available(ec: &Arc<Ec>) -> bool {
 }
 
 /// Before entering the guest of vCPU `ec`: its FPU state is loaded, and TS is clear
-/// unless `keep_ts` and the registers hold its state already. `keep_ts`: the world
-/// switch saves and restores the host's CR0 as it is (SVM: VMRUN keeps it in the host
-/// save area, and the guest runs on the VMCB's CR0), so a set TS, which made its VMM
-/// trap on the FPU, may stay for the round trip and need not be written twice per
-/// exit. (VMX loads the host CR0 from the VMCS, with TS clear: there it must be clear.)
-pub fn load_for_guest(ec: &Arc<Ec>, keep_ts: bool) {
+/// unless the registers hold its state already. The world switch brings the host's CR0
+/// back as it was (SVM keeps it in the host save area, VMX gets it from HOST_CR0, which
+/// `vmx::run` keeps equal to CR0 at entry) and the guest runs on its own CR0, so a set
+/// TS, which makes its VMM trap on the FPU, may stay for the round trip instead of being
+/// written twice per exit.
+pub fn load_for_guest(ec: &Arc<Ec>) {
     let (o, l) = slot();
     let own = is_owner(o, ec);
-    if l.ts && !(keep_ts && own) {
+    if l.ts && !own {
         set_ts(false);
         l.ts = false;
     }

@@ -567,7 +567,7 @@ pub fn run(ec: Arc<Ec>) -> ! {
     if ec.recall.swap(false, Ordering::AcqRel) {
         deliver(ec, ev::RECALL);
     }
-    crate::fpu::load_for_guest(&ec, matches!(v.hw, Hw::Svm(_)));
+    crate::fpu::load_for_guest(&ec);
     let next = match &v.hw {
         Hw::Svm(s) => svm::run(&ec, s, c),
         Hw::Vmx(x) => vmx::run(&ec, x, c),

@@ -66,6 +66,9 @@ struct State {
     cr8: u64,
     /// STAR, LSTAR, CSTAR, FMASK, KERNEL_GS_BASE.
     msr: [u64; 5],
+    /// The HOST_CR0 field's value: the host's CR0 at the last entry, so that CR0.TS
+    /// comes back from the exit as it was (see `fpu::load_for_guest`).
+    host_cr0: u64,
 }
 
 /// The VMX part of a vCPU.
@@ -142,6 +145,7 @@ pub fn create(pd: &Pd, g: &SpaceGuest) -> Result<Vcpu, Status> {
             cr2: 0,
             cr8: 0,
             msr: [0; 5],
+            host_cr0: 0,
         }),
     })
 }
@@ -381,6 +385,8 @@ fn init_vmcs(v: &Vcpu) {
     write(f::VMCS_LINK_POINTER, u64::MAX);
 
     use crate::arch::x86::gdt;
+    // Rewritten before the first entry (`State::host_cr0` starts at 0, a value CR0
+    // never has here).
     write(f::HOST_CR0, cr::read_cr0() & !cr::cr0::TS);
     write(f::HOST_CR3, cr::read_cr3());
     write(f::HOST_CR4, cr::read_cr4());
@@ -539,6 +545,13 @@ pub(super) fn run(ec: &Ec, v: &Vcpu, c: &mut Common) -> Next {
         st.flushed = true;
     }
     write(f::HOST_CR3, cr::read_cr3());
+    // The exit restores CR0 from HOST_CR0: with TS as now (a VMM of this guest runs on
+    // its registers with TS set; see `fpu::load_for_guest`).
+    let cr0 = cr::read_cr0();
+    if cr0 != st.host_cr0 {
+        write(f::HOST_CR0, cr0);
+        st.host_cr0 = cr0;
+    }
     if trace() {
         crate::kprintln!(
             "vmentry rip {:#x} rfl {:#x} cr0 {:#x}/{:#x} cr3 {:#x} cr4 {:#x}/{:#x} efer {:#x} cs {:x?} ss {:x?} inj {:#x} intr {:#x} actv {} proc {:#x} exc {:#x} xcr0 {:#x}",
