@@ -173,22 +173,36 @@ pub fn compare(expected: &ExpectedFile, measured: &[(String, Figure)]) -> Verdic
     v
 }
 
+/// (benchmark, figure) pairs of Peregrine's side.
+pub type Measured = Vec<(String, Figure)>;
+
 /// Measures Peregrine's side of `bench ipc` and `bench vmexit` in both configurations:
-/// (benchmark, figure) pairs.
-pub fn measure() -> Result<Vec<(String, Figure)>> {
+/// (benchmark, figure) pairs, and what failed to run (its figures are then missing).
+pub fn measure() -> Result<(Measured, Vec<String>)> {
     let images = crate::build::build(Profile::Release)?;
     let opts = Options::default();
     let mut out = Vec::new();
+    let mut failed = Vec::new();
     for config in CONFIGS {
         let args = opts.peregrine_args(config);
-        for f in crate::bench::peregrine_ipc(&images, "ipc", &args)? {
-            out.push(("ipc".to_string(), f.with_config(config)));
-        }
-        for f in crate::bench_vmexit::peregrine_side(&images, Emulator::Qemu, &args)? {
-            out.push(("vmexit".to_string(), f.with_config(config)));
+        let runs = [
+            ("ipc", crate::bench::peregrine_ipc(&images, "ipc", &args)),
+            (
+                "vmexit",
+                crate::bench_vmexit::peregrine_side(&images, Emulator::Qemu, &args),
+            ),
+        ];
+        for (bench, figures) in runs {
+            match figures {
+                Ok(f) => out.extend(
+                    f.into_iter()
+                        .map(|f| (bench.to_string(), f.with_config(config))),
+                ),
+                Err(e) => failed.push(format!("bench {bench} ({config}): {e:#}")),
+            }
         }
     }
-    Ok(out)
+    Ok((out, failed))
 }
 
 /// The expectation file's path.
@@ -208,14 +222,18 @@ pub fn read_expected() -> Result<ExpectedFile> {
 /// regression or a missing figure.
 pub fn check() -> Result<()> {
     let expected = read_expected()?;
-    let measured = measure()?;
+    let (measured, failed) = measure()?;
+    for f in &failed {
+        println!("FAILED {f}");
+    }
     let v = compare(&expected, &measured);
     print!("{}", v.report());
-    if !v.passed() {
+    if !v.passed() || !failed.is_empty() {
         bail!(
-            "{} figure(s) worse than {EXPECTED}, {} missing",
+            "{} figure(s) worse than {EXPECTED}, {} missing, {} run(s) failed",
             v.worse.len(),
-            v.missing.len()
+            v.missing.len(),
+            failed.len()
         );
     }
     println!(
@@ -283,7 +301,10 @@ pub fn update_readme(readme: &str, e: &ExpectedFile) -> Result<String> {
 /// `cargo xtask bench --update-expected`: measures and rewrites [`EXPECTED`] and the
 /// README's table.
 pub fn update() -> Result<()> {
-    let measured = measure()?;
+    let (measured, failed) = measure()?;
+    if !failed.is_empty() {
+        bail!("not updating {EXPECTED}: {}", failed.join("; "));
+    }
     let e = ExpectedFile::from_measured(&measured);
     if let Ok(old) = read_expected() {
         print!("{}", compare(&old, &measured).report());

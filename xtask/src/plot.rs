@@ -212,7 +212,10 @@ mod tests {
         let svg = std::fs::read_to_string(&path).unwrap();
         assert!(svg.starts_with("<svg"), "{}", &svg[..100.min(svg.len())]);
         assert!(svg.contains("<text") && svg.contains("vmexit_cpuid (on)"));
-        assert!(svg.contains("kvm\n</text>") || svg.contains(">kvm<"), "{svg}");
+        assert!(
+            svg.contains("kvm\n</text>") || svg.contains(">kvm<"),
+            "{svg}"
+        );
         assert!(svg.matches("<rect").count() >= 3, "bars and legend");
         std::fs::remove_dir_all(&dir).unwrap();
     }
