@@ -3,9 +3,11 @@
 //! round trip between two processes and a futex ping-pong between two threads), booted
 //! in the same QEMU mode as Peregrine's benchmark (`-icount shift=0 -smp 1`).
 //!
-//! The kernel is, in this order: `$PEREGRINE_LINUX_KERNEL`, the newest
-//! `/boot/vmlinuz-*`, or the one in Debian's `linux-image-amd64` package, fetched with
-//! `apt-get download` into `<target>/linux/` once and kept there.
+//! The kernel is `$PEREGRINE_LINUX_KERNEL` or the one in Debian's `linux-image-amd64`
+//! package, fetched with `apt-get download` into `<target>/linux/` once and kept there:
+//! the same kernel as the KVM baseline's and the Linux guest's, never the host's `/boot`
+//! kernel (which differs from machine to machine). It runs with its default mitigations
+//! or with `mitigations=off`, as the configuration says.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -142,14 +144,11 @@ pub fn newest_vmlinuz(dir: &Path) -> Option<PathBuf> {
     found.pop()
 }
 
-/// Finds (or fetches) a Debian kernel for the baseline guest.
+/// The baseline guest's kernel: `$PEREGRINE_LINUX_KERNEL` or Debian's package's
+/// ([`debian_kernel`]), the kernel of every Linux baseline.
 pub fn linux_kernel() -> Result<PathBuf> {
     if let Some(k) = std::env::var_os("PEREGRINE_LINUX_KERNEL") {
         return Ok(k.into());
-    }
-    // A host kernel is usually readable only by root; skip it when it is not.
-    if let Some(k) = newest_vmlinuz(Path::new("/boot")).filter(|k| std::fs::File::open(k).is_ok()) {
-        return Ok(k);
     }
     debian_kernel()
 }
@@ -193,15 +192,26 @@ pub fn debian_kernel() -> Result<PathBuf> {
     newest_vmlinuz(&extracted.join("boot")).context("the kernel package has no boot/vmlinuz-*")
 }
 
-/// Boots the Linux baseline guest and returns its `BENCH` figures (mode `qemu-icount`).
-pub fn run() -> Result<Vec<Figure>> {
+/// The baseline guest's kernel command line in `config` (see
+/// [`crate::bench::config_args`]).
+pub fn cmdline(config: &str) -> String {
+    let base = "console=ttyS0 quiet panic=-1 rdinit=/init";
+    match crate::bench::config_args(config) {
+        "" => base.to_string(),
+        extra => format!("{base} {extra}"),
+    }
+}
+
+/// Boots the Linux baseline guest in `config` and returns its kernel's provenance line
+/// and its `BENCH` figures (mode `qemu-icount`, tagged with `config`).
+pub fn run(config: &str) -> Result<(String, Vec<Figure>)> {
     let dir = workspace::out_dir("linux")?;
     let kernel = linux_kernel()?;
     let initramfs = build_initramfs(&dir)?;
     let spec = BootSpec {
         name: "bench-linux-baseline".into(),
-        kernel,
-        kernel_args: "console=ttyS0 quiet panic=-1 rdinit=/init".into(),
+        kernel: kernel.clone(),
+        kernel_args: cmdline(config),
         modules: Vec::new(),
         smp: 1,
         memory_mib: 512,
@@ -217,15 +227,12 @@ pub fn run() -> Result<Vec<Figure>> {
     if !matches!(r.exit, Exit::Other(0) | Exit::Success) || !r.serial.contains("BENCH done") {
         bail!("the Linux baseline did not finish: {}", r.report());
     }
-    Ok(parse_bench_lines(&r.serial, "qemu-icount")
+    let figures = parse_bench_lines(&r.serial, "qemu-icount")
         .into_iter()
         .filter(|f| f.figure != "done")
-        .map(|f| Figure {
-            baseline: f.peregrine,
-            peregrine: None,
-            ..f
-        })
-        .collect())
+        .map(|f| f.with_config(config))
+        .collect();
+    Ok((crate::provenance::linux_kernel(&kernel), figures))
 }
 
 #[cfg(test)]
@@ -244,5 +251,15 @@ mod tests {
         assert_eq!(data.len() % 4, 0);
         assert_eq!(&data[14..22], b"000081ed"); // mode: regular file 0755
         assert!(data.windows(10).any(|w| w == b"TRAILER!!!"));
+    }
+
+    #[test]
+    fn mitigations_off_reaches_the_guest_command_line() {
+        use crate::bench::{MITIGATIONS_OFF, MITIGATIONS_ON};
+        assert_eq!(
+            cmdline(MITIGATIONS_ON),
+            "console=ttyS0 quiet panic=-1 rdinit=/init"
+        );
+        assert!(cmdline(MITIGATIONS_OFF).ends_with(" rdinit=/init mitigations=off"));
     }
 }

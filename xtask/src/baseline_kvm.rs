@@ -44,6 +44,11 @@ pub struct KvmGuest {
     pub name: String,
     /// The emulator's wall-time limit.
     pub timeout: Duration,
+    /// The runner's `--irqchip` settings, one run each in the same boot (empty: one run
+    /// with the runner's default, the user-space irqchip).
+    pub irqchips: Vec<&'static str>,
+    /// The configuration (`mitigations=on|off`) of the Linux kernel the runner runs on.
+    pub config: String,
 }
 
 impl KvmGuest {
@@ -56,12 +61,29 @@ impl KvmGuest {
             runner_timeout_s: 0,
             name: name.to_string(),
             timeout: Duration::from_secs(240),
+            irqchips: Vec::new(),
+            config: String::new(),
         }
     }
 
-    /// The runner's command line in the initramfs.
-    pub fn runner_command(&self) -> String {
+    /// The runs of the runner in the initramfs: (label, command line) per `--irqchip`
+    /// setting, or one run labelled `default`.
+    pub fn runs(&self) -> Vec<(String, String)> {
+        if self.irqchips.is_empty() {
+            return vec![("default".into(), self.runner_command(None))];
+        }
+        self.irqchips
+            .iter()
+            .map(|i| (format!("irqchip={i}"), self.runner_command(Some(i))))
+            .collect()
+    }
+
+    /// The runner's command line in the initramfs, with `--irqchip irqchip` if given.
+    pub fn runner_command(&self, irqchip: Option<&str>) -> String {
         let mut c = format!("/{RUNNER} --mode {} --cpus {}", self.mode, self.cpus);
+        if let Some(i) = irqchip {
+            let _ = write!(c, " --irqchip {i}");
+        }
         if self.seed != 0 {
             let _ = write!(c, " --seed {}", self.seed);
         }
@@ -77,8 +99,31 @@ impl KvmGuest {
 pub struct KvmRun {
     /// The emulator run (serial log: kernel, `/init` and runner lines).
     pub run: RunResult,
-    /// The runner's exit status (`KVMRUN status N`), if it got that far.
+    /// The runner's exit status (`KVMRUN status N`; the first non-zero one of several
+    /// runs), if every run got that far.
     pub status: Option<i32>,
+    /// The kernel's provenance line.
+    pub kernel: String,
+}
+
+/// What `/init` prints before each run of the runner: `KVMRUN config <label>`.
+pub const CONFIG_MARK: &str = "KVMRUN config ";
+
+/// The serial log cut into the runner's runs: (label, that run's lines).
+pub fn sections(serial: &str) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = Vec::new();
+    for line in serial.lines() {
+        if let Some(at) = line.find(CONFIG_MARK) {
+            out.push((
+                line[at + CONFIG_MARK.len()..].trim().to_string(),
+                String::new(),
+            ));
+        } else if let Some((_, text)) = out.last_mut() {
+            text.push_str(line);
+            text.push('\n');
+        }
+    }
+    out
 }
 
 /// Builds `kvm-runner` statically for the host and returns its path.
@@ -180,8 +225,9 @@ pub fn module_closure(modules_dir: &Path, wanted: &[&str]) -> Result<Vec<(String
 }
 
 /// The initramfs `/init`: mount, load the KVM modules of the CPU's vendor (`vendors`:
-/// CPU flag and module file names in load order), run the runner, power off.
-pub fn init_script(vendors: &[(&str, Vec<String>)], runner: &str) -> String {
+/// CPU flag and module file names in load order), run the runner once per `runs` entry
+/// ((label, command): `KVMRUN config <label>` before, `KVMRUN status N` after), power off.
+pub fn init_script(vendors: &[(&str, Vec<String>)], runs: &[(String, String)]) -> String {
     let mut s = String::from(
         "#!/bin/sh\n\
          B=/bin/busybox\n\
@@ -197,16 +243,28 @@ pub fn init_script(vendors: &[(&str, Vec<String>)], runner: &str) -> String {
         }
     }
     s += "fi\n[ -e /dev/kvm ] || $B mknod /dev/kvm c 10 232\n";
-    let _ = writeln!(s, "echo KVMRUN start\n{runner}\necho \"KVMRUN status $?\"");
+    s += "echo KVMRUN start\n";
+    for (label, runner) in runs {
+        let _ = writeln!(
+            s,
+            "echo \"{CONFIG_MARK}{label}\"\n{runner}\necho \"KVMRUN status $?\""
+        );
+    }
     let _ = writeln!(s, "/{RUNNER} --bochs-shutdown");
     s + "$B poweroff -f\n"
 }
 
-/// Parses `KVMRUN status N` from the serial log.
-pub fn runner_status(serial: &str) -> Option<i32> {
-    serial
+/// Parses the `KVMRUN status N` lines of the serial log: the first non-zero status, or 0,
+/// when there are `runs` of them; `None` when a run did not end.
+pub fn runner_status(serial: &str, runs: usize) -> Option<i32> {
+    let all: Vec<i32> = serial
         .lines()
-        .find_map(|l| l.trim().strip_prefix("KVMRUN status ")?.trim().parse().ok())
+        .filter_map(|l| l.trim().strip_prefix("KVMRUN status ")?.trim().parse().ok())
+        .collect();
+    if all.len() < runs.max(1) {
+        return None;
+    }
+    Some(all.iter().copied().find(|&s| s != 0).unwrap_or(0))
 }
 
 /// The kernel and its modules directory for the KVM side: `$PEREGRINE_LINUX_KERNEL`
@@ -272,7 +330,7 @@ fn build_initramfs(
     cpio.file(
         "init",
         0o755,
-        init_script(&vendors, &guest.runner_command()).as_bytes(),
+        init_script(&vendors, &guest.runs()).as_bytes(),
     );
     cpio.file(RUNNER, 0o755, &std::fs::read(runner)?);
     cpio.file(
@@ -295,8 +353,8 @@ pub fn run_kvm_guest(images: &Images, guest: &KvmGuest, emulator: Emulator) -> R
     let initramfs = build_initramfs(&dir, &modules_dir, &runner, &images.guest_test(), guest)?;
     let mut spec = BootSpec {
         name: guest.name.clone(),
-        kernel,
-        kernel_args: "console=ttyS0 quiet panic=-1 rdinit=/init".into(),
+        kernel: kernel.clone(),
+        kernel_args: baseline::cmdline(&guest.config),
         modules: Vec::new(),
         smp: 1,
         memory_mib: 512,
@@ -313,8 +371,12 @@ pub fn run_kvm_guest(images: &Images, guest: &KvmGuest, emulator: Emulator) -> R
         spec.modules = vec![(initramfs, String::new())];
     }
     let run = crate::boot::run(emulator, &spec)?;
-    let status = runner_status(&run.serial);
-    Ok(KvmRun { run, status })
+    let status = runner_status(&run.serial, guest.runs().len());
+    Ok(KvmRun {
+        run,
+        status,
+        kernel: crate::provenance::linux_kernel(&kernel),
+    })
 }
 
 /// Whether the KVM side can run here: the reason when it cannot (no kernel package,
@@ -368,12 +430,16 @@ mod tests {
                 ("svm", vec!["kvm".into(), "kvm_amd".into()]),
                 ("vmx", vec!["kvm".into(), "kvm_intel".into()]),
             ],
-            "/kvm-runner --mode check --cpus 2 /guest-test",
+            &[(
+                "default".into(),
+                "/kvm-runner --mode check --cpus 2 /guest-test".into(),
+            )],
         );
         assert!(s.starts_with("#!/bin/sh\n"));
         assert!(s.contains("if $B grep -qw svm /proc/cpuinfo; then\n  $B insmod /lib/kvm/kvm.ko\n  $B insmod /lib/kvm/kvm_amd.ko\nelif"));
         assert!(s.contains(
-            "\n/kvm-runner --mode check --cpus 2 /guest-test\necho \"KVMRUN status $?\"\n"
+            "echo \"KVMRUN config default\"\n/kvm-runner --mode check --cpus 2 /guest-test\n\
+             echo \"KVMRUN status $?\"\n"
         ));
         assert!(s.ends_with("poweroff -f\n"));
         let g = KvmGuest {
@@ -382,18 +448,48 @@ mod tests {
             ..KvmGuest::new("x", "hostile")
         };
         assert_eq!(
-            g.runner_command(),
+            g.runner_command(None),
             "/kvm-runner --mode hostile --cpus 1 --seed 7 --timeout 30 /guest-test"
         );
+        assert_eq!(g.runs().len(), 1);
+        let b = KvmGuest {
+            irqchips: vec!["kernel", "user"],
+            ..KvmGuest::new("b", "bench")
+        };
+        let runs = b.runs();
+        assert_eq!(runs[0].0, "irqchip=kernel");
+        assert_eq!(
+            runs[0].1,
+            "/kvm-runner --mode bench --cpus 1 --irqchip kernel /guest-test"
+        );
+        assert_eq!(runs[1].0, "irqchip=user");
+    }
+
+    #[test]
+    fn the_log_is_cut_into_runs() {
+        let log = "boot\nKVMRUN config irqchip=kernel\r\nBENCH a 1\nKVMRUN status 0\n\
+                   KVMRUN config irqchip=user\nBENCH a 2\n";
+        let s = sections(log);
+        assert_eq!(s.len(), 2);
+        assert_eq!(s[0].0, "irqchip=kernel");
+        assert!(s[0].1.contains("BENCH a 1") && !s[0].1.contains("BENCH a 2"));
+        assert_eq!(s[1].1, "BENCH a 2\n");
     }
 
     #[test]
     fn runner_status_is_parsed() {
         assert_eq!(
-            runner_status("a\nKVMRUN start\nKVMRUN status 0\r\n"),
+            runner_status("a\nKVMRUN start\nKVMRUN status 0\r\n", 1),
             Some(0)
         );
-        assert_eq!(runner_status("KVMRUN status 126\n"), Some(126));
-        assert_eq!(runner_status("KVMRUN start\n"), None);
+        assert_eq!(runner_status("KVMRUN status 126\n", 1), Some(126));
+        assert_eq!(runner_status("KVMRUN start\n", 1), None);
+        let two = "KVMRUN status 0\nKVMRUN status 3\n";
+        assert_eq!(runner_status(two, 2), Some(3));
+        assert_eq!(
+            runner_status("KVMRUN status 0\n", 2),
+            None,
+            "one run missing"
+        );
     }
 }

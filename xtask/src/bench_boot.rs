@@ -23,6 +23,10 @@
 //! load average before the run (`loadavg_1m`). `target/bench/boot.json` has the shape of
 //! `ipc.json`: the `baseline` of `<figure>` is QEMU direct, that of `<figure>_kvm` the
 //! KVM side.
+//!
+//! Every side's spec forbids KVM on this machine ([`side_specs`]; a host test holds them
+//! to one mode), so a machine with a working `/dev/kvm` does not run one side at native
+//! speed beside two emulated ones; the JSON's provenance and each figure say the mode.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -37,7 +41,7 @@ use crate::baseline::Cpio;
 use crate::baseline_kvm::{kvm_kernel, module_closure};
 use crate::bench::Figure;
 use crate::boot::{BootSpec, Output, RunResult};
-use crate::build::Profile;
+use crate::build::{Images, Profile};
 use crate::deps::{self, Tool};
 use crate::linux::{self, Guest, MARKER};
 use crate::workspace;
@@ -127,7 +131,14 @@ pub fn figures(peregrine: &Side, direct: &Side, kvm: &Side) -> Vec<Figure> {
                 unit: unit.to_string(),
                 mode: MODE.to_string(),
                 peregrine: peregrine.value(name),
+                baseline_name: if suffix.is_empty() {
+                    "qemu-direct"
+                } else {
+                    "kvm-l1"
+                }
+                .to_string(),
                 baseline: base.value(name),
+                ..Figure::default()
             });
         }
     }
@@ -235,18 +246,36 @@ fn check(name: &str, r: &RunResult, side: &Side) -> Result<()> {
     Ok(())
 }
 
+/// The Peregrine side's spec: the root task and `nul-vmm mode=linux` booting `guest`,
+/// in software emulation like the other sides (`BootSpec::new` would allow KVM).
+pub fn peregrine_spec(images: &Images, guest: &Guest) -> BootSpec {
+    let mut spec = BootSpec::new("bench-boot-peregrine", images)
+        .smp(1)
+        .timeout(Duration::from_secs(600));
+    spec.allow_kvm = false;
+    linux::with_vmm(spec, images.vmm(), guest, 1, TESTS, "")
+}
+
 /// The Peregrine side: the root task and `nul-vmm mode=linux` booting `guest`.
 pub fn peregrine_side(guest: &Guest) -> Result<SideRun> {
     let images = crate::build::build(Profile::Release)?;
-    let spec = BootSpec::new("bench-boot-peregrine", &images)
-        .smp(1)
-        .timeout(Duration::from_secs(600));
-    let spec = linux::with_vmm(spec, images.vmm(), guest, 1, TESTS, "");
+    let spec = peregrine_spec(&images, guest);
     let load = loadavg();
     let (run, seen) = run_watched(&spec, &[MARKER])?;
     let side = Side::from_serial(&run.serial, seen[0], load);
     check("Peregrine", &run, &side)?;
     Ok(SideRun { side, run })
+}
+
+/// The QEMU-direct side's run: one vCPU, the read test.
+fn direct_run() -> linux::Run {
+    linux::Run {
+        name: "bench-boot-direct".into(),
+        smp: 1,
+        tests: TESTS.into(),
+        interactive: false,
+        timeout: Duration::from_secs(300),
+    }
 }
 
 /// The spec [`linux::boot_qemu`] boots (q35, `-cpu EPYC`, 256 MiB, the disk as a
@@ -281,14 +310,7 @@ pub fn direct_spec(guest: &Guest, run: &linux::Run) -> BootSpec {
 
 /// The QEMU direct side: `guest` booted by QEMU itself.
 pub fn direct_side(guest: &Guest) -> Result<SideRun> {
-    let run = linux::Run {
-        name: "bench-boot-direct".into(),
-        smp: 1,
-        tests: TESTS.into(),
-        interactive: false,
-        timeout: Duration::from_secs(300),
-    };
-    let spec = direct_spec(guest, &run);
+    let spec = direct_spec(guest, &direct_run());
     let load = loadavg();
     let (run, seen) = run_watched(&spec, &[MARKER])?;
     let side = Side::from_serial(&run.serial, seen[0], load);
@@ -423,12 +445,10 @@ fn l1_initramfs(guest: &Guest) -> Result<PathBuf> {
     Ok(path)
 }
 
-/// The KVM side: Debian's kernel with `kvm_amd` in QEMU (`-cpu EPYC`, no `-icount`)
-/// running the guest under `qemu-system-x86_64 -accel kvm`.
-pub fn kvm_side(guest: &Guest) -> Result<SideRun> {
-    let (kernel, _) = kvm_kernel()?;
-    let initramfs = l1_initramfs(guest)?;
-    let spec = BootSpec {
+/// The KVM side's spec: Debian's `kernel` in QEMU (software emulation) with the L1
+/// `initramfs`.
+pub fn kvm_spec(kernel: PathBuf, initramfs: &Path) -> BootSpec {
+    BootSpec {
         name: "bench-boot-kvm".into(),
         kernel,
         kernel_args: "console=ttyS0 quiet panic=-1 rdinit=/init".into(),
@@ -441,7 +461,42 @@ pub fn kvm_side(guest: &Guest) -> Result<SideRun> {
         timeout: Duration::from_secs(600),
         extra_qemu_args: vec!["-initrd".into(), initramfs.to_string_lossy().into_owned()],
         output: Output::Capture,
-    };
+    }
+}
+
+/// The specs of the three sides, in [`SIDES`] order (the KVM side's with `kvm_kernel`
+/// and `l1_initramfs`).
+pub fn side_specs(
+    images: &Images,
+    guest: &Guest,
+    kvm_kernel: PathBuf,
+    l1_initramfs: &Path,
+) -> [BootSpec; 3] {
+    [
+        peregrine_spec(images, guest),
+        direct_spec(guest, &direct_run()),
+        kvm_spec(kvm_kernel, l1_initramfs),
+    ]
+}
+
+/// The mode a spec runs in here: `qemu-icount`, `qemu-kvm` (when it may use KVM and
+/// this machine has it) or `qemu-tcg`.
+pub fn spec_mode(spec: &BootSpec) -> &'static str {
+    if spec.icount {
+        "qemu-icount"
+    } else if crate::qemu::uses_kvm(spec) {
+        "qemu-kvm"
+    } else {
+        "qemu-tcg"
+    }
+}
+
+/// The KVM side: Debian's kernel with `kvm_amd` in QEMU (`-cpu EPYC`, no `-icount`)
+/// running the guest under `qemu-system-x86_64 -accel kvm`.
+pub fn kvm_side(guest: &Guest) -> Result<SideRun> {
+    let (kernel, _) = kvm_kernel()?;
+    let initramfs = l1_initramfs(guest)?;
+    let spec = kvm_spec(kernel, &initramfs);
     let load = loadavg();
     let (run, seen) = run_watched(&spec, &[VMM_START, MARKER])?;
     let wall = match (seen[0], seen[1]) {
@@ -527,12 +582,21 @@ pub fn bench(only: Option<&str>, runs: u32) -> Result<Vec<Figure>> {
     }
     let sides: Vec<Side> = results.iter().map(|r| median_side(r)).collect();
     let figures = figures(&sides[0], &sides[1], &sides[2]);
+    let kernels = kvm_kernel()
+        .map(|(k, _)| vec![crate::provenance::linux_kernel(&k)])
+        .unwrap_or_default();
+    let report = crate::bench::Report {
+        provenance: crate::provenance::Provenance::now(MODE, kernels),
+        figures: figures.clone(),
+    };
     let path = workspace::out_dir("bench")?.join("boot.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&figures)? + "\n")
+    std::fs::write(&path, serde_json::to_string_pretty(&report)? + "\n")
         .with_context(|| format!("writing {}", path.display()))?;
+    let svg = path.with_extension("svg");
+    crate::plot::write_svg(&svg, "bench boot", &report)?;
     println!("medians of {runs} run(s) per side:");
     print!("{}", table(&figures));
-    println!("wrote {}", path.display());
+    println!("wrote {} and {}", path.display(), svg.display());
     if !failed.is_empty() {
         bail!("bench boot: failed: {}", failed.join(", "));
     }
@@ -583,8 +647,8 @@ mod tests {
         assert_eq!(json[1]["figure"], "boot_marker_s_kvm");
         assert_eq!(json[5]["figure"], "read_ms_kvm");
         assert_eq!(json[5]["baseline"], serde_json::Value::Null);
-        let keys: Vec<&String> = json[0].as_object().unwrap().keys().collect();
-        assert_eq!(keys.len(), 5, "{keys:?}");
+        assert_eq!(json[0]["baseline_name"], "qemu-direct");
+        assert_eq!(json[1]["baseline_name"], "kvm-l1");
         let t = table(&f);
         let lines: Vec<&str> = t.lines().collect();
         assert_eq!(lines.len(), 1 + FIGURES.len(), "{t}");
@@ -599,6 +663,41 @@ mod tests {
             "{t}"
         );
         assert!(lines[3].contains(" - "), "no KVM read: {t}");
+    }
+
+    #[test]
+    fn every_side_runs_in_the_same_mode() {
+        let images = Images {
+            dir: PathBuf::from("/img"),
+        };
+        let guest = Guest {
+            kernel: "/g/bzImage".into(),
+            initramfs: "/g/initramfs.cpio".into(),
+            disk: "/g/disk.img".into(),
+            disk_md5: String::new(),
+        };
+        let specs = side_specs(
+            &images,
+            &guest,
+            "/k/vmlinuz".into(),
+            Path::new("/k/l1.cpio"),
+        );
+        for s in &specs {
+            assert!(!s.allow_kvm, "{} may use KVM", s.name);
+            assert!(!s.icount, "{}", s.name);
+            assert_eq!(s.cpu_model, None, "{}: -cpu EPYC", s.name);
+            assert_eq!(s.smp, 1, "{}", s.name);
+            assert_eq!(spec_mode(s), MODE, "{}", s.name);
+        }
+        // A spec that allowed KVM would say so on a machine that has it.
+        let mut k = specs[0].clone();
+        k.allow_kvm = true;
+        let expected = if crate::kvm::usable().is_some() {
+            "qemu-kvm"
+        } else {
+            MODE
+        };
+        assert_eq!(spec_mode(&k), expected);
     }
 
     #[test]

@@ -12,7 +12,7 @@
 
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 
 use crate::baseline_kvm::{run_kvm_guest, KvmGuest};
 use crate::bench::{parse_bench_lines, Figure};
@@ -93,11 +93,25 @@ pub fn peregrine_side(
     Ok(figures)
 }
 
-/// Runs the KVM side of the benchmark and returns its figures (as baselines).
-pub fn kvm_side(images: &Images, emulator: Emulator) -> Result<Vec<Figure>> {
+/// The KVM side's baselines: `kvm` with KVM's in-kernel irqchip (`KVM_CREATE_IRQCHIP`,
+/// as every real KVM VMM runs), `kvm-user-irqchip` without one (`hlt` goes to the
+/// runner, which injects the wake-up itself).
+pub const KVM_SIDES: [(&str, &str); 2] = [("kernel", "kvm"), ("user", "kvm-user-irqchip")];
+
+/// Runs the KVM side of the benchmark in `config` (one Linux boot, the runner once per
+/// irqchip set-up) and returns the kernel's provenance line and the figures (as
+/// baselines named as in [`KVM_SIDES`]).
+pub fn kvm_side(
+    images: &Images,
+    emulator: Emulator,
+    config: &str,
+) -> Result<(String, Vec<Figure>)> {
     let mut guest = KvmGuest::new("bench-vmexit-kvm", "bench");
+    guest.irqchips = KVM_SIDES.iter().map(|(i, _)| *i).collect();
+    guest.config = config.to_string();
+    guest.runner_timeout_s = 600;
     if emulator == Emulator::Bochs {
-        guest.timeout = Duration::from_secs(900);
+        guest.timeout = Duration::from_secs(1200);
     }
     let r = run_kvm_guest(images, &guest, emulator)?;
     if r.status != Some(0) {
@@ -107,18 +121,31 @@ pub fn kvm_side(images: &Images, emulator: Emulator) -> Result<Vec<Figure>> {
             r.run.report()
         );
     }
-    Ok(parse_bench_lines(&r.run.serial, mode(emulator))
-        .into_iter()
-        .filter(|f| f.figure.starts_with("vmexit_"))
-        .map(|f| Figure {
-            baseline: f.peregrine,
-            peregrine: None,
-            ..f
-        })
-        .collect())
+    Ok((r.kernel, kvm_figures(&r.run.serial, mode(emulator), config)))
 }
 
-/// One entry per figure: Peregrine's value with KVM's of the same figure, mode and unit.
+/// The KVM side's figures of a serial log cut by [`crate::baseline_kvm::sections`].
+pub fn kvm_figures(serial: &str, mode: &str, config: &str) -> Vec<Figure> {
+    let mut out = Vec::new();
+    for (label, text) in crate::baseline_kvm::sections(serial) {
+        let Some((_, name)) = KVM_SIDES
+            .iter()
+            .find(|(i, _)| label == format!("irqchip={i}"))
+        else {
+            continue;
+        };
+        out.extend(
+            parse_bench_lines(&text, mode)
+                .into_iter()
+                .filter(|f| f.figure.starts_with("vmexit_"))
+                .map(|f| f.with_config(config).into_baseline(name)),
+        );
+    }
+    out
+}
+
+/// The rows of one configuration: per figure (in [`FIGURES`] order, then any other),
+/// Peregrine's value beside each KVM set-up's of the same mode and unit, or alone.
 pub fn merge(peregrine: &[Figure], kvm: &[Figure]) -> Vec<Figure> {
     let mut names: Vec<&str> = FIGURES.to_vec();
     for f in peregrine.iter().chain(kvm) {
@@ -129,46 +156,93 @@ pub fn merge(peregrine: &[Figure], kvm: &[Figure]) -> Vec<Figure> {
     let mut out = Vec::new();
     for name in names {
         let p = peregrine.iter().find(|f| f.figure == name);
-        let k = kvm.iter().find(|f| f.figure == name);
-        let Some(first) = p.or(k) else { continue };
-        out.push(Figure {
+        let bases: Vec<&Figure> = kvm.iter().filter(|f| f.figure == name).collect();
+        let Some(first) = p.or(bases.first().copied()) else {
+            continue;
+        };
+        let own = Figure {
             figure: name.to_string(),
             unit: first.unit.clone(),
             mode: first.mode.clone(),
+            config: first.config.clone(),
             peregrine: p.and_then(|f| f.peregrine),
-            baseline: k
-                .filter(|k| k.mode == first.mode && k.unit == first.unit)
-                .and_then(|f| f.baseline),
-        });
+            median: p.and_then(|f| f.median),
+            p99: p.and_then(|f| f.p99),
+            ..Figure::default()
+        };
+        let matching: Vec<&&Figure> = bases
+            .iter()
+            .filter(|k| k.mode == own.mode && k.unit == own.unit)
+            .collect();
+        if matching.is_empty() {
+            out.push(own);
+            continue;
+        }
+        for k in matching {
+            out.push(Figure {
+                baseline_name: k.baseline_name.clone(),
+                baseline: k.baseline,
+                baseline_median: k.baseline_median,
+                baseline_p99: k.baseline_p99,
+                ..own.clone()
+            });
+        }
     }
     out
 }
 
-/// `cargo xtask bench vmexit [--emulator bochs]`: both sides in `emulator` (the KVM side
-/// unless `opts` leaves the baseline out; Peregrine's with `opts.kernel_args`), the
-/// table, and `<target>/bench/vmexit.json`, where this mode's entries replace those of
-/// an earlier run in the same mode (entries of other modes stay).
+/// `cargo xtask bench vmexit [--emulator bochs]`: both sides in `emulator` in each of
+/// `opts.configs` (the KVM side unless `opts` leaves the baseline out; Peregrine's with
+/// `opts.kernel_args` too), the table, and `<target>/bench/vmexit.json` (with its chart),
+/// where this mode's entries replace those of an earlier run in the same mode (entries
+/// of other modes stay).
 pub fn bench(emulator: Emulator, opts: &crate::bench::Options) -> Result<Vec<Figure>> {
     let images = crate::build::build(Profile::Release)?;
-    let peregrine = peregrine_side(&images, emulator, &opts.kernel_args);
-    let kvm = if opts.baseline {
-        kvm_side(&images, emulator)
-    } else {
-        Ok(Vec::new())
-    };
-    let figures = merge(
-        peregrine.as_ref().map(Vec::as_slice).unwrap_or_default(),
-        kvm.as_ref().map(Vec::as_slice).unwrap_or_default(),
-    );
+    let mut figures = Vec::new();
+    let mut kernels = Vec::new();
+    let mut failed = Vec::new();
+    for config in &opts.configs {
+        let peregrine = peregrine_side(&images, emulator, &opts.peregrine_args(config))
+            .map(|f| {
+                f.into_iter()
+                    .map(|f| f.with_config(config))
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_else(|e| {
+                failed.push(format!("Peregrine ({config}): {e:#}"));
+                Vec::new()
+            });
+        let kvm = if opts.baseline {
+            match kvm_side(&images, emulator, config) {
+                Ok((kernel, f)) => {
+                    kernels.push(kernel);
+                    f
+                }
+                Err(e) => {
+                    failed.push(format!("the KVM baseline ({config}): {e:#}"));
+                    Vec::new()
+                }
+            }
+        } else {
+            Vec::new()
+        };
+        figures.extend(merge(&peregrine, &kvm));
+    }
+    kernels.dedup();
     let path = workspace::out_dir("bench")?.join("vmexit.json");
-    let earlier: Vec<Figure> = std::fs::read(&path)
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .unwrap_or_default();
+    let earlier = crate::bench::read_report(&path).map_or(Vec::new(), |r| r.figures);
     let all = replace_mode(earlier, &figures, mode(emulator));
-    crate::bench::write_results("vmexit", &all, "kvm")?;
-    peregrine.context("the Peregrine side of the benchmark failed")?;
-    kvm.context("the KVM baseline failed")?;
+    let provenance = crate::provenance::Provenance::now(mode(emulator), kernels);
+    crate::bench::write_results(
+        "vmexit",
+        &crate::bench::Report {
+            provenance,
+            figures: all,
+        },
+    )?;
+    if !failed.is_empty() {
+        bail!("bench vmexit: failed: {}", failed.join("; "));
+    }
     Ok(figures)
 }
 
@@ -197,29 +271,44 @@ mod tests {
 
     #[test]
     fn merge_pairs_figures_in_order() {
-        let p = parse_bench_lines(
+        let p: Vec<Figure> = parse_bench_lines(
             "BENCH vmexit_hlt 9000 tsc-ticks\nBENCH vmexit_cpuid 3000 tsc-ticks\n",
-            MODE_QEMU,
-        );
-        let k: Vec<Figure> = parse_bench_lines(
-            "BENCH vmexit_cpuid 2810 tsc-ticks\nBENCH vmexit_pio_out 3365 tsc-ticks\n",
             MODE_QEMU,
         )
         .into_iter()
-        .map(|f| Figure {
-            baseline: f.peregrine,
-            peregrine: None,
-            ..f
-        })
+        .map(|f| f.with_config("mitigations=on"))
         .collect();
+        let log = "KVMRUN config irqchip=kernel\nBENCH vmexit_cpuid 2810 tsc-ticks\n\
+                   bench: vmexit_cpuid min 2810 median 2900 p99 3000\n\
+                   BENCH vmexit_pio_out 3365 tsc-ticks\nKVMRUN status 0\n\
+                   KVMRUN config irqchip=user\nBENCH vmexit_cpuid 2811 tsc-ticks\n";
+        let k = kvm_figures(log, MODE_QEMU, "mitigations=on");
+        assert_eq!(k.len(), 3);
+        assert_eq!(k[0].baseline_name, "kvm");
+        assert_eq!(k[0].baseline_median, Some(2900.0));
+        assert_eq!(k[2].baseline_name, "kvm-user-irqchip");
         let m = merge(&p, &k);
-        let names: Vec<&str> = m.iter().map(|f| f.figure.as_str()).collect();
-        assert_eq!(names, ["vmexit_cpuid", "vmexit_pio_out", "vmexit_hlt"]);
+        let names: Vec<(&str, &str)> = m
+            .iter()
+            .map(|f| (f.figure.as_str(), f.baseline_name.as_str()))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                ("vmexit_cpuid", "kvm"),
+                ("vmexit_cpuid", "kvm-user-irqchip"),
+                ("vmexit_pio_out", "kvm"),
+                ("vmexit_hlt", "")
+            ]
+        );
         assert_eq!(m[0].peregrine, Some(3000.0));
         assert_eq!(m[0].baseline, Some(2810.0));
+        assert_eq!(m[1].peregrine, Some(3000.0));
+        assert_eq!(m[1].baseline, Some(2811.0));
         assert_eq!(m[0].unit, "instructions");
-        assert_eq!(m[1].peregrine, None);
-        assert_eq!(m[1].baseline, Some(3365.0));
-        assert_eq!(m[2].baseline, None);
+        assert_eq!(m[0].config, "mitigations=on");
+        assert_eq!(m[2].peregrine, None);
+        assert_eq!(m[2].baseline, Some(3365.0));
+        assert_eq!(m[3].baseline, None);
     }
 }

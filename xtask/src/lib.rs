@@ -15,7 +15,9 @@
 //! - [`bench`]: `cargo xtask bench`; [`bench_vmexit`]: its VM-exit benchmark with the
 //!   KVM baseline ([`baseline_kvm`]: Linux + KVM in QEMU or Bochs running
 //!   `guests/kvm-runner`); [`bench_boot`]: the Linux boot and disk read on Peregrine,
-//!   directly in QEMU and under KVM as the L1 hypervisor.
+//!   directly in QEMU and under KVM as the L1 hypervisor; [`sel4`]: seL4 beside `bench
+//!   ipc`; [`provenance`] and [`plot`]: every bench JSON's provenance block and chart;
+//!   [`gate`]: the regression gate on `bench/expected.json`.
 
 pub mod baseline;
 pub mod baseline_kvm;
@@ -27,11 +29,15 @@ pub mod boot;
 pub mod build;
 pub mod deps;
 pub mod fuzz;
+pub mod gate;
 pub mod kvm;
 pub mod linux;
 pub mod multiboot;
+pub mod plot;
 pub mod process;
+pub mod provenance;
 pub mod qemu;
+pub mod sel4;
 pub mod suite;
 pub mod testimage;
 pub mod workspace;

@@ -47,16 +47,27 @@ commands:
   fuzz [--secs N] [TARGET..] build the VMM's fuzz targets (libFuzzer, stable toolchain)
                              and run each N seconds (default 60): emulator, virtqueue,
                              bzimage, devices
-  bench ipc [--kernel-args ARGS] [--no-baseline]
-                             IPC round-trip instruction counts under QEMU -icount;
-                             writes <target>/bench/ipc.json
-  bench vmexit [--emulator bochs] [--kernel-args ARGS] [--no-baseline]
+  bench ipc [--sel4 DIR] [--mitigations on|off|both] [--kernel-args ARGS] [--no-baseline]
+                             IPC round-trip instruction counts under QEMU -icount,
+                             beside Linux's pipe/futex ping-pong (Debian's kernel) and,
+                             with --sel4, seL4's sel4bench images from DIR (its
+                             mitigation-on/ and mitigation-off/ builds; without them a
+                             row says so); writes <target>/bench/ipc.json and ipc.svg
+  bench vmexit [--emulator bochs] [--mitigations …] [--kernel-args ARGS] [--no-baseline]
                              VM-exit round trips, Peregrine and Linux/KVM (kvm-runner
-                             with guests/test) under QEMU -cpu EPYC -icount (SVM), or
+                             with guests/test, with KVM's in-kernel irqchip and with a
+                             user-space one) under QEMU -cpu EPYC -icount (SVM), or
                              in Bochs corei7_skylake_x (VMX, minutes);
-                             writes <target>/bench/vmexit.json
-      --kernel-args ARGS     Peregrine's kernel command line, e.g. mitigations=off
+                             writes <target>/bench/vmexit.json and vmexit.svg
+      --mitigations M        on, off or both (default both): every side with its
+                             mitigations on and with mitigations=off on its kernel
+                             command line; each row says which
+      --kernel-args ARGS     more of Peregrine's kernel command line
       --no-baseline          Peregrine's side only
+  bench gate                 the regression gate alone (also part of `test`): Peregrine's
+                             side of ipc and vmexit against bench/expected.json
+  bench --update-expected    measure it and rewrite bench/expected.json and the README's
+                             table of its figures
   bench boot [--runs N] [--only SIDE]
                              Linux boot to the init marker and a virtio-blk read, on
                              Peregrine, directly in QEMU and under Linux/KVM in QEMU
@@ -243,6 +254,17 @@ fn test(mut args: Args) -> Result<ExitCode> {
 
 fn bench(mut args: Args) -> Result<ExitCode> {
     let name = args.0.next().unwrap_or_else(|| "ipc".to_string());
+    match name.as_str() {
+        "--update-expected" => {
+            xtask::gate::update()?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        "gate" => {
+            xtask::gate::check()?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        _ => {}
+    }
     let mut emulator = Emulator::Qemu;
     let mut only = None;
     let mut runs = xtask::bench_boot::RUNS;
@@ -252,6 +274,19 @@ fn bench(mut args: Args) -> Result<ExitCode> {
             "--emulator" if name == "vmexit" => emulator = args.value(&a)?.parse()?,
             "--only" if name == "boot" => only = Some(args.value(&a)?),
             "--runs" if name == "boot" => runs = args.number(&a)?,
+            "--sel4" if name == "ipc" => opts.sel4 = Some(args.value(&a)?.into()),
+            "--mitigations" if name != "boot" => {
+                let (on, off) = (
+                    xtask::bench::MITIGATIONS_ON.to_string(),
+                    xtask::bench::MITIGATIONS_OFF.to_string(),
+                );
+                opts.configs = match args.value(&a)?.as_str() {
+                    "on" => vec![on],
+                    "off" => vec![off],
+                    "both" => vec![on, off],
+                    m => bail!("bench: --mitigations on, off or both, not {m:?}"),
+                }
+            }
             "--kernel-args" if name != "boot" => opts.kernel_args = args.value(&a)?,
             "--no-baseline" if name != "boot" => opts.baseline = false,
             _ => bail!("bench: unexpected argument {a:?}\n{USAGE}"),

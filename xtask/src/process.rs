@@ -18,16 +18,34 @@ pub enum Ended {
 /// SIGTERM (QEMU then restores the terminal and exits cleanly) and, two seconds later,
 /// SIGKILL. Returns how it ended and the wall time it ran.
 pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> Result<(Ended, Duration)> {
+    let (ended, wall) = run_until(cmd, timeout, || false)?;
+    Ok((ended.unwrap_or(Ended::TimedOut), wall))
+}
+
+/// [`run_with_timeout`] that also ends the process (the same way) as soon as `stop`
+/// returns true, polled every 10 ms: then how it ended is `None`.
+pub fn run_until(
+    cmd: &mut Command,
+    timeout: Duration,
+    mut stop: impl FnMut() -> bool,
+) -> Result<(Option<Ended>, Duration)> {
     let start = Instant::now();
     let mut child = cmd
         .spawn()
         .with_context(|| format!("starting {}", crate::workspace::describe(cmd)))?;
-    if let Some(status) = wait_until(&mut child, start + timeout)? {
-        return Ok((Ended::Exited(status), start.elapsed()));
+    let deadline = start + timeout;
+    loop {
+        let step = (Instant::now() + Duration::from_millis(100)).min(deadline);
+        if let Some(status) = wait_until(&mut child, step)? {
+            return Ok((Some(Ended::Exited(status)), start.elapsed()));
+        }
+        let stopped = stop();
+        if stopped || Instant::now() >= deadline {
+            let wall = start.elapsed();
+            terminate(&mut child)?;
+            return Ok(((!stopped).then_some(Ended::TimedOut), wall));
+        }
     }
-    let wall = start.elapsed();
-    terminate(&mut child)?;
-    Ok((Ended::TimedOut, wall))
 }
 
 /// Waits for `child` until `deadline`; `None` if it is still running then.

@@ -7,7 +7,7 @@ use std::process::{Command, Stdio};
 use anyhow::{Context, Result};
 
 use crate::boot::{BootSpec, Exit, Output, RunResult};
-use crate::process::{run_with_timeout, Ended};
+use crate::process::{run_until, Ended};
 use crate::{deps, kvm, workspace};
 
 /// The QEMU binary.
@@ -109,6 +109,12 @@ pub fn exit_from_status(code: Option<i32>) -> Exit {
 
 /// Boots `spec` in QEMU and waits for it to end, at most `spec.timeout`.
 pub fn run_qemu(spec: &BootSpec) -> Result<RunResult> {
+    run_qemu_until(spec, None)
+}
+
+/// [`run_qemu`] that also ends QEMU once the serial log has a line containing `mark`
+/// (for guests that never power off): that counts as [`Exit::Success`].
+pub fn run_qemu_until(spec: &BootSpec, mark: Option<&str>) -> Result<RunResult> {
     deps::ensure(&[deps::Tool::Qemu])?;
     let dir = workspace::out_dir("emulator")?;
     let serial_log = dir.join(format!("{}.serial.log", spec.name));
@@ -124,10 +130,17 @@ pub fn run_qemu(spec: &BootSpec) -> Result<RunResult> {
             .stdout(log.try_clone()?)
             .stderr(log);
     }
-    let (ended, wall) = run_with_timeout(&mut cmd, spec.timeout)?;
+    let seen = || {
+        mark.is_some_and(|m| {
+            let log = std::fs::read(&serial_log).unwrap_or_default();
+            String::from_utf8_lossy(&log).lines().any(|l| l.contains(m))
+        })
+    };
+    let (ended, wall) = run_until(&mut cmd, spec.timeout, seen)?;
     let exit = match ended {
-        Ended::Exited(status) => exit_from_status(status.code()),
-        Ended::TimedOut => Exit::Timeout,
+        Some(Ended::Exited(status)) => exit_from_status(status.code()),
+        Some(Ended::TimedOut) => Exit::Timeout,
+        None => Exit::Success,
     };
     let serial = String::from_utf8_lossy(&std::fs::read(&serial_log).unwrap_or_default()).into();
     let mut emulator_output = format!("{}\n", workspace::describe(&cmd));

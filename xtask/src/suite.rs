@@ -1,8 +1,9 @@
 //! `cargo xtask test`: every check, cheapest first (fmt, clippy on host and bare-metal
 //! crates, host unit tests, the linux-loader comparison on Debian's kernel, a brief run
 //! of each fuzz target, image build,
-//! emulator integration tests with the Linux guest's direct QEMU boot), then one summary
-//! line `N passed, N failed[, N skipped]`.
+//! emulator integration tests with the Linux guest's direct QEMU boot, the benchmark
+//! regression gate [`crate::gate`]), then one summary line `N passed, N failed[, N
+//! skipped]`.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -268,6 +269,13 @@ pub fn run(opts: &Options) -> Result<Summary> {
             }
             test_step(&mut cmd, &mut counts)
         });
+        // Peregrine's side of `bench ipc` and `bench vmexit`, held to bench/expected.json
+        // (no baselines: about half a minute). A filter that does not name it skips it.
+        if filter.iter().all(|f| "bench gate".contains(f.as_str())) {
+            step(&mut summary, "bench gate", crate::gate::check);
+        } else {
+            println!("xtask test: the filter leaves out the bench gate");
+        }
     } else {
         println!("xtask test: emulator integration tests not run: the images did not build");
     }

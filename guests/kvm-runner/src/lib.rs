@@ -52,11 +52,36 @@ pub struct Config {
     pub memory_mib: u64,
     /// Wall-time limit in seconds (0: none).
     pub timeout_s: u64,
+    /// Where the interrupt controller lives.
+    pub irqchip: Irqchip,
+}
+
+/// The interrupt controller set-up of the VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Irqchip {
+    /// No in-kernel irqchip: `hlt` exits to the runner, which injects vector 0x30 with
+    /// `KVM_INTERRUPT` (how the runner started; no real KVM VMM runs like this).
+    User,
+    /// `KVM_CREATE_IRQCHIP` (PIC, IOAPIC and LAPIC in KVM, as QEMU and Firecracker use
+    /// it): `hlt` stays in KVM; a waker thread raises an edge on the in-kernel PIC's IRQ 0
+    /// (programmed to vector 0x30, auto-EOI, as the guest's handler sends no EOI) when
+    /// the vCPU thread blocks in it. One vCPU only.
+    Kernel,
+}
+
+impl Irqchip {
+    /// The name `--irqchip` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Irqchip::User => "user",
+            Irqchip::Kernel => "kernel",
+        }
+    }
 }
 
 /// The usage text.
 pub const USAGE: &str = "usage: kvm-runner [--mode check|bench|hostile] [--cpus 1|2] [--seed N] \
-[--memory MIB] [--timeout S] GUEST.elf";
+[--memory MIB] [--timeout S] [--irqchip user|kernel] GUEST.elf";
 
 /// A command-line error (its text is the message).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -89,6 +114,7 @@ pub fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Config, ArgE
         seed: 0,
         memory_mib: 16,
         timeout_s: 0,
+        irqchip: Irqchip::User,
     };
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -115,6 +141,17 @@ pub fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Config, ArgE
                 }
             }
             "--timeout" => c.timeout_s = number(&a, args.next())?,
+            "--irqchip" => {
+                c.irqchip = match args.next().as_deref() {
+                    Some("user") => Irqchip::User,
+                    Some("kernel") => Irqchip::Kernel,
+                    other => {
+                        return Err(ArgError(format!(
+                            "--irqchip: user or kernel, not {other:?}"
+                        )))
+                    }
+                }
+            }
             s if s.starts_with("--") => return Err(ArgError(format!("unknown option {s:?}"))),
             s if c.guest.is_empty() => c.guest = s.to_string(),
             s => return Err(ArgError(format!("unexpected argument {s:?}"))),
@@ -122,6 +159,9 @@ pub fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Config, ArgE
     }
     if c.guest.is_empty() {
         return Err(ArgError("no guest ELF given".into()));
+    }
+    if c.irqchip == Irqchip::Kernel && c.cpus != 1 {
+        return Err(ArgError("--irqchip kernel: one vCPU only".into()));
     }
     Ok(c)
 }
@@ -146,6 +186,10 @@ mod tests {
         assert_eq!(c.guest, "g");
         let d = parse_args(args("g")).unwrap();
         assert_eq!((d.mode, d.cpus, d.memory_mib), (Mode::Check, 1, 16));
+        assert_eq!(d.irqchip, Irqchip::User);
+        let k = parse_args(args("--mode bench --irqchip kernel g")).unwrap();
+        assert_eq!(k.irqchip, Irqchip::Kernel);
+        assert_eq!(k.irqchip.name(), "kernel");
     }
 
     #[test]
@@ -156,5 +200,7 @@ mod tests {
         assert!(parse_args(args("")).is_err());
         assert!(parse_args(args("a b")).is_err());
         assert!(parse_args(args("--memory 1 g")).is_err());
+        assert!(parse_args(args("--irqchip both g")).is_err());
+        assert!(parse_args(args("--irqchip kernel --cpus 2 g")).is_err());
     }
 }

@@ -1,6 +1,8 @@
 //! `kvm-runner`: runs the test guest (`guests/test`, contract in `guests/README.md`) on
-//! `/dev/kvm` with no in-kernel irqchip: port I/O and MMIO exits go to
-//! [`kvm_runner::platform`], `hlt` is ended by injecting vector 0x30 (`KVM_INTERRUPT`),
+//! `/dev/kvm`, by default with no in-kernel irqchip: port I/O and MMIO exits go to
+//! [`kvm_runner::platform`], `hlt` is ended by injecting vector 0x30 (`KVM_INTERRUPT`);
+//! with `--irqchip kernel` KVM's own PIC/IOAPIC/LAPIC (`KVM_CREATE_IRQCHIP`) handle
+//! `hlt` and a waker thread wakes it (see [`Irqchip::Kernel`]),
 //! MSR 0x4000_0200 reaches user space through an MSR filter
 //! (`KVM_CAP_X86_USER_SPACE_MSR`), #GP is injected with `KVM_SET_VCPU_EVENTS`, a second
 //! vCPU runs in a thread. It prints the guest's console lines and ends with one
@@ -17,14 +19,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kvm_bindings::{
-    kvm_enable_cap, kvm_regs, kvm_segment, kvm_userspace_memory_region, CpuId,
-    KVM_CAP_X86_USER_SPACE_MSR, KVM_MSR_EXIT_REASON_FILTER,
+    kvm_enable_cap, kvm_irqchip, kvm_regs, kvm_segment, kvm_userspace_memory_region, CpuId,
+    KVM_CAP_HALT_POLL, KVM_CAP_X86_USER_SPACE_MSR, KVM_IRQCHIP_PIC_MASTER,
+    KVM_MSR_EXIT_REASON_FILTER,
 };
 use kvm_ioctls::{
     Kvm, MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags, VcpuExit, VcpuFd, VmFd,
 };
 use kvm_runner::platform::{Platform, Request, MSR_SYNTH, VECTOR_WAKE};
-use kvm_runner::{elf, layout, Config, Mode};
+use kvm_runner::{elf, layout, Config, Irqchip, Mode};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 /// Exit status at the time limit.
@@ -148,6 +151,9 @@ fn run(config: Config) -> Result<(), Error> {
     }
     std::mem::forget(memory);
     msr_filter(&vm);
+    if config.irqchip == Irqchip::Kernel {
+        in_kernel_irqchip(&vm)?;
+    }
     let cpuid = kvm.get_supported_cpuid(256)?;
     let mut vcpus = Vec::new();
     for id in 0..config.cpus {
@@ -170,7 +176,79 @@ fn run(config: Config) -> Result<(), Error> {
         });
     }
     entry_state(&boot, &shared, 0)?;
+    if shared.config.irqchip == Irqchip::Kernel {
+        // vCPU 0 runs on this thread.
+        // SAFETY: gettid(2) has no preconditions.
+        start_waker(Arc::new(vm), unsafe { libc::gettid() });
+    }
     vcpu_loop(boot, 0, &shared)
+}
+
+/// IRQ 0 of the in-kernel PIC: the waker's line.
+const WAKE_IRQ: u32 = 0;
+
+/// Creates KVM's in-kernel PIC, IOAPIC and LAPICs (before any vCPU) and programs the
+/// master PIC as the guest would, had it a PIC driver: IRQ 0 edge-triggered at vector
+/// 0x30, the others masked, auto-EOI (the guest's 0x30 handler sends no EOI). vCPU 0's
+/// LAPIC passes PIC interrupts through (KVM resets the BSP's LVT0 to ExtINT). No PIT: the
+/// guest uses no timer. Halt polling is off, so a halted vCPU blocks at once instead of
+/// spinning for up to `halt_poll_ns` of the L1 clock.
+fn in_kernel_irqchip(vm: &VmFd) -> Result<(), Error> {
+    vm.create_irq_chip()
+        .map_err(|e| format!("KVM_CREATE_IRQCHIP: {e}"))?;
+    let no_poll = kvm_enable_cap {
+        cap: KVM_CAP_HALT_POLL,
+        ..Default::default()
+    };
+    if let Err(e) = vm.enable_cap(&no_poll) {
+        println!("runner: KVM_CAP_HALT_POLL: {e} (halt polling stays on)");
+    }
+    let mut chip = kvm_irqchip {
+        chip_id: KVM_IRQCHIP_PIC_MASTER,
+        ..Default::default()
+    };
+    vm.get_irqchip(&mut chip)?;
+    // SAFETY: KVM_GET_IRQCHIP with chip_id PIC_MASTER filled the union's `pic` member.
+    let mut pic = unsafe { chip.chip.pic };
+    pic.irq_base = VECTOR_WAKE;
+    pic.imr = !(1 << WAKE_IRQ);
+    pic.auto_eoi = 1;
+    pic.elcr = 0;
+    pic.init_state = 0;
+    pic.irr = 0;
+    pic.isr = 0;
+    chip.chip.pic = pic;
+    vm.set_irqchip(&chip)?;
+    Ok(())
+}
+
+/// Whether the thread whose `/proc/self/task/<tid>/stat` is `stat` is asleep (state
+/// `S`: a vCPU thread blocked in `hlt` inside KVM).
+fn sleeping(stat: &str) -> bool {
+    std::fs::read_to_string(stat)
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().starts_with('S'))
+        })
+        .unwrap_or(false)
+}
+
+/// The in-kernel irqchip's waker: whenever the vCPU thread `tid` is asleep (blocked in
+/// `hlt`: nothing else in the guest's benchmark sleeps), an edge on [`WAKE_IRQ`] wakes
+/// it with vector 0x30, as the runner's `KVM_INTERRUPT` does without an in-kernel
+/// irqchip. It yields between looks, so on one CPU it runs only when the vCPU thread does
+/// not, and raises no interrupt while the guest runs with interrupts disabled.
+fn start_waker(vm: Arc<VmFd>, tid: libc::pid_t) {
+    let stat = format!("/proc/self/task/{tid}/stat");
+    std::thread::spawn(move || loop {
+        if sleeping(&stat) {
+            let _ = vm.set_irq_line(WAKE_IRQ, true);
+            let _ = vm.set_irq_line(WAKE_IRQ, false);
+        }
+        // SAFETY: sched_yield(2) has no preconditions.
+        unsafe { libc::sched_yield() };
+    });
 }
 
 /// Sends `rdmsr`/`wrmsr` of MSR 0x4000_0200 to user space; says so when KVM cannot.

@@ -10,8 +10,8 @@
 //!
 //! | figure | spans |
 //! |---|---|
-//! | `ipc_call_1way_0w` | client's rdtsc before `call` → first rdtsc of the `stampsrv` handler (another PD) |
-//! | `ipc_reply_1way_0w` | the handler's rdtsc right before `reply` → the client's rdtsc after `call` |
+//! | `ipc_call_0w` | client's rdtsc before `call` → first rdtsc of the `stampsrv` handler (another PD) |
+//! | `ipc_reply_0w` | the handler's rdtsc right before `reply` → the client's rdtsc after `call` |
 //! | `ipc_rt_xfer_cap` | call + reply to `capsrv` delegating one semaphore capability (revoked outside the timed part) |
 //! | `revoke_tree_N` | one `revoke` of a page the root delegated to N PDs (a fan-out of N children; N = 1, 16, 256) |
 //! | `revoke_chain_N` | one `revoke` of a page delegated along a chain root → PD 1 → … → PD N (N = 16, 256) |
@@ -132,7 +132,7 @@ pub fn ipc_more() -> bool {
     ok
 }
 
-/// `ipc_call_1way_0w`, `ipc_reply_1way_0w`.
+/// `ipc_call_0w`, `ipc_reply_0w`.
 fn one_way() -> bool {
     let Some(pt) = start_server("stampsrv") else {
         return false;
@@ -149,7 +149,7 @@ fn one_way() -> bool {
             .filter(|()| u.untyped() == 2)
             .and_then(|()| calc::one_way(t0, u.word(0), u.word(1), t1));
         let Some((c, r)) = s else {
-            println!("bench ipc_call_1way_0w: call {} failed", i);
+            println!("bench ipc_call_0w: call {} failed", i);
             return false;
         };
         if i >= WARMUP {
@@ -157,7 +157,7 @@ fn one_way() -> bool {
             reply.push(r);
         }
     }
-    report("ipc_call_1way_0w", &mut call) & report("ipc_reply_1way_0w", &mut reply)
+    report("ipc_call_0w", &mut call) & report("ipc_reply_0w", &mut reply)
 }
 
 /// `ipc_rt_xfer_cap`: a call that delegates one semaphore capability to the handler
