@@ -376,6 +376,13 @@ pub fn bench(name: &str, opts: &Options) -> Result<Vec<Figure>> {
             Err(e) => failed.push(format!("seL4 ({config}): {e:#}")),
         }
     }
+    if name == "ipc" {
+        // The kernel image's footprint beside the IPC figures (one build: no config).
+        match crate::image_size::figures(&images.kernel()) {
+            Ok(f) => figures.extend(f),
+            Err(e) => failed.push(format!("the kernel image's sizes: {e:#}")),
+        }
+    }
     sort_rows(&mut figures);
     kernels.sort();
     kernels.dedup();

@@ -30,6 +30,7 @@ pub mod build;
 pub mod deps;
 pub mod fuzz;
 pub mod gate;
+pub mod image_size;
 pub mod kvm;
 pub mod linux;
 pub mod multiboot;
