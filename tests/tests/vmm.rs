@@ -336,9 +336,23 @@ fn vmm_bench_mode_prints_the_guest_figures() {
             r.report()
         );
     }
+    // The VMM's boot stamps: its start, then vCPU 0's STARTUP (the guest's first
+    // instruction follows), both after the kernel's entry stamp the root prints.
+    let (vmm, guest) = (value("boot_vmm_start"), value("boot_guest_start"));
+    let root = xtask::bench::parse_bench_lines(&r.serial, "qemu");
+    let kernel = root
+        .iter()
+        .find(|f| f.figure == "boot_kernel_entry")
+        .and_then(|f| f.peregrine)
+        .unwrap_or(f64::NAN);
+    assert!(
+        kernel > 0.0 && kernel < vmm && vmm < guest,
+        "boot stamps out of order: kernel {kernel}, VMM {vmm}, guest {guest}\n{}",
+        r.report()
+    );
     assert_eq!(
         figures.len(),
-        xtask::bench_vmexit::FIGURES.len(),
+        xtask::bench_vmexit::FIGURES.len() + 2,
         "figures the benchmark does not know: {figures:?}"
     );
     assert!(

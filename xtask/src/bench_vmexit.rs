@@ -80,10 +80,11 @@ pub fn peregrine_side(
             result.report()
         );
     }
-    let figures: Vec<Figure> = parse_bench_lines(&result.serial, mode(emulator))
+    let mut figures: Vec<Figure> = parse_bench_lines(&result.serial, mode(emulator))
         .into_iter()
-        .filter(|f| f.figure.starts_with("vmexit_"))
+        .filter(|f| f.figure.starts_with("vmexit_") || f.figure.starts_with("boot_"))
         .collect();
+    figures.extend(boot_spans(&figures));
     if figures.is_empty() {
         bail!(
             "the Peregrine side printed no BENCH lines: {}",
@@ -91,6 +92,50 @@ pub fn peregrine_side(
         );
     }
     Ok(figures)
+}
+
+/// The hypervisor's own boot, from the stamps the root and the VMM print (TSC values,
+/// instructions under icount): kernel entry → root → VMM → the guest's first
+/// instruction, and the whole (`boot_kernel_to_guest`).
+pub fn boot_spans(figures: &[Figure]) -> Vec<Figure> {
+    let at = |name: &str| {
+        figures
+            .iter()
+            .find(|f| f.figure == name)
+            .and_then(|f| f.peregrine)
+    };
+    let stamps = [
+        "boot_kernel_entry",
+        "boot_root_start",
+        "boot_vmm_start",
+        "boot_guest_start",
+    ];
+    let spans = [
+        ("boot_kernel_to_root", 0, 1),
+        ("boot_root_to_vmm", 1, 2),
+        ("boot_vmm_to_guest", 2, 3),
+        ("boot_kernel_to_guest", 0, 3),
+    ];
+    let Some(unit) = figures
+        .iter()
+        .find(|f| f.figure == stamps[0])
+        .map(|f| (f.unit.clone(), f.mode.clone()))
+    else {
+        return Vec::new();
+    };
+    spans
+        .iter()
+        .filter_map(|&(name, a, b)| {
+            let (a, b) = (at(stamps[a])?, at(stamps[b])?);
+            (b >= a).then(|| Figure {
+                figure: name.into(),
+                unit: unit.0.clone(),
+                mode: unit.1.clone(),
+                peregrine: Some(b - a),
+                ..Figure::default()
+            })
+        })
+        .collect()
 }
 
 /// The KVM side's baselines: `kvm` with KVM's in-kernel irqchip (`KVM_CREATE_IRQCHIP`,
@@ -256,6 +301,33 @@ pub fn replace_mode(earlier: Vec<Figure>, new: &[Figure], mode: &str) -> Vec<Fig
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn boot_spans_from_the_stamps() {
+        let serial = "BENCH boot_kernel_entry 1000 tsc-ticks\n[root] BENCH boot_root_start 1500 tsc-ticks\n[vm] BENCH boot_vmm_start 1800 tsc-ticks\n[vm] BENCH boot_guest_start 2000 tsc-ticks\n";
+        let f = parse_bench_lines(serial, MODE_QEMU);
+        let s = boot_spans(&f);
+        let v: Vec<(&str, f64)> = s
+            .iter()
+            .map(|f| (f.figure.as_str(), f.peregrine.unwrap()))
+            .collect();
+        assert_eq!(
+            v,
+            [
+                ("boot_kernel_to_root", 500.0),
+                ("boot_root_to_vmm", 300.0),
+                ("boot_vmm_to_guest", 200.0),
+                ("boot_kernel_to_guest", 1000.0)
+            ]
+        );
+        assert!(s.iter().all(|f| f.unit == "instructions"));
+        // A missing stamp leaves out the spans it bounds, nothing else.
+        let partial = parse_bench_lines(
+            "BENCH boot_kernel_entry 1000\nBENCH boot_root_start 1500\n",
+            MODE_QEMU,
+        );
+        assert_eq!(boot_spans(&partial).len(), 1);
+    }
 
     #[test]
     fn replace_mode_keeps_other_modes() {

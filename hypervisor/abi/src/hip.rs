@@ -85,9 +85,13 @@ pub struct Hip {
     pub root_quota: u64,
     /// Physical address of the ACPI RSDP (0 if none was found).
     pub rsdp: u64,
+    /// The TSC when the kernel's first Rust code ran on the boot CPU (for boot-time
+    /// figures: under QEMU `-icount shift=0`, instructions since the virtual clock
+    /// started).
+    pub boot_tsc: u64,
 }
 
-const _: () = assert!(core::mem::size_of::<Hip>() == 96);
+const _: () = assert!(core::mem::size_of::<Hip>() == 104);
 
 /// One CPU.
 #[repr(C)]

@@ -45,9 +45,13 @@ extern "C" {
     static boot_stack_top: u8;
 }
 
+/// The TSC at [`kmain`]'s first instruction (the HIP's `boot_tsc`).
+pub static BOOT_TSC: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+
 /// The 64-bit entry from `boot.S` on the BSP.
 #[no_mangle]
 pub extern "C" fn kmain(mb_magic: u32, mb_info_phys: u32) -> ! {
+    BOOT_TSC.store(crate::arch::rdtsc(), core::sync::atomic::Ordering::Relaxed);
     crate::arch::x86::serial::init();
     kprintln!();
     // Descriptor tables first, so that early faults are reported.

@@ -51,6 +51,8 @@ fn main(hip_addr: u64) -> ! {
         println!("no HIP at {:#x}", hip_addr);
         fail();
     };
+    scenario::bench_more::KERNEL_ENTRY_TSC
+        .store(hip.0.boot_tsc, core::sync::atomic::Ordering::Relaxed);
     let ncpu = hip.online_cpus().count();
     let free = mem::init(&hip);
     println!(

@@ -64,6 +64,7 @@ fn fail(why: &dyn core::fmt::Display) -> ! {
 }
 
 fn main(info: u64) -> ! {
+    vm::VMM_START_TSC.store(hc::rdtsc(), Ordering::Relaxed);
     // SAFETY: the root enters a component with its start-info page's address, mapped
     // read-only for the component's lifetime.
     let Some(si) = (unsafe { StartInfo::at(info) }) else {
@@ -87,6 +88,7 @@ fn main(info: u64) -> ! {
         None if linux => Mode::Check,
         None => fail(&alloc::format!("unknown mode {:?}", mode)),
     };
+    vm::BOOT_STAMPS.store(mode == Mode::Bench, Ordering::Relaxed);
     match start_info::arg(args, "selftest") {
         None => {}
         Some("stack_overflow") => vm::OVERFLOW_SELFTEST.store(true, Ordering::Relaxed),

@@ -118,6 +118,7 @@ fn stop_canary(cpu: u64) -> bool {
 
 /// Runs the scenario.
 pub fn run(args: &str) -> bool {
+    super::bench_more::print_boot();
     let secs = arg_u64(args, "secs").unwrap_or(300);
     let vmms: Vec<usize> = CHILDREN
         .lock()
