@@ -350,9 +350,23 @@ fn vmm_bench_mode_prints_the_guest_figures() {
         "boot stamps out of order: kernel {kernel}, VMM {vmm}, guest {guest}\n{}",
         r.report()
     );
+    // What the VM costs beside its RAM, printed at its end.
+    for (name, min, max) in [
+        ("mem_vmm_kernel_pages", 1.0, 4096.0),
+        ("mem_vm_kernel_pages", 1.0, 4096.0),
+        ("mem_vmm_heap_bytes", 4096.0, 2.0 * 1048576.0),
+    ] {
+        let found: Vec<_> = figures.iter().filter(|f| f.figure == name).collect();
+        let v = found.first().and_then(|f| f.peregrine).unwrap_or(f64::NAN);
+        assert!(
+            found.len() == 1 && (min..=max).contains(&v),
+            "{name}: {found:?} not once within {min}..={max}\n{}",
+            r.report()
+        );
+    }
     assert_eq!(
         figures.len(),
-        xtask::bench_vmexit::FIGURES.len() + 2,
+        xtask::bench_vmexit::FIGURES.len() + 5,
         "figures the benchmark does not know: {figures:?}"
     );
     assert!(

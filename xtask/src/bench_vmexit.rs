@@ -82,7 +82,11 @@ pub fn peregrine_side(
     }
     let mut figures: Vec<Figure> = parse_bench_lines(&result.serial, mode(emulator))
         .into_iter()
-        .filter(|f| f.figure.starts_with("vmexit_") || f.figure.starts_with("boot_"))
+        .filter(|f| {
+            ["vmexit_", "boot_", "mem_"]
+                .iter()
+                .any(|p| f.figure.starts_with(p))
+        })
         .collect();
     figures.extend(boot_spans(&figures));
     if figures.is_empty() {

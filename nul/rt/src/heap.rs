@@ -13,6 +13,11 @@ static mut ARENA: Arena = Arena([0; HEAP_SIZE]);
 #[cfg_attr(not(test), global_allocator)]
 static HEAP: LockedHeap = LockedHeap::empty();
 
+/// Bytes of the heap in use now (allocated blocks, with the allocator's rounding).
+pub fn used() -> usize {
+    HEAP.lock().used()
+}
+
 /// Hands the arena to the allocator; called once by the start-up code.
 pub fn init() {
     // SAFETY: called once before any allocation (from `start`); ARENA is used by

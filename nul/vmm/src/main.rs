@@ -89,6 +89,7 @@ fn main(info: u64) -> ! {
         None => fail(&alloc::format!("unknown mode {:?}", mode)),
     };
     vm::BOOT_STAMPS.store(mode == Mode::Bench, Ordering::Relaxed);
+    vm::BENCH_MODE.store(mode == Mode::Bench, Ordering::Relaxed);
     match start_info::arg(args, "selftest") {
         None => {}
         Some("stack_overflow") => vm::OVERFLOW_SELFTEST.store(true, Ordering::Relaxed),

@@ -174,6 +174,8 @@ pub static OVERFLOW_SELFTEST: AtomicBool = AtomicBool::new(false);
 pub static VMM_START_TSC: AtomicU64 = AtomicU64::new(0);
 /// See [`VMM_START_TSC`].
 pub static BOOT_STAMPS: AtomicBool = AtomicBool::new(false);
+/// The benchmark mode: [`Vm::end`] prints what the VM cost in memory.
+pub static BENCH_MODE: AtomicBool = AtomicBool::new(false);
 
 /// The STARTUP portal's entry: the boot stamps once (vCPU 0, benchmark mode), then
 /// [`vm_exit`]. (A portal of its own, so that no other exit pays for the test.)
@@ -225,12 +227,38 @@ impl Vm {
             return;
         }
         self.end_code.store(why.code(), Ordering::Relaxed);
+        if BENCH_MODE.load(Ordering::Relaxed) {
+            self.print_memory();
+        }
         vlog!("vmm: {}", why);
         if let Err(e) = hc::revoke(Crd::obj(self.pd, 0, perm::ALL), true) {
             vlog!("vmm: revoking the VM PD failed: {:?}", e);
         }
         self.ended.store(true, Ordering::Release);
         crate::log::wake();
+    }
+
+    /// The memory this VM costs beside its guest RAM, as `BENCH` lines (benchmark mode,
+    /// at its end): the kernel memory (quota pages) the VMM's own objects and the VM
+    /// PD's take (the VM PD's quota is carved out of the VMM's: counted once, where it
+    /// is used), and the VMM's heap in use.
+    fn print_memory(&self) {
+        use peregrine_abi::hypercall::stat;
+        let used = |pd: u64| {
+            let total = hc::pd_stat(pd, stat::QUOTA_TOTAL).ok()?;
+            Some((
+                total,
+                total.checked_sub(hc::pd_stat(pd, stat::QUOTA_AVAIL).ok()?)?,
+            ))
+        };
+        if let (Some((_, own)), Some((vm_total, vm_used))) = (used(sel::OWN_PD), used(self.pd)) {
+            vlog!(
+                "BENCH mem_vmm_kernel_pages {} pages",
+                own.saturating_sub(vm_total)
+            );
+            vlog!("BENCH mem_vm_kernel_pages {} pages", vm_used);
+        }
+        vlog!("BENCH mem_vmm_heap_bytes {} bytes", nul_rt::heap::used());
     }
 
     /// Starts vCPU `n` (its SC; its STARTUP event sets the entry state).
