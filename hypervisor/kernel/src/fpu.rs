@@ -194,15 +194,22 @@ fn is_owner(o: &Owner, ec: &Ec) -> bool {
     o.area.load(Ordering::Relaxed) == area(ec)
 }
 
+/// Saves the owner's registers (with XSAVEOPT if `opt`), loads area `a` with `load`
+/// and makes it the owner. TS must be clear.
+#[inline(always)]
+fn swap_in(o: &Owner, a: *mut Area, opt: bool, load: fn(*const Area)) {
+    let prev = o.area.swap(BUSY, Ordering::Acquire);
+    if !prev.is_null() {
+        save(prev, opt);
+    }
+    load(a);
+    o.area.store(a, Ordering::Release);
+}
+
 /// Moves the FPU to `ec`: saves the owner's registers, loads `ec`'s. TS must be clear.
 #[inline(always)]
 fn take_over(o: &Owner, l: &mut Local, ec: &Ec) {
-    let prev = o.area.swap(BUSY, Ordering::Acquire);
-    if !prev.is_null() {
-        save(prev, l.opt);
-    }
-    let a = area(ec);
-    restore(a);
+    swap_in(o, area(ec), l.opt, restore);
     // XSAVEOPT relies on the area's last `xrstor` being the state's source; a guest's
     // own XRSTORs in guest mode may match the area's linear address, so a vCPU's state
     // is saved in full.
@@ -210,7 +217,6 @@ fn take_over(o: &Owner, l: &mut Local, ec: &Ec) {
     l.opt = !vcpu && MODE.load(Ordering::Relaxed) == MODE_XSAVEOPT;
     l.vmm = if vcpu { vmm_of(ec) } else { 0 };
     l.plain = l.opt && crate::arch::x86::spec::eager_fpu();
-    o.area.store(a, Ordering::Release);
 }
 
 /// The id of the PD that created vCPU `ec`'s VM (0 for none).
@@ -226,15 +232,11 @@ fn vmm_of(ec: &Ec) -> u64 {
 pub fn switch_to(cpu: usize, ec: &Ec) {
     let (o, l) = slot_on(cpu);
     if l.plain && ec.kind != EcKind::Vcpu {
-        // `take_over` for the common case, with what `plain` guarantees left out.
+        // `take_over` for the common case, with what `plain` guarantees left out (its
+        // bookkeeping: the new owner is no vCPU either).
         let a = area(ec);
         if o.area.load(Ordering::Relaxed) != a {
-            let prev = o.area.swap(BUSY, Ordering::Acquire);
-            if !prev.is_null() {
-                save(prev, true);
-            }
-            restore_xsave(a);
-            o.area.store(a, Ordering::Release);
+            swap_in(o, a, true, restore_xsave);
         }
         return;
     }

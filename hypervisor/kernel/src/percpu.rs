@@ -154,11 +154,6 @@ pub unsafe fn install(cpu: usize) {
     }
 }
 
-/// Sets this CPU's `frame_top` slot (where the next syscall pushes the user frame).
-pub fn set_frame_top(v: u64) {
-    percpu().frame_top.store(v, Ordering::Relaxed);
-}
-
 /// Records what the syscall stub needs of the EC about to run: where its frame ends and
 /// whether it is a local EC.
 #[inline(always)]
