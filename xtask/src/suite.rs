@@ -269,10 +269,13 @@ pub fn run(opts: &Options) -> Result<Summary> {
             }
             test_step(&mut cmd, &mut counts)
         });
-        // Peregrine's side of `bench ipc` and `bench vmexit`, held to bench/expected.json
-        // (no baselines: about half a minute). A filter that does not name it skips it.
+        // Peregrine's side of `bench ipc` and `bench vmexit` (QEMU SVM, and Bochs VT-x
+        // unless --quick), held to bench/expected.json (no baselines: about half a
+        // minute). A filter that does not name it skips it.
         if filter.iter().all(|f| "bench gate".contains(f.as_str())) {
-            step(&mut summary, "bench gate", crate::gate::check);
+            step(&mut summary, "bench gate", || {
+                crate::gate::check(!opts.quick)
+            });
         } else {
             println!("xtask test: the filter leaves out the bench gate");
         }

@@ -7,7 +7,7 @@
 //! below, pinned by assertions.
 
 use core::mem::offset_of;
-use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicU64, Ordering};
 
 use peregrine_abi::hip::MAX_CPUS;
 
@@ -48,6 +48,17 @@ pub struct PerCpu {
     pub last_vm: AtomicU64,
     /// Guest code ran here since the last switch to a host address space (`spec`).
     pub guest_ran: AtomicBool,
+    /// TR's limit is the 0x67 a VT-x exit leaves (the I/O bitmap hidden: user port
+    /// access faults) until the next user #GP reloads it (`gdt::tr_repair`).
+    pub tr_short: AtomicBool,
+    /// The VMCS current on this CPU (VMPTRLD), 0 for none (`arch::x86::vmx::load`).
+    pub vmcs: AtomicU64,
+    _gdtr_pad: [u8; 6],
+    /// This CPU's GDTR as `lgdt` reads it (limit, then base: `gdt::restore_after_vm_exit`
+    /// reloads it with `lgdt gs:[PERCPU_GDTR]`).
+    pub gdtr_limit: AtomicU16,
+    /// The GDTR's base.
+    pub gdtr_base: AtomicU64,
 }
 
 /// Offset of [`PerCpu::self_ptr`].
@@ -69,6 +80,12 @@ pub const PERCPU_SCRATCH2: usize = 48;
 pub const PERCPU_FRAME_TOP: usize = 64;
 /// Offset of [`PerCpu::guest_ran`].
 pub const PERCPU_GUEST_RAN: usize = offset_of!(PerCpu, guest_ran);
+/// Offset of [`PerCpu::tr_short`].
+pub const PERCPU_TR_SHORT: usize = offset_of!(PerCpu, tr_short);
+/// Offset of [`PerCpu::vmcs`].
+pub const PERCPU_VMCS: usize = offset_of!(PerCpu, vmcs);
+/// Offset of the GDTR image ([`PerCpu::gdtr_limit`], [`PerCpu::gdtr_base`] after it).
+pub const PERCPU_GDTR: usize = offset_of!(PerCpu, gdtr_limit);
 /// Offset of [`PerCpu::local_ec`].
 pub const PERCPU_LOCAL_EC: usize = 73;
 /// Alias used by the syscall entry.
@@ -88,6 +105,7 @@ const _: () = {
     assert!(offset_of!(PerCpu, cpu) == PERCPU_CPU);
     assert!(offset_of!(PerCpu, apic_id) == PERCPU_APIC_ID);
     assert!(offset_of!(PerCpu, scratch2) == PERCPU_SCRATCH2);
+    assert!(offset_of!(PerCpu, gdtr_base) == PERCPU_GDTR + 2);
 };
 
 impl PerCpu {
@@ -108,6 +126,11 @@ impl PerCpu {
             nmis: AtomicU64::new(0),
             last_vm: AtomicU64::new(0),
             guest_ran: AtomicBool::new(false),
+            tr_short: AtomicBool::new(false),
+            vmcs: AtomicU64::new(0),
+            _gdtr_pad: [0; 6],
+            gdtr_limit: AtomicU16::new(0),
+            gdtr_base: AtomicU64::new(0),
         }
     }
 }
@@ -140,17 +163,25 @@ pub fn prepare(cpu: usize, apic_id: u32, kstack_top: u64) {
     p.kstack_top.store(kstack_top, Ordering::Relaxed);
 }
 
+/// User mode's GS base, on every CPU at all times (so IA32_KERNEL_GS_BASE holds it
+/// whenever the kernel runs, except while the VT-x path has a guest's value there).
+/// User code cannot change it: without CR4.FSGSBASE (the kernel never sets it) only a
+/// segment load could, and every descriptor user mode can load (the GDT's; there is no
+/// LDT) has base 0; no hypercall sets it. It was this CPU's record's address once,
+/// which told user mode where a kernel object lies (a fault at `gs:[x]` reports it).
+pub const USER_GS_BASE: u64 = 0;
+
 /// Points this CPU's GS base at its record (after the GDT and segments are loaded).
 ///
 /// # Safety
 /// Call once per CPU, on that CPU, after [`prepare`].
 pub unsafe fn install(cpu: usize) {
     let p = &PERCPU[cpu] as *const PerCpu as u64;
-    // SAFETY: GS base must point at this CPU's record; KERNEL_GS_BASE gets the same so a
-    // stray swapgs cannot load a user value into the kernel.
+    // SAFETY: GS base must point at this CPU's record. KERNEL_GS_BASE holds what user
+    // mode's GS base will be: 0, and 0 it stays ([`USER_GS_BASE`]).
     unsafe {
         wrmsr(Msr::GsBase, p);
-        wrmsr(Msr::KernelGsBase, p);
+        wrmsr(Msr::KernelGsBase, USER_GS_BASE);
     }
 }
 
@@ -173,6 +204,32 @@ pub fn guest_ran() -> bool {
         core::arch::asm!("mov {}, byte ptr gs:[{off}]", out(reg_byte) v, off = const PERCPU_GUEST_RAN, options(nostack, readonly, preserves_flags))
     };
     v != 0
+}
+
+/// Whether `vmcs` is this CPU's current VMCS ([`PerCpu::vmcs`], one compare).
+#[inline(always)]
+pub fn vmcs_is(vmcs: u64) -> bool {
+    let eq: u8;
+    // SAFETY: as in `cpu_id`.
+    unsafe {
+        core::arch::asm!("cmp gs:[{off}], {v}", "sete {e}", v = in(reg) vmcs, e = out(reg_byte) eq, off = const PERCPU_VMCS, options(nostack, readonly))
+    };
+    eq != 0
+}
+
+/// Marks TR short on this CPU ([`PerCpu::tr_short`], one instruction).
+#[inline(always)]
+pub fn set_tr_short() {
+    // SAFETY: as in `cpu_id`; a byte of this CPU's own record, written only on this CPU.
+    unsafe {
+        core::arch::asm!("mov byte ptr gs:[{off}], 1", off = const PERCPU_TR_SHORT, options(nostack, preserves_flags))
+    };
+}
+
+/// Clears [`PerCpu::tr_short`] on this CPU; whether it was set.
+#[inline]
+pub fn take_tr_short() -> bool {
+    percpu().tr_short.swap(false, Ordering::Relaxed)
 }
 
 /// This CPU's index.

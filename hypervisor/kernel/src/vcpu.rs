@@ -531,9 +531,10 @@ fn flush_gen(ec: &Ec) -> u64 {
 }
 
 /// Loads the guest's XCR0 if it differs from the host's; returns the host's to restore.
+#[inline(always)]
 fn enter_xcr0(xcr0: u64) -> Option<u64> {
-    let host = crate::arch::x86::cpu::info().xsave?;
-    if host == xcr0 {
+    let host = crate::arch::x86::cpu::host_xcr0();
+    if host == xcr0 || host == 0 {
         return None;
     }
     // SAFETY: CR4.OSXSAVE is set (host XSAVE); `put_state` admits only an XCR0 with x87
@@ -543,6 +544,7 @@ fn enter_xcr0(xcr0: u64) -> Option<u64> {
 }
 
 /// Restores the host's XCR0 after [`enter_xcr0`].
+#[inline(always)]
 fn leave_xcr0(host: Option<u64>) {
     if let Some(h) = host {
         // SAFETY: restores the kernel's own XCR0.
@@ -618,16 +620,16 @@ pub fn get_state(ec: &Ec, mtd: Mtd, vector: u64, a: &mut ArchState) {
 
 /// Takes back the state a VMM's reply selects, validating every value: a value that
 /// would make the VM entry fail or harm the host is not written, and the vCPU's next
-/// event is INVALID_STATE.
+/// event is INVALID_STATE. In line: the common replies take the short way.
+#[inline(always)]
 pub fn put_state(ec: &Ec, utcb: &ArchState) {
     let Some(v) = ec.vcpu.as_deref() else {
         return;
     };
-    // SAFETY: the vCPU is bound to this CPU and waits for this reply; its reply copy is
-    // used only here.
-    let (c, a) = unsafe { (v.common(), &mut *v.reply.get()) };
     let mtd = utcb.mtd;
     if SIMPLE.contains(mtd) {
+        // SAFETY: the vCPU is bound to this CPU and waits for this reply.
+        let c = unsafe { v.common() };
         // The common replies (CPUID, port I/O, MMIO: registers and RIP) go straight
         // from the UTCB, each value read once.
         let ok = match &v.hw {
@@ -642,6 +644,15 @@ pub fn put_state(ec: &Ec, utcb: &ArchState) {
         }
         return;
     }
+    put_full(v, utcb, mtd)
+}
+
+/// [`put_state`] for replies beyond [`SIMPLE`]: `mtd` is `utcb.mtd`, read once.
+#[inline(always)]
+fn put_full(v: &Vcpu, utcb: &ArchState, mtd: Mtd) {
+    // SAFETY: the vCPU is bound to this CPU and waits for this reply; its reply copy is
+    // used only here.
+    let (c, a) = unsafe { (v.common(), &mut *v.reply.get()) };
     // What the MTD (read once) selects: the common groups one by one, the rest (at and
     // after `qual`) in one piece.
     a.mtd = mtd;

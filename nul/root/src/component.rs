@@ -311,7 +311,11 @@ fn build(spec: &ChildSpec, id: usize, pd: u64, owned: &mut Vec<u64>) -> Result<(
             return Err(StartError::BadElf);
         }
         let pages = (end - start) >> PAGE_BITS;
-        let phys = mem::alloc(pages).ok_or(StartError::NoMemory)?;
+        // Physically congruent with its virtual address modulo 2 MiB, so the mapping
+        // below goes in the largest pieces the segment allows (few mapping-database
+        // nodes), whatever the physical layout happens to be.
+        let phys =
+            mem::alloc_congruent(pages, 512, start >> PAGE_BITS).ok_or(StartError::NoMemory)?;
         ranges.push((phys, pages));
         let off = ph.p_offset as usize;
         let fsz = ph.p_filesz as usize;

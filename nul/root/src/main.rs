@@ -15,6 +15,7 @@ extern crate alloc;
 mod component;
 mod hip;
 mod mem;
+mod pieces;
 mod scenario;
 mod serial;
 mod services;

@@ -12,6 +12,9 @@ use spin::Mutex;
 
 use crate::hip::HipView;
 
+use crate::pieces::first_congruent;
+pub use crate::pieces::{aligned_pieces, dual_pieces};
+
 /// Physical page `p` is mapped at `WINDOW + p * 4096` in the root.
 pub const WINDOW: u64 = 0x1000_0000_0000;
 
@@ -21,22 +24,6 @@ static FREE: Mutex<Vec<(u64, u64)>> = Mutex::new(Vec::new());
 /// The root-virtual address of physical address `phys`.
 pub fn virt(phys: u64) -> u64 {
     WINDOW + phys
-}
-
-/// Splits `[base, base + count)` into naturally aligned power-of-two pieces.
-pub fn aligned_pieces(mut base: u64, count: u64) -> impl Iterator<Item = (u64, u8)> {
-    let end = base + count;
-    core::iter::from_fn(move || {
-        if base >= end {
-            return None;
-        }
-        let align = if base == 0 { 63 } else { base.trailing_zeros() };
-        let fit = 63 - (end - base).leading_zeros();
-        let order = align.min(fit).min(30) as u8;
-        let piece = (base, order);
-        base += 1u64 << order;
-        Some(piece)
-    })
 }
 
 /// Delegates a physical range from the kernel PD into the window.
@@ -95,10 +82,20 @@ pub fn init(hip: &HipView) -> u64 {
 /// of two): a pool mapped at an equally aligned address then goes to its holder in few
 /// large pieces (few mapping-database nodes, large pages). Falls back to [`alloc`].
 pub fn alloc_aligned(pages: u64, align: u64) -> Option<u64> {
+    alloc_congruent(pages, align, 0)
+}
+
+/// Allocates `pages` contiguous zeroed physical pages whose first page number is `rem`
+/// modulo `align` pages (a power of two): memory to be mapped at a virtual page number
+/// with that remainder then goes to its holder in the largest pieces the range allows,
+/// whatever the physical layout (few mapping-database nodes, large pages). Falls back
+/// to [`alloc`].
+pub fn alloc_congruent(pages: u64, align: u64, rem: u64) -> Option<u64> {
     let align = align.max(1).next_power_of_two();
+    let rem = rem % align;
     let mut free = FREE.lock();
     let found = free.iter().enumerate().find_map(|(i, &(b, n))| {
-        let a = b.next_multiple_of(align);
+        let a = first_congruent(b, align, rem);
         (a + pages <= b + n).then_some((i, b, n, a))
     });
     let Some((i, b, n, a)) = found else {
@@ -147,21 +144,4 @@ pub fn free(phys: u64, pages: u64) {
 #[allow(dead_code)]
 pub fn free_pages() -> u64 {
     FREE.lock().iter().map(|&(_, n)| n).sum()
-}
-
-/// Splits a mapping of `count` pages from virtual page `v` to physical page `p` into
-/// pieces `(v, p, order)` aligned on both sides, as CRDs need.
-pub fn dual_pieces(v: u64, p: u64, count: u64) -> impl Iterator<Item = (u64, u64, u8)> {
-    let mut i = 0;
-    core::iter::from_fn(move || {
-        if i >= count {
-            return None;
-        }
-        let (vv, pp) = (v + i, p + i);
-        let align = (vv | pp).trailing_zeros().min(30);
-        let fit = 63 - (count - i).leading_zeros();
-        let order = align.min(fit) as u8;
-        i += 1u64 << order;
-        Some((vv, pp, order))
-    })
 }

@@ -31,7 +31,7 @@ use super::{CR0_CD, CR0_NW, CR0_PE, CR0_PG, CR4_OK, CR4_PKE, EFER_LMA, EFER_LME,
 use crate::arch::x86::cr;
 use crate::arch::x86::msr::{rdmsr, rdmsr_raw, wrmsr, Msr};
 use crate::arch::x86::vmx::vmcs::{
-    self as f, entryc, exitc, pin, proc1, proc2, read, reason as r, write,
+    self as f, entryc, exitc, pin, proc1, proc2, read, read_basic, reason as r, write,
 };
 use crate::arch::x86::vmx::{self, Entry, Gprs, VmxCaps};
 use crate::ec::Ec;
@@ -69,6 +69,14 @@ struct State {
     /// The HOST_CR0 field's value: the host's CR0 at the last entry, so that CR0.TS
     /// comes back from the exit as it was (see `fpu::load_for_guest`).
     host_cr0: u64,
+    /// The HOST_CR3 field's value (the host address space at the last entry).
+    host_cr3: u64,
+    /// The guest's EFER.SCE and EFER.LME as `prepare_entry` last found them: whether
+    /// entries swap the SYSCALL MSRs and KERNEL_GS_BASE. EFER changes only through
+    /// `put_state`, which makes `prepare_entry` run before the next entry (every WRMSR
+    /// of the guest exits: no MSR bitmap).
+    swap_sce: bool,
+    swap_kgs: bool,
 }
 
 /// The VMX part of a vCPU.
@@ -146,6 +154,9 @@ pub fn create(pd: &Pd, g: &SpaceGuest) -> Result<Vcpu, Status> {
             cr8: 0,
             msr: [0; 5],
             host_cr0: 0,
+            host_cr3: 0,
+            swap_sce: false,
+            swap_kgs: false,
         }),
     })
 }
@@ -342,7 +353,10 @@ fn set_seg(i: u64, s: &Segment) {
 fn load(v: &Vcpu, st: &mut State) {
     // SAFETY: the vCPU is bound to this CPU, which `create` checked runs VMX; the VMCS
     // region is the vCPU's own and is only ever made current here.
-    unsafe { vmx::load(v.vmcs) };
+    if unsafe { vmx::load(v.vmcs) } {
+        // Current already: it became so here, set up.
+        return;
+    }
     if !st.ready {
         st.ready = true;
         init_vmcs(v);
@@ -469,9 +483,14 @@ fn init_vmcs(v: &Vcpu) {
 /// Derives EFER.LMA and the IA-32e-mode-guest entry control from EFER.LME and CR0.PG,
 /// and gives an injected hardware exception the error code VMX demands (exactly for
 /// vectors 8, 10–14 and 17 in protected mode).
-fn prepare_entry() {
+fn prepare_entry(st: &mut State) {
     let cr0 = read(f::GUEST_CR0);
     let efer = read(f::GUEST_EFER);
+    // STAR, LSTAR, CSTAR and FMASK serve only SYSCALL/SYSRET, which need EFER.SCE;
+    // KERNEL_GS_BASE serves only SWAPGS, which needs 64-bit mode, possible only with
+    // EFER.LME. LME may turn into LMA without an exit (a CR0 write), LME and SCE not.
+    st.swap_sce = efer & EFER_SCE != 0;
+    st.swap_kgs = efer & EFER_LME != 0;
     let lma = efer & EFER_LME != 0 && cr0 & CR0_PG != 0;
     write(
         f::GUEST_EFER,
@@ -490,7 +509,7 @@ fn prepare_entry() {
     if e2 != e {
         write(f::ENTRY_CONTROLS, u64::from(e2));
     }
-    let info = read(f::ENTRY_INTR_INFO);
+    let info = read_basic(f::ENTRY_INTR_INFO);
     if info & inj::VALID != 0 && (info >> 8) & 7 == 3 {
         let vec = info & 0xff;
         let err = cr0 & CR0_PE != 0 && matches!(vec, 8 | 10..=14 | 17);
@@ -530,7 +549,7 @@ pub(super) fn run(ec: &Ec, v: &Vcpu, c: &mut Common) -> Next {
         // VM exits keep EFER.LMA and the IA-32e-mode-guest control in step with the
         // guest, and re-inject only what the processor reported: only the VMM's writes
         // need deriving again.
-        prepare_entry();
+        prepare_entry(st);
         c.check = false;
     }
     let fg = super::flush_gen(ec);
@@ -544,7 +563,11 @@ pub(super) fn run(ec: &Ec, v: &Vcpu, c: &mut Common) -> Next {
         c.flush_seen = fg;
         st.flushed = true;
     }
-    write(f::HOST_CR3, cr::read_cr3());
+    let cr3 = cr::read_cr3();
+    if cr3 != st.host_cr3 {
+        write(f::HOST_CR3, cr3);
+        st.host_cr3 = cr3;
+    }
     // The exit restores CR0 from HOST_CR0: with TS as now (a VMM of this guest runs on
     // its registers with TS set; see `fpu::load_for_guest`).
     let cr0 = cr::read_cr0();
@@ -555,8 +578,8 @@ pub(super) fn run(ec: &Ec, v: &Vcpu, c: &mut Common) -> Next {
     if trace() {
         crate::kprintln!(
             "vmentry rip {:#x} rfl {:#x} cr0 {:#x}/{:#x} cr3 {:#x} cr4 {:#x}/{:#x} efer {:#x} cs {:x?} ss {:x?} inj {:#x} intr {:#x} actv {} proc {:#x} exc {:#x} xcr0 {:#x}",
-            read(f::GUEST_RIP),
-            read(f::GUEST_RFLAGS),
+            read_basic(f::GUEST_RIP),
+            read_basic(f::GUEST_RFLAGS),
             read(f::GUEST_CR0),
             read(f::CR0_SHADOW),
             read(f::GUEST_CR3),
@@ -565,23 +588,16 @@ pub(super) fn run(ec: &Ec, v: &Vcpu, c: &mut Common) -> Next {
             read(f::GUEST_EFER),
             seg(1),
             seg(2),
-            read(f::ENTRY_INTR_INFO),
-            read(f::GUEST_INTERRUPTIBILITY),
-            read(f::GUEST_ACTIVITY),
-            read(f::PROC_CONTROLS),
+            read_basic(f::ENTRY_INTR_INFO),
+            read_basic(f::GUEST_INTERRUPTIBILITY),
+            read_basic(f::GUEST_ACTIVITY),
+            read_basic(f::PROC_CONTROLS),
             read(f::EXCEPTION_BITMAP),
             c.xcr0
         );
     }
-    // STAR, LSTAR, CSTAR and FMASK serve only SYSCALL/SYSRET, which need EFER.SCE;
-    // KERNEL_GS_BASE serves only SWAPGS, which needs 64-bit mode, possible only with
-    // EFER.LME. Every WRMSR of the guest exits (no MSR bitmap), so SCE changes only
-    // through `put_state`; LME may turn into LMA without an exit (a CR0 write).
-    let efer = read(f::GUEST_EFER);
-    let swap_sce = efer & EFER_SCE != 0;
-    let swap_kgs = efer & EFER_LME != 0;
+    let (swap_sce, swap_kgs) = (st.swap_sce, st.swap_kgs);
     let mut host_msrs = [0u64; 4];
-    let mut host_kgs = 0;
     if swap_sce {
         host_msrs = host_syscall_msrs();
         for (m, val) in SYSCALL_MSRS.iter().zip(st.msr) {
@@ -591,14 +607,13 @@ pub(super) fn run(ec: &Ec, v: &Vcpu, c: &mut Common) -> Next {
             unsafe { wrmsr(*m, val) };
         }
     }
-    if swap_kgs {
+    // The host's KERNEL_GS_BASE here is user mode's GS base, `percpu::USER_GS_BASE`:
+    // a guest with the same value needs no write.
+    if swap_kgs && st.msr[4] != crate::percpu::USER_GS_BASE {
         // SAFETY: KERNEL_GS_BASE exists on every x86_64 CPU; the guest's value (checked
         // canonical by `put_state`) is used only by the guest's SWAPGS: the kernel
         // executes none before it restores the host's value.
-        unsafe {
-            host_kgs = rdmsr(Msr::KernelGsBase);
-            wrmsr(Msr::KernelGsBase, st.msr[4]);
-        }
+        unsafe { wrmsr(Msr::KernelGsBase, st.msr[4]) };
     }
     let host_xcr0 = super::enter_xcr0(c.xcr0);
     c.dr.enter(true);
@@ -622,7 +637,7 @@ pub(super) fn run(ec: &Ec, v: &Vcpu, c: &mut Common) -> Next {
         c.dr.save(true, read(f::GUEST_DR7));
         write(
             f::PROC_CONTROLS,
-            read(f::PROC_CONTROLS) | u64::from(proc1::MOV_DR),
+            read_basic(f::PROC_CONTROLS) | u64::from(proc1::MOV_DR),
         );
     }
     super::leave_xcr0(host_xcr0);
@@ -634,10 +649,12 @@ pub(super) fn run(ec: &Ec, v: &Vcpu, c: &mut Common) -> Next {
     }
     if swap_kgs {
         // SAFETY: KERNEL_GS_BASE exists; the guest may have changed it with SWAPGS; the
-        // host's own value goes back.
+        // host's own value goes back unless it is there.
         unsafe {
             st.msr[4] = rdmsr(Msr::KernelGsBase);
-            wrmsr(Msr::KernelGsBase, host_kgs);
+            if st.msr[4] != crate::percpu::USER_GS_BASE {
+                wrmsr(Msr::KernelGsBase, crate::percpu::USER_GS_BASE);
+            }
         }
     }
     // The exit left the GDTR and IDTR limits at 0xffff and TR's at 0x67.
@@ -666,23 +683,26 @@ fn has_len(reason: u32) -> bool {
 }
 
 fn clear_proc1(bit: u32) {
-    write(f::PROC_CONTROLS, read(f::PROC_CONTROLS) & !u64::from(bit));
+    write(
+        f::PROC_CONTROLS,
+        read_basic(f::PROC_CONTROLS) & !u64::from(bit),
+    );
 }
 
 fn handle_exit(st: &mut State, c: &mut Common) -> Next {
-    let full = read(f::EXIT_REASON) as u32;
+    let full = read_basic(f::EXIT_REASON) as u32;
     let reason = full & 0xffff;
-    let q = read(f::EXIT_QUALIFICATION);
+    let q = read_basic(f::EXIT_QUALIFICATION);
     if trace() {
         crate::kprintln!(
             "vm exit {:#x} qual {:#x} rip {:#x} len {} intinfo {:#x} idt {:#x} gpa {:#x}",
             full,
             q,
-            read(f::GUEST_RIP),
-            read(f::EXIT_INSTRUCTION_LEN),
-            read(f::EXIT_INTR_INFO),
-            read(f::IDT_VECTORING_INFO),
-            read(f::GUEST_PHYSICAL_ADDRESS)
+            read_basic(f::GUEST_RIP),
+            read_basic(f::EXIT_INSTRUCTION_LEN),
+            read_basic(f::EXIT_INTR_INFO),
+            read_basic(f::IDT_VECTORING_INFO),
+            read_basic(f::GUEST_PHYSICAL_ADDRESS)
         );
     }
     if full & r::ENTRY_FAILURE != 0 {
@@ -693,26 +713,29 @@ fn handle_exit(st: &mut State, c: &mut Common) -> Next {
     st.launched = true;
     // An event whose delivery the exit interrupted is delivered on the next entry
     // (unless the VMM replaces it).
-    let idt = read(f::IDT_VECTORING_INFO);
+    let idt = read_basic(f::IDT_VECTORING_INFO);
     if idt & inj::VALID != 0 {
         write(f::ENTRY_INTR_INFO, idt & 0x8000_0fff);
         if idt & inj::ERROR_VALID != 0 {
             write(f::ENTRY_EXCEPTION_ERROR, read(f::IDT_VECTORING_ERROR));
         }
         if matches!((idt >> 8) & 7, 4..=6) {
-            write(f::ENTRY_INSTRUCTION_LEN, read(f::EXIT_INSTRUCTION_LEN));
+            write(
+                f::ENTRY_INSTRUCTION_LEN,
+                read_basic(f::EXIT_INSTRUCTION_LEN),
+            );
         }
     }
     c.qual = [q, 0];
     c.inst_len = if has_len(reason) {
-        read(f::EXIT_INSTRUCTION_LEN)
+        read_basic(f::EXIT_INSTRUCTION_LEN)
     } else {
         0
     };
     let nr = match reason {
         r::EXT_INT | r::IO_SMI | r::OTHER_SMI => return Next::Interrupt,
         r::EXCEPTION_NMI => {
-            let info = read(f::EXIT_INTR_INFO);
+            let info = read_basic(f::EXIT_INTR_INFO);
             if (info >> 8) & 7 == 2 {
                 // A host NMI (NMI exiting): the kernel uses none; it is consumed here.
                 return Next::Interrupt;
@@ -721,7 +744,7 @@ fn handle_exit(st: &mut State, c: &mut Common) -> Next {
                 // NMI unblocking by IRET before the fault: blocked again.
                 write(
                     f::GUEST_INTERRUPTIBILITY,
-                    read(f::GUEST_INTERRUPTIBILITY) | BLOCK_NMI,
+                    read_basic(f::GUEST_INTERRUPTIBILITY) | BLOCK_NMI,
                 );
             }
             let (vector, ty) = (info & 0xff, (info >> 8) & 7);
@@ -738,7 +761,7 @@ fn handle_exit(st: &mut State, c: &mut Common) -> Next {
             };
             c.qual = [(info & 0x8000_0fff) | (err << 32), q];
             if matches!((info >> 8) & 7, 5 | 6) {
-                c.inst_len = read(f::EXIT_INSTRUCTION_LEN);
+                c.inst_len = read_basic(f::EXIT_INSTRUCTION_LEN);
             }
             ev::EXCEPTION
         }
@@ -777,14 +800,14 @@ fn handle_exit(st: &mut State, c: &mut Common) -> Next {
         | r::XSETBV => u64::from(reason),
         r::IO => {
             // Size − 1, in, string, rep, port (the operand-encoding bit is left out).
-            c.qual = [q & 0xffff_003f, read(f::EXIT_INSTRUCTION_INFO)];
+            c.qual = [q & 0xffff_003f, read_basic(f::EXIT_INSTRUCTION_INFO)];
             ev::IO
         }
         r::EPT_VIOLATION => {
             if q & (1 << 12) != 0 && idt & inj::VALID == 0 {
                 write(
                     f::GUEST_INTERRUPTIBILITY,
-                    read(f::GUEST_INTERRUPTIBILITY) | BLOCK_NMI,
+                    read_basic(f::GUEST_INTERRUPTIBILITY) | BLOCK_NMI,
                 );
             }
             // The NPT error-code form: present, write, fetch, final / table walk.
@@ -792,12 +815,15 @@ fn handle_exit(st: &mut State, c: &mut Common) -> Next {
             let walk = q & (1 << 7) != 0 && q & (1 << 8) == 0;
             c.qual = [
                 present | (q & 2) | ((q & 4) << 2) | if walk { 1 << 33 } else { 1 << 32 },
-                read(f::GUEST_PHYSICAL_ADDRESS),
+                read_basic(f::GUEST_PHYSICAL_ADDRESS),
             ];
             ev::NPT_FAULT
         }
         r::EPT_MISCONFIG => {
-            c.qual = [1 | (1 << 3) | (1 << 32), read(f::GUEST_PHYSICAL_ADDRESS)];
+            c.qual = [
+                1 | (1 << 3) | (1 << 32),
+                read_basic(f::GUEST_PHYSICAL_ADDRESS),
+            ];
             ev::NPT_FAULT
         }
         _ => {
@@ -822,8 +848,8 @@ fn debug_exit(c: &mut Common, q: u64) {
     if q & dr::DR6_BD != 0 {
         write(f::GUEST_DR7, read(f::GUEST_DR7) & !dr::DR7_GD);
     }
-    if read(f::GUEST_RFLAGS) & RFLAGS_TF != 0
-        && read(f::GUEST_INTERRUPTIBILITY) & BLOCK_STI_MOVSS != 0
+    if read_basic(f::GUEST_RFLAGS) & RFLAGS_TF != 0
+        && read_basic(f::GUEST_INTERRUPTIBILITY) & BLOCK_STI_MOVSS != 0
     {
         write(
             f::GUEST_PENDING_DBG,
@@ -833,6 +859,7 @@ fn debug_exit(c: &mut Common, q: u64) {
 }
 
 /// Writes the state `mtd` selects from VMX vCPU `v` into a handler's UTCB.
+#[inline(always)]
 pub(super) fn get_state(v: &Vcpu, c: &Common, mtd: Mtd, a: &mut ArchState) {
     // SAFETY: the vCPU is bound to this CPU and does not run (it is delivering).
     let st = unsafe { v.state() };
@@ -845,25 +872,25 @@ pub(super) fn get_state(v: &Vcpu, c: &Common, mtd: Mtd, a: &mut ArchState) {
         a.gpr[5..8].copy_from_slice(&g[5..8]);
     }
     if mtd.contains(Mtd::RSP) {
-        a.gpr[4] = read(f::GUEST_RSP);
+        a.gpr[4] = read_basic(f::GUEST_RSP);
     }
     if mtd.contains(Mtd::GPR_R8_R15) {
         a.gpr[8..16].copy_from_slice(&g[8..16]);
     }
     if mtd.contains(Mtd::RIP_LEN) {
-        a.rip = read(f::GUEST_RIP);
+        a.rip = read_basic(f::GUEST_RIP);
     }
     if mtd.contains(Mtd::RFLAGS) {
-        a.rflags = read(f::GUEST_RFLAGS);
+        a.rflags = read_basic(f::GUEST_RFLAGS);
     }
     if mtd.contains(Mtd::INJ) {
-        let e = read(f::ENTRY_INTR_INFO);
+        let e = read_basic(f::ENTRY_INTR_INFO);
         let mut i = if e & inj::VALID != 0 {
             e & 0x8000_0fff
         } else {
             0
         };
-        let p = read(f::PROC_CONTROLS) as u32;
+        let p = read_basic(f::PROC_CONTROLS) as u32;
         if p & proc1::INTR_WINDOW != 0 {
             i |= inj::REQ_INTR_WINDOW;
         }
@@ -871,15 +898,21 @@ pub(super) fn get_state(v: &Vcpu, c: &Common, mtd: Mtd, a: &mut ArchState) {
             i |= inj::REQ_NMI_WINDOW;
         }
         a.inj_info = i;
-        a.inj_error = read(f::ENTRY_EXCEPTION_ERROR);
+        a.inj_error = read_basic(f::ENTRY_EXCEPTION_ERROR);
     }
     if mtd.contains(Mtd::STA) {
-        a.intr_state = read(f::GUEST_INTERRUPTIBILITY) as u32;
-        a.actv_state = read(f::GUEST_ACTIVITY) as u32;
+        a.intr_state = read_basic(f::GUEST_INTERRUPTIBILITY) as u32;
+        a.actv_state = read_basic(f::GUEST_ACTIVITY) as u32;
     }
-    if !mtd.intersects(RARE) {
-        return;
+    if mtd.intersects(RARE) {
+        get_rare(v, st, c, mtd, a);
     }
+}
+
+/// [`get_state`] for the groups in `RARE` (segments, descriptor tables, control and
+/// debug registers, MSRs).
+#[inline(never)]
+fn get_rare(v: &Vcpu, st: &State, c: &Common, mtd: Mtd, a: &mut ArchState) {
     let segs: [(Mtd, u64, &mut Segment); 8] = [
         (Mtd::DS_ES, 3, &mut a.ds),
         (Mtd::DS_ES, 0, &mut a.es),
@@ -962,7 +995,7 @@ pub(super) fn get_state(v: &Vcpu, c: &Common, mtd: Mtd, a: &mut ArchState) {
 
 /// Applies `ctrl` (validated) to the execution controls, keeping the window requests.
 fn apply_ctrl(c: &VmxCaps, ctl: [u64; 2]) {
-    let win = read(f::PROC_CONTROLS) as u32 & (proc1::INTR_WINDOW | proc1::NMI_WINDOW);
+    let win = read_basic(f::PROC_CONTROLS) as u32 & (proc1::INTR_WINDOW | proc1::NMI_WINDOW);
     write(f::PROC_CONTROLS, u64::from(proc1_for(c, ctl[0], win)));
     write(f::PROC_CONTROLS2, u64::from(proc2_for(c, ctl[0])));
     write(
@@ -1052,7 +1085,8 @@ pub(super) fn put_state(v: &Vcpu, c: &mut Common, a: &ArchState) -> bool {
             None => take(false, &mut || {}),
         }
         if injection(req).is_some() {
-            let mut p = read(f::PROC_CONTROLS) as u32 & !(proc1::INTR_WINDOW | proc1::NMI_WINDOW);
+            let mut p =
+                read_basic(f::PROC_CONTROLS) as u32 & !(proc1::INTR_WINDOW | proc1::NMI_WINDOW);
             if a.inj_info & inj::REQ_INTR_WINDOW != 0 {
                 p |= proc1::INTR_WINDOW;
             }

@@ -35,6 +35,15 @@ pub struct CpuInfo {
 }
 
 static INFO: Once<CpuInfo> = Once::new();
+/// [`CpuInfo::xsave`]'s XCR0, 0 without XSAVE: what the VM entry paths compare a guest's
+/// XCR0 with, in one load.
+static HOST_XCR0: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+
+/// The XCR0 every CPU's kernel runs with (0: no XSAVE).
+#[inline(always)]
+pub fn host_xcr0() -> u64 {
+    HOST_XCR0.load(core::sync::atomic::Ordering::Relaxed)
+}
 
 /// Detects the features (once, on the BSP).
 pub fn detect() -> &'static CpuInfo {
@@ -148,6 +157,7 @@ pub unsafe fn init_cpu() {
         cr::write_cr4(c4);
         if let Some(x) = i.xsave {
             cr::write_xcr0(x);
+            HOST_XCR0.store(x, core::sync::atomic::Ordering::Relaxed);
         }
         let mut e = rdmsr(Msr::Efer) | efer::SCE;
         if i.nx {

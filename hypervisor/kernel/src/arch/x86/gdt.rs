@@ -121,6 +121,9 @@ pub unsafe fn init(cpu: usize, rsp0: u64, ist: [u64; 3]) {
         limit: (size_of::<[u64; 8]>() - 1) as u16,
         base: gdt.as_ptr() as u64,
     };
+    let p = crate::percpu::get(cpu);
+    p.gdtr_limit.store(ptr.limit, Ordering::Relaxed);
+    p.gdtr_base.store(ptr.base, Ordering::Relaxed);
     // SAFETY: the GDT is valid and static; the far return reloads CS with the kernel code
     // selector at the next instruction; data selectors are valid; the TSS descriptor is
     // available (not busy) since this GDT is fresh.
@@ -240,35 +243,48 @@ pub fn tss_base(cpu: usize) -> u64 {
     unsafe { core::ptr::addr_of!((*core::ptr::addr_of!(TSS))[cpu].tss) as u64 }
 }
 
-/// Restores this CPU's descriptor-table registers after a VM exit, which sets the GDTR
-/// and IDTR limits to 0xffff (SDM vol. 3C 28.5.2) and TR's limit to 0x67.
+/// Restores this CPU's GDTR limit after a VT-x exit, which sets the GDTR and IDTR
+/// limits to 0xffff (SDM vol. 3C 28.5.2) and TR's limit to 0x67.
 ///
 /// With the GDTR limit at 0xffff, user code could load descriptors from the 64 KiB after
 /// this CPU's GDT (the other CPUs' GDTs and whatever kernel data follows: a DPL-3 call
-/// gate there would lead into ring 0); with TR's limit at 0x67 the I/O permission
-/// bitmap behind the TSS would be hidden from user mode.
+/// gate there would lead into ring 0): the limit goes back at once.
+///
+/// TR's short limit only hides the I/O permission bitmap behind the TSS, which denies
+/// user mode every port (IN/OUT fault with #GP) and loosens nothing; the TSS fields the
+/// processor uses in ring 0 (RSP0, the IST) lie within 0x67. So TR is reloaded lazily:
+/// this marks it short, and the first user #GP after it ([`tr_repair`]) reloads it and
+/// lets the instruction run again. A VMM that never touches a port between two exits of
+/// its vCPU pays nothing for it.
+#[inline(always)]
 pub fn restore_after_vm_exit() {
-    #[repr(C, packed)]
-    struct Ptr {
-        limit: u16,
-        base: u64,
+    // SAFETY: `init` stored this CPU's own GDTR image in its record (the table the
+    // processor already uses: only the limit changes back to the table's size; the
+    // segment registers keep their descriptors).
+    unsafe {
+        core::arch::asm!("lgdt gs:[{off}]", off = const crate::percpu::PERCPU_GDTR, options(readonly, nostack, preserves_flags));
+    }
+    crate::percpu::set_tr_short();
+    // The IDTR limit (0xffff now) needs no repair: vectors go up to 255, so no gate
+    // beyond the IDT's 4 KiB is ever read.
+}
+
+/// For a #GP from user mode: if TR still has the short limit of a VT-x exit
+/// ([`restore_after_vm_exit`]), reloads it with the TSS's full limit and returns true
+/// (the faulting instruction, an I/O access the bitmap may allow, runs again); false if
+/// TR was whole (the #GP is the thread's own).
+pub fn tr_repair() -> bool {
+    if !crate::percpu::take_tr_short() {
+        return false;
     }
     let cpu = crate::percpu::cpu_id();
-    let ptr = Ptr {
-        limit: (size_of::<[u64; 8]>() - 1) as u16,
-        base: gdt_base(cpu),
-    };
-    // SAFETY: this CPU's own GDT (static, set up by `init`, the table the processor
-    // already uses: only the limit changes back to the table's size; the segment
-    // registers keep their descriptors); only this CPU touches it after bring-up, and
-    // clearing the busy bit of its own (loaded) TSS descriptor lets `ltr` load it again
-    // with the full limit.
+    // SAFETY: clearing the busy bit of this CPU's own (loaded) TSS descriptor lets `ltr`
+    // load it again with the full limit; only this CPU touches its GDT after bring-up,
+    // and interrupts are off in the trap handler.
     unsafe {
-        core::arch::asm!("lgdt [{}]", in(reg) &ptr, options(readonly, nostack, preserves_flags));
         let d = core::ptr::addr_of_mut!((*core::ptr::addr_of_mut!(GDT))[cpu][6]);
         d.write_volatile(d.read_volatile() & !(1 << 41));
         core::arch::asm!("ltr {0:x}", in(reg) u64::from(TSS_SEL), options(nostack, preserves_flags));
     }
-    // The IDTR limit (0xffff now) needs no repair: vectors go up to 255, so no gate
-    // beyond the IDT's 4 KiB is ever read.
+    true
 }

@@ -26,7 +26,12 @@ pub extern "C" fn trap_handler(regs: &mut Regs) {
                 .fetch_add(1, core::sync::atomic::Ordering::Relaxed);
         }
         exc::DF => double_fault(regs),
-        0..=31 if regs.from_user() => hooks::user_trap(regs),
+        0..=31 if regs.from_user() => {
+            // An I/O access faulting on the short TR limit a VT-x exit left runs again.
+            if v != exc::GP || !super::gdt::tr_repair() {
+                hooks::user_trap(regs)
+            }
+        }
         0..=31 => kernel_fault(regs),
         VEC_TIMER => {
             apic::eoi();

@@ -105,20 +105,10 @@ static CAPS: spin::Once<Option<VmxCaps>> = spin::Once::new();
 static ENABLED: AtomicBool = AtomicBool::new(false);
 static NEXT_VPID: AtomicU32 = AtomicU32::new(1);
 
-/// Per-CPU VMX state, touched only by its CPU (interrupts off) after bring-up.
-struct PerCpu {
-    /// The VMXON region (0: VMX is off on this CPU).
-    vmxon: AtomicU64,
-    /// The current VMCS (VMPTRLD), 0 for none.
-    current: AtomicU64,
-}
-
-static CPUS: [PerCpu; MAX_CPUS] = [const {
-    PerCpu {
-        vmxon: AtomicU64::new(0),
-        current: AtomicU64::new(0),
-    }
-}; MAX_CPUS];
+/// Per CPU: the VMXON region (0: VMX is off on that CPU). The current VMCS is in the
+/// CPU's own record (`percpu::PerCpu::vmcs`), where the entry path reads it in one
+/// instruction.
+static VMXON: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
 
 fn pair(msr: u32) -> (u32, u32) {
     // SAFETY: called only for VMX capability MSRs, which exist when CPUID reports VMX
@@ -270,7 +260,7 @@ pub fn enabled() -> bool {
 
 /// Whether CPU `cpu` is in VMX operation.
 pub fn enabled_on(cpu: usize) -> bool {
-    cpu < MAX_CPUS && CPUS[cpu].vmxon.load(Ordering::Acquire) != 0
+    cpu < MAX_CPUS && VMXON[cpu].load(Ordering::Acquire) != 0
 }
 
 /// A fresh VMCS or VMXON region: a zeroed frame with the revision identifier.
@@ -326,7 +316,7 @@ pub fn init_cpu(cpu: usize) -> bool {
         crate::mem::free_frame(region);
         return false;
     }
-    CPUS[cpu].vmxon.store(region, Ordering::Release);
+    VMXON[cpu].store(region, Ordering::Release);
     ENABLED.store(true, Ordering::Release);
     true
 }
@@ -337,15 +327,25 @@ pub fn init_cpu(cpu: usize) -> bool {
 /// # Safety
 /// VMX must be on here ([`enabled_on`]) and `vmcs` a VMCS region the caller owns, not
 /// current on any other CPU.
+#[inline(always)]
 pub unsafe fn load(vmcs: u64) -> bool {
-    let p = &CPUS[crate::percpu::cpu_id()];
-    if p.current.load(Ordering::Relaxed) == vmcs {
+    if crate::percpu::vmcs_is(vmcs) {
         return true;
     }
     // SAFETY: forwarded to the caller.
-    unsafe { core::arch::asm!("vmptrld [{}]", in(reg) &vmcs, options(nostack)) };
-    p.current.store(vmcs, Ordering::Relaxed);
+    unsafe { load_slow(vmcs) };
     false
+}
+
+/// [`load`] when `vmcs` is not current.
+///
+/// # Safety
+/// As for [`load`].
+#[inline(never)]
+unsafe fn load_slow(vmcs: u64) {
+    // SAFETY: forwarded to the caller.
+    unsafe { core::arch::asm!("vmptrld [{}]", in(reg) &vmcs, options(nostack)) };
+    crate::percpu::percpu().vmcs.store(vmcs, Ordering::Relaxed);
 }
 
 /// VMCLEAR: writes the VMCS at `vmcs` back to memory and makes it inactive (and not
@@ -355,11 +355,10 @@ pub unsafe fn load(vmcs: u64) -> bool {
 /// VMX must be on here and `vmcs` a VMCS region the caller owns, launched (if at all)
 /// only on this CPU.
 pub unsafe fn clear(vmcs: u64) {
-    let p = &CPUS[crate::percpu::cpu_id()];
     // SAFETY: forwarded to the caller.
     unsafe { core::arch::asm!("vmclear [{}]", in(reg) &vmcs, options(nostack)) };
-    if p.current.load(Ordering::Relaxed) == vmcs {
-        p.current.store(0, Ordering::Relaxed);
+    if crate::percpu::vmcs_is(vmcs) {
+        crate::percpu::percpu().vmcs.store(0, Ordering::Relaxed);
     }
 }
 
