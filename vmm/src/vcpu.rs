@@ -92,6 +92,13 @@ pub trait GuestMemory {
     fn read(&mut self, gpa: u64, buf: &mut [u8]) -> Result<(), Unbacked>;
     /// Writes `buf` at `gpa`; fails (writing nothing) if any of it is not RAM.
     fn write(&mut self, gpa: u64, buf: &[u8]) -> Result<(), Unbacked>;
+    /// Reads the little-endian value of `size` bytes (4 or 8) at `gpa`, a multiple of
+    /// `size`: a page-table entry. Memory that can read it in one access says so here.
+    fn read_entry(&mut self, gpa: u64, size: usize) -> Result<u64, Unbacked> {
+        let mut b = [0u8; 8];
+        self.read(gpa, &mut b[..size.min(8)])?;
+        Ok(u64::from_le_bytes(b))
+    }
 }
 
 /// An event to deliver to the guest at the next VM entry.
@@ -207,16 +214,48 @@ pub enum PagingMode {
 
 /// The vCPU's paging mode.
 pub fn paging_mode(regs: &ArchState) -> PagingMode {
-    if regs.cr0 & bits::CR0_PG == 0 {
-        PagingMode::None
-    } else if regs.cr4 & bits::CR4_PAE == 0 {
-        PagingMode::Bits32
-    } else if !long_mode(regs) {
-        PagingMode::Pae
-    } else if regs.cr4 & bits::CR4_LA57 != 0 {
-        PagingMode::Level5
-    } else {
-        PagingMode::Level4
+    Paging::from(regs).mode()
+}
+
+/// What a page walk needs of the vCPU's state: CR0, CR3, CR4 and EFER (four words,
+/// where [`ArchState`] is hundreds of bytes: the emulator copies these, not that).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Paging {
+    /// CR0.
+    pub cr0: u64,
+    /// CR3.
+    pub cr3: u64,
+    /// CR4.
+    pub cr4: u64,
+    /// EFER.
+    pub efer: u64,
+}
+
+impl From<&ArchState> for Paging {
+    fn from(r: &ArchState) -> Paging {
+        Paging {
+            cr0: r.cr0,
+            cr3: r.cr3,
+            cr4: r.cr4,
+            efer: r.efer,
+        }
+    }
+}
+
+impl Paging {
+    /// The paging mode (as [`paging_mode`]).
+    pub fn mode(&self) -> PagingMode {
+        if self.cr0 & bits::CR0_PG == 0 {
+            PagingMode::None
+        } else if self.cr4 & bits::CR4_PAE == 0 {
+            PagingMode::Bits32
+        } else if self.efer & bits::EFER_LMA == 0 {
+            PagingMode::Pae
+        } else if self.cr4 & bits::CR4_LA57 != 0 {
+            PagingMode::Level5
+        } else {
+            PagingMode::Level4
+        }
     }
 }
 
@@ -283,15 +322,17 @@ const PTE_NX: u64 = 1 << 63;
 const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
 
 /// Translates guest-virtual (linear) address `gva` to guest-physical for `access`,
-/// walking the guest's page tables in guest memory.
+/// walking the guest's page tables in guest memory. `regs`: an [`ArchState`] or its
+/// [`Paging`] part.
 pub fn translate<M: GuestMemory + ?Sized>(
     mem: &mut M,
-    regs: &ArchState,
+    regs: impl Into<Paging>,
     gva: u64,
     access: Access,
 ) -> Result<u64, Fault> {
-    let mode = paging_mode(regs);
-    let gva = if long_mode(regs) {
+    let regs: Paging = regs.into();
+    let mode = regs.mode();
+    let gva = if regs.efer & bits::EFER_LMA != 0 {
         gva
     } else {
         gva & 0xffff_ffff
@@ -306,9 +347,7 @@ pub fn translate<M: GuestMemory + ?Sized>(
             | ((access.fetch && nxe) as u32) << 4,
     };
     let read_entry = |mem: &mut M, addr: u64, size: usize| -> Result<u64, Fault> {
-        let mut b = [0u8; 8];
-        mem.read(addr, &mut b[..size]).map_err(Fault::Unbacked)?;
-        Ok(u64::from_le_bytes(b))
+        mem.read_entry(addr, size).map_err(Fault::Unbacked)
     };
 
     let (levels, mut table, wide) = match mode {
@@ -381,11 +420,12 @@ pub fn translate<M: GuestMemory + ?Sized>(
 /// Reads `buf.len()` bytes at guest-virtual `gva`, page by page.
 pub fn read_virt<M: GuestMemory + ?Sized>(
     mem: &mut M,
-    regs: &ArchState,
+    regs: impl Into<Paging>,
     gva: u64,
     buf: &mut [u8],
     access: Access,
 ) -> Result<(), Fault> {
+    let regs: Paging = regs.into();
     let mut done = 0;
     while done < buf.len() {
         let va = gva.wrapping_add(done as u64);
@@ -402,11 +442,12 @@ pub fn read_virt<M: GuestMemory + ?Sized>(
 /// writing any, so a fault writes nothing).
 pub fn write_virt<M: GuestMemory + ?Sized>(
     mem: &mut M,
-    regs: &ArchState,
+    regs: impl Into<Paging>,
     gva: u64,
     buf: &[u8],
     access: Access,
 ) -> Result<(), Fault> {
+    let regs: Paging = regs.into();
     let access = Access {
         write: true,
         ..access

@@ -33,7 +33,9 @@ use iced_x86::{
 };
 
 use crate::bus::{Action, Bus};
-use crate::vcpu::{self, bits, gpr_mtd, Access, ArchState, Fault, Mtd, Platform, PAGE_SIZE};
+use crate::vcpu::{
+    self, bits, gpr_mtd, Access, ArchState, Fault, Mtd, Paging, Platform, PAGE_SIZE,
+};
 
 /// The longest x86 instruction.
 pub const MAX_INSN_LEN: usize = 15;
@@ -136,19 +138,20 @@ pub fn instruction_length(bytes: &[u8], bits: u32) -> Result<usize, EmulError> {
 pub fn fetch<P: Platform + ?Sized>(
     p: &mut P,
 ) -> Result<([u8; MAX_INSN_LEN], usize, Option<Fault>), Fault> {
-    let regs = *p.regs();
-    let bits = vcpu::code_bits(&regs);
+    let regs = p.regs();
+    let bits = vcpu::code_bits(regs);
     let lin = regs.cs.base.wrapping_add(mask_ip(regs.rip, bits));
-    let access = Access::FETCH.at_cpl(&regs);
+    let access = Access::FETCH.at_cpl(regs);
+    let regs = Paging::from(regs);
     let mut buf = [0u8; MAX_INSN_LEN];
     let first = ((PAGE_SIZE - (lin & (PAGE_SIZE - 1))) as usize).min(MAX_INSN_LEN);
-    vcpu::read_virt(p, &regs, lin, &mut buf[..first], access)?;
+    vcpu::read_virt(p, regs, lin, &mut buf[..first], access)?;
     if first == MAX_INSN_LEN {
         return Ok((buf, first, None));
     }
     match vcpu::read_virt(
         p,
-        &regs,
+        regs,
         lin.wrapping_add(first as u64),
         &mut buf[first..],
         access,
@@ -325,13 +328,14 @@ impl<P: Platform + ?Sized> Cx<'_, P> {
         if let (true, Some(gpa)) = (hinted, self.hint) {
             return Ok((gpa & !(PAGE_SIZE - 1)) | (lin & (PAGE_SIZE - 1)));
         }
-        let regs = *self.p.regs();
+        let regs = self.p.regs();
         let access = Access {
             write,
             ..Access::READ
         }
-        .at_cpl(&regs);
-        vcpu::translate(self.p, &regs, lin, access).map_err(EmulError::Access)
+        .at_cpl(regs);
+        let regs = Paging::from(regs);
+        vcpu::translate(self.p, regs, lin, access).map_err(EmulError::Access)
     }
 
     /// Splits a linear access at page boundaries: (offset into the buffer, length).
