@@ -279,8 +279,14 @@ pub fn bench(emulator: Emulator, opts: &crate::bench::Options) -> Result<Vec<Fig
     }
     kernels.dedup();
     let path = workspace::out_dir("bench")?.join("vmexit.json");
-    let earlier = crate::bench::read_report(&path).map_or(Vec::new(), |r| r.figures);
-    let all = replace_mode(earlier, &figures, mode(emulator));
+    let (earlier, from) = crate::bench::read_report(&path).map_or((Vec::new(), None), |r| {
+        let from = format!(
+            "from an earlier run (at or before {}, {})",
+            r.provenance.commit, r.provenance.date
+        );
+        (r.figures, Some(from))
+    });
+    let all = replace_mode(earlier, &figures, mode(emulator), from.as_deref());
     let provenance = crate::provenance::Provenance::now(mode(emulator), kernels);
     crate::bench::write_results(
         "vmexit",
@@ -295,9 +301,25 @@ pub fn bench(emulator: Emulator, opts: &crate::bench::Options) -> Result<Vec<Fig
     Ok(figures)
 }
 
-/// `earlier` without its entries in `mode`, followed by `new`.
-pub fn replace_mode(earlier: Vec<Figure>, new: &[Figure], mode: &str) -> Vec<Figure> {
-    let mut all: Vec<Figure> = earlier.into_iter().filter(|f| f.mode != mode).collect();
+/// `earlier` without its entries in `mode`, followed by `new`. The entries kept (other
+/// modes: the other emulator's last run) get the note `from` unless they have one: the
+/// report's provenance is the new run's, so a kept row says that it is older.
+pub fn replace_mode(
+    earlier: Vec<Figure>,
+    new: &[Figure],
+    mode: &str,
+    from: Option<&str>,
+) -> Vec<Figure> {
+    let mut all: Vec<Figure> = earlier
+        .into_iter()
+        .filter(|f| f.mode != mode)
+        .map(|mut f| {
+            if f.note.is_none() {
+                f.note = from.map(str::to_string);
+            }
+            f
+        })
+        .collect();
     all.extend_from_slice(new);
     all
 }
@@ -338,10 +360,12 @@ mod tests {
         let e = parse_bench_lines("BENCH vmexit_hlt 1 tsc-ticks\n", MODE_QEMU);
         let b = parse_bench_lines("BENCH vmexit_hlt 2 tsc-ticks\n", MODE_BOCHS);
         let n = parse_bench_lines("BENCH vmexit_hlt 3 tsc-ticks\n", MODE_QEMU);
-        let all = replace_mode([e, b.clone()].concat(), &n, MODE_QEMU);
+        let all = replace_mode([e, b.clone()].concat(), &n, MODE_QEMU, Some("from x"));
         assert_eq!(all.len(), 2);
-        assert_eq!(all[0], b[0]);
+        assert_eq!(all[0].peregrine, b[0].peregrine);
+        assert_eq!(all[0].note.as_deref(), Some("from x"), "a kept row says so");
         assert_eq!(all[1].peregrine, Some(3.0));
+        assert_eq!(all[1].note, None);
         assert_eq!(mode(Emulator::Bochs), "bochs-vmx");
     }
 
