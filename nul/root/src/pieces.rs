@@ -60,7 +60,7 @@ mod tests {
     #[test]
     fn congruent_ranges_map_in_large_pieces() {
         // A 530-page segment at virtual page 0x45d: at a physical page congruent modulo
-        // 512 it maps in 11 pieces; at 0x4a71 (not congruent) in hundreds.
+        // 512 it maps in 11 pieces; at 0x4a71 (not congruent) in 135.
         let good = dual_pieces(0x45d, 0x4c5d, 530).count();
         let bad = dual_pieces(0x45d, 0x4a71, 530).count();
         assert!(good <= 12 && bad > 100, "{good} {bad}");
