@@ -27,6 +27,7 @@ const CHECKS: &[&str] = &[
     "msr",
     "exception",
     "smp",
+    "pio_string",
 ];
 
 /// Fails the test when the KVM baseline cannot run here: a test that did not run is not

@@ -55,6 +55,7 @@ const CHECKS: &[&str] = &[
     "rdtsc",
     "msr",
     "exception",
+    "pio_string",
 ];
 
 fn assert_checks(r: &RunResult, tag: &str, smp: bool) {

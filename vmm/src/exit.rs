@@ -192,9 +192,11 @@ pub fn portal_mtd(event: u64) -> Mtd {
         ev::HLT => Mtd::RIP_LEN | Mtd::RFLAGS | Mtd::STA,
         ev::CR_ACCESS => Mtd::GPRS | Mtd::CR | Mtd::EFER | Mtd::CS_SS | Mtd::RIP_LEN | Mtd::QUAL,
         ev::INVD | ev::WBINVD | ev::RECALL => Mtd::RIP_LEN,
+        // IN and OUT: the port and size are in the qualification, the value in RAX.
+        ev::IO => Mtd::GPR_ACDB | Mtd::RIP_LEN | Mtd::QUAL,
         // Emulating MMIO accesses and string I/O needs the registers, the segments and
         // the paging state.
-        ev::NPT_FAULT | ev::IO => {
+        ev::NPT_FAULT | ev::IO_STRING => {
             Mtd::GPRS
                 | Mtd::RIP_LEN
                 | Mtd::RFLAGS
@@ -300,7 +302,7 @@ impl Machine {
                 skip(p.regs_mut(), 2);
                 Step::Resume
             }
-            ev::IO => self.io(p),
+            ev::IO | ev::IO_STRING => self.io(p),
             ev::NPT_FAULT => self.npt(p),
             ev::HLT => {
                 if rflags & bits::IF == 0 {

@@ -611,7 +611,8 @@ impl Pc {
                     | Mtd::PAT
                     | Mtd::TSC
             }
-            ev::NPT_FAULT | ev::IO | ev::EXCEPTION => {
+            ev::IO => Mtd::GPR_ACDB | Mtd::QUAL,
+            ev::NPT_FAULT | ev::IO_STRING | ev::EXCEPTION => {
                 Mtd::GPRS | Mtd::CS_SS | Mtd::DS_ES | Mtd::FS_GS | Mtd::CR | Mtd::EFER | Mtd::QUAL
             }
             ev::CR_ACCESS => Mtd::GPRS | Mtd::CR | Mtd::EFER | Mtd::CS_SS | Mtd::QUAL,
@@ -768,7 +769,7 @@ impl Pc {
                 skip(p.regs_mut(), 2);
                 Step::Resume
             }
-            ev::IO => self.io(p),
+            ev::IO | ev::IO_STRING => self.io(p),
             ev::NPT_FAULT => self.npt(p, vcpu),
             ev::HLT => {
                 let regs = p.regs_mut();

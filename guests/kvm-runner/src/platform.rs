@@ -114,7 +114,9 @@ impl<W: Write> Platform<W> {
             PORT_START_CPU => Request::StartCpu(value(first) as u32),
             PORT_EXIT => Request::Exit(value(first) as u32),
             PORT_ECHO => {
-                self.echo = value(first) as u32;
+                // String output: the last element stays.
+                let last = data.chunks(size.max(1)).last().unwrap_or(first);
+                self.echo = value(last) as u32;
                 Request::None
             }
             _ => Request::None,

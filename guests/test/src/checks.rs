@@ -48,6 +48,7 @@ const CHECKS: &[Check] = &[
     ("msr", msr),
     ("exception", exception),
     ("smp", smp),
+    ("pio_string", pio_string),
 ];
 
 /// Runs the check list (`smp` only with `cpus` ≥ 2) and returns the end code.
@@ -122,6 +123,44 @@ fn pio_in() -> Verdict {
         "in 0x81",
         arch::inl(crate::PORT_MAGIC).into(),
         crate::MAGIC_IN.into(),
+    )
+}
+
+/// String I/O: `rep insd` from the magic port fills exactly the elements RCX counts and
+/// moves RDI past them; `rep outsd` to the echo port leaves the last element there.
+fn pio_string() -> Verdict {
+    let mut buf = [0u32; 4];
+    let dst = buf.as_mut_ptr();
+    let (left, end): (u64, u64);
+    // SAFETY: the instruction writes two dwords at `dst`, inside `buf`; DF is clear (the
+    // ABI's state at every Rust call).
+    unsafe {
+        core::arch::asm!("rep insd", in("dx") crate::PORT_MAGIC, inout("rdi") dst => end,
+                         inout("rcx") 2u64 => left, options(nostack));
+    }
+    expect("rcx after rep insd", left, 0)?;
+    expect("rdi after rep insd", end, dst as u64 + 8)?;
+    for (i, want) in [crate::MAGIC_IN, crate::MAGIC_IN, 0, 0]
+        .into_iter()
+        .enumerate()
+    {
+        // SAFETY: `buf` is live; the volatile read sees what the emulated store wrote.
+        let got = unsafe { core::ptr::read_volatile(dst.add(i)) };
+        expect("element after rep insd", got.into(), want.into())?;
+    }
+    let src = [0x2468_ace0_u32, 0x1357_9bdf];
+    let (left, end): (u64, u64);
+    // SAFETY: the instruction reads the two dwords of `src`; DF is clear.
+    unsafe {
+        core::arch::asm!("rep outsd", in("dx") crate::PORT_ECHO, inout("rsi") src.as_ptr() => end,
+                         inout("rcx") 2u64 => left, options(nostack, readonly));
+    }
+    expect("rcx after rep outsd", left, 0)?;
+    expect("rsi after rep outsd", end, src.as_ptr() as u64 + 8)?;
+    expect(
+        "in 0x82 after rep outsd",
+        arch::inl(crate::PORT_ECHO).into(),
+        src[1].into(),
     )
 }
 

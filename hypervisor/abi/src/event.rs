@@ -92,6 +92,11 @@ pub mod vcpu {
     pub const WBINVD: u64 = 54;
     /// XSETBV.
     pub const XSETBV: u64 = 55;
+    /// String I/O (INS/OUTS, with or without REP): the qualification of [`IO`]. A port
+    /// access of its own so that the plain IN/OUT portal need not transfer the state
+    /// only an instruction emulator needs (segments, control registers): each portal's
+    /// MTD fits its exit.
+    pub const IO_STRING: u64 = 0xfc;
     /// A backend-specific exit with no common number (e.g. SVM's VMRUN, VMLOAD, VMSAVE,
     /// STGI, CLGI, SKINIT, INVLPGA executed by the guest): `qual[0]` is the raw exit
     /// code, `qual[1]` the raw exit information. A VMM usually injects #UD.

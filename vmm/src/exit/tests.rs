@@ -202,13 +202,13 @@ fn ports_console_magic_exception_start_and_done() {
     v.regs.gpr[gpr::RCX] = 4;
     v.regs.gpr[gpr::RDX] = 0xe9;
     v.regs.qual[0] = io_qual(0xe9, 1, false) | 1 << 4 | 1 << 5;
-    assert_eq!(exit(&m, &mut v, ev::IO), Step::Resume);
+    assert_eq!(exit(&m, &mut v, ev::IO_STRING), Step::Resume);
     assert_eq!(lines.lock().last().map(|l| l.as_slice()), Some(&b"rep"[..]));
     v.regs.gpr[gpr::RDI] = 0x3000;
     v.regs.gpr[gpr::RCX] = 2;
     v.regs.gpr[gpr::RDX] = 0x81;
     v.regs.qual[0] = io_qual(0x81, 4, true) | 1 << 4 | 1 << 5;
-    exit(&m, &mut v, ev::IO);
+    exit(&m, &mut v, ev::IO_STRING);
     let mut d = [0u8; 8];
     v.read(0x3000, &mut d).unwrap();
     assert_eq!(d, [0xa5, 0xa5, 0x5a, 0x5a, 0xa5, 0xa5, 0x5a, 0x5a]);

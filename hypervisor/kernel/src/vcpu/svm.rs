@@ -337,7 +337,12 @@ fn handle_exit(vm: Vmcb, st: &mut Common) -> Next {
             if i2 > rip && i2 - rip <= 15 {
                 st.inst_len = i2 - rip;
             }
-            ev::IO
+            // EXITINFO1 bit 2: INS/OUTS.
+            if i1 & (1 << 2) != 0 {
+                ev::IO_STRING
+            } else {
+                ev::IO
+            }
         }
         exit::MSR => {
             if i1 & 1 != 0 {

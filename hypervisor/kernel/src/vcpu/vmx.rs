@@ -801,7 +801,12 @@ fn handle_exit(st: &mut State, c: &mut Common) -> Next {
         r::IO => {
             // Size − 1, in, string, rep, port (the operand-encoding bit is left out).
             c.qual = [q & 0xffff_003f, read_basic(f::EXIT_INSTRUCTION_INFO)];
-            ev::IO
+            // Qualification bit 4: INS/OUTS.
+            if q & (1 << 4) != 0 {
+                ev::IO_STRING
+            } else {
+                ev::IO
+            }
         }
         r::EPT_VIOLATION => {
             if q & (1 << 12) != 0 && idt & inj::VALID == 0 {
