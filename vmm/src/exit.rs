@@ -28,7 +28,7 @@ use peregrine_abi::event::vcpu as ev;
 
 use crate::boot::{self, BootInfo};
 use crate::bus::{Action, Bus, SharedDevice};
-use crate::emul::{self, BusIo, EmulError};
+use crate::emul::{self, BusIo, DecodeCaches, EmulError};
 use crate::sync::SpinLock;
 use crate::testdev::{self, LineSink, Mode};
 use crate::vcpu::{bits, gpr, vector, ArchState, Event, Fault, Mtd, Platform};
@@ -237,6 +237,8 @@ pub struct Machine {
     exits: AtomicU64,
     undefined: AtomicU64,
     reflected: Reflected,
+    /// Per vCPU: the instructions its MMIO and string I/O exits decoded.
+    decoded: DecodeCaches,
 }
 
 impl Machine {
@@ -262,6 +264,7 @@ impl Machine {
             exits: AtomicU64::new(0),
             undefined: AtomicU64::new(0),
             reflected: Reflected::default(),
+            decoded: DecodeCaches::new(cfg.vcpus),
         }
     }
 
@@ -302,8 +305,8 @@ impl Machine {
                 skip(p.regs_mut(), 2);
                 Step::Resume
             }
-            ev::IO | ev::IO_STRING => self.io(p),
-            ev::NPT_FAULT => self.npt(p),
+            ev::IO | ev::IO_STRING => self.io(p, vcpu),
+            ev::NPT_FAULT => self.npt(p, vcpu),
             ev::HLT => {
                 if rflags & bits::IF == 0 {
                     return Step::Stop;
@@ -435,7 +438,7 @@ impl Machine {
         set_cpuid_result(regs, v);
     }
 
-    fn io<P: Platform + ?Sized>(&self, p: &mut P) -> Step {
+    fn io<P: Platform + ?Sized>(&self, p: &mut P, vcpu: u32) -> Step {
         let r = p.regs();
         let (q, rip, inst_len) = (r.qual[0], r.rip, r.inst_len);
         if q & (1 << 4) != 0 {
@@ -444,7 +447,7 @@ impl Machine {
                 mmio: &self.mmio,
                 pio: &self.pio,
             };
-            let res = emul::emulate(p, &mut io, None);
+            let res = self.decoded.emulate(vcpu, p, &mut io, None);
             return self.emulated(p, res, rip);
         }
         if inst_len == 0 {
@@ -454,7 +457,7 @@ impl Machine {
         self.act(p, action)
     }
 
-    fn npt<P: Platform + ?Sized>(&self, p: &mut P) -> Step {
+    fn npt<P: Platform + ?Sized>(&self, p: &mut P, vcpu: u32) -> Step {
         let r = p.regs();
         let (gpa, fetch, rip) = (r.qual[1], r.qual[0] & (1 << 4) != 0, r.rip);
         if fetch {
@@ -472,7 +475,7 @@ impl Machine {
             mmio: &self.mmio,
             pio: &self.pio,
         };
-        let res = emul::emulate(p, &mut io, Some(gpa));
+        let res = self.decoded.emulate(vcpu, p, &mut io, Some(gpa));
         self.emulated(p, res, rip)
     }
 

@@ -40,7 +40,7 @@ use crate::bus::BusDevice;
 use crate::bus::{Action, Bus, IrqLine, SharedDevice};
 use crate::clock::{Clock, NS_PER_SEC};
 use crate::cpuid::{self, KvmCpuid};
-use crate::emul::{self, BusIo, EmulError};
+use crate::emul::{self, BusIo, DecodeCaches, EmulError};
 use crate::exit::{port_io, set_cpuid_result, skip, CpuidFn, End, Step};
 use crate::hpet::{Hpet, IrqPins, HPET_BASE, HPET_SIZE};
 use crate::ioapic::{
@@ -319,6 +319,8 @@ pub struct Pc {
     cpuid: CpuidFn,
     kvm: KvmCpuid,
     apics: Arc<Apics>,
+    /// Per vCPU: the instructions its MMIO and string I/O exits decoded.
+    decoded: DecodeCaches,
     lapics: Vec<Arc<SpinLock<Lapic>>>,
     ioapic: Arc<SpinLock<IoApic>>,
     pit: Arc<SpinLock<Pit>>,
@@ -533,6 +535,7 @@ impl Pc {
             .map(|_| SpinLock::new(msr::Msrs::default()))
             .collect();
         Ok(Self {
+            decoded: DecodeCaches::new(vcpus),
             pio,
             mmio,
             cfg: PcConfig { vcpus, ..cfg },
@@ -769,7 +772,7 @@ impl Pc {
                 skip(p.regs_mut(), 2);
                 Step::Resume
             }
-            ev::IO | ev::IO_STRING => self.io(p),
+            ev::IO | ev::IO_STRING => self.io(p, vcpu),
             ev::NPT_FAULT => self.npt(p, vcpu),
             ev::HLT => {
                 let regs = p.regs_mut();
@@ -953,7 +956,7 @@ impl Pc {
         set_cpuid_result(regs, v);
     }
 
-    fn io<P: Platform + ?Sized>(&self, p: &mut P) -> Step {
+    fn io<P: Platform + ?Sized>(&self, p: &mut P, vcpu: u32) -> Step {
         let r = p.regs();
         let (q, rip, inst_len) = (r.qual[0], r.rip, r.inst_len);
         if q & (1 << 4) != 0 {
@@ -961,7 +964,7 @@ impl Pc {
                 mmio: &self.mmio,
                 pio: &self.pio,
             };
-            let res = emul::emulate(p, &mut io, None);
+            let res = self.decoded.emulate(vcpu, p, &mut io, None);
             return self.emulated(p, res, rip);
         }
         if inst_len == 0 {
@@ -986,13 +989,13 @@ impl Pc {
                 mmio: &bus,
                 pio: &self.pio,
             };
-            emul::emulate(p, &mut io, Some(gpa))
+            self.decoded.emulate(vcpu, p, &mut io, Some(gpa))
         } else {
             let mut io = BusIo {
                 mmio: &self.mmio,
                 pio: &self.pio,
             };
-            emul::emulate(p, &mut io, Some(gpa))
+            self.decoded.emulate(vcpu, p, &mut io, Some(gpa))
         };
         self.emulated(p, res, rip)
     }

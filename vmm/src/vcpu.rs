@@ -350,71 +350,75 @@ pub fn translate<M: GuestMemory + ?Sized>(
         mem.read_entry(addr, size).map_err(Fault::Unbacked)
     };
 
-    let (levels, mut table, wide) = match mode {
+    // Per mode: the first table, the shift of the first level's index, and the entry
+    // format (8-byte entries with 9 index bits, or 4-byte ones with 10).
+    let (mut table, mut shift, wide) = match mode {
         PagingMode::None => return Ok(gva),
-        PagingMode::Bits32 => (2, regs.cr3 & 0xffff_f000, false),
+        PagingMode::Bits32 => (regs.cr3 & 0xffff_f000, 22, false),
         PagingMode::Pae => {
             let pdpte = read_entry(mem, (regs.cr3 & 0xffff_ffe0) + ((gva >> 30) & 3) * 8, 8)?;
             if pdpte & PTE_P == 0 {
                 return Err(pf(false, false));
             }
-            (2, pdpte & ADDR_MASK, true)
+            (pdpte & ADDR_MASK, 21, true)
         }
-        PagingMode::Level4 => (4, regs.cr3 & ADDR_MASK, true),
-        PagingMode::Level5 => (5, regs.cr3 & ADDR_MASK, true),
+        PagingMode::Level4 => (regs.cr3 & ADDR_MASK, 39, true),
+        PagingMode::Level5 => (regs.cr3 & ADDR_MASK, 48, true),
     };
-    let (mut writable, mut user_ok, mut no_exec) = (true, true, false);
-    for level in (1..=levels).rev() {
-        let (shift, index_bits, entry_size) = if wide {
-            (12 + 9 * (level - 1), 0x1ff, 8)
-        } else {
-            (12 + 10 * (level - 1), 0x3ff, 4)
-        };
+    let (step, index_mask, entry_size, addr_mask) = if wide {
+        (9, 0x1ff, 8, ADDR_MASK)
+    } else {
+        (10, 0x3ff, 4, 0xffff_f000)
+    };
+    // Large pages: PS is honoured in the PDPTE and PDE (wide) and, with CR4.PSE, in the
+    // 32-bit PDE; in a PML4E or PML5E it is reserved; else it is ignored.
+    let ps_max = if !wide && regs.cr4 & bits::CR4_PSE == 0 {
+        0
+    } else {
+        30
+    };
+    // The AND of every level's R/W and U/S bits, the OR of their XD bits (a 4-byte entry
+    // has none).
+    let (mut all, mut any) = (PTE_RW | PTE_US, 0);
+    loop {
         let entry = read_entry(
             mem,
-            table + ((gva >> shift) & index_bits) * entry_size,
+            table + ((gva >> shift) & index_mask) * entry_size,
             entry_size as usize,
         )?;
         if entry & PTE_P == 0 {
             return Err(pf(false, false));
         }
-        if wide && entry & PTE_NX != 0 && !nxe {
+        if entry & PTE_NX != 0 && !nxe {
             return Err(pf(true, true));
         }
-        writable &= entry & PTE_RW != 0;
-        user_ok &= entry & PTE_US != 0;
-        no_exec |= wide && entry & PTE_NX != 0;
-        let large = level > 1 && entry & PTE_PS != 0;
-        if large && (level > 3 || (!wide && regs.cr4 & bits::CR4_PSE == 0)) {
-            if wide {
-                return Err(pf(true, true)); // PS is reserved in PML4E/PML5E
-            }
-            // Without CR4.PSE the PS bit of a 32-bit PDE is ignored.
-        } else if large || level == 1 {
+        all &= entry;
+        any |= entry;
+        let large = shift > 12 && entry & PTE_PS != 0;
+        if large && wide && shift > 30 {
+            return Err(pf(true, true)); // PS is reserved in PML4E/PML5E
+        }
+        if shift == 12 || (large && shift <= ps_max) {
             let page_mask = (1u64 << shift) - 1;
-            let frame = if !wide && large {
+            let frame = if !wide && shift > 12 {
                 // PSE-36: PDE bits 20:13 are physical-address bits 39:32.
                 (entry & 0xffc0_0000) | ((entry >> 13) & 0xff) << 32
-            } else if wide {
-                entry & ADDR_MASK & !page_mask
             } else {
-                entry & 0xffff_f000
+                entry & addr_mask & !page_mask
             };
-            if access.user && !user_ok
-                || access.write && !writable && (access.user || regs.cr0 & bits::CR0_WP != 0)
-                || access.fetch && no_exec
+            if access.user && all & PTE_US == 0
+                || access.write
+                    && all & PTE_RW == 0
+                    && (access.user || regs.cr0 & bits::CR0_WP != 0)
+                || access.fetch && any & PTE_NX != 0
             {
                 return Err(pf(true, false));
             }
             return Ok(frame | (gva & page_mask));
         }
-        table = if wide {
-            entry & ADDR_MASK
-        } else {
-            entry & 0xffff_f000
-        };
+        table = entry & addr_mask;
+        shift -= step;
     }
-    unreachable!("the last level always maps a page")
 }
 
 /// Reads `buf.len()` bytes at guest-virtual `gva`, page by page.
@@ -691,5 +695,163 @@ mod tests {
         assert_eq!(gpr_mtd(gpr::R9), Mtd::GPR_R8_R15);
         v.set_timer(Some(5));
         assert_eq!(v.timer, Some(5));
+    }
+
+    /// The page walk as it was written first (level by level, every level's format
+    /// decided inside the loop): the differential test's reference.
+    fn reference_translate<M: GuestMemory + ?Sized>(
+        mem: &mut M,
+        regs: impl Into<Paging>,
+        gva: u64,
+        access: Access,
+    ) -> Result<u64, Fault> {
+        let regs: Paging = regs.into();
+        let mode = regs.mode();
+        let gva = if regs.efer & bits::EFER_LMA != 0 {
+            gva
+        } else {
+            gva & 0xffff_ffff
+        };
+        let nxe = regs.efer & bits::EFER_NXE != 0 && mode != PagingMode::Bits32;
+        let pf = |present: bool, rsvd: bool| Fault::PageFault {
+            addr: gva,
+            error: present as u32
+                | (access.write as u32) << 1
+                | (access.user as u32) << 2
+                | (rsvd as u32) << 3
+                | ((access.fetch && nxe) as u32) << 4,
+        };
+        let read_entry = |mem: &mut M, addr: u64, size: usize| -> Result<u64, Fault> {
+            mem.read_entry(addr, size).map_err(Fault::Unbacked)
+        };
+
+        let (levels, mut table, wide) = match mode {
+            PagingMode::None => return Ok(gva),
+            PagingMode::Bits32 => (2, regs.cr3 & 0xffff_f000, false),
+            PagingMode::Pae => {
+                let pdpte = read_entry(mem, (regs.cr3 & 0xffff_ffe0) + ((gva >> 30) & 3) * 8, 8)?;
+                if pdpte & PTE_P == 0 {
+                    return Err(pf(false, false));
+                }
+                (2, pdpte & ADDR_MASK, true)
+            }
+            PagingMode::Level4 => (4, regs.cr3 & ADDR_MASK, true),
+            PagingMode::Level5 => (5, regs.cr3 & ADDR_MASK, true),
+        };
+        let (mut writable, mut user_ok, mut no_exec) = (true, true, false);
+        for level in (1..=levels).rev() {
+            let (shift, index_bits, entry_size) = if wide {
+                (12 + 9 * (level - 1), 0x1ff, 8)
+            } else {
+                (12 + 10 * (level - 1), 0x3ff, 4)
+            };
+            let entry = read_entry(
+                mem,
+                table + ((gva >> shift) & index_bits) * entry_size,
+                entry_size as usize,
+            )?;
+            if entry & PTE_P == 0 {
+                return Err(pf(false, false));
+            }
+            if wide && entry & PTE_NX != 0 && !nxe {
+                return Err(pf(true, true));
+            }
+            writable &= entry & PTE_RW != 0;
+            user_ok &= entry & PTE_US != 0;
+            no_exec |= wide && entry & PTE_NX != 0;
+            let large = level > 1 && entry & PTE_PS != 0;
+            if large && (level > 3 || (!wide && regs.cr4 & bits::CR4_PSE == 0)) {
+                if wide {
+                    return Err(pf(true, true)); // PS is reserved in PML4E/PML5E
+                }
+                // Without CR4.PSE the PS bit of a 32-bit PDE is ignored.
+            } else if large || level == 1 {
+                let page_mask = (1u64 << shift) - 1;
+                let frame = if !wide && large {
+                    // PSE-36: PDE bits 20:13 are physical-address bits 39:32.
+                    (entry & 0xffc0_0000) | ((entry >> 13) & 0xff) << 32
+                } else if wide {
+                    entry & ADDR_MASK & !page_mask
+                } else {
+                    entry & 0xffff_f000
+                };
+                if access.user && !user_ok
+                    || access.write && !writable && (access.user || regs.cr0 & bits::CR0_WP != 0)
+                    || access.fetch && no_exec
+                {
+                    return Err(pf(true, false));
+                }
+                return Ok(frame | (gva & page_mask));
+            }
+            table = if wide {
+                entry & ADDR_MASK
+            } else {
+                entry & 0xffff_f000
+            };
+        }
+        unreachable!("the last level always maps a page")
+    }
+
+    /// Random page tables in every mode, random addresses and accesses: the walk gives
+    /// what the reference gives (address, fault and error code alike).
+    #[test]
+    fn walk_matches_the_reference_walk() {
+        let mut rng = crate::testutil::Rng::new(0x7a1c);
+        for round in 0..400 {
+            let mut v = MockVcpu::new(0x2_0000);
+            // Tables among 32 pages; entries point into them or past RAM, with random
+            // flags (P, R/W, U/S, PS, XD set often).
+            for page in 0..32u64 {
+                for e in 0..512u64 {
+                    let target = if rng.below(8) == 0 {
+                        0x4_0000
+                    } else {
+                        rng.below(32) << 12
+                    };
+                    let mut entry =
+                        target | rng.below(2) << 22 | rng.below(4) << 13 | rng.below(0x200);
+                    entry |= 1 | if rng.below(3) == 0 { 0 } else { 6 };
+                    if rng.below(4) == 0 {
+                        entry |= PTE_NX;
+                    }
+                    if rng.below(6) == 0 {
+                        entry &= !1;
+                    }
+                    v.put_u64((page << 12) + e * 8, entry);
+                }
+            }
+            let r = &mut v.regs;
+            r.cr0 = bits::CR0_PE | bits::CR0_PG | if rng.below(2) == 0 { bits::CR0_WP } else { 0 };
+            r.cr3 = rng.below(32) << 12 | rng.below(0x1000) & 0xfe0;
+            r.cr4 = [
+                0,
+                bits::CR4_PSE,
+                bits::CR4_PAE,
+                bits::CR4_PAE | bits::CR4_LA57,
+            ][round % 4];
+            r.efer = if round % 4 >= 2 && rng.below(3) != 0 {
+                bits::EFER_LME | bits::EFER_LMA
+            } else {
+                0
+            } | if rng.below(2) == 0 { bits::EFER_NXE } else { 0 };
+            if rng.below(10) == 0 {
+                r.cr0 &= !bits::CR0_PG;
+            }
+            let regs = v.regs;
+            for _ in 0..64 {
+                let gva = rng.next_u64();
+                let access = Access {
+                    write: rng.below(2) == 0,
+                    fetch: rng.below(3) == 0,
+                    user: rng.below(2) == 0,
+                };
+                assert_eq!(
+                    translate(&mut v, &regs, gva, access),
+                    reference_translate(&mut v, &regs, gva, access),
+                    "gva {gva:#x}, {access:?}, {:?}",
+                    Paging::from(&regs)
+                );
+            }
+        }
     }
 }

@@ -32,7 +32,10 @@ use iced_x86::{
     Decoder, DecoderError, DecoderOptions, Instruction, MemorySize, Mnemonic, OpKind, Register,
 };
 
+use alloc::vec::Vec;
+
 use crate::bus::{Action, Bus};
+use crate::sync::SpinLock;
 use crate::vcpu::{
     self, bits, gpr_mtd, Access, ArchState, Fault, Mtd, Paging, Platform, PAGE_SIZE,
 };
@@ -169,12 +172,39 @@ pub fn emulate<P: Platform + ?Sized>(
     io: &mut dyn Io,
     gpa: Option<u64>,
 ) -> Result<Outcome, EmulError> {
+    emulate_with(p, io, gpa, None)
+}
+
+/// [`emulate`] with the vCPU's [`DecodeCache`]: an instruction at the same RIP with the
+/// same bytes in the same code size is not decoded again.
+pub fn emulate_cached<P: Platform + ?Sized>(
+    p: &mut P,
+    io: &mut dyn Io,
+    gpa: Option<u64>,
+    cache: &mut DecodeCache,
+) -> Result<Outcome, EmulError> {
+    emulate_with(p, io, gpa, Some(cache))
+}
+
+fn emulate_with<P: Platform + ?Sized>(
+    p: &mut P,
+    io: &mut dyn Io,
+    gpa: Option<u64>,
+    cache: Option<&mut DecodeCache>,
+) -> Result<Outcome, EmulError> {
     let (bytes, n, fault) = fetch(p).map_err(EmulError::Fetch)?;
-    match emulate_bytes(p, io, &bytes[..n], gpa) {
+    let bits = vcpu::code_bits(p.regs());
+    let rip = p.regs().rip;
+    let insn = match cache {
+        Some(c) => c.decode(&bytes, n, bits, rip),
+        None => decode(&bytes[..n], bits, rip),
+    };
+    match insn {
+        Ok(insn) => run(p, io, &insn, bits, gpa),
         // The instruction runs into a page the guest cannot fetch: that fault is the
         // guest's.
         Err(EmulError::Truncated) => Err(fault.map_or(EmulError::Invalid, EmulError::Fetch)),
-        r => r,
+        Err(e) => Err(e),
     }
 }
 
@@ -187,10 +217,21 @@ pub fn emulate_bytes<P: Platform + ?Sized>(
 ) -> Result<Outcome, EmulError> {
     let bits = vcpu::code_bits(p.regs());
     let insn = decode(bytes, bits, p.regs().rip)?;
+    run(p, io, &insn, bits, gpa)
+}
+
+/// Executes the decoded `insn` (at CS:RIP, in `bits`-bit code).
+fn run<P: Platform + ?Sized>(
+    p: &mut P,
+    io: &mut dyn Io,
+    insn: &Instruction,
+    bits: u32,
+    gpa: Option<u64>,
+) -> Result<Outcome, EmulError> {
     let mut cx = Cx {
         p,
         io,
-        insn: &insn,
+        insn,
         hint: gpa,
         action: None,
     };
@@ -212,6 +253,96 @@ pub fn emulate_bytes<P: Platform + ?Sized>(
         done,
         action,
     })
+}
+
+/// A machine's decode caches, one per vCPU (each locked only by its vCPU's exits).
+#[derive(Default)]
+pub struct DecodeCaches(Vec<SpinLock<DecodeCache>>);
+
+impl DecodeCaches {
+    /// Caches for `vcpus` vCPUs.
+    pub fn new(vcpus: u32) -> Self {
+        Self(
+            (0..vcpus)
+                .map(|_| SpinLock::new(DecodeCache::default()))
+                .collect(),
+        )
+    }
+
+    /// [`emulate_cached`] with vCPU `vcpu`'s cache ([`emulate`] for a vCPU without).
+    pub fn emulate<P: Platform + ?Sized>(
+        &self,
+        vcpu: u32,
+        p: &mut P,
+        io: &mut dyn Io,
+        gpa: Option<u64>,
+    ) -> Result<Outcome, EmulError> {
+        match self.0.get(vcpu as usize) {
+            Some(c) => emulate_cached(p, io, gpa, &mut c.lock()),
+            None => emulate(p, io, gpa),
+        }
+    }
+}
+
+/// Entries of a [`DecodeCache`].
+const DECODE_ENTRIES: usize = 8;
+
+/// One vCPU's recently decoded instructions, by RIP. A guest touches MMIO from a few
+/// instructions (a driver's register accessors), again and again; constructing iced's
+/// decoder and decoding costs hundreds of instructions an exit, comparing the fetched
+/// bytes with a kept decode a dozen. The key is everything the decode depends on: the
+/// instruction's bytes (fetched afresh at every exit, so a changed or remapped
+/// instruction is decoded again), the code size and RIP (RIP-relative operands).
+#[derive(Clone, Default)]
+pub struct DecodeCache {
+    entries: [Decoded; DECODE_ENTRIES],
+}
+
+/// A decoded instruction and its key (`len` 0: empty).
+#[derive(Clone, Copy, Default)]
+struct Decoded {
+    rip: u64,
+    bits: u32,
+    len: u32,
+    /// The instruction's bytes, little-endian, zero past `len`.
+    bytes: u128,
+    insn: Instruction,
+}
+
+impl DecodeCache {
+    /// The instruction at the start of the `n` valid bytes of `bytes`, fetched at
+    /// `rip` in `bits`-bit code: kept, or decoded (and kept).
+    pub fn decode(
+        &mut self,
+        bytes: &[u8; MAX_INSN_LEN],
+        n: usize,
+        bits: u32,
+        rip: u64,
+    ) -> Result<Instruction, EmulError> {
+        let mut b = [0u8; 16];
+        b[..MAX_INSN_LEN].copy_from_slice(bytes);
+        let word = u128::from_le_bytes(b);
+        let mask = |len: u32| (1u128 << (8 * len.min(15))) - 1;
+        let slot = &mut self.entries[(rip ^ rip >> 5) as usize % DECODE_ENTRIES];
+        if slot.len != 0
+            && slot.rip == rip
+            && slot.bits == bits
+            && slot.len as usize <= n
+            && word & mask(slot.len) == slot.bytes
+        {
+            return Ok(slot.insn);
+        }
+        let insn = decode(&bytes[..n.min(MAX_INSN_LEN)], bits, rip)?;
+        let len = insn.len() as u32;
+        *slot = Decoded {
+            rip,
+            bits,
+            len,
+            bytes: word & mask(len),
+            insn,
+        };
+        Ok(insn)
+    }
 }
 
 fn decode(bytes: &[u8], bits: u32, rip: u64) -> Result<Instruction, EmulError> {
@@ -240,23 +371,56 @@ fn size_mask(size: usize) -> u64 {
     }
 }
 
+/// Per iced [`Register`] from AL on (AL–R15L, AX–R15W, EAX–R15D, RAX–R15, in iced's
+/// order): the [`ArchState::gpr`] index, the size in bytes and the bit position (8 for
+/// AH–BH), packed as `index | size << 4 | shift << 8`, 0 where none. A table, since the
+/// emulator asks for every operand of every exit.
+const GPRS: [u16; 68] = {
+    let mut t = [0u16; 68];
+    let mut i = 0;
+    while i < 16 {
+        let byte = if i < 4 {
+            (i, 0)
+        } else if i < 8 {
+            (i - 4, 8) // AH, CH, DH, BH
+        } else {
+            (i - 4, 0) // SPL.. R11L: AL + 8 is SPL (index 4)
+        };
+        t[i] = (byte.0 | 1 << 4 | byte.1 << 8) as u16;
+        t[20 + i] = (i | 2 << 4) as u16;
+        t[36 + i] = (i | 4 << 4) as u16;
+        t[52 + i] = (i | 8 << 4) as u16;
+        i += 1;
+    }
+    while i < 20 {
+        t[i] = ((i - 4) | 1 << 4) as u16; // R12L..R15L
+        i += 1;
+    }
+    t
+};
+
+// The layout [`GPRS`] assumes.
+const _: () = {
+    let al = Register::AL as usize;
+    assert!(Register::R15L as usize == al + 19);
+    assert!(Register::AX as usize == al + 20);
+    assert!(Register::EAX as usize == al + 36);
+    assert!(Register::RAX as usize == al + 52);
+    assert!(Register::R15 as usize == al + 67);
+};
+
 /// A general-purpose register: its [`ArchState::gpr`] index, size in bytes and bit
 /// position (8 for AH–BH).
 fn gpr(r: Register) -> Option<(usize, usize, u32)> {
-    let n = r as usize;
-    let al = Register::AL as usize;
-    let ax = Register::AX as usize;
-    let eax = Register::EAX as usize;
-    let rax = Register::RAX as usize;
-    Some(match n {
-        _ if (al..al + 4).contains(&n) => (n - al, 1, 0),
-        _ if (al + 4..al + 8).contains(&n) => (n - al - 4, 1, 8),
-        _ if (al + 8..ax).contains(&n) => (n - al - 4, 1, 0),
-        _ if (ax..eax).contains(&n) => (n - ax, 2, 0),
-        _ if (eax..rax).contains(&n) => (n - eax, 4, 0),
-        _ if (rax..rax + 16).contains(&n) => (n - rax, 8, 0),
-        _ => return None,
-    })
+    let e = *GPRS.get((r as usize).wrapping_sub(Register::AL as usize))?;
+    if e == 0 {
+        return None;
+    }
+    Some((
+        usize::from(e & 0xf),
+        usize::from(e >> 4 & 0xf),
+        u32::from(e >> 8),
+    ))
 }
 
 fn get_reg(regs: &ArchState, r: Register) -> Option<u64> {

@@ -638,3 +638,106 @@ fn bus_io_uses_the_buses() {
     assert_eq!(b[0], 6);
     assert_eq!(io.write(Space::Mmio, 0, &[6]), None);
 }
+
+/// The register table gives what the first, range-by-range, mapping gave, for every
+/// iced register.
+#[test]
+fn gpr_table_matches_the_ranges() {
+    fn reference(r: Register) -> Option<(usize, usize, u32)> {
+        let n = r as usize;
+        let al = Register::AL as usize;
+        let ax = Register::AX as usize;
+        let eax = Register::EAX as usize;
+        let rax = Register::RAX as usize;
+        Some(match n {
+            _ if (al..al + 4).contains(&n) => (n - al, 1, 0),
+            _ if (al + 4..al + 8).contains(&n) => (n - al - 4, 1, 8),
+            _ if (al + 8..ax).contains(&n) => (n - al - 4, 1, 0),
+            _ if (ax..eax).contains(&n) => (n - ax, 2, 0),
+            _ if (eax..rax).contains(&n) => (n - eax, 4, 0),
+            _ if (rax..rax + 16).contains(&n) => (n - rax, 8, 0),
+            _ => return None,
+        })
+    }
+    for r in Register::values() {
+        assert_eq!(super::gpr(r), reference(r), "{r:?}");
+    }
+    assert_eq!(super::gpr(Register::AH), Some((0, 1, 8)));
+    assert_eq!(super::gpr(Register::SIL), Some((gpr::RSI, 1, 0)));
+    assert_eq!(super::gpr(Register::R13W), Some((gpr::R13, 2, 0)));
+}
+
+/// Random instruction bytes in every code size, looked up again and again, some bytes
+/// changed between lookups: the cache answers what a fresh decode answers, every time.
+#[test]
+fn decode_cache_answers_what_the_decoder_answers() {
+    let mut rng = crate::testutil::Rng::new(0xdec0de);
+    let mut cache = DecodeCache::default();
+    // A pool of RIPs (colliding in the cache's slots) and of instructions.
+    let rips: Vec<u64> = (0..12).map(|_| rng.next_u64() & 0xffff_ffff).collect();
+    let mut codes: Vec<[u8; MAX_INSN_LEN]> = (0..12)
+        .map(|_| core::array::from_fn(|_| rng.byte()))
+        .collect();
+    let (mut hits, mut same) = (0, 0);
+    for _ in 0..20_000 {
+        let rip = rips[rng.below(12) as usize];
+        let bits = [16, 32, 64][rng.below(3) as usize];
+        let c = rng.below(12) as usize;
+        if rng.chance(8) {
+            codes[c][rng.below(MAX_INSN_LEN as u64) as usize] = rng.byte();
+        }
+        let n = if rng.chance(4) {
+            rng.below(MAX_INSN_LEN as u64 + 1) as usize
+        } else {
+            MAX_INSN_LEN
+        };
+        let want = decode(&codes[c][..n], bits, rip);
+        let got = cache.decode(&codes[c], n, bits, rip);
+        match (&want, &got) {
+            (Ok(a), Ok(b)) => {
+                assert!(a.eq_all_bits(b), "{a:?} vs {b:?} at {rip:#x}/{bits}");
+                assert_eq!(a.len(), b.len());
+                same += 1;
+            }
+            _ => assert_eq!(want.err(), got.err()),
+        }
+        // A second lookup of the same is a hit, and the same instruction.
+        if let Ok(a) = got {
+            let again = cache.decode(&codes[c], n, bits, rip).unwrap();
+            assert!(a.eq_all_bits(&again));
+            hits += 1;
+        }
+    }
+    assert!(same > 5_000 && hits > 5_000, "{same} decodes, {hits} hits");
+}
+
+/// The cached path emulates as the uncached one: an MMIO store through it twice, then
+/// the instruction byte changed in RAM (`mov [rbx], eax` becomes `mov [rbx], al`).
+#[test]
+fn cached_emulation_sees_changed_code() {
+    let mut v = MockVcpu::new(RAM);
+    v.regs.cr0 = bits::CR0_PE;
+    v.regs.cs.ar = bits::AR_DB;
+    v.regs.rip = CODE;
+    v.regs.gpr[gpr::RAX] = 0x1122_3344;
+    v.regs.gpr[gpr::RBX] = MMIO;
+    let mut cache = DecodeCache::default();
+    let mut io = TestIo::default();
+    v.put(CODE, &[0x89, 0x03]); // mov [rbx], eax
+    for _ in 0..2 {
+        v.regs.rip = CODE;
+        let o = emulate_cached(&mut v, &mut io, Some(MMIO), &mut cache).unwrap();
+        assert_eq!(o.len, 2);
+    }
+    v.put(CODE, &[0x88, 0x03]); // mov [rbx], al
+    v.regs.rip = CODE;
+    emulate_cached(&mut v, &mut io, Some(MMIO), &mut cache).unwrap();
+    assert_eq!(
+        io.writes(),
+        [
+            (MMIO, std::vec![0x44, 0x33, 0x22, 0x11]),
+            (MMIO, std::vec![0x44, 0x33, 0x22, 0x11]),
+            (MMIO, std::vec![0x44])
+        ]
+    );
+}
