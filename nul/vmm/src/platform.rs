@@ -40,6 +40,22 @@ impl GuestRam {
 impl GuestMemory for GuestRam {
     fn read(&mut self, gpa: u64, buf: &mut [u8]) -> Result<(), Unbacked> {
         let src = self.at(gpa, buf.len())?;
+        let n = buf.len();
+        if (8..=16).contains(&n) {
+            // An instruction fetch (15 bytes) or an operand: two overlapping 8-byte
+            // loads, not a call to memcpy.
+            // SAFETY: as below; both loads lie in `[src, src + n)` (8 ≤ n), unaligned
+            // reads of plain bytes.
+            let (a, b) = unsafe {
+                (
+                    (src as *const u64).read_unaligned(),
+                    (src.add(n - 8) as *const u64).read_unaligned(),
+                )
+            };
+            buf[..8].copy_from_slice(&a.to_ne_bytes());
+            buf[n - 8..].copy_from_slice(&b.to_ne_bytes());
+            return Ok(());
+        }
         // SAFETY: `at` checked that the range lies in guest RAM, which `new`'s contract
         // keeps mapped; the guest may change it concurrently (other vCPUs), which only
         // makes the copied bytes stale, never invalid (plain bytes); `buf` is ours.

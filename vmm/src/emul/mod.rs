@@ -141,8 +141,16 @@ pub fn instruction_length(bytes: &[u8], bits: u32) -> Result<usize, EmulError> {
 pub fn fetch<P: Platform + ?Sized>(
     p: &mut P,
 ) -> Result<([u8; MAX_INSN_LEN], usize, Option<Fault>), Fault> {
+    let bits = vcpu::code_bits(p.regs());
+    fetch_in(p, bits)
+}
+
+/// [`fetch`] for a vCPU running `bits`-bit code.
+fn fetch_in<P: Platform + ?Sized>(
+    p: &mut P,
+    bits: u32,
+) -> Result<([u8; MAX_INSN_LEN], usize, Option<Fault>), Fault> {
     let regs = p.regs();
-    let bits = vcpu::code_bits(regs);
     let lin = regs.cs.base.wrapping_add(mask_ip(regs.rip, bits));
     let access = Access::FETCH.at_cpl(regs);
     let regs = Paging::from(regs);
@@ -192,15 +200,19 @@ fn emulate_with<P: Platform + ?Sized>(
     gpa: Option<u64>,
     cache: Option<&mut DecodeCache>,
 ) -> Result<Outcome, EmulError> {
-    let (bytes, n, fault) = fetch(p).map_err(EmulError::Fetch)?;
     let bits = vcpu::code_bits(p.regs());
+    let (bytes, n, fault) = fetch_in(p, bits).map_err(EmulError::Fetch)?;
     let rip = p.regs().rip;
+    let decoded;
     let insn = match cache {
         Some(c) => c.decode(&bytes, n, bits, rip),
-        None => decode(&bytes[..n], bits, rip),
+        None => {
+            decoded = decode(&bytes[..n], bits, rip);
+            decoded.as_ref().map_err(|&e| e)
+        }
     };
     match insn {
-        Ok(insn) => run(p, io, &insn, bits, gpa),
+        Ok(insn) => run(p, io, insn, bits, gpa),
         // The instruction runs into a page the guest cannot fetch: that fault is the
         // guest's.
         Err(EmulError::Truncated) => Err(fault.map_or(EmulError::Invalid, EmulError::Fetch)),
@@ -232,6 +244,7 @@ fn run<P: Platform + ?Sized>(
         p,
         io,
         insn,
+        bits,
         hint: gpa,
         action: None,
     };
@@ -306,6 +319,8 @@ struct Decoded {
     len: u32,
     /// The instruction's bytes, little-endian, zero past `len`.
     bytes: u128,
+    /// Ones over the instruction's bytes.
+    mask: u128,
     insn: Instruction,
 }
 
@@ -318,30 +333,30 @@ impl DecodeCache {
         n: usize,
         bits: u32,
         rip: u64,
-    ) -> Result<Instruction, EmulError> {
+    ) -> Result<&Instruction, EmulError> {
         let mut b = [0u8; 16];
         b[..MAX_INSN_LEN].copy_from_slice(bytes);
         let word = u128::from_le_bytes(b);
-        let mask = |len: u32| (1u128 << (8 * len.min(15))) - 1;
         let slot = &mut self.entries[(rip ^ rip >> 5) as usize % DECODE_ENTRIES];
-        if slot.len != 0
+        let hit = slot.len != 0
             && slot.rip == rip
             && slot.bits == bits
             && slot.len as usize <= n
-            && word & mask(slot.len) == slot.bytes
-        {
-            return Ok(slot.insn);
+            && word & slot.mask == slot.bytes;
+        if !hit {
+            let insn = decode(&bytes[..n.min(MAX_INSN_LEN)], bits, rip)?;
+            let len = insn.len() as u32;
+            let mask = (1u128 << (8 * len.min(15))) - 1;
+            *slot = Decoded {
+                rip,
+                bits,
+                len,
+                mask,
+                bytes: word & mask,
+                insn,
+            };
         }
-        let insn = decode(&bytes[..n.min(MAX_INSN_LEN)], bits, rip)?;
-        let len = insn.len() as u32;
-        *slot = Decoded {
-            rip,
-            bits,
-            len,
-            bytes: word & mask(len),
-            insn,
-        };
-        Ok(insn)
+        Ok(&slot.insn)
     }
 }
 
@@ -444,7 +459,9 @@ fn set_reg(regs: &mut ArchState, r: Register, v: u64) -> Option<()> {
     Some(())
 }
 
-fn seg_base(regs: &ArchState, seg: Register) -> Option<u64> {
+/// The base of segment register `seg` for an access by `bits`-bit code (0 for all but
+/// FS and GS in 64-bit code).
+fn seg_base(regs: &ArchState, seg: Register, bits: u32) -> Option<u64> {
     let s = match seg {
         Register::ES => &regs.es,
         Register::CS => &regs.cs,
@@ -454,7 +471,7 @@ fn seg_base(regs: &ArchState, seg: Register) -> Option<u64> {
         Register::GS => &regs.gs,
         _ => return None,
     };
-    let flat = vcpu::code_bits(regs) == 64 && !matches!(seg, Register::FS | Register::GS);
+    let flat = bits == 64 && !matches!(seg, Register::FS | Register::GS);
     Some(if flat { 0 } else { s.base })
 }
 
@@ -473,6 +490,8 @@ struct Cx<'a, P: Platform + ?Sized> {
     p: &'a mut P,
     io: &'a mut dyn Io,
     insn: &'a Instruction,
+    /// The code size (16, 32 or 64) the instruction was decoded in.
+    bits: u32,
     hint: Option<u64>,
     action: Option<Action>,
 }
@@ -561,10 +580,10 @@ impl<P: Platform + ?Sized> Cx<'_, P> {
             .find(|&i| insn.op_kind(i) == OpKind::Memory)
             .ok_or_else(|| self.unsupported())?;
         let size = mem_size(insn.memory_size()).ok_or_else(|| self.unsupported())?;
-        let regs = self.regs();
+        let (regs, bits) = (self.regs(), self.bits);
         let lin = insn
             .virtual_address(i, 0, |r, _, _| {
-                get_reg(regs, r).or_else(|| seg_base(regs, r))
+                get_reg(regs, r).or_else(|| seg_base(regs, r, bits))
             })
             .ok_or_else(|| self.unsupported())?;
         let lin = if vcpu::long_mode(regs) {
@@ -823,8 +842,12 @@ impl<P: Platform + ?Sized> Cx<'_, P> {
             let regs = self.regs();
             let rsi = get_reg(regs, si).unwrap_or(0);
             let rdi = get_reg(regs, di).unwrap_or(0);
-            let src = seg_base(regs, src_seg).unwrap_or(0).wrapping_add(rsi);
-            let dst = seg_base(regs, Register::ES).unwrap_or(0).wrapping_add(rdi);
+            let src = seg_base(regs, src_seg, self.bits)
+                .unwrap_or(0)
+                .wrapping_add(rsi);
+            let dst = seg_base(regs, Register::ES, self.bits)
+                .unwrap_or(0)
+                .wrapping_add(rdi);
             let (src, dst) = if vcpu::long_mode(regs) {
                 (src, dst)
             } else {

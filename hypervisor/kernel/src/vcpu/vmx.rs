@@ -331,12 +331,14 @@ fn seg_vmx_ok(i: u64, s: &Segment) -> bool {
 }
 
 /// Segment `i` (0 ES, 1 CS, 2 SS, 3 DS, 4 FS, 5 GS, 6 LDTR, 7 TR).
+/// Guest segment register `i` (in VMX's ES, CS, SS, DS, FS, GS, LDTR, TR order): fields
+/// of the basic VMCS layout, read without zeroing (an MMIO exit reads six segments).
 fn seg(i: u64) -> Segment {
     Segment {
-        sel: read(f::GUEST_ES_SEL + 2 * i) as u16,
-        ar: ar_from_vmx(read(f::GUEST_ES_AR + 2 * i)),
-        limit: read(f::GUEST_ES_LIMIT + 2 * i) as u32,
-        base: read(f::GUEST_ES_BASE + 2 * i),
+        sel: read_basic(f::GUEST_ES_SEL + 2 * i) as u16,
+        ar: ar_from_vmx(read_basic(f::GUEST_ES_AR + 2 * i)),
+        limit: read_basic(f::GUEST_ES_LIMIT + 2 * i) as u32,
+        base: read_basic(f::GUEST_ES_BASE + 2 * i),
     }
 }
 
@@ -950,12 +952,13 @@ fn get_rare(v: &Vcpu, st: &State, c: &Common, mtd: Mtd, a: &mut ArchState) {
         };
     }
     if mtd.contains(Mtd::CR) {
-        let m0 = read(f::CR0_MASK);
-        let m4 = read(f::CR4_MASK);
-        a.cr0 = (read(f::GUEST_CR0) & !m0) | (read(f::CR0_SHADOW) & m0);
-        a.cr4 = (read(f::GUEST_CR4) & !m4) | (read(f::CR4_SHADOW) & m4);
+        // Basic-layout fields: read without zeroing.
+        let m0 = read_basic(f::CR0_MASK);
+        let m4 = read_basic(f::CR4_MASK);
+        a.cr0 = (read_basic(f::GUEST_CR0) & !m0) | (read_basic(f::CR0_SHADOW) & m0);
+        a.cr4 = (read_basic(f::GUEST_CR4) & !m4) | (read_basic(f::CR4_SHADOW) & m4);
         a.cr2 = st.cr2;
-        a.cr3 = read(f::GUEST_CR3);
+        a.cr3 = read_basic(f::GUEST_CR3);
         a.cr8 = if v.vapic != 0 {
             // SAFETY: the virtual-APIC page is the vCPU's own, mapped in the physmap.
             let t =
