@@ -1,10 +1,12 @@
 //! vCPU exit handling for the test guest's machine, platform-neutral.
 //!
 //! [`Machine`] holds the VM's two buses with the test devices ([`crate::testdev`]) and
-//! answers every vCPU event (`peregrine_abi::event::vcpu`) on a [`Platform`]: it reads
-//! and changes the register file the exit delivered, marks what it changed in the MTD,
-//! and says what the VMM must do next ([`Step`]). `nul/vmm` calls it from its exit
-//! portals; the unit tests call it on a [`MockVcpu`](crate::testutil::MockVcpu).
+//! is a [`Board`] over the machine core ([`crate::machine`]): the core answers every
+//! [`Exit`] on a [`Platform`] (it reads and changes the register file the exit
+//! delivered, marks what it changed in the MTD, and says what the VMM must do next, a
+//! [`Step`]); the board adds the test contract's CPUID, MSR, HLT and hypercall. `nul/vmm`
+//! calls it from its exit portals; the unit tests call it on a
+//! [`MockVcpu`](crate::testutil::MockVcpu).
 //!
 //! [`portal_mtd`] is the state each event's portal must transfer for the handler here:
 //! the handler reads nothing else and changes nothing else (besides the groups it
@@ -28,10 +30,11 @@ use peregrine_abi::event::vcpu as ev;
 
 use crate::boot::{self, BootInfo};
 use crate::bus::{Action, Bus, SharedDevice};
-use crate::emul::{self, BusIo, DecodeCaches, EmulError};
+use crate::emul::EmulError;
+use crate::machine::{self, Board, Core, Exit, PortIo};
 use crate::sync::SpinLock;
 use crate::testdev::{self, LineSink, Mode};
-use crate::vcpu::{bits, gpr, vector, ArchState, Event, Fault, Mtd, Platform};
+use crate::vcpu::{bits, gpr, vector, ArchState, Event, Mtd, Platform};
 
 /// Host CPUID: `(leaf, subleaf) -> [eax, ebx, ecx, edx]`.
 pub type CpuidFn = fn(u32, u32) -> [u32; 4];
@@ -231,14 +234,9 @@ pub struct Machine {
     /// MMIO.
     pub mmio: Bus,
     cfg: Config,
-    cpuid: CpuidFn,
+    core: Core,
     msr: AtomicU64,
     started: AtomicU64,
-    exits: AtomicU64,
-    undefined: AtomicU64,
-    reflected: Reflected,
-    /// Per vCPU: the instructions its MMIO and string I/O exits decoded.
-    decoded: DecodeCaches,
 }
 
 impl Machine {
@@ -258,13 +256,9 @@ impl Machine {
             pio,
             mmio,
             cfg,
-            cpuid,
+            core: Core::new(cfg.vcpus, cpuid),
             msr: AtomicU64::new(0),
             started: AtomicU64::new(1),
-            exits: AtomicU64::new(0),
-            undefined: AtomicU64::new(0),
-            reflected: Reflected::default(),
-            decoded: DecodeCaches::new(cfg.vcpus),
         }
     }
 
@@ -275,124 +269,24 @@ impl Machine {
 
     /// Events handled so far (STARTUP not counted).
     pub fn exits(&self) -> u64 {
-        self.exits.load(Ordering::Relaxed)
+        self.core.exits()
     }
 
     /// Instructions behind MMIO or string I/O exits answered with #UD: invalid, or
     /// beyond what the emulator does.
     pub fn undefined(&self) -> u64 {
-        self.undefined.load(Ordering::Relaxed)
+        self.core.undefined()
     }
 
-    /// Handles `event` of vCPU `vcpu`, whose state `p` holds. The caller clears the MTD
+    /// Handles `exit` of vCPU `vcpu`, whose state `p` holds. The caller clears the MTD
     /// before (so it names exactly what changed) and replies with it after.
-    pub fn handle<P: Platform + ?Sized>(&self, p: &mut P, vcpu: u32, event: u64) -> Step {
-        if event != ev::STARTUP {
-            self.exits.fetch_add(1, Ordering::Relaxed);
-        }
-        // The few values read below, not a copy of the whole register file (every exit
-        // pays for what it copies).
-        let r = p.regs();
-        let (rip, rflags, qual) = (r.rip, r.rflags, r.qual);
-        let (rax, rcx, rdx) = (r.gpr[gpr::RAX], r.gpr[gpr::RCX], r.gpr[gpr::RDX]);
-        match event {
-            ev::STARTUP => {
-                self.entry_state(p.regs_mut(), vcpu);
-                Step::Resume
-            }
-            ev::CPUID => {
-                self.cpuid(p.regs_mut(), vcpu);
-                skip(p.regs_mut(), 2);
-                Step::Resume
-            }
-            ev::IO | ev::IO_STRING => self.io(p, vcpu),
-            ev::NPT_FAULT => self.npt(p, vcpu),
-            ev::HLT => {
-                if rflags & bits::IF == 0 {
-                    return Step::Stop;
-                }
-                let regs = p.regs_mut();
-                skip(regs, 1);
-                regs.intr_state &= !3;
-                regs.mtd |= Mtd::STA;
-                p.inject(Event::Interrupt(testdev::WAKE_VECTOR));
-                Step::Resume
-            }
-            ev::VMCALL => {
-                let regs = p.regs_mut();
-                regs.gpr[gpr::RAX] = if regs.gpr[gpr::RAX] == testdev::HYPERCALL {
-                    regs.gpr[gpr::RBX].wrapping_add(1)
-                } else {
-                    HC_ENOSYS
-                };
-                regs.mtd |= Mtd::GPR_ACDB;
-                skip(regs, 3);
-                Step::Resume
-            }
-            ev::RDMSR | ev::WRMSR => {
-                if rcx as u32 != testdev::TEST_MSR {
-                    p.inject(gp0());
-                    return Step::Resume;
-                }
-                let regs = p.regs_mut();
-                if event == ev::RDMSR {
-                    let v = self.msr.load(Ordering::Relaxed);
-                    regs.gpr[gpr::RAX] = v & 0xffff_ffff;
-                    regs.gpr[gpr::RDX] = v >> 32;
-                    regs.mtd |= Mtd::GPR_ACDB;
-                } else {
-                    let v = (regs.gpr[gpr::RDX] << 32) | (regs.gpr[gpr::RAX] & 0xffff_ffff);
-                    self.msr.store(v, Ordering::Relaxed);
-                }
-                skip(regs, 2);
-                Step::Resume
-            }
-            ev::XSETBV => {
-                let v = (rdx << 32) | (rax & 0xffff_ffff);
-                let [lo, _, _, hi] = (self.cpuid)(0xd, 0);
-                let host = u64::from(lo) | u64::from(hi) << 32;
-                let ok =
-                    rcx as u32 == 0 && v & 1 != 0 && (v & 4 == 0 || v & 2 != 0) && v & !host == 0;
-                if !ok {
-                    p.inject(gp0());
-                    return Step::Resume;
-                }
-                let regs = p.regs_mut();
-                regs.xcr0 = v;
-                regs.mtd |= Mtd::XSAVE;
-                skip(regs, 3);
-                Step::Resume
-            }
-            ev::INVD | ev::WBINVD => {
-                skip(p.regs_mut(), 2);
-                Step::Resume
-            }
-            // VMRUN and the other SVM instructions, MONITOR/MWAIT: not offered.
-            ev::OTHER | ev::MONITOR | ev::MWAIT => {
-                p.inject(Event::Exception {
-                    vector: vector::UD,
-                    error: None,
-                });
-                Step::Resume
-            }
-            ev::RECALL => Step::Resume,
-            ev::CR_ACCESS => cr_access(p, qual[0], rip, cr4_supported(self.cpuid)),
-            ev::EXCEPTION => match reflect(p) {
-                Some(v) => {
-                    self.reflected.count(v);
-                    Step::Resume
-                }
-                None => Step::End(End::Unhandled { event, qual, rip }),
-            },
-            ev::TRIPLE_FAULT => Step::End(End::TripleFault { rip }),
-            ev::INVALID_STATE => Step::End(End::InvalidState { qual }),
-            _ => Step::End(End::Unhandled { event, qual, rip }),
-        }
+    pub fn handle<P: Platform + ?Sized>(&self, p: &mut P, vcpu: u32, exit: Exit) -> Step {
+        machine::handle(self, p, vcpu, exit)
     }
 
     /// Exceptions of vector `v` reflected into the guest so far.
     pub fn reflected(&self, v: u8) -> u64 {
-        self.reflected.get(v)
+        self.core.reflected(v)
     }
 
     /// The contract's entry state for vCPU `vcpu`, every group it sets marked.
@@ -414,13 +308,13 @@ impl Machine {
         regs.mtd |= Mtd::STA | Mtd::INJ;
     }
 
-    fn cpuid(&self, regs: &mut ArchState, vcpu: u32) {
+    fn cpuid_result(&self, regs: &mut ArchState, vcpu: u32) {
         let leaf = regs.gpr[gpr::RAX] as u32;
         let sub = regs.gpr[gpr::RCX] as u32;
         let mut v = match leaf {
             // The hypervisor range: no paravirtual interface offered to this guest.
             0x4000_0000..=0x4fff_ffff => [0; 4],
-            _ => (self.cpuid)(leaf, sub),
+            _ => (self.core.cpuid)(leaf, sub),
         };
         match leaf {
             1 => {
@@ -437,106 +331,102 @@ impl Machine {
         }
         set_cpuid_result(regs, v);
     }
+}
 
-    fn io<P: Platform + ?Sized>(&self, p: &mut P, vcpu: u32) -> Step {
-        let r = p.regs();
-        let (q, rip, inst_len) = (r.qual[0], r.rip, r.inst_len);
-        if q & (1 << 4) != 0 {
-            // INS/OUTS: the emulator runs them (up to `emul::MAX_REP` iterations).
-            let mut io = BusIo {
-                mmio: &self.mmio,
-                pio: &self.pio,
-            };
-            let res = self.decoded.emulate(vcpu, p, &mut io, None);
-            return self.emulated(p, res, rip);
-        }
-        if inst_len == 0 {
-            return Step::End(End::NoLength { rip });
-        }
-        let action = port_io(&self.pio, p.regs_mut());
-        self.act(p, action)
+impl Board for Machine {
+    #[inline]
+    fn core(&self) -> &Core {
+        &self.core
     }
 
-    fn npt<P: Platform + ?Sized>(&self, p: &mut P, vcpu: u32) -> Step {
-        let r = p.regs();
-        let (gpa, fetch, rip) = (r.qual[1], r.qual[0] & (1 << 4) != 0, r.rip);
-        if fetch {
-            // An instruction fetch where no RAM is: the all-ones an empty bus reads
-            // decode to `ff ff`, no instruction: #UD (counted: `undefined`).
-            let _ = gpa;
-            self.undefined.fetch_add(1, Ordering::Relaxed);
-            p.inject(Event::Exception {
-                vector: vector::UD,
-                error: None,
-            });
+    #[inline]
+    fn pio(&self) -> &Bus {
+        &self.pio
+    }
+
+    #[inline]
+    fn mmio_bus(&self) -> &Bus {
+        &self.mmio
+    }
+
+    #[inline]
+    fn entry_state(&self, regs: &mut ArchState, vcpu: u32) {
+        Machine::entry_state(self, regs, vcpu);
+    }
+
+    #[inline]
+    fn cpuid(&self, regs: &mut ArchState, vcpu: u32) {
+        self.cpuid_result(regs, vcpu);
+    }
+
+    #[inline]
+    fn hlt<P: Platform + ?Sized>(&self, p: &mut P, _vcpu: u32) -> Step {
+        if p.regs().rflags & bits::IF == 0 {
+            return Step::Stop;
+        }
+        let regs = p.regs_mut();
+        skip(regs, 1);
+        regs.intr_state &= !3;
+        regs.mtd |= Mtd::STA;
+        p.inject(Event::Interrupt(testdev::WAKE_VECTOR));
+        Step::Resume
+    }
+
+    #[inline]
+    fn vmcall<P: Platform + ?Sized>(&self, p: &mut P) -> Step {
+        let regs = p.regs_mut();
+        regs.gpr[gpr::RAX] = if regs.gpr[gpr::RAX] == testdev::HYPERCALL {
+            regs.gpr[gpr::RBX].wrapping_add(1)
+        } else {
+            HC_ENOSYS
+        };
+        regs.mtd |= Mtd::GPR_ACDB;
+        skip(regs, 3);
+        Step::Resume
+    }
+
+    #[inline]
+    fn msr<P: Platform + ?Sized>(&self, p: &mut P, _vcpu: u32, write: bool) -> Step {
+        if p.regs().gpr[gpr::RCX] as u32 != testdev::TEST_MSR {
+            p.inject(gp0());
             return Step::Resume;
         }
-        let mut io = BusIo {
-            mmio: &self.mmio,
-            pio: &self.pio,
-        };
-        let res = self.decoded.emulate(vcpu, p, &mut io, Some(gpa));
-        self.emulated(p, res, rip)
+        let regs = p.regs_mut();
+        if write {
+            let v = (regs.gpr[gpr::RDX] << 32) | (regs.gpr[gpr::RAX] & 0xffff_ffff);
+            self.msr.store(v, Ordering::Relaxed);
+        } else {
+            let v = self.msr.load(Ordering::Relaxed);
+            regs.gpr[gpr::RAX] = v & 0xffff_ffff;
+            regs.gpr[gpr::RDX] = v >> 32;
+            regs.mtd |= Mtd::GPR_ACDB;
+        }
+        skip(regs, 2);
+        Step::Resume
     }
 
-    /// The outcome of an emulated instruction at `rip`.
-    fn emulated<P: Platform + ?Sized>(
-        &self,
-        p: &mut P,
-        res: Result<emul::Outcome, EmulError>,
-        rip: u64,
-    ) -> Step {
-        match res {
-            Ok(out) => self.act(p, out.action),
-            // What the decoder rejects, or the emulator does not know: #UD, as a CPU
-            // without the instruction would raise (counted: `Machine::undefined`).
-            Err(EmulError::Invalid | EmulError::Truncated | EmulError::Unsupported(_)) => {
-                self.undefined.fetch_add(1, Ordering::Relaxed);
-                p.inject(Event::Exception {
-                    vector: vector::UD,
-                    error: None,
-                });
-                Step::Resume
-            }
-            Err(EmulError::Fetch(Fault::PageFault { addr, error }))
-            | Err(EmulError::Access(Fault::PageFault { addr, error })) => {
-                let regs = p.regs_mut();
-                regs.cr2 = addr;
-                regs.mtd |= Mtd::CR;
-                p.inject(Event::Exception {
-                    vector: vector::PF,
-                    error: Some(error),
-                });
-                Step::Resume
-            }
-            Err(error) => Step::End(End::Emulation { error, rip }),
-        }
+    #[inline]
+    fn fetch_from_mmio<P: Platform + ?Sized>(&self, p: &mut P, _gpa: u64) -> Step {
+        // An instruction fetch where no RAM is: the all-ones an empty bus reads decode
+        // to `ff ff`, no instruction: #UD (counted: `undefined`).
+        self.core.count_undefined();
+        p.inject(Event::Exception {
+            vector: vector::UD,
+            error: None,
+        });
+        Step::Resume
     }
 
-    /// What a device asked for.
-    fn act<P: Platform + ?Sized>(&self, p: &mut P, action: Option<Action>) -> Step {
-        match action {
-            None => Step::Resume,
-            Some(Action::Done(code)) => Step::End(End::Done(code)),
-            Some(Action::PowerOff) => Step::End(End::PowerOff),
-            Some(Action::Reset) => Step::End(End::Reset),
-            Some(Action::StartVcpu(n)) => {
-                if n == 0 || n >= self.cfg.vcpus || n >= 64 {
-                    return Step::Resume;
-                }
-                let bit = 1u64 << n;
-                if self.started.fetch_or(bit, Ordering::AcqRel) & bit != 0 {
-                    return Step::Resume;
-                }
-                Step::Start(n)
-            }
-            Some(Action::Exception { vector, error }) => {
-                if vector < 32 && vector != 2 {
-                    p.inject(Event::Exception { vector, error });
-                }
-                Step::Resume
-            }
+    #[inline]
+    fn start_vcpu(&self, n: u32) -> Step {
+        if n == 0 || n >= self.cfg.vcpus || n >= 64 {
+            return Step::Resume;
         }
+        let bit = 1u64 << n;
+        if self.started.fetch_or(bit, Ordering::AcqRel) & bit != 0 {
+            return Step::Resume;
+        }
+        Step::Start(n)
     }
 }
 
@@ -590,7 +480,7 @@ pub(crate) fn reflect<P: Platform + ?Sized>(p: &mut P) -> Option<u8> {
     Some(v)
 }
 
-fn gp0() -> Event {
+pub(crate) fn gp0() -> Event {
     Event::Exception {
         vector: vector::GP,
         error: Some(0),
@@ -605,15 +495,14 @@ pub(crate) fn set_cpuid_result(regs: &mut ArchState, v: [u32; 4]) {
     regs.mtd |= Mtd::GPR_ACDB;
 }
 
-/// A non-string IN or OUT (qualification in `regs.qual[0]`: size − 1, direction, port)
-/// on the port bus `pio`: on input the value is merged into AL, AX or EAX; RIP goes past
-/// the instruction. Returns what the device asks of the VM.
-pub(crate) fn port_io(pio: &Bus, regs: &mut ArchState) -> Option<Action> {
-    let q = regs.qual[0];
-    let size = (((q & 7) + 1) as usize).min(4);
-    let port = u64::from((q >> 16) as u16);
+/// A non-string IN or OUT (`io`) on the port bus `pio`: on input the value is merged
+/// into AL, AX or EAX; RIP goes past the instruction. Returns what the device asks of
+/// the VM.
+pub(crate) fn port_io(pio: &Bus, io: PortIo, regs: &mut ArchState) -> Option<Action> {
+    let size = io.size();
+    let port = u64::from(io.port());
     let mut action = None;
-    if q & (1 << 3) != 0 {
+    if io.input() {
         let mut b = [0u8; 4];
         let _ = pio.read(port, &mut b[..size]);
         let v = u64::from(u32::from_le_bytes(b));

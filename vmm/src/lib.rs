@@ -25,7 +25,9 @@
 //! tables; [`cpuid`] and [`kvmclock`] are the KVM-compatible paravirtual interface.
 //! [`testdev`] are the bare-metal test guest's devices, [`loader`] loads its ELF image
 //! and [`exit`] is its machine. [`pc`] is the machine that boots Linux: every device
-//! above wired together, the kernel and ACPI tables loaded, and its exit handler.
+//! above wired together, the kernel and ACPI tables loaded, and its exit handler. Both
+//! machines are boards over [`machine`], the typed exits and the exit handling they
+//! share.
 #![cfg_attr(not(test), no_std)]
 
 extern crate alloc;
@@ -43,6 +45,7 @@ pub mod ioapic;
 pub mod kvmclock;
 pub mod lapic;
 pub mod loader;
+pub mod machine;
 pub mod pc;
 pub mod pci;
 pub mod pic8259;

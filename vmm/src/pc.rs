@@ -40,14 +40,14 @@ use crate::bus::BusDevice;
 use crate::bus::{Action, Bus, IrqLine, SharedDevice};
 use crate::clock::{Clock, NS_PER_SEC};
 use crate::cpuid::{self, KvmCpuid};
-use crate::emul::{self, BusIo, DecodeCaches, EmulError};
-use crate::exit::{port_io, set_cpuid_result, skip, CpuidFn, End, Step};
+use crate::exit::{set_cpuid_result, skip, CpuidFn, End, Step};
 use crate::hpet::{Hpet, IrqPins, HPET_BASE, HPET_SIZE};
 use crate::ioapic::{
     DeliveryMode, InterruptMessage, InterruptSink, IoApic, IOAPIC_BASE, IOAPIC_SIZE,
 };
 use crate::kvmclock::{KvmClock, TimeSample};
 use crate::lapic::{self, ApicSink, Destination, Ipi, IpiMode, Lapic, LAPIC_BASE, LAPIC_SIZE};
+use crate::machine::{self, Board, Core, Exit, Mmio};
 use crate::pci::{self, PciHost, PciLayout};
 use crate::pic8259::{PicPair, ELCR_BASE, MASTER_BASE, SLAVE_BASE};
 use crate::pit8254::{Pit, PIT_BASE, PORT61_BASE};
@@ -55,9 +55,7 @@ use crate::rtc_cmos::{Rtc, RTC_BASE};
 use crate::sync::SpinLock;
 use crate::testdev::LineSink;
 use crate::uart16550::{SerialSink, Uart16550};
-use crate::vcpu::{
-    bits, gpr, vector, ArchState, Event, Fault, GuestMemory, Mtd, Platform, Segment,
-};
+use crate::vcpu::{bits, gpr, vector, ArchState, Event, GuestMemory, Mtd, Platform, Segment};
 use crate::virtio::block::{BlockBackend, BlockError, VirtioBlock, SECTOR_SIZE};
 use crate::virtio::pci::VirtioPci;
 
@@ -316,11 +314,9 @@ pub struct Pc {
     cfg: PcConfig,
     boot: BootInfo,
     clock: Arc<dyn Clock>,
-    cpuid: CpuidFn,
+    core: Core,
     kvm: KvmCpuid,
     apics: Arc<Apics>,
-    /// Per vCPU: the instructions its MMIO and string I/O exits decoded.
-    decoded: DecodeCaches,
     lapics: Vec<Arc<SpinLock<Lapic>>>,
     ioapic: Arc<SpinLock<IoApic>>,
     pit: Arc<SpinLock<Pit>>,
@@ -331,9 +327,6 @@ pub struct Pc {
     kvmclock: Vec<SpinLock<KvmClock>>,
     msrs: Vec<SpinLock<msr::Msrs>>,
     started: AtomicU64,
-    exits: AtomicU64,
-    undefined: AtomicU64,
-    reflected: crate::exit::Reflected,
 }
 
 /// Console input into the UART, and its output's unfinished line.
@@ -535,13 +528,12 @@ impl Pc {
             .map(|_| SpinLock::new(msr::Msrs::default()))
             .collect();
         Ok(Self {
-            decoded: DecodeCaches::new(vcpus),
+            core: Core::new(vcpus, cpuid),
             pio,
             mmio,
             cfg: PcConfig { vcpus, ..cfg },
             boot: info,
             clock,
-            cpuid,
             kvm: KvmCpuid::default(),
             apics,
             lapics,
@@ -554,9 +546,6 @@ impl Pc {
             kvmclock,
             msrs,
             started: AtomicU64::new(1),
-            exits: AtomicU64::new(0),
-            undefined: AtomicU64::new(0),
-            reflected: crate::exit::Reflected::default(),
         })
     }
 
@@ -572,18 +561,18 @@ impl Pc {
 
     /// Events handled so far (STARTUP not counted).
     pub fn exits(&self) -> u64 {
-        self.exits.load(Ordering::Relaxed)
+        self.core.exits()
     }
 
     /// Instructions behind MMIO or string I/O exits answered with #UD.
     pub fn undefined(&self) -> u64 {
-        self.undefined.load(Ordering::Relaxed)
+        self.core.undefined()
     }
 
     /// Exceptions of vector `v` reflected into the guest so far (the #AC and #DB the
     /// kernel intercepts for every VMM: see `crate::exit::reflect`).
     pub fn reflected(&self, v: u8) -> u64 {
-        self.reflected.get(v)
+        self.core.reflected(v)
     }
 
     /// Console input for COM1: how many bytes it took.
@@ -708,11 +697,8 @@ impl Pc {
     /// Handles `event` of vCPU `vcpu`, whose state `p` holds; then injects a pending
     /// interrupt if the vCPU can take one (else asks for an interrupt window). The
     /// caller clears the MTD before and replies with it after.
-    pub fn handle<P: Platform + ?Sized>(&self, p: &mut P, vcpu: u32, event: u64) -> Step {
-        if event != ev::STARTUP {
-            self.exits.fetch_add(1, Ordering::Relaxed);
-        }
-        let step = self.event(p, vcpu, event);
+    pub fn handle<P: Platform + ?Sized>(&self, p: &mut P, vcpu: u32, exit: Exit) -> Step {
+        let step = machine::handle(self, p, vcpu, exit);
         self.drain();
         if step == Step::Resume {
             self.inject_pending(p, vcpu);
@@ -756,89 +742,6 @@ impl Pc {
             let r = p.regs_mut();
             r.inj_info |= inj::REQ_INTR_WINDOW;
             r.mtd |= Mtd::INJ;
-        }
-    }
-
-    fn event<P: Platform + ?Sized>(&self, p: &mut P, vcpu: u32, event: u64) -> Step {
-        let r = p.regs();
-        let (rip, rflags, qual) = (r.rip, r.rflags, r.qual);
-        match event {
-            ev::STARTUP => {
-                self.entry_state(p.regs_mut(), vcpu);
-                Step::Resume
-            }
-            ev::CPUID => {
-                self.cpuid(p.regs_mut(), vcpu);
-                skip(p.regs_mut(), 2);
-                Step::Resume
-            }
-            ev::IO | ev::IO_STRING => self.io(p, vcpu),
-            ev::NPT_FAULT => self.npt(p, vcpu),
-            ev::HLT => {
-                let regs = p.regs_mut();
-                skip(regs, 1);
-                regs.intr_state &= !3;
-                regs.mtd |= Mtd::STA;
-                if rflags & bits::IF == 0 {
-                    return Step::Stop;
-                }
-                if self.interrupt_pending(vcpu) {
-                    Step::Resume
-                } else {
-                    Step::Wait
-                }
-            }
-            ev::VMCALL => {
-                let regs = p.regs_mut();
-                regs.gpr[gpr::RAX] = crate::exit::HC_ENOSYS;
-                regs.mtd |= Mtd::GPR_ACDB;
-                skip(regs, 3);
-                Step::Resume
-            }
-            ev::RDMSR | ev::WRMSR => self.msr(p, vcpu, event == ev::WRMSR),
-            ev::XSETBV => {
-                let r = p.regs();
-                let (rax, rcx, rdx) = (r.gpr[gpr::RAX], r.gpr[gpr::RCX], r.gpr[gpr::RDX]);
-                let v = (rdx << 32) | (rax & 0xffff_ffff);
-                let [lo, _, _, hi] = (self.cpuid)(0xd, 0);
-                let host = u64::from(lo) | u64::from(hi) << 32;
-                let ok =
-                    rcx as u32 == 0 && v & 1 != 0 && (v & 4 == 0 || v & 2 != 0) && v & !host == 0;
-                if !ok {
-                    p.inject(gp0());
-                    return Step::Resume;
-                }
-                let regs = p.regs_mut();
-                regs.xcr0 = v;
-                regs.mtd |= Mtd::XSAVE;
-                skip(regs, 3);
-                Step::Resume
-            }
-            ev::INVD | ev::WBINVD => {
-                skip(p.regs_mut(), 2);
-                Step::Resume
-            }
-            ev::CR_ACCESS => {
-                crate::exit::cr_access(p, qual[0], rip, crate::exit::cr4_supported(self.cpuid))
-            }
-            ev::OTHER | ev::MONITOR | ev::MWAIT => {
-                p.inject(Event::Exception {
-                    vector: vector::UD,
-                    error: None,
-                });
-                Step::Resume
-            }
-            ev::PAUSE | ev::RECALL | ev::INTR_WINDOW => Step::Resume,
-            ev::EXCEPTION => match crate::exit::reflect(p) {
-                Some(v) => {
-                    self.reflected.count(v);
-                    Step::Resume
-                }
-                None => Step::End(End::Unhandled { event, qual, rip }),
-            },
-            ev::TRIPLE_FAULT => Step::End(End::TripleFault { rip }),
-            ev::INVALID_STATE => Step::End(End::InvalidState { qual }),
-            _ => Step::End(End::Unhandled { event, qual, rip }),
         }
     }
 
@@ -910,7 +813,7 @@ impl Pc {
     /// guest's value as it should.
     fn initial_xcr0(&self) -> u64 {
         const LINUX_USER: u64 = 0x7 | 0xe0 | 1 << 9 | 3 << 17;
-        let [lo, _, _, hi] = (self.cpuid)(0xd, 0);
+        let [lo, _, _, hi] = (self.core.cpuid)(0xd, 0);
         let x = (u64::from(lo) | u64::from(hi) << 32) & LINUX_USER;
         if x & 3 == 3 {
             x
@@ -919,13 +822,13 @@ impl Pc {
         }
     }
 
-    fn cpuid(&self, regs: &mut ArchState, vcpu: u32) {
+    fn cpuid_result(&self, regs: &mut ArchState, vcpu: u32) {
         let leaf = regs.gpr[gpr::RAX] as u32;
         let sub = regs.gpr[gpr::RCX] as u32;
         let mut v = match self.kvm.leaf(leaf) {
             Some(v) => v,
             None if (0x4000_0000..=0x4fff_ffff).contains(&leaf) => [0; 4],
-            None => (self.cpuid)(leaf, sub),
+            None => (self.core.cpuid)(leaf, sub),
         };
         match leaf {
             1 => {
@@ -956,96 +859,6 @@ impl Pc {
         set_cpuid_result(regs, v);
     }
 
-    fn io<P: Platform + ?Sized>(&self, p: &mut P, vcpu: u32) -> Step {
-        let r = p.regs();
-        let (q, rip, inst_len) = (r.qual[0], r.rip, r.inst_len);
-        if q & (1 << 4) != 0 {
-            let mut io = BusIo {
-                mmio: &self.mmio,
-                pio: &self.pio,
-            };
-            let res = self.decoded.emulate(vcpu, p, &mut io, None);
-            return self.emulated(p, res, rip);
-        }
-        if inst_len == 0 {
-            return Step::End(End::NoLength { rip });
-        }
-        let action = port_io(&self.pio, p.regs_mut());
-        self.act(p, action)
-    }
-
-    fn npt<P: Platform + ?Sized>(&self, p: &mut P, vcpu: u32) -> Step {
-        let r = p.regs();
-        let (gpa, fetch, rip) = (r.qual[1], r.qual[0] & (1 << 4) != 0, r.rip);
-        if fetch {
-            return Step::End(End::FetchFromMmio { gpa });
-        }
-        let res = if (LAPIC_BASE..LAPIC_BASE + LAPIC_SIZE).contains(&gpa) {
-            // This vCPU's own local APIC.
-            let mut bus = Bus::new();
-            let l: SharedDevice = self.lapics[vcpu as usize].clone();
-            let _ = bus.insert(LAPIC_BASE, LAPIC_SIZE, l);
-            let mut io = BusIo {
-                mmio: &bus,
-                pio: &self.pio,
-            };
-            self.decoded.emulate(vcpu, p, &mut io, Some(gpa))
-        } else {
-            let mut io = BusIo {
-                mmio: &self.mmio,
-                pio: &self.pio,
-            };
-            self.decoded.emulate(vcpu, p, &mut io, Some(gpa))
-        };
-        self.emulated(p, res, rip)
-    }
-
-    fn emulated<P: Platform + ?Sized>(
-        &self,
-        p: &mut P,
-        res: Result<emul::Outcome, EmulError>,
-        rip: u64,
-    ) -> Step {
-        match res {
-            Ok(out) => self.act(p, out.action),
-            Err(EmulError::Invalid | EmulError::Truncated | EmulError::Unsupported(_)) => {
-                self.undefined.fetch_add(1, Ordering::Relaxed);
-                p.inject(Event::Exception {
-                    vector: vector::UD,
-                    error: None,
-                });
-                Step::Resume
-            }
-            Err(EmulError::Fetch(Fault::PageFault { addr, error }))
-            | Err(EmulError::Access(Fault::PageFault { addr, error })) => {
-                let regs = p.regs_mut();
-                regs.cr2 = addr;
-                regs.mtd |= Mtd::CR;
-                p.inject(Event::Exception {
-                    vector: vector::PF,
-                    error: Some(error),
-                });
-                Step::Resume
-            }
-            Err(error) => Step::End(End::Emulation { error, rip }),
-        }
-    }
-
-    fn act<P: Platform + ?Sized>(&self, p: &mut P, action: Option<Action>) -> Step {
-        match action {
-            None | Some(Action::StartVcpu(_)) => Step::Resume,
-            Some(Action::Done(code)) => Step::End(End::Done(code)),
-            Some(Action::PowerOff) => Step::End(End::PowerOff),
-            Some(Action::Reset) => Step::End(End::Reset),
-            Some(Action::Exception { vector, error }) => {
-                if vector < 32 && vector != 2 {
-                    p.inject(Event::Exception { vector, error });
-                }
-                Step::Resume
-            }
-        }
-    }
-
     /// The guest's clocks now.
     fn sample(&self, tsc: u64) -> TimeSample {
         TimeSample {
@@ -1057,6 +870,93 @@ impl Pc {
     /// Wall-clock time at clock 0, in ns since the epoch.
     fn boot_wall_ns(&self) -> u64 {
         self.cfg.wall_secs.saturating_mul(NS_PER_SEC)
+    }
+}
+
+impl Board for Pc {
+    #[inline]
+    fn core(&self) -> &Core {
+        &self.core
+    }
+
+    #[inline]
+    fn pio(&self) -> &Bus {
+        &self.pio
+    }
+
+    #[inline]
+    fn mmio_bus(&self) -> &Bus {
+        &self.mmio
+    }
+
+    #[inline]
+    fn mmio(&self, vcpu: u32, gpa: u64) -> Mmio<'_> {
+        match self.lapics.get(vcpu as usize) {
+            // This vCPU's own local APIC.
+            Some(l) if (LAPIC_BASE..LAPIC_BASE + LAPIC_SIZE).contains(&gpa) => Mmio::Device {
+                base: LAPIC_BASE,
+                len: LAPIC_SIZE,
+                device: &**l,
+            },
+            _ => Mmio::Bus(&self.mmio),
+        }
+    }
+
+    #[inline]
+    fn entry_state(&self, regs: &mut ArchState, vcpu: u32) {
+        Pc::entry_state(self, regs, vcpu);
+    }
+
+    #[inline]
+    fn cpuid(&self, regs: &mut ArchState, vcpu: u32) {
+        self.cpuid_result(regs, vcpu);
+    }
+
+    #[inline]
+    fn hlt<P: Platform + ?Sized>(&self, p: &mut P, vcpu: u32) -> Step {
+        let rflags = p.regs().rflags;
+        let regs = p.regs_mut();
+        skip(regs, 1);
+        regs.intr_state &= !3;
+        regs.mtd |= Mtd::STA;
+        if rflags & bits::IF == 0 {
+            return Step::Stop;
+        }
+        if self.interrupt_pending(vcpu) {
+            Step::Resume
+        } else {
+            Step::Wait
+        }
+    }
+
+    #[inline]
+    fn vmcall<P: Platform + ?Sized>(&self, p: &mut P) -> Step {
+        let regs = p.regs_mut();
+        regs.gpr[gpr::RAX] = crate::exit::HC_ENOSYS;
+        regs.mtd |= Mtd::GPR_ACDB;
+        skip(regs, 3);
+        Step::Resume
+    }
+
+    #[inline]
+    fn msr<P: Platform + ?Sized>(&self, p: &mut P, vcpu: u32, write: bool) -> Step {
+        self.msr_access(p, vcpu, write)
+    }
+
+    #[inline]
+    fn fetch_from_mmio<P: Platform + ?Sized>(&self, _p: &mut P, gpa: u64) -> Step {
+        Step::End(End::FetchFromMmio { gpa })
+    }
+
+    /// The PC starts vCPUs by INIT/SIPI only.
+    #[inline]
+    fn start_vcpu(&self, _n: u32) -> Step {
+        Step::Resume
+    }
+
+    #[inline]
+    fn quiet<P: Platform + ?Sized>(&self, _p: &mut P, _exit: Exit) -> Step {
+        Step::Resume
     }
 }
 

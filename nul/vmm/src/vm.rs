@@ -17,6 +17,7 @@ use peregrine_abi::perm::{self, MemPerm};
 use peregrine_abi::utcb::gpr;
 use peregrine_abi::{Crd, Mtd, Status, XferFlags, PAGE_BITS};
 use peregrine_vmm::exit::{portal_mtd, Config, End, Machine, Step};
+use peregrine_vmm::machine::Exit;
 use peregrine_vmm::pc::{Kick, Pc, PcConfig, RamDisk};
 use peregrine_vmm::testdev::LineSink;
 
@@ -712,10 +713,16 @@ extern "C" fn vm_exit(id: u64, utcb: u64) -> ! {
             tsc_khz: vm.tsc_khz,
         };
         let n = (id >> 8) as u32;
+        // The portal's event and the state it delivered, as the library's typed exit
+        // (decoded in each arm, next to the match on it).
         let step = match &vm.machine {
-            Guest::Test(m) => m.handle(&mut p, n, id & 0xff),
+            Guest::Test(m) => {
+                let exit = Exit::decode(id & 0xff, p.regs);
+                m.handle(&mut p, n, exit)
+            }
             Guest::Linux(pc) => {
-                let mut step = pc.handle(&mut p, n, id & 0xff);
+                let exit = Exit::decode(id & 0xff, p.regs);
+                let mut step = pc.handle(&mut p, n, exit);
                 if step == Step::Wait {
                     vm.wait(pc, n);
                     pc.wake(&mut p, n);

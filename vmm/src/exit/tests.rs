@@ -1,6 +1,7 @@
 use std::vec::Vec;
 
 use super::*;
+use crate::machine::Exit;
 use crate::testdev::*;
 use crate::testutil::{MockVcpu, Rng};
 use crate::vcpu::GuestMemory;
@@ -42,7 +43,7 @@ fn vcpu(m: &Machine, code: &[u8]) -> MockVcpu {
     let mut v = MockVcpu::new(0x40_0000);
     boot::write_entry_tables(&mut v).unwrap();
     v.put(ENTRY, code);
-    assert_eq!(m.handle(&mut v, 0, ev::STARTUP), Step::Resume);
+    assert_eq!(m.handle(&mut v, 0, Exit::Startup), Step::Resume);
     v.regs.mtd = Mtd::empty();
     v
 }
@@ -51,7 +52,7 @@ fn vcpu(m: &Machine, code: &[u8]) -> MockVcpu {
 fn exit(m: &Machine, v: &mut MockVcpu, event: u64) -> Step {
     v.regs.mtd = Mtd::empty();
     let before = v.regs;
-    let step = m.handle(v, 0, event);
+    let step = m.handle(v, 0, Exit::decode(event, &v.regs));
     // Nothing changes that the reply does not carry, and nothing is carried that the
     // portal did not deliver (injection and CR2 aside: written whole).
     let allowed = portal_mtd(event) | Mtd::INJ | Mtd::XSAVE;
@@ -81,7 +82,7 @@ fn startup_gives_the_contract_entry_state() {
     let (m, _) = machine(Mode::Hostile(77), 2);
     let mut v = MockVcpu::new(0x40_0000);
     v.regs.gpr = [0xdead; 16];
-    assert_eq!(m.handle(&mut v, 1, ev::STARTUP), Step::Resume);
+    assert_eq!(m.handle(&mut v, 1, Exit::Startup), Step::Resume);
     let r = v.regs;
     assert_eq!(r.rip, ENTRY);
     assert_eq!(
@@ -127,7 +128,7 @@ fn cpuid_passes_the_host_through_with_changes() {
     assert_eq!(v.regs.rip, ENTRY + 2);
     v.regs.gpr[gpr::RAX] = 1;
     v.regs.inst_len = 3;
-    m.handle(&mut v, 1, ev::CPUID);
+    m.handle(&mut v, 1, Exit::Cpuid);
     assert_eq!(v.regs.rip, ENTRY + 5);
     assert_eq!(v.regs.gpr[gpr::RCX] as u32 & (1 << 31 | 1 << 5), 1 << 31);
     assert_eq!(v.regs.gpr[gpr::RBX] >> 24, 1, "APIC ID = vCPU index");
@@ -429,7 +430,8 @@ fn random_exits_never_panic() {
         let at = ENTRY + rng.below(0x1000);
         let junk: Vec<u8> = (0..16).map(|_| rng.byte()).collect();
         let _ = v.write(at, &junk);
-        let _ = m.handle(&mut v, (i % 3) as u32, e);
+        let x = Exit::decode(e, &v.regs);
+        let _ = m.handle(&mut v, (i % 3) as u32, x);
     }
 }
 

@@ -43,7 +43,12 @@ fn canonical(v: u64) -> bool {
 }
 
 impl Pc {
-    pub(super) fn msr<P: Platform + ?Sized>(&self, p: &mut P, vcpu: u32, write: bool) -> Step {
+    pub(super) fn msr_access<P: Platform + ?Sized>(
+        &self,
+        p: &mut P,
+        vcpu: u32,
+        write: bool,
+    ) -> Step {
         let r = p.regs();
         let msr = r.gpr[gpr::RCX] as u32;
         let value = (r.gpr[gpr::RDX] << 32) | (r.gpr[gpr::RAX] & 0xffff_ffff);

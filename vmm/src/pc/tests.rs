@@ -1,4 +1,5 @@
 use super::*;
+use crate::machine::Exit;
 
 #[test]
 fn memory_map_splits_the_first_mib() {
@@ -130,7 +131,7 @@ fn vcpu() -> MockVcpu {
 
 fn exit(pc: &Pc, v: &mut MockVcpu, event: u64) -> Step {
     v.regs.mtd = Mtd::empty();
-    pc.handle(v, 0, event)
+    pc.handle(v, 0, Exit::decode(event, &v.regs))
 }
 
 fn rdmsr(pc: &Pc, v: &mut MockVcpu, msr: u32) -> u64 {
@@ -306,7 +307,7 @@ fn a_sipi_starts_the_other_vcpu_in_real_mode_at_its_page() {
     assert_eq!(exit(&s.pc, &mut v, ev::WRMSR), Step::Start(1));
     let mut ap = vcpu();
     ap.regs.mtd = Mtd::empty();
-    s.pc.handle(&mut ap, 1, ev::STARTUP);
+    s.pc.handle(&mut ap, 1, Exit::Startup);
     assert_eq!(
         (ap.regs.cs.sel, ap.regs.cs.base, ap.regs.rip),
         (0x9a00, 0x9a000, 0)
