@@ -5,7 +5,8 @@
 //! system exactly as a person does.
 //!
 //! - [`build`]: build the bare-metal components and check the kernel's Multiboot header.
-//! - [`boot`]: what to boot ([`BootSpec`]) and how it ended ([`RunResult`], [`Exit`]).
+//! - [`spec`]: what to boot ([`BootSpec`]) and how it ended ([`RunResult`], [`Exit`]);
+//!   [`boot`]: boots a spec in either emulator.
 //! - [`qemu`] and [`bochs`]: the two emulators (Bochs boots a GRUB ISO).
 //! - [`deps`]: host tools, installed with apt when running as root.
 //! - [`suite`]: `cargo xtask test`, the README's test command and what CI runs.
@@ -39,10 +40,11 @@ pub mod process;
 pub mod provenance;
 pub mod qemu;
 pub mod sel4;
+pub mod spec;
 pub mod suite;
 pub mod testimage;
 pub mod workspace;
 
-pub use boot::{BootSpec, Emulator, Exit, Output, RunResult};
 pub use build::{build, Images, Profile};
 pub use qemu::run_qemu;
+pub use spec::{BootSpec, Emulator, Exit, Output, RunResult};

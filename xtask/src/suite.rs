@@ -11,8 +11,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 
-use crate::build::{Profile, TARGET};
+use crate::build::Profile;
 use crate::deps::{self, Tool};
+use crate::workspace::TARGET;
 use crate::workspace::{self, cargo, describe};
 
 /// The package of the emulator integration tests.
