@@ -12,6 +12,8 @@
 //! - [`suite`]: `cargo xtask test`, the README's test command and what CI runs.
 //! - [`bench`]: `cargo xtask bench`.
 //! - [`fuzz`]: the VMM library's fuzz targets, built and run on stable.
+//! - [`guest_linux`]: what every Linux guest is built from: Debian's kernel, module
+//!   dependencies, a busybox initramfs.
 //! - [`linux`]: the Linux guest (kernel, initramfs, disk) and its direct QEMU boot.
 //! - [`bench`]: `cargo xtask bench`; [`bench_vmexit`]: its VM-exit benchmark with the
 //!   KVM baseline ([`baseline_kvm`]: Linux + KVM in QEMU or Bochs running
@@ -31,6 +33,7 @@ pub mod build;
 pub mod deps;
 pub mod fuzz;
 pub mod gate;
+pub mod guest_linux;
 pub mod image_size;
 pub mod kvm;
 pub mod linux;
