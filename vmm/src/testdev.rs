@@ -16,10 +16,12 @@
 
 use alloc::vec::Vec;
 
+use guest_contract as contract;
+
 use crate::bus::{Action, BusDevice};
 
 /// The console port.
-pub const CONSOLE_PORT: u64 = 0xe9;
+pub const CONSOLE_PORT: u64 = contract::PORT_CONSOLE as u64;
 /// Base of the block with the no-op, magic and exception ports.
 pub const LOW_BLOCK: u64 = 0x80;
 /// Base of the block with the start and end ports.
@@ -27,31 +29,31 @@ pub const HIGH_BLOCK: u64 = 0xf0;
 /// Ports per block.
 pub const BLOCK_LEN: u64 = 8;
 /// The no-op port (port-out test and benchmark).
-pub const NOP_PORT: u64 = 0x80;
+pub const NOP_PORT: u64 = contract::PORT_NOP as u64;
 /// The port that reads [`MAGIC`].
-pub const MAGIC_PORT: u64 = 0x81;
+pub const MAGIC_PORT: u64 = contract::PORT_MAGIC as u64;
 /// What [`MAGIC_PORT`] reads.
-pub const MAGIC: u32 = 0x5a5a_a5a5;
+pub const MAGIC: u32 = contract::MAGIC_IN;
 /// The echo port: reads the last dword written to it (initially 0).
-pub const ECHO_PORT: u64 = 0x82;
+pub const ECHO_PORT: u64 = contract::PORT_ECHO as u64;
 /// Writing a value here asks for #GP with its low 16 bits as the error code.
-pub const GP_PORT: u64 = 0x83;
+pub const GP_PORT: u64 = contract::PORT_INJECT_GP as u64;
 /// Writing n here asks for vCPU n to start.
-pub const START_PORT: u64 = 0xf1;
+pub const START_PORT: u64 = contract::PORT_START_CPU as u64;
 /// Writing the result code here ends the run.
-pub const DONE_PORT: u64 = 0xf4;
+pub const DONE_PORT: u64 = contract::PORT_EXIT as u64;
 /// The MMIO register's guest-physical address.
-pub const MMIO_ADDR: u64 = 0xd000_0000;
+pub const MMIO_ADDR: u64 = contract::MMIO_REG;
 /// The MMIO register's size.
 pub const MMIO_LEN: u64 = 8;
 /// The MMIO register's value at reset.
-pub const MMIO_INIT: u64 = 0x1122_3344_5566_7788;
+pub const MMIO_INIT: u64 = contract::MMIO_INIT;
 /// The synthetic MSR the exit handler stores.
-pub const TEST_MSR: u32 = 0x4000_0200;
+pub const TEST_MSR: u32 = contract::MSR_SYNTH;
 /// `rax` of the test hypercall ("PERE"); the answer is `rbx + 1`.
-pub const HYPERCALL: u64 = 0x5045_5245;
+pub const HYPERCALL: u64 = contract::HYPERCALL_NR;
 /// The vector the host injects to wake the guest from HLT.
-pub const WAKE_VECTOR: u8 = 0x30;
+pub const WAKE_VECTOR: u8 = contract::VECTOR_WAKE;
 
 /// What the guest runs (its `rsi` at entry).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -71,10 +73,10 @@ impl Mode {
     /// The value of `rsi` at entry.
     pub fn rsi(self) -> u64 {
         match self {
-            Mode::Check => 1,
-            Mode::Bench => 2,
-            Mode::Hostile(_) => 3,
-            Mode::Loops(_) => 4,
+            Mode::Check => contract::MODE_CHECK,
+            Mode::Bench => contract::MODE_BENCH,
+            Mode::Hostile(_) => contract::MODE_HOSTILE,
+            Mode::Loops(_) => contract::MODE_LOOPS,
         }
     }
 

@@ -15,10 +15,11 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 
-use crate::baseline::{self, Cpio};
+use crate::baseline;
 use crate::boot::{BootSpec, Emulator, Output, RunResult};
 use crate::build::Images;
 use crate::deps::{self, Tool};
+use crate::guest_linux::{debian_kernel, module_closure, modules_dir, Initramfs};
 use crate::workspace::{self, run_checked};
 
 /// The runner's package and binary.
@@ -156,74 +157,6 @@ pub fn build_runner() -> Result<PathBuf> {
     Ok(path)
 }
 
-/// The module names a `.ko` depends on (its `.modinfo` `depends=` string).
-pub fn modinfo_depends(ko: &[u8]) -> Vec<String> {
-    let key = b"depends=";
-    let Some(at) = ko.windows(key.len()).position(|w| w == key) else {
-        return Vec::new();
-    };
-    let rest = &ko[at + key.len()..];
-    let end = rest.iter().position(|&b| b == 0).unwrap_or(rest.len());
-    String::from_utf8_lossy(&rest[..end])
-        .split(',')
-        .filter(|s| !s.is_empty())
-        .map(module_name)
-        .collect()
-}
-
-/// A module's canonical name (`-` and `_` are the same to the kernel).
-pub fn module_name(name: &str) -> String {
-    name.trim_end_matches(".ko").replace('-', "_")
-}
-
-fn find_modules(dir: &Path, found: &mut Vec<(String, PathBuf)>) -> Result<()> {
-    for e in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
-        let path = e?.path();
-        if path.is_dir() {
-            find_modules(&path, found)?;
-        } else if path.extension().is_some_and(|x| x == "ko") {
-            let name = path.file_name().unwrap_or_default().to_string_lossy();
-            found.push((module_name(&name), path.clone()));
-        }
-    }
-    Ok(())
-}
-
-/// The modules `wanted` needs, dependencies first, as (name, file) pairs, found under
-/// `modules_dir` (`lib/modules/<version>`).
-pub fn module_closure(modules_dir: &Path, wanted: &[&str]) -> Result<Vec<(String, PathBuf)>> {
-    let mut all = Vec::new();
-    find_modules(modules_dir, &mut all)?;
-    let mut order: Vec<(String, PathBuf)> = Vec::new();
-    fn visit(
-        name: &str,
-        all: &[(String, PathBuf)],
-        order: &mut Vec<(String, PathBuf)>,
-        depth: u32,
-    ) -> Result<()> {
-        anyhow::ensure!(depth < 32, "module dependency cycle at {name}");
-        if order.iter().any(|(n, _)| n == name) {
-            return Ok(());
-        }
-        let (_, path) = all
-            .iter()
-            .find(|(n, _)| n == name)
-            .with_context(|| format!("module {name} not found"))?;
-        let bytes = std::fs::read(path)?;
-        for dep in modinfo_depends(&bytes) {
-            visit(&dep, all, order, depth + 1)?;
-        }
-        if !order.iter().any(|(n, _)| n == name) {
-            order.push((name.to_string(), path.clone()));
-        }
-        Ok(())
-    }
-    for w in wanted {
-        visit(&module_name(w), &all, &mut order, 0)?;
-    }
-    Ok(order)
-}
-
 /// The initramfs `/init`: mount, load the KVM modules of the CPU's vendor (`vendors`:
 /// CPU flag and module file names in load order), run the runner once per `runs` entry
 /// ((label, command): `KVMRUN config <label>` before, `KVMRUN status N` after), power off.
@@ -268,7 +201,7 @@ pub fn runner_status(serial: &str, runs: usize) -> Option<i32> {
 }
 
 /// The kernel and its modules directory for the KVM side: `$PEREGRINE_LINUX_KERNEL`
-/// with `$PEREGRINE_LINUX_MODULES`, or Debian's package (see [`baseline::debian_kernel`]).
+/// with `$PEREGRINE_LINUX_MODULES`, or Debian's package (see [`debian_kernel`]).
 pub fn kvm_kernel() -> Result<(PathBuf, PathBuf)> {
     if let (Some(k), Some(m)) = (
         std::env::var_os("PEREGRINE_LINUX_KERNEL"),
@@ -276,18 +209,8 @@ pub fn kvm_kernel() -> Result<(PathBuf, PathBuf)> {
     ) {
         return Ok((k.into(), m.into()));
     }
-    let kernel = baseline::debian_kernel()?;
-    let version = kernel
-        .file_name()
-        .and_then(|n| n.to_str())
-        .and_then(|n| n.strip_prefix("vmlinuz-"))
-        .context("kernel file not named vmlinuz-<version>")?
-        .to_string();
-    let root = kernel
-        .parent()
-        .and_then(Path::parent)
-        .context("kernel outside an extracted package")?;
-    let modules = root.join("lib/modules").join(version);
+    let kernel = debian_kernel()?;
+    let modules = modules_dir(&kernel)?;
     anyhow::ensure!(modules.is_dir(), "no modules at {}", modules.display());
     Ok((kernel, modules))
 }
@@ -301,45 +224,30 @@ fn build_initramfs(
     guest_elf: &Path,
     guest: &KvmGuest,
 ) -> Result<PathBuf> {
-    deps::ensure(&[Tool::Busybox])?;
-    let mut cpio = Cpio::default();
-    for d in ["bin", "dev", "proc", "sys", "lib", "lib/kvm"] {
-        cpio.dir(d);
-    }
-    cpio.char_dev("dev/console", 5, 1);
-    cpio.file(
-        "bin/busybox",
-        0o755,
-        &std::fs::read("/bin/busybox").context("reading /bin/busybox")?,
-    );
-    cpio.symlink("bin/sh", "busybox");
+    let mut ramfs = Initramfs::new(&["bin", "dev", "proc", "sys", "lib", "lib/kvm"])?;
+    ramfs.sh();
     let mut vendors = Vec::new();
     let mut added: Vec<String> = Vec::new();
     for (flag, module) in VENDOR_MODULES {
         let closure = module_closure(modules_dir, &[module])?;
-        let mut names = Vec::new();
-        for (name, path) in closure {
-            if !added.contains(&name) {
-                cpio.file(&format!("lib/kvm/{name}.ko"), 0o644, &std::fs::read(&path)?);
-                added.push(name.clone());
-            }
-            names.push(name);
-        }
-        vendors.push((flag, names));
+        let new: Vec<(String, PathBuf)> = closure
+            .iter()
+            .filter(|(name, _)| !added.contains(name))
+            .cloned()
+            .collect();
+        ramfs.modules("lib/kvm", &new)?;
+        added.extend(new.into_iter().map(|(name, _)| name));
+        vendors.push((flag, closure.into_iter().map(|(name, _)| name).collect()));
     }
-    cpio.file(
+    ramfs.file(
         "init",
         0o755,
         init_script(&vendors, &guest.runs()).as_bytes(),
     );
-    cpio.file(RUNNER, 0o755, &std::fs::read(runner)?);
-    cpio.file(
-        "guest-test",
-        0o644,
-        &std::fs::read(guest_elf).with_context(|| format!("reading {}", guest_elf.display()))?,
-    );
+    ramfs.copy(RUNNER, 0o755, runner)?;
+    ramfs.copy("guest-test", 0o644, guest_elf)?;
     let path = dir.join(format!("{}.cpio", guest.name));
-    std::fs::write(&path, cpio.finish())?;
+    ramfs.write(&path)?;
     Ok(path)
 }
 
@@ -397,31 +305,6 @@ pub fn unavailable() -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn modinfo_depends_reads_the_list() {
-        let ko = b"\x7fELF....license=GPL\0depends=kvm,ccp\0retpoline=Y\0";
-        assert_eq!(modinfo_depends(ko), vec!["kvm", "ccp"]);
-        assert!(modinfo_depends(b"depends=\0").is_empty());
-        assert!(modinfo_depends(b"nothing").is_empty());
-        assert_eq!(module_name("kvm-amd.ko"), "kvm_amd");
-    }
-
-    #[test]
-    fn module_closure_orders_dependencies_first() {
-        let dir = std::env::temp_dir().join(format!("kvmb-mods-{}", std::process::id()));
-        let sub = dir.join("kernel/arch");
-        std::fs::create_dir_all(&sub).unwrap();
-        std::fs::write(sub.join("kvm-amd.ko"), b"depends=kvm,ccp\0").unwrap();
-        std::fs::write(sub.join("kvm.ko"), b"depends=irqbypass\0").unwrap();
-        std::fs::write(dir.join("ccp.ko"), b"depends=\0").unwrap();
-        std::fs::write(dir.join("irqbypass.ko"), b"x").unwrap();
-        let c = module_closure(&dir, &["kvm-amd"]).unwrap();
-        let names: Vec<&str> = c.iter().map(|(n, _)| n.as_str()).collect();
-        assert_eq!(names, ["irqbypass", "kvm", "ccp", "kvm_amd"]);
-        assert!(module_closure(&dir, &["kvm-intel"]).is_err());
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
 
     #[test]
     fn init_loads_vendor_modules_and_reports_the_status() {

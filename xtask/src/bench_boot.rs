@@ -37,12 +37,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::baseline::Cpio;
-use crate::baseline_kvm::{kvm_kernel, module_closure};
+use crate::baseline_kvm::kvm_kernel;
 use crate::bench::Figure;
 use crate::boot::{BootSpec, Output, RunResult};
 use crate::build::{Images, Profile};
 use crate::deps::{self, Tool};
+use crate::guest_linux::{module_closure, Initramfs};
 use crate::linux::{self, Guest, MARKER};
 use crate::workspace;
 
@@ -332,26 +332,6 @@ pub fn parse_ldd(out: &str) -> Vec<PathBuf> {
         .collect()
 }
 
-/// Adds `path` (absolute) to `cpio` under the same name, with every directory above it.
-fn add_at_own_path(cpio: &mut Cpio, dirs: &mut Vec<String>, path: &Path, perm: u32) -> Result<()> {
-    let name = path.to_string_lossy().trim_start_matches('/').to_string();
-    let mut prefix = String::new();
-    let parts: Vec<&str> = name.split('/').collect();
-    for p in &parts[..parts.len() - 1] {
-        if !prefix.is_empty() {
-            prefix.push('/');
-        }
-        prefix.push_str(p);
-        if !dirs.contains(&prefix) {
-            cpio.dir(&prefix);
-            dirs.push(prefix.clone());
-        }
-    }
-    let body = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    cpio.file(&name, perm, &body);
-    Ok(())
-}
-
 /// The L1 VMM's command line: QEMU with KVM booting the guest in `/guest` as
 /// [`linux::boot_qemu`] does (q35, 256 MiB, modern virtio-blk), console on its stdio.
 pub fn l1_vmm_command() -> String {
@@ -397,32 +377,23 @@ pub fn vmm_status(serial: &str) -> Option<i32> {
 /// The KVM side's L1 initramfs: busybox, `kvm` and `kvm_amd`, this machine's
 /// `qemu-system-x86_64` with its libraries and firmware, and the guest's files.
 fn l1_initramfs(guest: &Guest) -> Result<PathBuf> {
-    deps::ensure(&[Tool::Qemu, Tool::Busybox])?;
+    deps::ensure(&[Tool::Qemu])?;
     let (_, modules_dir) = kvm_kernel()?;
-    let mut cpio = Cpio::default();
-    let mut dirs: Vec<String> = Vec::new();
-    for d in [
+    let mut ramfs = Initramfs::new(&[
         "bin", "dev", "proc", "sys", "tmp", "lib", "lib/kvm", "qemu", "guest",
-    ] {
-        cpio.dir(d);
-        dirs.push(d.into());
-    }
-    cpio.char_dev("dev/console", 5, 1);
-    cpio.file("bin/busybox", 0o755, &std::fs::read("/bin/busybox")?);
-    let mut names = Vec::new();
-    for (name, path) in module_closure(&modules_dir, &["kvm-amd"])? {
-        cpio.file(&format!("lib/kvm/{name}.ko"), 0o644, &std::fs::read(&path)?);
-        names.push(name);
-    }
-    cpio.file("init", 0o755, l1_init(&names).as_bytes());
+    ])?;
+    let modules = module_closure(&modules_dir, &["kvm-amd"])?;
+    ramfs.modules("lib/kvm", &modules)?;
+    let names: Vec<String> = modules.into_iter().map(|(name, _)| name).collect();
+    ramfs.file("init", 0o755, l1_init(&names).as_bytes());
     let qemu = workspace::which(crate::qemu::QEMU).context("qemu-system-x86_64 not found")?;
-    cpio.file("bin/qemu-system-x86_64", 0o755, &std::fs::read(&qemu)?);
+    ramfs.copy("bin/qemu-system-x86_64", 0o755, &qemu)?;
     let ldd = Command::new("ldd")
         .arg(&qemu)
         .output()
         .context("running ldd")?;
     for lib in parse_ldd(&String::from_utf8_lossy(&ldd.stdout)) {
-        add_at_own_path(&mut cpio, &mut dirs, &lib, 0o755)?;
+        ramfs.copy_at_own_path(&lib, 0o755)?;
     }
     for f in QEMU_FIRMWARE {
         let p = FIRMWARE_DIRS
@@ -430,18 +401,13 @@ fn l1_initramfs(guest: &Guest) -> Result<PathBuf> {
             .map(|d| Path::new(d).join(f))
             .find(|p| p.is_file())
             .with_context(|| format!("QEMU firmware {f} not in {FIRMWARE_DIRS:?}"))?;
-        let body = std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?;
-        cpio.file(&format!("qemu/{f}"), 0o644, &body);
+        ramfs.copy(&format!("qemu/{f}"), 0o644, &p)?;
     }
-    cpio.file("guest/bzImage", 0o644, &std::fs::read(&guest.kernel)?);
-    cpio.file(
-        "guest/initramfs.cpio",
-        0o644,
-        &std::fs::read(&guest.initramfs)?,
-    );
-    cpio.file("guest/disk.img", 0o644, &std::fs::read(&guest.disk)?);
+    ramfs.copy("guest/bzImage", 0o644, &guest.kernel)?;
+    ramfs.copy("guest/initramfs.cpio", 0o644, &guest.initramfs)?;
+    ramfs.copy("guest/disk.img", 0o644, &guest.disk)?;
     let path = workspace::out_dir("kvm")?.join("bench-boot-l1.cpio");
-    std::fs::write(&path, cpio.finish())?;
+    ramfs.write(&path)?;
     Ok(path)
 }
 

@@ -15,16 +15,13 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 
-use crate::boot::{failure_lines, BootSpec, Exit, Output, RunResult};
+use crate::deps::{self, BIOS, VGA_BIOS};
 use crate::process::{run_with_timeout, Ended};
-use crate::{deps, workspace};
+use crate::spec::{failure_lines, BootSpec, Exit, Output, RunResult};
+use crate::workspace;
 
 /// Default CPU model: VMX with EPT, VPID and unrestricted guest.
 pub const DEFAULT_CPU: &str = "corei7_skylake_x";
-/// The BIOS.
-pub const BIOS: &str = "/usr/share/bochs/BIOS-bochs-latest";
-/// The VGA BIOS (Debian's default link to it is broken without the vgabios package).
-pub const VGA_BIOS: &str = "/usr/share/vgabios/vgabios.bin";
 /// What Bochs logs when the guest wrote `Shutdown` to port 0x8900.
 const SHUTDOWN_MARK: &str = "shutdown requested";
 

@@ -4,10 +4,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
-use crate::workspace;
-
-/// The bare-metal target.
-pub const TARGET: &str = "x86_64-unknown-none";
+use crate::workspace::{self, TARGET};
 
 /// A bare-metal component: its package and the binary it produces.
 #[derive(Debug, Clone, Copy)]

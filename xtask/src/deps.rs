@@ -51,6 +51,12 @@ const fn req(tool: Tool, check: Check, package: &'static str) -> Requirement {
     }
 }
 
+/// Bochs's BIOS (package `bochsbios`).
+pub const BIOS: &str = "/usr/share/bochs/BIOS-bochs-latest";
+/// The VGA BIOS Bochs loads (package `vgabios`; Debian's default link to it is broken
+/// without that package).
+pub const VGA_BIOS: &str = "/usr/share/vgabios/vgabios.bin";
+
 /// Everything xtask uses from the host.
 const REQUIREMENTS: &[Requirement] = &[
     req(
@@ -59,13 +65,8 @@ const REQUIREMENTS: &[Requirement] = &[
         "qemu-system-x86",
     ),
     req(Tool::Bochs, Check::Program("bochs"), "bochs"),
-    req(
-        Tool::Bochs,
-        Check::Path("/usr/share/bochs/BIOS-bochs-latest"),
-        "bochsbios",
-    ),
-    // Debian's default VGA BIOS link for Bochs is broken without this package.
-    req(Tool::Bochs, Check::Path(crate::bochs::VGA_BIOS), "vgabios"),
+    req(Tool::Bochs, Check::Path(BIOS), "bochsbios"),
+    req(Tool::Bochs, Check::Path(VGA_BIOS), "vgabios"),
     req(Tool::Grub, Check::Program("grub-mkrescue"), "grub-common"),
     req(
         Tool::Grub,
@@ -155,7 +156,7 @@ fn apt() -> Command {
 /// Makes sure the rustup target for the bare-metal crates is installed
 /// (`rust-toolchain.toml` lists it, so rustup normally installs it with the toolchain).
 pub fn ensure_rust_target() -> Result<()> {
-    let target = crate::build::TARGET;
+    let target = crate::workspace::TARGET;
     let out = Command::new(std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into()))
         .current_dir(crate::workspace::root())
         .args(["--print", "sysroot"])

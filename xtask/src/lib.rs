@@ -5,12 +5,15 @@
 //! system exactly as a person does.
 //!
 //! - [`build`]: build the bare-metal components and check the kernel's Multiboot header.
-//! - [`boot`]: what to boot ([`BootSpec`]) and how it ended ([`RunResult`], [`Exit`]).
+//! - [`spec`]: what to boot ([`BootSpec`]) and how it ended ([`RunResult`], [`Exit`]);
+//!   [`boot`]: boots a spec in either emulator.
 //! - [`qemu`] and [`bochs`]: the two emulators (Bochs boots a GRUB ISO).
 //! - [`deps`]: host tools, installed with apt when running as root.
 //! - [`suite`]: `cargo xtask test`, the README's test command and what CI runs.
 //! - [`bench`]: `cargo xtask bench`.
 //! - [`fuzz`]: the VMM library's fuzz targets, built and run on stable.
+//! - [`guest_linux`]: what every Linux guest is built from: Debian's kernel, module
+//!   dependencies, a busybox initramfs.
 //! - [`linux`]: the Linux guest (kernel, initramfs, disk) and its direct QEMU boot.
 //! - [`bench`]: `cargo xtask bench`; [`bench_vmexit`]: its VM-exit benchmark with the
 //!   KVM baseline ([`baseline_kvm`]: Linux + KVM in QEMU or Bochs running
@@ -30,6 +33,7 @@ pub mod build;
 pub mod deps;
 pub mod fuzz;
 pub mod gate;
+pub mod guest_linux;
 pub mod image_size;
 pub mod kvm;
 pub mod linux;
@@ -39,10 +43,11 @@ pub mod process;
 pub mod provenance;
 pub mod qemu;
 pub mod sel4;
+pub mod spec;
 pub mod suite;
 pub mod testimage;
 pub mod workspace;
 
-pub use boot::{BootSpec, Emulator, Exit, Output, RunResult};
 pub use build::{build, Images, Profile};
 pub use qemu::run_qemu;
+pub use spec::{BootSpec, Emulator, Exit, Output, RunResult};

@@ -6,17 +6,16 @@
 //! `guests/linux/README.md` (boot time measured, and nothing to build or cache).
 //!
 //! Everything lands in `<target>/linux/guest/`: `initramfs.cpio`, `disk.img` and
-//! `disk.md5`; the kernel stays where [`baseline::debian_kernel`] unpacked it, beside its
+//! `disk.md5`; the kernel stays where [`debian_kernel`] unpacked it, beside its
 //! modules.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 
-use crate::baseline::{self, Cpio};
 use crate::boot::{BootSpec, Exit, Output, RunResult};
-use crate::deps::{self, Tool};
+use crate::guest_linux::{debian_kernel, module_closure, modules_dir, newest_vmlinuz, Initramfs};
 use crate::workspace;
 
 /// The line `/init` prints once the modules are loaded and the disk is there.
@@ -71,96 +70,11 @@ pub fn md5_hex(data: &[u8]) -> String {
         .collect()
 }
 
-/// The `depends=` list of a module's `.modinfo` section.
-pub fn module_depends(ko: &[u8]) -> Vec<String> {
-    let key = b"\0depends=";
-    let Some(at) = ko.windows(key.len()).position(|w| w == key) else {
-        return Vec::new();
-    };
-    let rest = &ko[at + key.len()..];
-    let end = rest.iter().position(|&b| b == 0).unwrap_or(rest.len());
-    String::from_utf8_lossy(&rest[..end])
-        .split(',')
-        .filter(|d| !d.is_empty())
-        .map(str::to_string)
-        .collect()
-}
-
-/// Every `.ko` below `dir`, by module name.
-fn all_modules(dir: &Path) -> Result<std::collections::BTreeMap<String, PathBuf>> {
-    let mut found = std::collections::BTreeMap::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).with_context(|| format!("reading {}", d.display()))? {
-            let p = e?.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if let Some(m) = p
-                .file_name()
-                .and_then(|n| n.to_str())
-                .and_then(|n| n.strip_suffix(".ko"))
-            {
-                // Module names use `_` where file names may use `-`.
-                found.insert(m.replace('-', "_"), p.clone());
-            }
-        }
-    }
-    Ok(found)
-}
-
-/// [`MODULES`] and what they depend on, dependencies first: (name, contents).
-fn modules_in_load_order(dir: &Path) -> Result<Vec<(String, Vec<u8>)>> {
-    let all = all_modules(dir)?;
-    let mut order: Vec<(String, Vec<u8>)> = Vec::new();
-    fn visit(
-        name: &str,
-        all: &std::collections::BTreeMap<String, PathBuf>,
-        order: &mut Vec<(String, Vec<u8>)>,
-        path: &mut Vec<String>,
-    ) -> Result<()> {
-        if order.iter().any(|(n, _)| n == name) {
-            return Ok(());
-        }
-        if path.iter().any(|n| n == name) {
-            bail!("module dependency cycle through {name}");
-        }
-        let file = all
-            .get(name)
-            .with_context(|| format!("module {name}.ko not found"))?;
-        let ko = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
-        path.push(name.to_string());
-        for d in module_depends(&ko) {
-            visit(&d, all, order, path)?;
-        }
-        path.pop();
-        order.push((name.to_string(), ko));
-        Ok(())
-    }
-    for m in MODULES {
-        visit(m, &all, &mut order, &mut Vec::new())
-            .with_context(|| format!("in {}", dir.display()))?;
-    }
-    Ok(order)
-}
-
 /// The initramfs: busybox, `/init`, the modules under `/lib/modules/`, `/etc/modules`
 /// (their load order) and `/etc/disk.md5`.
 pub fn build_initramfs(kernel: &Path, disk_md5: &str, out: &Path) -> Result<()> {
-    deps::ensure(&[Tool::Busybox])?;
-    // <root>/boot/vmlinuz-<version> → <root>/lib/modules/<version>
-    let version = kernel
-        .file_name()
-        .and_then(|n| n.to_str())
-        .and_then(|n| n.strip_prefix("vmlinuz-"))
-        .context("the kernel's file name is not vmlinuz-<version>")?;
-    let root = kernel
-        .parent()
-        .and_then(Path::parent)
-        .context("kernel path")?;
-    let modules = modules_in_load_order(&root.join("lib/modules").join(version))?;
-    let busybox = std::fs::read("/bin/busybox").context("reading /bin/busybox")?;
-    let mut cpio = Cpio::default();
-    for d in [
+    let modules = module_closure(&modules_dir(kernel)?, MODULES)?;
+    let mut ramfs = Initramfs::new(&[
         "bin",
         "dev",
         "etc",
@@ -169,29 +83,23 @@ pub fn build_initramfs(kernel: &Path, disk_md5: &str, out: &Path) -> Result<()> 
         "proc",
         "sys",
         "tmp",
-    ] {
-        cpio.dir(d);
-    }
-    cpio.char_dev("dev/console", 5, 1);
-    cpio.file("bin/busybox", 0o755, &busybox);
-    cpio.symlink("bin/sh", "busybox");
-    cpio.file("init", 0o755, INIT.as_bytes());
+    ])?;
+    ramfs.sh();
+    ramfs.file("init", 0o755, INIT.as_bytes());
     let names: Vec<&str> = modules.iter().map(|(n, _)| n.as_str()).collect();
-    cpio.file(
+    ramfs.file(
         "etc/modules",
         0o644,
         format!("{}\n", names.join("\n")).as_bytes(),
     );
-    cpio.file("etc/disk.md5", 0o644, format!("{disk_md5}\n").as_bytes());
-    for (name, ko) in &modules {
-        cpio.file(&format!("lib/modules/{name}.ko"), 0o644, ko);
-    }
-    std::fs::write(out, cpio.finish()).with_context(|| format!("writing {}", out.display()))
+    ramfs.file("etc/disk.md5", 0o644, format!("{disk_md5}\n").as_bytes());
+    ramfs.modules("lib/modules", &modules)?;
+    ramfs.write(out)
 }
 
 /// Fetches the kernel (once) and builds the initramfs and the disk image.
 pub fn prepare() -> Result<Guest> {
-    let kernel = baseline::debian_kernel()?;
+    let kernel = debian_kernel()?;
     let dir = workspace::out_dir("linux/guest")?;
     let disk = dir.join("disk.img");
     let data = disk_image();
@@ -363,7 +271,7 @@ pub fn check_qemu(guest: &Guest, smp: u32, tests: &str) -> Result<RunResult> {
 /// what `cargo xtask run` boots by default.
 pub fn existing() -> Option<Guest> {
     let linux = workspace::target_dir().ok()?.join("linux");
-    let kernel = baseline::newest_vmlinuz(&linux.join("root/boot"))?;
+    let kernel = newest_vmlinuz(&linux.join("root/boot"))?;
     let dir = linux.join("guest");
     let (initramfs, disk) = (dir.join("initramfs.cpio"), dir.join("disk.img"));
     let disk_md5 = std::fs::read_to_string(dir.join("disk.md5")).ok()?;
@@ -424,14 +332,6 @@ pub fn with_vmm(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn reads_module_dependencies() {
-        let ko = b"\x7fELF...\0license=GPL\0depends=virtio_ring,virtio\0retpoline=Y\0";
-        assert_eq!(module_depends(ko), ["virtio_ring", "virtio"]);
-        assert!(module_depends(b"\0depends=\0").is_empty());
-        assert!(module_depends(b"nothing").is_empty());
-    }
 
     #[test]
     fn disk_image_is_fixed() {

@@ -6,8 +6,8 @@ use std::process::{Command, Stdio};
 
 use anyhow::{Context, Result};
 
-use crate::boot::{BootSpec, Exit, Output, RunResult};
 use crate::process::{run_until, Ended};
+use crate::spec::{BootSpec, Exit, Output, RunResult};
 use crate::{deps, kvm, workspace};
 
 /// The QEMU binary.

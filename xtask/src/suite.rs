@@ -11,8 +11,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 
-use crate::build::{Profile, TARGET};
+use crate::build::Profile;
 use crate::deps::{self, Tool};
+use crate::workspace::TARGET;
 use crate::workspace::{self, cargo, describe};
 
 /// The package of the emulator integration tests.
@@ -238,7 +239,7 @@ pub fn run(opts: &Options) -> Result<Summary> {
     // The boot-protocol comparison with linux-loader needs Debian's bzImage, which a
     // plain `cargo test` does not fetch (there the test is ignored, saying why).
     step(&mut summary, "linux-loader comparison", || {
-        let kernel = crate::baseline::debian_kernel()?;
+        let kernel = crate::guest_linux::debian_kernel()?;
         test_step(
             cargo()
                 .env("PEREGRINE_LINUX_KERNEL", &kernel)

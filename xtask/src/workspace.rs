@@ -7,6 +7,10 @@ use std::sync::OnceLock;
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 
+/// The target triple of the bare-metal crates (kernel, root task, components, guests),
+/// as `rust-toolchain.toml` lists it.
+pub const TARGET: &str = "x86_64-unknown-none";
+
 /// The workspace root (the directory holding the top-level `Cargo.toml`).
 pub fn root() -> &'static Path {
     // xtask/ sits directly below the workspace root.

@@ -29,10 +29,10 @@ impl Mode {
     /// The value of `rsi`.
     pub fn rsi(self) -> u64 {
         match self {
-            Mode::Check => 1,
-            Mode::Bench => 2,
-            Mode::Hostile => 3,
-            Mode::Loops => 4,
+            Mode::Check => guest_contract::MODE_CHECK,
+            Mode::Bench => guest_contract::MODE_BENCH,
+            Mode::Hostile => guest_contract::MODE_HOSTILE,
+            Mode::Loops => guest_contract::MODE_LOOPS,
         }
     }
 }

@@ -6,30 +6,10 @@
 
 use std::io::Write;
 
-/// Console port.
-pub const PORT_CONSOLE: u16 = 0xe9;
-/// No-op exit.
-pub const PORT_NOP: u16 = 0x80;
-/// Reads [`MAGIC_IN`].
-pub const PORT_MAGIC: u16 = 0x81;
-/// Returns the last value written to it.
-pub const PORT_ECHO: u16 = 0x82;
-/// Inject #GP with the written error code.
-pub const PORT_INJECT_GP: u16 = 0x83;
-/// Start the vCPU of the written number.
-pub const PORT_START_CPU: u16 = 0xf1;
-/// End the run with the written code.
-pub const PORT_EXIT: u16 = 0xf4;
-/// Port 0x81's value.
-pub const MAGIC_IN: u32 = 0x5a5a_a5a5;
-/// The MMIO register's guest-physical address.
-pub const MMIO_REG: u64 = 0xd000_0000;
-/// Its initial value.
-pub const MMIO_INIT: u64 = 0x1122_3344_5566_7788;
-/// The synthetic MSR.
-pub const MSR_SYNTH: u32 = 0x4000_0200;
-/// The vector injected to end a `hlt`.
-pub const VECTOR_WAKE: u8 = 0x30;
+pub use guest_contract::{
+    MAGIC_IN, MMIO_INIT, MMIO_REG, MSR_SYNTH, PORT_CONSOLE, PORT_ECHO, PORT_EXIT, PORT_INJECT_GP,
+    PORT_MAGIC, PORT_NOP, PORT_START_CPU, VECTOR_WAKE,
+};
 
 /// What the vCPU loop must do after a port write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -17,6 +17,8 @@ use core::arch::{asm, global_asm};
 use core::ptr::addr_of_mut;
 use core::sync::atomic::{AtomicU64, Ordering};
 
+use peregrine_rng::Rng;
+
 use crate::arch::{self, Frame, MAX_CPUS};
 use crate::println;
 
@@ -142,29 +144,6 @@ extern "C" {
     static hostile_resume: u8;
 }
 
-/// xorshift64* seeded through splitmix64 (any seed, 0 included, gives a good state).
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        let mut z = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        Rng((z ^ (z >> 31)) | 1)
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 /// The kinds of action, chosen uniformly.
 #[derive(Clone, Copy)]
 #[repr(u64)]
@@ -231,7 +210,7 @@ fn msr_index(rng: &mut Rng) -> u64 {
         1 => 0xc000_0000 + rng.below(0x200),
         2 => 0xc001_0000 + rng.below(0x200),
         3 => u64::from(crate::MSR_SYNTH) + rng.below(4),
-        _ => rng.next() & 0xffff_ffff,
+        _ => rng.next_u64() & 0xffff_ffff,
     }
 }
 
@@ -302,9 +281,9 @@ fn choose(rng: &mut Rng, s: &mut State, cr4_flip: u64) {
     let kind = KINDS[rng.below(KINDS.len() as u64) as usize];
     s.kind = kind as u64;
     s.steps = 0;
-    s.a = rng.next();
-    s.b = rng.next();
-    s.c = rng.next();
+    s.a = rng.next_u64();
+    s.b = rng.next_u64();
+    s.c = rng.next_u64();
     match kind {
         Kind::PortOut | Kind::PortIn | Kind::PortString => s.a = port(rng),
         Kind::MsrRead | Kind::MsrWrite => s.a = msr_index(rng),
@@ -313,7 +292,7 @@ fn choose(rng: &mut Rng, s: &mut State, cr4_flip: u64) {
             s.a = cr0_flip(if rng.below(2) == 0 {
                 1 << rng.below(64)
             } else {
-                rng.next()
+                rng.next_u64()
             })
         }
         Kind::Cr4 => {
@@ -321,7 +300,7 @@ fn choose(rng: &mut Rng, s: &mut State, cr4_flip: u64) {
                 & if rng.below(2) == 0 {
                     1 << rng.below(64)
                 } else {
-                    rng.next()
+                    rng.next_u64()
                 }
         }
         Kind::RandomCode => {
@@ -329,7 +308,7 @@ fn choose(rng: &mut Rng, s: &mut State, cr4_flip: u64) {
             s.code.fill(0xcc);
             let at = 0x800;
             for b in &mut s.code[at..at + len] {
-                *b = rng.next() as u8;
+                *b = rng.next_u64() as u8;
             }
             // 16 nops resynchronise an instruction the random bytes started, then
             // `int 0x31` ends the sequence.
@@ -340,7 +319,7 @@ fn choose(rng: &mut Rng, s: &mut State, cr4_flip: u64) {
                 *r = match rng.below(4) {
                     0 => rng.below(0x1_0000),
                     1 => mmio_address(rng),
-                    _ => rng.next(),
+                    _ => rng.next_u64(),
                 };
             }
             s.regs[16] = s.scratch.as_ptr() as u64 + s.scratch.len() as u64;
@@ -469,7 +448,7 @@ extern "C" fn action(s: *mut State) {
 
 /// Runs hostile actions forever on vCPU `index`.
 pub fn run(index: usize, seed: u64) -> ! {
-    let mut rng = Rng::new(seed ^ (index as u64).wrapping_mul(0x1000_0000_01b3));
+    let mut rng = Rng::splitmix(seed ^ (index as u64).wrapping_mul(0x1000_0000_01b3));
     // SAFETY: an in-bounds element pointer (index < MAX_CPUS, checked at entry).
     let s = unsafe { addr_of_mut!(STATES[index]) };
     println!("hostile: vCPU {} seed {:#x}", index, seed);

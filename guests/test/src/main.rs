@@ -18,41 +18,11 @@ use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use arch::Frame;
 
-/// Console port (one character per `out`).
-pub const PORT_CONSOLE: u16 = 0xe9;
-/// No-op exit.
-pub const PORT_NOP: u16 = 0x80;
-/// The host answers `MAGIC_IN`.
-pub const PORT_MAGIC: u16 = 0x81;
-/// The host stores what is written and returns it on `in`.
-pub const PORT_ECHO: u16 = 0x82;
-/// The host injects #GP with the written error code.
-pub const PORT_INJECT_GP: u16 = 0x83;
-/// The host starts the vCPU of the written number.
-pub const PORT_START_CPU: u16 = 0xf1;
-/// End of run with the written code.
-pub const PORT_EXIT: u16 = 0xf4;
-/// What port 0x81 reads.
-pub const MAGIC_IN: u32 = 0x5a5a_a5a5;
-/// The emulated MMIO register.
-pub const MMIO_REG: u64 = 0xd000_0000;
-/// Its initial value.
-pub const MMIO_INIT: u64 = 0x1122_3344_5566_7788;
-/// The synthetic MSR the host intercepts.
-pub const MSR_SYNTH: u32 = 0x4000_0200;
-/// `rax` of the contract's hypercall ("PERE").
-pub const HYPERCALL_NR: u64 = 0x5045_5245;
-/// The vector the host injects to end a `hlt`.
-pub const VECTOR_WAKE: u64 = 0x30;
-
-/// Modes (`rsi`).
-pub const MODE_CHECK: u64 = 1;
-/// The exit benchmark.
-pub const MODE_BENCH: u64 = 2;
-/// The hostile guest.
-pub const MODE_HOSTILE: u64 = 3;
-/// Exception loops (#AC, #DB).
-pub const MODE_LOOPS: u64 = 4;
+pub use guest_contract::{
+    HYPERCALL_NR, MAGIC_IN, MMIO_INIT, MMIO_REG, MODE_BENCH, MODE_CHECK, MODE_HOSTILE, MODE_LOOPS,
+    MSR_SYNTH, PORT_CONSOLE, PORT_ECHO, PORT_EXIT, PORT_INJECT_GP, PORT_MAGIC, PORT_NOP,
+    PORT_START_CPU, VECTOR_WAKE,
+};
 
 /// Whether the CPU vendor is Intel (`vmcall`) rather than AMD (`vmmcall`).
 pub static INTEL: AtomicBool = AtomicBool::new(false);
@@ -107,7 +77,7 @@ extern "C" fn guest_main(index: u64, mode: u64, cpus: u64, seed: u64) -> ! {
 /// Called by the trap entry for every vector, on the vCPU's interrupt stack.
 #[no_mangle]
 extern "C" fn trap(frame: &mut Frame) {
-    if frame.vector == VECTOR_WAKE {
+    if frame.vector == u64::from(VECTOR_WAKE) {
         WAKEUPS.fetch_add(1, Ordering::Relaxed);
         return;
     }

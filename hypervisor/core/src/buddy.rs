@@ -261,18 +261,7 @@ mod tests {
     use super::*;
     use std::collections::BTreeMap;
 
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-        }
-        fn below(&mut self, n: u64) -> u64 {
-            self.next() % n
-        }
-    }
+    use peregrine_rng::Rng;
 
     #[test]
     fn simple_alloc_free_coalesce() {
@@ -329,7 +318,7 @@ mod tests {
 
     #[test]
     fn random_against_model() {
-        let mut rng = Rng(4242);
+        let mut rng = Rng::from_state(4242);
         let n = 1 << 14;
         let base = 0x7_0003;
         let mut b = Buddy::new(base, vec![0u64; n]).unwrap();

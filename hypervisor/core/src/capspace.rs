@@ -416,19 +416,7 @@ mod tests {
     use super::*;
     use std::collections::BTreeMap;
 
-    /// xorshift64*: a tiny seeded PRNG for property tests.
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-        }
-        fn below(&mut self, n: u64) -> u64 {
-            self.next() % n
-        }
-    }
+    use peregrine_rng::Rng;
 
     fn cap(obj: u32, perm: u8) -> Cap<u32> {
         Cap { obj, perm }
@@ -549,7 +537,7 @@ mod tests {
 
     #[test]
     fn random_against_btreemap() {
-        let mut rng = Rng(0x1234_5678_9abc_def1);
+        let mut rng = Rng::from_state(0x1234_5678_9abc_def1);
         let limit = 1u64 << 20;
         let mut s = CapSpace::new(limit);
         let mut model: BTreeMap<u64, Cap<u32>> = BTreeMap::new();

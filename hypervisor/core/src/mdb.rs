@@ -643,18 +643,7 @@ mod tests {
     const B: SpaceId = SpaceId(2);
     const C: SpaceId = SpaceId(3);
 
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-        }
-        fn below(&mut self, n: u64) -> u64 {
-            self.next() % n
-        }
-    }
+    use peregrine_rng::Rng;
 
     fn items(v: &[Removed]) -> Set<(SpaceId, u64)> {
         let mut s = Set::new();
@@ -1002,7 +991,7 @@ mod tests {
     }
 
     fn random_run(seed: u64, steps: usize) {
-        let mut rng = Rng(seed);
+        let mut rng = Rng::from_state(seed);
         let mut m = Mdb::new();
         let mut model = Model(Map::new());
         for _ in 0..steps {

@@ -859,24 +859,13 @@ mod tests {
         assert!(mem.tables.is_empty());
     }
 
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-        }
-        fn below(&mut self, n: u64) -> u64 {
-            self.next() % n
-        }
-    }
+    use peregrine_rng::Rng;
 
     /// Random map/unmap in a window of 4 x 2 MiB around a 1 GiB boundary, checked page
     /// by page against a map from page to (frame, perm).
     #[test]
     fn random_against_model() {
-        let mut rng = Rng(99);
+        let mut rng = Rng::from_state(99);
         let mut mem = FakeMem::default();
         let pt = PageTable::<Host>::new(&mut mem).unwrap();
         let base = G - 2 * M2;

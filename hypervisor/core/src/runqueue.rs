@@ -255,18 +255,7 @@ mod tests {
     use super::*;
     use std::collections::VecDeque;
 
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-        }
-        fn below(&mut self, n: u64) -> u64 {
-            self.next() % n
-        }
-    }
+    use peregrine_rng::Rng;
 
     #[test]
     fn priorities_and_round_robin() {
@@ -308,7 +297,7 @@ mod tests {
 
     #[test]
     fn random_against_model() {
-        let mut rng = Rng(77);
+        let mut rng = Rng::from_state(77);
         let mut q = RunQueue::with_capacity(16).unwrap();
         let mut model: Vec<VecDeque<u32>> = vec![VecDeque::new(); PRIORITIES];
         let mut tickets: Vec<(u32, Ticket)> = Vec::new();

@@ -80,13 +80,9 @@ static VICTIM_STATUS: [AtomicU64; svc::STATUS_BUCKETS] =
 static RNG: AtomicU64 = AtomicU64::new(1);
 
 fn rnd() -> u64 {
-    // xorshift64*
-    let mut x = RNG.load(Ordering::Relaxed);
-    x ^= x >> 12;
-    x ^= x << 25;
-    x ^= x >> 27;
+    let x = peregrine_rng::step(RNG.load(Ordering::Relaxed));
     RNG.store(x, Ordering::Relaxed);
-    x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    peregrine_rng::output(x)
 }
 
 /// A random argument word: small, selector-like, address-like, extreme or anything.
