@@ -8,7 +8,7 @@ use peregrine_abi::hypercall::{self, Hypercall, HypercallWord};
 use peregrine_abi::perm::{EcPerm, PdPerm, PtPerm, ScPerm, SmPerm};
 use peregrine_abi::Status;
 
-use crate::cap::{Cap, KObj};
+use crate::cap::{Cap, CapObj, KObj};
 use crate::ec::{Ec, EcKind};
 use crate::frame::{user_addr, Frame};
 use crate::pd::Pd;
@@ -108,32 +108,14 @@ pub unsafe extern "C" fn syscall_handler(frame: *mut Frame) -> ! {
     sched::ret_to(c)
 }
 
-fn cap_pd(c: &Ec, sel: u64, need: PdPerm) -> Result<Arc<Pd>, Status> {
+/// The object of the capability at `sel` in the caller's space if it is a `T` with at
+/// least the permissions `need`; `BadCapability` otherwise.
+fn cap<T: CapObj>(c: &Ec, sel: u64, need: T::Perm) -> Result<Arc<T>, Status> {
+    let need = T::perm_bits(need);
     match c.pd.cap(sel) {
-        Some(Cap {
-            obj: KObj::Pd(p),
-            perm,
-        }) if perm & need.bits() == need.bits() => Ok(p),
-        _ => Err(Status::BadCapability),
-    }
-}
-
-fn cap_ec(c: &Ec, sel: u64, need: EcPerm) -> Result<Arc<Ec>, Status> {
-    match c.pd.cap(sel) {
-        Some(Cap {
-            obj: KObj::Ec(e),
-            perm,
-        }) if perm & need.bits() == need.bits() => Ok(e),
-        _ => Err(Status::BadCapability),
-    }
-}
-
-fn cap_sm(c: &Ec, sel: u64, need: SmPerm) -> Result<Arc<Sm>, Status> {
-    match c.pd.cap(sel) {
-        Some(Cap {
-            obj: KObj::Sm(s),
-            perm,
-        }) if perm & need.bits() == need.bits() => Ok(s),
+        Some(Cap { obj, perm }) if perm & need == need => {
+            T::from_kobj(obj).ok_or(Status::BadCapability)
+        }
         _ => Err(Status::BadCapability),
     }
 }
@@ -154,7 +136,7 @@ fn check_free(c: &Ec, sel: u64) -> Result<(), Status> {
 
 #[inline(never)] // off the IPC path: the dispatcher's frame stays small
 fn create_pd(c: &Ec, a: &args::CreatePd) -> Result<(), Status> {
-    let parent = cap_pd(c, a.parent, PdPerm::PD)?;
+    let parent = cap::<Pd>(c, a.parent, PdPerm::PD)?;
     check_free(c, a.dst)?;
     let vm = a.vm;
     if vm && !crate::vcpu::available() {
@@ -185,7 +167,7 @@ fn create_pd(c: &Ec, a: &args::CreatePd) -> Result<(), Status> {
 
 #[inline(never)] // off the IPC path: the dispatcher's frame stays small
 fn create_ec(c: &Ec, a: &args::CreateEc) -> Result<(), Status> {
-    let pd = cap_pd(c, a.pd, PdPerm::EC)?;
+    let pd = cap::<Pd>(c, a.pd, PdPerm::EC)?;
     let cpu = a.cpu;
     if !crate::arch::cpu_online(cpu) {
         return Err(Status::BadCpu);
@@ -240,8 +222,8 @@ fn create_ec(c: &Ec, a: &args::CreateEc) -> Result<(), Status> {
 
 #[inline(never)] // off the IPC path: the dispatcher's frame stays small
 fn create_sc(c: &Ec, a: &args::CreateSc) -> Result<(), Status> {
-    let pd = cap_pd(c, a.pd, PdPerm::SC)?;
-    let ec = cap_ec(c, a.ec, EcPerm::BIND_SC)?;
+    let pd = cap::<Pd>(c, a.pd, PdPerm::SC)?;
+    let ec = cap::<Ec>(c, a.ec, EcPerm::BIND_SC)?;
     let (prio, quantum_us) = (a.prio, a.quantum_us);
     if prio == 0 || quantum_us == 0 || quantum_us > 10_000_000 {
         return Err(Status::BadParameter);
@@ -286,8 +268,8 @@ fn create_sc(c: &Ec, a: &args::CreateSc) -> Result<(), Status> {
 
 #[inline(never)] // off the IPC path: the dispatcher's frame stays small
 fn create_pt(c: &Ec, a: &args::CreatePt) -> Result<(), Status> {
-    let pd = cap_pd(c, a.pd, PdPerm::PT)?;
-    let ec = cap_ec(c, a.ec, EcPerm::BIND_PT)?;
+    let pd = cap::<Pd>(c, a.pd, PdPerm::PT)?;
+    let ec = cap::<Ec>(c, a.ec, EcPerm::BIND_PT)?;
     if ec.kind != EcKind::Local {
         return Err(Status::BadCapability);
     }
@@ -302,7 +284,7 @@ fn create_pt(c: &Ec, a: &args::CreatePt) -> Result<(), Status> {
 
 #[inline(never)] // off the IPC path: the dispatcher's frame stays small
 fn create_sm(c: &Ec, a: &args::CreateSm) -> Result<(), Status> {
-    let pd = cap_pd(c, a.pd, PdPerm::SM)?;
+    let pd = cap::<Pd>(c, a.pd, PdPerm::SM)?;
     check_free(c, a.dst)?;
     let charge = crate::kmem::Charge::new(&pd, 1)?;
     install(
@@ -315,7 +297,7 @@ fn create_sm(c: &Ec, a: &args::CreateSm) -> Result<(), Status> {
 /// `ec_ctrl`: the capability is checked before the operation is decoded (a bad
 /// capability with an undefined operation answers `BadCapability`).
 fn ec_ctrl(c: &Ec, r: &Regs) -> Result<(), Status> {
-    let ec = cap_ec(c, HypercallWord(r[0]).sel(), EcPerm::CTRL)?;
+    let ec = cap::<Ec>(c, HypercallWord(r[0]).sel(), EcPerm::CTRL)?;
     match arg::<args::EcCtrl>(r)?.op {
         EcCtrlOp::Recall => {
             ec.recall.store(true, core::sync::atomic::Ordering::Release);
@@ -326,41 +308,27 @@ fn ec_ctrl(c: &Ec, r: &Regs) -> Result<(), Status> {
 }
 
 fn sc_ctrl(c: &Ec, a: &args::ScCtrl) -> Result<u64, Status> {
-    match c.pd.cap(a.sc) {
-        Some(Cap {
-            obj: KObj::Sc(s),
-            perm,
-        }) if perm & ScPerm::CTRL.bits() != 0 => {
-            Ok(s.time.load(core::sync::atomic::Ordering::Relaxed))
-        }
-        _ => Err(Status::BadCapability),
-    }
+    let sc = cap::<Sc>(c, a.sc, ScPerm::CTRL)?;
+    Ok(sc.time.load(core::sync::atomic::Ordering::Relaxed))
 }
 
 fn pt_ctrl(c: &Ec, a: &args::PtCtrl) -> Result<(), Status> {
-    match c.pd.cap(a.pt) {
-        Some(Cap {
-            obj: KObj::Pt(p),
-            perm,
-        }) if perm & PtPerm::CTRL.bits() != 0 => {
-            p.id.store(a.id, core::sync::atomic::Ordering::Relaxed);
-            Ok(())
-        }
-        _ => Err(Status::BadCapability),
-    }
+    let pt = cap::<Pt>(c, a.pt, PtPerm::CTRL)?;
+    pt.id.store(a.id, core::sync::atomic::Ordering::Relaxed);
+    Ok(())
 }
 
 /// `sm_ctrl`; `Ok(true)`: the running EC blocked on the semaphore (the caller
 /// schedules once its own references are gone).
 fn sm_ctrl(c: &Arc<Ec>, a: &args::SmCtrl) -> Result<bool, Status> {
     let SmOp::Down { zero, deadline } = a.op else {
-        let sm = cap_sm(c, a.sm, SmPerm::UP)?;
+        let sm = cap::<Sm>(c, a.sm, SmPerm::UP)?;
         sm.up();
         drop(sm);
         sched::preempt_if_needed();
         return Ok(false);
     };
-    let sm = cap_sm(c, a.sm, SmPerm::DOWN)?;
+    let sm = cap::<Sm>(c, a.sm, SmPerm::DOWN)?;
     if deadline != 0 && crate::arch::rdtsc() >= deadline {
         // Poll: take it if available, else time out at once.
         return match sm.down_nowait(zero) {
@@ -388,7 +356,7 @@ fn sm_ctrl(c: &Arc<Ec>, a: &args::SmCtrl) -> Result<bool, Status> {
 }
 
 fn assign_gsi(c: &Ec, a: &args::AssignGsi) -> Result<(), Status> {
-    let sm = cap_sm(c, a.sm, SmPerm::DOWN)?;
+    let sm = cap::<Sm>(c, a.sm, SmPerm::DOWN)?;
     let gsi = sm.gsi().ok_or(Status::BadCapability)?;
     let cpu = a.cpu;
     if !crate::arch::cpu_online(cpu) {
@@ -404,14 +372,14 @@ fn assign_gsi(c: &Ec, a: &args::AssignGsi) -> Result<(), Status> {
 /// the destination PD in argument 1, then the operation; an undefined operation answers
 /// `BadParameter` only once both PDs have passed.
 fn pd_ctrl(c: &Ec, r: &Regs) -> Result<u64, Status> {
-    let src = cap_pd(c, HypercallWord(r[0]).sel(), PdPerm::empty())?;
+    let src = cap::<Pd>(c, HypercallWord(r[0]).sel(), PdPerm::empty())?;
     let op = arg::<args::PdCtrl>(r).map(|a| a.op);
     let dst = match op {
         Ok(PdCtrlOp::Stat { item }) => return pd_stat(&src, item),
         Ok(PdCtrlOp::Delegate { dst_pd, .. } | PdCtrlOp::Quota { dst_pd, .. }) => dst_pd,
         Err(_) => r[1],
     };
-    let dst = cap_pd(c, dst, PdPerm::empty())?;
+    let dst = cap::<Pd>(c, dst, PdPerm::empty())?;
     if !dst.is_within(&c.pd) || dst.kernel || dst.is_dead() {
         return Err(Status::BadCapability);
     }
