@@ -106,3 +106,159 @@ pub mod vcpu {
     /// Recall by `ec_ctrl`.
     pub const RECALL: u64 = 0xff;
 }
+
+/// Declares [`VcpuEvent`] from the [`vcpu`] constants: one list, so that the enum and
+/// the numbers cannot drift apart.
+macro_rules! vcpu_events {
+    ($($(#[$doc:meta])* $name:ident = $num:ident,)*) => {
+        /// The vCPU events of [`vcpu`] as an enumeration (the same numbers).
+        #[repr(u8)]
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum VcpuEvent {
+            $($(#[$doc])* $name = vcpu::$num as u8,)*
+        }
+
+        impl VcpuEvent {
+            /// Every event, in increasing number.
+            pub const ALL: &'static [VcpuEvent] = &[$(VcpuEvent::$name,)*];
+        }
+
+        impl TryFrom<u64> for VcpuEvent {
+            /// The number, which names no event.
+            type Error = u64;
+            fn try_from(n: u64) -> Result<Self, u64> {
+                match n {
+                    $(vcpu::$num => Ok(VcpuEvent::$name),)*
+                    _ => Err(n),
+                }
+            }
+        }
+    };
+}
+
+vcpu_events! {
+    /// Exception or NMI.
+    Exception = EXCEPTION,
+    /// External interrupt.
+    ExtInt = EXTINT,
+    /// Triple fault (shutdown).
+    TripleFault = TRIPLE_FAULT,
+    /// INIT signal.
+    Init = INIT,
+    /// Start-up IPI.
+    Sipi = SIPI,
+    /// Interrupt window open.
+    IntrWindow = INTR_WINDOW,
+    /// NMI window open.
+    NmiWindow = NMI_WINDOW,
+    /// Task switch.
+    TaskSwitch = TASK_SWITCH,
+    /// CPUID.
+    Cpuid = CPUID,
+    /// HLT.
+    Hlt = HLT,
+    /// INVD.
+    Invd = INVD,
+    /// INVLPG.
+    Invlpg = INVLPG,
+    /// RDTSC.
+    Rdtsc = RDTSC,
+    /// VMCALL / VMMCALL.
+    Vmcall = VMCALL,
+    /// Control-register access.
+    CrAccess = CR_ACCESS,
+    /// Debug-register access.
+    DrAccess = DR_ACCESS,
+    /// I/O instruction.
+    Io = IO,
+    /// RDMSR.
+    Rdmsr = RDMSR,
+    /// WRMSR.
+    Wrmsr = WRMSR,
+    /// VM entry failed: invalid guest state.
+    InvalidState = INVALID_STATE,
+    /// MWAIT.
+    Mwait = MWAIT,
+    /// MONITOR.
+    Monitor = MONITOR,
+    /// PAUSE.
+    Pause = PAUSE,
+    /// EPT violation / NPT fault.
+    NptFault = NPT_FAULT,
+    /// RDTSCP.
+    Rdtscp = RDTSCP,
+    /// WBINVD.
+    Wbinvd = WBINVD,
+    /// XSETBV.
+    Xsetbv = XSETBV,
+    /// String I/O (INS/OUTS).
+    IoString = IO_STRING,
+    /// A backend-specific exit with no common number.
+    Other = OTHER,
+    /// Start-up of a new vCPU.
+    Startup = STARTUP,
+    /// Recall by `ec_ctrl`.
+    Recall = RECALL,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every constant of [`vcpu`], written out (a constant added there without a variant
+    /// fails here).
+    const NUMBERS: &[u64] = &[
+        vcpu::EXCEPTION,
+        vcpu::EXTINT,
+        vcpu::TRIPLE_FAULT,
+        vcpu::INIT,
+        vcpu::SIPI,
+        vcpu::INTR_WINDOW,
+        vcpu::NMI_WINDOW,
+        vcpu::TASK_SWITCH,
+        vcpu::CPUID,
+        vcpu::HLT,
+        vcpu::INVD,
+        vcpu::INVLPG,
+        vcpu::RDTSC,
+        vcpu::VMCALL,
+        vcpu::CR_ACCESS,
+        vcpu::DR_ACCESS,
+        vcpu::IO,
+        vcpu::RDMSR,
+        vcpu::WRMSR,
+        vcpu::INVALID_STATE,
+        vcpu::MWAIT,
+        vcpu::MONITOR,
+        vcpu::PAUSE,
+        vcpu::NPT_FAULT,
+        vcpu::RDTSCP,
+        vcpu::WBINVD,
+        vcpu::XSETBV,
+        vcpu::IO_STRING,
+        vcpu::OTHER,
+        vcpu::STARTUP,
+        vcpu::RECALL,
+    ];
+
+    #[test]
+    fn every_constant_maps_to_its_variant_and_back() {
+        assert_eq!(NUMBERS.len(), VcpuEvent::ALL.len());
+        for (&n, &e) in NUMBERS.iter().zip(VcpuEvent::ALL) {
+            assert_eq!(VcpuEvent::try_from(n), Ok(e));
+            assert_eq!(e as u64, n);
+        }
+        assert_eq!(VcpuEvent::IoString as u64, 0xfc);
+        assert_eq!(VcpuEvent::Other as u64, 0xfd);
+        assert_eq!(VcpuEvent::Startup as u64, 0xfe);
+        assert_eq!(VcpuEvent::Recall as u64, 0xff);
+    }
+
+    #[test]
+    fn other_numbers_name_no_event() {
+        for n in (0..NUM_VCPU_EVENTS + 4).filter(|n| !NUMBERS.contains(n)) {
+            assert_eq!(VcpuEvent::try_from(n), Err(n));
+        }
+        assert_eq!(VcpuEvent::try_from(u64::MAX), Err(u64::MAX));
+    }
+}

@@ -1,13 +1,15 @@
 //! The Peregrine kernel interface.
 //!
 //! Everything the kernel and user space must agree on lives here and only here:
-//! hypercall numbers and their register encoding, status codes, capability range
-//! descriptors (CRDs), permission bits, message transfer descriptors (MTDs), the UTCB
-//! layout, event numbers and the hypervisor information page (HIP). `ABI.md` beside this
-//! crate is the prose specification; every shared structure's layout is pinned by a
-//! `const` assertion so that a change is a compile error, not a silent break.
+//! hypercall numbers and their register encoding (one type per hypercall in [`args`]),
+//! status codes, capability range descriptors (CRDs), permission bits, message transfer
+//! descriptors (MTDs), the UTCB layout, event numbers and the hypervisor information
+//! page (HIP). `ABI.md` beside this crate is the prose specification; every shared
+//! structure's layout is pinned by a `const` assertion so that a change is a compile
+//! error, not a silent break.
 #![cfg_attr(not(test), no_std)]
 
+pub mod args;
 pub mod crd;
 pub mod event;
 pub mod hip;

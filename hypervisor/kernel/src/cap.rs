@@ -4,6 +4,7 @@ use alloc::sync::Arc;
 use core::sync::atomic::{fence, AtomicBool, AtomicPtr, Ordering};
 
 use peregrine_abi::hip::MAX_CPUS;
+use peregrine_abi::perm::{EcPerm, PdPerm, PtPerm, ScPerm, SmPerm};
 
 use crate::ec::Ec;
 use crate::pd::Pd;
@@ -39,6 +40,38 @@ impl KObj {
         }
     }
 }
+
+/// A kernel object type a capability can name: the [`KObj`] variant that holds it and
+/// its permission bits (`peregrine_abi::perm`).
+pub trait CapObj: Sized {
+    /// The permissions of a capability to this type.
+    type Perm: Copy;
+    /// The bits of `p` as a capability stores them.
+    fn perm_bits(p: Self::Perm) -> u8;
+    /// The object `o` names if it is of this type.
+    fn from_kobj(o: KObj) -> Option<Arc<Self>>;
+}
+
+macro_rules! cap_obj {
+    ($($t:ident: $perm:ty),* $(,)?) => {$(
+        impl CapObj for $t {
+            type Perm = $perm;
+            #[inline(always)]
+            fn perm_bits(p: $perm) -> u8 {
+                p.bits()
+            }
+            #[inline(always)]
+            fn from_kobj(o: KObj) -> Option<Arc<Self>> {
+                match o {
+                    KObj::$t(x) => Some(x),
+                    _ => None,
+                }
+            }
+        }
+    )*};
+}
+
+cap_obj!(Pd: PdPerm, Ec: EcPerm, Sc: ScPerm, Pt: PtPerm, Sm: SmPerm);
 
 /// A capability: object and permissions.
 pub type Cap = peregrine_core::capspace::Cap<KObj>;

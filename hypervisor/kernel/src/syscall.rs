@@ -3,14 +3,12 @@
 
 use alloc::sync::Arc;
 
-use peregrine_abi::hypercall::{
-    self, call_flags, ec_ctrl_op, ec_flags, pd_ctrl_op, pd_flags, revoke_flags, sm_flags,
-    Hypercall, HypercallWord,
-};
+use peregrine_abi::args::{self, EcCtrlOp, HcArgs, PdCtrlOp, Regs, SmOp};
+use peregrine_abi::hypercall::{self, Hypercall, HypercallWord};
 use peregrine_abi::perm::{EcPerm, PdPerm, PtPerm, ScPerm, SmPerm};
-use peregrine_abi::{Crd, Mtd, Status, XferFlags};
+use peregrine_abi::Status;
 
-use crate::cap::{Cap, KObj};
+use crate::cap::{Cap, CapObj, KObj};
 use crate::ec::{Ec, EcKind};
 use crate::frame::{user_addr, Frame};
 use crate::pd::Pd;
@@ -22,25 +20,16 @@ use crate::{ipc, sched, space};
 /// Print every failing hypercall (kernel command line `trace_hc`).
 pub static TRACE: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
 
-/// The typed view of a hypercall's registers.
-struct Args {
-    word: HypercallWord,
-    a: [u64; 5],
+/// A hypercall's entry registers in the order [`args`] decodes them.
+#[inline(always)]
+fn regs(f: &Frame) -> Regs {
+    [f.rdi, f.rsi, f.rdx, f.rax, f.r8, f.r9]
 }
 
-impl Args {
-    fn from(f: &Frame) -> Self {
-        Args {
-            word: HypercallWord(f.rdi),
-            a: [f.rsi, f.rdx, f.rax, f.r8, f.r9],
-        }
-    }
-    fn sel(&self) -> u64 {
-        self.word.sel()
-    }
-    fn flags(&self) -> u8 {
-        self.word.flags()
-    }
+/// Decodes `A` from `r` (the dispatcher has matched its number).
+#[inline(always)]
+fn arg<A: HcArgs>(r: &Regs) -> Result<A, Status> {
+    A::from_regs(r)
 }
 
 /// Entered from the syscall stub with the running EC's saved frame.
@@ -56,29 +45,32 @@ pub unsafe extern "C" fn syscall_handler(frame: *mut Frame) -> ! {
     crate::fastpath::try_fast(unsafe { &*frame });
     let c = sched::current();
     // SAFETY: the running EC's frame, on its own CPU, interrupts off.
-    let args = Args::from(unsafe { c.frame() });
-    let Some(h) = Hypercall::from_raw(args.word.number()) else {
+    let r = regs(unsafe { c.frame() });
+    let word = HypercallWord(r[0]);
+    let Some(h) = Hypercall::from_raw(word.number()) else {
         ipc::finish(c, Status::BadHypercall);
     };
-    let r = match h {
-        Hypercall::Call => ipc::call(c, args.sel(), args.flags() & call_flags::NON_BLOCKING != 0),
+    let res = match h {
+        Hypercall::Call => match arg::<args::Call>(&r) {
+            Ok(a) => ipc::call(c, a.pt, a.non_blocking),
+            Err(s) => Err(s),
+        },
         Hypercall::Reply => ipc::reply(c),
-        Hypercall::CreatePd => create_pd(&c, &args).map(|()| 0),
-        Hypercall::CreateEc => create_ec(&c, &args).map(|()| 0),
-        Hypercall::CreateSc => create_sc(&c, &args).map(|()| 0),
-        Hypercall::CreatePt => create_pt(&c, &args).map(|()| 0),
-        Hypercall::CreateSm => create_sm(&c, &args).map(|()| 0),
-        Hypercall::Revoke => space::revoke(
-            &c.pd,
-            Crd(args.a[0]),
-            args.flags() & revoke_flags::SELF != 0,
-        )
-        .map(|()| 0),
-        Hypercall::Lookup => space::lookup(&c.pd, Crd(args.a[0])).map(|crd| crd.0),
-        Hypercall::EcCtrl => ec_ctrl(&c, &args).map(|()| 0),
-        Hypercall::ScCtrl => sc_ctrl(&c, &args),
-        Hypercall::PtCtrl => pt_ctrl(&c, &args).map(|()| 0),
-        Hypercall::SmCtrl => match sm_ctrl(&c, &args) {
+        Hypercall::CreatePd => arg(&r).and_then(|a| create_pd(&c, &a)).map(|()| 0),
+        Hypercall::CreateEc => arg(&r).and_then(|a| create_ec(&c, &a)).map(|()| 0),
+        Hypercall::CreateSc => arg(&r).and_then(|a| create_sc(&c, &a)).map(|()| 0),
+        Hypercall::CreatePt => arg(&r).and_then(|a| create_pt(&c, &a)).map(|()| 0),
+        Hypercall::CreateSm => arg(&r).and_then(|a| create_sm(&c, &a)).map(|()| 0),
+        Hypercall::Revoke => arg::<args::Revoke>(&r)
+            .and_then(|a| space::revoke(&c.pd, a.crd, a.own))
+            .map(|()| 0),
+        Hypercall::Lookup => arg::<args::Lookup>(&r)
+            .and_then(|a| space::lookup(&c.pd, a.crd))
+            .map(|crd| crd.0),
+        Hypercall::EcCtrl => ec_ctrl(&c, &r).map(|()| 0),
+        Hypercall::ScCtrl => arg(&r).and_then(|a| sc_ctrl(&c, &a)),
+        Hypercall::PtCtrl => arg(&r).and_then(|a| pt_ctrl(&c, &a)).map(|()| 0),
+        Hypercall::SmCtrl => match arg(&r).and_then(|a| sm_ctrl(&c, &a)) {
             Ok(true) => {
                 // Blocked: the semaphore (and a timeout) hold the EC now.
                 drop(c);
@@ -88,25 +80,25 @@ pub unsafe extern "C" fn syscall_handler(frame: *mut Frame) -> ! {
             r => r.map(|_| 0),
         },
         Hypercall::AssignPci => Err(Status::BadFeature),
-        Hypercall::AssignGsi => assign_gsi(&c, &args).map(|()| 0),
-        Hypercall::PdCtrl => pd_ctrl(&c, &args),
+        Hypercall::AssignGsi => arg(&r).and_then(|a| assign_gsi(&c, &a)).map(|()| 0),
+        Hypercall::PdCtrl => pd_ctrl(&c, &r),
     };
     if TRACE.load(core::sync::atomic::Ordering::Relaxed) {
-        if let Err(s) = r {
+        if let Err(s) = res {
             crate::kprintln!(
                 "hc pd {} {:?} sel {:#x} flags {:#x} args {:x?}: {}",
                 c.pd.id,
                 h,
-                args.sel(),
-                args.flags(),
-                args.a,
+                word.sel(),
+                word.flags(),
+                &r[1..],
                 s.name()
             );
         }
     }
     // SAFETY: as above.
     let f = unsafe { c.frame() };
-    match r {
+    match res {
         Ok(v) => {
             f.rdi = Status::Success as u64;
             f.rsi = v;
@@ -116,32 +108,14 @@ pub unsafe extern "C" fn syscall_handler(frame: *mut Frame) -> ! {
     sched::ret_to(c)
 }
 
-fn cap_pd(c: &Ec, sel: u64, need: PdPerm) -> Result<Arc<Pd>, Status> {
+/// The object of the capability at `sel` in the caller's space if it is a `T` with at
+/// least the permissions `need`; `BadCapability` otherwise.
+fn cap<T: CapObj>(c: &Ec, sel: u64, need: T::Perm) -> Result<Arc<T>, Status> {
+    let need = T::perm_bits(need);
     match c.pd.cap(sel) {
-        Some(Cap {
-            obj: KObj::Pd(p),
-            perm,
-        }) if perm & need.bits() == need.bits() => Ok(p),
-        _ => Err(Status::BadCapability),
-    }
-}
-
-fn cap_ec(c: &Ec, sel: u64, need: EcPerm) -> Result<Arc<Ec>, Status> {
-    match c.pd.cap(sel) {
-        Some(Cap {
-            obj: KObj::Ec(e),
-            perm,
-        }) if perm & need.bits() == need.bits() => Ok(e),
-        _ => Err(Status::BadCapability),
-    }
-}
-
-fn cap_sm(c: &Ec, sel: u64, need: SmPerm) -> Result<Arc<Sm>, Status> {
-    match c.pd.cap(sel) {
-        Some(Cap {
-            obj: KObj::Sm(s),
-            perm,
-        }) if perm & need.bits() == need.bits() => Ok(s),
+        Some(Cap { obj, perm }) if perm & need == need => {
+            T::from_kobj(obj).ok_or(Status::BadCapability)
+        }
         _ => Err(Status::BadCapability),
     }
 }
@@ -161,14 +135,14 @@ fn check_free(c: &Ec, sel: u64) -> Result<(), Status> {
 }
 
 #[inline(never)] // off the IPC path: the dispatcher's frame stays small
-fn create_pd(c: &Ec, a: &Args) -> Result<(), Status> {
-    let parent = cap_pd(c, a.a[0], PdPerm::PD)?;
-    check_free(c, a.sel())?;
-    let vm = a.flags() & pd_flags::VM != 0;
+fn create_pd(c: &Ec, a: &args::CreatePd) -> Result<(), Status> {
+    let parent = cap::<Pd>(c, a.parent, PdPerm::PD)?;
+    check_free(c, a.dst)?;
+    let vm = a.vm;
     if vm && !crate::vcpu::available() {
         return Err(Status::BadFeature);
     }
-    let quota = u32::try_from(a.a[1]).map_err(|_| Status::OutOfMemory)?;
+    let quota = u32::try_from(a.quota).map_err(|_| Status::OutOfMemory)?;
     // One page for the PD object itself (and its top-level page table), plus the quota
     // it receives.
     crate::kmem::charge(&parent, 2)?;
@@ -182,7 +156,7 @@ fn create_pd(c: &Ec, a: &Args) -> Result<(), Status> {
     match Pd::new(Some(parent.clone()), q, false, vm) {
         // A PD that is not installed goes at once: dropping it returns both the two
         // pages and its quota to the parent (nothing else may return them again).
-        Ok(pd) => install(c, a.sel(), KObj::Pd(crate::kmem::try_arc(pd)?)),
+        Ok(pd) => install(c, a.dst, KObj::Pd(crate::kmem::try_arc(pd)?)),
         Err(q) => {
             let _ = q.merge_into(&parent.quota);
             crate::kmem::uncharge(&parent, 2);
@@ -192,33 +166,33 @@ fn create_pd(c: &Ec, a: &Args) -> Result<(), Status> {
 }
 
 #[inline(never)] // off the IPC path: the dispatcher's frame stays small
-fn create_ec(c: &Ec, a: &Args) -> Result<(), Status> {
-    let pd = cap_pd(c, a.a[0], PdPerm::EC)?;
-    let cpu = a.a[1];
+fn create_ec(c: &Ec, a: &args::CreateEc) -> Result<(), Status> {
+    let pd = cap::<Pd>(c, a.pd, PdPerm::EC)?;
+    let cpu = a.cpu;
     if !crate::arch::cpu_online(cpu) {
         return Err(Status::BadCpu);
     }
-    check_free(c, a.sel())?;
-    if a.flags() & ec_flags::VCPU != 0 {
+    check_free(c, a.dst)?;
+    if a.vcpu {
         // SVM: a vCPU in a VM PD (no UTCB, no stack; the event base names selectors of
         // the VM PD).
         if pd.kernel || pd.is_dead() {
             return Err(Status::BadCapability);
         }
-        let ec = crate::vcpu::create(&pd, cpu as usize, a.a[4])?;
+        let ec = crate::vcpu::create(&pd, cpu as usize, a.evt)?;
         pd.add_ec(&ec)?;
-        return install(c, a.sel(), KObj::Ec(ec));
+        return install(c, a.dst, KObj::Ec(ec));
     }
     if pd.vm {
         // A VM PD has no host address space for threads.
         return Err(Status::BadParameter);
     }
-    let kind = if a.flags() & ec_flags::GLOBAL != 0 {
+    let kind = if a.global {
         EcKind::Global
     } else {
         EcKind::Local
     };
-    let (utcb, sp, evt) = (a.a[2], a.a[3], a.a[4]);
+    let (utcb, sp, evt) = (a.utcb, a.sp, a.evt);
     if utcb & 0xfff != 0 || !user_addr(utcb) || utcb == 0 || !user_addr(sp) {
         return Err(Status::BadParameter);
     }
@@ -243,14 +217,14 @@ fn create_ec(c: &Ec, a: &Args) -> Result<(), Status> {
         Frame::user(0, sp),
     ))?;
     pd.add_ec(&ec)?;
-    install(c, a.sel(), KObj::Ec(ec))
+    install(c, a.dst, KObj::Ec(ec))
 }
 
 #[inline(never)] // off the IPC path: the dispatcher's frame stays small
-fn create_sc(c: &Ec, a: &Args) -> Result<(), Status> {
-    let pd = cap_pd(c, a.a[0], PdPerm::SC)?;
-    let ec = cap_ec(c, a.a[1], EcPerm::BIND_SC)?;
-    let (prio, quantum_us) = hypercall::qpd_split(a.a[2]);
+fn create_sc(c: &Ec, a: &args::CreateSc) -> Result<(), Status> {
+    let pd = cap::<Pd>(c, a.pd, PdPerm::SC)?;
+    let ec = cap::<Ec>(c, a.ec, EcPerm::BIND_SC)?;
+    let (prio, quantum_us) = (a.prio, a.quantum_us);
     if prio == 0 || quantum_us == 0 || quantum_us > 10_000_000 {
         return Err(Status::BadParameter);
     }
@@ -263,7 +237,7 @@ fn create_sc(c: &Ec, a: &Args) -> Result<(), Status> {
     if ec.kind == EcKind::Local {
         return Err(Status::BadCapability);
     }
-    check_free(c, a.sel())?;
+    check_free(c, a.dst)?;
     use core::sync::atomic::Ordering;
     if ec.has_sc.swap(true, Ordering::AcqRel) {
         return Err(Status::BadCapability);
@@ -283,7 +257,7 @@ fn create_sc(c: &Ec, a: &Args) -> Result<(), Status> {
             return Err(e);
         }
     };
-    if let Err(e) = install(c, a.sel(), KObj::Sc(sc.clone())) {
+    if let Err(e) = install(c, a.dst, KObj::Sc(sc.clone())) {
         ec.has_sc.store(false, Ordering::Release);
         return Err(e);
     }
@@ -293,87 +267,71 @@ fn create_sc(c: &Ec, a: &Args) -> Result<(), Status> {
 }
 
 #[inline(never)] // off the IPC path: the dispatcher's frame stays small
-fn create_pt(c: &Ec, a: &Args) -> Result<(), Status> {
-    let pd = cap_pd(c, a.a[0], PdPerm::PT)?;
-    let ec = cap_ec(c, a.a[1], EcPerm::BIND_PT)?;
+fn create_pt(c: &Ec, a: &args::CreatePt) -> Result<(), Status> {
+    let pd = cap::<Pd>(c, a.pd, PdPerm::PT)?;
+    let ec = cap::<Ec>(c, a.ec, EcPerm::BIND_PT)?;
     if ec.kind != EcKind::Local {
         return Err(Status::BadCapability);
     }
-    let mtd = Mtd::from_bits_truncate(a.a[2]);
-    let ip = a.a[3];
-    if !user_addr(ip) {
+    if !user_addr(a.ip) {
         return Err(Status::BadParameter);
     }
-    check_free(c, a.sel())?;
+    check_free(c, a.dst)?;
     let charge = crate::kmem::Charge::new(&pd, 1)?;
-    let pt = crate::kmem::try_arc(Pt::new(charge, ec, ip, mtd))?;
-    install(c, a.sel(), KObj::Pt(pt))
+    let pt = crate::kmem::try_arc(Pt::new(charge, ec, a.ip, a.mtd))?;
+    install(c, a.dst, KObj::Pt(pt))
 }
 
 #[inline(never)] // off the IPC path: the dispatcher's frame stays small
-fn create_sm(c: &Ec, a: &Args) -> Result<(), Status> {
-    let pd = cap_pd(c, a.a[0], PdPerm::SM)?;
-    check_free(c, a.sel())?;
+fn create_sm(c: &Ec, a: &args::CreateSm) -> Result<(), Status> {
+    let pd = cap::<Pd>(c, a.pd, PdPerm::SM)?;
+    check_free(c, a.dst)?;
     let charge = crate::kmem::Charge::new(&pd, 1)?;
     install(
         c,
-        a.sel(),
-        KObj::Sm(crate::kmem::try_arc(Sm::new(Some(charge), a.a[1]))?),
+        a.dst,
+        KObj::Sm(crate::kmem::try_arc(Sm::new(Some(charge), a.count))?),
     )
 }
 
-fn ec_ctrl(c: &Ec, a: &Args) -> Result<(), Status> {
-    let ec = cap_ec(c, a.sel(), EcPerm::CTRL)?;
-    match a.a[0] {
-        ec_ctrl_op::RECALL => {
+/// `ec_ctrl`: the capability is checked before the operation is decoded (a bad
+/// capability with an undefined operation answers `BadCapability`).
+fn ec_ctrl(c: &Ec, r: &Regs) -> Result<(), Status> {
+    let ec = cap::<Ec>(c, HypercallWord(r[0]).sel(), EcPerm::CTRL)?;
+    match arg::<args::EcCtrl>(r)?.op {
+        EcCtrlOp::Recall => {
             ec.recall.store(true, core::sync::atomic::Ordering::Release);
             sched::kick(&ec);
             Ok(())
         }
-        _ => Err(Status::BadParameter),
     }
 }
 
-fn sc_ctrl(c: &Ec, a: &Args) -> Result<u64, Status> {
-    match c.pd.cap(a.sel()) {
-        Some(Cap {
-            obj: KObj::Sc(s),
-            perm,
-        }) if perm & ScPerm::CTRL.bits() != 0 => {
-            Ok(s.time.load(core::sync::atomic::Ordering::Relaxed))
-        }
-        _ => Err(Status::BadCapability),
-    }
+fn sc_ctrl(c: &Ec, a: &args::ScCtrl) -> Result<u64, Status> {
+    let sc = cap::<Sc>(c, a.sc, ScPerm::CTRL)?;
+    Ok(sc.time.load(core::sync::atomic::Ordering::Relaxed))
 }
 
-fn pt_ctrl(c: &Ec, a: &Args) -> Result<(), Status> {
-    match c.pd.cap(a.sel()) {
-        Some(Cap {
-            obj: KObj::Pt(p),
-            perm,
-        }) if perm & PtPerm::CTRL.bits() != 0 => {
-            p.id.store(a.a[0], core::sync::atomic::Ordering::Relaxed);
-            Ok(())
-        }
-        _ => Err(Status::BadCapability),
-    }
+fn pt_ctrl(c: &Ec, a: &args::PtCtrl) -> Result<(), Status> {
+    let pt = cap::<Pt>(c, a.pt, PtPerm::CTRL)?;
+    pt.id.store(a.id, core::sync::atomic::Ordering::Relaxed);
+    Ok(())
 }
 
 /// `sm_ctrl`; `Ok(true)`: the running EC blocked on the semaphore (the caller
 /// schedules once its own references are gone).
-fn sm_ctrl(c: &Arc<Ec>, a: &Args) -> Result<bool, Status> {
-    if a.flags() & sm_flags::DOWN == 0 {
-        let sm = cap_sm(c, a.sel(), SmPerm::UP)?;
+fn sm_ctrl(c: &Arc<Ec>, a: &args::SmCtrl) -> Result<bool, Status> {
+    let SmOp::Down { zero, deadline } = a.op else {
+        let sm = cap::<Sm>(c, a.sm, SmPerm::UP)?;
         sm.up();
         drop(sm);
         sched::preempt_if_needed();
         return Ok(false);
-    }
-    let sm = cap_sm(c, a.sel(), SmPerm::DOWN)?;
-    let deadline = a.a[0];
+    };
+    let sm = cap::<Sm>(c, a.sm, SmPerm::DOWN)?;
     if deadline != 0 && crate::arch::rdtsc() >= deadline {
         // Poll: take it if available, else time out at once.
-        return match sm.down_nowait(a.flags() & sm_flags::ZERO != 0) {
+        return match sm.down_nowait(zero) {
             true => Ok(false),
             false => Err(Status::Timeout),
         };
@@ -384,7 +342,7 @@ fn sm_ctrl(c: &Arc<Ec>, a: &Args) -> Result<bool, Status> {
     }
     c.wait_gen
         .fetch_add(1, core::sync::atomic::Ordering::Relaxed);
-    match sm.down(c, a.flags() & sm_flags::ZERO != 0)? {
+    match sm.down(c, zero)? {
         Down::Acquired => Ok(false),
         Down::Blocked => {
             // SAFETY: the running EC on this CPU.
@@ -397,46 +355,55 @@ fn sm_ctrl(c: &Arc<Ec>, a: &Args) -> Result<bool, Status> {
     }
 }
 
-fn assign_gsi(c: &Ec, a: &Args) -> Result<(), Status> {
-    let sm = cap_sm(c, a.sel(), SmPerm::DOWN)?;
+fn assign_gsi(c: &Ec, a: &args::AssignGsi) -> Result<(), Status> {
+    let sm = cap::<Sm>(c, a.sm, SmPerm::DOWN)?;
     let gsi = sm.gsi().ok_or(Status::BadCapability)?;
-    let cpu = a.a[0];
+    let cpu = a.cpu;
     if !crate::arch::cpu_online(cpu) {
         return Err(Status::BadCpu);
     }
-    let fl = a.a[1];
+    let fl = a.flags;
     let level = fl & hypercall::gsi_flags::LEVEL != 0;
     sm.set_level(level);
     crate::irq::route_gsi(gsi.gsi, cpu as usize, fl)
 }
 
-fn pd_ctrl(c: &Ec, a: &Args) -> Result<u64, Status> {
-    let src = cap_pd(c, a.sel(), PdPerm::empty())?;
-    if a.flags() == pd_ctrl_op::STAT {
-        return pd_stat(&src, a.a[0]);
-    }
-    let dst = cap_pd(c, a.a[0], PdPerm::empty())?;
+/// `pd_ctrl`. The checks keep their order: the source capability, then (but for STAT)
+/// the destination PD in argument 1, then the operation; an undefined operation answers
+/// `BadParameter` only once both PDs have passed.
+fn pd_ctrl(c: &Ec, r: &Regs) -> Result<u64, Status> {
+    let src = cap::<Pd>(c, HypercallWord(r[0]).sel(), PdPerm::empty())?;
+    let op = arg::<args::PdCtrl>(r).map(|a| a.op);
+    let dst = match op {
+        Ok(PdCtrlOp::Stat { item }) => return pd_stat(&src, item),
+        Ok(PdCtrlOp::Delegate { dst_pd, .. } | PdCtrlOp::Quota { dst_pd, .. }) => dst_pd,
+        Err(_) => r[1],
+    };
+    let dst = cap::<Pd>(c, dst, PdPerm::empty())?;
     if !dst.is_within(&c.pd) || dst.kernel || dst.is_dead() {
         return Err(Status::BadCapability);
     }
     if !src.kernel && !src.is_within(&c.pd) {
         return Err(Status::BadCapability);
     }
-    match a.flags() {
-        pd_ctrl_op::DELEGATE => {
-            let flags = XferFlags::from_bits_truncate(a.a[4]);
-            space::delegate(&src, &dst, Crd(a.a[1]), Crd(a.a[2]), a.a[3], flags).map(|()| 0)
-        }
-        pd_ctrl_op::QUOTA => {
+    match op? {
+        PdCtrlOp::Delegate {
+            src: s,
+            dst: d,
+            hotspot,
+            flags,
+            ..
+        } => space::delegate(&src, &dst, s, d, hotspot, flags).map(|()| 0),
+        PdCtrlOp::Quota { pages, .. } => {
             if src.kernel {
                 return Err(Status::BadCapability);
             }
-            let n = u32::try_from(a.a[1]).map_err(|_| Status::OutOfMemory)?;
+            let n = u32::try_from(pages).map_err(|_| Status::OutOfMemory)?;
             peregrine_core::quota::Quota::transfer(&src.quota, &dst.quota, n)
                 .map(|()| 0)
                 .map_err(|_| Status::OutOfMemory)
         }
-        _ => Err(Status::BadParameter),
+        PdCtrlOp::Stat { item } => pd_stat(&src, item),
     }
 }
 

@@ -2,7 +2,7 @@
 
 use core::arch::asm;
 
-use peregrine_abi::hypercall::{self, Hypercall, HypercallWord};
+use peregrine_abi::args::{self, EcCtrlOp, HcArgs, PdCtrlOp, SmOp};
 use peregrine_abi::{Crd, Mtd, Status};
 
 /// The raw results of a hypercall: status and two result words.
@@ -73,16 +73,11 @@ fn word_only(word: u64) -> Raw {
     }
 }
 
+/// Issues the hypercall `a` describes (its registers packed by `peregrine_abi::args`).
 #[inline(always)]
-fn hc(h: Hypercall, flags: u8, sel: u64, a: [u64; 5]) -> Raw {
-    raw(
-        HypercallWord::new(h, flags, sel).0,
-        a[0],
-        a[1],
-        a[2],
-        a[3],
-        a[4],
-    )
+fn hc<A: HcArgs>(a: A) -> Raw {
+    let r = a.to_regs();
+    raw(r[0], r[1], r[2], r[3], r[4], r[5])
 }
 
 #[inline(always)]
@@ -96,24 +91,26 @@ fn st(r: Raw) -> Result<(), Status> {
 /// UTCB.
 #[inline(always)]
 pub fn call(pt: u64) -> Result<(), Status> {
-    st(word_only(HypercallWord::new(Hypercall::Call, 0, pt).0))
+    let a = args::Call {
+        pt,
+        non_blocking: false,
+    };
+    st(word_only(a.to_regs()[0]))
 }
 
 /// Like [`call`] but fails with `Timeout` instead of waiting for a busy handler.
 pub fn call_nonblocking(pt: u64) -> Result<(), Status> {
-    st(hc(
-        Hypercall::Call,
-        hypercall::call_flags::NON_BLOCKING,
+    st(hc(args::Call {
         pt,
-        [0; 5],
-    ))
+        non_blocking: true,
+    }))
 }
 
 /// Replies to the current caller with the message in the UTCB. A portal handler ends
 /// with this; it does not return (the next call starts the handler afresh).
 #[inline(always)]
 pub fn reply() -> ! {
-    word_only(HypercallWord::new(Hypercall::Reply, 0, 0).0);
+    word_only(args::Reply.to_regs()[0]);
     // The kernel only comes back here when there was no caller to reply to.
     loop {
         core::hint::spin_loop();
@@ -122,8 +119,12 @@ pub fn reply() -> ! {
 
 /// Creates a PD at `dst`, carving `quota` pages of kernel memory out of `parent`'s.
 pub fn create_pd(dst: u64, parent: u64, quota: u64, vm: bool) -> Result<(), Status> {
-    let f = if vm { hypercall::pd_flags::VM } else { 0 };
-    st(hc(Hypercall::CreatePd, f, dst, [parent, quota, 0, 0, 0]))
+    st(hc(args::CreatePd {
+        dst,
+        parent,
+        quota,
+        vm,
+    }))
 }
 
 /// What kind of EC to create.
@@ -148,85 +149,92 @@ pub fn create_ec(
     sp: u64,
     evt: u64,
 ) -> Result<(), Status> {
-    let f = match kind {
-        EcKind::Local => 0,
-        EcKind::Global => hypercall::ec_flags::GLOBAL,
-        EcKind::Vcpu => hypercall::ec_flags::VCPU | hypercall::ec_flags::GLOBAL,
-    };
-    st(hc(Hypercall::CreateEc, f, dst, [pd, cpu, utcb, sp, evt]))
+    st(hc(args::CreateEc {
+        dst,
+        pd,
+        cpu,
+        utcb,
+        sp,
+        evt,
+        global: kind != EcKind::Local,
+        vcpu: kind == EcKind::Vcpu,
+    }))
 }
 
 /// Creates an SC at `dst` for global EC `ec` with priority `prio` and quantum in µs.
 pub fn create_sc(dst: u64, pd: u64, ec: u64, prio: u8, quantum_us: u64) -> Result<(), Status> {
-    let q = hypercall::qpd(prio, quantum_us);
-    st(hc(Hypercall::CreateSc, 0, dst, [pd, ec, q, 0, 0]))
+    st(hc(args::CreateSc {
+        dst,
+        pd,
+        ec,
+        prio,
+        quantum_us,
+    }))
 }
 
 /// Creates a portal at `dst` to local EC `ec`, entering at `ip` with state `mtd`.
 pub fn create_pt(dst: u64, pd: u64, ec: u64, mtd: Mtd, ip: u64) -> Result<(), Status> {
-    st(hc(Hypercall::CreatePt, 0, dst, [pd, ec, mtd.bits(), ip, 0]))
+    st(hc(args::CreatePt {
+        dst,
+        pd,
+        ec,
+        mtd,
+        ip,
+    }))
 }
 
 /// Creates a semaphore at `dst` with an initial count.
 pub fn create_sm(dst: u64, pd: u64, count: u64) -> Result<(), Status> {
-    st(hc(Hypercall::CreateSm, 0, dst, [pd, count, 0, 0, 0]))
+    st(hc(args::CreateSm { dst, pd, count }))
 }
 
 /// Revokes `crd` from the caller's children (and from the caller if `own`).
 pub fn revoke(crd: Crd, own: bool) -> Result<(), Status> {
-    let f = if own {
-        hypercall::revoke_flags::SELF
-    } else {
-        0
-    };
-    st(hc(Hypercall::Revoke, f, 0, [crd.0, 0, 0, 0, 0]))
+    st(hc(args::Revoke { crd, own }))
 }
 
 /// Looks up what covers the first item of `crd`; the null CRD when nothing does.
 pub fn lookup(crd: Crd) -> Result<Crd, Status> {
-    let r = hc(Hypercall::Lookup, 0, 0, [crd.0, 0, 0, 0, 0]);
+    let r = hc(args::Lookup { crd });
     st(r).map(|()| Crd(r.out1))
 }
 
 /// Recalls EC `ec`.
 pub fn ec_recall(ec: u64) -> Result<(), Status> {
-    st(hc(
-        Hypercall::EcCtrl,
-        0,
+    st(hc(args::EcCtrl {
         ec,
-        [hypercall::ec_ctrl_op::RECALL, 0, 0, 0, 0],
-    ))
+        op: EcCtrlOp::Recall,
+    }))
 }
 
 /// The time SC `sc` has consumed, in TSC ticks.
 pub fn sc_time(sc: u64) -> Result<u64, Status> {
-    let r = hc(Hypercall::ScCtrl, 0, sc, [0; 5]);
+    let r = hc(args::ScCtrl { sc });
     st(r).map(|()| r.out1)
 }
 
 /// Sets the identifier portal `pt` passes to its handler.
 pub fn pt_ctrl(pt: u64, id: u64) -> Result<(), Status> {
-    st(hc(Hypercall::PtCtrl, 0, pt, [id, 0, 0, 0, 0]))
+    st(hc(args::PtCtrl { pt, id }))
 }
 
 /// Semaphore up.
 pub fn sm_up(sm: u64) -> Result<(), Status> {
-    st(hc(Hypercall::SmCtrl, 0, sm, [0; 5]))
+    st(hc(args::SmCtrl { sm, op: SmOp::Up }))
 }
 
 /// Semaphore down; `deadline` is an absolute TSC value (0: wait forever). `zero`
 /// consumes the whole count.
 pub fn sm_down(sm: u64, zero: bool, deadline: u64) -> Result<(), Status> {
-    let mut f = hypercall::sm_flags::DOWN;
-    if zero {
-        f |= hypercall::sm_flags::ZERO;
-    }
-    st(hc(Hypercall::SmCtrl, f, sm, [deadline, 0, 0, 0, 0]))
+    st(hc(args::SmCtrl {
+        sm,
+        op: SmOp::Down { zero, deadline },
+    }))
 }
 
 /// Routes the GSI behind interrupt semaphore `sm` to `cpu`.
 pub fn assign_gsi(sm: u64, cpu: u64, flags: u64) -> Result<(), Status> {
-    st(hc(Hypercall::AssignGsi, 0, sm, [cpu, flags, 0, 0, 0]))
+    st(hc(args::AssignGsi { sm, cpu, flags }))
 }
 
 /// Delegates `src` of PD `src_pd` into the window `dst` of PD `dst_pd` (at `hotspot`),
@@ -239,33 +247,33 @@ pub fn pd_delegate(
     hotspot: u64,
     flags: peregrine_abi::XferFlags,
 ) -> Result<(), Status> {
-    st(hc(
-        Hypercall::PdCtrl,
-        hypercall::pd_ctrl_op::DELEGATE,
-        src_pd,
-        [dst_pd, src.0, dst.0, hotspot, flags.bits()],
-    ))
+    st(hc(args::PdCtrl {
+        src: src_pd,
+        op: PdCtrlOp::Delegate {
+            dst_pd,
+            src,
+            dst,
+            hotspot,
+            flags,
+        },
+    }))
 }
 
 /// Moves `pages` of kernel-memory quota from `src_pd` to `dst_pd`.
 pub fn pd_quota(src_pd: u64, dst_pd: u64, pages: u64) -> Result<(), Status> {
-    st(hc(
-        Hypercall::PdCtrl,
-        hypercall::pd_ctrl_op::QUOTA,
-        src_pd,
-        [dst_pd, pages, 0, 0, 0],
-    ))
+    st(hc(args::PdCtrl {
+        src: src_pd,
+        op: PdCtrlOp::Quota { dst_pd, pages },
+    }))
 }
 
 /// Reads figure `item` (`peregrine_abi::hypercall::stat`) of PD `pd`: its quota, or
 /// on the kernel PD the kernel's memory.
 pub fn pd_stat(pd: u64, item: u64) -> Result<u64, Status> {
-    let r = hc(
-        Hypercall::PdCtrl,
-        hypercall::pd_ctrl_op::STAT,
-        pd,
-        [item, 0, 0, 0, 0],
-    );
+    let r = hc(args::PdCtrl {
+        src: pd,
+        op: PdCtrlOp::Stat { item },
+    });
     st(r).map(|()| r.out1)
 }
 
