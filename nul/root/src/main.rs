@@ -12,6 +12,7 @@
 
 extern crate alloc;
 
+mod children;
 mod component;
 mod hip;
 mod mem;

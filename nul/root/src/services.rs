@@ -14,7 +14,7 @@ use peregrine_abi::utcb::gpr;
 use peregrine_abi::{perm, Crd, Mtd, Status};
 use spin::Mutex;
 
-use crate::component;
+use crate::children;
 use crate::serial;
 
 /// A portal handler entry.
@@ -108,7 +108,7 @@ pub extern "C" fn console_handler(id: u64, utcb: u64) -> ! {
     if words.first().is_some_and(|w| w & nul_rt::console::RAW != 0) {
         serial::write_raw(&buf[..len]);
     } else {
-        let name = component::name_of(id as usize);
+        let name = children::name_of(id as usize);
         serial::write_tagged(&name, &buf[..len]);
     }
     u.get().head.set_counts(0, 0);
@@ -130,14 +130,14 @@ pub extern "C" fn service_handler(id: u64, utcb: u64) -> ! {
         svc::REGISTER if got == 1 && n >= 1 => {
             // The portal landed in the window; keep it and open a new window.
             open_window(&u);
-            wake = component::with(id, |c| {
+            wake = children::with(id, |c| {
                 c.registered = Some(window);
                 c.sm
             });
             ok = true;
         }
         svc::RESULT if got == 0 && n >= 3 => {
-            wake = component::with(id, |c| {
+            wake = children::with(id, |c| {
                 if c.results.len() < 64 {
                     c.results.push((a, b));
                 }
@@ -152,7 +152,7 @@ pub extern "C" fn service_handler(id: u64, utcb: u64) -> ! {
                     *v = u.word(2 + i);
                 }
             }
-            component::with(id, |c| {
+            children::with(id, |c| {
                 c.progress = a;
                 if n >= 2 + svc::STATUS_BUCKETS {
                     c.by_status = st;
@@ -201,7 +201,7 @@ pub extern "C" fn startup_handler(id: u64, utcb: u64) -> ! {
     // SAFETY: the kernel passes this handler EC's own UTCB address.
     let u = unsafe { UtcbRef::from_addr(utcb) };
     let child = (id >> 8) as usize;
-    let entry = component::with(child, |c| {
+    let entry = children::with(child, |c| {
         let first = !c.started;
         c.started = true;
         first.then_some(c.entry)
@@ -216,7 +216,7 @@ pub extern "C" fn startup_handler(id: u64, utcb: u64) -> ! {
             a.mtd = Mtd::RIP_LEN | Mtd::GPR_BSD;
         }
         None => {
-            component::kill(child, "start-up of a second thread through the root");
+            children::kill(child, "start-up of a second thread through the root");
             a.mtd = Mtd::empty();
         }
     }
@@ -232,7 +232,7 @@ pub extern "C" fn fault_handler(id: u64, utcb: u64) -> ! {
     let vec = id & 0xff;
     let a = *u.get().arch();
     u.get().arch_mut().mtd = Mtd::empty();
-    if vec == host::PF && component::page_in(child, a.qual[1]) {
+    if vec == host::PF && children::page_in(child, a.qual[1]) {
         hc::reply();
     }
     let what = match vec {
@@ -245,7 +245,7 @@ pub extern "C" fn fault_handler(id: u64, utcb: u64) -> ! {
     };
     println!(
         "component {} ({}): {} (vector {}) at rip={:#x} rsp={:#x} err={:#x} addr={:#x}",
-        component::name_of(child),
+        children::name_of(child),
         child,
         what,
         vec,
@@ -254,8 +254,8 @@ pub extern "C" fn fault_handler(id: u64, utcb: u64) -> ! {
         a.qual[0],
         a.qual[1]
     );
-    component::with(child, |c| c.last_fault = Some((vec, a.qual[1])));
-    component::kill(child, what);
+    children::with(child, |c| c.last_fault = Some((vec, a.qual[1])));
+    children::kill(child, what);
     hc::reply()
 }
 

@@ -104,7 +104,7 @@ pub fn ipc() -> bool {
     ok &= figure("ipc_rt_8w", pt, 8, None);
     ok &= figure("ipc_rt_64w", pt, 64, None);
     ok &= figure("ipc_rt_deleg_1p", pt, 0, Some(page));
-    let cpu = crate::component::with(id, |c| c.cpu).unwrap_or(0);
+    let cpu = crate::children::with(id, |c| c.cpu).unwrap_or(0);
     let local = services::evt_base(cpu)
         .ok_or(peregrine_abi::Status::BadCpu)
         .and_then(|evt| thread::local_ec(cpu, evt))

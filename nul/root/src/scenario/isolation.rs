@@ -23,6 +23,7 @@ use peregrine_abi::perm::{self, MemPerm};
 use peregrine_abi::{Crd, Status, XferFlags, PAGE_BITS};
 
 use super::{check, deadline_ms, sleep_ms, PRIO};
+use crate::children;
 use crate::hip::HipView;
 use crate::{component, mem, services};
 
@@ -647,8 +648,8 @@ fn destroyed_pd_returns_its_quota() -> bool {
     };
     let ready = super::wait_result(id, nul_rt::svc::key::BLOCKED, 5000).is_some();
     sleep_ms(20);
-    component::kill(id, "test");
-    component::reap(id);
+    children::kill(id, "test");
+    children::reap(id);
     let lost = before.lost("blocker destroyed");
     let after_q = quota_avail(sel::OWN_PD);
     println!(

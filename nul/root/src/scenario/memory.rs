@@ -9,7 +9,7 @@ use peregrine_abi::perm::{self, MemPerm};
 use peregrine_abi::{Crd, CrdKind, Status, PAGE_BITS};
 
 use super::{check, echo_ok, need, wait_child, wait_registered, wait_result};
-use crate::component;
+use crate::children;
 use crate::mem;
 
 fn expected_checksum(id: usize) -> u64 {
@@ -57,7 +57,7 @@ pub fn delegate() -> bool {
         && c.base() <= 0x3f8 && 0x3f8 < c.base() + (1 << c.order()));
     println!("lookup(pio 0x3f8) = {:?}", r);
     ok &= check(pio_ok, "lookup of COM1 in the root: an I/O port capability");
-    let page = component::with(id, |c| c.test_page).unwrap_or(0);
+    let page = children::with(id, |c| c.test_page).unwrap_or(0);
     let r = hc::lookup(Crd::mem(
         (mem::WINDOW + page) >> PAGE_BITS,
         0,
@@ -101,7 +101,7 @@ pub fn revoke() -> bool {
         return false;
     };
     ok &= memcheck_start(id);
-    let Some((page, peer, shared)) = component::with(id, |c| (c.test_page, c.peer_pt, c.shared))
+    let Some((page, peer, shared)) = children::with(id, |c| (c.test_page, c.peer_pt, c.shared))
     else {
         return false;
     };
@@ -134,7 +134,7 @@ pub fn revoke() -> bool {
         "a revoked portal returns bad capability",
     );
     let gone = wait_child(id, 5000, |c| !c.alive);
-    let fault = component::with(id, |c| c.last_fault).flatten();
+    let fault = children::with(id, |c| c.last_fault).flatten();
     println!(
         "memcheck component: alive={} last fault={:x?}",
         !gone, fault
@@ -143,7 +143,7 @@ pub fn revoke() -> bool {
         gone && fault == Some((host::PF, TEST_PAGE_ADDR)),
         "a revoked page faults (page fault at the pattern page, component removed)",
     );
-    let survived = component::with(id, |c| c.result(key::NO_FAULT)).flatten();
+    let survived = children::with(id, |c| c.result(key::NO_FAULT)).flatten();
     ok &= check(
         survived.is_none(),
         "the component did not read the revoked page",
@@ -157,7 +157,7 @@ pub fn pager() -> bool {
         return false;
     };
     let r = wait_result(id, key::PAGED_OK, 10_000);
-    let faults = component::with(id, |c| c.paged_faults).unwrap_or(0);
+    let faults = children::with(id, |c| c.paged_faults).unwrap_or(0);
     println!(
         "paged component: result {:?}, {} faults resolved",
         r, faults
@@ -171,7 +171,7 @@ pub fn pager() -> bool {
         "the root's pager resolved at least 4 page faults",
     );
     ok &= check(
-        component::with(id, |c| c.alive).unwrap_or(false),
+        children::with(id, |c| c.alive).unwrap_or(false),
         "the paged component is still running",
     );
     ok

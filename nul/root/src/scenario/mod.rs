@@ -49,7 +49,8 @@ use nul_rt::utcb::UtcbRef;
 use nul_rt::{hc, println, sel};
 use peregrine_abi::Status;
 
-use crate::component::{self, Child};
+use crate::children;
+use crate::children::Child;
 use crate::hip::HipView;
 
 /// Priority of the scenario thread and the threads scenarios start (the components').
@@ -141,7 +142,7 @@ pub fn check(ok: bool, what: &str) -> bool {
 pub fn wait_child(id: usize, ms_max: u64, cond: impl Fn(&Child) -> bool) -> bool {
     let end = deadline_ms(ms_max);
     loop {
-        let Some((done, sm)) = component::with(id, |c| (cond(c), c.sm)) else {
+        let Some((done, sm)) = children::with(id, |c| (cond(c), c.sm)) else {
             return false;
         };
         if done {
@@ -158,18 +159,18 @@ pub fn wait_child(id: usize, ms_max: u64, cond: impl Fn(&Child) -> bool) -> bool
 /// Waits for result `key` of component `id`.
 pub fn wait_result(id: usize, key: u64, ms_max: u64) -> Option<u64> {
     wait_child(id, ms_max, |c| c.result(key).is_some() || !c.alive);
-    component::with(id, |c| c.result(key)).flatten()
+    children::with(id, |c| c.result(key)).flatten()
 }
 
 /// Waits for component `id` to register its portal; returns the root's selector.
 pub fn wait_registered(id: usize, ms_max: u64) -> Option<u64> {
     wait_child(id, ms_max, |c| c.registered.is_some() || !c.alive);
-    component::with(id, |c| c.registered).flatten()
+    children::with(id, |c| c.registered).flatten()
 }
 
 /// The first component with `role`, reporting when there is none.
 pub fn need(role: &str) -> Option<usize> {
-    let r = component::find(role);
+    let r = children::find(role);
     if r.is_none() {
         println!(
             "FAILED: no component with role={} (check the module list)",

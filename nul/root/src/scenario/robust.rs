@@ -13,6 +13,7 @@ use peregrine_abi::{perm, Crd, Mtd, Status, XferFlags};
 
 use super::isolation::{quota_avail, Kmem};
 use super::{check, deadline_ms, echo_ok, ms, need, sleep_ms, wait_child, wait_registered};
+use crate::children;
 use crate::hip::HipView;
 use crate::{component, services};
 
@@ -182,10 +183,7 @@ fn nodes_charged() -> bool {
 pub fn fault() -> bool {
     let mut ok = true;
     // The faulting component may be gone already: look it up dead or alive.
-    let (Some(f), Some(c)) = (
-        component::find_all("fault").first().copied(),
-        need("canary"),
-    ) else {
+    let (Some(f), Some(c)) = (children::find_all("fault").first().copied(), need("canary")) else {
         println!("FAILED: needs modules nul-test role=fault and role=canary");
         return false;
     };
@@ -193,7 +191,7 @@ pub fn fault() -> bool {
         return check(false, "canary registered within 5 s");
     };
     let gone = wait_child(f, 5000, |c| !c.alive);
-    let last = component::with(f, |c| c.last_fault).flatten();
+    let last = children::with(f, |c| c.last_fault).flatten();
     println!("fault component: removed={} last fault={:x?}", gone, last);
     ok &= check(
         gone && last == Some((host::PF, FAULT_ADDR)),
@@ -235,7 +233,7 @@ fn connect(slots: &[Slot], shared: &Shared) {
     let live: Vec<(usize, Option<u64>)> = slots
         .iter()
         .filter_map(|s| s.lives.last().copied())
-        .filter_map(|id| component::with(id, |c| c.alive.then_some((c.pd, c.registered))).flatten())
+        .filter_map(|id| children::with(id, |c| c.alive.then_some((c.pd, c.registered))).flatten())
         .map(|(pd, reg)| (pd as usize, reg))
         .collect();
     for (i, &(pd, _)) in live.iter().enumerate() {
@@ -366,7 +364,7 @@ pub fn hostile(args: &str) -> bool {
             victim += 1;
             let id = s.lives.last().copied();
             let progressed =
-                id.is_some_and(|id| component::with(id, |c| c.progress).unwrap_or(0) > 0);
+                id.is_some_and(|id| children::with(id, |c| c.progress).unwrap_or(0) > 0);
             // A component goes once it has made progress (so every incarnation shows
             // some, however loaded the host); one that made none for a minute is stuck.
             let stuck = !progressed && now - s.since >= ms(STUCK_MS);
@@ -381,8 +379,8 @@ pub fn hostile(args: &str) -> bool {
                             (now - s.since) / ms(1).max(1)
                         );
                     }
-                    component::kill(id, "restarted by the hostile test");
-                    component::reap(id);
+                    children::kill(id, "restarted by the hostile test");
+                    children::reap(id);
                 }
                 if let Ok(id) = component::start_module(s.module.clone()) {
                     s.lives.push(id);
@@ -404,8 +402,7 @@ pub fn hostile(args: &str) -> bool {
     let now = hc::rdtsc();
     for s in &slots {
         if let Some(&id) = s.lives.last() {
-            if now - s.since >= ms(STUCK_MS)
-                && component::with(id, |c| c.progress).unwrap_or(0) == 0
+            if now - s.since >= ms(STUCK_MS) && children::with(id, |c| c.progress).unwrap_or(0) == 0
             {
                 stuck_lives += 1;
                 println!(
@@ -422,7 +419,7 @@ pub fn hostile(args: &str) -> bool {
     let (mut alive_at_end, mut chains) = (0, 0);
     for s in &slots {
         for &id in &s.lives {
-            component::with(id, |c| {
+            children::with(id, |c| {
                 for (t, v) in by_status.iter_mut().zip(c.by_status) {
                     *t += v;
                 }
@@ -439,8 +436,8 @@ pub fn hostile(args: &str) -> bool {
     // memory must be back where it was.
     for s in &slots {
         for &id in &s.lives {
-            component::kill(id, "end of the hostile test");
-            component::reap(id);
+            children::kill(id, "end of the hostile test");
+            children::reap(id);
         }
     }
     for &o in shared.sms.iter().chain([&shared.pd]) {
@@ -476,7 +473,7 @@ pub fn hostile(args: &str) -> bool {
     );
     ok &= check(answered == asked, "the canary answered every call");
     ok &= check(
-        component::with(c, |c| c.alive).unwrap_or(false),
+        children::with(c, |c| c.alive).unwrap_or(false),
         "the canary is still running",
     );
     ok &= check(
@@ -510,6 +507,6 @@ fn progress(slots: &[Slot]) -> u64 {
     slots
         .iter()
         .flat_map(|s| s.lives.iter())
-        .map(|&h| component::with(h, |c| c.progress).unwrap_or(0))
+        .map(|&h| children::with(h, |c| c.progress).unwrap_or(0))
         .sum()
 }

@@ -22,7 +22,8 @@ use nul_rt::utcb::UtcbRef;
 use nul_rt::{hc, println, sel, svc};
 
 use super::{check, deadline_ms, echo_ok_on, ms, sleep_ms, spawn, wait_child, wait_registered};
-use crate::component::{self, CHILDREN};
+use crate::children;
+use crate::children::CHILDREN;
 
 /// `End::code` of `End::VmmFault` (`peregrine_vmm::exit`): the VMM's exit handler took
 /// an exception.
@@ -67,10 +68,10 @@ extern "C" fn canary_caller(pt: u64, utcb: u64) -> ! {
 
 /// Starts the canary caller if there is a canary; returns its CPU.
 fn start_canary() -> Result<Option<u64>, ()> {
-    let Some(c) = component::find("canary") else {
+    let Some(c) = children::find("canary") else {
         return Ok(None);
     };
-    let cpu = component::with(c, |c| c.cpu).unwrap_or(0);
+    let cpu = children::with(c, |c| c.cpu).unwrap_or(0);
     let Some(pt) = wait_registered(c, 10_000) else {
         check(false, "canary registered within 10 s");
         return Err(());
@@ -136,7 +137,7 @@ pub fn run(args: &str) -> bool {
         wait_child(id, secs * 1000, |c| {
             c.result(svc::key::VM_END).is_some() || !c.alive
         });
-        let Some((name, mode, end, exits, alive)) = component::with(id, |c| {
+        let Some((name, mode, end, exits, alive)) = children::with(id, |c| {
             // A VMM told to overflow its handler's stack must end its VM with the fault
             // its guard page causes.
             let mode = match arg(&c.args, "selftest") {
