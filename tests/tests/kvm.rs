@@ -1,8 +1,8 @@
 //! The test guest (`guests/test`) under the KVM baseline's setup: Debian's Linux with
 //! KVM in QEMU (`-cpu EPYC -icount shift=0 -smp 1`, software SVM with nested paging)
-//! runs `kvm-runner`, which runs the guest's check list on two vCPUs, and the guest's
-//! hostile mode. This tests the guest and the runner against real KVM, independently of
-//! Peregrine's VMM.
+//! runs `vmm-kvm` (the VMM library's test machine hosted on KVM), which runs the guest's
+//! check list on two vCPUs, and the guest's hostile mode. This tests the guest and the
+//! VMM library against real KVM, independently of Peregrine's kernel.
 //!
 //! Needs QEMU, busybox and Debian's kernel package (fetched with `apt-get download`,
 //! as `cargo xtask test` does for its linux-loader step); when one cannot be had the
@@ -42,7 +42,7 @@ fn require_kvm_baseline() {
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 #[test]
-fn kvm_runner_runs_the_guest_check_list() {
+fn vmm_on_kvm_runs_the_guest_check_list() {
     require_kvm_baseline();
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let guest = KvmGuest {
@@ -69,7 +69,7 @@ fn kvm_runner_runs_the_guest_check_list() {
 /// with interrupts disabled, or an end code its random code wrote), never with a
 /// runner error.
 #[test]
-fn kvm_runner_survives_the_hostile_guest() {
+fn vmm_on_kvm_survives_the_hostile_guest() {
     require_kvm_baseline();
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let guest = KvmGuest {

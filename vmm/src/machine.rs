@@ -458,8 +458,9 @@ fn emulated<B: Board + ?Sized, P: Platform + ?Sized>(
     }
 }
 
-/// What a device asked for.
-pub(crate) fn act<B: Board + ?Sized, P: Platform + ?Sized>(
+/// What a device asked for, as the VMM's next [`Step`]: an exception the device raises
+/// is queued on `p`.
+pub fn act<B: Board + ?Sized, P: Platform + ?Sized>(
     b: &B,
     p: &mut P,
     action: Option<Action>,
@@ -476,6 +477,48 @@ pub(crate) fn act<B: Board + ?Sized, P: Platform + ?Sized>(
             }
             Step::Resume
         }
+    }
+}
+
+/// An access whose instruction the platform decoded and completes itself: a hosted
+/// binding's I/O or MMIO exit (KVM reports the port or address with the data and
+/// finishes the instruction at the next entry). vCPU `vcpu`'s access of `data.len()`
+/// bytes at `addr` in `space` goes to the board's device, as the emulator's accesses do
+/// ([`Board::mmio`]); a read fills `data` (all-ones where nothing answers). Returns what
+/// the device asks of the VM, for [`act`].
+pub fn access<B: Board + ?Sized>(
+    b: &B,
+    vcpu: u32,
+    space: Space,
+    addr: u64,
+    data: &mut [u8],
+    write: bool,
+) -> Option<Action> {
+    let pio = b.pio();
+    let (mut on_bus, mut on_device);
+    let io: &mut dyn Io = match (space, b.mmio(vcpu, addr)) {
+        (Space::Mmio, Mmio::Device { base, len, device }) => {
+            on_device = DeviceIo {
+                base,
+                len,
+                device,
+                pio,
+            };
+            &mut on_device
+        }
+        _ => {
+            on_bus = BusIo {
+                mmio: b.mmio_bus(),
+                pio,
+            };
+            &mut on_bus
+        }
+    };
+    if write {
+        io.write(space, addr, data)
+    } else {
+        io.read(space, addr, data);
+        None
     }
 }
 
@@ -568,5 +611,45 @@ mod tests {
         assert!(!within(0xfee0_0ffd, 4, 0xfee0_0000, 0x1000));
         assert!(!within(0xfedf_ffff, 1, 0xfee0_0000, 0x1000));
         assert!(!within(u64::MAX, 8, 0, u64::MAX));
+    }
+
+    /// The hosted binding's path: decoded accesses reach the test machine's devices and
+    /// their actions come back.
+    #[test]
+    fn decoded_accesses_reach_the_devices() {
+        use crate::exit::{Config, Machine};
+        use crate::testdev::{self, Mode};
+        let cfg = Config {
+            mode: Mode::Check,
+            vcpus: 2,
+            entry: 0,
+        };
+        let m = Machine::new(cfg, alloc::vec::Vec::new(), |_, _| [0; 4]);
+        let mut v = [0u8; 8];
+        assert_eq!(
+            access(&m, 0, Space::Mmio, testdev::MMIO_ADDR, &mut v, false),
+            None
+        );
+        assert_eq!(u64::from_le_bytes(v), testdev::MMIO_INIT);
+        let mut w = 0x1234_5678_9abc_def0u64.to_le_bytes();
+        access(&m, 0, Space::Mmio, testdev::MMIO_ADDR, &mut w, true);
+        access(&m, 1, Space::Mmio, testdev::MMIO_ADDR, &mut v, false);
+        assert_eq!(v, w);
+        let mut none = [0u8; 4];
+        access(&m, 0, Space::Mmio, 0xd100_0000, &mut none, false);
+        assert_eq!(none, [0xff; 4], "nothing answers: all-ones");
+        let mut magic = [0u8; 4];
+        access(&m, 0, Space::Port, testdev::MAGIC_PORT, &mut magic, false);
+        assert_eq!(u32::from_le_bytes(magic), testdev::MAGIC);
+        let mut one = 1u32.to_le_bytes();
+        assert_eq!(
+            access(&m, 0, Space::Port, testdev::START_PORT, &mut one, true),
+            Some(Action::StartVcpu(1))
+        );
+        let mut code = 7u32.to_le_bytes();
+        assert_eq!(
+            access(&m, 0, Space::Port, testdev::DONE_PORT, &mut code, true),
+            Some(Action::Done(7))
+        );
     }
 }

@@ -1,7 +1,7 @@
 //! The Linux/KVM baseline of `cargo xtask bench vmexit` (and `cargo xtask kvm-run`):
 //! Debian's kernel with `kvm.ko` and `kvm-amd.ko`/`kvm-intel.ko` (and their module
 //! dependencies, from the same package) in a busybox initramfs whose `/init` loads them
-//! and runs `kvm-runner` (`guests/kvm-runner`, linked statically) on the test guest
+//! and runs `vmm-kvm` (`hosts/kvm`: the VMM library on KVM, linked statically) on the test guest
 //! (`guests/test`). In QEMU `-cpu EPYC -icount shift=0 -smp 1` the emulated Linux runs
 //! KVM on QEMU's software SVM with nested paging; in Bochs `corei7_skylake_x` (a GRUB
 //! ISO, minutes) on VMX with EPT. Never the host's `/dev/kvm`.
@@ -23,7 +23,7 @@ use crate::guest_linux::{debian_kernel, module_closure, modules_dir, Initramfs};
 use crate::workspace::{self, run_checked};
 
 /// The runner's package and binary.
-pub const RUNNER: &str = "kvm-runner";
+pub const RUNNER: &str = "vmm-kvm";
 /// The host target the runner is built for, statically.
 pub const RUNNER_TARGET: &str = "x86_64-unknown-linux-gnu";
 
@@ -127,7 +127,7 @@ pub fn sections(serial: &str) -> Vec<(String, String)> {
     out
 }
 
-/// Builds `kvm-runner` statically for the host and returns its path.
+/// Builds `vmm-kvm` statically for the host and returns its path.
 pub fn build_runner() -> Result<PathBuf> {
     run_checked(
         workspace::cargo()
@@ -251,7 +251,7 @@ fn build_initramfs(
     Ok(path)
 }
 
-/// Boots Linux with KVM and runs the test guest of `images` under `kvm-runner`: in QEMU
+/// Boots Linux with KVM and runs the test guest of `images` under `vmm-kvm`: in QEMU
 /// (`-cpu EPYC -icount shift=0 -smp 1`: KVM on software SVM) or in Bochs
 /// (`corei7_skylake_x` from a GRUB ISO: KVM on VMX with EPT; minutes).
 pub fn run_kvm_guest(images: &Images, guest: &KvmGuest, emulator: Emulator) -> Result<KvmRun> {
@@ -315,13 +315,13 @@ mod tests {
             ],
             &[(
                 "default".into(),
-                "/kvm-runner --mode check --cpus 2 /guest-test".into(),
+                "/vmm-kvm --mode check --cpus 2 /guest-test".into(),
             )],
         );
         assert!(s.starts_with("#!/bin/sh\n"));
         assert!(s.contains("if $B grep -qw svm /proc/cpuinfo; then\n  $B insmod /lib/kvm/kvm.ko\n  $B insmod /lib/kvm/kvm_amd.ko\nelif"));
         assert!(s.contains(
-            "echo \"KVMRUN config default\"\n/kvm-runner --mode check --cpus 2 /guest-test\n\
+            "echo \"KVMRUN config default\"\n/vmm-kvm --mode check --cpus 2 /guest-test\n\
              echo \"KVMRUN status $?\"\n"
         ));
         assert!(s.ends_with("poweroff -f\n"));
@@ -332,7 +332,7 @@ mod tests {
         };
         assert_eq!(
             g.runner_command(None),
-            "/kvm-runner --mode hostile --cpus 1 --seed 7 --timeout 30 /guest-test"
+            "/vmm-kvm --mode hostile --cpus 1 --seed 7 --timeout 30 /guest-test"
         );
         assert_eq!(g.runs().len(), 1);
         let b = KvmGuest {
@@ -343,7 +343,7 @@ mod tests {
         assert_eq!(runs[0].0, "irqchip=kernel");
         assert_eq!(
             runs[0].1,
-            "/kvm-runner --mode bench --cpus 1 --irqchip kernel /guest-test"
+            "/vmm-kvm --mode bench --cpus 1 --irqchip kernel /guest-test"
         );
         assert_eq!(runs[1].0, "irqchip=user");
     }

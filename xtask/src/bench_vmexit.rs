@@ -5,10 +5,11 @@
 //!   `vmm` library's exit handling) running `guests/test` in benchmark mode. (The root
 //!   task's own `bench=vmexit` scenario measures the kernel path with a minimal handler.)
 //! - **KVM**: [`crate::baseline_kvm`]: Linux with KVM in the same emulator runs
-//!   `kvm-runner` on the test guest in benchmark mode. Under QEMU `-icount shift=0` the
-//!   guest's rdtsc deltas are instruction counts of the whole round trip (KVM handles
-//!   `cpuid` and the hypercall in its kernel; port-out, MMIO and HLT go to the runner in
-//!   user space).
+//!   `vmm-kvm` (`hosts/kvm`: the same VMM library and test machine as `nul/vmm`, bound
+//!   to `/dev/kvm`) on the test guest in benchmark mode, so the two sides differ in the
+//!   kernel and its binding alone. Under QEMU `-icount shift=0` the guest's rdtsc deltas
+//!   are instruction counts of the whole round trip (KVM handles `cpuid` and the
+//!   hypercall in its kernel; port-out, MMIO and HLT go to the machine in user space).
 
 use std::time::Duration;
 
@@ -144,7 +145,7 @@ pub fn boot_spans(figures: &[Figure]) -> Vec<Figure> {
 
 /// The KVM side's baselines: `kvm` with KVM's in-kernel irqchip (`KVM_CREATE_IRQCHIP`,
 /// as every real KVM VMM runs), `kvm-user-irqchip` without one (`hlt` goes to the
-/// runner, which injects the wake-up itself).
+/// machine's HLT handler in user space, as on Peregrine, and it injects the wake-up).
 pub const KVM_SIDES: [(&str, &str); 2] = [("kernel", "kvm"), ("user", "kvm-user-irqchip")];
 
 /// Runs the KVM side of the benchmark in `config` (one Linux boot, the runner once per

@@ -17,7 +17,7 @@
 //! - [`linux`]: the Linux guest (kernel, initramfs, disk) and its direct QEMU boot.
 //! - [`bench`]: `cargo xtask bench`; [`bench_vmexit`]: its VM-exit benchmark with the
 //!   KVM baseline ([`baseline_kvm`]: Linux + KVM in QEMU or Bochs running
-//!   `guests/kvm-runner`); [`bench_boot`]: the Linux boot and disk read on Peregrine,
+//!   `vmm-kvm`, the VMM library hosted on KVM: `hosts/kvm`); [`bench_boot`]: the Linux boot and disk read on Peregrine,
 //!   directly in QEMU and under KVM as the L1 hypervisor; [`sel4`]: seL4 beside `bench
 //!   ipc`; [`provenance`] and [`plot`]: every bench JSON's provenance block and chart;
 //!   [`gate`]: the regression gate on `bench/expected.json`.

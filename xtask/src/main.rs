@@ -27,7 +27,7 @@ commands:
       --icount               QEMU -icount shift=0 (TSC counts instructions)
       --debug                boot the debug build
   kvm-run [options]          boot Linux with KVM in QEMU (-cpu EPYC -icount shift=0) and
-                             run guests/test under kvm-runner (the KVM baseline's setup)
+                             run guests/test under vmm-kvm (the KVM baseline's setup)
       --mode M               check, bench, hostile or loops: what the guest runs
                              (default check)
       --cpus N               guest vCPUs, 1 or 2 (default 1)
@@ -54,7 +54,7 @@ commands:
                              mitigation-on/ and mitigation-off/ builds; without them a
                              row says so); writes <target>/bench/ipc.json and ipc.svg
   bench vmexit [--emulator bochs] [--mitigations …] [--kernel-args ARGS] [--no-baseline]
-                             VM-exit round trips, Peregrine and Linux/KVM (kvm-runner
+                             VM-exit round trips, Peregrine and Linux/KVM (vmm-kvm,
                              with guests/test, with KVM's in-kernel irqchip and with a
                              user-space one) under QEMU -cpu EPYC -icount (SVM), or
                              in Bochs corei7_skylake_x (VMX, minutes);

@@ -1,7 +1,7 @@
 //! The numbers of the test guest's contract (`guests/README.md`, "The test guest's
 //! contract"), in one place for the three parties to it: the guest itself
-//! (`guests/test`), the VMM library's devices and exit handler (`vmm`, also inside the
-//! bare-metal VMM component) and the KVM runner (`guests/kvm-runner`).
+//! (`guests/test`) and the VMM library's devices and exit handler (`vmm`, inside the
+//! bare-metal VMM component and the KVM-hosted `vmm-kvm`).
 //!
 //! `no_std` and without dependencies, so the bare-metal guest can use it as it is. The
 //! types are the natural ones (a port is 16 bits, a vector 8); a party that keeps them
