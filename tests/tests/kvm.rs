@@ -90,3 +90,61 @@ fn vmm_on_kvm_survives_the_hostile_guest() {
         r.status
     );
 }
+
+fn linux_guest() -> &'static xtask::linux::Guest {
+    static GUEST: std::sync::OnceLock<Result<xtask::linux::Guest, String>> =
+        std::sync::OnceLock::new();
+    match GUEST.get_or_init(|| xtask::linux::prepare().map_err(|e| format!("{e:#}"))) {
+        Ok(g) => g,
+        Err(e) => panic!("preparing the Linux guest failed: {e}"),
+    }
+}
+
+/// The Linux guest of `tests/linux_vmm.rs` on the same VMM library's PC, hosted on KVM
+/// (`vmm-kvm --linux`) inside Linux in QEMU with `cpus` vCPUs: it boots, its `/init`
+/// tests pass (the vCPU count, kvmclock, the virtio-blk disk read, written and read
+/// back, and read whole) and it powers off.
+fn linux_on_kvm(cpus: u32) {
+    require_kvm_baseline();
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let guest = linux_guest();
+    let r = xtask::baseline_kvm::run_linux_on_kvm(
+        guest,
+        cpus,
+        "nproc,kvmclock,disk,write,read",
+        Duration::from_secs(400),
+    )
+    .expect("running Linux with KVM in QEMU");
+    let report = r.run.report();
+    assert!(
+        r.run.serial.contains(xtask::linux::MARKER),
+        "no marker\n{report}"
+    );
+    let t = xtask::linux::test_results(&r.run.serial);
+    let get = |name: &str| {
+        t.iter()
+            .find(|x| x.0 == name)
+            .map(|x| (x.1.as_str(), x.2.as_str()))
+    };
+    let n = cpus.to_string();
+    assert_eq!(get("nproc").map(|x| x.0), Some(n.as_str()), "{report}");
+    assert_eq!(get("kvmclock").map(|x| x.0), Some("current"), "{report}");
+    assert_eq!(get("disk").map(|x| x.0), Some("ok"), "{report}");
+    assert_eq!(
+        get("write"),
+        Some(("ok", guest.disk_md5.as_str())),
+        "{report}"
+    );
+    let bytes = xtask::linux::DISK_SIZE.to_string();
+    assert_eq!(get("read").map(|x| x.1), Some(bytes.as_str()), "{report}");
+    assert!(
+        r.run.serial.contains("vmm-kvm: end guest powered off"),
+        "{report}"
+    );
+    assert_eq!(r.status, Some(0), "vmm-kvm status\n{report}");
+}
+
+#[test]
+fn vmm_on_kvm_boots_the_linux_guest() {
+    linux_on_kvm(1);
+}

@@ -699,6 +699,15 @@ impl Pc {
     /// caller clears the MTD before and replies with it after.
     pub fn handle<P: Platform + ?Sized>(&self, p: &mut P, vcpu: u32, exit: Exit) -> Step {
         let step = machine::handle(self, p, vcpu, exit);
+        self.settle(p, vcpu, step)
+    }
+
+    /// What follows every exit, after the exit itself gave `step`: what the local APICs
+    /// queued is delivered, a pending interrupt injected if the vCPU can take one (else
+    /// the window requested), and a vCPU a SIPI named started. [`Pc::handle`] ends with
+    /// it; a hosted binding calls it after the accesses its kernel decoded
+    /// ([`machine::access`]).
+    pub fn settle<P: Platform + ?Sized>(&self, p: &mut P, vcpu: u32, step: Step) -> Step {
         self.drain();
         if step == Step::Resume {
             self.inject_pending(p, vcpu);

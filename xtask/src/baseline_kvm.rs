@@ -215,14 +215,15 @@ pub fn kvm_kernel() -> Result<(PathBuf, PathBuf)> {
     Ok((kernel, modules))
 }
 
-/// Builds the initramfs for `guest` in `dir`: busybox, the KVM modules, the runner and
-/// the guest ELF.
+/// Builds the initramfs `name` in `dir`: busybox, the KVM modules, the runner, `files`
+/// (name in the archive, file) and an `/init` that runs `runs` (see [`init_script`]).
 fn build_initramfs(
     dir: &Path,
+    name: &str,
     modules_dir: &Path,
     runner: &Path,
-    guest_elf: &Path,
-    guest: &KvmGuest,
+    files: &[(&str, &Path)],
+    runs: &[(String, String)],
 ) -> Result<PathBuf> {
     let mut ramfs = Initramfs::new(&["bin", "dev", "proc", "sys", "lib", "lib/kvm"])?;
     ramfs.sh();
@@ -239,14 +240,12 @@ fn build_initramfs(
         added.extend(new.into_iter().map(|(name, _)| name));
         vendors.push((flag, closure.into_iter().map(|(name, _)| name).collect()));
     }
-    ramfs.file(
-        "init",
-        0o755,
-        init_script(&vendors, &guest.runs()).as_bytes(),
-    );
+    ramfs.file("init", 0o755, init_script(&vendors, runs).as_bytes());
     ramfs.copy(RUNNER, 0o755, runner)?;
-    ramfs.copy("guest-test", 0o644, guest_elf)?;
-    let path = dir.join(format!("{}.cpio", guest.name));
+    for (name, file) in files {
+        ramfs.copy(name, 0o644, file)?;
+    }
+    let path = dir.join(format!("{name}.cpio"));
     ramfs.write(&path)?;
     Ok(path)
 }
@@ -258,7 +257,14 @@ pub fn run_kvm_guest(images: &Images, guest: &KvmGuest, emulator: Emulator) -> R
     let (kernel, modules_dir) = kvm_kernel()?;
     let runner = build_runner()?;
     let dir = workspace::out_dir("kvm")?;
-    let initramfs = build_initramfs(&dir, &modules_dir, &runner, &images.guest_test(), guest)?;
+    let initramfs = build_initramfs(
+        &dir,
+        &guest.name,
+        &modules_dir,
+        &runner,
+        &[("guest-test", &images.guest_test())],
+        &guest.runs(),
+    )?;
     let mut spec = BootSpec {
         name: guest.name.clone(),
         kernel: kernel.clone(),
@@ -280,6 +286,72 @@ pub fn run_kvm_guest(images: &Images, guest: &KvmGuest, emulator: Emulator) -> R
     }
     let run = crate::boot::run(emulator, &spec)?;
     let status = runner_status(&run.serial, guest.runs().len());
+    Ok(KvmRun {
+        run,
+        status,
+        kernel: crate::provenance::linux_kernel(&kernel),
+    })
+}
+
+/// Guest RAM of the Linux guest under `vmm-kvm`, in MiB (as on Peregrine).
+pub const LINUX_MEM_MIB: u32 = crate::linux::VMM_MEM_MIB;
+
+/// The `vmm-kvm` command line that boots `guest` on the library's PC with `cpus` vCPUs
+/// and the `/init` tests `tests` (the files as [`run_linux_on_kvm`] puts them).
+pub fn linux_command(cpus: u32, tests: &str, timeout_s: u64) -> String {
+    format!(
+        "/{RUNNER} --linux /linux-kernel --initrd /linux-initramfs --disk /linux-disk \
+         --cpus {cpus} --memory {LINUX_MEM_MIB} --timeout {timeout_s} --append \"{}\"",
+        crate::linux::cmdline(tests)
+    )
+}
+
+/// Boots Linux with KVM in QEMU (`-cpu EPYC -icount shift=0 -smp 1`, as the vmexit
+/// baseline) and in it the Linux guest `guest` on the VMM library's PC under `vmm-kvm`,
+/// with `cpus` vCPUs running the `/init` tests `tests`: the same VMM and guest as
+/// `tests/tests/linux_vmm.rs` on Peregrine.
+pub fn run_linux_on_kvm(
+    guest: &crate::linux::Guest,
+    cpus: u32,
+    tests: &str,
+    timeout: Duration,
+) -> Result<KvmRun> {
+    let (kernel, modules_dir) = kvm_kernel()?;
+    let runner = build_runner()?;
+    let dir = workspace::out_dir("kvm")?;
+    let name = format!("linux-on-kvm-smp{cpus}");
+    let runs = [(
+        "linux".to_string(),
+        linux_command(cpus, tests, timeout.as_secs().saturating_sub(30).max(30)),
+    )];
+    let initramfs = build_initramfs(
+        &dir,
+        &name,
+        &modules_dir,
+        &runner,
+        &[
+            ("linux-kernel", &guest.kernel),
+            ("linux-initramfs", &guest.initramfs),
+            ("linux-disk", &guest.disk),
+        ],
+        &runs,
+    )?;
+    let spec = BootSpec {
+        name,
+        kernel: kernel.clone(),
+        kernel_args: baseline::cmdline(""),
+        modules: Vec::new(),
+        smp: 1,
+        memory_mib: 1024,
+        cpu_model: None,
+        icount: true,
+        allow_kvm: false,
+        timeout,
+        extra_qemu_args: vec!["-initrd".into(), initramfs.to_string_lossy().into_owned()],
+        output: Output::Capture,
+    };
+    let run = crate::boot::run(Emulator::Qemu, &spec)?;
+    let status = runner_status(&run.serial, 1);
     Ok(KvmRun {
         run,
         status,

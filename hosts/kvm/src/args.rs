@@ -6,7 +6,9 @@ use peregrine_vmm::testdev::Mode;
 
 /// The usage text.
 pub const USAGE: &str = "usage: vmm-kvm [--mode check|bench|hostile|loops] [--cpus 1|2] \
-[--seed N] [--memory MIB] [--timeout S] [--irqchip user|kernel] GUEST.elf";
+[--seed N] [--memory MIB] [--timeout S] [--irqchip user|kernel] GUEST.elf
+       vmm-kvm --linux BZIMAGE [--initrd FILE] [--disk FILE] [--append CMDLINE] [--cpus N] \
+[--memory MIB] [--timeout S]";
 
 /// The VM to run.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -23,6 +25,22 @@ pub struct Config {
     pub timeout_s: u64,
     /// Where the interrupt controller lives.
     pub irqchip: Irqchip,
+    /// Boot this Linux guest on the library's PC (`peregrine_vmm::pc::Pc`) instead of
+    /// the test guest.
+    pub linux: Option<Linux>,
+}
+
+/// The Linux guest: the PC's kernel, initramfs, disk and command line.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Linux {
+    /// The bzImage.
+    pub kernel: String,
+    /// The initramfs.
+    pub initrd: Option<String>,
+    /// The virtio-blk disk's image (a RAM disk: writes stay in memory).
+    pub disk: Option<String>,
+    /// The kernel command line.
+    pub append: String,
 }
 
 /// The interrupt controller set-up of the VM.
@@ -72,7 +90,12 @@ pub fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Config, ArgE
         memory_mib: 16,
         timeout_s: 0,
         irqchip: Irqchip::User,
+        linux: None,
     };
+    let mut memory = None;
+    let mut linux = Linux::default();
+    let text =
+        |flag: &str, v: Option<String>| v.ok_or_else(|| ArgError(format!("{flag} needs a value")));
     while let Some(a) = args.next() {
         match a.as_str() {
             "--mode" => mode = args.next().unwrap_or_default(),
@@ -84,11 +107,16 @@ pub fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Config, ArgE
             }
             "--seed" => seed = number(&a, args.next())?,
             "--memory" => {
-                c.memory_mib = number(&a, args.next())?;
-                if !(4..=3072).contains(&c.memory_mib) {
+                let m = number(&a, args.next())?;
+                if !(4..=3072).contains(&m) {
                     return Err(ArgError("--memory: 4 to 3072 MiB".into()));
                 }
+                memory = Some(m);
             }
+            "--linux" => linux.kernel = text(&a, args.next())?,
+            "--initrd" => linux.initrd = Some(text(&a, args.next())?),
+            "--disk" => linux.disk = Some(text(&a, args.next())?),
+            "--append" => linux.append = text(&a, args.next())?,
             "--timeout" => c.timeout_s = number(&a, args.next())?,
             "--irqchip" => {
                 c.irqchip = match args.next().as_deref() {
@@ -108,6 +136,25 @@ pub fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Config, ArgE
     }
     c.mode = Mode::parse(&mode, seed)
         .ok_or_else(|| ArgError(format!("--mode: unknown mode {mode:?}")))?;
+    if !linux.kernel.is_empty() {
+        if !c.guest.is_empty() {
+            return Err(ArgError("--linux boots Linux: no guest ELF besides".into()));
+        }
+        if c.irqchip == Irqchip::Kernel {
+            return Err(ArgError(
+                "--linux: the PC's interrupt controllers are its own".into(),
+            ));
+        }
+        c.memory_mib = memory.unwrap_or(256);
+        c.linux = Some(linux);
+        return Ok(c);
+    }
+    if linux != Linux::default() {
+        return Err(ArgError(
+            "--initrd, --disk and --append need --linux".into(),
+        ));
+    }
+    c.memory_mib = memory.unwrap_or(16);
     if c.guest.is_empty() {
         return Err(ArgError("no guest ELF given".into()));
     }
@@ -139,6 +186,16 @@ mod tests {
         assert_eq!(d.irqchip, Irqchip::User);
         let k = parse_args(args("--mode bench --irqchip kernel g")).unwrap();
         assert_eq!((k.mode, k.irqchip), (Mode::Bench, Irqchip::Kernel));
+        let linux = parse_args(args("--linux bz --initrd i --cpus 2")).unwrap();
+        assert_eq!(linux.memory_mib, 256);
+        let l = linux.linux.unwrap();
+        assert_eq!((l.kernel.as_str(), l.initrd.as_deref()), ("bz", Some("i")));
+        assert_eq!((l.disk, l.append.as_str()), (None, ""));
+        let mut a = args("--linux bz --memory 128 --append");
+        a.push("console=ttyS0 quiet".into());
+        let la = parse_args(a).unwrap();
+        assert_eq!(la.memory_mib, 128);
+        assert_eq!(la.linux.unwrap().append, "console=ttyS0 quiet");
         let l = parse_args(args("--seed 1 --mode loops g")).unwrap();
         assert_eq!(l.mode, Mode::Loops(1), "the seed may come first");
     }
@@ -155,6 +212,10 @@ mod tests {
             "--irqchip both g",
             "--irqchip kernel --cpus 2 g",
             "--frob g",
+            "--linux bz g",
+            "--disk d g",
+            "--linux bz --irqchip kernel",
+            "--linux",
         ] {
             assert!(parse_args(args(bad)).is_err(), "{bad:?}");
         }

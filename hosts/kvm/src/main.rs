@@ -10,6 +10,8 @@
 //! code (0 = every check passed) or one of `vmm_kvm::STATUS_*`.
 //! `vmm-kvm --bochs-shutdown` only writes `Shutdown` to port 0x8900 (ends Bochs).
 
+mod linux;
+
 use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::process::ExitCode;
@@ -97,27 +99,32 @@ struct Shared {
 impl Shared {
     /// Ends the process with one closing line.
     fn end(&self, status: u8, why: &str) -> ! {
-        let counts: Vec<String> = COUNT_NAMES
-            .iter()
-            .zip(&COUNTS)
-            .map(|(n, c)| format!("{n} {}", c.load(Ordering::Relaxed)))
-            .collect();
-        let mut out = std::io::stdout().lock();
-        let _ = writeln!(
-            out,
-            "vmm-kvm: end {why} (status {status}; exits in user space: {}; handled by the \
-             machine: {})",
-            counts.join(", "),
-            self.machine.exits()
-        );
-        let _ = out.flush();
-        std::process::exit(status.into())
+        end_line(status, why, self.machine.exits())
     }
 
     /// Ends the process for the machine's `end`.
     fn end_with(&self, end: &End) -> ! {
         self.end(vmm_kvm::status(end), &end.to_string())
     }
+}
+
+/// Ends the process with one closing line: why, the status, the exits by kind, and how
+/// many of them the machine's exit handler took (`handled`).
+fn end_line(status: u8, why: &str, handled: u64) -> ! {
+    let counts: Vec<String> = COUNT_NAMES
+        .iter()
+        .zip(&COUNTS)
+        .map(|(n, c)| format!("{n} {}", c.load(Ordering::Relaxed)))
+        .collect();
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(
+        out,
+        "vmm-kvm: end {why} (status {status}; exits in user space: {}; handled by the \
+         machine: {handled})",
+        counts.join(", "),
+    );
+    let _ = out.flush();
+    std::process::exit(status.into())
 }
 
 /// One vCPU's register file as the machine's handlers see it: filled from the exit,
@@ -196,7 +203,12 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match run(config) {
+    let result = if config.linux.is_some() {
+        linux::run(config)
+    } else {
+        run(config)
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             println!("vmm-kvm: end error: {e}");
@@ -375,15 +387,26 @@ fn msr_filter(vm: &VmFd) {
 fn startup(vcpu: &VcpuFd, shared: &Shared, index: u32) -> Result<(), Error> {
     let mut p = HostVcpu::new(shared);
     match machine::handle(&shared.machine, &mut p, index, Exit::Startup) {
-        Step::Resume => write_back(vcpu, &p.regs, false),
+        Step::Resume => write_back(vcpu, std::ptr::null_mut(), &p.regs, false),
         other => Err(format!("STARTUP of vCPU {index}: {other:?}").into()),
     }
 }
 
 /// Writes what the handler recorded in `r`'s MTD into the vCPU (see [`WriteBack`]);
-/// `completed`: KVM already finished the exit's instruction.
-fn write_back(vcpu: &VcpuFd, r: &ArchState, completed: bool) -> Result<(), Error> {
+/// `completed`: KVM already finished the exit's instruction. `run` (the vCPU's
+/// `kvm_run`, or null before it first runs) takes the interrupt-window request.
+fn write_back(
+    vcpu: &VcpuFd,
+    run: *mut kvm_bindings::kvm_run,
+    r: &ArchState,
+    completed: bool,
+) -> Result<(), Error> {
     let w = WriteBack::of(r, completed);
+    if !run.is_null() {
+        // SAFETY: a non-null `run` is this vCPU's kvm_run mapping, which lives as long
+        // as `vcpu`; the field is plain data KVM reads at the next KVM_RUN.
+        unsafe { (*run).request_interrupt_window = w.window.into() };
+    }
     if w.regs {
         let mut k = state::regs_to_kvm(r);
         if completed {
@@ -599,7 +622,7 @@ fn vcpu_loop(mut vcpu: VcpuFd, index: u32, shared: &Arc<Shared>) -> Result<(), E
         if pending && state::decode_event(&p.regs).is_some() {
             complete(&mut vcpu)?;
         }
-        write_back(&vcpu, &p.regs, true)?;
+        write_back(&vcpu, run, &p.regs, true)?;
         match next {
             Next::Run | Next::Step(Step::Resume) => {}
             Next::Step(Step::Start(n)) => start_cpu(shared, n)?,

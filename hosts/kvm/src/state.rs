@@ -3,7 +3,7 @@
 //! handled exit asks the binding to write back.
 
 use kvm_bindings::{kvm_cpuid_entry2, kvm_dtable, kvm_regs, kvm_segment, kvm_sregs};
-use peregrine_abi::utcb::Segment;
+use peregrine_abi::utcb::{inj, Segment};
 use peregrine_vmm::vcpu::{gpr, ArchState, Event, Mtd};
 
 /// A segment register in KVM's form. The library's access rights are SVM's compressed
@@ -165,6 +165,9 @@ pub struct WriteBack {
     pub sregs: bool,
     /// An event to inject.
     pub event: Option<Event>,
+    /// Exit as soon as the guest can take an external interrupt
+    /// (`request_interrupt_window`).
+    pub window: bool,
 }
 
 impl WriteBack {
@@ -180,6 +183,7 @@ impl WriteBack {
             regs: r.mtd.intersects(regs_groups),
             sregs: r.mtd.intersects(SREGS_GROUPS),
             event: r.mtd.contains(Mtd::INJ).then(|| decode_event(r)).flatten(),
+            window: r.mtd.contains(Mtd::INJ) && r.inj_info & inj::REQ_INTR_WINDOW != 0,
         }
     }
 }
@@ -310,7 +314,8 @@ mod tests {
             WriteBack {
                 regs: true,
                 sregs: false,
-                event: None
+                event: None,
+                window: false,
             }
         );
         assert!(!WriteBack::of(&r, true).regs, "KVM already moved RIP");
@@ -342,6 +347,9 @@ mod tests {
         }
         r.inj_info = 0x30;
         assert_eq!(decode_event(&r), None, "not valid");
+        r.inj_info = inj::REQ_INTR_WINDOW;
+        let w = WriteBack::of(&r, true);
+        assert!(w.window && w.event.is_none());
     }
 
     #[test]
