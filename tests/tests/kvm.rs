@@ -148,3 +148,8 @@ fn linux_on_kvm(cpus: u32) {
 fn vmm_on_kvm_boots_the_linux_guest() {
     linux_on_kvm(1);
 }
+
+#[test]
+fn vmm_on_kvm_boots_the_linux_guest_on_two_vcpus() {
+    linux_on_kvm(2);
+}

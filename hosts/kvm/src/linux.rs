@@ -13,7 +13,8 @@
 //! Differences from the PC on Peregrine, both forced by KVM without an in-kernel local
 //! APIC: CPUID offers neither x2APIC nor the TSC deadline timer (KVM answers their MSRs
 //! itself, and without its own APIC it refuses them), so Linux drives the xAPIC by MMIO
-//! and its timer in one-shot mode.
+//! and its timer in one-shot mode. kvmclock is KVM's (its kernel takes the MSRs the
+//! PC's CPUID names).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -250,11 +251,11 @@ pub fn run(config: Config) -> Result<(), Error> {
     )
     .map_err(|e| format!("the PC: {e}"))?;
     for (id, vcpu) in vcpus.iter().enumerate() {
+        // The PC's answers throughout, its paravirtual leaves included: they offer a
+        // subset of KVM's interface (kvmclock, no port-0x80 delays) that KVM's kernel
+        // implements; KVM's own list would offer what needs its in-kernel local APIC
+        // (PV IPIs, PV EOI, PV unhalt).
         let table = state::cpuid_table(&supported, |leaf, sub| {
-            if state::HYPERVISOR_LEAVES.contains(&leaf) {
-                // KVM's own interface (kvmclock, VMCALL): its kernel answers them.
-                return state::lookup(&supported, leaf, sub);
-            }
             let mut r = ArchState::default();
             (r.gpr[gpr::RAX], r.gpr[gpr::RCX]) = (leaf.into(), sub.into());
             pc.cpuid(&mut r, id as u32);

@@ -420,6 +420,24 @@ fn write_back(
         state::sregs_to_kvm(r, &mut s);
         vcpu.set_sregs(&s)?;
     }
+    if let Some(v) = w.xcr0 {
+        let mut x = kvm_bindings::kvm_xcrs {
+            nr_xcrs: 1,
+            ..Default::default()
+        };
+        x.xcrs[0].value = v;
+        vcpu.set_xcrs(&x)?;
+    }
+    if let Some(v) = w.pat {
+        const MSR_PAT: u32 = 0x277;
+        let msrs = kvm_bindings::Msrs::from_entries(&[kvm_bindings::kvm_msr_entry {
+            index: MSR_PAT,
+            data: v,
+            ..Default::default()
+        }])
+        .map_err(|e| format!("msrs: {e:?}"))?;
+        vcpu.set_msrs(&msrs)?;
+    }
     match w.event {
         None => Ok(()),
         Some(Event::Interrupt(v)) => interrupt(vcpu, v),

@@ -168,6 +168,10 @@ pub struct WriteBack {
     /// Exit as soon as the guest can take an external interrupt
     /// (`request_interrupt_window`).
     pub window: bool,
+    /// XCR0 (`KVM_SET_XCRS`).
+    pub xcr0: Option<u64>,
+    /// IA32_PAT (`KVM_SET_MSRS`).
+    pub pat: Option<u64>,
 }
 
 impl WriteBack {
@@ -184,6 +188,8 @@ impl WriteBack {
             sregs: r.mtd.intersects(SREGS_GROUPS),
             event: r.mtd.contains(Mtd::INJ).then(|| decode_event(r)).flatten(),
             window: r.mtd.contains(Mtd::INJ) && r.inj_info & inj::REQ_INTR_WINDOW != 0,
+            xcr0: r.mtd.contains(Mtd::XSAVE).then_some(r.xcr0),
+            pat: r.mtd.contains(Mtd::PAT).then_some(r.pat),
         }
     }
 }
@@ -316,6 +322,8 @@ mod tests {
                 sregs: false,
                 event: None,
                 window: false,
+                xcr0: None,
+                pat: None,
             }
         );
         assert!(!WriteBack::of(&r, true).regs, "KVM already moved RIP");
@@ -324,6 +332,11 @@ mod tests {
             WriteBack::of(&r, true).regs,
             "a result register still is written"
         );
+        r.mtd = Mtd::XSAVE | Mtd::PAT;
+        (r.xcr0, r.pat) = (7, 0x0007_0406_0007_0406);
+        let w = WriteBack::of(&r, false);
+        assert_eq!((w.xcr0, w.pat), (Some(7), Some(0x0007_0406_0007_0406)));
+        assert!(!w.regs && !w.sregs);
     }
 
     #[test]
