@@ -291,9 +291,6 @@ impl Machine {
 
     /// The contract's entry state for vCPU `vcpu`, every group it sets marked.
     pub fn entry_state(&self, regs: &mut ArchState, vcpu: u32) {
-        let mtd = regs.mtd;
-        *regs = ArchState::default();
-        regs.mtd = mtd;
         let info = BootInfo {
             entry: self.cfg.entry,
             zero_page: 0,
@@ -301,11 +298,10 @@ impl Machine {
             initrd: None,
         };
         boot::entry_state(regs, &info);
-        regs.gpr[gpr::RDI] = u64::from(vcpu);
-        regs.gpr[gpr::RSI] = self.cfg.mode.rsi();
-        regs.gpr[gpr::RDX] = u64::from(self.cfg.vcpus);
-        regs.gpr[gpr::RCX] = self.cfg.mode.rcx();
-        regs.mtd |= Mtd::STA | Mtd::INJ;
+        regs.set_gpr(gpr::RDI, u64::from(vcpu));
+        regs.set_gpr(gpr::RSI, self.cfg.mode.rsi());
+        regs.set_gpr(gpr::RDX, u64::from(self.cfg.vcpus));
+        regs.set_gpr(gpr::RCX, self.cfg.mode.rcx());
     }
 
     fn cpuid_result(&self, regs: &mut ArchState, vcpu: u32) {
@@ -366,8 +362,7 @@ impl Board for Machine {
         }
         let regs = p.regs_mut();
         skip(regs, 1);
-        regs.intr_state &= !3;
-        regs.mtd |= Mtd::STA;
+        regs.set_intr_state(regs.intr_state & !3);
         p.inject(Event::Interrupt(testdev::WAKE_VECTOR));
         Step::Resume
     }
@@ -375,12 +370,12 @@ impl Board for Machine {
     #[inline]
     fn vmcall<P: Platform + ?Sized>(&self, p: &mut P) -> Step {
         let regs = p.regs_mut();
-        regs.gpr[gpr::RAX] = if regs.gpr[gpr::RAX] == testdev::HYPERCALL {
+        let rax = if regs.gpr[gpr::RAX] == testdev::HYPERCALL {
             regs.gpr[gpr::RBX].wrapping_add(1)
         } else {
             HC_ENOSYS
         };
-        regs.mtd |= Mtd::GPR_ACDB;
+        regs.set_gpr(gpr::RAX, rax);
         skip(regs, 3);
         Step::Resume
     }
@@ -397,9 +392,8 @@ impl Board for Machine {
             self.msr.store(v, Ordering::Relaxed);
         } else {
             let v = self.msr.load(Ordering::Relaxed);
-            regs.gpr[gpr::RAX] = v & 0xffff_ffff;
-            regs.gpr[gpr::RDX] = v >> 32;
-            regs.mtd |= Mtd::GPR_ACDB;
+            regs.set_gpr(gpr::RAX, v & 0xffff_ffff);
+            regs.set_gpr(gpr::RDX, v >> 32);
         }
         skip(regs, 2);
         Step::Resume
@@ -472,9 +466,7 @@ pub(crate) fn reflect<P: Platform + ?Sized>(p: &mut P) -> Option<u8> {
     let error = (q & (1 << 11) != 0).then_some((q >> 32) as u32);
     if ty != 3 {
         let len = r.inst_len;
-        let regs = p.regs_mut();
-        regs.rip = regs.rip.wrapping_add(len);
-        regs.mtd |= Mtd::RIP_LEN;
+        p.regs_mut().advance(len);
     }
     p.inject(Event::Exception { vector: v, error });
     Some(v)
@@ -490,9 +482,8 @@ pub(crate) fn gp0() -> Event {
 /// A CPUID result into EAX, EBX, ECX, EDX.
 pub(crate) fn set_cpuid_result(regs: &mut ArchState, v: [u32; 4]) {
     for (r, x) in [gpr::RAX, gpr::RBX, gpr::RCX, gpr::RDX].into_iter().zip(v) {
-        regs.gpr[r] = u64::from(x);
+        regs.set_gpr(r, u64::from(x));
     }
-    regs.mtd |= Mtd::GPR_ACDB;
 }
 
 /// A non-string IN or OUT (`io`) on the port bus `pio`: on input the value is merged
@@ -507,12 +498,14 @@ pub(crate) fn port_io(pio: &Bus, io: PortIo, regs: &mut ArchState) -> Option<Act
         let _ = pio.read(port, &mut b[..size]);
         let v = u64::from(u32::from_le_bytes(b));
         let old = regs.gpr[gpr::RAX];
-        regs.gpr[gpr::RAX] = match size {
-            1 => (old & !0xff) | (v & 0xff),
-            2 => (old & !0xffff) | (v & 0xffff),
-            _ => v,
-        };
-        regs.mtd |= Mtd::GPR_ACDB;
+        regs.set_gpr(
+            gpr::RAX,
+            match size {
+                1 => (old & !0xff) | (v & 0xff),
+                2 => (old & !0xffff) | (v & 0xffff),
+                _ => v,
+            },
+        );
     } else {
         let b = regs.gpr[gpr::RAX].to_le_bytes();
         action = pio.write(port, &b[..size]).ok().flatten();
@@ -618,31 +611,22 @@ pub(crate) fn cr_access<P: Platform + ?Sized>(p: &mut P, qual: u64, rip: u64, cr
                 p.inject(gp0());
                 return Step::Resume;
             }
-            match cr {
-                0 => regs.cr0 = v,
-                3 => regs.cr3 = v,
-                _ => regs.cr4 = v,
-            }
-            regs.mtd |= Mtd::CR;
+            regs.set_cr(cr, v);
         }
         1 => {
-            regs.gpr[g] = match cr {
+            let v = match cr {
                 0 => regs.cr0,
                 3 => regs.cr3,
                 4 => regs.cr4,
                 _ => 0,
             };
-            regs.mtd |= Mtd::GPRS;
+            regs.set_gpr(g, v);
         }
-        2 => {
-            regs.cr0 &= !bits::CR0_TS;
-            regs.mtd |= Mtd::CR;
-        }
+        2 => regs.set_cr0(regs.cr0 & !bits::CR0_TS),
         _ => {
             // LMSW: MP, EM, TS and PE from the source; PE is never cleared.
             let src = (qual >> 16) & 0xf;
-            regs.cr0 = (regs.cr0 & !0xe) | src | (regs.cr0 & 1);
-            regs.mtd |= Mtd::CR;
+            regs.set_cr0((regs.cr0 & !0xe) | src | (regs.cr0 & 1));
         }
     }
     skip(regs, 3);
@@ -657,8 +641,7 @@ pub(crate) fn skip(regs: &mut ArchState, len: u64) {
     } else {
         len
     };
-    regs.rip = regs.rip.wrapping_add(n);
-    regs.mtd |= Mtd::RIP_LEN;
+    regs.advance(n);
 }
 
 #[cfg(test)]

@@ -18,7 +18,7 @@ use crate::exit::{
     cr4_supported, cr_access, gp0, port_io, reflect, skip, CpuidFn, End, Reflected, Step,
 };
 use crate::sync::SpinLock;
-use crate::vcpu::{gpr, vector, ArchState, Event, Fault, Mtd, Platform};
+use crate::vcpu::{gpr, vector, ArchState, Event, Fault, Platform};
 
 /// A port access (IN, OUT, INS, OUTS): the exit qualification in ABI.md's (VMX's)
 /// format, read through its accessors (an exit pays only for the fields it reads).
@@ -268,7 +268,9 @@ pub trait Board {
         let _ = (vcpu, gpa);
         Mmio::Bus(self.mmio_bus())
     }
-    /// Sets vCPU `vcpu`'s entry state, marking every group set.
+    /// Sets vCPU `vcpu`'s entry state on `regs`, which [`handle`] zeroed (the
+    /// interruptibility and injection recorded as zero already): what the board sets
+    /// through the setters is what the vCPU starts with.
     fn entry_state(&self, regs: &mut ArchState, vcpu: u32);
     /// Answers CPUID (EAX, ECX in `regs`) for vCPU `vcpu`, marking the registers set.
     fn cpuid(&self, regs: &mut ArchState, vcpu: u32);
@@ -309,7 +311,13 @@ pub fn handle<B: Board + ?Sized, P: Platform + ?Sized>(
     }
     match exit {
         Exit::Startup => {
-            b.entry_state(p.regs_mut(), vcpu);
+            // From zero: active, no blocking, nothing to inject; the board sets the
+            // rest.
+            let regs = p.regs_mut();
+            regs.reset();
+            regs.set_intr_state(0);
+            regs.set_inj(0, 0);
+            b.entry_state(regs, vcpu);
             Step::Resume
         }
         Exit::Cpuid => {
@@ -418,8 +426,7 @@ fn xsetbv<P: Platform + ?Sized>(p: &mut P, cpuid: CpuidFn) -> Step {
         return Step::Resume;
     }
     let regs = p.regs_mut();
-    regs.xcr0 = v;
-    regs.mtd |= Mtd::XSAVE;
+    regs.set_xcr0(v);
     skip(regs, 3);
     Step::Resume
 }
@@ -445,9 +452,7 @@ fn emulated<B: Board + ?Sized, P: Platform + ?Sized>(
         }
         Err(EmulError::Fetch(Fault::PageFault { addr, error }))
         | Err(EmulError::Access(Fault::PageFault { addr, error })) => {
-            let regs = p.regs_mut();
-            regs.cr2 = addr;
-            regs.mtd |= Mtd::CR;
+            p.regs_mut().set_cr2(addr);
             p.inject(Event::Exception {
                 vector: vector::PF,
                 error: Some(error),

@@ -740,17 +740,13 @@ impl Pc {
         } else {
             drop(l);
             let r = p.regs_mut();
-            r.inj_info |= inj::REQ_INTR_WINDOW;
-            r.mtd |= Mtd::INJ;
+            r.set_inj_info(r.inj_info | inj::REQ_INTR_WINDOW);
         }
     }
 
     /// The entry state: vCPU 0 at the kernel's 64-bit entry, the others in real mode at
     /// their SIPI's page.
     pub fn entry_state(&self, regs: &mut ArchState, vcpu: u32) {
-        let mtd = regs.mtd;
-        *regs = ArchState::default();
-        regs.mtd = mtd;
         if vcpu == 0 {
             boot::entry_state(regs, &self.boot);
         } else {
@@ -765,40 +761,27 @@ impl Pc {
                 limit: 0xffff,
                 base,
             };
-            regs.cs = seg(u16::from(sipi) << 8, u64::from(sipi) << 12, 0x9b);
-            for s in [
-                &mut regs.ds,
-                &mut regs.es,
-                &mut regs.ss,
-                &mut regs.fs,
-                &mut regs.gs,
-            ] {
-                *s = seg(0, 0, 0x93);
-            }
-            regs.tr = seg(0, 0, 0x8b);
-            regs.ldtr = seg(0, 0, 0x82);
-            regs.gdtr = seg(0, 0, 0);
-            regs.idtr = seg(0, 0, 0);
-            regs.cr0 = 1 << 4; // ET
-            regs.rflags = 2;
-            regs.rip = 0;
-            regs.gpr[gpr::RDX] = 0x600;
-            regs.mtd |= Mtd::GPRS
-                | Mtd::RIP_LEN
-                | Mtd::RFLAGS
-                | Mtd::CS_SS
-                | Mtd::DS_ES
-                | Mtd::FS_GS
-                | Mtd::TR
-                | Mtd::LDTR
-                | Mtd::GDTR
-                | Mtd::IDTR
-                | Mtd::CR
-                | Mtd::EFER;
+            let data = seg(0, 0, 0x93);
+            regs.set_cs(seg(u16::from(sipi) << 8, u64::from(sipi) << 12, 0x9b));
+            regs.set_ss(data);
+            regs.set_ds(data);
+            regs.set_es(data);
+            regs.set_fs(data);
+            regs.set_gs(data);
+            regs.set_tr(seg(0, 0, 0x8b));
+            regs.set_ldtr(seg(0, 0, 0x82));
+            regs.set_gdtr(seg(0, 0, 0));
+            regs.set_idtr(seg(0, 0, 0));
+            regs.set_cr0(1 << 4); // ET; CR2, CR3, CR4, CR8 zero
+            regs.set_efer(0);
+            regs.set_rflags(2);
+            regs.set_rip(0);
+            let mut gprs = [0; 16];
+            gprs[gpr::RDX] = 0x600;
+            regs.set_gprs(gprs);
         }
-        regs.pat = 0x0007_0406_0007_0406;
-        regs.xcr0 = self.initial_xcr0();
-        regs.mtd |= Mtd::STA | Mtd::INJ | Mtd::PAT | Mtd::XSAVE;
+        regs.set_pat(0x0007_0406_0007_0406);
+        regs.set_xcr0(self.initial_xcr0());
     }
 
     /// The XCR0 a vCPU starts with: the user state components the host offers that
@@ -917,8 +900,7 @@ impl Board for Pc {
         let rflags = p.regs().rflags;
         let regs = p.regs_mut();
         skip(regs, 1);
-        regs.intr_state &= !3;
-        regs.mtd |= Mtd::STA;
+        regs.set_intr_state(regs.intr_state & !3);
         if rflags & bits::IF == 0 {
             return Step::Stop;
         }
@@ -932,8 +914,7 @@ impl Board for Pc {
     #[inline]
     fn vmcall<P: Platform + ?Sized>(&self, p: &mut P) -> Step {
         let regs = p.regs_mut();
-        regs.gpr[gpr::RAX] = crate::exit::HC_ENOSYS;
-        regs.mtd |= Mtd::GPR_ACDB;
+        regs.set_gpr(gpr::RAX, crate::exit::HC_ENOSYS);
         skip(regs, 3);
         Step::Resume
     }

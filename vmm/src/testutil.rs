@@ -155,3 +155,30 @@ impl crate::vcpu::GuestMemory for SharedMem {
         Ok(())
     }
 }
+
+/// Runs one exit's handler on `v` as a binding does (the MTD cleared first, read
+/// after) and checks that the record names every group whose state changed: what the
+/// reply writes back covers every change. A STARTUP handler writes the state afresh, so
+/// there every group that is not all zero must be recorded.
+pub fn checked_exit<R>(
+    v: &mut MockVcpu,
+    startup: bool,
+    handle: impl FnOnce(&mut MockVcpu) -> R,
+) -> R {
+    use crate::vcpu::{changed_groups, ArchState, Mtd};
+    v.regs.mtd = Mtd::empty();
+    let before = if startup {
+        ArchState::default()
+    } else {
+        v.regs
+    };
+    let out = handle(v);
+    let changed = changed_groups(&before, &v.regs);
+    assert!(
+        v.regs.mtd.contains(changed),
+        "changed {:?} but recorded only {:?}",
+        changed,
+        v.regs.mtd
+    );
+    out
+}

@@ -4,8 +4,11 @@
 //! VMM, the register file from the exit portal's UTCB, injection through the reply's
 //! MTD, a timeout for the timers); the tests implement it on a byte vector. The
 //! register file is the ABI's [`ArchState`] itself, so state moves between the UTCB and
-//! the vCPU model without translation; whoever changes a register group also sets its
-//! [`Mtd`] bit so the reply takes it back.
+//! the vCPU model without translation. The VMM changes it only through
+//! [`ArchState`]'s setters (`set_gpr`, `set_rip`, `advance`, `set_cr0`, `set_inj`, …),
+//! which record each changed group in its `mtd`: that record is what a binding writes
+//! back (the hypervisor's reply takes exactly those groups), so no change is lost to a
+//! forgotten [`Mtd`] bit.
 //!
 //! The page-table walker ([`translate`]) follows the Intel SDM vol. 3A chapter 4
 //! ("Paging"): 32-bit paging (§4.3, with PSE 4-MiB pages and PSE-36), PAE paging (§4.4),
@@ -16,7 +19,7 @@
 //! physical-address bits.
 
 pub use peregrine_abi::mtd::Mtd;
-pub use peregrine_abi::utcb::{gpr, ArchState, Segment};
+pub use peregrine_abi::utcb::{changed_groups, gpr, gpr_mtd, ArchState, Segment};
 
 /// Control register, EFER and RFLAGS bits the VMM looks at (SDM vol. 3A §2.5, §2.2.1).
 pub mod bits {
@@ -141,31 +144,21 @@ impl Event {
 pub trait Platform: GuestMemory {
     /// The register file as of the exit, with the VMM's changes.
     fn regs(&self) -> &ArchState;
-    /// The register file, to change; set the [`Mtd`] bits of what you change.
+    /// The register file, to change through its setters, which record in its `mtd`
+    /// what changed: the record tells the binding what to write back into the vCPU
+    /// (cleared before an exit's handler runs, read after).
     fn regs_mut(&mut self) -> &mut ArchState;
     /// Queues `event` for the next entry (one at a time: a second replaces the first).
     fn inject(&mut self, event: Event) {
         let (info, error) = event.encode();
         let r = self.regs_mut();
-        r.inj_info = (r.inj_info & !0xffff_ffff) | info;
-        r.inj_error = error;
-        r.mtd |= Mtd::INJ;
+        r.set_inj((r.inj_info & !0xffff_ffff) | info, error);
     }
     /// The VM's monotonic time in nanoseconds.
     fn now_ns(&self) -> u64;
     /// Arms (or with `None` disarms) the vCPU's one timer: the VMM's timer devices are
     /// updated when it expires.
     fn set_timer(&mut self, deadline_ns: Option<u64>);
-}
-
-/// The [`Mtd`] group that carries general-purpose register `index`.
-pub fn gpr_mtd(index: usize) -> Mtd {
-    match index {
-        gpr::RAX..=gpr::RBX => Mtd::GPR_ACDB,
-        gpr::RSP => Mtd::RSP,
-        gpr::RBP..=gpr::RDI => Mtd::GPR_BSD,
-        _ => Mtd::GPR_R8_R15,
-    }
 }
 
 /// Whether the vCPU is in long mode (64-bit or compatibility).

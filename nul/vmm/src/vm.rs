@@ -785,9 +785,8 @@ extern "C" fn handler_fault(id: u64, utcb: u64) -> ! {
         }
         vm.end(End::VmmFault { vector, rip });
         if let Some(s) = vm.stacks.get(n) {
-            a.rip = park_handler as *const () as u64;
-            a.gpr[gpr::RSP] = s.top();
-            a.mtd = Mtd::RIP_LEN | Mtd::RSP;
+            a.set_rip(park_handler as *const () as u64);
+            a.set_gpr(gpr::RSP, s.top());
         }
     }
     u.get().head.set_counts(0, 0);

@@ -9,7 +9,7 @@
 
 use super::{gp0, skip, Pc};
 use crate::exit::Step;
-use crate::vcpu::{gpr, Mtd, Platform};
+use crate::vcpu::{gpr, Platform};
 
 /// MSR numbers (SDM vol. 4, AMD APM vol. 2 appendix A).
 pub mod nr {
@@ -58,9 +58,8 @@ impl Pc {
             match self.rdmsr(p, vcpu, msr) {
                 Some(v) => {
                     let regs = p.regs_mut();
-                    regs.gpr[gpr::RAX] = v & 0xffff_ffff;
-                    regs.gpr[gpr::RDX] = v >> 32;
-                    regs.mtd |= Mtd::GPR_ACDB;
+                    regs.set_gpr(gpr::RAX, v & 0xffff_ffff);
+                    regs.set_gpr(gpr::RDX, v >> 32);
                     true
                 }
                 None => false,
@@ -110,27 +109,22 @@ impl Pc {
         let r = p.regs_mut();
         match msr {
             nr::TSC => {}
-            nr::SYSENTER_CS => {
-                r.sysenter_cs = v & 0xffff;
-                r.mtd |= Mtd::SYSENTER;
-            }
+            nr::SYSENTER_CS => r.set_sysenter_cs(v & 0xffff),
             nr::SYSENTER_ESP | nr::SYSENTER_EIP => {
                 if !canonical(v) {
                     return false;
                 }
                 if msr == nr::SYSENTER_ESP {
-                    r.sysenter_esp = v;
+                    r.set_sysenter_esp(v);
                 } else {
-                    r.sysenter_eip = v;
+                    r.set_sysenter_eip(v);
                 }
-                r.mtd |= Mtd::SYSENTER;
             }
             nr::PAT => {
                 if (0..8).any(|i| !matches!((v >> (i * 8)) as u8, 0 | 1 | 4 | 5 | 6 | 7)) {
                     return false;
                 }
-                r.pat = v;
-                r.mtd |= Mtd::PAT;
+                r.set_pat(v);
             }
             nr::EFER => {
                 // SCE, LME, LMA (kept as is), NXE, FFXSR.
@@ -138,38 +132,29 @@ impl Pc {
                 if v & !OK != 0 {
                     return false;
                 }
-                r.efer = (v & !(1 << 10)) | (r.efer & (1 << 10));
-                r.mtd |= Mtd::EFER;
+                r.set_efer((v & !(1 << 10)) | (r.efer & (1 << 10)));
             }
-            nr::STAR => {
-                r.star = v;
-                r.mtd |= Mtd::SYSCALL_SWAPGS;
-            }
+            nr::STAR => r.set_star(v),
             nr::LSTAR | nr::CSTAR | nr::KERNEL_GS_BASE => {
                 if !canonical(v) {
                     return false;
                 }
                 match msr {
-                    nr::LSTAR => r.lstar = v,
-                    nr::CSTAR => r.cstar = v,
-                    _ => r.kernel_gs_base = v,
+                    nr::LSTAR => r.set_lstar(v),
+                    nr::CSTAR => r.set_cstar(v),
+                    _ => r.set_kernel_gs_base(v),
                 }
-                r.mtd |= Mtd::SYSCALL_SWAPGS;
             }
-            nr::FMASK => {
-                r.fmask = v & 0xffff_ffff;
-                r.mtd |= Mtd::SYSCALL_SWAPGS;
-            }
+            nr::FMASK => r.set_fmask(v & 0xffff_ffff),
             nr::FS_BASE | nr::GS_BASE => {
                 if !canonical(v) {
                     return false;
                 }
                 if msr == nr::FS_BASE {
-                    r.fs.base = v;
+                    r.set_fs_base(v);
                 } else {
-                    r.gs.base = v;
+                    r.set_gs_base(v);
                 }
-                r.mtd |= Mtd::FS_GS;
             }
             nr::TSC_AUX => self.msrs[vcpu as usize].lock().tsc_aux = v & 0xffff_ffff,
             nr::MISC_ENABLE => self.msrs[vcpu as usize].lock().misc_enable = v,
