@@ -39,15 +39,14 @@ use crate::boot::{self, e820, BootInfo, E820Entry};
 use crate::bus::BusDevice;
 use crate::bus::{Action, Bus, IrqLine, SharedDevice};
 use crate::clock::{Clock, NS_PER_SEC};
-use crate::cpuid::{self, KvmCpuid};
-use crate::exit::{set_cpuid_result, skip, CpuidFn, End, Step};
+use crate::cpuid::KvmCpuid;
 use crate::hpet::{Hpet, IrqPins, HPET_BASE, HPET_SIZE};
 use crate::ioapic::{
     DeliveryMode, InterruptMessage, InterruptSink, IoApic, IOAPIC_BASE, IOAPIC_SIZE,
 };
 use crate::kvmclock::{KvmClock, TimeSample};
 use crate::lapic::{self, ApicSink, Destination, Ipi, IpiMode, Lapic, LAPIC_BASE, LAPIC_SIZE};
-use crate::machine::{self, Board, Core, Exit, Mmio};
+use crate::machine::{self, past_hlt, Board, Core, CpuidFn, End, Exit, Mmio, Step};
 use crate::pci::{self, PciHost, PciLayout};
 use crate::pic8259::{PicPair, ELCR_BASE, MASTER_BASE, SLAVE_BASE};
 use crate::pit8254::{Pit, PIT_BASE, PORT61_BASE};
@@ -55,7 +54,7 @@ use crate::rtc_cmos::{Rtc, RTC_BASE};
 use crate::sync::SpinLock;
 use crate::testdev::LineSink;
 use crate::uart16550::{SerialSink, Uart16550};
-use crate::vcpu::{bits, gpr, vector, ArchState, Event, GuestMemory, Mtd, Platform, Segment};
+use crate::vcpu::{bits, gpr, ArchState, Event, GuestMemory, Mtd, Platform, Segment};
 use crate::virtio::block::{BlockBackend, BlockError, VirtioBlock, SECTOR_SIZE};
 use crate::virtio::pci::VirtioPci;
 
@@ -307,10 +306,6 @@ impl BusDevice for ConfigAddress {
 
 /// The PC.
 pub struct Pc {
-    /// Port I/O.
-    pub pio: Bus,
-    /// MMIO.
-    pub mmio: Bus,
     cfg: PcConfig,
     boot: BootInfo,
     clock: Arc<dyn Clock>,
@@ -528,9 +523,7 @@ impl Pc {
             .map(|_| SpinLock::new(msr::Msrs::default()))
             .collect();
         Ok(Self {
-            core: Core::new(vcpus, cpuid),
-            pio,
-            mmio,
+            core: Core::new(vcpus, cpuid, pio, mmio),
             cfg: PcConfig { vcpus, ..cfg },
             boot: info,
             clock,
@@ -557,22 +550,6 @@ impl Pc {
     /// Where the kernel was loaded.
     pub fn boot_info(&self) -> &BootInfo {
         &self.boot
-    }
-
-    /// Events handled so far (STARTUP not counted).
-    pub fn exits(&self) -> u64 {
-        self.core.exits()
-    }
-
-    /// Instructions behind MMIO or string I/O exits answered with #UD.
-    pub fn undefined(&self) -> u64 {
-        self.core.undefined()
-    }
-
-    /// Exceptions of vector `v` reflected into the guest so far (the #AC and #DB the
-    /// kernel intercepts for every VMM: see `crate::exit::reflect`).
-    pub fn reflected(&self, v: u8) -> u64 {
-        self.core.reflected(v)
     }
 
     /// Console input for COM1: how many bytes it took.
@@ -744,9 +721,63 @@ impl Pc {
         }
     }
 
+    /// The XCR0 a vCPU starts with: the user state components the host offers that
+    /// Linux enables (x87, SSE, AVX, AVX-512, PKRU, AMX), not the architectural 1.
+    ///
+    /// QEMU's software SVM does not deliver the guest's XSETBV as an exit (the kernel
+    /// asks for the intercept; the VMM never sees it), so the guest's own XCR0 write
+    /// lasts only until the next VM entry, where the kernel loads the XCR0 the VMM
+    /// gave. Starting with the value Linux will write keeps the two equal; with an
+    /// XCR0 of 1 Linux's XRSTOR of a signal frame (whose SSE bit it always sets) fails
+    /// and init dies in `rt_sigreturn`. Where the exit comes, [`Pc::handle`] takes the
+    /// guest's value as it should.
+    fn initial_xcr0(&self) -> u64 {
+        const LINUX_USER: u64 = 0x7 | 0xe0 | 1 << 9 | 3 << 17;
+        let [lo, _, _, hi] = (self.core.cpuid)(0xd, 0);
+        let x = (u64::from(lo) | u64::from(hi) << 32) & LINUX_USER;
+        if x & 3 == 3 {
+            x
+        } else {
+            1
+        }
+    }
+
+    /// The guest's clocks now.
+    fn sample(&self, tsc: u64) -> TimeSample {
+        TimeSample {
+            tsc,
+            ns: self.clock.now_ns(),
+        }
+    }
+
+    /// Wall-clock time at clock 0, in ns since the epoch.
+    fn boot_wall_ns(&self) -> u64 {
+        self.cfg.wall_secs.saturating_mul(NS_PER_SEC)
+    }
+}
+
+impl Board for Pc {
+    #[inline]
+    fn core(&self) -> &Core {
+        &self.core
+    }
+
+    #[inline]
+    fn mmio(&self, vcpu: u32, gpa: u64) -> Mmio<'_> {
+        match self.lapics.get(vcpu as usize) {
+            // This vCPU's own local APIC.
+            Some(l) if (LAPIC_BASE..LAPIC_BASE + LAPIC_SIZE).contains(&gpa) => Mmio::Device {
+                base: LAPIC_BASE,
+                len: LAPIC_SIZE,
+                device: &**l,
+            },
+            _ => Mmio::Bus(&self.core.mmio),
+        }
+    }
+
     /// The entry state: vCPU 0 at the kernel's 64-bit entry, the others in real mode at
     /// their SIPI's page.
-    pub fn entry_state(&self, regs: &mut ArchState, vcpu: u32) {
+    fn entry_state(&self, regs: &mut ArchState, vcpu: u32) {
         if vcpu == 0 {
             boot::entry_state(regs, &self.boot);
         } else {
@@ -784,123 +815,42 @@ impl Pc {
         regs.set_xcr0(self.initial_xcr0());
     }
 
-    /// The XCR0 a vCPU starts with: the user state components the host offers that
-    /// Linux enables (x87, SSE, AVX, AVX-512, PKRU, AMX), not the architectural 1.
-    ///
-    /// QEMU's software SVM does not deliver the guest's XSETBV as an exit (the kernel
-    /// asks for the intercept; the VMM never sees it), so the guest's own XCR0 write
-    /// lasts only until the next VM entry, where the kernel loads the XCR0 the VMM
-    /// gave. Starting with the value Linux will write keeps the two equal; with an
-    /// XCR0 of 1 Linux's XRSTOR of a signal frame (whose SSE bit it always sets) fails
-    /// and init dies in `rt_sigreturn`. Where the exit comes, [`Pc::handle`] takes the
-    /// guest's value as it should.
-    fn initial_xcr0(&self) -> u64 {
-        const LINUX_USER: u64 = 0x7 | 0xe0 | 1 << 9 | 3 << 17;
-        let [lo, _, _, hi] = (self.core.cpuid)(0xd, 0);
-        let x = (u64::from(lo) | u64::from(hi) << 32) & LINUX_USER;
-        if x & 3 == 3 {
-            x
-        } else {
-            1
+    /// KVM's leaves with kvmclock; x2APIC and the TSC deadline timer; OSXSAVE as the
+    /// guest's CR4 says; the vCPU count; an always-running APIC timer; no MTRRs,
+    /// MWAITX or SVM leaf.
+    fn cpuid(&self, regs: &ArchState, vcpu: u32, leaf: u32, sub: u32) -> [u32; 4] {
+        if let Some(v) = self.kvm.leaf(leaf) {
+            return v;
         }
-    }
-
-    fn cpuid_result(&self, regs: &mut ArchState, vcpu: u32) {
-        let leaf = regs.gpr[gpr::RAX] as u32;
-        let sub = regs.gpr[gpr::RCX] as u32;
-        let mut v = match self.kvm.leaf(leaf) {
-            Some(v) => v,
-            None if (0x4000_0000..=0x4fff_ffff).contains(&leaf) => [0; 4],
-            None => (self.core.cpuid)(leaf, sub),
-        };
+        let mut v = machine::guest_cpuid(self.core.cpuid, vcpu, leaf, sub);
         match leaf {
             1 => {
-                // Hypervisor, x2APIC, TSC deadline; no VMX, no MONITOR; OSXSAVE as the
-                // guest's CR4 says; no MTRRs (Linux then leaves their MSRs alone).
+                // No MTRRs (Linux then leaves their MSRs alone); HTT: the logical count
+                // in EBX is valid.
                 const X2APIC: u32 = 1 << 21;
                 const TSC_DEADLINE: u32 = 1 << 24;
                 const OSXSAVE: u32 = 1 << 27;
-                v[2] = (v[2] | cpuid::HYPERVISOR_BIT | X2APIC | TSC_DEADLINE)
-                    & !(1 << 5 | 1 << 3 | OSXSAVE);
+                v[2] = (v[2] | X2APIC | TSC_DEADLINE) & !OSXSAVE;
                 if regs.cr4 & (1 << 18) != 0 {
                     v[2] |= OSXSAVE;
                 }
-                v[3] &= !(1 << 12);
-                v[1] = (v[1] & 0x0000_ffff) | (vcpu << 24) | (self.cfg.vcpus.min(255) << 16);
-                v[3] |= 1 << 28; // HTT: the logical count above is valid
+                v[3] = (v[3] & !(1 << 12)) | 1 << 28;
+                v[1] = (v[1] & !0x00ff_0000) | (self.cfg.vcpus.min(255) << 16);
             }
             // Always-running APIC timer.
             6 => v[0] |= 1 << 2,
-            // No protection keys (PKU, OSPKE): the kernel refuses CR4.PKE.
-            7 if sub == 0 => v[2] &= !(1 << 3 | 1 << 4),
-            0xb | 0x1f => v[3] = vcpu,
-            // No SVM, no MWAITX.
-            0x8000_0001 => v[2] &= !(1 << 2 | 1 << 29),
+            // No MWAITX.
+            0x8000_0001 => v[2] &= !(1 << 29),
             0x8000_000a => v = [0; 4],
             _ => {}
         }
-        set_cpuid_result(regs, v);
-    }
-
-    /// The guest's clocks now.
-    fn sample(&self, tsc: u64) -> TimeSample {
-        TimeSample {
-            tsc,
-            ns: self.clock.now_ns(),
-        }
-    }
-
-    /// Wall-clock time at clock 0, in ns since the epoch.
-    fn boot_wall_ns(&self) -> u64 {
-        self.cfg.wall_secs.saturating_mul(NS_PER_SEC)
-    }
-}
-
-impl Board for Pc {
-    #[inline]
-    fn core(&self) -> &Core {
-        &self.core
-    }
-
-    #[inline]
-    fn pio(&self) -> &Bus {
-        &self.pio
-    }
-
-    #[inline]
-    fn mmio_bus(&self) -> &Bus {
-        &self.mmio
-    }
-
-    #[inline]
-    fn mmio(&self, vcpu: u32, gpa: u64) -> Mmio<'_> {
-        match self.lapics.get(vcpu as usize) {
-            // This vCPU's own local APIC.
-            Some(l) if (LAPIC_BASE..LAPIC_BASE + LAPIC_SIZE).contains(&gpa) => Mmio::Device {
-                base: LAPIC_BASE,
-                len: LAPIC_SIZE,
-                device: &**l,
-            },
-            _ => Mmio::Bus(&self.mmio),
-        }
-    }
-
-    #[inline]
-    fn entry_state(&self, regs: &mut ArchState, vcpu: u32) {
-        Pc::entry_state(self, regs, vcpu);
-    }
-
-    #[inline]
-    fn cpuid(&self, regs: &mut ArchState, vcpu: u32) {
-        self.cpuid_result(regs, vcpu);
+        v
     }
 
     #[inline]
     fn hlt<P: Platform + ?Sized>(&self, p: &mut P, vcpu: u32) -> Step {
         let rflags = p.regs().rflags;
-        let regs = p.regs_mut();
-        skip(regs, 1);
-        regs.set_intr_state(regs.intr_state & !3);
+        past_hlt(p.regs_mut());
         if rflags & bits::IF == 0 {
             return Step::Stop;
         }
@@ -912,16 +862,13 @@ impl Board for Pc {
     }
 
     #[inline]
-    fn vmcall<P: Platform + ?Sized>(&self, p: &mut P) -> Step {
-        let regs = p.regs_mut();
-        regs.set_gpr(gpr::RAX, crate::exit::HC_ENOSYS);
-        skip(regs, 3);
-        Step::Resume
+    fn rdmsr<P: Platform + ?Sized>(&self, p: &mut P, vcpu: u32, msr: u32) -> Option<u64> {
+        self.read_msr(p, vcpu, msr)
     }
 
     #[inline]
-    fn msr<P: Platform + ?Sized>(&self, p: &mut P, vcpu: u32, write: bool) -> Step {
-        self.msr_access(p, vcpu, write)
+    fn wrmsr<P: Platform + ?Sized>(&self, p: &mut P, vcpu: u32, msr: u32, v: u64) -> bool {
+        self.write_msr(p, vcpu, msr, v)
     }
 
     #[inline]
@@ -938,13 +885,6 @@ impl Board for Pc {
     #[inline]
     fn quiet<P: Platform + ?Sized>(&self, _p: &mut P, _exit: Exit) -> Step {
         Step::Resume
-    }
-}
-
-fn gp0() -> Event {
-    Event::Exception {
-        vector: vector::GP,
-        error: Some(0),
     }
 }
 

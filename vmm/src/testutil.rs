@@ -182,3 +182,25 @@ pub fn checked_exit<R>(
     );
     out
 }
+
+/// The exits the random-exit tests pick from: every one a guest can cause at will.
+pub const RANDOM_EXITS: [u64; 15] = {
+    use peregrine_abi::event::vcpu as ev;
+    [
+        ev::CPUID,
+        ev::IO,
+        ev::NPT_FAULT,
+        ev::HLT,
+        ev::VMCALL,
+        ev::RDMSR,
+        ev::WRMSR,
+        ev::XSETBV,
+        ev::OTHER,
+        ev::INVD,
+        ev::EXCEPTION,
+        ev::CR_ACCESS,
+        ev::IO_STRING,
+        ev::PAUSE,
+        ev::INTR_WINDOW,
+    ]
+};

@@ -7,9 +7,8 @@
 //! kept per vCPU. Any other MSR reads 0 and ignores writes, as KVM with `ignore_msrs`:
 //! Linux probes many model-specific MSRs and copes with zero.
 
-use super::{gp0, skip, Pc};
-use crate::exit::Step;
-use crate::vcpu::{gpr, Platform};
+use super::Pc;
+use crate::vcpu::Platform;
 
 /// MSR numbers (SDM vol. 4, AMD APM vol. 2 appendix A).
 pub mod nr {
@@ -43,37 +42,13 @@ fn canonical(v: u64) -> bool {
 }
 
 impl Pc {
-    pub(super) fn msr_access<P: Platform + ?Sized>(
+    /// RDMSR: the value, or `None` for #GP(0).
+    pub(super) fn read_msr<P: Platform + ?Sized>(
         &self,
         p: &mut P,
         vcpu: u32,
-        write: bool,
-    ) -> Step {
-        let r = p.regs();
-        let msr = r.gpr[gpr::RCX] as u32;
-        let value = (r.gpr[gpr::RDX] << 32) | (r.gpr[gpr::RAX] & 0xffff_ffff);
-        let ok = if write {
-            self.wrmsr(p, vcpu, msr, value)
-        } else {
-            match self.rdmsr(p, vcpu, msr) {
-                Some(v) => {
-                    let regs = p.regs_mut();
-                    regs.set_gpr(gpr::RAX, v & 0xffff_ffff);
-                    regs.set_gpr(gpr::RDX, v >> 32);
-                    true
-                }
-                None => false,
-            }
-        };
-        if ok {
-            skip(p.regs_mut(), 2);
-        } else {
-            p.inject(gp0());
-        }
-        Step::Resume
-    }
-
-    fn rdmsr<P: Platform + ?Sized>(&self, p: &mut P, vcpu: u32, msr: u32) -> Option<u64> {
+        msr: u32,
+    ) -> Option<u64> {
         let r = p.regs();
         Some(match msr {
             nr::TSC => r.tsc_val,
@@ -104,7 +79,14 @@ impl Pc {
         })
     }
 
-    fn wrmsr<P: Platform + ?Sized>(&self, p: &mut P, vcpu: u32, msr: u32, v: u64) -> bool {
+    /// WRMSR: false for #GP(0).
+    pub(super) fn write_msr<P: Platform + ?Sized>(
+        &self,
+        p: &mut P,
+        vcpu: u32,
+        msr: u32,
+        v: u64,
+    ) -> bool {
         let tsc = p.regs().tsc_val;
         let r = p.regs_mut();
         match msr {

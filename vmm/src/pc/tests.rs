@@ -1,6 +1,7 @@
 use super::*;
-use crate::machine::Exit;
-use crate::testutil::checked_exit;
+use crate::cpuid;
+use crate::machine::{Board, Exit};
+use crate::testutil::{checked_exit, RANDOM_EXITS};
 
 #[test]
 fn memory_map_splits_the_first_mib() {
@@ -276,15 +277,19 @@ fn serial_input_reaches_the_vcpu_through_the_io_apic() {
     wrmsr(&s.pc, &mut v, 0x80f, 0x1ff);
     // I/O APIC pin 4 (COM1) → vector 0x24, physical destination 0.
     let w = |reg: u32, val: u32| {
-        s.pc.mmio.write(IOAPIC_BASE, &reg.to_le_bytes()).unwrap();
-        s.pc.mmio
+        s.pc.core()
+            .mmio
+            .write(IOAPIC_BASE, &reg.to_le_bytes())
+            .unwrap();
+        s.pc.core()
+            .mmio
             .write(IOAPIC_BASE + 0x10, &val.to_le_bytes())
             .unwrap();
     };
     w(0x10 + 2 * 4, 0x24);
     w(0x11 + 2 * 4, 0);
-    s.pc.pio.write(COM1_BASE + 4, &[0x08]).unwrap(); // MCR OUT2
-    s.pc.pio.write(COM1_BASE + 1, &[0x01]).unwrap(); // IER: receive
+    s.pc.core().pio.write(COM1_BASE + 4, &[0x08]).unwrap(); // MCR OUT2
+    s.pc.core().pio.write(COM1_BASE + 1, &[0x01]).unwrap(); // IER: receive
     assert_eq!(s.pc.console_input(b"x"), 1);
     assert_eq!(*s.kicks.0.lock().unwrap(), vec![0]);
     v.regs.rflags = bits::IF;
@@ -334,64 +339,6 @@ fn power_off_through_pm1_control_ends_the_vm() {
     assert_eq!(v.regs.gpr[gpr::RAX], 0xff);
 }
 
-#[test]
-fn cr_access_exits_are_emulated() {
-    use crate::exit::cr_access;
-    let mut v = MockVcpu::new(0x1000);
-    v.regs = ArchState {
-        cr0: 0x8000_0031,
-        cr4: 0x20,
-        rip: 0x1000,
-        inst_len: 3,
-        ..ArchState::default()
-    };
-    // mov cr4, rdx (VMX qualification: CR 4, type 0, GPR 2).
-    v.regs.gpr[2] = 0x6f0;
-    assert!(matches!(
-        cr_access(&mut v, 4 | 2 << 8, 0x1000, 0x0037_0fff),
-        Step::Resume
-    ));
-    assert_eq!((v.regs.cr4, v.regs.rip), (0x6f0, 0x1003));
-    assert!(v.regs.mtd.contains(Mtd::CR | Mtd::RIP_LEN));
-    // mov rax, cr0 (type 1, GPR 0).
-    assert!(matches!(
-        cr_access(&mut v, 1 << 4, 0, 0x0037_0fff),
-        Step::Resume
-    ));
-    assert_eq!(v.regs.gpr[0], 0x8000_0031);
-    // CLTS, then LMSW that sets TS and tries to clear PE.
-    v.regs.cr0 |= 8;
-    assert!(matches!(
-        cr_access(&mut v, 2 << 4, 0, 0x0037_0fff),
-        Step::Resume
-    ));
-    assert_eq!(v.regs.cr0 & 8, 0);
-    assert!(matches!(
-        cr_access(&mut v, 3 << 4 | 8 << 16, 0, 0x0037_0fff),
-        Step::Resume
-    ));
-    assert_eq!(v.regs.cr0 & 0xf, 0x9);
-    // Writes the processor refuses get #GP(0) and change nothing: CR4.VMXE, CR4.PKE,
-    // CR0.NW without CD, and (in long mode) CR4 without PAE.
-    v.regs.efer = 0x500;
-    for (cr, val) in [(4, 0x2020), (4, 0x40_0020), (0, 0xa000_0031), (4, 0)] {
-        v.regs.inj_info = 0;
-        v.regs.gpr[2] = val;
-        let (cr0, cr4, rip) = (v.regs.cr0, v.regs.cr4, v.regs.rip);
-        assert!(matches!(
-            cr_access(&mut v, cr | 2 << 8, 0x1003, 0x0037_0fff),
-            Step::Resume
-        ));
-        assert_eq!(v.regs.inj_info, 0x8000_0b0d, "CR{cr} = {val:#x}");
-        assert_eq!((v.regs.cr0, v.regs.cr4, v.regs.rip), (cr0, cr4, rip));
-    }
-    // A write to CR8 without a TPR shadow is not emulated: the VM ends, the VMM lives.
-    assert!(matches!(
-        cr_access(&mut v, 8, 0x2000, 0x0037_0fff),
-        Step::End(End::Unhandled { .. })
-    ));
-}
-
 /// A hostile guest: random exits with random state (MSRs, ports and control registers
 /// of the PC, the local APIC page) never panic the handler, and every change is in the
 /// MTD the reply carries.
@@ -405,23 +352,7 @@ fn random_exits_record_every_change() {
         v.regs.gpr = [0xdead; 16];
         checked_exit(&mut v, true, |v| s.pc.handle(v, n, Exit::Startup));
     }
-    let events = [
-        ev::CPUID,
-        ev::IO,
-        ev::NPT_FAULT,
-        ev::HLT,
-        ev::VMCALL,
-        ev::RDMSR,
-        ev::WRMSR,
-        ev::XSETBV,
-        ev::OTHER,
-        ev::INVD,
-        ev::EXCEPTION,
-        ev::CR_ACCESS,
-        ev::IO_STRING,
-        ev::PAUSE,
-        ev::INTR_WINDOW,
-    ];
+    let events = RANDOM_EXITS;
     let msrs = [
         0x10,
         0x174,
