@@ -465,6 +465,140 @@ mod tests {
     use super::*;
     use crate::testutil::MockVcpu;
 
+    /// The fields of [`ArchState`]: the register file.
+    const REGISTER_FILE: &[&str] = &[
+        "mtd",
+        "inst_len",
+        "rip",
+        "rflags",
+        "intr_state",
+        "actv_state",
+        "inj_info",
+        "inj_error",
+        "gpr",
+        "qual",
+        "ctrl",
+        "tsc_val",
+        "tsc_off",
+        "cr0",
+        "cr2",
+        "cr3",
+        "cr4",
+        "cr8",
+        "efer",
+        "pat",
+        "xcr0",
+        "dr7",
+        "sysenter_cs",
+        "sysenter_esp",
+        "sysenter_eip",
+        "star",
+        "lstar",
+        "cstar",
+        "fmask",
+        "kernel_gs_base",
+        "es",
+        "cs",
+        "ss",
+        "ds",
+        "fs",
+        "gs",
+        "ldtr",
+        "tr",
+        "gdtr",
+        "idtr",
+        "pdpte",
+        "dr6",
+    ];
+
+    /// Whether `line` assigns to a register-file field (`x.rip = `, `x.gpr[i] |= `,
+    /// `x.fs.base = `, …).
+    fn writes_register(line: &str) -> bool {
+        let b = line.as_bytes();
+        let ident = |c: u8| c.is_ascii_alphanumeric() || c == b'_';
+        for (at, _) in line.match_indices('.') {
+            let name_end = b[at + 1..]
+                .iter()
+                .position(|&c| !ident(c))
+                .map_or(b.len(), |n| at + 1 + n);
+            if at == 0 || !REGISTER_FILE.contains(&&line[at + 1..name_end]) {
+                continue;
+            }
+            let mut i = name_end;
+            if b.get(i) == Some(&b'[') {
+                match line[i..].find(']') {
+                    Some(n) => i += n + 1,
+                    None => continue,
+                }
+            }
+            if b.get(i) == Some(&b'.') {
+                i += 1;
+                while b.get(i).is_some_and(|&c| ident(c)) {
+                    i += 1;
+                }
+            }
+            let rest = line[i..].trim_start();
+            let assigns = ["|=", "&=", "^=", "+=", "-="]
+                .iter()
+                .any(|op| rest.starts_with(op))
+                || (rest.starts_with('=') && !rest.starts_with("=="));
+            if assigns {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// The library changes the register file only through [`ArchState`]'s setters,
+    /// which record every change in the MTD: no line outside the tests assigns to one
+    /// of its fields.
+    #[test]
+    fn the_register_file_changes_only_through_setters() {
+        for (line, yes) in [
+            ("regs.rip = 5;", true),
+            ("r.gpr[gpr::RAX] |= 1;", true),
+            ("r.fs.base = v;", true),
+            ("self.regs.mtd = Mtd::empty();", true),
+            ("if r.rip == 3 {", false),
+            ("regs.set_rip(r.rip + 1);", false),
+            ("self.ripple = 1;", false),
+        ] {
+            assert_eq!(writes_register(line), yes, "{line}");
+        }
+        fn visit(dir: &std::path::Path, bad: &mut std::vec::Vec<std::string::String>) {
+            for e in std::fs::read_dir(dir).unwrap() {
+                let path = e.unwrap().path();
+                let name = path.file_name().unwrap().to_string_lossy().into_owned();
+                if path.is_dir() {
+                    visit(&path, bad);
+                    continue;
+                }
+                if !name.ends_with(".rs") || name == "tests.rs" || name == "testutil.rs" {
+                    continue;
+                }
+                let text = std::fs::read_to_string(&path).unwrap();
+                // Up to the inline test module, if any.
+                let code = text.split("#[cfg(test)]\nmod tests {").next().unwrap_or("");
+                for (n, line) in code.lines().enumerate() {
+                    let line = line.trim_start();
+                    if !line.starts_with("//") && writes_register(line) {
+                        bad.push(std::format!("{}:{}: {line}", path.display(), n + 1));
+                    }
+                }
+            }
+        }
+        let mut bad = std::vec::Vec::new();
+        visit(
+            &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src"),
+            &mut bad,
+        );
+        assert!(
+            bad.is_empty(),
+            "use ArchState's setters:\n{}",
+            bad.join("\n")
+        );
+    }
+
     fn paged(mode: PagingMode) -> MockVcpu {
         let mut v = MockVcpu::new(0x40_0000);
         let r = &mut v.regs;
