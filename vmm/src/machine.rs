@@ -14,11 +14,20 @@ use peregrine_abi::event::vcpu as ev;
 
 use crate::bus::{Action, Bus, BusDevice};
 use crate::emul::{self, BusIo, DecodeCaches, EmulError, Io, Space};
-use crate::exit::{
-    cr4_supported, cr_access, gp0, port_io, reflect, skip, CpuidFn, End, Reflected, Step,
-};
 use crate::sync::SpinLock;
-use crate::vcpu::{gpr, vector, ArchState, Event, Fault, Mtd, Platform};
+use crate::vcpu::{gpr, vector, ArchState, Event, Fault, Platform};
+
+mod cr;
+mod step;
+
+use cr::{cr4_supported, cr_access};
+pub use step::{End, Step};
+
+/// Host CPUID: `(leaf, subleaf) -> [eax, ebx, ecx, edx]`.
+pub type CpuidFn = fn(u32, u32) -> [u32; 4];
+
+/// KVM's answer to an unknown hypercall (`-KVM_ENOSYS`).
+pub const HC_ENOSYS: u64 = (-1000i64) as u64;
 
 /// A port access (IN, OUT, INS, OUTS): the exit qualification in ABI.md's (VMX's)
 /// format, read through its accessors (an exit pays only for the fields it reads).
@@ -193,10 +202,14 @@ impl Exit {
     }
 }
 
-/// What every machine counts and keeps, whatever its devices.
+/// What every machine has, counts and keeps, whatever its devices.
 pub struct Core {
     /// Host CPUID.
     pub cpuid: CpuidFn,
+    /// The port bus.
+    pub pio: Bus,
+    /// The MMIO bus.
+    pub mmio: Bus,
     exits: AtomicU64,
     undefined: AtomicU64,
     reflected: Reflected,
@@ -205,10 +218,13 @@ pub struct Core {
 }
 
 impl Core {
-    /// The core of a machine with `vcpus` vCPUs on a host whose CPUID is `cpuid`.
-    pub fn new(vcpus: u32, cpuid: CpuidFn) -> Self {
+    /// The core of a machine with `vcpus` vCPUs on a host whose CPUID is `cpuid`, with
+    /// its devices on the buses `pio` and `mmio`.
+    pub fn new(vcpus: u32, cpuid: CpuidFn, pio: Bus, mmio: Bus) -> Self {
         Self {
             cpuid,
+            pio,
+            mmio,
             exits: AtomicU64::new(0),
             undefined: AtomicU64::new(0),
             reflected: Reflected::default(),
@@ -256,28 +272,37 @@ pub enum Mmio<'a> {
 /// A machine's devices and the answers that differ between machines; [`handle`] does
 /// the rest.
 pub trait Board {
-    /// The shared counters and caches.
+    /// The buses, counters and caches.
     fn core(&self) -> &Core;
-    /// The port bus.
-    fn pio(&self) -> &Bus;
-    /// The MMIO bus.
-    fn mmio_bus(&self) -> &Bus;
     /// Where vCPU `vcpu`'s MMIO access at `gpa` goes: the MMIO bus unless the board
     /// says otherwise.
     fn mmio(&self, vcpu: u32, gpa: u64) -> Mmio<'_> {
         let _ = (vcpu, gpa);
-        Mmio::Bus(self.mmio_bus())
+        Mmio::Bus(&self.core().mmio)
     }
-    /// Sets vCPU `vcpu`'s entry state, marking every group set.
+    /// Sets vCPU `vcpu`'s entry state on `regs`, which [`handle`] zeroed (the
+    /// interruptibility and injection recorded as zero already): what the board sets
+    /// through the setters is what the vCPU starts with.
     fn entry_state(&self, regs: &mut ArchState, vcpu: u32);
-    /// Answers CPUID (EAX, ECX in `regs`) for vCPU `vcpu`, marking the registers set.
-    fn cpuid(&self, regs: &mut ArchState, vcpu: u32);
+    /// CPUID leaf `leaf`, subleaf `sub` of vCPU `vcpu` (whose state is `regs`): EAX,
+    /// EBX, ECX, EDX. By default the host's as every machine shows it
+    /// ([`guest_cpuid`]).
+    fn cpuid(&self, regs: &ArchState, vcpu: u32, leaf: u32, sub: u32) -> [u32; 4] {
+        let _ = regs;
+        guest_cpuid(self.core().cpuid, vcpu, leaf, sub)
+    }
     /// HLT.
     fn hlt<P: Platform + ?Sized>(&self, p: &mut P, vcpu: u32) -> Step;
-    /// VMCALL.
-    fn vmcall<P: Platform + ?Sized>(&self, p: &mut P) -> Step;
-    /// RDMSR (`write` false) or WRMSR.
-    fn msr<P: Platform + ?Sized>(&self, p: &mut P, vcpu: u32, write: bool) -> Step;
+    /// The RAX a VMCALL with the state `regs` returns: by default KVM's answer to an
+    /// unknown hypercall ([`HC_ENOSYS`]).
+    fn hypercall(&self, regs: &ArchState) -> u64 {
+        let _ = regs;
+        HC_ENOSYS
+    }
+    /// RDMSR of `msr` by vCPU `vcpu`: its value, or `None` for #GP(0).
+    fn rdmsr<P: Platform + ?Sized>(&self, p: &mut P, vcpu: u32, msr: u32) -> Option<u64>;
+    /// WRMSR of `value` to `msr` by vCPU `vcpu`: false for #GP(0).
+    fn wrmsr<P: Platform + ?Sized>(&self, p: &mut P, vcpu: u32, msr: u32, value: u64) -> bool;
     /// An instruction fetch from `gpa`, where no RAM is.
     fn fetch_from_mmio<P: Platform + ?Sized>(&self, p: &mut P, gpa: u64) -> Step;
     /// A device asked to start vCPU `n`.
@@ -309,26 +334,35 @@ pub fn handle<B: Board + ?Sized, P: Platform + ?Sized>(
     }
     match exit {
         Exit::Startup => {
-            b.entry_state(p.regs_mut(), vcpu);
+            // From zero: active, no blocking, nothing to inject; the board sets the
+            // rest.
+            let regs = p.regs_mut();
+            regs.reset();
+            regs.set_intr_state(0);
+            regs.set_inj(0, 0);
+            b.entry_state(regs, vcpu);
             Step::Resume
         }
         Exit::Cpuid => {
-            b.cpuid(p.regs_mut(), vcpu);
-            skip(p.regs_mut(), 2);
+            let r = p.regs();
+            let v = b.cpuid(r, vcpu, r.gpr[gpr::RAX] as u32, r.gpr[gpr::RCX] as u32);
+            let regs = p.regs_mut();
+            set_cpuid_result(regs, v);
+            skip(regs, 2);
             Step::Resume
         }
         Exit::Io(io) => {
             if p.regs().inst_len == 0 {
                 return Step::End(End::NoLength { rip: p.regs().rip });
             }
-            let action = port_io(b.pio(), io, p.regs_mut());
+            let action = port_io(&core.pio, io, p.regs_mut());
             act(b, p, action)
         }
         Exit::IoString(_) => {
             let rip = p.regs().rip;
             let mut io = BusIo {
-                mmio: b.mmio_bus(),
-                pio: b.pio(),
+                mmio: &core.mmio,
+                pio: &core.pio,
             };
             let res = core.decoded.emulate(vcpu, p, &mut io, None);
             emulated(b, p, res, rip)
@@ -338,7 +372,7 @@ pub fn handle<B: Board + ?Sized, P: Platform + ?Sized>(
                 return b.fetch_from_mmio(p, f.gpa);
             }
             let rip = p.regs().rip;
-            let pio = b.pio();
+            let pio = &core.pio;
             let (mut on_bus, mut on_device);
             let io: &mut dyn Io = match b.mmio(vcpu, f.gpa) {
                 Mmio::Bus(mmio) => {
@@ -359,9 +393,35 @@ pub fn handle<B: Board + ?Sized, P: Platform + ?Sized>(
             emulated(b, p, res, rip)
         }
         Exit::Hlt => b.hlt(p, vcpu),
-        Exit::Vmcall => b.vmcall(p),
-        Exit::Rdmsr => b.msr(p, vcpu, false),
-        Exit::Wrmsr => b.msr(p, vcpu, true),
+        Exit::Vmcall => {
+            let rax = b.hypercall(p.regs());
+            let regs = p.regs_mut();
+            regs.set_gpr(gpr::RAX, rax);
+            skip(regs, 3);
+            Step::Resume
+        }
+        Exit::Rdmsr => {
+            let msr = p.regs().gpr[gpr::RCX] as u32;
+            match b.rdmsr(p, vcpu, msr) {
+                Some(v) => {
+                    let regs = p.regs_mut();
+                    set_edx_eax(regs, v);
+                    skip(regs, 2);
+                }
+                None => p.inject(gp0()),
+            }
+            Step::Resume
+        }
+        Exit::Wrmsr => {
+            let r = p.regs();
+            let (msr, value) = (r.gpr[gpr::RCX] as u32, edx_eax(r));
+            if b.wrmsr(p, vcpu, msr, value) {
+                skip(p.regs_mut(), 2);
+            } else {
+                p.inject(gp0());
+            }
+            Step::Resume
+        }
         Exit::Xsetbv => xsetbv(p, core.cpuid),
         Exit::Invd | Exit::Wbinvd => {
             skip(p.regs_mut(), 2);
@@ -408,8 +468,7 @@ fn unhandled<P: Platform + ?Sized>(p: &P, exit: Exit) -> Step {
 /// (x87 set; AVX only with SSE); else #GP(0).
 fn xsetbv<P: Platform + ?Sized>(p: &mut P, cpuid: CpuidFn) -> Step {
     let r = p.regs();
-    let (rax, rcx, rdx) = (r.gpr[gpr::RAX], r.gpr[gpr::RCX], r.gpr[gpr::RDX]);
-    let v = (rdx << 32) | (rax & 0xffff_ffff);
+    let (rcx, v) = (r.gpr[gpr::RCX], edx_eax(r));
     let [lo, _, _, hi] = cpuid(0xd, 0);
     let host = u64::from(lo) | u64::from(hi) << 32;
     let ok = rcx as u32 == 0 && v & 1 != 0 && (v & 4 == 0 || v & 2 != 0) && v & !host == 0;
@@ -418,8 +477,7 @@ fn xsetbv<P: Platform + ?Sized>(p: &mut P, cpuid: CpuidFn) -> Step {
         return Step::Resume;
     }
     let regs = p.regs_mut();
-    regs.xcr0 = v;
-    regs.mtd |= Mtd::XSAVE;
+    regs.set_xcr0(v);
     skip(regs, 3);
     Step::Resume
 }
@@ -445,9 +503,7 @@ fn emulated<B: Board + ?Sized, P: Platform + ?Sized>(
         }
         Err(EmulError::Fetch(Fault::PageFault { addr, error }))
         | Err(EmulError::Access(Fault::PageFault { addr, error })) => {
-            let regs = p.regs_mut();
-            regs.cr2 = addr;
-            regs.mtd |= Mtd::CR;
+            p.regs_mut().set_cr2(addr);
             p.inject(Event::Exception {
                 vector: vector::PF,
                 error: Some(error),
@@ -494,7 +550,7 @@ pub fn access<B: Board + ?Sized>(
     data: &mut [u8],
     write: bool,
 ) -> Option<Action> {
-    let pio = b.pio();
+    let pio = &b.core().pio;
     let (mut on_bus, mut on_device);
     let io: &mut dyn Io = match (space, b.mmio(vcpu, addr)) {
         (Space::Mmio, Mmio::Device { base, len, device }) => {
@@ -508,7 +564,7 @@ pub fn access<B: Board + ?Sized>(
         }
         _ => {
             on_bus = BusIo {
-                mmio: b.mmio_bus(),
+                mmio: &b.core().mmio,
                 pio,
             };
             &mut on_bus
@@ -520,6 +576,151 @@ pub fn access<B: Board + ?Sized>(
         io.read(space, addr, data);
         None
     }
+}
+
+/// Per exception vector: how many EXCEPTION events were reflected into the guest.
+#[derive(Default)]
+pub(crate) struct Reflected([AtomicU64; 32]);
+
+impl Reflected {
+    pub(crate) fn count(&self, v: u8) {
+        if let Some(c) = self.0.get(usize::from(v)) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub(crate) fn get(&self, v: u8) -> u64 {
+        self.0
+            .get(usize::from(v))
+            .map_or(0, |c| c.load(Ordering::Relaxed))
+    }
+}
+
+/// Reflects the exception of an EXCEPTION event (`qual[0]`: VMX interruption
+/// information with the error code in bits 32–63) into the guest, as the processor
+/// would have delivered it had nobody intercepted it: the same vector with the same
+/// error code; for a software exception (type 5, ICEBP; type 6, INT3/INTO: VT-x exits
+/// on the instruction) RIP first moves past the instruction. Returns the vector, or
+/// `None` for an event that is no exception to reflect (NMI, vector 32 and above).
+///
+/// The kernel intercepts #AC and #DB (and handles #MC itself) whatever the VMM asked
+/// for, so that an exception that raises itself again during its own delivery cannot
+/// hold a physical CPU: this is how a VMM that wants the architectural behaviour
+/// answers them (what KVM does). For #DB the guest's DR6 already holds the bits of this
+/// exception when the event arrives (SVM updates it before the intercept; on VT-x the
+/// kernel applies the exit qualification), so the injection is all there is to do.
+fn reflect<P: Platform + ?Sized>(p: &mut P) -> Option<u8> {
+    let r = p.regs();
+    let q = r.qual[0];
+    let v = (q & 0xff) as u8;
+    let ty = (q >> 8) & 7;
+    if q & (1 << 31) == 0 || v >= 32 || v == 2 || !matches!(ty, 3 | 5 | 6) {
+        return None;
+    }
+    let error = (q & (1 << 11) != 0).then_some((q >> 32) as u32);
+    if ty != 3 {
+        let len = r.inst_len;
+        p.regs_mut().advance(len);
+    }
+    p.inject(Event::Exception { vector: v, error });
+    Some(v)
+}
+
+pub(crate) fn gp0() -> Event {
+    Event::Exception {
+        vector: vector::GP,
+        error: Some(0),
+    }
+}
+
+/// A CPUID result into EAX, EBX, ECX, EDX.
+fn set_cpuid_result(regs: &mut ArchState, v: [u32; 4]) {
+    for (r, x) in [gpr::RAX, gpr::RBX, gpr::RCX, gpr::RDX].into_iter().zip(v) {
+        regs.set_gpr(r, u64::from(x));
+    }
+}
+
+/// A non-string IN or OUT (`io`) on the port bus `pio`: on input the value is merged
+/// into AL, AX or EAX; RIP goes past the instruction. Returns what the device asks of
+/// the VM.
+fn port_io(pio: &Bus, io: PortIo, regs: &mut ArchState) -> Option<Action> {
+    let size = io.size();
+    let port = u64::from(io.port());
+    let mut action = None;
+    if io.input() {
+        let mut b = [0u8; 4];
+        let _ = pio.read(port, &mut b[..size]);
+        let v = u64::from(u32::from_le_bytes(b));
+        let old = regs.gpr[gpr::RAX];
+        regs.set_gpr(
+            gpr::RAX,
+            match size {
+                1 => (old & !0xff) | (v & 0xff),
+                2 => (old & !0xffff) | (v & 0xffff),
+                _ => v,
+            },
+        );
+    } else {
+        let b = regs.gpr[gpr::RAX].to_le_bytes();
+        action = pio.write(port, &b[..size]).ok().flatten();
+    }
+    skip(regs, 0);
+    action
+}
+
+/// The value in EDX:EAX (WRMSR, XSETBV).
+#[inline]
+pub(crate) fn edx_eax(regs: &ArchState) -> u64 {
+    (regs.gpr[gpr::RDX] << 32) | (regs.gpr[gpr::RAX] & 0xffff_ffff)
+}
+
+/// `v` into EDX:EAX (RDMSR).
+#[inline]
+pub(crate) fn set_edx_eax(regs: &mut ArchState, v: u64) {
+    regs.set_gpr(gpr::RAX, v & 0xffff_ffff);
+    regs.set_gpr(gpr::RDX, v >> 32);
+}
+
+/// The host's CPUID leaf `leaf`, subleaf `sub` as every machine shows it to vCPU
+/// `vcpu`: the hypervisor range empty (no paravirtual interface), the hypervisor bit
+/// set, no VMX, MONITOR, SVM or protection keys (PKU, OSPKE: the kernel refuses
+/// CR4.PKE), the vCPU's (x2)APIC ID.
+#[inline]
+pub fn guest_cpuid(host: CpuidFn, vcpu: u32, leaf: u32, sub: u32) -> [u32; 4] {
+    let mut v = match leaf {
+        0x4000_0000..=0x4fff_ffff => [0; 4],
+        _ => host(leaf, sub),
+    };
+    match leaf {
+        1 => {
+            v[2] = (v[2] | crate::cpuid::HYPERVISOR_BIT) & !(1 << 5 | 1 << 3);
+            v[1] = (v[1] & 0x00ff_ffff) | (vcpu << 24);
+        }
+        0xb | 0x1f => v[3] = vcpu,
+        7 if sub == 0 => v[2] &= !(1 << 3 | 1 << 4),
+        0x8000_0001 => v[2] &= !(1 << 2),
+        _ => {}
+    }
+    v
+}
+
+/// Past a HLT (by its length, or the one byte it has): the vCPU no longer blocks
+/// interrupts for a preceding STI or MOV SS.
+#[inline]
+pub(crate) fn past_hlt(regs: &mut ArchState) {
+    skip(regs, 1);
+    regs.set_intr_state(regs.intr_state & !3);
+}
+
+/// Advances RIP past the instruction: by the exit's length, or `len` when the exit
+/// did not say.
+pub(crate) fn skip(regs: &mut ArchState, len: u64) {
+    let n = if regs.inst_len != 0 {
+        regs.inst_len
+    } else {
+        len
+    };
+    regs.advance(n);
 }
 
 /// The emulator's [`Io`] for an access that one device answers ([`Mmio::Device`]):

@@ -39,15 +39,14 @@ use crate::boot::{self, e820, BootInfo, E820Entry};
 use crate::bus::BusDevice;
 use crate::bus::{Action, Bus, IrqLine, SharedDevice};
 use crate::clock::{Clock, NS_PER_SEC};
-use crate::cpuid::{self, KvmCpuid};
-use crate::exit::{set_cpuid_result, skip, CpuidFn, End, Step};
+use crate::cpuid::KvmCpuid;
 use crate::hpet::{Hpet, IrqPins, HPET_BASE, HPET_SIZE};
 use crate::ioapic::{
     DeliveryMode, InterruptMessage, InterruptSink, IoApic, IOAPIC_BASE, IOAPIC_SIZE,
 };
 use crate::kvmclock::{KvmClock, TimeSample};
 use crate::lapic::{self, ApicSink, Destination, Ipi, IpiMode, Lapic, LAPIC_BASE, LAPIC_SIZE};
-use crate::machine::{self, Board, Core, Exit, Mmio};
+use crate::machine::{self, past_hlt, Board, Core, CpuidFn, End, Exit, Mmio, Step};
 use crate::pci::{self, PciHost, PciLayout};
 use crate::pic8259::{PicPair, ELCR_BASE, MASTER_BASE, SLAVE_BASE};
 use crate::pit8254::{Pit, PIT_BASE, PORT61_BASE};
@@ -55,7 +54,7 @@ use crate::rtc_cmos::{Rtc, RTC_BASE};
 use crate::sync::SpinLock;
 use crate::testdev::LineSink;
 use crate::uart16550::{SerialSink, Uart16550};
-use crate::vcpu::{bits, gpr, vector, ArchState, Event, GuestMemory, Mtd, Platform, Segment};
+use crate::vcpu::{bits, gpr, ArchState, Event, GuestMemory, Mtd, Platform, Segment};
 use crate::virtio::block::{BlockBackend, BlockError, VirtioBlock, SECTOR_SIZE};
 use crate::virtio::pci::VirtioPci;
 
@@ -307,10 +306,6 @@ impl BusDevice for ConfigAddress {
 
 /// The PC.
 pub struct Pc {
-    /// Port I/O.
-    pub pio: Bus,
-    /// MMIO.
-    pub mmio: Bus,
     cfg: PcConfig,
     boot: BootInfo,
     clock: Arc<dyn Clock>,
@@ -528,9 +523,7 @@ impl Pc {
             .map(|_| SpinLock::new(msr::Msrs::default()))
             .collect();
         Ok(Self {
-            core: Core::new(vcpus, cpuid),
-            pio,
-            mmio,
+            core: Core::new(vcpus, cpuid, pio, mmio),
             cfg: PcConfig { vcpus, ..cfg },
             boot: info,
             clock,
@@ -557,22 +550,6 @@ impl Pc {
     /// Where the kernel was loaded.
     pub fn boot_info(&self) -> &BootInfo {
         &self.boot
-    }
-
-    /// Events handled so far (STARTUP not counted).
-    pub fn exits(&self) -> u64 {
-        self.core.exits()
-    }
-
-    /// Instructions behind MMIO or string I/O exits answered with #UD.
-    pub fn undefined(&self) -> u64 {
-        self.core.undefined()
-    }
-
-    /// Exceptions of vector `v` reflected into the guest so far (the #AC and #DB the
-    /// kernel intercepts for every VMM: see `crate::exit::reflect`).
-    pub fn reflected(&self, v: u8) -> u64 {
-        self.core.reflected(v)
     }
 
     /// Console input for COM1: how many bytes it took.
@@ -749,65 +726,8 @@ impl Pc {
         } else {
             drop(l);
             let r = p.regs_mut();
-            r.inj_info |= inj::REQ_INTR_WINDOW;
-            r.mtd |= Mtd::INJ;
+            r.set_inj_info(r.inj_info | inj::REQ_INTR_WINDOW);
         }
-    }
-
-    /// The entry state: vCPU 0 at the kernel's 64-bit entry, the others in real mode at
-    /// their SIPI's page.
-    pub fn entry_state(&self, regs: &mut ArchState, vcpu: u32) {
-        let mtd = regs.mtd;
-        *regs = ArchState::default();
-        regs.mtd = mtd;
-        if vcpu == 0 {
-            boot::entry_state(regs, &self.boot);
-        } else {
-            let sipi = self
-                .apics
-                .sipi
-                .get(vcpu as usize)
-                .map_or(0, |s| s.load(Ordering::Acquire)) as u8;
-            let seg = |sel: u16, base: u64, ar: u16| Segment {
-                sel,
-                ar,
-                limit: 0xffff,
-                base,
-            };
-            regs.cs = seg(u16::from(sipi) << 8, u64::from(sipi) << 12, 0x9b);
-            for s in [
-                &mut regs.ds,
-                &mut regs.es,
-                &mut regs.ss,
-                &mut regs.fs,
-                &mut regs.gs,
-            ] {
-                *s = seg(0, 0, 0x93);
-            }
-            regs.tr = seg(0, 0, 0x8b);
-            regs.ldtr = seg(0, 0, 0x82);
-            regs.gdtr = seg(0, 0, 0);
-            regs.idtr = seg(0, 0, 0);
-            regs.cr0 = 1 << 4; // ET
-            regs.rflags = 2;
-            regs.rip = 0;
-            regs.gpr[gpr::RDX] = 0x600;
-            regs.mtd |= Mtd::GPRS
-                | Mtd::RIP_LEN
-                | Mtd::RFLAGS
-                | Mtd::CS_SS
-                | Mtd::DS_ES
-                | Mtd::FS_GS
-                | Mtd::TR
-                | Mtd::LDTR
-                | Mtd::GDTR
-                | Mtd::IDTR
-                | Mtd::CR
-                | Mtd::EFER;
-        }
-        regs.pat = 0x0007_0406_0007_0406;
-        regs.xcr0 = self.initial_xcr0();
-        regs.mtd |= Mtd::STA | Mtd::INJ | Mtd::PAT | Mtd::XSAVE;
     }
 
     /// The XCR0 a vCPU starts with: the user state components the host offers that
@@ -831,43 +751,6 @@ impl Pc {
         }
     }
 
-    fn cpuid_result(&self, regs: &mut ArchState, vcpu: u32) {
-        let leaf = regs.gpr[gpr::RAX] as u32;
-        let sub = regs.gpr[gpr::RCX] as u32;
-        let mut v = match self.kvm.leaf(leaf) {
-            Some(v) => v,
-            None if (0x4000_0000..=0x4fff_ffff).contains(&leaf) => [0; 4],
-            None => (self.core.cpuid)(leaf, sub),
-        };
-        match leaf {
-            1 => {
-                // Hypervisor, x2APIC, TSC deadline; no VMX, no MONITOR; OSXSAVE as the
-                // guest's CR4 says; no MTRRs (Linux then leaves their MSRs alone).
-                const X2APIC: u32 = 1 << 21;
-                const TSC_DEADLINE: u32 = 1 << 24;
-                const OSXSAVE: u32 = 1 << 27;
-                v[2] = (v[2] | cpuid::HYPERVISOR_BIT | X2APIC | TSC_DEADLINE)
-                    & !(1 << 5 | 1 << 3 | OSXSAVE);
-                if regs.cr4 & (1 << 18) != 0 {
-                    v[2] |= OSXSAVE;
-                }
-                v[3] &= !(1 << 12);
-                v[1] = (v[1] & 0x0000_ffff) | (vcpu << 24) | (self.cfg.vcpus.min(255) << 16);
-                v[3] |= 1 << 28; // HTT: the logical count above is valid
-            }
-            // Always-running APIC timer.
-            6 => v[0] |= 1 << 2,
-            // No protection keys (PKU, OSPKE): the kernel refuses CR4.PKE.
-            7 if sub == 0 => v[2] &= !(1 << 3 | 1 << 4),
-            0xb | 0x1f => v[3] = vcpu,
-            // No SVM, no MWAITX.
-            0x8000_0001 => v[2] &= !(1 << 2 | 1 << 29),
-            0x8000_000a => v = [0; 4],
-            _ => {}
-        }
-        set_cpuid_result(regs, v);
-    }
-
     /// The guest's clocks now.
     fn sample(&self, tsc: u64) -> TimeSample {
         TimeSample {
@@ -889,16 +772,6 @@ impl Board for Pc {
     }
 
     #[inline]
-    fn pio(&self) -> &Bus {
-        &self.pio
-    }
-
-    #[inline]
-    fn mmio_bus(&self) -> &Bus {
-        &self.mmio
-    }
-
-    #[inline]
     fn mmio(&self, vcpu: u32, gpa: u64) -> Mmio<'_> {
         match self.lapics.get(vcpu as usize) {
             // This vCPU's own local APIC.
@@ -907,27 +780,86 @@ impl Board for Pc {
                 len: LAPIC_SIZE,
                 device: &**l,
             },
-            _ => Mmio::Bus(&self.mmio),
+            _ => Mmio::Bus(&self.core.mmio),
         }
     }
 
-    #[inline]
+    /// The entry state: vCPU 0 at the kernel's 64-bit entry, the others in real mode at
+    /// their SIPI's page.
     fn entry_state(&self, regs: &mut ArchState, vcpu: u32) {
-        Pc::entry_state(self, regs, vcpu);
+        if vcpu == 0 {
+            boot::entry_state(regs, &self.boot);
+        } else {
+            let sipi = self
+                .apics
+                .sipi
+                .get(vcpu as usize)
+                .map_or(0, |s| s.load(Ordering::Acquire)) as u8;
+            let seg = |sel: u16, base: u64, ar: u16| Segment {
+                sel,
+                ar,
+                limit: 0xffff,
+                base,
+            };
+            let data = seg(0, 0, 0x93);
+            regs.set_cs(seg(u16::from(sipi) << 8, u64::from(sipi) << 12, 0x9b));
+            regs.set_ss(data);
+            regs.set_ds(data);
+            regs.set_es(data);
+            regs.set_fs(data);
+            regs.set_gs(data);
+            regs.set_tr(seg(0, 0, 0x8b));
+            regs.set_ldtr(seg(0, 0, 0x82));
+            regs.set_gdtr(seg(0, 0, 0));
+            regs.set_idtr(seg(0, 0, 0));
+            regs.set_cr0(1 << 4); // ET; CR2, CR3, CR4, CR8 zero
+            regs.set_efer(0);
+            regs.set_rflags(2);
+            regs.set_rip(0);
+            let mut gprs = [0; 16];
+            gprs[gpr::RDX] = 0x600;
+            regs.set_gprs(gprs);
+        }
+        regs.set_pat(0x0007_0406_0007_0406);
+        regs.set_xcr0(self.initial_xcr0());
     }
 
-    #[inline]
-    fn cpuid(&self, regs: &mut ArchState, vcpu: u32) {
-        self.cpuid_result(regs, vcpu);
+    /// KVM's leaves with kvmclock; x2APIC and the TSC deadline timer; OSXSAVE as the
+    /// guest's CR4 says; the vCPU count; an always-running APIC timer; no MTRRs,
+    /// MWAITX or SVM leaf.
+    fn cpuid(&self, regs: &ArchState, vcpu: u32, leaf: u32, sub: u32) -> [u32; 4] {
+        if let Some(v) = self.kvm.leaf(leaf) {
+            return v;
+        }
+        let mut v = machine::guest_cpuid(self.core.cpuid, vcpu, leaf, sub);
+        match leaf {
+            1 => {
+                // No MTRRs (Linux then leaves their MSRs alone); HTT: the logical count
+                // in EBX is valid.
+                const X2APIC: u32 = 1 << 21;
+                const TSC_DEADLINE: u32 = 1 << 24;
+                const OSXSAVE: u32 = 1 << 27;
+                v[2] = (v[2] | X2APIC | TSC_DEADLINE) & !OSXSAVE;
+                if regs.cr4 & (1 << 18) != 0 {
+                    v[2] |= OSXSAVE;
+                }
+                v[3] = (v[3] & !(1 << 12)) | 1 << 28;
+                v[1] = (v[1] & !0x00ff_0000) | (self.cfg.vcpus.min(255) << 16);
+            }
+            // Always-running APIC timer.
+            6 => v[0] |= 1 << 2,
+            // No MWAITX.
+            0x8000_0001 => v[2] &= !(1 << 29),
+            0x8000_000a => v = [0; 4],
+            _ => {}
+        }
+        v
     }
 
     #[inline]
     fn hlt<P: Platform + ?Sized>(&self, p: &mut P, vcpu: u32) -> Step {
         let rflags = p.regs().rflags;
-        let regs = p.regs_mut();
-        skip(regs, 1);
-        regs.intr_state &= !3;
-        regs.mtd |= Mtd::STA;
+        past_hlt(p.regs_mut());
         if rflags & bits::IF == 0 {
             return Step::Stop;
         }
@@ -939,17 +871,13 @@ impl Board for Pc {
     }
 
     #[inline]
-    fn vmcall<P: Platform + ?Sized>(&self, p: &mut P) -> Step {
-        let regs = p.regs_mut();
-        regs.gpr[gpr::RAX] = crate::exit::HC_ENOSYS;
-        regs.mtd |= Mtd::GPR_ACDB;
-        skip(regs, 3);
-        Step::Resume
+    fn rdmsr<P: Platform + ?Sized>(&self, p: &mut P, vcpu: u32, msr: u32) -> Option<u64> {
+        self.read_msr(p, vcpu, msr)
     }
 
     #[inline]
-    fn msr<P: Platform + ?Sized>(&self, p: &mut P, vcpu: u32, write: bool) -> Step {
-        self.msr_access(p, vcpu, write)
+    fn wrmsr<P: Platform + ?Sized>(&self, p: &mut P, vcpu: u32, msr: u32, v: u64) -> bool {
+        self.write_msr(p, vcpu, msr, v)
     }
 
     #[inline]
@@ -966,13 +894,6 @@ impl Board for Pc {
     #[inline]
     fn quiet<P: Platform + ?Sized>(&self, _p: &mut P, _exit: Exit) -> Step {
         Step::Resume
-    }
-}
-
-fn gp0() -> Event {
-    Event::Exception {
-        vector: vector::GP,
-        error: Some(0),
     }
 }
 

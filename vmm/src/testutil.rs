@@ -155,3 +155,52 @@ impl crate::vcpu::GuestMemory for SharedMem {
         Ok(())
     }
 }
+
+/// Runs one exit's handler on `v` as a binding does (the MTD cleared first, read
+/// after) and checks that the record names every group whose state changed: what the
+/// reply writes back covers every change. A STARTUP handler writes the state afresh, so
+/// there every group that is not all zero must be recorded.
+pub fn checked_exit<R>(
+    v: &mut MockVcpu,
+    startup: bool,
+    handle: impl FnOnce(&mut MockVcpu) -> R,
+) -> R {
+    use crate::vcpu::{changed_groups, ArchState, Mtd};
+    v.regs.mtd = Mtd::empty();
+    let before = if startup {
+        ArchState::default()
+    } else {
+        v.regs
+    };
+    let out = handle(v);
+    let changed = changed_groups(&before, &v.regs);
+    assert!(
+        v.regs.mtd.contains(changed),
+        "changed {:?} but recorded only {:?}",
+        changed,
+        v.regs.mtd
+    );
+    out
+}
+
+/// The exits the random-exit tests pick from: every one a guest can cause at will.
+pub const RANDOM_EXITS: [u64; 15] = {
+    use peregrine_abi::event::vcpu as ev;
+    [
+        ev::CPUID,
+        ev::IO,
+        ev::NPT_FAULT,
+        ev::HLT,
+        ev::VMCALL,
+        ev::RDMSR,
+        ev::WRMSR,
+        ev::XSETBV,
+        ev::OTHER,
+        ev::INVD,
+        ev::EXCEPTION,
+        ev::CR_ACCESS,
+        ev::IO_STRING,
+        ev::PAUSE,
+        ev::INTR_WINDOW,
+    ]
+};

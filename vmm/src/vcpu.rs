@@ -4,8 +4,11 @@
 //! VMM, the register file from the exit portal's UTCB, injection through the reply's
 //! MTD, a timeout for the timers); the tests implement it on a byte vector. The
 //! register file is the ABI's [`ArchState`] itself, so state moves between the UTCB and
-//! the vCPU model without translation; whoever changes a register group also sets its
-//! [`Mtd`] bit so the reply takes it back.
+//! the vCPU model without translation. The VMM changes it only through
+//! [`ArchState`]'s setters (`set_gpr`, `set_rip`, `advance`, `set_cr0`, `set_inj`, …),
+//! which record each changed group in its `mtd`: that record is what a binding writes
+//! back (the hypervisor's reply takes exactly those groups), so no change is lost to a
+//! forgotten [`Mtd`] bit.
 //!
 //! The page-table walker ([`translate`]) follows the Intel SDM vol. 3A chapter 4
 //! ("Paging"): 32-bit paging (§4.3, with PSE 4-MiB pages and PSE-36), PAE paging (§4.4),
@@ -16,7 +19,7 @@
 //! physical-address bits.
 
 pub use peregrine_abi::mtd::Mtd;
-pub use peregrine_abi::utcb::{gpr, ArchState, Segment};
+pub use peregrine_abi::utcb::{changed_groups, gpr, gpr_mtd, ArchState, Segment};
 
 /// Control register, EFER and RFLAGS bits the VMM looks at (SDM vol. 3A §2.5, §2.2.1).
 pub mod bits {
@@ -141,31 +144,21 @@ impl Event {
 pub trait Platform: GuestMemory {
     /// The register file as of the exit, with the VMM's changes.
     fn regs(&self) -> &ArchState;
-    /// The register file, to change; set the [`Mtd`] bits of what you change.
+    /// The register file, to change through its setters, which record in its `mtd`
+    /// what changed: the record tells the binding what to write back into the vCPU
+    /// (cleared before an exit's handler runs, read after).
     fn regs_mut(&mut self) -> &mut ArchState;
     /// Queues `event` for the next entry (one at a time: a second replaces the first).
     fn inject(&mut self, event: Event) {
         let (info, error) = event.encode();
         let r = self.regs_mut();
-        r.inj_info = (r.inj_info & !0xffff_ffff) | info;
-        r.inj_error = error;
-        r.mtd |= Mtd::INJ;
+        r.set_inj((r.inj_info & !0xffff_ffff) | info, error);
     }
     /// The VM's monotonic time in nanoseconds.
     fn now_ns(&self) -> u64;
     /// Arms (or with `None` disarms) the vCPU's one timer: the VMM's timer devices are
     /// updated when it expires.
     fn set_timer(&mut self, deadline_ns: Option<u64>);
-}
-
-/// The [`Mtd`] group that carries general-purpose register `index`.
-pub fn gpr_mtd(index: usize) -> Mtd {
-    match index {
-        gpr::RAX..=gpr::RBX => Mtd::GPR_ACDB,
-        gpr::RSP => Mtd::RSP,
-        gpr::RBP..=gpr::RDI => Mtd::GPR_BSD,
-        _ => Mtd::GPR_R8_R15,
-    }
 }
 
 /// Whether the vCPU is in long mode (64-bit or compatibility).
@@ -471,6 +464,140 @@ pub fn write_virt<M: GuestMemory + ?Sized>(
 mod tests {
     use super::*;
     use crate::testutil::MockVcpu;
+
+    /// The fields of [`ArchState`]: the register file.
+    const REGISTER_FILE: &[&str] = &[
+        "mtd",
+        "inst_len",
+        "rip",
+        "rflags",
+        "intr_state",
+        "actv_state",
+        "inj_info",
+        "inj_error",
+        "gpr",
+        "qual",
+        "ctrl",
+        "tsc_val",
+        "tsc_off",
+        "cr0",
+        "cr2",
+        "cr3",
+        "cr4",
+        "cr8",
+        "efer",
+        "pat",
+        "xcr0",
+        "dr7",
+        "sysenter_cs",
+        "sysenter_esp",
+        "sysenter_eip",
+        "star",
+        "lstar",
+        "cstar",
+        "fmask",
+        "kernel_gs_base",
+        "es",
+        "cs",
+        "ss",
+        "ds",
+        "fs",
+        "gs",
+        "ldtr",
+        "tr",
+        "gdtr",
+        "idtr",
+        "pdpte",
+        "dr6",
+    ];
+
+    /// Whether `line` assigns to a register-file field (`x.rip = `, `x.gpr[i] |= `,
+    /// `x.fs.base = `, …).
+    fn writes_register(line: &str) -> bool {
+        let b = line.as_bytes();
+        let ident = |c: u8| c.is_ascii_alphanumeric() || c == b'_';
+        for (at, _) in line.match_indices('.') {
+            let name_end = b[at + 1..]
+                .iter()
+                .position(|&c| !ident(c))
+                .map_or(b.len(), |n| at + 1 + n);
+            if at == 0 || !REGISTER_FILE.contains(&&line[at + 1..name_end]) {
+                continue;
+            }
+            let mut i = name_end;
+            if b.get(i) == Some(&b'[') {
+                match line[i..].find(']') {
+                    Some(n) => i += n + 1,
+                    None => continue,
+                }
+            }
+            if b.get(i) == Some(&b'.') {
+                i += 1;
+                while b.get(i).is_some_and(|&c| ident(c)) {
+                    i += 1;
+                }
+            }
+            let rest = line[i..].trim_start();
+            let assigns = ["|=", "&=", "^=", "+=", "-="]
+                .iter()
+                .any(|op| rest.starts_with(op))
+                || (rest.starts_with('=') && !rest.starts_with("=="));
+            if assigns {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// The library changes the register file only through [`ArchState`]'s setters,
+    /// which record every change in the MTD: no line outside the tests assigns to one
+    /// of its fields.
+    #[test]
+    fn the_register_file_changes_only_through_setters() {
+        for (line, yes) in [
+            ("regs.rip = 5;", true),
+            ("r.gpr[gpr::RAX] |= 1;", true),
+            ("r.fs.base = v;", true),
+            ("self.regs.mtd = Mtd::empty();", true),
+            ("if r.rip == 3 {", false),
+            ("regs.set_rip(r.rip + 1);", false),
+            ("self.ripple = 1;", false),
+        ] {
+            assert_eq!(writes_register(line), yes, "{line}");
+        }
+        fn visit(dir: &std::path::Path, bad: &mut std::vec::Vec<std::string::String>) {
+            for e in std::fs::read_dir(dir).unwrap() {
+                let path = e.unwrap().path();
+                let name = path.file_name().unwrap().to_string_lossy().into_owned();
+                if path.is_dir() {
+                    visit(&path, bad);
+                    continue;
+                }
+                if !name.ends_with(".rs") || name == "tests.rs" || name == "testutil.rs" {
+                    continue;
+                }
+                let text = std::fs::read_to_string(&path).unwrap();
+                // Up to the inline test module, if any.
+                let code = text.split("#[cfg(test)]\nmod tests {").next().unwrap_or("");
+                for (n, line) in code.lines().enumerate() {
+                    let line = line.trim_start();
+                    if !line.starts_with("//") && writes_register(line) {
+                        bad.push(std::format!("{}:{}: {line}", path.display(), n + 1));
+                    }
+                }
+            }
+        }
+        let mut bad = std::vec::Vec::new();
+        visit(
+            &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src"),
+            &mut bad,
+        );
+        assert!(
+            bad.is_empty(),
+            "use ArchState's setters:\n{}",
+            bad.join("\n")
+        );
+    }
 
     fn paged(mode: PagingMode) -> MockVcpu {
         let mut v = MockVcpu::new(0x40_0000);

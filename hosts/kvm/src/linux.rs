@@ -131,7 +131,7 @@ impl Vm {
     fn end(&self, status: u8, why: &str) -> ! {
         self.ending.store(true, Ordering::Release);
         self.pc.flush_console();
-        crate::end_line(status, why, self.pc.exits())
+        crate::end_line(status, why, self.pc.core().exits())
     }
 
     /// Blocks vCPU `n` until an interrupt is pending for it.
@@ -256,11 +256,7 @@ pub fn run(config: Config) -> Result<(), Error> {
         // implements; KVM's own list would offer what needs its in-kernel local APIC
         // (PV IPIs, PV EOI, PV unhalt).
         let table = state::cpuid_table(&supported, |leaf, sub| {
-            let mut r = ArchState::default();
-            (r.gpr[gpr::RAX], r.gpr[gpr::RCX]) = (leaf.into(), sub.into());
-            pc.cpuid(&mut r, id as u32);
-            let g = |i: usize| r.gpr[i] as u32;
-            let mut v = [g(gpr::RAX), g(gpr::RBX), g(gpr::RCX), g(gpr::RDX)];
+            let mut v = pc.cpuid(&ArchState::default(), id as u32, leaf, sub);
             if leaf == 1 {
                 v[2] &= !(X2APIC | TSC_DEADLINE);
             }

@@ -99,7 +99,7 @@ struct Shared {
 impl Shared {
     /// Ends the process with one closing line.
     fn end(&self, status: u8, why: &str) -> ! {
-        end_line(status, why, self.machine.exits())
+        end_line(status, why, self.machine.core().exits())
     }
 
     /// Ends the process for the machine's `end`.
@@ -257,11 +257,7 @@ fn run(config: Config) -> Result<(), Error> {
                 // KVM's own signature: its kernel, not the machine, answers VMCALL here.
                 return state::lookup(&supported, leaf, sub);
             }
-            let mut r = ArchState::default();
-            (r.gpr[gpr::RAX], r.gpr[gpr::RCX]) = (leaf.into(), sub.into());
-            machine.cpuid(&mut r, id);
-            let g = |i: usize| r.gpr[i] as u32;
-            [g(gpr::RAX), g(gpr::RBX), g(gpr::RCX), g(gpr::RDX)]
+            machine.cpuid(&ArchState::default(), id, leaf, sub)
         });
         let cpuid = CpuId::from_entries(&table).map_err(|e| format!("cpuid: {e:?}"))?;
         vcpu.set_cpuid2(&cpuid)?;

@@ -7,6 +7,10 @@
 use crate::crd::{Crd, Xfer};
 use crate::mtd::Mtd;
 
+mod state;
+
+pub use state::{changed_groups, gpr_mtd};
+
 /// Words in the data area.
 pub const DATA_WORDS: usize = (crate::PAGE_SIZE - core::mem::size_of::<UtcbHead>()) / 8;
 
@@ -210,6 +214,10 @@ pub mod inj {
 }
 
 /// Architectural state of an EC or vCPU, as transferred on events under an [`Mtd`].
+///
+/// A handler changes it through the setters (`set_gpr`, `set_rip`, `advance`,
+/// `set_cr0`, `set_inj`, …), which record the changed group in `mtd`; that record is
+/// what the reply (or any other binding) writes back.
 ///
 /// For host exceptions `qual[0]` is the error code and `qual[1]` the fault address (CR2
 /// for page faults). Offsets are ABI; see ABI.md.

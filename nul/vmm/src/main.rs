@@ -202,17 +202,17 @@ fn main(info: u64) -> ! {
         }
         if let (Some(code), false) = (vm.ended(), reported) {
             reported = true;
-            let exits = vm.machine.exits();
+            let exits = vm.machine.core().exits();
             println!(
                 "vmm: {} exits handled ({} answered with #UD), handler stack use {} bytes",
                 exits,
-                vm.machine.undefined(),
+                vm.machine.core().undefined(),
                 vm.stack_used()
             );
             println!(
                 "vmm: exceptions reflected into the guest: #DB {}, #AC {}",
-                vm.machine.reflected(1),
-                vm.machine.reflected(17)
+                vm.machine.core().reflected(1),
+                vm.machine.core().reflected(17)
             );
             let _ = svc::result(svc::key::VM_EXITS, exits);
             let _ = svc::result(svc::key::VM_END, code);

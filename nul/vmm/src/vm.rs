@@ -17,7 +17,7 @@ use peregrine_abi::perm::{self, MemPerm};
 use peregrine_abi::utcb::gpr;
 use peregrine_abi::{Crd, Mtd, Status, XferFlags, PAGE_BITS};
 use peregrine_vmm::exit::{portal_mtd, Config, End, Machine, Step};
-use peregrine_vmm::machine::Exit;
+use peregrine_vmm::machine::{Board, Core, Exit};
 use peregrine_vmm::pc::{Kick, Pc, PcConfig, RamDisk};
 use peregrine_vmm::testdev::LineSink;
 
@@ -47,27 +47,12 @@ pub enum Guest {
 }
 
 impl Guest {
-    /// Events handled so far.
-    pub fn exits(&self) -> u64 {
+    /// The machine's buses and counters (exits, instructions answered with #UD,
+    /// exceptions reflected).
+    pub fn core(&self) -> &Core {
         match self {
-            Guest::Test(m) => m.exits(),
-            Guest::Linux(pc) => pc.exits(),
-        }
-    }
-
-    /// Instructions answered with #UD.
-    pub fn undefined(&self) -> u64 {
-        match self {
-            Guest::Test(m) => m.undefined(),
-            Guest::Linux(pc) => pc.undefined(),
-        }
-    }
-
-    /// Exceptions of vector `v` reflected into the guest.
-    pub fn reflected(&self, v: u8) -> u64 {
-        match self {
-            Guest::Test(m) => m.reflected(v),
-            Guest::Linux(pc) => pc.reflected(v),
+            Guest::Test(m) => m.core(),
+            Guest::Linux(pc) => pc.core(),
         }
     }
 
@@ -785,9 +770,8 @@ extern "C" fn handler_fault(id: u64, utcb: u64) -> ! {
         }
         vm.end(End::VmmFault { vector, rip });
         if let Some(s) = vm.stacks.get(n) {
-            a.rip = park_handler as *const () as u64;
-            a.gpr[gpr::RSP] = s.top();
-            a.mtd = Mtd::RIP_LEN | Mtd::RSP;
+            a.set_rip(park_handler as *const () as u64);
+            a.set_gpr(gpr::RSP, s.top());
         }
     }
     u.get().head.set_counts(0, 0);

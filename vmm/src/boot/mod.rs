@@ -30,7 +30,7 @@ use core::fmt;
 
 pub use layout::{BootParams, E820Entry, Le, SetupHeader, E820_MAX};
 
-use crate::vcpu::{bits, ArchState, GuestMemory, Mtd, Segment};
+use crate::vcpu::{bits, ArchState, GuestMemory, Segment};
 
 /// GDT address.
 pub const GDT_ADDR: u64 = 0x500;
@@ -399,61 +399,36 @@ pub fn entry_state(regs: &mut ArchState, info: &BootInfo) {
         limit: 0xffff_ffff,
         base: 0,
     };
-    regs.cs = code;
-    for s in [
-        &mut regs.ds,
-        &mut regs.es,
-        &mut regs.ss,
-        &mut regs.fs,
-        &mut regs.gs,
-    ] {
-        *s = data;
-    }
-    regs.gdtr = Segment {
+    regs.set_cs(code);
+    regs.set_ss(data);
+    regs.set_ds(data);
+    regs.set_es(data);
+    regs.set_fs(data);
+    regs.set_gs(data);
+    regs.set_gdtr(Segment {
         sel: 0,
         ar: 0,
         limit: (GDT.len() * 8 - 1) as u32,
         base: GDT_ADDR,
-    };
+    });
     // VT-x enters a 64-bit guest only with a busy 64-bit TSS in TR (the reset state's
     // 16-bit TSS is refused) and an LDTR that is unusable or an LDT; Linux loads its own
     // before it needs them.
-    regs.tr = Segment {
+    regs.set_tr(Segment {
         sel: 0,
         ar: 0x8b,
         limit: 0x67,
         base: 0,
-    };
-    regs.ldtr = Segment {
-        sel: 0,
-        ar: 0,
-        limit: 0,
-        base: 0,
-    };
-    regs.idtr = Segment {
-        sel: 0,
-        ar: 0,
-        limit: 0,
-        base: 0,
-    };
-    regs.cr0 = bits::CR0_PE | bits::CR0_PG | (1 << 4); // ET
-    regs.cr3 = info.cr3;
-    regs.cr4 = bits::CR4_PAE;
-    regs.efer = bits::EFER_LME | bits::EFER_LMA;
-    regs.rflags = 2;
-    regs.rip = info.entry;
-    regs.gpr = [0; 16];
-    regs.gpr[crate::vcpu::gpr::RSI] = info.zero_page;
-    regs.mtd |= Mtd::GPRS
-        | Mtd::RIP_LEN
-        | Mtd::RFLAGS
-        | Mtd::CS_SS
-        | Mtd::DS_ES
-        | Mtd::FS_GS
-        | Mtd::TR
-        | Mtd::LDTR
-        | Mtd::GDTR
-        | Mtd::IDTR
-        | Mtd::CR
-        | Mtd::EFER;
+    });
+    regs.set_ldtr(Segment::default());
+    regs.set_idtr(Segment::default());
+    regs.set_cr0(bits::CR0_PE | bits::CR0_PG | (1 << 4)); // ET
+    regs.set_cr3(info.cr3);
+    regs.set_cr4(bits::CR4_PAE);
+    regs.set_efer(bits::EFER_LME | bits::EFER_LMA);
+    regs.set_rflags(2);
+    regs.set_rip(info.entry);
+    let mut gprs = [0; 16];
+    gprs[crate::vcpu::gpr::RSI] = info.zero_page;
+    regs.set_gprs(gprs);
 }

@@ -36,9 +36,7 @@ use alloc::vec::Vec;
 
 use crate::bus::{Action, Bus};
 use crate::sync::SpinLock;
-use crate::vcpu::{
-    self, bits, gpr_mtd, Access, ArchState, Fault, Mtd, Paging, Platform, PAGE_SIZE,
-};
+use crate::vcpu::{self, bits, Access, ArchState, Fault, Paging, Platform, PAGE_SIZE};
 
 /// The longest x86 instruction.
 pub const MAX_INSN_LEN: usize = 15;
@@ -252,13 +250,11 @@ fn run<P: Platform + ?Sized>(
     let action = cx.action;
     let r = p.regs_mut();
     if done {
-        r.rip = mask_ip(r.rip.wrapping_add(insn.len() as u64), bits);
-        r.inst_len = insn.len() as u64;
-        r.mtd |= Mtd::RIP_LEN;
+        r.set_rip(mask_ip(r.rip.wrapping_add(insn.len() as u64), bits));
+        r.set_inst_len(insn.len() as u64);
         if r.intr_state & 3 != 0 {
             // Blocking by STI or MOV SS ends with the next instruction.
-            r.intr_state &= !3;
-            r.mtd |= Mtd::STA;
+            r.set_intr_state(r.intr_state & !3);
         }
     }
     Ok(Outcome {
@@ -447,15 +443,17 @@ fn get_reg(regs: &ArchState, r: Register) -> Option<u64> {
 fn set_reg(regs: &mut ArchState, r: Register, v: u64) -> Option<()> {
     let (i, size, shift) = gpr(r)?;
     let old = regs.gpr[i];
-    regs.gpr[i] = match size {
-        8 => v,
-        4 => v & 0xffff_ffff,
-        _ => {
-            let m = size_mask(size) << shift;
-            (old & !m) | ((v << shift) & m)
-        }
-    };
-    regs.mtd |= gpr_mtd(i);
+    regs.set_gpr(
+        i,
+        match size {
+            8 => v,
+            4 => v & 0xffff_ffff,
+            _ => {
+                let m = size_mask(size) << shift;
+                (old & !m) | ((v << shift) & m)
+            }
+        },
+    );
     Some(())
 }
 
@@ -628,8 +626,7 @@ impl<P: Platform + ?Sized> Cx<'_, P> {
 
     fn set_flags(&mut self, flags: u64, which: u64) {
         let r = self.p.regs_mut();
-        r.rflags = (r.rflags & !which) | (flags & which);
-        r.mtd |= Mtd::RFLAGS;
+        r.set_rflags((r.rflags & !which) | (flags & which));
     }
 
     /// Runs the instruction; false if a REP instruction stopped early.

@@ -5,7 +5,7 @@ use std::vec::Vec;
 
 use super::*;
 use crate::testutil::MockVcpu;
-use crate::vcpu::gpr;
+use crate::vcpu::{gpr, Mtd};
 
 const RAM: usize = 0x10_0000;
 const CODE: u64 = 0x8000;

@@ -7,9 +7,8 @@
 //! kept per vCPU. Any other MSR reads 0 and ignores writes, as KVM with `ignore_msrs`:
 //! Linux probes many model-specific MSRs and copes with zero.
 
-use super::{gp0, skip, Pc};
-use crate::exit::Step;
-use crate::vcpu::{gpr, Mtd, Platform};
+use super::Pc;
+use crate::vcpu::Platform;
 
 /// MSR numbers (SDM vol. 4, AMD APM vol. 2 appendix A).
 pub mod nr {
@@ -43,38 +42,13 @@ fn canonical(v: u64) -> bool {
 }
 
 impl Pc {
-    pub(super) fn msr_access<P: Platform + ?Sized>(
+    /// RDMSR: the value, or `None` for #GP(0).
+    pub(super) fn read_msr<P: Platform + ?Sized>(
         &self,
         p: &mut P,
         vcpu: u32,
-        write: bool,
-    ) -> Step {
-        let r = p.regs();
-        let msr = r.gpr[gpr::RCX] as u32;
-        let value = (r.gpr[gpr::RDX] << 32) | (r.gpr[gpr::RAX] & 0xffff_ffff);
-        let ok = if write {
-            self.wrmsr(p, vcpu, msr, value)
-        } else {
-            match self.rdmsr(p, vcpu, msr) {
-                Some(v) => {
-                    let regs = p.regs_mut();
-                    regs.gpr[gpr::RAX] = v & 0xffff_ffff;
-                    regs.gpr[gpr::RDX] = v >> 32;
-                    regs.mtd |= Mtd::GPR_ACDB;
-                    true
-                }
-                None => false,
-            }
-        };
-        if ok {
-            skip(p.regs_mut(), 2);
-        } else {
-            p.inject(gp0());
-        }
-        Step::Resume
-    }
-
-    fn rdmsr<P: Platform + ?Sized>(&self, p: &mut P, vcpu: u32, msr: u32) -> Option<u64> {
+        msr: u32,
+    ) -> Option<u64> {
         let r = p.regs();
         Some(match msr {
             nr::TSC => r.tsc_val,
@@ -105,32 +79,34 @@ impl Pc {
         })
     }
 
-    fn wrmsr<P: Platform + ?Sized>(&self, p: &mut P, vcpu: u32, msr: u32, v: u64) -> bool {
+    /// WRMSR: false for #GP(0).
+    pub(super) fn write_msr<P: Platform + ?Sized>(
+        &self,
+        p: &mut P,
+        vcpu: u32,
+        msr: u32,
+        v: u64,
+    ) -> bool {
         let tsc = p.regs().tsc_val;
         let r = p.regs_mut();
         match msr {
             nr::TSC => {}
-            nr::SYSENTER_CS => {
-                r.sysenter_cs = v & 0xffff;
-                r.mtd |= Mtd::SYSENTER;
-            }
+            nr::SYSENTER_CS => r.set_sysenter_cs(v & 0xffff),
             nr::SYSENTER_ESP | nr::SYSENTER_EIP => {
                 if !canonical(v) {
                     return false;
                 }
                 if msr == nr::SYSENTER_ESP {
-                    r.sysenter_esp = v;
+                    r.set_sysenter_esp(v);
                 } else {
-                    r.sysenter_eip = v;
+                    r.set_sysenter_eip(v);
                 }
-                r.mtd |= Mtd::SYSENTER;
             }
             nr::PAT => {
                 if (0..8).any(|i| !matches!((v >> (i * 8)) as u8, 0 | 1 | 4 | 5 | 6 | 7)) {
                     return false;
                 }
-                r.pat = v;
-                r.mtd |= Mtd::PAT;
+                r.set_pat(v);
             }
             nr::EFER => {
                 // SCE, LME, LMA (kept as is), NXE, FFXSR.
@@ -138,38 +114,29 @@ impl Pc {
                 if v & !OK != 0 {
                     return false;
                 }
-                r.efer = (v & !(1 << 10)) | (r.efer & (1 << 10));
-                r.mtd |= Mtd::EFER;
+                r.set_efer((v & !(1 << 10)) | (r.efer & (1 << 10)));
             }
-            nr::STAR => {
-                r.star = v;
-                r.mtd |= Mtd::SYSCALL_SWAPGS;
-            }
+            nr::STAR => r.set_star(v),
             nr::LSTAR | nr::CSTAR | nr::KERNEL_GS_BASE => {
                 if !canonical(v) {
                     return false;
                 }
                 match msr {
-                    nr::LSTAR => r.lstar = v,
-                    nr::CSTAR => r.cstar = v,
-                    _ => r.kernel_gs_base = v,
+                    nr::LSTAR => r.set_lstar(v),
+                    nr::CSTAR => r.set_cstar(v),
+                    _ => r.set_kernel_gs_base(v),
                 }
-                r.mtd |= Mtd::SYSCALL_SWAPGS;
             }
-            nr::FMASK => {
-                r.fmask = v & 0xffff_ffff;
-                r.mtd |= Mtd::SYSCALL_SWAPGS;
-            }
+            nr::FMASK => r.set_fmask(v & 0xffff_ffff),
             nr::FS_BASE | nr::GS_BASE => {
                 if !canonical(v) {
                     return false;
                 }
                 if msr == nr::FS_BASE {
-                    r.fs.base = v;
+                    r.set_fs_base(v);
                 } else {
-                    r.gs.base = v;
+                    r.set_gs_base(v);
                 }
-                r.mtd |= Mtd::FS_GS;
             }
             nr::TSC_AUX => self.msrs[vcpu as usize].lock().tsc_aux = v & 0xffff_ffff,
             nr::MISC_ENABLE => self.msrs[vcpu as usize].lock().misc_enable = v,

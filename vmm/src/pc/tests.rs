@@ -1,5 +1,7 @@
 use super::*;
-use crate::machine::Exit;
+use crate::cpuid;
+use crate::machine::{Board, Exit};
+use crate::testutil::{checked_exit, RANDOM_EXITS};
 
 #[test]
 fn memory_map_splits_the_first_mib() {
@@ -129,9 +131,12 @@ fn vcpu() -> MockVcpu {
     v
 }
 
+/// Runs `event` like the portal handler, checking that the MTD records every change.
 fn exit(pc: &Pc, v: &mut MockVcpu, event: u64) -> Step {
-    v.regs.mtd = Mtd::empty();
-    pc.handle(v, 0, Exit::decode(event, &v.regs))
+    let startup = event == ev::STARTUP;
+    checked_exit(v, startup, |v| {
+        pc.handle(v, 0, Exit::decode(event, &v.regs))
+    })
 }
 
 fn rdmsr(pc: &Pc, v: &mut MockVcpu, msr: u32) -> u64 {
@@ -272,15 +277,19 @@ fn serial_input_reaches_the_vcpu_through_the_io_apic() {
     wrmsr(&s.pc, &mut v, 0x80f, 0x1ff);
     // I/O APIC pin 4 (COM1) → vector 0x24, physical destination 0.
     let w = |reg: u32, val: u32| {
-        s.pc.mmio.write(IOAPIC_BASE, &reg.to_le_bytes()).unwrap();
-        s.pc.mmio
+        s.pc.core()
+            .mmio
+            .write(IOAPIC_BASE, &reg.to_le_bytes())
+            .unwrap();
+        s.pc.core()
+            .mmio
             .write(IOAPIC_BASE + 0x10, &val.to_le_bytes())
             .unwrap();
     };
     w(0x10 + 2 * 4, 0x24);
     w(0x11 + 2 * 4, 0);
-    s.pc.pio.write(COM1_BASE + 4, &[0x08]).unwrap(); // MCR OUT2
-    s.pc.pio.write(COM1_BASE + 1, &[0x01]).unwrap(); // IER: receive
+    s.pc.core().pio.write(COM1_BASE + 4, &[0x08]).unwrap(); // MCR OUT2
+    s.pc.core().pio.write(COM1_BASE + 1, &[0x01]).unwrap(); // IER: receive
     assert_eq!(s.pc.console_input(b"x"), 1);
     assert_eq!(*s.kicks.0.lock().unwrap(), vec![0]);
     v.regs.rflags = bits::IF;
@@ -306,8 +315,7 @@ fn a_sipi_starts_the_other_vcpu_in_real_mode_at_its_page() {
     v.regs.gpr[gpr::RDX] = 1;
     assert_eq!(exit(&s.pc, &mut v, ev::WRMSR), Step::Start(1));
     let mut ap = vcpu();
-    ap.regs.mtd = Mtd::empty();
-    s.pc.handle(&mut ap, 1, Exit::Startup);
+    checked_exit(&mut ap, true, |ap| s.pc.handle(ap, 1, Exit::Startup));
     assert_eq!(
         (ap.regs.cs.sel, ap.regs.cs.base, ap.regs.rip),
         (0x9a00, 0x9a000, 0)
@@ -331,60 +339,88 @@ fn power_off_through_pm1_control_ends_the_vm() {
     assert_eq!(v.regs.gpr[gpr::RAX], 0xff);
 }
 
+/// A hostile guest: random exits with random state (MSRs, ports and control registers
+/// of the PC, the local APIC page) never panic the handler, and every change is in the
+/// MTD the reply carries.
 #[test]
-fn cr_access_exits_are_emulated() {
-    use crate::exit::cr_access;
-    let mut v = MockVcpu::new(0x1000);
-    v.regs = ArchState {
-        cr0: 0x8000_0031,
-        cr4: 0x20,
-        rip: 0x1000,
-        inst_len: 3,
-        ..ArchState::default()
-    };
-    // mov cr4, rdx (VMX qualification: CR 4, type 0, GPR 2).
-    v.regs.gpr[2] = 0x6f0;
-    assert!(matches!(
-        cr_access(&mut v, 4 | 2 << 8, 0x1000, 0x0037_0fff),
-        Step::Resume
-    ));
-    assert_eq!((v.regs.cr4, v.regs.rip), (0x6f0, 0x1003));
-    assert!(v.regs.mtd.contains(Mtd::CR | Mtd::RIP_LEN));
-    // mov rax, cr0 (type 1, GPR 0).
-    assert!(matches!(
-        cr_access(&mut v, 1 << 4, 0, 0x0037_0fff),
-        Step::Resume
-    ));
-    assert_eq!(v.regs.gpr[0], 0x8000_0031);
-    // CLTS, then LMSW that sets TS and tries to clear PE.
-    v.regs.cr0 |= 8;
-    assert!(matches!(
-        cr_access(&mut v, 2 << 4, 0, 0x0037_0fff),
-        Step::Resume
-    ));
-    assert_eq!(v.regs.cr0 & 8, 0);
-    assert!(matches!(
-        cr_access(&mut v, 3 << 4 | 8 << 16, 0, 0x0037_0fff),
-        Step::Resume
-    ));
-    assert_eq!(v.regs.cr0 & 0xf, 0x9);
-    // Writes the processor refuses get #GP(0) and change nothing: CR4.VMXE, CR4.PKE,
-    // CR0.NW without CD, and (in long mode) CR4 without PAE.
-    v.regs.efer = 0x500;
-    for (cr, val) in [(4, 0x2020), (4, 0x40_0020), (0, 0xa000_0031), (4, 0)] {
-        v.regs.inj_info = 0;
-        v.regs.gpr[2] = val;
-        let (cr0, cr4, rip) = (v.regs.cr0, v.regs.cr4, v.regs.rip);
-        assert!(matches!(
-            cr_access(&mut v, cr | 2 << 8, 0x1003, 0x0037_0fff),
-            Step::Resume
-        ));
-        assert_eq!(v.regs.inj_info, 0x8000_0b0d, "CR{cr} = {val:#x}");
-        assert_eq!((v.regs.cr0, v.regs.cr4, v.regs.rip), (cr0, cr4, rip));
+fn random_exits_record_every_change() {
+    use crate::testutil::Rng;
+    let s = pc(2);
+    let mut rng = Rng::new(13);
+    let mut v = vcpu();
+    for n in [1u32, 0] {
+        v.regs.gpr = [0xdead; 16];
+        checked_exit(&mut v, true, |v| s.pc.handle(v, n, Exit::Startup));
     }
-    // A write to CR8 without a TPR shadow is not emulated: the VM ends, the VMM lives.
-    assert!(matches!(
-        cr_access(&mut v, 8, 0x2000, 0x0037_0fff),
-        Step::End(End::Unhandled { .. })
-    ));
+    let events = RANDOM_EXITS;
+    let msrs = [
+        0x10,
+        0x174,
+        0x175,
+        0x176,
+        0x179,
+        0x1a0,
+        0x277,
+        0xc000_0080,
+        0xc000_0081,
+        0xc000_0082,
+        0xc000_0083,
+        0xc000_0084,
+        0xc000_0100,
+        0xc000_0101,
+        0xc000_0102,
+        0xc000_0103,
+        0x1b,
+        0x6e0,
+        0x808,
+        0x80b,
+        0x4b56_4d00,
+        0x4b56_4d01,
+        0x1234,
+    ];
+    let ports = [
+        0x3f8u64, 0x3f9, 0x3fd, 0x20, 0x21, 0x40, 0x43, 0x61, 0x70, 0x71, 0x80, 0xcf8, 0xcfc,
+        0x604, 0x600,
+    ];
+    let pick = |rng: &mut Rng, from: &[u64]| from[rng.below(from.len() as u64) as usize];
+    for i in 0..20_000 {
+        let e = pick(&mut rng, &events);
+        for g in v.regs.gpr.iter_mut() {
+            *g = if rng.chance(2) {
+                rng.below(0x10)
+            } else {
+                rng.next_u64()
+            };
+        }
+        if e == ev::RDMSR || e == ev::WRMSR {
+            v.regs.gpr[gpr::RCX] = pick(&mut rng, &msrs);
+            if rng.chance(2) {
+                v.regs.gpr[gpr::RDX] &= 0xffff;
+            }
+        }
+        v.regs.qual = match e {
+            ev::IO | ev::IO_STRING => [
+                rng.next_u64() & 0x3f | pick(&mut rng, &ports) << 16,
+                rng.next_u64(),
+            ],
+            ev::CR_ACCESS => [rng.next_u64() & 0xf_ff30 | pick(&mut rng, &[0, 3, 4, 8]), 0],
+            _ if rng.chance(2) => [rng.next_u64(), LAPIC_BASE + rng.below(0x400)],
+            _ => [rng.next_u64(), rng.next_u64()],
+        };
+        v.regs.inst_len = rng.below(16);
+        v.regs.rflags = rng.next_u64() & 0x2ff7;
+        v.regs.intr_state = rng.below(4) as u32;
+        v.regs.inj_info = if rng.chance(3) { 0x8000_0000 } else { 0 };
+        v.regs.rip = rng.below(0x1000);
+        v.regs.efer = if rng.chance(2) { 0x500 } else { 0 };
+        v.regs.cr0 = if rng.chance(2) { 0x8000_0011 } else { 0x11 };
+        v.regs.cr4 = rng.next_u64() & 0x20;
+        v.regs.cs.ar = if rng.chance(2) { 0x29b } else { 0x49b };
+        let at = rng.below(0x1000);
+        let junk: Vec<u8> = (0..16).map(|_| rng.byte()).collect();
+        let _ = crate::vcpu::GuestMemory::write(&mut v, at, &junk);
+        s.clock.advance(rng.below(1 << 20));
+        let x = Exit::decode(e, &v.regs);
+        checked_exit(&mut v, false, |v| s.pc.handle(v, (i % 2) as u32, x));
+    }
 }
