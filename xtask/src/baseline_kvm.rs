@@ -306,16 +306,18 @@ pub fn linux_command(cpus: u32, tests: &str, timeout_s: u64) -> String {
     )
 }
 
-/// Boots Linux with KVM in QEMU (`-cpu EPYC -icount shift=0 -smp 1`, as the vmexit
-/// baseline) and in it the Linux guest `guest` on the VMM library's PC under `vmm-kvm`,
-/// with `cpus` vCPUs running the `/init` tests `tests`: the same VMM and guest as
-/// `tests/tests/linux_vmm.rs` on Peregrine.
-pub fn run_linux_on_kvm(
+/// The spec that boots Linux with KVM in QEMU (`-cpu EPYC`, one CPU, 1 GiB; with
+/// `-icount shift=0` when `icount`) and in it the Linux guest `guest` on the VMM
+/// library's PC under `vmm-kvm`, with `cpus` vCPUs running the `/init` tests `tests`:
+/// the same VMM and guest as `tests/tests/linux_vmm.rs` on Peregrine. `/init` prints
+/// `KVMRUN config linux` when it starts the VMM and `KVMRUN status N` when it ended.
+pub fn linux_on_kvm_spec(
     guest: &crate::linux::Guest,
     cpus: u32,
     tests: &str,
     timeout: Duration,
-) -> Result<KvmRun> {
+    icount: bool,
+) -> Result<BootSpec> {
     let (kernel, modules_dir) = kvm_kernel()?;
     let runner = build_runner()?;
     let dir = workspace::out_dir("kvm")?;
@@ -336,20 +338,31 @@ pub fn run_linux_on_kvm(
         ],
         &runs,
     )?;
-    let spec = BootSpec {
+    Ok(BootSpec {
         name,
-        kernel: kernel.clone(),
+        kernel,
         kernel_args: baseline::cmdline(""),
         modules: Vec::new(),
         smp: 1,
         memory_mib: 1024,
         cpu_model: None,
-        icount: true,
+        icount,
         allow_kvm: false,
         timeout,
         extra_qemu_args: vec!["-initrd".into(), initramfs.to_string_lossy().into_owned()],
         output: Output::Capture,
-    };
+    })
+}
+
+/// Runs [`linux_on_kvm_spec`] under `-icount shift=0` (the vmexit baseline's mode).
+pub fn run_linux_on_kvm(
+    guest: &crate::linux::Guest,
+    cpus: u32,
+    tests: &str,
+    timeout: Duration,
+) -> Result<KvmRun> {
+    let spec = linux_on_kvm_spec(guest, cpus, tests, timeout, true)?;
+    let kernel = spec.kernel.clone();
     let run = crate::boot::run(Emulator::Qemu, &spec)?;
     let status = runner_status(&run.serial, 1);
     Ok(KvmRun {

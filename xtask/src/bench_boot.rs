@@ -14,6 +14,10 @@
 //!   firmware copied from this machine into the L1 initramfs: Debian has no `kvmtool`
 //!   package (not in bookworm, trixie, sid or bullseye), and nothing but Debian's
 //!   packages can be fetched here.
+//! - **vmm-kvm**: the same L1 Linux with KVM running *our* VMM library's PC on the same
+//!   guest files (`vmm-kvm --linux`, [`crate::baseline_kvm::linux_on_kvm_spec`]): the
+//!   same VMM as the Peregrine side on the other kernel, so the two differ in the kernel
+//!   and its binding alone.
 //!
 //! Figures per side: the guest's own uptime at the marker (`boot_marker_s`, the figure to
 //! prefer: wall time moves with the machine's load), the wall time from starting the VMM
@@ -22,7 +26,7 @@
 //! the read's time and rate (`read_ms`, `read_mb_s`, MB = 10^6 bytes) and the 1-minute
 //! load average before the run (`loadavg_1m`). `target/bench/boot.json` has the shape of
 //! `ipc.json`: the `baseline` of `<figure>` is QEMU direct, that of `<figure>_kvm` the
-//! KVM side.
+//! KVM side, that of `<figure>_vmm_kvm` the vmm-kvm side.
 //!
 //! Every side's spec forbids KVM on this machine ([`side_specs`]; a host test holds them
 //! to one mode), so a machine with a working `/dev/kvm` does not run one side at native
@@ -56,6 +60,8 @@ pub const VMM_START: &str = "KVMBOOT start";
 pub const VMM_END: &str = "KVMBOOT status ";
 /// Suffix of the figures whose baseline is the KVM side.
 pub const KVM_SUFFIX: &str = "_kvm";
+/// Suffix of the figures whose baseline is the vmm-kvm side (our VMM on KVM).
+pub const VMM_KVM_SUFFIX: &str = "_vmm_kvm";
 /// The figures, in table order.
 pub const FIGURES: &[(&str, &str)] = &[
     ("boot_marker_s", "s"),
@@ -120,23 +126,22 @@ impl Side {
     }
 }
 
-/// The entries of `boot.json`: per figure, Peregrine with QEMU direct (`<figure>`) and
-/// Peregrine with the KVM side (`<figure>_kvm`).
-pub fn figures(peregrine: &Side, direct: &Side, kvm: &Side) -> Vec<Figure> {
+/// The entries of `boot.json`: per figure, Peregrine with QEMU direct (`<figure>`),
+/// with the KVM side (`<figure>_kvm`) and with the vmm-kvm side (`<figure>_vmm_kvm`).
+pub fn figures(peregrine: &Side, direct: &Side, kvm: &Side, vmm_kvm: &Side) -> Vec<Figure> {
     let mut out = Vec::new();
     for (name, unit) in FIGURES {
-        for (suffix, base) in [("", direct), (KVM_SUFFIX, kvm)] {
+        for (suffix, base, base_name) in [
+            ("", direct, "qemu-direct"),
+            (KVM_SUFFIX, kvm, "kvm-l1"),
+            (VMM_KVM_SUFFIX, vmm_kvm, "vmm-kvm"),
+        ] {
             out.push(Figure {
                 figure: format!("{name}{suffix}"),
                 unit: unit.to_string(),
                 mode: MODE.to_string(),
                 peregrine: peregrine.value(name),
-                baseline_name: if suffix.is_empty() {
-                    "qemu-direct"
-                } else {
-                    "kvm-l1"
-                }
-                .to_string(),
+                baseline_name: base_name.to_string(),
                 baseline: base.value(name),
                 ..Figure::default()
             });
@@ -156,29 +161,45 @@ fn ratio(p: Option<f64>, b: Option<f64>) -> String {
     }
 }
 
-/// The table of `figures` (as [`figures`] makes them): one row per figure with the three
+/// The table of `figures` (as [`figures`] makes them): one row per figure with the four
 /// sides and Peregrine's ratio to each baseline.
 pub fn table(figures: &[Figure]) -> String {
     let mut t = String::new();
     let _ = writeln!(
         t,
-        "{:<14} {:>10} {:>12} {:>10} {:>9} {:>9}  {:<5} mode",
-        "figure", "peregrine", "qemu-direct", "kvm-l1", "/direct", "/kvm", "unit"
+        "{:<14} {:>10} {:>12} {:>10} {:>10} {:>9} {:>9} {:>9}  {:<5} mode",
+        "figure",
+        "peregrine",
+        "qemu-direct",
+        "kvm-l1",
+        "vmm-kvm",
+        "/direct",
+        "/kvm",
+        "/vmm-kvm",
+        "unit"
     );
-    for f in figures.iter().filter(|f| !f.figure.ends_with(KVM_SUFFIX)) {
-        let kvm = figures
+    let base = |name: &str, suffix: &str| {
+        figures
             .iter()
-            .find(|k| k.figure == format!("{}{KVM_SUFFIX}", f.figure))
-            .and_then(|k| k.baseline);
+            .find(|k| k.figure == format!("{name}{suffix}"))
+            .and_then(|k| k.baseline)
+    };
+    for f in figures
+        .iter()
+        .filter(|f| FIGURES.iter().any(|(n, _)| f.figure == *n))
+    {
+        let (kvm, vmm_kvm) = (base(&f.figure, KVM_SUFFIX), base(&f.figure, VMM_KVM_SUFFIX));
         let _ = writeln!(
             t,
-            "{:<14} {:>10} {:>12} {:>10} {:>9} {:>9}  {:<5} {}",
+            "{:<14} {:>10} {:>12} {:>10} {:>10} {:>9} {:>9} {:>9}  {:<5} {}",
             f.figure,
             number(f.peregrine),
             number(f.baseline),
             number(kvm),
+            number(vmm_kvm),
             ratio(f.peregrine, f.baseline),
             ratio(f.peregrine, kvm),
+            ratio(f.peregrine, vmm_kvm),
             f.unit,
             f.mode
         );
@@ -430,19 +451,55 @@ pub fn kvm_spec(kernel: PathBuf, initramfs: &Path) -> BootSpec {
     }
 }
 
-/// The specs of the three sides, in [`SIDES`] order (the KVM side's with `kvm_kernel`
-/// and `l1_initramfs`).
+/// The specs of the four sides, in [`SIDES`] order (the KVM side's with `kvm_kernel`
+/// and `l1_initramfs`; `vmm_kvm` is the vmm-kvm side's).
 pub fn side_specs(
     images: &Images,
     guest: &Guest,
     kvm_kernel: PathBuf,
     l1_initramfs: &Path,
-) -> [BootSpec; 3] {
+    vmm_kvm: BootSpec,
+) -> [BootSpec; 4] {
     [
         peregrine_spec(images, guest),
         direct_spec(guest, &direct_run()),
         kvm_spec(kvm_kernel, l1_initramfs),
+        vmm_kvm,
     ]
+}
+
+/// The vmm-kvm side's spec: the L1 Linux of the KVM side running `vmm-kvm --linux` on
+/// the guest (one vCPU, the `/init` test `read`), without `-icount` as every side here.
+pub fn vmm_kvm_spec(guest: &Guest) -> Result<BootSpec> {
+    let mut spec =
+        crate::baseline_kvm::linux_on_kvm_spec(guest, 1, TESTS, Duration::from_secs(600), false)?;
+    spec.name = "bench-boot-vmm-kvm".into();
+    spec.memory_mib = L1_MIB;
+    Ok(spec)
+}
+
+/// The vmm-kvm side: our VMM library's PC on KVM in the L1 Linux of the KVM side.
+pub fn vmm_kvm_side(guest: &Guest) -> Result<SideRun> {
+    let spec = vmm_kvm_spec(guest)?;
+    let load = loadavg();
+    let start = crate::baseline_kvm::CONFIG_MARK;
+    let (run, seen) = run_watched(&spec, &[start, MARKER])?;
+    let wall = match (seen[0], seen[1]) {
+        (Some(start), Some(marker)) => Some(marker - start),
+        _ => None,
+    };
+    let side = Side::from_serial(&run.serial, wall, load);
+    if !run.serial.contains(start) {
+        bail!(
+            "vmm-kvm: the L1 Linux did not start the VMM: {}",
+            run.report()
+        );
+    }
+    check("vmm-kvm", &run, &side)?;
+    if crate::baseline_kvm::runner_status(&run.serial, 1) != Some(0) {
+        bail!("vmm-kvm did not end with status 0: {}", run.report());
+    }
+    Ok(SideRun { side, run })
 }
 
 /// The mode a spec runs in here: `qemu-icount`, `qemu-kvm` (when it may use KVM and
@@ -484,7 +541,7 @@ pub fn kvm_side(guest: &Guest) -> Result<SideRun> {
 pub const RUNS: u32 = 3;
 
 /// The sides, by the names `--only` takes.
-pub const SIDES: &[&str] = &["peregrine", "qemu-direct", "kvm-l1"];
+pub const SIDES: &[&str] = &["peregrine", "qemu-direct", "kvm-l1", "vmm-kvm"];
 
 /// The median of `values` (the upper one of the middle two for an even count), `None`
 /// for none.
@@ -517,10 +574,11 @@ pub fn bench(only: Option<&str>, runs: u32) -> Result<Vec<Figure>> {
     }
     let guest = linux::prepare()?;
     type SideFn = fn(&Guest) -> Result<SideRun>;
-    let all: [(&str, SideFn); 3] = [
+    let all: [(&str, SideFn); 4] = [
         ("peregrine", peregrine_side),
         ("qemu-direct", direct_side),
         ("kvm-l1", kvm_side),
+        ("vmm-kvm", vmm_kvm_side),
     ];
     let mut results: Vec<Vec<Side>> = vec![Vec::new(); all.len()];
     let mut failed = Vec::new();
@@ -547,7 +605,7 @@ pub fn bench(only: Option<&str>, runs: u32) -> Result<Vec<Figure>> {
         }
     }
     let sides: Vec<Side> = results.iter().map(|r| median_side(r)).collect();
-    let figures = figures(&sides[0], &sides[1], &sides[2]);
+    let figures = figures(&sides[0], &sides[1], &sides[2], &sides[3]);
     let kernels = kvm_kernel()
         .map(|(k, _)| vec![crate::provenance::linux_kernel(&k)])
         .unwrap_or_default();
@@ -602,8 +660,12 @@ mod tests {
             loadavg: Some(3.0),
         };
         let k = Side { read: None, ..d };
-        let f = figures(&p, &d, &k);
-        assert_eq!(f.len(), 2 * FIGURES.len());
+        let v = Side {
+            marker_s: Some(5.5),
+            ..d
+        };
+        let f = figures(&p, &d, &k, &v);
+        assert_eq!(f.len(), 3 * FIGURES.len());
         let json = serde_json::to_value(&f).unwrap();
         assert_eq!(json[0]["figure"], "boot_marker_s");
         assert_eq!(json[0]["unit"], "s");
@@ -611,14 +673,22 @@ mod tests {
         assert_eq!(json[0]["peregrine"], 2.75);
         assert_eq!(json[0]["baseline"], 2.5);
         assert_eq!(json[1]["figure"], "boot_marker_s_kvm");
-        assert_eq!(json[5]["figure"], "read_ms_kvm");
-        assert_eq!(json[5]["baseline"], serde_json::Value::Null);
+        assert_eq!(json[2]["figure"], "boot_marker_s_vmm_kvm");
+        assert_eq!(json[2]["baseline"], 5.5);
+        assert_eq!(json[7]["figure"], "read_ms_kvm");
+        assert_eq!(json[7]["baseline"], serde_json::Value::Null);
         assert_eq!(json[0]["baseline_name"], "qemu-direct");
         assert_eq!(json[1]["baseline_name"], "kvm-l1");
+        assert_eq!(json[2]["baseline_name"], "vmm-kvm");
         let t = table(&f);
         let lines: Vec<&str> = t.lines().collect();
         assert_eq!(lines.len(), 1 + FIGURES.len(), "{t}");
         assert!(lines[0].contains("qemu-direct") && lines[0].contains("kvm-l1"));
+        assert!(lines[0].contains("vmm-kvm"));
+        assert!(
+            lines[1].contains(" 5.50 ") && lines[1].contains(" 0.50 "),
+            "{t}"
+        );
         assert!(lines[1].starts_with("boot_marker_s "), "{t}");
         assert!(
             lines[1].contains(" 2.75 ") && lines[1].contains(" 1.10 "),
@@ -642,11 +712,16 @@ mod tests {
             disk: "/g/disk.img".into(),
             disk_md5: String::new(),
         };
+        let vmm_kvm = BootSpec {
+            name: "vmm-kvm".into(),
+            ..kvm_spec("/k/vmlinuz".into(), Path::new("/k/vmm-kvm.cpio"))
+        };
         let specs = side_specs(
             &images,
             &guest,
             "/k/vmlinuz".into(),
             Path::new("/k/l1.cpio"),
+            vmm_kvm,
         );
         for s in &specs {
             assert!(!s.allow_kvm, "{} may use KVM", s.name);

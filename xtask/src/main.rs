@@ -70,10 +70,11 @@ commands:
                              table of its figures
   bench boot [--runs N] [--only SIDE]
                              Linux boot to the init marker and a virtio-blk read, on
-                             Peregrine, directly in QEMU and under Linux/KVM in QEMU
-                             (-cpu EPYC, 1 vCPU): medians of N runs per side (default 3,
-                             about 45 s a round); writes <target>/bench/boot.json;
-                             --only peregrine|qemu-direct|kvm-l1 runs one side
+                             Peregrine, directly in QEMU, under Linux/KVM in QEMU with
+                             QEMU as the VMM and with our VMM (vmm-kvm) (-cpu EPYC,
+                             1 vCPU): medians of N runs per side (default 3, about 70 s
+                             a round); writes <target>/bench/boot.json; --only
+                             peregrine|qemu-direct|kvm-l1|vmm-kvm runs one side
 ";
 
 /// Command-line arguments, consumed front to back.
