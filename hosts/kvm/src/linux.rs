@@ -22,19 +22,17 @@ use std::time::{Duration, Instant};
 
 use kvm_bindings::{kvm_enable_cap, kvm_run, CpuId, KVM_CAP_X86_USER_SPACE_MSR};
 use kvm_bindings::{KVM_MSR_EXIT_REASON_FILTER, KVM_MSR_EXIT_REASON_UNKNOWN};
-use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
+use kvm_ioctls::{VcpuExit, VcpuFd};
 use peregrine_vmm::clock::Clock;
-use peregrine_vmm::emul::Space;
 use peregrine_vmm::exit::{End, Step};
-use peregrine_vmm::machine::{self, Board, Exit};
+use peregrine_vmm::machine::{Board, Exit};
 use peregrine_vmm::pc::{Kick, Pc, PcConfig, RamDisk};
-use peregrine_vmm::vcpu::{bits, gpr, ArchState};
+use peregrine_vmm::vcpu::{bits, ArchState};
 use vmm_kvm::ram::Ram;
 use vmm_kvm::state;
-use vmm_kvm::{Config, STATUS_ERROR, STATUS_HALTED, STATUS_SHUTDOWN, STATUS_TIMEOUT};
+use vmm_kvm::{Config, STATUS_ERROR, STATUS_HALTED, STATUS_TIMEOUT};
 
-use crate::{complete, count, host_cpuid, write_back, Error, HostVcpu, Stdout};
-use crate::{HLT, IO, MMIO, MSR, SUPPORTED};
+use crate::{complete, host_cpuid, serve, write_back, Error, HostVcpu, Served, Stdout};
 
 /// CPUID.1:ECX bits the hosted PC does not offer (see the module's comment).
 const X2APIC: u32 = 1 << 21;
@@ -192,19 +190,8 @@ pub fn run(config: Config) -> Result<(), Error> {
         .transpose()?
         .map(|d| RamDisk(Box::leak(d.into_boxed_slice())));
     install_kick_signal()?;
-    let kvm = Kvm::new().map_err(|e| format!("/dev/kvm: {e}"))?;
-    let vm = kvm.create_vm()?;
     let mut ram = Ram::new(config.memory_mib << 20)?;
-    let region = kvm_bindings::kvm_userspace_memory_region {
-        slot: 0,
-        flags: 0,
-        guest_phys_addr: 0,
-        memory_size: ram.size(),
-        userspace_addr: ram.host_base()? as u64,
-    };
-    // SAFETY: the region is `ram`'s one mapping, which `Vm` keeps (and with it the
-    // mapping) until the process ends.
-    unsafe { vm.set_user_memory_region(region)? };
+    let (vm, supported) = crate::new_vm(&ram)?;
     // MSRs KVM does not know go to the PC.
     let cap = kvm_enable_cap {
         cap: KVM_CAP_X86_USER_SPACE_MSR,
@@ -218,8 +205,6 @@ pub fn run(config: Config) -> Result<(), Error> {
     };
     vm.enable_cap(&cap)
         .map_err(|e| format!("KVM_CAP_X86_USER_SPACE_MSR: {e}"))?;
-    let supported = kvm.get_supported_cpuid(256)?.as_slice().to_vec();
-    let _ = SUPPORTED.set(supported.clone());
     let mut vcpus = Vec::new();
     for id in 0..config.cpus {
         vcpus.push(vm.create_vcpu(id.into())?);
@@ -332,103 +317,16 @@ fn vcpu_loop(mut vcpu: VcpuFd, n: u32, vm: &Arc<Vm>) -> Result<(), Error> {
         let exit = vcpu.run();
         // SAFETY: `run` is this vCPU's kvm_run mapping; these fields are plain data KVM
         // wrote before returning, and a kick only ever sets `immediate_exit`.
-        let (ready, if_flag) = unsafe {
+        let ready = unsafe {
             core::ptr::addr_of_mut!((*run).immediate_exit).write_volatile(0);
-            (
-                (*run).ready_for_interrupt_injection != 0,
-                (*run).if_flag != 0,
-            )
+            (*run).ready_for_interrupt_injection != 0
         };
         p.regs.rflags = 2 | if ready { bits::IF } else { 0 };
-        let mut pending = false;
-        let step = match exit {
-            Ok(VcpuExit::IoOut(port, data)) => {
-                count(IO);
-                pending = true;
-                // SAFETY: after an I/O exit the union holds `io`.
-                let size = usize::from(unsafe { (*run).__bindgen_anon_1.io.size });
-                let mut action = None;
-                for element in data.chunks(size.max(1)) {
-                    let mut d = [0u8; 4];
-                    let d = &mut d[..element.len().min(4)];
-                    d.copy_from_slice(&element[..d.len()]);
-                    let a = machine::access(pc, n, Space::Port, port.into(), d, true);
-                    action = a.or(action);
-                }
-                machine::act(pc, &mut p, action)
-            }
-            Ok(VcpuExit::IoIn(port, data)) => {
-                count(IO);
-                // SAFETY: as above.
-                let size = usize::from(unsafe { (*run).__bindgen_anon_1.io.size });
-                for element in data.chunks_mut(size.max(1)) {
-                    machine::access(pc, n, Space::Port, port.into(), element, false);
-                }
-                Step::Resume
-            }
-            Ok(VcpuExit::MmioRead(addr, data)) => {
-                count(MMIO);
-                machine::access(pc, n, Space::Mmio, addr, data, false);
-                Step::Resume
-            }
-            Ok(VcpuExit::MmioWrite(addr, data)) => {
-                count(MMIO);
-                pending = true;
-                let mut d = [0u8; 8];
-                let d = &mut d[..data.len().min(8)];
-                d.copy_from_slice(&data[..d.len()]);
-                let action = machine::access(pc, n, Space::Mmio, addr, d, true);
-                machine::act(pc, &mut p, action)
-            }
-            Ok(VcpuExit::X86Rdmsr(exit)) => {
-                count(MSR);
-                p.regs.gpr[gpr::RCX] = exit.index.into();
-                let step = machine::handle(pc, &mut p, n, Exit::Rdmsr);
-                if state::decode_event(&p.regs).is_some() {
-                    *exit.error = 1;
-                } else {
-                    let r = &p.regs.gpr;
-                    *exit.data = (r[gpr::RDX] << 32) | (r[gpr::RAX] & 0xffff_ffff);
-                }
-                p.regs = ArchState {
-                    rflags: p.regs.rflags,
-                    ..ArchState::default()
-                };
-                step
-            }
-            Ok(VcpuExit::X86Wrmsr(exit)) => {
-                count(MSR);
-                let r = &mut p.regs.gpr;
-                r[gpr::RCX] = exit.index.into();
-                (r[gpr::RAX], r[gpr::RDX]) = (exit.data & 0xffff_ffff, exit.data >> 32);
-                let step = machine::handle(pc, &mut p, n, Exit::Wrmsr);
-                if state::decode_event(&p.regs).is_some() {
-                    *exit.error = 1;
-                }
-                p.regs = ArchState {
-                    rflags: p.regs.rflags,
-                    ..ArchState::default()
-                };
-                step
-            }
-            Ok(VcpuExit::Hlt) => {
-                count(HLT);
-                p.regs.rflags = 2 | if if_flag { bits::IF } else { 0 };
-                machine::handle(pc, &mut p, n, Exit::Hlt)
-            }
-            Ok(VcpuExit::IrqWindowOpen | VcpuExit::Intr) => Step::Resume,
-            Ok(VcpuExit::Shutdown) => vm.end(
-                STATUS_SHUTDOWN,
-                &End::TripleFault {
-                    rip: vcpu.get_regs().map_or(0, |r| r.rip),
-                }
-                .to_string(),
-            ),
-            Ok(VcpuExit::FailEntry(reason, cpu)) => vm.end(
-                STATUS_ERROR,
-                &format!("vCPU {n}: entry failed, reason {reason:#x} on CPU {cpu}"),
-            ),
-            Ok(other) => {
+        let (step, pending) = match serve(pc, &mut p, n, run, exit)? {
+            Served::Step { step, pending } => (step, pending),
+            Served::End(status, why) => vm.end(status, &why),
+            Served::Other(VcpuExit::IrqWindowOpen | VcpuExit::Intr) => (Step::Resume, false),
+            Served::Other(other) => {
                 let what = format!("{other:?}");
                 let rip = vcpu.get_regs().map_or(0, |r| r.rip);
                 vm.end(
@@ -436,8 +334,6 @@ fn vcpu_loop(mut vcpu: VcpuFd, n: u32, vm: &Arc<Vm>) -> Result<(), Error> {
                     &format!("vCPU {n}: unexpected exit {what} at {rip:#x}"),
                 )
             }
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Step::Resume,
-            Err(e) => return Err(format!("KVM_RUN: {e}").into()),
         };
         let mut step = pc.settle(&mut p, n, step);
         if step == Step::Wait {

@@ -217,11 +217,10 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(config: Config) -> Result<(), Error> {
-    let file = std::fs::read(&config.guest).map_err(|e| format!("{}: {e}", config.guest))?;
-    let mut ram = Ram::new(config.memory_mib << 20)?;
-    let entry = loader::load_elf(&mut ram, &file).map_err(|e| format!("the guest: {e:?}"))?;
-    boot::write_entry_tables(&mut ram).map_err(|e| format!("entry tables: {e:?}"))?;
+/// A VM with `ram` as its memory (slot 0 from guest-physical 0; the caller keeps `ram`,
+/// and with it the mapping, until the process ends) and KVM's supported CPUID, which
+/// [`host_cpuid`] answers from now on.
+fn new_vm(ram: &Ram) -> Result<(VmFd, Vec<kvm_cpuid_entry2>), Error> {
     let kvm = Kvm::new().map_err(|e| format!("/dev/kvm: {e}"))?;
     let vm = kvm.create_vm()?;
     let region = kvm_userspace_memory_region {
@@ -231,15 +230,24 @@ fn run(config: Config) -> Result<(), Error> {
         memory_size: ram.size(),
         userspace_addr: ram.host_base()? as u64,
     };
-    // SAFETY: the region is `ram`'s one mapping, which `Shared` keeps (and with it the
-    // mapping) until the process ends.
+    // SAFETY: the region is `ram`'s one mapping, which the caller keeps until the
+    // process ends.
     unsafe { vm.set_user_memory_region(region)? };
+    let supported = kvm.get_supported_cpuid(256)?.as_slice().to_vec();
+    let _ = SUPPORTED.set(supported.clone());
+    Ok((vm, supported))
+}
+
+fn run(config: Config) -> Result<(), Error> {
+    let file = std::fs::read(&config.guest).map_err(|e| format!("{}: {e}", config.guest))?;
+    let mut ram = Ram::new(config.memory_mib << 20)?;
+    let entry = loader::load_elf(&mut ram, &file).map_err(|e| format!("the guest: {e:?}"))?;
+    boot::write_entry_tables(&mut ram).map_err(|e| format!("entry tables: {e:?}"))?;
+    let (vm, supported) = new_vm(&ram)?;
     msr_filter(&vm);
     if config.irqchip == Irqchip::Kernel {
         in_kernel_irqchip(&vm)?;
     }
-    let supported = kvm.get_supported_cpuid(256)?.as_slice().to_vec();
-    let _ = SUPPORTED.set(supported.clone());
     let machine = Machine::new(
         MachineConfig {
             mode: config.mode,
@@ -501,12 +509,134 @@ fn start_cpu(shared: &Arc<Shared>, n: u32) -> Result<(), Error> {
     Ok(())
 }
 
-/// What the VMM does after an exit, besides the write-back.
-enum Next {
-    /// Run on.
-    Run,
-    /// The step the machine asked for, after a device action or an exit it handled.
-    Step(Step),
+/// What [`serve`] did with an exit.
+enum Served<'a> {
+    /// The board served it: the step it asked for; `pending`: KVM still has to complete
+    /// the exit's access (an exception must wait for it, [`complete`]).
+    Step {
+        /// The board's step.
+        step: Step,
+        /// An access is pending.
+        pending: bool,
+    },
+    /// The VM ends: the exit status and why.
+    End(u8, String),
+    /// An exit for the caller.
+    Other(VcpuExit<'a>),
+}
+
+/// Serves what `KVM_RUN` returned as every machine answers it on KVM: port I/O and MMIO,
+/// decoded by KVM, go to the board's devices ([`machine::access`]); HLT and the MSRs KVM
+/// hands to user space go through the board's handler on `p`'s register file (RFLAGS'
+/// IF from KVM; RCX, EDX:EAX), whose MSR refusal KVM turns into #GP; a signal
+/// (`EINTR`) is served as nothing; a triple fault or a failed entry end the VM. After an
+/// MSR exit `p` holds nothing but RFLAGS again: the instruction is KVM's to finish.
+fn serve<'a, B: Board>(
+    b: &B,
+    p: &mut HostVcpu<'_>,
+    n: u32,
+    run: *mut kvm_bindings::kvm_run,
+    exit: Result<VcpuExit<'a>, kvm_ioctls::Error>,
+) -> Result<Served<'a>, Error> {
+    let exit = match exit {
+        Ok(exit) => exit,
+        Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+            return Ok(Served::Step {
+                step: Step::Resume,
+                pending: false,
+            })
+        }
+        Err(e) => return Err(format!("KVM_RUN: {e}").into()),
+    };
+    let (step, pending) = match exit {
+        VcpuExit::Hlt => {
+            count(HLT);
+            // SAFETY: `run` is this vCPU's mapped kvm_run; `if_flag` is plain data.
+            let interrupts = unsafe { (*run).if_flag } != 0;
+            p.regs.rflags = 2 | if interrupts { bits::IF } else { 0 };
+            (machine::handle(b, p, n, Exit::Hlt), false)
+        }
+        VcpuExit::Shutdown => {
+            let why = format!("vCPU {n} shut down (triple fault)");
+            return Ok(Served::End(STATUS_SHUTDOWN, why));
+        }
+        VcpuExit::FailEntry(reason, cpu) => {
+            let why = format!("vCPU {n}: entry failed, reason {reason:#x} on CPU {cpu}");
+            return Ok(Served::End(STATUS_ERROR, why));
+        }
+        VcpuExit::IoOut(port, data) => {
+            count(IO);
+            // SAFETY: `run` is this vCPU's mapped kvm_run; after an I/O exit its union
+            // holds `io` (the element size is read, not the data).
+            let size = usize::from(unsafe { (*run).__bindgen_anon_1.io.size });
+            // OUTS with a REP prefix arrives as `count` elements: one access each.
+            let mut action = None;
+            for element in data.chunks(size.max(1)) {
+                let mut d = [0u8; 4];
+                let d = &mut d[..element.len().min(4)];
+                d.copy_from_slice(&element[..d.len()]);
+                action = machine::access(b, n, Space::Port, port.into(), d, true).or(action);
+            }
+            (machine::act(b, p, action), true)
+        }
+        VcpuExit::IoIn(port, data) => {
+            count(IO);
+            // SAFETY: as above.
+            let size = usize::from(unsafe { (*run).__bindgen_anon_1.io.size });
+            for element in data.chunks_mut(size.max(1)) {
+                machine::access(b, n, Space::Port, port.into(), element, false);
+            }
+            (Step::Resume, false)
+        }
+        VcpuExit::MmioRead(addr, data) => {
+            count(MMIO);
+            machine::access(b, n, Space::Mmio, addr, data, false);
+            (Step::Resume, false)
+        }
+        VcpuExit::MmioWrite(addr, data) => {
+            count(MMIO);
+            let mut d = [0u8; 8];
+            let d = &mut d[..data.len().min(8)];
+            d.copy_from_slice(&data[..d.len()]);
+            let action = machine::access(b, n, Space::Mmio, addr, d, true);
+            (machine::act(b, p, action), true)
+        }
+        VcpuExit::X86Rdmsr(exit) => {
+            count(MSR);
+            p.regs.set_gpr(gpr::RCX, exit.index.into());
+            let step = machine::handle(b, p, n, Exit::Rdmsr);
+            if state::decode_event(&p.regs).is_some() {
+                *exit.error = 1;
+            } else {
+                let r = &p.regs.gpr;
+                *exit.data = (r[gpr::RDX] << 32) | (r[gpr::RAX] & 0xffff_ffff);
+            }
+            p.regs = rflags_only(&p.regs);
+            (step, false)
+        }
+        VcpuExit::X86Wrmsr(exit) => {
+            count(MSR);
+            p.regs.set_gpr(gpr::RCX, exit.index.into());
+            p.regs.set_gpr(gpr::RAX, exit.data & 0xffff_ffff);
+            p.regs.set_gpr(gpr::RDX, exit.data >> 32);
+            let step = machine::handle(b, p, n, Exit::Wrmsr);
+            if state::decode_event(&p.regs).is_some() {
+                *exit.error = 1;
+            }
+            p.regs = rflags_only(&p.regs);
+            (step, false)
+        }
+        other => return Ok(Served::Other(other)),
+    };
+    Ok(Served::Step { step, pending })
+}
+
+/// A register file with `r`'s RFLAGS (what injection decides on) and nothing recorded.
+fn rflags_only(r: &ArchState) -> ArchState {
+    ArchState {
+        rflags: r.rflags,
+        ..ArchState::default()
+    }
 }
 
 /// Runs vCPU `index` until the VM ends.
@@ -515,92 +645,10 @@ fn vcpu_loop(mut vcpu: VcpuFd, index: u32, shared: &Arc<Shared>) -> Result<(), E
     let run = vcpu.get_kvm_run() as *mut kvm_bindings::kvm_run;
     loop {
         let mut p = HostVcpu::new(shared);
-        // Whether KVM must complete the exit's access before an exception goes in.
-        let mut pending = false;
-        let next = match vcpu.run() {
-            Ok(VcpuExit::IoOut(port, data)) => {
-                count(IO);
-                pending = true;
-                // SAFETY: `run` is this vCPU's mapped kvm_run; after an I/O exit its
-                // union holds `io` (the element size is read, not the data).
-                let size = usize::from(unsafe { (*run).__bindgen_anon_1.io.size });
-                // OUTS with a REP prefix arrives as `count` elements: one access each.
-                let mut action = None;
-                for element in data.chunks(size.max(1)) {
-                    let mut d = [0u8; 4];
-                    let d = &mut d[..element.len().min(4)];
-                    d.copy_from_slice(&element[..d.len()]);
-                    let a = machine::access(m, index, Space::Port, port.into(), d, true);
-                    action = a.or(action);
-                }
-                Next::Step(machine::act(m, &mut p, action))
-            }
-            Ok(VcpuExit::IoIn(port, data)) => {
-                count(IO);
-                // SAFETY: as above.
-                let size = usize::from(unsafe { (*run).__bindgen_anon_1.io.size });
-                for element in data.chunks_mut(size.max(1)) {
-                    machine::access(m, index, Space::Port, port.into(), element, false);
-                }
-                Next::Run
-            }
-            Ok(VcpuExit::MmioRead(addr, data)) => {
-                count(MMIO);
-                machine::access(m, index, Space::Mmio, addr, data, false);
-                Next::Run
-            }
-            Ok(VcpuExit::MmioWrite(addr, data)) => {
-                count(MMIO);
-                pending = true;
-                let mut d = [0u8; 8];
-                let d = &mut d[..data.len().min(8)];
-                d.copy_from_slice(&data[..d.len()]);
-                let action = machine::access(m, index, Space::Mmio, addr, d, true);
-                Next::Step(machine::act(m, &mut p, action))
-            }
-            Ok(VcpuExit::X86Rdmsr(exit)) => {
-                count(MSR);
-                p.regs.gpr[gpr::RCX] = exit.index.into();
-                let step = machine::handle(m, &mut p, index, Exit::Rdmsr);
-                if state::decode_event(&p.regs).is_some() {
-                    // The machine refused the MSR: KVM raises #GP.
-                    *exit.error = 1;
-                    p.regs.mtd = Default::default();
-                } else {
-                    let r = &p.regs.gpr;
-                    *exit.data = (r[gpr::RDX] << 32) | (r[gpr::RAX] & 0xffff_ffff);
-                    p.regs.mtd = Default::default();
-                }
-                Next::Step(step)
-            }
-            Ok(VcpuExit::X86Wrmsr(exit)) => {
-                count(MSR);
-                let r = &mut p.regs.gpr;
-                r[gpr::RCX] = exit.index.into();
-                (r[gpr::RAX], r[gpr::RDX]) = (exit.data & 0xffff_ffff, exit.data >> 32);
-                let step = machine::handle(m, &mut p, index, Exit::Wrmsr);
-                if state::decode_event(&p.regs).is_some() {
-                    *exit.error = 1;
-                }
-                p.regs.mtd = Default::default();
-                Next::Step(step)
-            }
-            Ok(VcpuExit::Hlt) => {
-                count(HLT);
-                // SAFETY: `run` is this vCPU's mapped kvm_run; `if_flag` is plain data.
-                let interrupts = unsafe { (*run).if_flag } != 0;
-                p.regs.rflags = 2 | if interrupts { bits::IF } else { 0 };
-                Next::Step(machine::handle(m, &mut p, index, Exit::Hlt))
-            }
-            Ok(VcpuExit::Shutdown) => shared.end(
-                STATUS_SHUTDOWN,
-                &format!("vCPU {index} shut down (triple fault)"),
-            ),
-            Ok(VcpuExit::FailEntry(reason, cpu)) => shared.end(
-                STATUS_ERROR,
-                &format!("vCPU {index}: entry failed, reason {reason:#x} on CPU {cpu}"),
-            ),
-            Ok(VcpuExit::InternalError) => {
+        let (step, pending) = match serve(m, &mut p, index, run, vcpu.run())? {
+            Served::Step { step, pending } => (step, pending),
+            Served::End(status, why) => shared.end(status, &why),
+            Served::Other(VcpuExit::InternalError) => {
                 // SAFETY: after KVM_EXIT_INTERNAL_ERROR the union holds `internal`.
                 let sub = unsafe { (*run).__bindgen_anon_1.internal.suberror };
                 let rip = vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
@@ -621,37 +669,33 @@ fn vcpu_loop(mut vcpu: VcpuFd, index: u32, shared: &Arc<Shared>) -> Result<(), E
                     vector: vector::UD,
                     error: None,
                 });
-                Next::Run
+                (Step::Resume, false)
             }
-            Ok(other) => {
+            Served::Other(other) => {
                 let what = format!("{other:?}");
                 shared.end(
                     STATUS_ERROR,
                     &format!("vCPU {index}: unexpected exit {what}"),
                 )
             }
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Next::Run,
-            Err(e) => return Err(format!("KVM_RUN: {e}").into()),
         };
         if pending && state::decode_event(&p.regs).is_some() {
             complete(&mut vcpu)?;
         }
         write_back(&vcpu, run, &p.regs, true)?;
-        match next {
-            Next::Run | Next::Step(Step::Resume) => {}
-            Next::Step(Step::Start(n)) => start_cpu(shared, n)?,
-            Next::Step(Step::Stop) if index == 0 => {
+        match step {
+            Step::Resume => {}
+            Step::Start(n) => start_cpu(shared, n)?,
+            Step::Stop if index == 0 => {
                 let rip = vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
                 shared.end(STATUS_HALTED, &End::HaltForever { rip }.to_string())
             }
-            Next::Step(Step::Stop) => loop {
+            Step::Stop => loop {
                 // A secondary vCPU that is done: nothing wakes it.
                 std::thread::park();
             },
-            Next::Step(Step::Wait) => {
-                return Err("the test machine asked to wait for an interrupt".into())
-            }
-            Next::Step(Step::End(end)) => shared.end_with(&end),
+            Step::Wait => return Err("the test machine asked to wait for an interrupt".into()),
+            Step::End(end) => shared.end_with(&end),
         }
     }
 }
