@@ -19,6 +19,7 @@ pub mod percpu;
 
 // The kernel proper: objects, capabilities, IPC, scheduling.
 pub mod cap;
+pub mod cpu;
 pub mod ec;
 pub mod entry;
 pub mod fastpath;

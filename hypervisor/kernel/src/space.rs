@@ -447,7 +447,7 @@ pub fn lookup(pd: &Pd, crd: Crd) -> Result<Crd, Status> {
 /// `revoke`: takes the range away from everything derived from it (and from the caller
 /// with `own`), in every PD, with TLB shootdown.
 #[inline(never)] // off the IPC path (see `syscall_handler`)
-pub fn revoke(pd: &Arc<Pd>, crd: Crd, own: bool) -> Result<(), Status> {
+pub fn revoke(pd: &Arc<Pd>, crd: Crd, own: bool, cpu: &mut crate::cpu::Cpu) -> Result<(), Status> {
     if !crd.is_aligned() {
         return Err(Status::BadParameter);
     }
@@ -516,12 +516,12 @@ pub fn revoke(pd: &Arc<Pd>, crd: Crd, own: bool) -> Result<(), Status> {
             };
             remove_caps(&removed);
             for p in doomed {
-                destroy(&p);
+                destroy(&p, cpu);
             }
             for o in ended {
                 match o {
-                    KObj::Ec(e) => crate::sched::kill(&e),
-                    KObj::Sc(sc) => crate::sched::kill_sc(&sc),
+                    KObj::Ec(e) => crate::sched::kill(&e, cpu),
+                    KObj::Sc(sc) => crate::sched::kill_sc(&sc, cpu),
                     _ => {}
                 }
             }
@@ -593,10 +593,10 @@ fn unmap_removed(removed: &[Removed]) {
 
 /// Destroys a PD (its original capability was revoked) and, iteratively, every PD it
 /// created: their original capabilities were in its object space.
-pub fn destroy(pd: &Arc<Pd>) {
+pub fn destroy(pd: &Arc<Pd>, cpu: &mut crate::cpu::Cpu) {
     let mut work = alloc::vec![pd.clone()];
     while let Some(p) = work.pop() {
-        if !p.kill() {
+        if !p.kill(cpu) {
             continue;
         }
         {

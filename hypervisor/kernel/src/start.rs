@@ -45,6 +45,9 @@ fn subtract(s: u64, e: u64, holes: &[(u64, u64)], out: &mut Vec<(u64, u64)>) {
 /// The boot CPU: create the root task, then schedule.
 pub fn bsp() -> ! {
     sched::init_cpu();
+    // SAFETY: the boot CPU's kernel entry, interrupts off, before anything else of the
+    // kernel runs on it.
+    let cpu = &mut unsafe { crate::cpu::Cpu::enter() };
     let bi = crate::multiboot::info();
     if bi.has_arg("trace_tick") {
         crate::trap::TRACE_TICK.store(true, Ordering::Relaxed);
@@ -140,7 +143,7 @@ pub fn bsp() -> ! {
     while APS_READY.load(Ordering::Acquire) + 1 < crate::arch::online_cpus() {
         core::hint::spin_loop();
     }
-    if let Err(e) = root::create(&p) {
+    if let Err(e) = root::create(&p, cpu) {
         kprintln!("cannot start the root task: {:?}", e);
         crate::arch::x86::qemu::qemu_exit(0x11);
     }

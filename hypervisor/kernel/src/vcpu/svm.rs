@@ -84,7 +84,7 @@ const VINTR_REQ: u64 = (1 << 8) | (0xf << 16) | (1 << 20);
 const V_INTR_MASKING: u64 = 1 << 24;
 
 /// The SVM state of a vCPU beyond its EC, touched only by its CPU with interrupts off.
-struct State {
+pub(super) struct State {
     gprs: Gprs,
     asid: u32,
     asid_gen: u64,
@@ -98,12 +98,9 @@ pub struct Vcpu {
 }
 
 impl Vcpu {
-    /// # Safety
-    /// Only the vCPU's CPU, with interrupts off, and no other reference alive.
-    #[allow(clippy::mut_from_ref)]
-    unsafe fn state(&self) -> &mut State {
-        // SAFETY: forwarded to the caller.
-        unsafe { &mut *self.st.get() }
+    /// The cell of the CPU-local state (borrowed through the token: `vcpu::Vcpu::parts`).
+    pub(super) fn state_ptr(&self) -> *mut State {
+        self.st.get()
     }
 }
 
@@ -190,9 +187,7 @@ pub fn create(pd: &Pd, g: &SpaceGuest) -> Result<Vcpu, Status> {
 }
 
 /// Enters the guest of SVM vCPU `v` (current on this CPU, FPU loaded) until an exit.
-pub(super) fn run(ec: &Ec, v: &Vcpu, c: &mut Common) -> Next {
-    // SAFETY: the current vCPU on its own CPU, interrupts off.
-    let st = unsafe { v.state() };
+pub(super) fn run(ec: &Ec, v: &Vcpu, st: &mut State, c: &mut Common) -> Next {
     let vm = Vmcb::at(v.vmcb);
     // CS.L outside long mode is the one inconsistency a guest can load by itself (a far
     // jump); everything else `check_entry` looks at changes only through `put_state`.
@@ -440,9 +435,7 @@ fn check_entry(vm: Vmcb) -> bool {
 }
 
 /// Writes the state `mtd` selects from vCPU `ec` into a handler's UTCB.
-pub(super) fn get_state(v: &Vcpu, mtd: Mtd, a: &mut ArchState) {
-    // SAFETY: the vCPU is bound to this CPU and does not run (it is delivering).
-    let st = unsafe { v.state() };
+pub(super) fn get_state(v: &Vcpu, st: &mut State, mtd: Mtd, a: &mut ArchState) {
     let vm = Vmcb::at(v.vmcb);
     let g = &st.gprs.0;
     if mtd.contains(Mtd::GPR_ACDB) {
@@ -610,9 +603,7 @@ fn apply_ctrl(vm: Vmcb, c: [u64; 2]) {
 /// reading each value once (so `a` may be the VMM's UTCB itself); false if one was
 /// refused (a non-canonical RIP, not written).
 #[inline(always)]
-pub(super) fn put_simple(v: &Vcpu, a: &ArchState, mtd: Mtd) -> bool {
-    // SAFETY: the vCPU is bound to this CPU and waits for this reply.
-    let st = unsafe { v.state() };
+pub(super) fn put_simple(v: &Vcpu, st: &mut State, a: &ArchState, mtd: Mtd) -> bool {
     let vm = Vmcb::at(v.vmcb);
     if mtd.contains(Mtd::GPR_ACDB) {
         vm.w64(f::RAX, a.gpr[0]);
@@ -640,10 +631,10 @@ pub(super) fn put_simple(v: &Vcpu, a: &ArchState, mtd: Mtd) -> bool {
     true
 }
 
-pub(super) fn put_state(v: &Vcpu, c: &mut Common, a: &ArchState) -> bool {
+pub(super) fn put_state(v: &Vcpu, st: &mut State, c: &mut Common, a: &ArchState) -> bool {
     let vm = Vmcb::at(v.vmcb);
     let mtd = a.mtd;
-    let mut bad = !put_simple(v, a, mtd);
+    let mut bad = !put_simple(v, st, a, mtd);
     let mut take = |ok: bool, w: &mut dyn FnMut()| {
         if ok {
             w()

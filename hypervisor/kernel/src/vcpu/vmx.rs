@@ -53,7 +53,7 @@ const BLOCK_STI_MOVSS: u64 = 3;
 const RFLAGS_TF: u64 = 1 << 8;
 
 /// The VMX state of a vCPU beyond its EC, touched only by its CPU with interrupts off.
-struct State {
+pub(super) struct State {
     gprs: Gprs,
     /// VMLAUNCH succeeded (VMRESUME next).
     launched: bool,
@@ -91,12 +91,9 @@ pub struct Vcpu {
 }
 
 impl Vcpu {
-    /// # Safety
-    /// Only the vCPU's CPU, with interrupts off, and no other reference alive.
-    #[allow(clippy::mut_from_ref)]
-    unsafe fn state(&self) -> &mut State {
-        // SAFETY: forwarded to the caller.
-        unsafe { &mut *self.st.get() }
+    /// The cell of the CPU-local state (borrowed through the token: `vcpu::Vcpu::parts`).
+    pub(super) fn state_ptr(&self) -> *mut State {
+        self.st.get()
     }
 }
 
@@ -163,12 +160,12 @@ pub fn create(pd: &Pd, g: &SpaceGuest) -> Result<Vcpu, Status> {
 
 /// Frees the VMCS and virtual-APIC page (the vCPU is gone). A VMCS that may be active
 /// on its CPU is cleared there first.
-pub fn release(pd: &Pd, cpu: usize, v: &Vcpu) {
+pub fn release(pd: &Pd, cpu: usize, v: &mut Vcpu) {
     if v.vapic != 0 {
         crate::kmem::free_frame(pd, v.vapic);
     }
-    // SAFETY: nobody else refers to the vCPU any more.
-    let ready = unsafe { v.state() }.ready;
+    // Nobody else refers to the vCPU any more.
+    let ready = v.st.get_mut().ready;
     if !ready {
         crate::kmem::free_frame(pd, v.vmcs);
         return;
@@ -542,10 +539,8 @@ fn host_syscall_msrs() -> [u64; 4] {
 const SYSCALL_MSRS: [Msr; 4] = [Msr::Star, Msr::Lstar, Msr::Cstar, Msr::Fmask];
 
 /// Enters the guest of VMX vCPU `v` (current on this CPU, FPU loaded) until an exit.
-pub(super) fn run(ec: &Ec, v: &Vcpu, c: &mut Common) -> Next {
+pub(super) fn run(ec: &Ec, v: &Vcpu, st: &mut State, c: &mut Common) -> Next {
     reap();
-    // SAFETY: the current vCPU on its own CPU, interrupts off.
-    let st = unsafe { v.state() };
     load(v, st);
     if c.check {
         // VM exits keep EFER.LMA and the IA-32e-mode-guest control in step with the
@@ -867,9 +862,7 @@ fn debug_exit(c: &mut Common, q: u64) {
 
 /// Writes the state `mtd` selects from VMX vCPU `v` into a handler's UTCB.
 #[inline(always)]
-pub(super) fn get_state(v: &Vcpu, c: &Common, mtd: Mtd, a: &mut ArchState) {
-    // SAFETY: the vCPU is bound to this CPU and does not run (it is delivering).
-    let st = unsafe { v.state() };
+pub(super) fn get_state(v: &Vcpu, st: &mut State, c: &Common, mtd: Mtd, a: &mut ArchState) {
     load(v, st);
     let g = &st.gprs.0;
     if mtd.contains(Mtd::GPR_ACDB) {
@@ -1026,9 +1019,7 @@ fn apply_ctrl(c: &VmxCaps, ctl: [u64; 2]) {
 /// reading each value once (so `a` may be the VMM's UTCB itself); false if one was
 /// refused (a non-canonical RIP, not written). Makes the VMCS current first.
 #[inline(always)]
-pub(super) fn put_simple(v: &Vcpu, a: &ArchState, mtd: Mtd) -> bool {
-    // SAFETY: the vCPU is bound to this CPU and waits for this reply.
-    let st = unsafe { v.state() };
+pub(super) fn put_simple(v: &Vcpu, st: &mut State, a: &ArchState, mtd: Mtd) -> bool {
     load(v, st);
     if mtd.contains(Mtd::GPR_ACDB) {
         st.gprs.0[0..4].copy_from_slice(&a.gpr[0..4]);
@@ -1055,12 +1046,9 @@ pub(super) fn put_simple(v: &Vcpu, a: &ArchState, mtd: Mtd) -> bool {
     true
 }
 
-pub(super) fn put_state(v: &Vcpu, c: &mut Common, a: &ArchState) -> bool {
+pub(super) fn put_state(v: &Vcpu, st: &mut State, c: &mut Common, a: &ArchState) -> bool {
     let mtd = a.mtd;
-    let mut bad = !put_simple(v, a, mtd);
-    // SAFETY: the vCPU is bound to this CPU and waits for this reply (`put_simple` is
-    // done with its reference).
-    let st = unsafe { v.state() };
+    let mut bad = !put_simple(v, st, a, mtd);
     let caps = vmx::info();
     let mut take = |ok: bool, w: &mut dyn FnMut()| {
         if ok {
