@@ -33,7 +33,7 @@ use alloc::sync::Arc;
 use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicBool, Ordering};
 
-use peregrine_abi::event::vcpu as ev;
+use peregrine_abi::event::VcpuEvent as Ev;
 use peregrine_abi::hip::{Features, MAX_CPUS};
 use peregrine_abi::utcb::{inj, ArchState, Segment};
 use peregrine_abi::{Mtd, Status};
@@ -432,7 +432,7 @@ pub fn create(pd: &Arc<Pd>, cpu: usize, evt: u64) -> Result<Arc<Ec>, Status> {
         return Err(Status::BadParameter);
     };
     if evt
-        .checked_add(ev::RECALL)
+        .checked_add(Ev::Recall as u64)
         .is_none_or(|e| e >= crate::pd::SEL_NUM)
     {
         return Err(Status::BadParameter);
@@ -515,10 +515,19 @@ fn make_current(ec: &Arc<Ec>, cpu: &mut Cpu) {
 /// The first dispatch of a vCPU: its STARTUP event.
 pub fn startup(ec: Arc<Ec>, cpu: &mut Cpu) -> ! {
     make_current(&ec, cpu);
-    deliver(ec, ev::STARTUP, cpu)
+    deliver(ec, Ev::Startup, cpu)
 }
 
-fn deliver(ec: Arc<Ec>, nr: u64, cpu: &mut Cpu) -> ! {
+/// Delivers `event` of vCPU `ec` to its VMM's portal (in line: the number the
+/// callers pass is mostly a constant, which the conversion then folds into).
+#[inline(always)]
+fn deliver(ec: Arc<Ec>, event: Ev, cpu: &mut Cpu) -> ! {
+    deliver_nr(ec, event as u64, cpu)
+}
+
+/// [`deliver`] with the event's number: its portal's offset from the event base (and
+/// the number the UTCB carries).
+fn deliver_nr(ec: Arc<Ec>, nr: u64, cpu: &mut Cpu) -> ! {
     // The common case first: an idle handler on this CPU (nothing pending then).
     let ec = crate::fastpath::vcpu_event(ec, nr, cpu);
     if let Some(v) = ec.vcpu.as_deref() {
@@ -545,10 +554,12 @@ extern "C" fn entry(p: usize) -> ! {
     run(ec, &mut unsafe { Cpu::enter() })
 }
 
-/// What an exit asks for.
+/// What an exit asks for. (A tag of its own, not a niche of the event's: the exit paths
+/// then hand each event straight to `deliver`, whose number folds into a constant.)
+#[repr(u8)]
 enum Next {
     /// Deliver this event to the VMM.
-    Event(u64),
+    Event(Ev),
     /// A host interrupt or NMI, or an exit the kernel handled itself: take pending
     /// interrupts, then schedule (which enters the guest again, unless another EC is
     /// due).
@@ -596,10 +607,10 @@ pub fn run(ec: Arc<Ec>, cpu: &mut Cpu) -> ! {
     }
     // A refused reply makes INVALID_STATE the next event, before a pending recall.
     if core::mem::take(&mut c.invalid) {
-        deliver(ec, ev::INVALID_STATE, cpu);
+        deliver(ec, Ev::InvalidState, cpu);
     }
     if ec.recall.swap(false, Ordering::AcqRel) {
-        deliver(ec, ev::RECALL, cpu);
+        deliver(ec, Ev::Recall, cpu);
     }
     crate::fpu::load_for_guest(&ec);
     let p = v.parts(cpu);
@@ -634,7 +645,7 @@ pub fn get_state(ec: &Ec, mtd: Mtd, vector: u64, a: &mut ArchState, ecs: &mut Ec
     };
     // The vCPU is bound to this CPU and does not run (it is delivering).
     v.common(ecs).pending = None;
-    if vector == ev::STARTUP {
+    if vector == Ev::Startup as u64 {
         ec.local(ecs).started = true;
     }
     let c = v.common(ecs);

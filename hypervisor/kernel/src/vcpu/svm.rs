@@ -10,7 +10,7 @@
 use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicU8, Ordering};
 
-use peregrine_abi::event::vcpu as ev;
+use peregrine_abi::event::VcpuEvent as Ev;
 use peregrine_abi::utcb::{ctrl, inj, ArchState, Segment};
 use peregrine_abi::{Mtd, Status};
 
@@ -194,7 +194,7 @@ pub(super) fn run(ec: &Ec, v: &Vcpu, st: &mut State, c: &mut Common) -> Next {
     let long_cs = || (vm.r32(f::CS) >> 16) & u32::from(AR_L) != 0;
     if c.check || (long_cs() && vm.r64(f::EFER) & EFER_LMA == 0) {
         if !check_entry(vm) {
-            return Next::Event(ev::INVALID_STATE);
+            return Next::Event(Ev::InvalidState);
         }
         c.check = false;
     }
@@ -279,7 +279,7 @@ fn handle_exit(vm: Vmcb, st: &mut Common) -> Next {
     if vm.r64(f::RIP) == svm::resume_rip() && vm.r64(f::CR3) == crate::arch::x86::cr::read_cr3() {
         st.qual = [u64::MAX, 0];
         st.inst_len = 0;
-        return Next::Event(ev::INVALID_STATE);
+        return Next::Event(Ev::InvalidState);
     }
     let code = vm.r64(f::EXITCODE);
     let (i1, i2) = (vm.r64(f::EXITINFO1), vm.r64(f::EXITINFO2));
@@ -309,24 +309,24 @@ fn handle_exit(vm: Vmcb, st: &mut Common) -> Next {
     };
     let nr = match code {
         exit::INTR | exit::NMI | exit::SMI => return Next::Interrupt,
-        exit::INIT => ev::INIT,
+        exit::INIT => Ev::Init,
         exit::VINTR => {
             vm.w64(f::VINTR, vm.r64(f::VINTR) & !VINTR_REQ);
             vm.w32(f::INTERCEPT_3, vm.r32(f::INTERCEPT_3) & !i3::VINTR);
-            ev::INTR_WINDOW
+            Ev::IntrWindow
         }
-        exit::CPUID => ev::CPUID,
-        exit::HLT => ev::HLT,
-        exit::VMMCALL => ev::VMCALL,
-        exit::INVD => ev::INVD,
-        exit::PAUSE => ev::PAUSE,
-        exit::RDTSC => ev::RDTSC,
-        exit::RDTSCP => ev::RDTSCP,
-        exit::WBINVD => ev::WBINVD,
-        exit::MONITOR => ev::MONITOR,
-        exit::MWAIT | exit::MWAIT_COND => ev::MWAIT,
-        exit::XSETBV => ev::XSETBV,
-        exit::INVLPG => ev::INVLPG,
+        exit::CPUID => Ev::Cpuid,
+        exit::HLT => Ev::Hlt,
+        exit::VMMCALL => Ev::Vmcall,
+        exit::INVD => Ev::Invd,
+        exit::PAUSE => Ev::Pause,
+        exit::RDTSC => Ev::Rdtsc,
+        exit::RDTSCP => Ev::Rdtscp,
+        exit::WBINVD => Ev::Wbinvd,
+        exit::MONITOR => Ev::Monitor,
+        exit::MWAIT | exit::MWAIT_COND => Ev::Mwait,
+        exit::XSETBV => Ev::Xsetbv,
+        exit::INVLPG => Ev::Invlpg,
         exit::IOIO => {
             st.qual = [io_qual(i1), i1];
             if i2 > rip && i2 - rip <= 15 {
@@ -334,21 +334,21 @@ fn handle_exit(vm: Vmcb, st: &mut Common) -> Next {
             }
             // EXITINFO1 bit 2: INS/OUTS.
             if i1 & (1 << 2) != 0 {
-                ev::IO_STRING
+                Ev::IoString
             } else {
-                ev::IO
+                Ev::Io
             }
         }
         exit::MSR => {
             if i1 & 1 != 0 {
-                ev::WRMSR
+                Ev::Wrmsr
             } else {
-                ev::RDMSR
+                Ev::Rdmsr
             }
         }
-        exit::SHUTDOWN => ev::TRIPLE_FAULT,
-        exit::NPF => ev::NPT_FAULT,
-        exit::TASK_SWITCH => ev::TASK_SWITCH,
+        exit::SHUTDOWN => Ev::TripleFault,
+        exit::NPF => Ev::NptFault,
+        exit::TASK_SWITCH => Ev::TaskSwitch,
         exit::EXC_MC => return super::machine_check(),
         exit::DR0_READ..=exit::DR15_WRITE => {
             // The kernel's (`super::Dr`): the MOV DR runs again without an intercept.
@@ -366,7 +366,7 @@ fn handle_exit(vm: Vmcb, st: &mut Common) -> Next {
                     | ((i1 & 0xffff_ffff) << 32),
                 i2,
             ];
-            ev::EXCEPTION
+            Ev::Exception
         }
         exit::CR0_READ..=exit::CR15_WRITE => {
             let crn = code & 0xf;
@@ -377,15 +377,15 @@ fn handle_exit(vm: Vmcb, st: &mut Common) -> Next {
                 0
             };
             st.qual = [crn | (u64::from(read) << 4) | gpr, i1];
-            ev::CR_ACCESS
+            Ev::CrAccess
         }
         // VMEXIT_INVALID is -1; QEMU writes it as a 32-bit -1. Taken for another exit,
         // the VMM's reply entered the guest with what QEMU's failed VMRUN left in the
         // VMCB: the host's own state.
-        c if c as u32 == exit::INVALID as u32 => ev::INVALID_STATE,
+        c if c as u32 == exit::INVALID as u32 => Ev::InvalidState,
         _ => {
             st.qual = [code, i1];
-            ev::OTHER
+            Ev::Other
         }
     };
     Next::Event(nr)

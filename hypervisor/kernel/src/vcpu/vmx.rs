@@ -20,7 +20,7 @@ use alloc::vec::Vec;
 use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicBool, Ordering};
 
-use peregrine_abi::event::vcpu as ev;
+use peregrine_abi::event::VcpuEvent as Ev;
 use peregrine_abi::hip::MAX_CPUS;
 use peregrine_abi::utcb::{ctrl, inj, ArchState, Segment};
 use peregrine_abi::{Mtd, Status};
@@ -669,7 +669,7 @@ pub(super) fn run(ec: &Ec, v: &Vcpu, st: &mut State, c: &mut Common) -> Next {
             }
             c.qual = [0xffff_ffff, err];
             c.inst_len = 0;
-            Next::Event(ev::INVALID_STATE)
+            Next::Event(Ev::InvalidState)
         }
     }
 }
@@ -705,7 +705,7 @@ fn handle_exit(st: &mut State, c: &mut Common) -> Next {
     if full & r::ENTRY_FAILURE != 0 {
         c.qual = [u64::from(full), q];
         c.inst_len = 0;
-        return Next::Event(ev::INVALID_STATE);
+        return Next::Event(Ev::InvalidState);
     }
     st.launched = true;
     // An event whose delivery the exit interrupted is delivered on the next entry
@@ -760,15 +760,15 @@ fn handle_exit(st: &mut State, c: &mut Common) -> Next {
             if matches!((info >> 8) & 7, 5 | 6) {
                 c.inst_len = read_basic(f::EXIT_INSTRUCTION_LEN);
             }
-            ev::EXCEPTION
+            Ev::Exception
         }
         r::INTR_WINDOW => {
             clear_proc1(proc1::INTR_WINDOW);
-            ev::INTR_WINDOW
+            Ev::IntrWindow
         }
         r::NMI_WINDOW => {
             clear_proc1(proc1::NMI_WINDOW);
-            ev::NMI_WINDOW
+            Ev::NmiWindow
         }
         r::DR_ACCESS => {
             // The kernel's (`super::Dr`): the MOV DR runs again without exiting.
@@ -776,33 +776,34 @@ fn handle_exit(st: &mut State, c: &mut Common) -> Next {
             clear_proc1(proc1::MOV_DR);
             return Next::Interrupt;
         }
-        r::TRIPLE_FAULT
-        | r::INIT
-        | r::SIPI
-        | r::TASK_SWITCH
-        | r::CPUID
-        | r::HLT
-        | r::INVD
-        | r::INVLPG
-        | r::RDTSC
-        | r::VMCALL
-        | r::CR_ACCESS
-        | r::RDMSR
-        | r::WRMSR
-        | r::MWAIT
-        | r::MONITOR
-        | r::PAUSE
-        | r::RDTSCP
-        | r::WBINVD
-        | r::XSETBV => u64::from(reason),
+        // The event numbers of these are their basic exit reasons.
+        r::TRIPLE_FAULT => Ev::TripleFault,
+        r::INIT => Ev::Init,
+        r::SIPI => Ev::Sipi,
+        r::TASK_SWITCH => Ev::TaskSwitch,
+        r::CPUID => Ev::Cpuid,
+        r::HLT => Ev::Hlt,
+        r::INVD => Ev::Invd,
+        r::INVLPG => Ev::Invlpg,
+        r::RDTSC => Ev::Rdtsc,
+        r::VMCALL => Ev::Vmcall,
+        r::CR_ACCESS => Ev::CrAccess,
+        r::RDMSR => Ev::Rdmsr,
+        r::WRMSR => Ev::Wrmsr,
+        r::MWAIT => Ev::Mwait,
+        r::MONITOR => Ev::Monitor,
+        r::PAUSE => Ev::Pause,
+        r::RDTSCP => Ev::Rdtscp,
+        r::WBINVD => Ev::Wbinvd,
+        r::XSETBV => Ev::Xsetbv,
         r::IO => {
             // Size − 1, in, string, rep, port (the operand-encoding bit is left out).
             c.qual = [q & 0xffff_003f, read_basic(f::EXIT_INSTRUCTION_INFO)];
             // Qualification bit 4: INS/OUTS.
             if q & (1 << 4) != 0 {
-                ev::IO_STRING
+                Ev::IoString
             } else {
-                ev::IO
+                Ev::Io
             }
         }
         r::EPT_VIOLATION => {
@@ -819,18 +820,18 @@ fn handle_exit(st: &mut State, c: &mut Common) -> Next {
                 present | (q & 2) | ((q & 4) << 2) | if walk { 1 << 33 } else { 1 << 32 },
                 read_basic(f::GUEST_PHYSICAL_ADDRESS),
             ];
-            ev::NPT_FAULT
+            Ev::NptFault
         }
         r::EPT_MISCONFIG => {
             c.qual = [
                 1 | (1 << 3) | (1 << 32),
                 read_basic(f::GUEST_PHYSICAL_ADDRESS),
             ];
-            ev::NPT_FAULT
+            Ev::NptFault
         }
         _ => {
             c.qual = [u64::from(full), q];
-            ev::OTHER
+            Ev::Other
         }
     };
     Next::Event(nr)
