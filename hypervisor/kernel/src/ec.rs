@@ -191,7 +191,7 @@ impl Ec {
     /// accessors rest on.
     #[inline(always)]
     fn on_its_cpu(&self) {
-        debug_assert_eq!(self.cpu, crate::percpu::cpu_id());
+        debug_assert_eq!(self.cpu, crate::platform::percpu::cpu_id());
     }
 
     /// Whether the EC can no longer run.

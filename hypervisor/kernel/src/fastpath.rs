@@ -12,8 +12,9 @@
 //! - no reference to the running EC is counted up and down: the reference the CPU holds
 //!   moves into the handler's `caller` and back;
 //! - a handler starts a call with fresh registers, so it is entered straight through
-//!   `sysret` with its entry state in registers ([`crate::entry::enter_handler`]) rather
-//!   than through a frame written to memory and popped again;
+//!   `sysret` with its entry state in registers
+//!   ([`crate::arch::x86::entry::enter_handler`]) rather than through a frame written to
+//!   memory and popped again;
 //! - the message words move with one `rep movsq`.
 //!
 //! [`ipc`]: crate::ipc
@@ -172,7 +173,7 @@ fn call(l: &mut CpuLocal, ecs: &mut Ecs, sel: u64) {
     // SAFETY: `ip` is a user address (checked when the portal was made), `sp` and
     // `utcb` are the handler's (checked when it was made); this CPU is on its kernel
     // stack with the kernel's GS and has switched to the handler's context above.
-    unsafe { crate::entry::enter_handler(id, utcb, ip, sp) }
+    unsafe { crate::arch::x86::entry::enter_handler(id, utcb, ip, sp) }
 }
 
 /// Entered from the syscall stub for a plain `reply` by a local EC, whose registers it
@@ -229,7 +230,7 @@ pub fn vcpu_event(c: Arc<Ec>, vector: u64, cpu: &mut Cpu) -> Arc<Ec> {
     // loaded (the vCPU's `caller` reference keeps it anyway).
     release(l.current.replace(h));
     // SAFETY: as in `call`.
-    unsafe { crate::entry::enter_handler(id, utcb, ip, sp) }
+    unsafe { crate::arch::x86::entry::enter_handler(id, utcb, ip, sp) }
 }
 
 /// `reply` by the running EC.

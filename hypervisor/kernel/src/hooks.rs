@@ -49,11 +49,11 @@ pub fn ipi(vector: u8) {
 /// The BSP finished bring-up (all CPUs online): start the root task.
 pub fn bsp_ready() -> ! {
     crate::vcpu::init_cpu(0);
-    crate::start::bsp()
+    crate::platform::start::bsp()
 }
 
 /// Application processor `cpu` finished bring-up.
 pub fn ap_ready(cpu: usize) -> ! {
     crate::vcpu::init_cpu(cpu);
-    crate::start::ap()
+    crate::platform::start::ap()
 }

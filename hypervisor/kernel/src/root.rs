@@ -189,7 +189,7 @@ fn build_hip(page: *mut u8, p: &Platform) {
         freq_bus_khz: p.bus_khz,
         root_quota: p.root_quota as u64,
         rsdp: p.rsdp,
-        boot_tsc: crate::boot::BOOT_TSC.load(core::sync::atomic::Ordering::Relaxed),
+        boot_tsc: crate::platform::boot::BOOT_TSC.load(core::sync::atomic::Ordering::Relaxed),
     };
     // SAFETY: the page is a fresh kernel frame; all writes stay inside it: the fixed part
     // at 0, MAX_CPUS CPU and MAX_MEM_DESC memory descriptors before the strings (the
@@ -268,7 +268,7 @@ pub fn create(p: &Platform, cpu: &mut crate::cpu::Cpu) -> Result<(), RootError> 
     let mut f = Frame::user(entry, 0);
     f.rdi = ROOT_HIP_ADDR;
     f.rsi = ROOT_UTCB_ADDR;
-    let cpu_id = crate::percpu::cpu_id();
+    let cpu_id = crate::platform::percpu::cpu_id();
     let ec = Arc::new(Ec::new(
         None,
         root.clone(),

@@ -16,7 +16,7 @@ use spin::Mutex;
 
 use crate::cpu::{Cpu, Ecs};
 use crate::ec::Ec;
-use crate::percpu;
+use crate::platform::percpu;
 use crate::sc::Sc;
 use crate::sm::Sm;
 
@@ -535,7 +535,7 @@ macro_rules! on_fresh_stack {
             "xor ebp, ebp",
             "call {f}",
             "ud2",
-            k = const crate::percpu::PERCPU_KSTACK_TOP,
+            k = const crate::platform::percpu::PERCPU_KSTACK_TOP,
             f = sym $f,
             in("rdi") $arg,
             options(noreturn)

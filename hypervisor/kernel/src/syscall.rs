@@ -421,9 +421,9 @@ fn pd_stat(pd: &Pd, item: u64) -> Result<u64, Status> {
         stat::POOL_FREE => {
             // Frames waiting for a shootdown are free in all but name.
             crate::tlb::reclaim_now();
-            Ok(crate::mem::frame::stats().0 as u64)
+            Ok(crate::mem::pool::stats().0 as u64)
         }
-        stat::POOL_TOTAL => Ok(crate::mem::frame::stats().1 as u64),
+        stat::POOL_TOTAL => Ok(crate::mem::pool::stats().1 as u64),
         stat::HEAP_USED => Ok(crate::mem::heap::stats().0 as u64),
         stat::HEAP_MAPPED => Ok(crate::mem::heap::stats().1),
         stat::MDB_NODES => Ok(space::nodes()),

@@ -59,7 +59,7 @@ pub fn after_user_interrupt(saved: &Frame, cpu: &mut Cpu) -> ! {
     if TRACE_TICK.load(Relaxed) && TICKS.fetch_add(1, Relaxed).is_multiple_of(1024) {
         crate::kprintln!(
             "tick: cpu {} pd {} rip {:#x} rsp {:#x}",
-            crate::percpu::cpu_id(),
+            crate::platform::percpu::cpu_id(),
             sched::current(cpu).pd.id,
             saved.rip,
             saved.rsp

@@ -196,7 +196,7 @@ impl Vcpu {
     /// through its CPU's token.
     #[inline(always)]
     fn parts<'a>(&'a self, _: &'a mut Ecs) -> Parts<'a> {
-        debug_assert_eq!(self.cpu, crate::percpu::cpu_id());
+        debug_assert_eq!(self.cpu, crate::platform::percpu::cpu_id());
         let hw = match &self.hw {
             // SAFETY: as below, for the backend's cell.
             Hw::Svm(s) => HwMut::Svm(s, unsafe { &mut *s.state_ptr() }),
@@ -275,7 +275,7 @@ const FORCED_EXC: u32 = (1 << 1) | (1 << 17) | (1 << 18);
 fn machine_check() -> Next {
     crate::kprintln!(
         "cpu {}: machine check while a guest ran",
-        crate::percpu::cpu_id()
+        crate::platform::percpu::cpu_id()
     );
     Next::Interrupt
 }
@@ -320,7 +320,7 @@ fn trace() -> bool {
 /// Enables hardware virtualization on this CPU at bring-up (the backend is decided
 /// once, by whichever CPU asks first: see `backend`).
 pub fn init_cpu(cpu: usize) {
-    if cpu == 0 && crate::multiboot::info().has_arg("trace_vm") {
+    if cpu == 0 && crate::platform::multiboot::info().has_arg("trace_vm") {
         TRACE.store(true, Ordering::Relaxed);
     }
     match backend() {

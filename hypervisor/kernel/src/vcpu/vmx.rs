@@ -171,7 +171,7 @@ pub fn release(pd: &Pd, cpu: usize, v: &mut Vcpu) {
         return;
     }
     crate::kmem::uncharge(pd, 1);
-    if crate::percpu::cpu_id() == cpu {
+    if crate::platform::percpu::cpu_id() == cpu {
         crate::arch::x86::cr::without_interrupts(|| {
             // SAFETY: VMX is on here (the VMCS was set up on this CPU); the VMCS is
             // ours and was only ever active on this CPU.
@@ -186,7 +186,7 @@ pub fn release(pd: &Pd, cpu: usize, v: &mut Vcpu) {
 
 /// Clears and frees VMCS regions of vCPUs of this CPU that went elsewhere.
 fn reap() {
-    let cpu = crate::percpu::cpu_id();
+    let cpu = crate::platform::percpu::cpu_id();
     if !ZOMBIE_ANY[cpu].load(Ordering::Relaxed) || !ZOMBIE_ANY[cpu].swap(false, Ordering::Acquire) {
         return;
     }
@@ -367,7 +367,7 @@ fn load(v: &Vcpu, st: &mut State) {
 #[inline(never)]
 fn init_vmcs(v: &Vcpu) {
     let c = vmx::info();
-    let cpu = crate::percpu::cpu_id();
+    let cpu = crate::platform::percpu::cpu_id();
     let need = pin::EXT_INT_EXITING | pin::NMI_EXITING | pin::VIRTUAL_NMIS;
     write(f::PIN_CONTROLS, u64::from((need | c.pin.0) & c.pin.1));
     write(f::PROC_CONTROLS, u64::from(proc1_for(c, 0, 0)));
@@ -606,7 +606,7 @@ pub(super) fn run(ec: &Ec, v: &Vcpu, st: &mut State, c: &mut Common) -> Next {
     }
     // The host's KERNEL_GS_BASE here is user mode's GS base, `percpu::USER_GS_BASE`:
     // a guest with the same value needs no write.
-    if swap_kgs && st.msr[4] != crate::percpu::USER_GS_BASE {
+    if swap_kgs && st.msr[4] != crate::platform::percpu::USER_GS_BASE {
         // SAFETY: KERNEL_GS_BASE exists on every x86_64 CPU; the guest's value (checked
         // canonical by `put_state`) is used only by the guest's SWAPGS: the kernel
         // executes none before it restores the host's value.
@@ -649,8 +649,8 @@ pub(super) fn run(ec: &Ec, v: &Vcpu, st: &mut State, c: &mut Common) -> Next {
         // host's own value goes back unless it is there.
         unsafe {
             st.msr[4] = rdmsr(Msr::KernelGsBase);
-            if st.msr[4] != crate::percpu::USER_GS_BASE {
-                wrmsr(Msr::KernelGsBase, crate::percpu::USER_GS_BASE);
+            if st.msr[4] != crate::platform::percpu::USER_GS_BASE {
+                wrmsr(Msr::KernelGsBase, crate::platform::percpu::USER_GS_BASE);
             }
         }
     }
