@@ -4,7 +4,8 @@
 //! An EC is bound to one CPU for life. Everything in [`EcLocal`] is touched only by
 //! that CPU, with interrupts off, so it needs no lock; another CPU hands an EC back to
 //! it only through the semaphore and remote-wake paths, which own a blocked EC until
-//! they enqueue it.
+//! they enqueue it. The frame, the local state and the UTCB are reached through that
+//! CPU's token ([`crate::cpu`]), which keeps two references to them from living at once.
 
 use alloc::collections::VecDeque;
 use alloc::sync::Arc;
