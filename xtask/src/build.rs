@@ -114,8 +114,12 @@ impl Images {
     }
 }
 
-/// The `cargo build` arguments for the components.
-pub fn cargo_args(profile: Profile) -> Vec<String> {
+/// The root's feature with its test and benchmark scenarios (`test=`, `bench=`).
+pub const SCENARIOS: &str = "nul-root/scenarios";
+
+/// The `cargo build` arguments for the components; `scenarios`: the root with its test
+/// and benchmark scenarios ([`SCENARIOS`]).
+pub fn cargo_args(profile: Profile, scenarios: bool) -> Vec<String> {
     let mut args = vec!["build".to_string(), "--target".into(), TARGET.into()];
     if profile == Profile::Release {
         args.push("--release".into());
@@ -123,13 +127,23 @@ pub fn cargo_args(profile: Profile) -> Vec<String> {
     for c in COMPONENTS {
         args.extend(["-p".to_string(), c.package.to_string()]);
     }
+    if scenarios {
+        args.extend(["--features".to_string(), SCENARIOS.to_string()]);
+    }
     args
 }
 
-/// Builds all components and checks the kernel's Multiboot header.
+/// Builds all components, the root with its scenarios (what every test and benchmark
+/// boots), and checks the kernel's Multiboot header.
 pub fn build(profile: Profile) -> Result<Images> {
+    build_with(profile, true)
+}
+
+/// [`build`], the root with its scenarios or (`scenarios` false: the production root)
+/// without.
+pub fn build_with(profile: Profile, scenarios: bool) -> Result<Images> {
     crate::deps::ensure_rust_target()?;
-    workspace::run_checked(workspace::cargo().args(cargo_args(profile)))?;
+    workspace::run_checked(workspace::cargo().args(cargo_args(profile, scenarios)))?;
     let images = Images::locate(profile)?;
     for c in COMPONENTS {
         let path = images.path(*c);

@@ -173,7 +173,15 @@ fn run(mut args: Args) -> Result<ExitCode> {
             _ => bail!("run: unknown option {a:?}\n{USAGE}"),
         }
     }
-    let images = xtask::build(profile)?;
+    // The production root (no scenarios), unless the root's arguments name a test or
+    // benchmark, or the default run's Linux guest comes (its root runs the `vmm`
+    // scenario, which waits for the VM's power-off).
+    let default_vm = linux_guest && root_args.is_empty() && emulator == Emulator::Qemu;
+    let scenarios = default_vm
+        || root_args
+            .split_whitespace()
+            .any(|a| a.starts_with("test=") || a.starts_with("bench="));
+    let images = xtask::build::build_with(profile, scenarios)?;
     let mut spec = BootSpec::new("run", &images)
         .kernel_args(&kernel_args.join(" "))
         .root_args(&root_args)
@@ -187,7 +195,7 @@ fn run(mut args: Args) -> Result<ExitCode> {
     // The headline: with no root arguments, a VMM boots the Linux guest (when `cargo
     // xtask linux --prepare` left its files) with a shell on this terminal.
     // On a fresh machine it fetches Debian's kernel and builds the initramfs first.
-    let linux = if linux_guest && root_args.is_empty() && emulator == Emulator::Qemu {
+    let linux = if default_vm {
         match xtask::linux::existing().map_or_else(xtask::linux::prepare, Ok) {
             Ok(g) => Some(g),
             Err(e) => {

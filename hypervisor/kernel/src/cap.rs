@@ -121,7 +121,7 @@ impl Caps {
         self.writing.store(true, Ordering::Relaxed);
         fence(Ordering::SeqCst);
         let me = self as *const Caps as *mut Caps;
-        for r in READING.iter().take(crate::percpu::num_cpus()) {
+        for r in READING.iter().take(crate::platform::percpu::num_cpus()) {
             while r.load(Ordering::Acquire) == me {
                 core::hint::spin_loop();
             }

@@ -4,7 +4,8 @@
 //! An EC is bound to one CPU for life. Everything in [`EcLocal`] is touched only by
 //! that CPU, with interrupts off, so it needs no lock; another CPU hands an EC back to
 //! it only through the semaphore and remote-wake paths, which own a blocked EC until
-//! they enqueue it.
+//! they enqueue it. The frame, the local state and the UTCB are reached through that
+//! CPU's token ([`crate::cpu`]), which keeps two references to them from living at once.
 
 use alloc::collections::VecDeque;
 use alloc::sync::Arc;
@@ -14,6 +15,7 @@ use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use peregrine_abi::{Mtd, Utcb};
 
+use crate::cpu::Ecs;
 use crate::frame::Frame;
 use crate::pd::Pd;
 use crate::sc::Sc;
@@ -152,14 +154,13 @@ impl Ec {
         }
     }
 
-    /// The register frame.
-    ///
-    /// # Safety
-    /// Only the EC's CPU (with interrupts off), or the owner of a blocked EC, may call
-    /// this, and not while another reference from it is alive.
-    #[allow(clippy::mut_from_ref)]
-    pub unsafe fn frame(&self) -> &mut Frame {
-        // SAFETY: the caller upholds exclusivity (see above).
+    /// The register frame, through this CPU's token.
+    #[inline(always)]
+    pub fn frame<'a>(&'a self, _: &'a mut Ecs) -> &'a mut Frame {
+        self.on_its_cpu();
+        // SAFETY: the token proves this CPU runs in the kernel with interrupts off, and an
+        // EC's frame is touched only by the CPU it is bound to (module doc); borrowing
+        // the token for `'a` excludes every other reference to this CPU's EC state.
         unsafe { &mut *self.frame.get() }
     }
 
@@ -168,25 +169,30 @@ impl Ec {
         self.frame.get()
     }
 
-    /// CPU-local state.
-    ///
-    /// # Safety
-    /// As for [`Ec::frame`].
-    #[allow(clippy::mut_from_ref)]
-    pub unsafe fn local(&self) -> &mut EcLocal {
-        // SAFETY: the caller upholds exclusivity (see above).
+    /// CPU-local state, through this CPU's token.
+    #[inline(always)]
+    pub fn local<'a>(&'a self, _: &'a mut Ecs) -> &'a mut EcLocal {
+        self.on_its_cpu();
+        // SAFETY: as in `frame`, for the local state.
         unsafe { &mut *self.local.get() }
     }
 
-    /// The UTCB.
-    ///
-    /// # Safety
-    /// As for [`Ec::frame`]; the user side may write the page concurrently only while
-    /// the EC runs, which it does not while the kernel handles it.
-    #[allow(clippy::mut_from_ref)]
-    pub unsafe fn utcb(&self) -> &mut Utcb {
-        // SAFETY: the page is mapped in the physmap for the EC's lifetime.
+    /// The UTCB, through this CPU's token. The user side may write the page
+    /// concurrently only while the EC runs, which it does not while the kernel handles
+    /// it.
+    #[inline(always)]
+    pub fn utcb<'a>(&'a self, _: &'a mut Ecs) -> &'a mut Utcb {
+        self.on_its_cpu();
+        // SAFETY: as in `frame`, for the UTCB, which is mapped in the physmap for the
+        // EC's lifetime.
         unsafe { &mut *self.utcb }
+    }
+
+    /// Debug builds check that the EC is bound to this CPU, the invariant the token's
+    /// accessors rest on.
+    #[inline(always)]
+    fn on_its_cpu(&self) {
+        debug_assert_eq!(self.cpu, crate::platform::percpu::cpu_id());
     }
 
     /// Whether the EC can no longer run.

@@ -159,7 +159,7 @@ static OWNER: [Owner; MAX_CPUS] = [const {
 /// This CPU's slot and its local part.
 #[inline(always)]
 fn slot() -> (&'static Owner, &'static mut Local) {
-    slot_on(crate::percpu::cpu_id())
+    slot_on(crate::platform::percpu::cpu_id())
 }
 
 /// CPU `cpu`'s slot (the running CPU's) and its local part.

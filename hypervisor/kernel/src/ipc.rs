@@ -16,6 +16,7 @@ use peregrine_abi::utcb::ArchState;
 use peregrine_abi::{Mtd, Status, Utcb};
 
 use crate::cap::KObj;
+use crate::cpu::{Cpu, Ecs};
 use crate::ec::{CallKind, Ec, EcKind};
 use crate::frame::Frame;
 use crate::sched;
@@ -49,9 +50,9 @@ fn portal(ec: &Ec, sel: u64, need_call: bool) -> Result<Entry, Status> {
 }
 
 /// Prepares `h` to run the portal's entry.
-fn enter_handler(h: &Ec, pt: &Entry) {
-    // SAFETY: `h` is a local EC on this CPU, idle (no caller) until now.
-    let f = unsafe { h.frame() };
+fn enter_handler(h: &Ec, pt: &Entry, ecs: &mut Ecs) {
+    // `h` is a local EC on this CPU, idle (no caller) until now.
+    let f = h.frame(ecs);
     // Field by field (not `Frame::user`): a whole-frame store compiles to a `rep stos`,
     // which costs an instruction per word under the emulators' instruction counts.
     let zero = [
@@ -94,24 +95,24 @@ enum Next {
 ///
 /// Every diverging path below drops its references first: a function that never
 /// returns never runs its locals' destructors.
-pub fn call(c: Arc<Ec>, sel: u64, nonblocking: bool) -> ! {
-    match enter_call(&c, sel, nonblocking) {
+pub fn call(c: Arc<Ec>, sel: u64, nonblocking: bool, cpu: &mut Cpu) -> ! {
+    match enter_call(&c, sel, nonblocking, cpu) {
         Ok(Next::Handler(h)) => {
-            // The handler holds its caller (moved, not copied: this path is hot).
-            // SAFETY: `h` is bound to this CPU and about to run for `c`.
-            unsafe { h.local() }.caller = Some(c);
-            sched::ret_to(h)
+            // The handler holds its caller (moved, not copied: this path is hot); it is
+            // bound to this CPU and about to run for `c`.
+            h.local(cpu).caller = Some(c);
+            sched::ret_to(h, cpu)
         }
         Ok(Next::Block) => {
             drop(c);
-            sched::block_current();
+            sched::block_current(cpu);
             sched::schedule()
         }
-        Err(s) => finish(c, s),
+        Err(s) => finish(c, s, cpu),
     }
 }
 
-fn enter_call(c: &Arc<Ec>, sel: u64, nonblocking: bool) -> Result<Next, Status> {
+fn enter_call(c: &Arc<Ec>, sel: u64, nonblocking: bool, cpu: &mut Cpu) -> Result<Next, Status> {
     let pt = portal(c, sel, true)?;
     let h = &pt.ec;
     if h.cpu != c.cpu {
@@ -120,32 +121,28 @@ fn enter_call(c: &Arc<Ec>, sel: u64, nonblocking: bool) -> Result<Next, Status> 
     if h.is_dead() {
         return Err(Status::Aborted);
     }
-    // SAFETY: both ECs are bound to this CPU.
-    let hl = unsafe { h.local() };
+    // Both ECs are bound to this CPU.
+    let hl = h.local(cpu);
     if hl.caller.is_some() || Arc::ptr_eq(h, c) {
         if nonblocking || Arc::ptr_eq(h, c) {
             return Err(Status::Timeout);
         }
         // Wait for the handler; the call is re-issued when it becomes free.
         hl.waiters.try_reserve(1).map_err(|_| Status::OutOfMemory)?;
-        {
-            // SAFETY: `c` runs on this CPU.
-            let f = unsafe { c.frame() };
-            f.rip = f.rip.wrapping_sub(2);
-        }
         hl.waiters.push_back(c.clone());
-        // SAFETY: `c` runs on this CPU.
-        unsafe { c.local() }.waiting_for = Some(h.clone());
+        let f = c.frame(cpu);
+        f.rip = f.rip.wrapping_sub(2);
+        c.local(cpu).waiting_for = Some(h.clone());
         return Ok(Next::Block);
     }
-    // SAFETY: both UTCBs belong to ECs on this CPU, and neither runs now.
-    let (su, du) = unsafe { (c.utcb(), h.utcb()) };
+    // SAFETY: both UTCBs belong to ECs on this CPU (the token is held, unused, while
+    // they live), and neither runs now; they are distinct (`h` is not `c`, checked).
+    let (su, du) = unsafe { (&*c.utcb, &mut *h.utcb) };
     copy_msg(c, su, h, du)?;
     // `call` stores the caller in `hl.caller`.
-    hl.kind = CallKind::Ipc;
-    // SAFETY: as above.
-    unsafe { c.local() }.callee = Some(h.clone());
-    enter_handler(h, &pt);
+    h.local(cpu).kind = CallKind::Ipc;
+    c.local(cpu).callee = Some(h.clone());
+    enter_handler(h, &pt, cpu);
     Ok(Next::Handler(pt.ec))
 }
 
@@ -171,59 +168,61 @@ fn copy_msg(se: &Ec, s: &Utcb, de: &Ec, d: &mut Utcb) -> Result<(), Status> {
 }
 
 /// Writes the status into the running EC and resumes it.
-pub fn finish(c: Arc<Ec>, s: Status) -> ! {
-    // SAFETY: `c` is the running EC on this CPU.
-    unsafe { c.frame() }.rdi = s as u64;
-    sched::ret_to(c)
+pub fn finish(c: Arc<Ec>, s: Status, cpu: &mut Cpu) -> ! {
+    c.frame(cpu).rdi = s as u64;
+    sched::ret_to(c, cpu)
 }
 
 /// `reply` by the running handler `h`.
-pub fn reply(h: Arc<Ec>) -> ! {
-    // SAFETY: `h` runs on this CPU.
-    let hl = unsafe { h.local() };
+pub fn reply(h: Arc<Ec>, cpu: &mut Cpu) -> ! {
+    let hl = h.local(cpu);
     let Some(c) = hl.caller.take() else {
         // Nothing to reply to: the handler just idles until the next call.
         drop(h);
-        sched::block_current();
+        sched::block_current(cpu);
         sched::schedule();
     };
     let kind = hl.kind;
     let waiter = hl.waiters.pop_front();
-    // SAFETY: the caller is bound to this CPU and blocked in its call.
-    let cl = unsafe { c.local() };
-    cl.callee = None;
+    // The caller is bound to this CPU and blocked in its call.
+    c.local(cpu).callee = None;
     if let Some(w) = waiter {
         // It re-issues its call (or re-raises its exception) with its registers intact.
-        sched::wake_retry(w);
+        sched::wake_retry(w, cpu);
     }
     if !c.is_dead() {
-        // SAFETY: as above.
-        let (hu, cf) = unsafe { (h.utcb(), c.frame()) };
         match kind {
             CallKind::Ipc => {
-                // SAFETY: as above (a caller of an IPC call is a thread with a UTCB).
-                let cu = unsafe { c.utcb() };
+                // SAFETY: both UTCBs belong to ECs on this CPU (the token is held,
+                // unused, while they live), neither runs now, and they are distinct (a
+                // handler is never its own caller: `enter_call` and `enter_event`
+                // refuse it); a caller of an IPC call is a thread with a UTCB.
+                let (hu, cu) = unsafe { (&*h.utcb, &mut *c.utcb) };
                 let st = match copy_msg(&h, hu, &c, cu) {
                     Ok(()) => Status::Success,
                     Err(s) => s,
                 };
-                cf.rdi = st as u64;
+                c.frame(cpu).rdi = st as u64;
             }
             CallKind::Event => {
                 // A vCPU's state goes back into its VMCB/VMCS, validated (from the
                 // kernel's own copy, see `vcpu::put_state`).
+                // SAFETY: the UTCB of `h`, bound to this CPU and in the kernel; nothing
+                // reached through the token while it lives is this UTCB (a handler is
+                // never its own caller).
+                let hu = unsafe { &*h.utcb };
                 if c.kind == EcKind::Vcpu {
-                    crate::vcpu::put_state(&c, hu.arch());
+                    crate::vcpu::put_state(&c, hu.arch(), cpu);
                 } else {
                     let a = *hu.arch();
-                    put_state(cf, &a);
+                    put_state(c.frame(cpu), &a);
                 }
             }
         }
     }
     // The handler's stack and frame are reset on its next call.
     drop(h);
-    sched::ret_to(c)
+    sched::ret_to(c, cpu)
 }
 
 /// Writes the state selected by `mtd` from an EC's frame into a handler's UTCB.
@@ -351,15 +350,15 @@ impl core::fmt::Display for Suppressed {
 
 /// Delivers event `vector` of the running EC `c` to its portal (exception or start-up),
 /// or stops `c` if there is no usable portal.
-pub fn event(c: Arc<Ec>, vector: u64) -> ! {
-    match enter_event(&c, vector) {
+pub fn event(c: Arc<Ec>, vector: u64, cpu: &mut Cpu) -> ! {
+    match enter_event(&c, vector, cpu) {
         Some(Next::Handler(h)) => {
             drop(c);
-            sched::ret_to(h)
+            sched::ret_to(h, cpu)
         }
         Some(Next::Block) => {
             drop(c);
-            sched::block_current();
+            sched::block_current(cpu);
             sched::schedule()
         }
         None => {
@@ -368,67 +367,65 @@ pub fn event(c: Arc<Ec>, vector: u64) -> ! {
                     "ec in pd {}: unhandled event {} at rip {:#x}: stopped{}",
                     c.pd.id,
                     vector,
-                    // SAFETY: `c` runs on this CPU.
-                    unsafe { c.frame() }.rip,
+                    c.frame(cpu).rip,
                     Suppressed(suppressed)
                 );
             }
-            stop(c)
+            stop(c, cpu)
         }
     }
 }
 
-fn enter_event(c: &Arc<Ec>, vector: u64) -> Option<Next> {
+fn enter_event(c: &Arc<Ec>, vector: u64, cpu: &mut Cpu) -> Option<Next> {
     let pt = match portal(c, c.evt.wrapping_add(vector), false) {
         Ok(p) if p.ec.cpu == c.cpu && !p.ec.is_dead() && !Arc::ptr_eq(&p.ec, c) => p,
         _ => return None,
     };
     let h = &pt.ec;
-    // SAFETY: both ECs are bound to this CPU.
-    let hl = unsafe { h.local() };
+    // Both ECs are bound to this CPU.
+    let hl = h.local(cpu);
     if hl.caller.is_some() {
         // Busy handler: wait, then take the event again (re-executing the faulting
         // instruction re-raises it; start-up is retried by the scheduler).
         hl.waiters.try_reserve(1).ok()?;
         hl.waiters.push_back(c.clone());
-        // SAFETY: `c` runs on this CPU.
-        unsafe { c.local() }.waiting_for = Some(h.clone());
+        c.local(cpu).waiting_for = Some(h.clone());
         return Some(Next::Block);
     }
-    // SAFETY: as above.
-    let (cf, hu) = unsafe { (c.frame(), h.utcb()) };
+    // SAFETY: the UTCB of `h`, a handler bound to this CPU and idle; nothing reached
+    // through the token while it lives is this UTCB (`h` is not `c`, checked above).
+    let hu = unsafe { &mut *h.utcb };
     hu.head.mtr = 0;
     // A vCPU's state comes from its VMCB/VMCS.
     if c.kind == EcKind::Vcpu {
-        crate::vcpu::get_state(c, pt.mtd, vector, hu.arch_mut());
+        crate::vcpu::get_state(c, pt.mtd, vector, hu.arch_mut(), cpu);
     } else {
-        get_state(cf, pt.mtd, vector, hu.arch_mut());
+        get_state(c.frame(cpu), pt.mtd, vector, hu.arch_mut());
     }
     if vector == host::STARTUP {
-        // SAFETY: as above.
-        unsafe { c.local() }.started = true;
+        c.local(cpu).started = true;
     }
+    let hl = h.local(cpu);
     hl.caller = Some(c.clone());
     hl.kind = CallKind::Event;
-    // SAFETY: as above.
-    unsafe { c.local() }.callee = Some(h.clone());
-    enter_handler(h, &pt);
+    c.local(cpu).callee = Some(h.clone());
+    enter_handler(h, &pt, cpu);
     Some(Next::Handler(pt.ec))
 }
 
 /// The first dispatch of a global EC: its STARTUP event.
-pub fn startup(ec: Arc<Ec>) -> ! {
+pub fn startup(ec: Arc<Ec>, cpu: &mut Cpu) -> ! {
     if ec.kind == EcKind::Vcpu {
-        crate::vcpu::startup(ec);
+        crate::vcpu::startup(ec, cpu);
     }
-    sched::set_current(&ec);
-    event(ec, host::STARTUP)
+    sched::set_current(&ec, cpu);
+    event(ec, host::STARTUP, cpu)
 }
 
 /// Stops an EC for good and schedules something else.
-pub fn stop(c: Arc<Ec>) -> ! {
+pub fn stop(c: Arc<Ec>, cpu: &mut Cpu) -> ! {
     c.dead.store(true, core::sync::atomic::Ordering::Release);
-    sched::clear_current();
+    sched::clear_current(cpu);
     drop(c);
     sched::schedule()
 }

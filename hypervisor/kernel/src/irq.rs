@@ -47,7 +47,7 @@ pub fn unmask_gsi(gsi: u32) {
 }
 
 /// A device interrupt arrived on `vector`.
-pub fn interrupt(vector: u8) {
+pub fn interrupt(vector: u8, cpu: &mut crate::cpu::Cpu) {
     if vector < VECTOR_BASE {
         return;
     }
@@ -57,6 +57,6 @@ pub fn interrupt(vector: u8) {
         if sm.gsi().is_some_and(|g| g.level) {
             crate::arch::ioapic_mask(gsi as u32);
         }
-        sm.up();
+        sm.up(cpu);
     }
 }

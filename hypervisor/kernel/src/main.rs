@@ -1,6 +1,6 @@
 //! Peregrine: a NOVA-style x86_64 microhypervisor.
 //!
-//! Boot: Multiboot v1 → `arch/x86/boot.S` (long mode, boot page tables) → [`boot::kmain`]
+//! Boot: Multiboot v1 → `arch/x86/boot.S` (long mode, boot page tables) → [`platform::boot::kmain`]
 //! (platform bring-up, all CPUs online) → [`hooks::bsp_ready`].
 #![no_std]
 #![no_main]
@@ -10,15 +10,14 @@ extern crate alloc;
 pub mod console;
 
 pub mod arch;
-pub mod boot;
 pub mod hooks;
 pub mod mem;
-pub mod multiboot;
 pub mod panic;
-pub mod percpu;
+pub mod platform;
 
 // The kernel proper: objects, capabilities, IPC, scheduling.
 pub mod cap;
+pub mod cpu;
 pub mod ec;
 pub mod entry;
 pub mod fastpath;
@@ -37,7 +36,6 @@ pub mod space;
 pub mod space_guest;
 pub mod space_mem;
 pub mod space_pio;
-pub mod start;
 pub mod syscall;
 pub mod tlb;
 pub mod trap;

@@ -211,13 +211,13 @@ impl Pd {
 
     /// Marks the PD destroyed and stops its ECs; false if it already was. The caller
     /// (`space::destroy`) then tears down its spaces.
-    pub fn kill(&self) -> bool {
+    pub fn kill(&self, cpu: &mut crate::cpu::Cpu) -> bool {
         if self.dead.swap(true, Ordering::AcqRel) {
             return false;
         }
         let ecs = core::mem::take(&mut *self.ecs.lock());
         for e in ecs.iter().filter_map(|w| w.upgrade()) {
-            crate::sched::kill(&e);
+            crate::sched::kill(&e, cpu);
         }
         true
     }

@@ -189,7 +189,7 @@ fn build_hip(page: *mut u8, p: &Platform) {
         freq_bus_khz: p.bus_khz,
         root_quota: p.root_quota as u64,
         rsdp: p.rsdp,
-        boot_tsc: crate::boot::BOOT_TSC.load(core::sync::atomic::Ordering::Relaxed),
+        boot_tsc: crate::platform::boot::BOOT_TSC.load(core::sync::atomic::Ordering::Relaxed),
     };
     // SAFETY: the page is a fresh kernel frame; all writes stay inside it: the fixed part
     // at 0, MAX_CPUS CPU and MAX_MEM_DESC memory descriptors before the strings (the
@@ -209,7 +209,7 @@ fn build_hip(page: *mut u8, p: &Platform) {
 
 /// Creates the kernel PD, the root PD and the root EC/SC on the boot CPU. The caller
 /// then enters the scheduler.
-pub fn create(p: &Platform) -> Result<(), RootError> {
+pub fn create(p: &Platform, cpu: &mut crate::cpu::Cpu) -> Result<(), RootError> {
     let first = p.modules.first().ok_or(RootError::NoModule)?;
 
     let kern =
@@ -268,11 +268,11 @@ pub fn create(p: &Platform) -> Result<(), RootError> {
     let mut f = Frame::user(entry, 0);
     f.rdi = ROOT_HIP_ADDR;
     f.rsi = ROOT_UTCB_ADDR;
-    let cpu = crate::percpu::cpu_id();
+    let cpu_id = crate::platform::percpu::cpu_id();
     let ec = Arc::new(Ec::new(
         None,
         root.clone(),
-        cpu,
+        cpu_id,
         EcKind::Global,
         sel::ROOT_EVT_BASE,
         0,
@@ -280,8 +280,8 @@ pub fn create(p: &Platform) -> Result<(), RootError> {
         ROOT_UTCB_ADDR,
         f,
     ));
-    // SAFETY: the EC is new and not yet visible to the scheduler.
-    unsafe { ec.local() }.started = true;
+    // The EC is new, bound to this CPU and not yet visible to the scheduler.
+    ec.local(cpu).started = true;
     ec.has_sc.store(true, core::sync::atomic::Ordering::Relaxed);
     root.ecs.lock().push(Arc::downgrade(&ec));
     space::insert_root_cap(&root, sel::ROOT_EC, KObj::Ec(ec.clone()))
@@ -290,6 +290,6 @@ pub fn create(p: &Platform) -> Result<(), RootError> {
     let sc = Arc::new(Sc::new(None, ec, 100, quantum.max(1)));
     space::insert_root_cap(&root, sel::ROOT_SC, KObj::Sc(sc.clone()))
         .map_err(|_| RootError::NoMemory)?;
-    sched::enqueue(sc);
+    sched::enqueue(sc, cpu);
     Ok(())
 }

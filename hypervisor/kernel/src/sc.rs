@@ -63,14 +63,13 @@ impl Sc {
     }
 
     /// The EC this SC runs now: its own, or the handler at the end of its call chain.
-    pub fn head(&self) -> Arc<Ec> {
+    pub fn head(&self, cpu: &mut crate::cpu::Cpu) -> Arc<Ec> {
         let mut ec = self.ec.clone();
         // The chain is finite: every callee link was made by a call on this CPU, and a
         // handler serves one caller at a time, so the links form a simple path.
         loop {
-            // SAFETY: SCs are dispatched only on their own CPU, which owns the ECs'
-            // local state (interrupts are off in the kernel).
-            let next = unsafe { ec.local() }.callee.clone();
+            // SCs are dispatched only on their own CPU, which owns the ECs' local state.
+            let next = ec.local(cpu).callee.clone();
             match next {
                 Some(n) => ec = n,
                 None => return ec,

@@ -14,8 +14,9 @@ use peregrine_abi::Status;
 use peregrine_core::runqueue::RunQueue;
 use spin::Mutex;
 
+use crate::cpu::{Cpu, Ecs};
 use crate::ec::Ec;
-use crate::percpu;
+use crate::platform::percpu;
 use crate::sc::Sc;
 use crate::sm::Sm;
 
@@ -107,24 +108,28 @@ pub fn init_cpu() {
     }
 }
 
-/// This CPU's scheduler state.
-///
-/// # Safety
-/// Interrupts must be off and the returned reference must not outlive the current
-/// kernel entry's use of it alongside another call to `local` (callers take what they
-/// need and drop it before calling functions that also use it).
-#[allow(clippy::mut_from_ref)]
-pub unsafe fn local() -> &'static mut CpuLocal {
+/// This CPU's scheduler state and the part of its token that reaches its ECs' state,
+/// both borrowed from the token.
+#[inline(always)]
+pub fn split(cpu: &mut Cpu) -> (&mut CpuLocal, &mut Ecs) {
     let c = percpu::cpu_id();
-    // SAFETY: the cell of this CPU is only used by this CPU with interrupts off; it was
-    // initialized by `init_cpu` before the first entry into the scheduler.
-    unsafe { (*LOCAL[c].0.get()).as_mut().unwrap_unchecked() }
+    // SAFETY: the token proves this CPU runs in the kernel with interrupts off, and the
+    // cell of this CPU is only used by this CPU, through its token, whose borrow for the
+    // result's lifetime excludes any other reference; `init_cpu` initialized it before
+    // the first entry into the scheduler.
+    let l = unsafe { (*LOCAL[c].0.get()).as_mut().unwrap_unchecked() };
+    (l, cpu.ecs())
+}
+
+/// This CPU's scheduler state, borrowed from its token.
+#[inline(always)]
+pub fn local(cpu: &mut Cpu) -> &mut CpuLocal {
+    split(cpu).0
 }
 
 /// The running EC.
-pub fn current() -> Arc<Ec> {
-    // SAFETY: interrupts are off in the kernel; no other reference is alive.
-    let l = unsafe { local() };
+pub fn current(cpu: &mut Cpu) -> Arc<Ec> {
+    let l = local(cpu);
     match &l.current {
         Some(e) => e.clone(),
         None => crate::kpanic("no current EC"),
@@ -143,10 +148,9 @@ fn account(l: &mut CpuLocal) -> bool {
 }
 
 /// Makes `sc` ready on its CPU.
-pub fn enqueue(sc: Arc<Sc>) {
+pub fn enqueue(sc: Arc<Sc>, cpu: &mut Cpu) {
     if sc.cpu == percpu::cpu_id() {
-        // SAFETY: interrupts are off in the kernel.
-        let l = unsafe { local() };
+        let l = local(cpu);
         let p = sc.prio;
         let _ = l.rq.enqueue(sc, p, false);
     } else {
@@ -171,60 +175,58 @@ fn post(cpu: usize, r: Remote) {
 
 /// Wakes a blocked EC with the status its blocking hypercall returns. The caller owns
 /// the EC: it removed it from the queue it was blocked on.
-pub fn wake(ec: Arc<Ec>, st: Status) {
+pub fn wake(ec: Arc<Ec>, st: Status, cpu: &mut Cpu) {
     if ec.cpu != percpu::cpu_id() {
         post_remote(ec, Some(st));
         return;
     }
-    wake_local(ec, Some(st));
+    wake_local(ec, Some(st), cpu);
 }
 
 /// Makes a blocked EC runnable again without touching its registers: it re-executes
 /// what blocked it (a call that waited for a busy handler, whose hypercall word is
 /// still in `rdi`; an exception whose handler was busy, with the thread's own `rdi`).
-pub fn wake_retry(ec: Arc<Ec>) {
+pub fn wake_retry(ec: Arc<Ec>, cpu: &mut Cpu) {
     if ec.cpu != percpu::cpu_id() {
         post_remote(ec, None);
         return;
     }
-    wake_local(ec, None);
+    wake_local(ec, None, cpu);
 }
 
-fn wake_local(ec: Arc<Ec>, st: Option<Status>) {
-    // SAFETY: the EC is blocked and bound to this CPU; its local state is ours.
-    let (f, lcl) = unsafe { (ec.frame(), ec.local()) };
+fn wake_local(ec: Arc<Ec>, st: Option<Status>, cpu: &mut Cpu) {
+    // The EC is blocked and bound to this CPU: its state is ours.
     if let Some(st) = st {
-        f.rdi = st as u64;
+        ec.frame(cpu).rdi = st as u64;
     }
+    let lcl = ec.local(cpu);
     lcl.waiting_on = None;
     lcl.waiting_for = None;
     if core::mem::take(&mut lcl.timeout) {
-        remove_timeout(&ec);
+        remove_timeout(local(cpu), &ec);
     }
-    if let Some(sc) = lcl.blocked_sc.take() {
-        // SAFETY: interrupts are off in the kernel.
-        let l = unsafe { local() };
+    if let Some(sc) = ec.local(cpu).blocked_sc.take() {
+        let l = local(cpu);
         let p = sc.prio;
         let _ = l.rq.enqueue(sc, p, false);
     }
 }
 
 /// Takes ECs posted by other CPUs into the run queue.
-pub fn drain_remote() {
+pub fn drain_remote(cpu: &mut Cpu) {
     let c = percpu::cpu_id();
     let posted = core::mem::take(&mut *REMOTE[c].lock());
     for r in posted {
         match r {
             // A dead EC is woken all the same: what it blocked (its SC) must go on,
             // and the scheduler ends its part in a call chain.
-            Remote::Wake(ec, st) => wake_local(ec, st),
+            Remote::Wake(ec, st) => wake_local(ec, st, cpu),
             Remote::Sc(sc) => {
-                // SAFETY: interrupts are off in the kernel.
-                let l = unsafe { local() };
+                let l = local(cpu);
                 let p = sc.prio;
                 let _ = l.rq.enqueue(sc, p, false);
             }
-            Remote::Reap(ec) => reap(ec),
+            Remote::Reap(ec) => reap(ec, cpu),
         }
     }
 }
@@ -238,11 +240,11 @@ pub fn kick(ec: &Arc<Ec>) {
 
 /// Stops `ec` for good (its original capability was revoked, or its PD destroyed): it
 /// never runs again, and its CPU takes it out of whatever it waited in ([`reap`]).
-pub fn kill(ec: &Arc<Ec>) {
+pub fn kill(ec: &Arc<Ec>, cpu: &mut Cpu) {
     ec.dead.store(true, core::sync::atomic::Ordering::Release);
     if ec.cpu == percpu::cpu_id() {
         // Callers hold no lock; the EC does not run now (at most it is the caller).
-        reap(ec.clone());
+        reap(ec.clone(), cpu);
     } else {
         post(ec.cpu, Remote::Reap(ec.clone()));
     }
@@ -250,9 +252,9 @@ pub fn kill(ec: &Arc<Ec>) {
 
 /// Deschedules `sc` for good. Its CPU takes it apart at its next scheduling decision:
 /// the call chain it drove is unwound wherever the SC is parked (see [`unwind`]).
-pub fn kill_sc(sc: &Arc<Sc>) {
+pub fn kill_sc(sc: &Arc<Sc>, cpu: &mut Cpu) {
     sc.dead.store(true, core::sync::atomic::Ordering::Release);
-    enqueue(sc.clone());
+    enqueue(sc.clone(), cpu);
 }
 
 /// On a dead EC's CPU: takes it out of the semaphore, handler queue and timeout list it
@@ -260,39 +262,43 @@ pub fn kill_sc(sc: &Arc<Sc>) {
 /// chain: see [`runnable_head`]) and sends the callers that waited for it (a handler)
 /// to retry, which tells them it died. No queue keeps a reference to it afterwards, so
 /// it and its PD go as soon as the capabilities to them do.
-fn reap(ec: Arc<Ec>) {
-    // SAFETY: a dead EC bound to this CPU, which is in the kernel with interrupts off;
-    // it does not run (the scheduler never resumes a dead EC).
-    let lcl = unsafe { ec.local() };
+fn reap(ec: Arc<Ec>, cpu: &mut Cpu) {
+    // A dead EC bound to this CPU; it does not run (the scheduler never resumes a dead
+    // EC).
+    let (l, ecs) = split(cpu);
+    let lcl = ec.local(ecs);
     let mut release = false;
-    if let Some(sm) = lcl.waiting_on.take() {
+    let waiting_on = lcl.waiting_on.take();
+    let waiting_for = lcl.waiting_for.take();
+    let timeout = core::mem::take(&mut lcl.timeout);
+    let waiters = core::mem::take(&mut lcl.waiters);
+    if let Some(sm) = waiting_on {
         release |= sm.dequeue(&ec);
     }
-    if let Some(h) = lcl.waiting_for.take() {
-        // SAFETY: the handler is bound to this CPU too (IPC is CPU-local).
-        let hw = &mut unsafe { h.local() }.waiters;
+    if let Some(h) = waiting_for {
+        // The handler is bound to this CPU too (IPC is CPU-local).
+        let hw = &mut h.local(ecs).waiters;
         if let Some(i) = hw.iter().position(|w| Arc::ptr_eq(w, &ec)) {
             hw.remove(i);
             release = true;
         }
     }
-    if core::mem::take(&mut lcl.timeout) {
-        remove_timeout(&ec);
+    if timeout {
+        remove_timeout(l, &ec);
     }
-    for w in core::mem::take(&mut lcl.waiters) {
-        wake_retry(w);
+    for w in waiters {
+        wake_retry(w, cpu);
     }
     if release {
-        if let Some(sc) = lcl.blocked_sc.take() {
-            enqueue(sc);
+        if let Some(sc) = ec.local(cpu).blocked_sc.take() {
+            enqueue(sc, cpu);
         }
     }
 }
 
 /// Blocks the running EC: its SC leaves the CPU until [`wake`].
-pub fn block_current() {
-    // SAFETY: interrupts are off in the kernel.
-    let l = unsafe { local() };
+pub fn block_current(cpu: &mut Cpu) {
+    let (l, ecs) = split(cpu);
     account(l);
     let sc = l.sc.take();
     if let Some(sc) = sc
@@ -300,12 +306,11 @@ pub fn block_current() {
         .filter(|s| s.dead.load(core::sync::atomic::Ordering::Acquire))
     {
         // A dead SC drove the chain this far: where it blocks, the chain ends.
-        unwind(sc);
+        unwind(sc, cpu);
         return;
     }
     if let Some(ec) = &l.current {
-        // SAFETY: the running EC belongs to this CPU.
-        unsafe { ec.local() }.blocked_sc = sc;
+        ec.local(ecs).blocked_sc = sc;
     }
 }
 
@@ -314,9 +319,8 @@ const TIMEOUTS_KEEP: usize = 16;
 
 /// Makes room for one more semaphore deadline on this CPU (before the running EC
 /// blocks: a failure is its `OutOfMemory`, never a lost deadline).
-pub fn reserve_timeout() -> Result<(), Status> {
-    // SAFETY: interrupts are off in the kernel.
-    let l = unsafe { local() };
+pub fn reserve_timeout(cpu: &mut Cpu) -> Result<(), Status> {
+    let l = local(cpu);
     if l.timeouts.capacity() == 0 {
         l.timeouts
             .try_reserve_exact(TIMEOUTS_KEEP)
@@ -327,12 +331,10 @@ pub fn reserve_timeout() -> Result<(), Status> {
 
 /// Registers a semaphore deadline for the running EC (which is about to block; room
 /// was made by [`reserve_timeout`]).
-pub fn add_timeout(deadline: u64, ec: Arc<Ec>, sm: Arc<Sm>) {
+pub fn add_timeout(deadline: u64, ec: Arc<Ec>, sm: Arc<Sm>, cpu: &mut Cpu) {
     let gen = ec.wait_gen.load(core::sync::atomic::Ordering::Relaxed);
-    // SAFETY: the running EC belongs to this CPU.
-    unsafe { ec.local() }.timeout = true;
-    // SAFETY: interrupts are off in the kernel.
-    let l = unsafe { local() };
+    ec.local(cpu).timeout = true;
+    let l = local(cpu);
     l.next_due = l.next_due.min(deadline);
     l.timeouts.push(Timeout {
         deadline,
@@ -343,9 +345,7 @@ pub fn add_timeout(deadline: u64, ec: Arc<Ec>, sm: Arc<Sm>) {
 }
 
 /// Drops `ec`'s deadline (it was woken before it, or died).
-fn remove_timeout(ec: &Arc<Ec>) {
-    // SAFETY: interrupts are off in the kernel.
-    let l = unsafe { local() };
+fn remove_timeout(l: &mut CpuLocal, ec: &Arc<Ec>) {
     if let Some(i) = l.timeouts.iter().position(|t| Arc::ptr_eq(&t.ec, ec)) {
         let t = l.timeouts.swap_remove(i);
         shrink_timeouts(l);
@@ -363,9 +363,8 @@ fn shrink_timeouts(l: &mut CpuLocal) {
     }
 }
 
-fn fire_timeouts(now: u64) {
-    // SAFETY: interrupts are off in the kernel.
-    let l = unsafe { local() };
+fn fire_timeouts(now: u64, cpu: &mut Cpu) {
+    let l = local(cpu);
     if now < l.next_due {
         return;
     }
@@ -388,21 +387,19 @@ fn fire_timeouts(now: u64) {
     l.next_due = next;
     shrink_timeouts(l);
     for t in due {
-        // SAFETY: the EC is bound to this CPU.
-        unsafe { t.ec.local() }.timeout = false;
+        t.ec.local(cpu).timeout = false;
         if t.ec.wait_gen.load(core::sync::atomic::Ordering::Relaxed) == t.gen && t.sm.dequeue(&t.ec)
         {
-            wake_local(t.ec, Some(Status::Timeout));
+            wake_local(t.ec, Some(Status::Timeout), cpu);
         }
     }
 }
 
 /// The timer interrupt: account, fire deadlines, preempt at the end of a quantum.
-pub fn tick() {
-    drain_remote();
-    fire_timeouts(crate::arch::rdtsc());
-    // SAFETY: interrupts are off in the kernel.
-    let l = unsafe { local() };
+pub fn tick(cpu: &mut Cpu) {
+    drain_remote(cpu);
+    fire_timeouts(crate::arch::rdtsc(), cpu);
+    let l = local(cpu);
     if account(l) {
         if let Some(sc) = l.sc.take() {
             let p = sc.prio;
@@ -412,9 +409,8 @@ pub fn tick() {
 }
 
 /// Puts the running SC back in the queue if one of higher priority is ready.
-pub fn preempt_if_needed() {
-    // SAFETY: interrupts are off in the kernel.
-    let l = unsafe { local() };
+pub fn preempt_if_needed(cpu: &mut Cpu) {
+    let l = local(cpu);
     if let (Some(sc), Some(top)) = (&l.sc, l.rq.highest()) {
         if top > sc.prio {
             account(l);
@@ -431,43 +427,39 @@ pub fn preempt_if_needed() {
 /// stopped in the middle of its work would leave the server's own state (a lock, a
 /// half-done update) torn. Once the chain's head blocks, or the SC's own EC would run
 /// again, the rest of the chain is taken apart ([`unwind`]) and the SC runs nothing.
-fn runnable_head(sc: &Arc<Sc>) -> Option<Arc<Ec>> {
+fn runnable_head(sc: &Arc<Sc>, cpu: &mut Cpu) -> Option<Arc<Ec>> {
     let dead_sc = sc.dead.load(core::sync::atomic::Ordering::Acquire);
     loop {
-        let head = sc.head();
+        // The chain lives on this CPU.
+        let head = sc.head(cpu);
         if !head.is_dead() {
             if dead_sc {
-                // SAFETY: the chain lives on this CPU.
-                let parked = unsafe { head.local() }
+                let parked = head
+                    .local(cpu)
                     .blocked_sc
                     .as_ref()
                     .is_some_and(|b| Arc::ptr_eq(b, sc));
                 if parked || Arc::ptr_eq(&head, &sc.ec) {
-                    unwind(sc);
+                    unwind(sc, cpu);
                     return None;
                 }
             }
             return Some(head);
         }
-        // SAFETY: the chain lives on this CPU.
-        let hl = unsafe { head.local() };
         // Whoever waited for the dead handler retries and learns it died.
-        for w in core::mem::take(&mut hl.waiters) {
-            wake_retry(w);
+        for w in core::mem::take(&mut head.local(cpu).waiters) {
+            wake_retry(w, cpu);
         }
         if Arc::ptr_eq(&head, &sc.ec) {
             if dead_sc {
-                unwind(sc);
+                unwind(sc, cpu);
             }
             return None;
         }
         // A handler died while serving a call: the caller gets Aborted.
-        let caller = hl.caller.take()?;
-        // SAFETY: as above.
-        unsafe {
-            caller.local().callee = None;
-            caller.frame().rdi = Status::Aborted as u64;
-        }
+        let caller = head.local(cpu).caller.take()?;
+        caller.local(cpu).callee = None;
+        caller.frame(cpu).rdi = Status::Aborted as u64;
     }
 }
 
@@ -475,39 +467,39 @@ fn runnable_head(sc: &Arc<Sc>) -> Option<Arc<Ec>> {
 /// aborted and its handler freed for the callers that wait for it; the EC at the head is
 /// taken out of whatever it waits in, and the SC out of it. Nothing keeps a reference
 /// to the SC afterwards but its capabilities, and nothing stays busy for it. Idempotent.
-fn unwind(sc: &Arc<Sc>) {
+fn unwind(sc: &Arc<Sc>, cpu: &mut Cpu) {
     let mut ec = sc.ec.clone();
     loop {
-        // SAFETY: the chain's ECs are bound to this CPU and none runs (we schedule).
-        let lcl = unsafe { ec.local() };
-        match lcl.callee.take() {
+        // The chain's ECs are bound to this CPU and none runs (we schedule).
+        match ec.local(cpu).callee.take() {
             Some(h) => {
-                // SAFETY: as above.
-                unsafe { ec.frame() }.rdi = Status::Aborted as u64;
-                // SAFETY: as above.
-                let hl = unsafe { h.local() };
+                ec.frame(cpu).rdi = Status::Aborted as u64;
+                let hl = h.local(cpu);
                 hl.caller = None;
                 for w in core::mem::take(&mut hl.waiters) {
-                    wake_retry(w);
+                    wake_retry(w, cpu);
                 }
                 ec = h;
             }
             None => {
                 // The head: out of whatever it waits in (it blocks on the dead SC, or
                 // the SC is parked with it), and the SC out of it.
+                let (l, ecs) = split(cpu);
+                let lcl = ec.local(ecs);
                 if lcl.blocked_sc.as_ref().is_some_and(|b| Arc::ptr_eq(b, sc)) {
                     lcl.blocked_sc = None;
                 }
+                let waiting_for = lcl.waiting_for.take();
+                let timeout = core::mem::take(&mut lcl.timeout);
                 if let Some(sm) = lcl.waiting_on.take() {
                     sm.dequeue(&ec);
                 }
-                if let Some(h) = lcl.waiting_for.take() {
-                    // SAFETY: as above.
-                    let hw = &mut unsafe { h.local() }.waiters;
+                if let Some(h) = waiting_for {
+                    let hw = &mut h.local(ecs).waiters;
                     hw.retain(|w| !Arc::ptr_eq(w, &ec));
                 }
-                if core::mem::take(&mut lcl.timeout) {
-                    remove_timeout(&ec);
+                if timeout {
+                    remove_timeout(l, &ec);
                 }
                 return;
             }
@@ -516,9 +508,8 @@ fn unwind(sc: &Arc<Sc>) {
 }
 
 /// Priority of the SC this CPU runs now (0 when none).
-pub fn current_prio() -> u8 {
-    // SAFETY: interrupts are off in the kernel.
-    unsafe { local() }.sc.as_ref().map_or(0, |sc| sc.prio)
+pub fn current_prio(cpu: &mut Cpu) -> u8 {
+    local(cpu).sc.as_ref().map_or(0, |sc| sc.prio)
 }
 
 /// Picks the next SC and runs it; idles when there is none.
@@ -544,7 +535,7 @@ macro_rules! on_fresh_stack {
             "xor ebp, ebp",
             "call {f}",
             "ud2",
-            k = const crate::percpu::PERCPU_KSTACK_TOP,
+            k = const crate::platform::percpu::PERCPU_KSTACK_TOP,
             f = sym $f,
             in("rdi") $arg,
             options(noreturn)
@@ -554,41 +545,49 @@ macro_rules! on_fresh_stack {
 pub(crate) use on_fresh_stack;
 
 extern "C" fn scheduler(_: usize) -> ! {
+    // SAFETY: a kernel entry of its own: on this CPU's fresh kernel stack with
+    // interrupts off; whoever held a token here before has diverged (`schedule`). The
+    // idle loop lends it to the interrupts it waits for.
+    let cpu = &mut unsafe { Cpu::enter() };
     loop {
-        drain_remote();
-        // SAFETY: interrupts are off in the kernel.
-        let l = unsafe { local() };
+        drain_remote(cpu);
+        let l = local(cpu);
         let sc = match l.sc.take() {
             Some(sc) => Some(sc),
             None => l.rq.dequeue().map(|(s, _)| s),
         };
         match sc {
             Some(sc) => {
-                let Some(ec) = runnable_head(&sc) else {
+                let Some(ec) = runnable_head(&sc, cpu) else {
                     continue;
                 };
-                // SAFETY: interrupts are off in the kernel.
-                let l = unsafe { local() };
+                let l = local(cpu);
                 l.sc = Some(sc);
                 l.last = crate::arch::rdtsc();
-                // SAFETY: the EC is bound to this CPU.
-                if !unsafe { ec.local() }.started {
-                    crate::ipc::startup(ec);
+                if !ec.local(cpu).started {
+                    crate::ipc::startup(ec, cpu);
                 }
-                ret_to(ec);
+                ret_to(ec, cpu);
             }
             None => {
-                clear_current();
-                crate::arch::idle_wait();
+                clear_current(cpu);
+                idle_wait(cpu);
             }
         }
     }
 }
 
+/// Waits for an interrupt with interrupts on, lending the token to the interrupt
+/// handlers (no borrow of it is alive across the wait).
+#[inline(always)]
+fn idle_wait(_: &mut Cpu) {
+    crate::arch::idle_wait();
+}
+
 /// Resumes `ec` in user mode (switching address spaces as needed).
-pub fn ret_to(ec: Arc<Ec>) -> ! {
+pub fn ret_to(ec: Arc<Ec>, cpu: &mut Cpu) -> ! {
     if ec.is_dead() {
-        clear_current();
+        clear_current(cpu);
         drop(ec);
         // The SC that drove it finds the dead EC when dispatched again.
         schedule();
@@ -600,11 +599,10 @@ pub fn ret_to(ec: Arc<Ec>) -> ! {
     if ec.kind == crate::ec::EcKind::Global
         && ec.recall.swap(false, core::sync::atomic::Ordering::AcqRel)
     {
-        set_current(&ec);
-        crate::ipc::event(ec, peregrine_abi::event::host::RECALL);
+        set_current(&ec, cpu);
+        crate::ipc::event(ec, peregrine_abi::event::host::RECALL, cpu);
     }
-    // SAFETY: interrupts are off in the kernel.
-    let l = unsafe { local() };
+    let l = local(cpu);
     load_context(l, &ec);
     let frame = ec.frame_ptr();
     l.current = Some(ec);
@@ -640,9 +638,8 @@ pub fn load_context(l: &mut CpuLocal, ec: &Ec) {
 
 /// Forgets the running EC. The kernel's own page table is loaded first, so a PD whose
 /// last reference this was never has its page tables freed while loaded here.
-pub fn clear_current() {
-    // SAFETY: interrupts are off in the kernel.
-    let l = unsafe { local() };
+pub fn clear_current(cpu: &mut Cpu) {
+    let l = local(cpu);
     if l.current.is_some() {
         crate::arch::load_kernel_space();
         l.space = 0;
@@ -654,20 +651,19 @@ pub fn clear_current() {
 /// Makes `ec` the running EC before its state is handled in the kernel (start-up and
 /// recall events). The previous EC may hold the last reference to the PD whose page
 /// table is loaded: that table is unloaded first, never freed while loaded.
-pub fn set_current(ec: &Arc<Ec>) {
-    // SAFETY: interrupts are off in the kernel.
-    let l = unsafe { local() };
+pub fn set_current(ec: &Arc<Ec>, cpu: &mut Cpu) {
+    let l = local(cpu);
     if l.current.as_ref().is_some_and(|c| Arc::ptr_eq(c, ec)) {
         return;
     }
     if l.space != ec.pd.id {
-        clear_current();
+        clear_current(cpu);
     }
-    // SAFETY: as above.
-    unsafe { local() }.current = Some(ec.clone());
+    local(cpu).current = Some(ec.clone());
 }
 
 /// Resumes the running EC.
-pub fn ret_current() -> ! {
-    ret_to(current())
+pub fn ret_current(cpu: &mut Cpu) -> ! {
+    let c = current(cpu);
+    ret_to(c, cpu)
 }

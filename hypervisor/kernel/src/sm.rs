@@ -73,7 +73,7 @@ impl Sm {
 
     /// Up: wakes the first living waiter or counts. Dead waiters met on the way are
     /// woken too (their CPU then lets go of them) but do not take the up.
-    pub fn up(&self) {
+    pub fn up(&self, cpu: &mut crate::cpu::Cpu) {
         loop {
             let w = {
                 let mut i = self.inner.lock();
@@ -86,10 +86,10 @@ impl Sm {
                 }
             };
             if !w.is_dead() {
-                sched::wake(w, Status::Success);
+                sched::wake(w, Status::Success, cpu);
                 return;
             }
-            sched::wake(w, Status::Aborted);
+            sched::wake(w, Status::Aborted, cpu);
         }
     }
 

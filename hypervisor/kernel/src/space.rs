@@ -129,6 +129,7 @@ pub fn transfer(src: &Arc<Pd>, dst: &Arc<Pd>, x: Xfer, window: Crd) -> Result<()
 
 /// Delegates `src_crd` of `src` into the window `win` of `dst` (NOVA's rules; see
 /// `peregrine_abi::crd::delegation_target`).
+#[inline(never)] // off the IPC path: a reply with typed items calls it
 pub fn delegate(
     src: &Arc<Pd>,
     dst: &Arc<Pd>,
@@ -161,12 +162,17 @@ pub fn delegate(
         hotspot,
     )
     .ok_or(Status::BadParameter)?;
-    let mask = src_crd.perm() & win.perm();
+    let r = Range {
+        sb,
+        db,
+        order,
+        mask: src_crd.perm() & win.perm(),
+    };
     match kind {
-        CrdKind::Mem if guest => delegate_guest(src, dst, sb, db, order, mask),
-        CrdKind::Mem => delegate_mem(src, dst, sb, db, order, mask),
-        CrdKind::Pio => delegate_pio(src, dst, sb, db, order, mask),
-        CrdKind::Obj => delegate_obj(src, dst, sb, db, order, mask),
+        CrdKind::Mem if guest => delegate_guest(src, dst, r),
+        CrdKind::Mem => delegate_mem(src, dst, r),
+        CrdKind::Pio => delegate_pio(src, dst, r),
+        CrdKind::Obj => delegate_obj(src, dst, r),
         CrdKind::Null => Err(Status::BadParameter),
     }
 }
@@ -216,17 +222,37 @@ fn settle_removed(mdb: &Mdb, db: Db, removed: &[Removed]) {
     }
 }
 
+/// What a delegation moves: `2^order` items from `sb` in the source's space to `db` in
+/// the destination's, with the permissions of `mask`.
+#[derive(Debug, Clone, Copy)]
+struct Range {
+    sb: u64,
+    db: u64,
+    order: u8,
+    mask: u8,
+}
+
+impl Range {
+    /// `BadParameter` unless the order is at most `max_order` and the destination range
+    /// ends at or below `end`.
+    fn fits(self, max_order: u8, end: u64) -> Result<(), Status> {
+        if self.order > max_order || self.db.checked_add(1 << self.order).is_none_or(|e| e > end) {
+            return Err(Status::BadParameter);
+        }
+        Ok(())
+    }
+}
+
 /// The shape every delegation shares: record the new nodes in `db` from `src`'s space
 /// into `dst`'s space `dsid`, charge them to `dst`, and `apply` each to `dst`'s space;
 /// if the charge or an application fails, remove the new nodes again, `undo` each
 /// and return the error.
-#[allow(clippy::too_many_arguments)]
 fn delegate_nodes(
     db: Db,
     src: &Pd,
     dst: &Pd,
     dsid: SpaceId,
-    (sb, base, order, mask): (u64, u64, u8, u8),
+    r: Range,
     mut apply: impl FnMut(&Mapping) -> Result<(), Status>,
     mut undo: impl FnMut(&Mapping),
 ) -> Result<(), Status> {
@@ -242,17 +268,17 @@ fn delegate_nodes(
         return Err(Status::BadCapability);
     }
     let new = mdb
-        .delegate_range(sid(src), sb, dsid, base, order, mask)
+        .delegate_range(sid(src), r.sb, dsid, r.db, r.order, r.mask)
         .map_err(mdb_err)?;
     let mut applied = 0;
-    let r = settle(&mdb, db, dst, true).and_then(|()| {
+    let res = settle(&mdb, db, dst, true).and_then(|()| {
         new.iter().try_for_each(|m| {
             apply(m)?;
             applied += 1;
             Ok(())
         })
     });
-    if r.is_err() {
+    if res.is_err() {
         for m in &new {
             let _ = mdb.revoke(m.space, m.base, m.order, true, |_| {});
         }
@@ -263,98 +289,76 @@ fn delegate_nodes(
         }
         let _ = settle(&mdb, db, dst, false);
     }
-    r
+    res
 }
 
-fn delegate_mem(
+/// Memory into one of `dst`'s page tables (its host space, or its guest space
+/// `dsid`): `map` each new node; on failure `unmap` what was mapped, `flush` the TLBs
+/// that may cache it, and only then free the tables that emptied.
+fn delegate_pages(
     src: &Pd,
     dst: &Arc<Pd>,
-    sb: u64,
-    db: u64,
-    order: u8,
-    mask: u8,
+    dsid: SpaceId,
+    r: Range,
+    map: impl FnMut(&Mapping) -> Result<(), Status>,
+    mut unmap: impl FnMut(&Mapping, &mut Vec<u64>),
+    flush: impl FnOnce(),
 ) -> Result<(), Status> {
-    let user_end = peregrine_abi::hip::USER_END >> peregrine_abi::PAGE_BITS;
-    if order > 40 || db.checked_add(1 << order).is_none_or(|e| e > user_end) {
-        return Err(Status::BadParameter);
-    }
     let mut freed = Vec::new();
-    let r = delegate_nodes(
-        Db::Mem,
-        src,
-        dst,
-        sid(dst),
-        (sb, db, order, mask),
-        |m| dst.mem.map(dst, m.base, m.origin, m.order, m.perm),
-        |m| dst.mem.unmap_deferred(None, m.base, m.order, &mut freed),
-    );
-    if r.is_err() {
-        // What was mapped may be cached: flush before the tables are reused.
-        crate::tlb::shootdown_to(crate::tlb::Targets::Pds(&[dst.id]));
+    let res = delegate_nodes(Db::Mem, src, dst, dsid, r, map, |m| unmap(m, &mut freed));
+    if res.is_err() {
+        flush();
         for t in freed {
             crate::kmem::free_frame(dst, t);
         }
     }
-    r
+    res
+}
+
+fn delegate_mem(src: &Pd, dst: &Arc<Pd>, r: Range) -> Result<(), Status> {
+    r.fits(40, peregrine_abi::hip::USER_END >> peregrine_abi::PAGE_BITS)?;
+    delegate_pages(
+        src,
+        dst,
+        sid(dst),
+        r,
+        |m| dst.mem.map(dst, m.base, m.origin, m.order, m.perm),
+        |m, freed| dst.mem.unmap_deferred(None, m.base, m.order, freed),
+        // What was mapped may be cached: flush before the tables are reused.
+        || crate::tlb::shootdown_to(crate::tlb::Targets::Pds(&[dst.id])),
+    )
 }
 
 /// Delegates host memory of `src` into the guest-physical space of VM `dst`
 /// (recorded under the guest space id, see `space_guest`).
-fn delegate_guest(
-    src: &Pd,
-    dst: &Arc<Pd>,
-    sb: u64,
-    db: u64,
-    order: u8,
-    mask: u8,
-) -> Result<(), Status> {
+fn delegate_guest(src: &Pd, dst: &Arc<Pd>, r: Range) -> Result<(), Status> {
     let Some(g) = dst.guest.as_ref() else {
         return Err(Status::BadParameter);
     };
-    if order > 36
-        || db
-            .checked_add(1 << order)
-            .is_none_or(|e| e > crate::space_guest::GUEST_PAGES)
-    {
-        return Err(Status::BadParameter);
-    }
-    let mut freed = Vec::new();
-    let r = delegate_nodes(
-        Db::Mem,
+    r.fits(36, crate::space_guest::GUEST_PAGES)?;
+    delegate_pages(
         src,
         dst,
         crate::space_guest::sid(dst),
-        (sb, db, order, mask),
+        r,
         |m| g.map(dst, m.base, m.origin, m.order, m.perm),
-        |m| g.unmap_deferred(None, m.base, m.order, &mut freed),
-    );
-    if r.is_err() {
-        crate::tlb::shootdown();
-        for t in freed {
-            crate::kmem::free_frame(dst, t);
-        }
-    }
-    r
+        |m, freed| g.unmap_deferred(None, m.base, m.order, freed),
+        crate::tlb::shootdown,
+    )
 }
 
-fn delegate_pio(
-    src: &Pd,
-    dst: &Arc<Pd>,
-    sb: u64,
-    db: u64,
-    order: u8,
-    mask: u8,
-) -> Result<(), Status> {
-    if sb != db || order > 16 || db.checked_add(1 << order).is_none_or(|e| e > 0x10000) {
+fn delegate_pio(src: &Pd, dst: &Arc<Pd>, r: Range) -> Result<(), Status> {
+    if r.sb != r.db {
         // Ports keep their numbers.
         return Err(Status::BadParameter);
     }
+    r.fits(16, 0x10000)?;
     delegate_nodes(
         Db::Pio,
         src,
         dst,
         sid(dst),
-        (sb, db, order, mask),
+        r,
         |m| {
             dst.pio.set(m.base, m.order, true, || {
                 dst.charge_io_bitmap(crate::space_pio::IOPB_PAGES)
@@ -366,27 +370,14 @@ fn delegate_pio(
     )
 }
 
-fn delegate_obj(
-    src: &Pd,
-    dst: &Arc<Pd>,
-    sb: u64,
-    db: u64,
-    order: u8,
-    mask: u8,
-) -> Result<(), Status> {
-    if order > 18
-        || db
-            .checked_add(1 << order)
-            .is_none_or(|e| e > crate::pd::SEL_NUM)
-    {
-        return Err(Status::BadParameter);
-    }
+fn delegate_obj(src: &Pd, dst: &Arc<Pd>, r: Range) -> Result<(), Status> {
+    r.fits(18, crate::pd::SEL_NUM)?;
     delegate_nodes(
         Db::Obj,
         src,
         dst,
         sid(dst),
-        (sb, db, order, mask),
+        r,
         |m| {
             let (_, src_base) = m.src.unwrap_or((sid(src), m.base));
             // Only the slots that hold something (absent tables are skipped); the
@@ -447,7 +438,7 @@ pub fn lookup(pd: &Pd, crd: Crd) -> Result<Crd, Status> {
 /// `revoke`: takes the range away from everything derived from it (and from the caller
 /// with `own`), in every PD, with TLB shootdown.
 #[inline(never)] // off the IPC path (see `syscall_handler`)
-pub fn revoke(pd: &Arc<Pd>, crd: Crd, own: bool) -> Result<(), Status> {
+pub fn revoke(pd: &Arc<Pd>, crd: Crd, own: bool, cpu: &mut crate::cpu::Cpu) -> Result<(), Status> {
     if !crd.is_aligned() {
         return Err(Status::BadParameter);
     }
@@ -516,12 +507,12 @@ pub fn revoke(pd: &Arc<Pd>, crd: Crd, own: bool) -> Result<(), Status> {
             };
             remove_caps(&removed);
             for p in doomed {
-                destroy(&p);
+                destroy(&p, cpu);
             }
             for o in ended {
                 match o {
-                    KObj::Ec(e) => crate::sched::kill(&e),
-                    KObj::Sc(sc) => crate::sched::kill_sc(&sc),
+                    KObj::Ec(e) => crate::sched::kill(&e, cpu),
+                    KObj::Sc(sc) => crate::sched::kill_sc(&sc, cpu),
                     _ => {}
                 }
             }
@@ -593,10 +584,10 @@ fn unmap_removed(removed: &[Removed]) {
 
 /// Destroys a PD (its original capability was revoked) and, iteratively, every PD it
 /// created: their original capabilities were in its object space.
-pub fn destroy(pd: &Arc<Pd>) {
+pub fn destroy(pd: &Arc<Pd>, cpu: &mut crate::cpu::Cpu) {
     let mut work = alloc::vec![pd.clone()];
     while let Some(p) = work.pop() {
-        if !p.kill() {
+        if !p.kill(cpu) {
             continue;
         }
         {

@@ -9,6 +9,7 @@ use peregrine_abi::perm::{EcPerm, PdPerm, PtPerm, ScPerm, SmPerm};
 use peregrine_abi::Status;
 
 use crate::cap::{Cap, CapObj, KObj};
+use crate::cpu::Cpu;
 use crate::ec::{Ec, EcKind};
 use crate::frame::{user_addr, Frame};
 use crate::pd::Pd;
@@ -38,31 +39,35 @@ fn arg<A: HcArgs>(r: &Regs) -> Result<A, Status> {
 /// Only the syscall stub calls this, with the frame it has just filled (the running
 /// EC's), on this CPU's kernel stack with interrupts off.
 pub unsafe extern "C" fn syscall_handler(frame: *mut Frame) -> ! {
+    // SAFETY: the syscall entry: on this CPU's kernel stack with interrupts off (FMASK),
+    // nothing of the kernel's live on this CPU.
+    let cpu = &mut unsafe { Cpu::enter() };
     // No lock is held here: free what waits for a TLB shootdown.
     crate::tlb::reclaim();
-    // SAFETY: the stub passes the running EC's frame, which it has just filled; only
-    // this CPU uses it while the EC is in the kernel.
-    crate::fastpath::try_fast(unsafe { &*frame });
-    let c = sched::current();
-    // SAFETY: the running EC's frame, on its own CPU, interrupts off.
-    let r = regs(unsafe { c.frame() });
+    // SAFETY: the stub passes the running EC's frame, which it has just filled; nothing
+    // writes it while this shared reference lives (it ends with the fast path's look).
+    crate::fastpath::try_fast(unsafe { &*frame }, cpu);
+    let c = sched::current(cpu);
+    // The same frame, reached through the running EC: keeping the stub's pointer alive
+    // across the fast path would cost the IPC path a register.
+    let r = regs(c.frame(cpu));
     let word = HypercallWord(r[0]);
     let Some(h) = Hypercall::from_raw(word.number()) else {
-        ipc::finish(c, Status::BadHypercall);
+        ipc::finish(c, Status::BadHypercall, cpu);
     };
     let res = match h {
         Hypercall::Call => match arg::<args::Call>(&r) {
-            Ok(a) => ipc::call(c, a.pt, a.non_blocking),
+            Ok(a) => ipc::call(c, a.pt, a.non_blocking, cpu),
             Err(s) => Err(s),
         },
-        Hypercall::Reply => ipc::reply(c),
+        Hypercall::Reply => ipc::reply(c, cpu),
         Hypercall::CreatePd => arg(&r).and_then(|a| create_pd(&c, &a)).map(|()| 0),
         Hypercall::CreateEc => arg(&r).and_then(|a| create_ec(&c, &a)).map(|()| 0),
-        Hypercall::CreateSc => arg(&r).and_then(|a| create_sc(&c, &a)).map(|()| 0),
+        Hypercall::CreateSc => arg(&r).and_then(|a| create_sc(&c, &a, cpu)).map(|()| 0),
         Hypercall::CreatePt => arg(&r).and_then(|a| create_pt(&c, &a)).map(|()| 0),
         Hypercall::CreateSm => arg(&r).and_then(|a| create_sm(&c, &a)).map(|()| 0),
         Hypercall::Revoke => arg::<args::Revoke>(&r)
-            .and_then(|a| space::revoke(&c.pd, a.crd, a.own))
+            .and_then(|a| space::revoke(&c.pd, a.crd, a.own, cpu))
             .map(|()| 0),
         Hypercall::Lookup => arg::<args::Lookup>(&r)
             .and_then(|a| space::lookup(&c.pd, a.crd))
@@ -70,11 +75,11 @@ pub unsafe extern "C" fn syscall_handler(frame: *mut Frame) -> ! {
         Hypercall::EcCtrl => ec_ctrl(&c, &r).map(|()| 0),
         Hypercall::ScCtrl => arg(&r).and_then(|a| sc_ctrl(&c, &a)),
         Hypercall::PtCtrl => arg(&r).and_then(|a| pt_ctrl(&c, &a)).map(|()| 0),
-        Hypercall::SmCtrl => match arg(&r).and_then(|a| sm_ctrl(&c, &a)) {
+        Hypercall::SmCtrl => match arg(&r).and_then(|a| sm_ctrl(&c, &a, cpu)) {
             Ok(true) => {
                 // Blocked: the semaphore (and a timeout) hold the EC now.
                 drop(c);
-                sched::block_current();
+                sched::block_current(cpu);
                 sched::schedule()
             }
             r => r.map(|_| 0),
@@ -96,8 +101,7 @@ pub unsafe extern "C" fn syscall_handler(frame: *mut Frame) -> ! {
             );
         }
     }
-    // SAFETY: as above.
-    let f = unsafe { c.frame() };
+    let f = c.frame(cpu);
     match res {
         Ok(v) => {
             f.rdi = Status::Success as u64;
@@ -105,7 +109,7 @@ pub unsafe extern "C" fn syscall_handler(frame: *mut Frame) -> ! {
         }
         Err(s) => f.rdi = s as u64,
     }
-    sched::ret_to(c)
+    sched::ret_to(c, cpu)
 }
 
 /// The object of the capability at `sel` in the caller's space if it is a `T` with at
@@ -221,7 +225,7 @@ fn create_ec(c: &Ec, a: &args::CreateEc) -> Result<(), Status> {
 }
 
 #[inline(never)] // off the IPC path: the dispatcher's frame stays small
-fn create_sc(c: &Ec, a: &args::CreateSc) -> Result<(), Status> {
+fn create_sc(c: &Ec, a: &args::CreateSc, cpu: &mut Cpu) -> Result<(), Status> {
     let pd = cap::<Pd>(c, a.pd, PdPerm::SC)?;
     let ec = cap::<Ec>(c, a.ec, EcPerm::BIND_SC)?;
     let (prio, quantum_us) = (a.prio, a.quantum_us);
@@ -231,7 +235,7 @@ fn create_sc(c: &Ec, a: &args::CreateSc) -> Result<(), Status> {
     // No SC above the one the creator runs on: a component cannot outrank the
     // component that gave it its time (seL4's maximum controlled priority, taken from
     // the running SC).
-    if prio > sched::current_prio() {
+    if prio > sched::current_prio(cpu) {
         return Err(Status::BadParameter);
     }
     if ec.kind == EcKind::Local {
@@ -261,8 +265,8 @@ fn create_sc(c: &Ec, a: &args::CreateSc) -> Result<(), Status> {
         ec.has_sc.store(false, Ordering::Release);
         return Err(e);
     }
-    sched::enqueue(sc);
-    sched::preempt_if_needed();
+    sched::enqueue(sc, cpu);
+    sched::preempt_if_needed(cpu);
     Ok(())
 }
 
@@ -320,12 +324,12 @@ fn pt_ctrl(c: &Ec, a: &args::PtCtrl) -> Result<(), Status> {
 
 /// `sm_ctrl`; `Ok(true)`: the running EC blocked on the semaphore (the caller
 /// schedules once its own references are gone).
-fn sm_ctrl(c: &Arc<Ec>, a: &args::SmCtrl) -> Result<bool, Status> {
+fn sm_ctrl(c: &Arc<Ec>, a: &args::SmCtrl, cpu: &mut Cpu) -> Result<bool, Status> {
     let SmOp::Down { zero, deadline } = a.op else {
         let sm = cap::<Sm>(c, a.sm, SmPerm::UP)?;
-        sm.up();
+        sm.up(cpu);
         drop(sm);
-        sched::preempt_if_needed();
+        sched::preempt_if_needed(cpu);
         return Ok(false);
     };
     let sm = cap::<Sm>(c, a.sm, SmPerm::DOWN)?;
@@ -338,17 +342,17 @@ fn sm_ctrl(c: &Arc<Ec>, a: &args::SmCtrl) -> Result<bool, Status> {
     }
     if deadline != 0 {
         // Room for the deadline first: once queued on the semaphore, the EC blocks.
-        sched::reserve_timeout()?;
+        sched::reserve_timeout(cpu)?;
     }
     c.wait_gen
         .fetch_add(1, core::sync::atomic::Ordering::Relaxed);
     match sm.down(c, zero)? {
         Down::Acquired => Ok(false),
         Down::Blocked => {
-            // SAFETY: the running EC on this CPU.
-            unsafe { c.local() }.waiting_on = Some(sm.clone());
+            // The running EC on this CPU.
+            c.local(cpu).waiting_on = Some(sm.clone());
             if deadline != 0 {
-                sched::add_timeout(deadline, c.clone(), sm);
+                sched::add_timeout(deadline, c.clone(), sm, cpu);
             }
             Ok(true)
         }
@@ -417,9 +421,9 @@ fn pd_stat(pd: &Pd, item: u64) -> Result<u64, Status> {
         stat::POOL_FREE => {
             // Frames waiting for a shootdown are free in all but name.
             crate::tlb::reclaim_now();
-            Ok(crate::mem::frame::stats().0 as u64)
+            Ok(crate::mem::pool::stats().0 as u64)
         }
-        stat::POOL_TOTAL => Ok(crate::mem::frame::stats().1 as u64),
+        stat::POOL_TOTAL => Ok(crate::mem::pool::stats().1 as u64),
         stat::HEAP_USED => Ok(crate::mem::heap::stats().0 as u64),
         stat::HEAP_MAPPED => Ok(crate::mem::heap::stats().1),
         stat::MDB_NODES => Ok(space::nodes()),

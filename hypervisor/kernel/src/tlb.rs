@@ -56,7 +56,7 @@ pub enum Targets<'a> {
 /// Records that this CPU is about to load PD `id`'s page table (0: the kernel's).
 /// Called before the CR3 write.
 pub fn loading(id: u64) {
-    loading_on(crate::percpu::cpu_id(), id);
+    loading_on(crate::platform::percpu::cpu_id(), id);
 }
 
 /// [`loading`] on CPU `cpu`, the running one.
@@ -68,7 +68,7 @@ pub fn loading_on(cpu: usize, id: u64) {
 /// Flushes this CPU's TLB for the latest generation (IPI handler and polling).
 pub fn serve() {
     let g = GEN.load(Ordering::Acquire);
-    let me = crate::percpu::cpu_id();
+    let me = crate::platform::percpu::cpu_id();
     if ACK[me].load(Ordering::Relaxed) != g {
         crate::arch::flush_tlb();
         ACK[me].store(g, Ordering::Release);
@@ -84,7 +84,7 @@ pub fn shootdown() {
 pub fn shootdown_to(t: Targets<'_>) {
     // The removals the caller made must be visible before we read LOADED.
     fence(Ordering::SeqCst);
-    let me = crate::percpu::cpu_id();
+    let me = crate::platform::percpu::cpu_id();
     let mine = LOADED[me].load(Ordering::Relaxed);
     let local = match t {
         Targets::All => true,

@@ -2,6 +2,7 @@
 //! an interrupt (timer, IPI, device — handled by the platform hooks) the scheduler
 //! decides who runs next.
 
+use crate::cpu::Cpu;
 use crate::frame::Frame;
 use crate::{ipc, sched};
 
@@ -13,21 +14,20 @@ const MC: u64 = 18;
 const NM: u64 = 7;
 
 /// Saves the interrupted user state into the running EC.
-fn save(saved: &Frame) -> alloc::sync::Arc<crate::ec::Ec> {
-    let c = sched::current();
-    // SAFETY: the running EC of this CPU, interrupts off.
-    unsafe { *c.frame() = *saved };
+fn save(saved: &Frame, cpu: &mut Cpu) -> alloc::sync::Arc<crate::ec::Ec> {
+    let c = sched::current(cpu);
+    *c.frame(cpu) = *saved;
     c
 }
 
 /// An exception in user mode.
-pub fn from_user(v: u64, saved: &Frame) -> ! {
-    let c = save(saved);
+pub fn from_user(v: u64, saved: &Frame, cpu: &mut Cpu) -> ! {
+    let c = save(saved, cpu);
     match v {
-        NMI | MC => sched::ret_to(c),
+        NMI | MC => sched::ret_to(c, cpu),
         // Lazy FPU switching (see `fpu`).
-        NM if crate::fpu::device_not_available(&c) => sched::ret_to(c),
-        _ => ipc::event(c, v),
+        NM if crate::fpu::device_not_available(&c) => sched::ret_to(c, cpu),
+        _ => ipc::event(c, v, cpu),
     }
 }
 
@@ -54,18 +54,18 @@ pub fn trace_tick(cpu: usize) {
 }
 
 /// An interrupt arrived in user mode and was handled.
-pub fn after_user_interrupt(saved: &Frame) -> ! {
+pub fn after_user_interrupt(saved: &Frame, cpu: &mut Cpu) -> ! {
     use core::sync::atomic::Ordering::Relaxed;
     if TRACE_TICK.load(Relaxed) && TICKS.fetch_add(1, Relaxed).is_multiple_of(1024) {
         crate::kprintln!(
             "tick: cpu {} pd {} rip {:#x} rsp {:#x}",
-            crate::percpu::cpu_id(),
-            sched::current().pd.id,
+            crate::platform::percpu::cpu_id(),
+            sched::current(cpu).pd.id,
             saved.rip,
             saved.rsp
         );
     }
-    save(saved);
-    sched::preempt_if_needed();
+    save(saved, cpu);
+    sched::preempt_if_needed(cpu);
     sched::schedule()
 }

@@ -33,11 +33,12 @@ use alloc::sync::Arc;
 use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicBool, Ordering};
 
-use peregrine_abi::event::vcpu as ev;
+use peregrine_abi::event::VcpuEvent as Ev;
 use peregrine_abi::hip::{Features, MAX_CPUS};
 use peregrine_abi::utcb::{inj, ArchState, Segment};
 use peregrine_abi::{Mtd, Status};
 
+use crate::cpu::{Cpu, Ecs};
 use crate::ec::{Ec, EcKind};
 use crate::frame::Frame;
 use crate::pd::Pd;
@@ -176,12 +177,44 @@ pub struct Vcpu {
     hw: Hw,
 }
 
+/// The CPU-local state of a vCPU, borrowed from its CPU's token ([`Vcpu::parts`]).
+struct Parts<'a> {
+    common: &'a mut Common,
+    /// The reply copy (see [`Vcpu::reply`]).
+    reply: &'a mut ArchState,
+    hw: HwMut<'a>,
+}
+
+/// The backend's part of a vCPU with its CPU-local state.
+enum HwMut<'a> {
+    Svm(&'a svm::Vcpu, &'a mut svm::State),
+    Vmx(&'a vmx::Vcpu, &'a mut vmx::State),
+}
+
 impl Vcpu {
-    /// # Safety
-    /// Only the vCPU's CPU, with interrupts off, and no other reference alive.
-    #[allow(clippy::mut_from_ref)]
-    unsafe fn common(&self) -> &mut Common {
-        // SAFETY: forwarded to the caller.
+    /// The vCPU's CPU-local state (the common part, the reply copy, the backend's),
+    /// through its CPU's token.
+    #[inline(always)]
+    fn parts<'a>(&'a self, _: &'a mut Ecs) -> Parts<'a> {
+        debug_assert_eq!(self.cpu, crate::platform::percpu::cpu_id());
+        let hw = match &self.hw {
+            // SAFETY: as below, for the backend's cell.
+            Hw::Svm(s) => HwMut::Svm(s, unsafe { &mut *s.state_ptr() }),
+            // SAFETY: as below, for the backend's cell.
+            Hw::Vmx(x) => HwMut::Vmx(x, unsafe { &mut *x.state_ptr() }),
+        };
+        // SAFETY: the token proves this CPU runs in the kernel with interrupts off, and
+        // a vCPU's state is touched only by the CPU it is bound to, like its EC's (see
+        // `ec`); borrowing the token for `'a` excludes every other reference to this
+        // CPU's EC state meanwhile. The cells are distinct.
+        let (common, reply) = unsafe { (&mut *self.common.get(), &mut *self.reply.get()) };
+        Parts { common, reply, hw }
+    }
+
+    /// The common part of the vCPU's CPU-local state, through its CPU's token.
+    #[inline(always)]
+    fn common<'a>(&'a self, _: &'a mut Ecs) -> &'a mut Common {
+        // SAFETY: as in `parts`, for the common cell alone.
         unsafe { &mut *self.common.get() }
     }
 }
@@ -242,7 +275,7 @@ const FORCED_EXC: u32 = (1 << 1) | (1 << 17) | (1 << 18);
 fn machine_check() -> Next {
     crate::kprintln!(
         "cpu {}: machine check while a guest ran",
-        crate::percpu::cpu_id()
+        crate::platform::percpu::cpu_id()
     );
     Next::Interrupt
 }
@@ -287,7 +320,7 @@ fn trace() -> bool {
 /// Enables hardware virtualization on this CPU at bring-up (the backend is decided
 /// once, by whichever CPU asks first: see `backend`).
 pub fn init_cpu(cpu: usize) {
-    if cpu == 0 && crate::multiboot::info().has_arg("trace_vm") {
+    if cpu == 0 && crate::platform::multiboot::info().has_arg("trace_vm") {
         TRACE.store(true, Ordering::Relaxed);
     }
     match backend() {
@@ -399,7 +432,7 @@ pub fn create(pd: &Arc<Pd>, cpu: usize, evt: u64) -> Result<Arc<Ec>, Status> {
         return Err(Status::BadParameter);
     };
     if evt
-        .checked_add(ev::RECALL)
+        .checked_add(Ev::Recall as u64)
         .is_none_or(|e| e >= crate::pd::SEL_NUM)
     {
         return Err(Status::BadParameter);
@@ -460,11 +493,10 @@ fn new_common(flush_seen: u64) -> Common {
 /// Makes `ec` this CPU's current EC, keeping the host address space that stays loaded
 /// alive (a vCPU has none of its own).
 #[inline(always)]
-fn make_current(ec: &Arc<Ec>) {
-    // SAFETY: interrupts are off in the kernel; no other reference to the scheduler
-    // state is alive.
-    let l = unsafe { sched::local() };
-    // SAFETY: as above, for this CPU's slot.
+fn make_current(ec: &Arc<Ec>, cpu: &mut Cpu) {
+    let l = sched::local(cpu);
+    // SAFETY: this CPU's slot, used only by this CPU through its token (borrowed here
+    // as `l`, so no other reference to the slot is alive).
     let held = unsafe { &mut *HELD[l.cpu()].0.get() };
     if l.space != 0 && held.as_ref().is_none_or(|p| p.id != l.space) {
         match &l.current {
@@ -481,19 +513,27 @@ fn make_current(ec: &Arc<Ec>) {
 }
 
 /// The first dispatch of a vCPU: its STARTUP event.
-pub fn startup(ec: Arc<Ec>) -> ! {
-    make_current(&ec);
-    deliver(ec, ev::STARTUP)
+pub fn startup(ec: Arc<Ec>, cpu: &mut Cpu) -> ! {
+    make_current(&ec, cpu);
+    deliver(ec, Ev::Startup, cpu)
 }
 
-fn deliver(ec: Arc<Ec>, nr: u64) -> ! {
+/// Delivers `event` of vCPU `ec` to its VMM's portal (in line: the number the
+/// callers pass is mostly a constant, which the conversion then folds into).
+#[inline(always)]
+fn deliver(ec: Arc<Ec>, event: Ev, cpu: &mut Cpu) -> ! {
+    deliver_nr(ec, event as u64, cpu)
+}
+
+/// [`deliver`] with the event's number: its portal's offset from the event base (and
+/// the number the UTCB carries).
+fn deliver_nr(ec: Arc<Ec>, nr: u64, cpu: &mut Cpu) -> ! {
     // The common case first: an idle handler on this CPU (nothing pending then).
-    let ec = crate::fastpath::vcpu_event(ec, nr);
+    let ec = crate::fastpath::vcpu_event(ec, nr, cpu);
     if let Some(v) = ec.vcpu.as_deref() {
-        // SAFETY: the vCPU is current on this CPU, interrupts off.
-        unsafe { v.common() }.pending = Some(nr);
+        v.common(cpu).pending = Some(nr);
     }
-    crate::ipc::event(ec, nr)
+    crate::ipc::event(ec, nr, cpu)
 }
 
 /// Enters the guest of vCPU `ec` (from `sched::ret_to`): on a fresh kernel stack, so
@@ -509,13 +549,17 @@ extern "C" fn entry(p: usize) -> ! {
     let p = p as *const Ec;
     // SAFETY: `p` came from `Arc::into_raw` in `resume`.
     let ec = unsafe { Arc::from_raw(p) };
-    run(ec)
+    // SAFETY: a kernel entry of its own: on this CPU's fresh kernel stack with
+    // interrupts off; whoever held a token here before has diverged (`resume`).
+    run(ec, &mut unsafe { Cpu::enter() })
 }
 
-/// What an exit asks for.
+/// What an exit asks for. (A tag of its own, not a niche of the event's: the exit paths
+/// then hand each event straight to `deliver`, whose number folds into a constant.)
+#[repr(u8)]
 enum Next {
     /// Deliver this event to the VMM.
-    Event(u64),
+    Event(Ev),
     /// A host interrupt or NMI, or an exit the kernel handled itself: take pending
     /// interrupts, then schedule (which enters the guest again, unless another EC is
     /// due).
@@ -552,53 +596,59 @@ fn leave_xcr0(host: Option<u64>) {
     }
 }
 
-pub fn run(ec: Arc<Ec>) -> ! {
-    make_current(&ec);
+pub fn run(ec: Arc<Ec>, cpu: &mut Cpu) -> ! {
+    make_current(&ec, cpu);
     let Some(v) = ec.vcpu.as_deref() else {
-        crate::ipc::stop(ec);
+        crate::ipc::stop(ec, cpu);
     };
-    // SAFETY: the current vCPU on its own CPU, interrupts off.
-    let c = unsafe { v.common() };
+    let c = v.common(cpu);
     if let Some(nr) = c.pending {
-        crate::ipc::event(ec, nr);
+        crate::ipc::event(ec, nr, cpu);
     }
     // A refused reply makes INVALID_STATE the next event, before a pending recall.
     if core::mem::take(&mut c.invalid) {
-        deliver(ec, ev::INVALID_STATE);
+        deliver(ec, Ev::InvalidState, cpu);
     }
     if ec.recall.swap(false, Ordering::AcqRel) {
-        deliver(ec, ev::RECALL);
+        deliver(ec, Ev::Recall, cpu);
     }
     crate::fpu::load_for_guest(&ec);
-    let next = match &v.hw {
-        Hw::Svm(s) => svm::run(&ec, s, c),
-        Hw::Vmx(x) => vmx::run(&ec, x, c),
+    let p = v.parts(cpu);
+    let next = match p.hw {
+        HwMut::Svm(s, st) => svm::run(&ec, s, st, p.common),
+        HwMut::Vmx(x, st) => vmx::run(&ec, x, st, p.common),
     };
     match next {
-        Next::Event(nr) => deliver(ec, nr),
+        Next::Event(nr) => deliver(ec, nr, cpu),
         Next::Interrupt => {
-            crate::arch::x86::cr::interrupt_window();
+            interrupt_window(cpu);
             drop(ec);
-            sched::preempt_if_needed();
+            sched::preempt_if_needed(cpu);
             sched::schedule()
         }
     }
 }
 
+/// Takes the host interrupts pending since the exit, lending the token to their
+/// handlers (no borrow of it is alive across the window).
+#[inline(always)]
+fn interrupt_window(_: &mut Cpu) {
+    crate::arch::x86::cr::interrupt_window();
+}
+
 /// Writes the state `mtd` selects from vCPU `ec` into a handler's UTCB (inline: its
 /// one caller is the event path).
 #[inline(always)]
-pub fn get_state(ec: &Ec, mtd: Mtd, vector: u64, a: &mut ArchState) {
+pub fn get_state(ec: &Ec, mtd: Mtd, vector: u64, a: &mut ArchState, ecs: &mut Ecs) {
     let Some(v) = ec.vcpu.as_deref() else {
         return;
     };
-    // SAFETY: the vCPU is bound to this CPU and does not run (it is delivering).
-    let c = unsafe { v.common() };
-    c.pending = None;
-    if vector == ev::STARTUP {
-        // SAFETY: as above.
-        unsafe { ec.local() }.started = true;
+    // The vCPU is bound to this CPU and does not run (it is delivering).
+    v.common(ecs).pending = None;
+    if vector == Ev::Startup as u64 {
+        ec.local(ecs).started = true;
     }
+    let c = v.common(ecs);
     a.mtd = mtd;
     if mtd.contains(Mtd::RIP_LEN) {
         a.inst_len = c.inst_len;
@@ -612,9 +662,10 @@ pub fn get_state(ec: &Ec, mtd: Mtd, vector: u64, a: &mut ArchState) {
     if mtd.contains(Mtd::XSAVE) {
         a.xcr0 = c.xcr0;
     }
-    match &v.hw {
-        Hw::Svm(s) => svm::get_state(s, mtd, a),
-        Hw::Vmx(x) => vmx::get_state(x, c, mtd, a),
+    let p = v.parts(ecs);
+    match p.hw {
+        HwMut::Svm(s, st) => svm::get_state(s, st, mtd, a),
+        HwMut::Vmx(x, st) => vmx::get_state(x, st, p.common, mtd, a),
     }
 }
 
@@ -622,19 +673,20 @@ pub fn get_state(ec: &Ec, mtd: Mtd, vector: u64, a: &mut ArchState) {
 /// would make the VM entry fail or harm the host is not written, and the vCPU's next
 /// event is INVALID_STATE. In line: the common replies take the short way.
 #[inline(always)]
-pub fn put_state(ec: &Ec, utcb: &ArchState) {
+pub fn put_state(ec: &Ec, utcb: &ArchState, ecs: &mut Ecs) {
     let Some(v) = ec.vcpu.as_deref() else {
         return;
     };
     let mtd = utcb.mtd;
+    // The vCPU is bound to this CPU and waits for this reply.
     if SIMPLE.contains(mtd) {
-        // SAFETY: the vCPU is bound to this CPU and waits for this reply.
-        let c = unsafe { v.common() };
+        let p = v.parts(ecs);
+        let c = p.common;
         // The common replies (CPUID, port I/O, MMIO: registers and RIP) go straight
         // from the UTCB, each value read once.
-        let ok = match &v.hw {
-            Hw::Svm(s) => svm::put_simple(s, utcb, mtd),
-            Hw::Vmx(x) => vmx::put_simple(x, utcb, mtd),
+        let ok = match p.hw {
+            HwMut::Svm(s, st) => svm::put_simple(s, st, utcb, mtd),
+            HwMut::Vmx(x, st) => vmx::put_simple(x, st, utcb, mtd),
         };
         if mtd.intersects(CHECKED) {
             c.check = true;
@@ -644,15 +696,13 @@ pub fn put_state(ec: &Ec, utcb: &ArchState) {
         }
         return;
     }
-    put_full(v, utcb, mtd)
+    put_full(v.parts(ecs), utcb, mtd)
 }
 
 /// [`put_state`] for replies beyond [`SIMPLE`]: `mtd` is `utcb.mtd`, read once.
 #[inline(always)]
-fn put_full(v: &Vcpu, utcb: &ArchState, mtd: Mtd) {
-    // SAFETY: the vCPU is bound to this CPU and waits for this reply; its reply copy is
-    // used only here.
-    let (c, a) = unsafe { (v.common(), &mut *v.reply.get()) };
+fn put_full(p: Parts<'_>, utcb: &ArchState, mtd: Mtd) {
+    let (c, a) = (p.common, p.reply);
     // What the MTD (read once) selects: the common groups one by one, the rest (at and
     // after `qual`) in one piece.
     a.mtd = mtd;
@@ -705,9 +755,9 @@ fn put_full(v: &Vcpu, utcb: &ArchState, mtd: Mtd) {
             bad = true;
         }
     }
-    bad |= match &v.hw {
-        Hw::Svm(s) => !svm::put_state(s, c, a),
-        Hw::Vmx(x) => !vmx::put_state(x, c, a),
+    bad |= match p.hw {
+        HwMut::Svm(s, st) => !svm::put_state(s, st, c, a),
+        HwMut::Vmx(x, st) => !vmx::put_state(x, st, c, a),
     };
     if bad {
         c.invalid = true;
@@ -716,7 +766,7 @@ fn put_full(v: &Vcpu, utcb: &ArchState, mtd: Mtd) {
 
 impl Drop for Vcpu {
     fn drop(&mut self) {
-        match &self.hw {
+        match &mut self.hw {
             Hw::Svm(s) => svm::release(&self.pd, s),
             Hw::Vmx(x) => vmx::release(&self.pd, self.cpu, x),
         }

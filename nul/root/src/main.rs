@@ -12,11 +12,15 @@
 
 extern crate alloc;
 
+// Lookups by role and removal serve the scenarios (not built into the production root).
+#[cfg_attr(not(feature = "scenarios"), allow(dead_code))]
 mod children;
+#[cfg_attr(not(feature = "scenarios"), allow(dead_code))]
 mod component;
 mod hip;
 mod mem;
 mod pieces;
+#[cfg(feature = "scenarios")]
 mod scenario;
 mod serial;
 mod services;
@@ -31,8 +35,8 @@ fn fail() -> ! {
 }
 
 fn main(hip_addr: u64) -> ! {
-    let start_tsc = hc::rdtsc();
-    scenario::bench_more::ROOT_START_TSC.store(start_tsc, core::sync::atomic::Ordering::Relaxed);
+    #[cfg(feature = "scenarios")]
+    scenario::bench_more::ROOT_START_TSC.store(hc::rdtsc(), core::sync::atomic::Ordering::Relaxed);
     // Ports first: the console needs COM1.
     let ports = hc::pd_delegate(
         peregrine_abi::sel::KERN_PD,
@@ -53,6 +57,7 @@ fn main(hip_addr: u64) -> ! {
         println!("no HIP at {:#x}", hip_addr);
         fail();
     };
+    #[cfg(feature = "scenarios")]
     scenario::bench_more::KERNEL_ENTRY_TSC
         .store(hip.0.boot_tsc, core::sync::atomic::Ordering::Relaxed);
     let ncpu = hip.online_cpus().count();
@@ -171,7 +176,7 @@ fn main(hip_addr: u64) -> ! {
     MAIN_ARGS.call_once(|| (alloc::string::String::from(args), hip));
     let cpu0 = cpus[0];
     let evt = services::evt_base(cpu0).unwrap_or(0);
-    if let Err(e) = nul_rt::thread::thread(cpu0, evt, scenario::PRIO, run_main, 0) {
+    if let Err(e) = nul_rt::thread::thread(cpu0, evt, MAIN_PRIO, run_main, 0) {
         println!("cannot start the scenario thread: {:?}", e);
         fail();
     }
@@ -179,6 +184,13 @@ fn main(hip_addr: u64) -> ! {
 }
 
 static MAIN_ARGS: spin::Once<(alloc::string::String, hip::HipView)> = spin::Once::new();
+
+/// The priority of the root's main thread (the components' priority, see above).
+#[cfg(feature = "scenarios")]
+const MAIN_PRIO: u8 = scenario::PRIO;
+/// The priority of the root's main thread (the components' priority, see above).
+#[cfg(not(feature = "scenarios"))]
+const MAIN_PRIO: u8 = 10;
 
 /// Blocks the running EC for good.
 pub fn block_forever() -> ! {
@@ -197,6 +209,7 @@ extern "C" fn run_main(_arg: u64, utcb: u64) -> ! {
     let Some((args, hip)) = MAIN_ARGS.get() else {
         fail();
     };
+    #[cfg(feature = "scenarios")]
     if let Some(t) = hip::arg(args, "test") {
         let ok = scenario::run(t, args, hip);
         if ok {
@@ -206,12 +219,20 @@ extern "C" fn run_main(_arg: u64, utcb: u64) -> ! {
         }
         serial::exit(ok);
     }
+    #[cfg(feature = "scenarios")]
     if let Some(b) = hip::arg(args, "bench") {
         let ok = scenario::bench(b, args, hip);
         if !ok {
             println!("FAIL bench {}", b);
         }
         serial::exit(ok);
+    }
+    #[cfg(not(feature = "scenarios"))]
+    let _ = hip;
+    #[cfg(not(feature = "scenarios"))]
+    if let Some(t) = hip::arg(args, "test").or(hip::arg(args, "bench")) {
+        println!("FAIL {}: this root is built without scenarios", t);
+        serial::exit(false);
     }
     if hip::flag(args, "exit") {
         println!("root done");

@@ -23,19 +23,21 @@ pub fn tsc_khz() -> u64 {
 
 /// Number of CPUs found at boot (indices `0..online_cpus()`).
 pub fn online_cpus() -> usize {
-    crate::percpu::num_cpus()
+    crate::platform::percpu::num_cpus()
 }
 
 /// Whether CPU index `cpu` exists and finished bring-up.
 pub fn cpu_online(cpu: u64) -> bool {
-    (cpu as usize) < crate::percpu::num_cpus()
-        && crate::percpu::get(cpu as usize)
+    (cpu as usize) < crate::platform::percpu::num_cpus()
+        && crate::platform::percpu::get(cpu as usize)
             .online
             .load(Ordering::Acquire)
 }
 
 fn apic_id(cpu: usize) -> u32 {
-    crate::percpu::get(cpu).apic_id.load(Ordering::Relaxed)
+    crate::platform::percpu::get(cpu)
+        .apic_id
+        .load(Ordering::Relaxed)
 }
 
 /// Sends the reschedule IPI to CPU index `cpu`.
@@ -114,7 +116,7 @@ pub fn ioapic_route(
     level: bool,
     active_low: bool,
 ) -> Result<(), RouteError> {
-    if cpu >= crate::percpu::num_cpus() {
+    if cpu >= crate::platform::percpu::num_cpus() {
         return Err(RouteError::BadCpu);
     }
     ioapic::route_gsi(gsi, vector, apic_id(cpu), level, active_low)

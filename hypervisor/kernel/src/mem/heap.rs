@@ -37,11 +37,11 @@ fn grow(mapped: &mut u64, bytes: u64) -> bool {
     }
     let mut off = 0;
     while off < bytes {
-        let Some(f) = super::frame::alloc_frame() else {
+        let Some(f) = super::pool::alloc_frame() else {
             return false;
         };
         if paging::map_kernel_page(HEAP_BASE + *mapped, f, paging::Flags::KERNEL_RW).is_err() {
-            super::frame::free_frame(f);
+            super::pool::free_frame(f);
             return false;
         }
         *mapped += PAGE_SIZE;
@@ -78,7 +78,7 @@ pub static PARK_MISSES: AtomicUsize = AtomicUsize::new(0);
 fn parked() -> &'static mut Option<(NonNull<u8>, Layout)> {
     // SAFETY: this CPU's slot; callers run with interrupts off and do not keep the
     // reference across another call of this function.
-    unsafe { &mut *PARKED[crate::percpu::cpu_id()].0.get() }
+    unsafe { &mut *PARKED[crate::platform::percpu::cpu_id()].0.get() }
 }
 
 /// Allocates a block of `layout` now and keeps it for this CPU's next allocation of

@@ -1,12 +1,12 @@
 //! Physical memory: the direct map, the kernel's frame pool and its heap.
 
-pub mod frame;
 pub mod heap;
 pub mod layout;
+pub mod pool;
 
 pub use crate::arch::x86::paging::new_user_root;
-pub use frame::{alloc_frame, alloc_frame_zeroed, alloc_frames, free_frame, free_frames};
 pub use layout::{phys_to_ptr, virt_to_phys};
+pub use pool::{alloc_frame, alloc_frame_zeroed, alloc_frames, free_frame, free_frames};
 
 /// Direct-map pointer to physical address `phys` (see [`layout::phys_to_virt`] for the
 /// address as a number).

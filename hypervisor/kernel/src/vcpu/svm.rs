@@ -10,7 +10,7 @@
 use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicU8, Ordering};
 
-use peregrine_abi::event::vcpu as ev;
+use peregrine_abi::event::VcpuEvent as Ev;
 use peregrine_abi::utcb::{ctrl, inj, ArchState, Segment};
 use peregrine_abi::{Mtd, Status};
 
@@ -84,7 +84,7 @@ const VINTR_REQ: u64 = (1 << 8) | (0xf << 16) | (1 << 20);
 const V_INTR_MASKING: u64 = 1 << 24;
 
 /// The SVM state of a vCPU beyond its EC, touched only by its CPU with interrupts off.
-struct State {
+pub(super) struct State {
     gprs: Gprs,
     asid: u32,
     asid_gen: u64,
@@ -98,12 +98,9 @@ pub struct Vcpu {
 }
 
 impl Vcpu {
-    /// # Safety
-    /// Only the vCPU's CPU, with interrupts off, and no other reference alive.
-    #[allow(clippy::mut_from_ref)]
-    unsafe fn state(&self) -> &mut State {
-        // SAFETY: forwarded to the caller.
-        unsafe { &mut *self.st.get() }
+    /// The cell of the CPU-local state (borrowed through the token: `vcpu::Vcpu::parts`).
+    pub(super) fn state_ptr(&self) -> *mut State {
+        self.st.get()
     }
 }
 
@@ -190,16 +187,14 @@ pub fn create(pd: &Pd, g: &SpaceGuest) -> Result<Vcpu, Status> {
 }
 
 /// Enters the guest of SVM vCPU `v` (current on this CPU, FPU loaded) until an exit.
-pub(super) fn run(ec: &Ec, v: &Vcpu, c: &mut Common) -> Next {
-    // SAFETY: the current vCPU on its own CPU, interrupts off.
-    let st = unsafe { v.state() };
+pub(super) fn run(ec: &Ec, v: &Vcpu, st: &mut State, c: &mut Common) -> Next {
     let vm = Vmcb::at(v.vmcb);
     // CS.L outside long mode is the one inconsistency a guest can load by itself (a far
     // jump); everything else `check_entry` looks at changes only through `put_state`.
     let long_cs = || (vm.r32(f::CS) >> 16) & u32::from(AR_L) != 0;
     if c.check || (long_cs() && vm.r64(f::EFER) & EFER_LMA == 0) {
         if !check_entry(vm) {
-            return Next::Event(ev::INVALID_STATE);
+            return Next::Event(Ev::InvalidState);
         }
         c.check = false;
     }
@@ -284,7 +279,7 @@ fn handle_exit(vm: Vmcb, st: &mut Common) -> Next {
     if vm.r64(f::RIP) == svm::resume_rip() && vm.r64(f::CR3) == crate::arch::x86::cr::read_cr3() {
         st.qual = [u64::MAX, 0];
         st.inst_len = 0;
-        return Next::Event(ev::INVALID_STATE);
+        return Next::Event(Ev::InvalidState);
     }
     let code = vm.r64(f::EXITCODE);
     let (i1, i2) = (vm.r64(f::EXITINFO1), vm.r64(f::EXITINFO2));
@@ -314,24 +309,24 @@ fn handle_exit(vm: Vmcb, st: &mut Common) -> Next {
     };
     let nr = match code {
         exit::INTR | exit::NMI | exit::SMI => return Next::Interrupt,
-        exit::INIT => ev::INIT,
+        exit::INIT => Ev::Init,
         exit::VINTR => {
             vm.w64(f::VINTR, vm.r64(f::VINTR) & !VINTR_REQ);
             vm.w32(f::INTERCEPT_3, vm.r32(f::INTERCEPT_3) & !i3::VINTR);
-            ev::INTR_WINDOW
+            Ev::IntrWindow
         }
-        exit::CPUID => ev::CPUID,
-        exit::HLT => ev::HLT,
-        exit::VMMCALL => ev::VMCALL,
-        exit::INVD => ev::INVD,
-        exit::PAUSE => ev::PAUSE,
-        exit::RDTSC => ev::RDTSC,
-        exit::RDTSCP => ev::RDTSCP,
-        exit::WBINVD => ev::WBINVD,
-        exit::MONITOR => ev::MONITOR,
-        exit::MWAIT | exit::MWAIT_COND => ev::MWAIT,
-        exit::XSETBV => ev::XSETBV,
-        exit::INVLPG => ev::INVLPG,
+        exit::CPUID => Ev::Cpuid,
+        exit::HLT => Ev::Hlt,
+        exit::VMMCALL => Ev::Vmcall,
+        exit::INVD => Ev::Invd,
+        exit::PAUSE => Ev::Pause,
+        exit::RDTSC => Ev::Rdtsc,
+        exit::RDTSCP => Ev::Rdtscp,
+        exit::WBINVD => Ev::Wbinvd,
+        exit::MONITOR => Ev::Monitor,
+        exit::MWAIT | exit::MWAIT_COND => Ev::Mwait,
+        exit::XSETBV => Ev::Xsetbv,
+        exit::INVLPG => Ev::Invlpg,
         exit::IOIO => {
             st.qual = [io_qual(i1), i1];
             if i2 > rip && i2 - rip <= 15 {
@@ -339,21 +334,21 @@ fn handle_exit(vm: Vmcb, st: &mut Common) -> Next {
             }
             // EXITINFO1 bit 2: INS/OUTS.
             if i1 & (1 << 2) != 0 {
-                ev::IO_STRING
+                Ev::IoString
             } else {
-                ev::IO
+                Ev::Io
             }
         }
         exit::MSR => {
             if i1 & 1 != 0 {
-                ev::WRMSR
+                Ev::Wrmsr
             } else {
-                ev::RDMSR
+                Ev::Rdmsr
             }
         }
-        exit::SHUTDOWN => ev::TRIPLE_FAULT,
-        exit::NPF => ev::NPT_FAULT,
-        exit::TASK_SWITCH => ev::TASK_SWITCH,
+        exit::SHUTDOWN => Ev::TripleFault,
+        exit::NPF => Ev::NptFault,
+        exit::TASK_SWITCH => Ev::TaskSwitch,
         exit::EXC_MC => return super::machine_check(),
         exit::DR0_READ..=exit::DR15_WRITE => {
             // The kernel's (`super::Dr`): the MOV DR runs again without an intercept.
@@ -371,7 +366,7 @@ fn handle_exit(vm: Vmcb, st: &mut Common) -> Next {
                     | ((i1 & 0xffff_ffff) << 32),
                 i2,
             ];
-            ev::EXCEPTION
+            Ev::Exception
         }
         exit::CR0_READ..=exit::CR15_WRITE => {
             let crn = code & 0xf;
@@ -382,15 +377,15 @@ fn handle_exit(vm: Vmcb, st: &mut Common) -> Next {
                 0
             };
             st.qual = [crn | (u64::from(read) << 4) | gpr, i1];
-            ev::CR_ACCESS
+            Ev::CrAccess
         }
         // VMEXIT_INVALID is -1; QEMU writes it as a 32-bit -1. Taken for another exit,
         // the VMM's reply entered the guest with what QEMU's failed VMRUN left in the
         // VMCB: the host's own state.
-        c if c as u32 == exit::INVALID as u32 => ev::INVALID_STATE,
+        c if c as u32 == exit::INVALID as u32 => Ev::InvalidState,
         _ => {
             st.qual = [code, i1];
-            ev::OTHER
+            Ev::Other
         }
     };
     Next::Event(nr)
@@ -440,9 +435,7 @@ fn check_entry(vm: Vmcb) -> bool {
 }
 
 /// Writes the state `mtd` selects from vCPU `ec` into a handler's UTCB.
-pub(super) fn get_state(v: &Vcpu, mtd: Mtd, a: &mut ArchState) {
-    // SAFETY: the vCPU is bound to this CPU and does not run (it is delivering).
-    let st = unsafe { v.state() };
+pub(super) fn get_state(v: &Vcpu, st: &mut State, mtd: Mtd, a: &mut ArchState) {
     let vm = Vmcb::at(v.vmcb);
     let g = &st.gprs.0;
     if mtd.contains(Mtd::GPR_ACDB) {
@@ -610,9 +603,7 @@ fn apply_ctrl(vm: Vmcb, c: [u64; 2]) {
 /// reading each value once (so `a` may be the VMM's UTCB itself); false if one was
 /// refused (a non-canonical RIP, not written).
 #[inline(always)]
-pub(super) fn put_simple(v: &Vcpu, a: &ArchState, mtd: Mtd) -> bool {
-    // SAFETY: the vCPU is bound to this CPU and waits for this reply.
-    let st = unsafe { v.state() };
+pub(super) fn put_simple(v: &Vcpu, st: &mut State, a: &ArchState, mtd: Mtd) -> bool {
     let vm = Vmcb::at(v.vmcb);
     if mtd.contains(Mtd::GPR_ACDB) {
         vm.w64(f::RAX, a.gpr[0]);
@@ -640,10 +631,10 @@ pub(super) fn put_simple(v: &Vcpu, a: &ArchState, mtd: Mtd) -> bool {
     true
 }
 
-pub(super) fn put_state(v: &Vcpu, c: &mut Common, a: &ArchState) -> bool {
+pub(super) fn put_state(v: &Vcpu, st: &mut State, c: &mut Common, a: &ArchState) -> bool {
     let vm = Vmcb::at(v.vmcb);
     let mtd = a.mtd;
-    let mut bad = !put_simple(v, a, mtd);
+    let mut bad = !put_simple(v, st, a, mtd);
     let mut take = |ok: bool, w: &mut dyn FnMut()| {
         if ok {
             w()

@@ -20,7 +20,7 @@ use alloc::vec::Vec;
 use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicBool, Ordering};
 
-use peregrine_abi::event::vcpu as ev;
+use peregrine_abi::event::VcpuEvent as Ev;
 use peregrine_abi::hip::MAX_CPUS;
 use peregrine_abi::utcb::{ctrl, inj, ArchState, Segment};
 use peregrine_abi::{Mtd, Status};
@@ -53,7 +53,7 @@ const BLOCK_STI_MOVSS: u64 = 3;
 const RFLAGS_TF: u64 = 1 << 8;
 
 /// The VMX state of a vCPU beyond its EC, touched only by its CPU with interrupts off.
-struct State {
+pub(super) struct State {
     gprs: Gprs,
     /// VMLAUNCH succeeded (VMRESUME next).
     launched: bool,
@@ -91,12 +91,9 @@ pub struct Vcpu {
 }
 
 impl Vcpu {
-    /// # Safety
-    /// Only the vCPU's CPU, with interrupts off, and no other reference alive.
-    #[allow(clippy::mut_from_ref)]
-    unsafe fn state(&self) -> &mut State {
-        // SAFETY: forwarded to the caller.
-        unsafe { &mut *self.st.get() }
+    /// The cell of the CPU-local state (borrowed through the token: `vcpu::Vcpu::parts`).
+    pub(super) fn state_ptr(&self) -> *mut State {
+        self.st.get()
     }
 }
 
@@ -163,18 +160,18 @@ pub fn create(pd: &Pd, g: &SpaceGuest) -> Result<Vcpu, Status> {
 
 /// Frees the VMCS and virtual-APIC page (the vCPU is gone). A VMCS that may be active
 /// on its CPU is cleared there first.
-pub fn release(pd: &Pd, cpu: usize, v: &Vcpu) {
+pub fn release(pd: &Pd, cpu: usize, v: &mut Vcpu) {
     if v.vapic != 0 {
         crate::kmem::free_frame(pd, v.vapic);
     }
-    // SAFETY: nobody else refers to the vCPU any more.
-    let ready = unsafe { v.state() }.ready;
+    // Nobody else refers to the vCPU any more.
+    let ready = v.st.get_mut().ready;
     if !ready {
         crate::kmem::free_frame(pd, v.vmcs);
         return;
     }
     crate::kmem::uncharge(pd, 1);
-    if crate::percpu::cpu_id() == cpu {
+    if crate::platform::percpu::cpu_id() == cpu {
         crate::arch::x86::cr::without_interrupts(|| {
             // SAFETY: VMX is on here (the VMCS was set up on this CPU); the VMCS is
             // ours and was only ever active on this CPU.
@@ -189,7 +186,7 @@ pub fn release(pd: &Pd, cpu: usize, v: &Vcpu) {
 
 /// Clears and frees VMCS regions of vCPUs of this CPU that went elsewhere.
 fn reap() {
-    let cpu = crate::percpu::cpu_id();
+    let cpu = crate::platform::percpu::cpu_id();
     if !ZOMBIE_ANY[cpu].load(Ordering::Relaxed) || !ZOMBIE_ANY[cpu].swap(false, Ordering::Acquire) {
         return;
     }
@@ -370,7 +367,7 @@ fn load(v: &Vcpu, st: &mut State) {
 #[inline(never)]
 fn init_vmcs(v: &Vcpu) {
     let c = vmx::info();
-    let cpu = crate::percpu::cpu_id();
+    let cpu = crate::platform::percpu::cpu_id();
     let need = pin::EXT_INT_EXITING | pin::NMI_EXITING | pin::VIRTUAL_NMIS;
     write(f::PIN_CONTROLS, u64::from((need | c.pin.0) & c.pin.1));
     write(f::PROC_CONTROLS, u64::from(proc1_for(c, 0, 0)));
@@ -542,10 +539,8 @@ fn host_syscall_msrs() -> [u64; 4] {
 const SYSCALL_MSRS: [Msr; 4] = [Msr::Star, Msr::Lstar, Msr::Cstar, Msr::Fmask];
 
 /// Enters the guest of VMX vCPU `v` (current on this CPU, FPU loaded) until an exit.
-pub(super) fn run(ec: &Ec, v: &Vcpu, c: &mut Common) -> Next {
+pub(super) fn run(ec: &Ec, v: &Vcpu, st: &mut State, c: &mut Common) -> Next {
     reap();
-    // SAFETY: the current vCPU on its own CPU, interrupts off.
-    let st = unsafe { v.state() };
     load(v, st);
     if c.check {
         // VM exits keep EFER.LMA and the IA-32e-mode-guest control in step with the
@@ -611,7 +606,7 @@ pub(super) fn run(ec: &Ec, v: &Vcpu, c: &mut Common) -> Next {
     }
     // The host's KERNEL_GS_BASE here is user mode's GS base, `percpu::USER_GS_BASE`:
     // a guest with the same value needs no write.
-    if swap_kgs && st.msr[4] != crate::percpu::USER_GS_BASE {
+    if swap_kgs && st.msr[4] != crate::platform::percpu::USER_GS_BASE {
         // SAFETY: KERNEL_GS_BASE exists on every x86_64 CPU; the guest's value (checked
         // canonical by `put_state`) is used only by the guest's SWAPGS: the kernel
         // executes none before it restores the host's value.
@@ -654,8 +649,8 @@ pub(super) fn run(ec: &Ec, v: &Vcpu, c: &mut Common) -> Next {
         // host's own value goes back unless it is there.
         unsafe {
             st.msr[4] = rdmsr(Msr::KernelGsBase);
-            if st.msr[4] != crate::percpu::USER_GS_BASE {
-                wrmsr(Msr::KernelGsBase, crate::percpu::USER_GS_BASE);
+            if st.msr[4] != crate::platform::percpu::USER_GS_BASE {
+                wrmsr(Msr::KernelGsBase, crate::platform::percpu::USER_GS_BASE);
             }
         }
     }
@@ -674,7 +669,7 @@ pub(super) fn run(ec: &Ec, v: &Vcpu, c: &mut Common) -> Next {
             }
             c.qual = [0xffff_ffff, err];
             c.inst_len = 0;
-            Next::Event(ev::INVALID_STATE)
+            Next::Event(Ev::InvalidState)
         }
     }
 }
@@ -710,7 +705,7 @@ fn handle_exit(st: &mut State, c: &mut Common) -> Next {
     if full & r::ENTRY_FAILURE != 0 {
         c.qual = [u64::from(full), q];
         c.inst_len = 0;
-        return Next::Event(ev::INVALID_STATE);
+        return Next::Event(Ev::InvalidState);
     }
     st.launched = true;
     // An event whose delivery the exit interrupted is delivered on the next entry
@@ -765,15 +760,15 @@ fn handle_exit(st: &mut State, c: &mut Common) -> Next {
             if matches!((info >> 8) & 7, 5 | 6) {
                 c.inst_len = read_basic(f::EXIT_INSTRUCTION_LEN);
             }
-            ev::EXCEPTION
+            Ev::Exception
         }
         r::INTR_WINDOW => {
             clear_proc1(proc1::INTR_WINDOW);
-            ev::INTR_WINDOW
+            Ev::IntrWindow
         }
         r::NMI_WINDOW => {
             clear_proc1(proc1::NMI_WINDOW);
-            ev::NMI_WINDOW
+            Ev::NmiWindow
         }
         r::DR_ACCESS => {
             // The kernel's (`super::Dr`): the MOV DR runs again without exiting.
@@ -781,33 +776,34 @@ fn handle_exit(st: &mut State, c: &mut Common) -> Next {
             clear_proc1(proc1::MOV_DR);
             return Next::Interrupt;
         }
-        r::TRIPLE_FAULT
-        | r::INIT
-        | r::SIPI
-        | r::TASK_SWITCH
-        | r::CPUID
-        | r::HLT
-        | r::INVD
-        | r::INVLPG
-        | r::RDTSC
-        | r::VMCALL
-        | r::CR_ACCESS
-        | r::RDMSR
-        | r::WRMSR
-        | r::MWAIT
-        | r::MONITOR
-        | r::PAUSE
-        | r::RDTSCP
-        | r::WBINVD
-        | r::XSETBV => u64::from(reason),
+        // The event numbers of these are their basic exit reasons.
+        r::TRIPLE_FAULT => Ev::TripleFault,
+        r::INIT => Ev::Init,
+        r::SIPI => Ev::Sipi,
+        r::TASK_SWITCH => Ev::TaskSwitch,
+        r::CPUID => Ev::Cpuid,
+        r::HLT => Ev::Hlt,
+        r::INVD => Ev::Invd,
+        r::INVLPG => Ev::Invlpg,
+        r::RDTSC => Ev::Rdtsc,
+        r::VMCALL => Ev::Vmcall,
+        r::CR_ACCESS => Ev::CrAccess,
+        r::RDMSR => Ev::Rdmsr,
+        r::WRMSR => Ev::Wrmsr,
+        r::MWAIT => Ev::Mwait,
+        r::MONITOR => Ev::Monitor,
+        r::PAUSE => Ev::Pause,
+        r::RDTSCP => Ev::Rdtscp,
+        r::WBINVD => Ev::Wbinvd,
+        r::XSETBV => Ev::Xsetbv,
         r::IO => {
             // Size − 1, in, string, rep, port (the operand-encoding bit is left out).
             c.qual = [q & 0xffff_003f, read_basic(f::EXIT_INSTRUCTION_INFO)];
             // Qualification bit 4: INS/OUTS.
             if q & (1 << 4) != 0 {
-                ev::IO_STRING
+                Ev::IoString
             } else {
-                ev::IO
+                Ev::Io
             }
         }
         r::EPT_VIOLATION => {
@@ -824,18 +820,18 @@ fn handle_exit(st: &mut State, c: &mut Common) -> Next {
                 present | (q & 2) | ((q & 4) << 2) | if walk { 1 << 33 } else { 1 << 32 },
                 read_basic(f::GUEST_PHYSICAL_ADDRESS),
             ];
-            ev::NPT_FAULT
+            Ev::NptFault
         }
         r::EPT_MISCONFIG => {
             c.qual = [
                 1 | (1 << 3) | (1 << 32),
                 read_basic(f::GUEST_PHYSICAL_ADDRESS),
             ];
-            ev::NPT_FAULT
+            Ev::NptFault
         }
         _ => {
             c.qual = [u64::from(full), q];
-            ev::OTHER
+            Ev::Other
         }
     };
     Next::Event(nr)
@@ -867,9 +863,7 @@ fn debug_exit(c: &mut Common, q: u64) {
 
 /// Writes the state `mtd` selects from VMX vCPU `v` into a handler's UTCB.
 #[inline(always)]
-pub(super) fn get_state(v: &Vcpu, c: &Common, mtd: Mtd, a: &mut ArchState) {
-    // SAFETY: the vCPU is bound to this CPU and does not run (it is delivering).
-    let st = unsafe { v.state() };
+pub(super) fn get_state(v: &Vcpu, st: &mut State, c: &Common, mtd: Mtd, a: &mut ArchState) {
     load(v, st);
     let g = &st.gprs.0;
     if mtd.contains(Mtd::GPR_ACDB) {
@@ -1026,9 +1020,7 @@ fn apply_ctrl(c: &VmxCaps, ctl: [u64; 2]) {
 /// reading each value once (so `a` may be the VMM's UTCB itself); false if one was
 /// refused (a non-canonical RIP, not written). Makes the VMCS current first.
 #[inline(always)]
-pub(super) fn put_simple(v: &Vcpu, a: &ArchState, mtd: Mtd) -> bool {
-    // SAFETY: the vCPU is bound to this CPU and waits for this reply.
-    let st = unsafe { v.state() };
+pub(super) fn put_simple(v: &Vcpu, st: &mut State, a: &ArchState, mtd: Mtd) -> bool {
     load(v, st);
     if mtd.contains(Mtd::GPR_ACDB) {
         st.gprs.0[0..4].copy_from_slice(&a.gpr[0..4]);
@@ -1055,12 +1047,9 @@ pub(super) fn put_simple(v: &Vcpu, a: &ArchState, mtd: Mtd) -> bool {
     true
 }
 
-pub(super) fn put_state(v: &Vcpu, c: &mut Common, a: &ArchState) -> bool {
+pub(super) fn put_state(v: &Vcpu, st: &mut State, c: &mut Common, a: &ArchState) -> bool {
     let mtd = a.mtd;
-    let mut bad = !put_simple(v, a, mtd);
-    // SAFETY: the vCPU is bound to this CPU and waits for this reply (`put_simple` is
-    // done with its reference).
-    let st = unsafe { v.state() };
+    let mut bad = !put_simple(v, st, a, mtd);
     let caps = vmx::info();
     let mut take = |ok: bool, w: &mut dyn FnMut()| {
         if ok {

@@ -1,4 +1,5 @@
-//! Interrupt/exception entry stubs and the common return path.
+//! Every entry from user mode and the common return path: the interrupt/exception
+//! stubs, the `syscall` stub, and the IPC fast path's way into a portal handler.
 //!
 //! `trap_stubs` holds 256 stubs, 16 bytes apart; stub `n` pushes a zero error code
 //! (unless the CPU pushed one), pushes `n` and jumps to `trap_common`, which swaps GS
@@ -8,9 +9,12 @@
 //! handler returns, `trap_exit` pops the frame and `iretq`s; [`return_to`] enters it
 //! with any frame (e.g. to start a user thread). NMI, #DF and #MC (on their IST stacks)
 //! enter through `paranoid_common` instead, which decides about the GS base from the
-//! GS_BASE MSR itself when they interrupted ring 0.
+//! GS_BASE MSR itself when they interrupted ring 0. `syscall_entry` pushes the same
+//! frame straight into the running EC (see `crate::entry`).
 
 use super::regs::{Regs, REGS_CS, REGS_VECTOR};
+use crate::frame::SYSCALL;
+use crate::platform::percpu::{OFF_FRAME_TOP, OFF_KSTACK_TOP, OFF_SCRATCH};
 
 /// Size of every CPU's kernel stack (`stack.rs`): a user trap whose frame lies within
 /// this distance below `kstack_top` is already on the kernel stack.
@@ -208,7 +212,7 @@ core::arch::global_asm!(
     "jmp trap_exit",
     cs_off = const REGS_CS - REGS_VECTOR,
         cs_off_full = const REGS_CS,
-    kstack = const crate::percpu::PERCPU_KSTACK_TOP,
+    kstack = const crate::platform::percpu::PERCPU_KSTACK_TOP,
     kstack_max = const KSTACK_MAX,
     handler = sym super::trap::trap_handler,
     smap_on = sym super::spec::SMAP_ON,
@@ -252,4 +256,109 @@ pub unsafe fn return_to_user(regs: *const Regs) -> ! {
     unsafe {
         core::arch::asm!("mov rsp, {}", "jmp {exit}", in(reg) regs, exit = sym user_exit, options(noreturn))
     }
+}
+
+// The syscall entry: saves the user registers into the running EC's frame (see
+// `crate::entry`) and calls `syscall::syscall_handler` on this CPU's kernel stack.
+core::arch::global_asm!(
+    ".global syscall_entry",
+    ".p2align 4",
+    "syscall_entry:",
+    "swapgs",
+    // A plain `reply` (no flags, selector 0) by a local EC saves nothing: a portal
+    // handler starts every call afresh from its portal's entry and is never resumed
+    // after a reply (see `fastpath::local_reply`).
+    "cmp rdi, {reply}",
+    "je 3f",
+    "1:",
+    "mov gs:[{scratch}], rsp",
+    "mov rsp, gs:[{frame_top}]",
+    "push {uds}",
+    "push qword ptr gs:[{scratch}]",
+    "push r11",
+    "push {ucs}",
+    "push rcx",
+    "push 0",
+    "push {sys}",
+    "push rax",
+    "push rbx",
+    "push rcx",
+    "push rdx",
+    "push rsi",
+    "push rdi",
+    "push rbp",
+    "push r8",
+    "push r9",
+    "push r10",
+    "push r11",
+    "push r12",
+    "push r13",
+    "push r14",
+    "push r15",
+    "mov rdi, rsp",
+    "mov rsp, gs:[{kstack}]",
+    "xor ebp, ebp",
+    "call {handler}",
+    "ud2",
+    "3:",
+    "cmp byte ptr gs:[{local_ec}], 0",
+    "je 1b",
+    "mov rsp, gs:[{kstack}]",
+    "xor ebp, ebp",
+    "call {local_reply}",
+    "ud2",
+    reply = const peregrine_abi::hypercall::Hypercall::Reply as u64,
+    local_ec = const crate::platform::percpu::PERCPU_LOCAL_EC,
+    local_reply = sym crate::fastpath::local_reply,
+    scratch = const OFF_SCRATCH,
+    frame_top = const OFF_FRAME_TOP,
+    kstack = const OFF_KSTACK_TOP,
+    uds = const crate::arch::USER_DS as u64,
+    ucs = const crate::arch::USER_CS as u64,
+    sys = const SYSCALL,
+    handler = sym crate::syscall::syscall_handler,
+);
+
+// The IPC fast path's way into a portal handler: a handler starts every call with its
+// entry state (RDI = portal id, RSI = UTCB address, RSP = its stack, RIP = the portal's
+// entry, RFLAGS = IF, every other register zero), so nothing needs to go through its
+// frame. Arguments: RDI = id, RSI = UTCB, RDX = RIP, RCX = RSP. The stack is not used
+// again: the user RSP goes into RSP before SWAPGS (NMI, #MC and #DF run on IST stacks and
+// decide about GS by the GS base MSR, see the trap stubs). SYSRET would fault in ring 0
+// on a non-canonical RIP; portal entries are checked user addresses.
+core::arch::global_asm!(
+    ".global enter_handler",
+    ".p2align 4",
+    "enter_handler:",
+    "mov rsp, rcx",
+    "mov rcx, rdx",
+    "mov r11d, {rflags}",
+    "xor eax, eax",
+    "xor edx, edx",
+    "xor ebx, ebx",
+    "xor ebp, ebp",
+    "xor r8d, r8d",
+    "xor r9d, r9d",
+    "xor r10d, r10d",
+    "xor r12d, r12d",
+    "xor r13d, r13d",
+    "xor r14d, r14d",
+    "xor r15d, r15d",
+    "swapgs",
+    // MDS: clear the CPU buffers last thing before user mode (as in `trap_exit`).
+    "cmp byte ptr [rip + {verw_on}], 0",
+    "je 2f",
+    "verw word ptr [rip + {verw_sel}]",
+    "2:",
+    "sysretq",
+    rflags = const crate::frame::RFLAGS_IF | 2,
+    verw_on = sym crate::arch::x86::spec::VERW_ON,
+    verw_sel = sym crate::arch::x86::spec::VERW_SEL,
+);
+
+extern "C" {
+    /// The `syscall` entry point (programmed into LSTAR).
+    pub fn syscall_entry();
+    /// Enters a portal handler: see the assembly above.
+    pub fn enter_handler(id: u64, utcb: u64, rip: u64, rsp: u64) -> !;
 }

@@ -121,7 +121,7 @@ pub unsafe fn init(cpu: usize, rsp0: u64, ist: [u64; 3]) {
         limit: (size_of::<[u64; 8]>() - 1) as u16,
         base: gdt.as_ptr() as u64,
     };
-    let p = crate::percpu::get(cpu);
+    let p = crate::platform::percpu::get(cpu);
     p.gdtr_limit.store(ptr.limit, Ordering::Relaxed);
     p.gdtr_base.store(ptr.base, Ordering::Relaxed);
     // SAFETY: the GDT is valid and static; the far return reloads CS with the kernel code
@@ -160,7 +160,7 @@ pub fn tss(cpu: usize) -> Tss {
 /// Points this CPU's TSS at new stacks: RSP0 at `rsp0`, IST1..3 at `ist` (the BSP's move
 /// from its boot stacks to its guarded ones).
 pub fn set_stacks(rsp0: u64, ist: [u64; 3]) {
-    let cpu = crate::percpu::cpu_id();
+    let cpu = crate::platform::percpu::cpu_id();
     // SAFETY: only this CPU writes its own TSS after bring-up; the CPU reads these fields
     // only when delivering an interrupt, and interrupts are off here; an NMI taken
     // between the writes uses either the old NMI stack or the new one, both valid.
@@ -175,7 +175,7 @@ pub fn set_stacks(rsp0: u64, ist: [u64; 3]) {
 
 /// Sets this CPU's TSS.RSP0 (the stack ring-3 interrupts push their frame on).
 pub fn set_rsp0(rsp0: u64) {
-    let cpu = crate::percpu::cpu_id();
+    let cpu = crate::platform::percpu::cpu_id();
     // SAFETY: only this CPU writes its own TSS after bring-up; the CPU reads RSP0 only
     // when an interrupt arrives from ring 3, which cannot happen while we are here.
     unsafe {
@@ -191,7 +191,7 @@ pub fn set_rsp0(rsp0: u64) {
 /// to the space whose bitmap is still there (same `key`) moves it back: the 8 KiB copy
 /// happens only when another space's bitmap is needed.
 pub fn load_iopb(key: u64, bitmap: Option<&[u8]>) {
-    let cpu = crate::percpu::cpu_id();
+    let cpu = crate::platform::percpu::cpu_id();
     // SAFETY: only this CPU touches its own TSS after bring-up, and it runs kernel code
     // with interrupts off here.
     let tio = unsafe { &mut (*core::ptr::addr_of_mut!(TSS))[cpu] };
@@ -262,9 +262,9 @@ pub fn restore_after_vm_exit() {
     // processor already uses: only the limit changes back to the table's size; the
     // segment registers keep their descriptors).
     unsafe {
-        core::arch::asm!("lgdt gs:[{off}]", off = const crate::percpu::PERCPU_GDTR, options(readonly, nostack, preserves_flags));
+        core::arch::asm!("lgdt gs:[{off}]", off = const crate::platform::percpu::PERCPU_GDTR, options(readonly, nostack, preserves_flags));
     }
-    crate::percpu::set_tr_short();
+    crate::platform::percpu::set_tr_short();
     // The IDTR limit (0xffff now) needs no repair: vectors go up to 255, so no gate
     // beyond the IDT's 4 KiB is ever read.
 }
@@ -274,10 +274,10 @@ pub fn restore_after_vm_exit() {
 /// (the faulting instruction, an I/O access the bitmap may allow, runs again); false if
 /// TR was whole (the #GP is the thread's own).
 pub fn tr_repair() -> bool {
-    if !crate::percpu::take_tr_short() {
+    if !crate::platform::percpu::take_tr_short() {
         return false;
     }
-    let cpu = crate::percpu::cpu_id();
+    let cpu = crate::platform::percpu::cpu_id();
     // SAFETY: clearing the busy bit of this CPU's own (loaded) TSS descriptor lets `ltr`
     // load it again with the full limit; only this CPU touches its GDT after bring-up,
     // and interrupts are off in the trap handler.

@@ -7,8 +7,8 @@ use bitflags::bitflags;
 use spin::Mutex;
 
 use crate::mem::layout::{self, phys_to_ptr, KERNEL_VMA, PHYSMAP_BASE};
-use crate::mem::{align_up, frame, PAGE_SIZE};
-use crate::multiboot::BootInfo;
+use crate::mem::{align_up, pool, PAGE_SIZE};
+use crate::platform::multiboot::BootInfo;
 
 bitflags! {
     /// Page-table entry bits.
@@ -89,7 +89,7 @@ fn idx(virt: u64, level: u32) -> usize {
 /// Returns the table that entry `e` points to, creating it if absent.
 fn next(e: &mut u64) -> Result<u64, MapError> {
     if *e & 1 == 0 {
-        let t = frame::alloc_frame_zeroed().ok_or(MapError::NoMemory)?;
+        let t = pool::alloc_frame_zeroed().ok_or(MapError::NoMemory)?;
         *e = t | TABLE;
     } else if *e & Flags::PS.bits() != 0 {
         return Err(MapError::Busy);
@@ -123,7 +123,7 @@ pub fn map_kernel_page(virt: u64, phys: u64, flags: Flags) -> Result<(), MapErro
 
 /// Allocates a new user root (PML4): empty lower half, kernel entries 256..511 copied.
 pub fn new_user_root() -> Option<u64> {
-    let root = frame::alloc_frame_zeroed()?;
+    let root = pool::alloc_frame_zeroed()?;
     let k = table(kernel_root());
     table(root)[256..].copy_from_slice(&k[256..]);
     Some(root)
@@ -144,10 +144,10 @@ pub unsafe fn init(bi: &BootInfo, nx_supported: bool) {
     if nx_supported {
         NX_MASK.store(Flags::NX.bits(), Ordering::Relaxed);
     }
-    let root = frame::alloc_frame_zeroed().expect("paging: no frame for the PML4");
+    let root = pool::alloc_frame_zeroed().expect("paging: no frame for the PML4");
     let pml4 = table(root);
     for e in pml4[256..].iter_mut() {
-        *e = frame::alloc_frame_zeroed().expect("paging: no frame for a PDPT") | TABLE;
+        *e = pool::alloc_frame_zeroed().expect("paging: no frame for a PDPT") | TABLE;
     }
     KERNEL_ROOT.store(root, Ordering::Relaxed);
 

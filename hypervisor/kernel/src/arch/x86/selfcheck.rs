@@ -130,12 +130,12 @@ fn physmap_image() -> bool {
     }
     // Any other RAM: a pool frame's alias must not be executable either.
     if ok && paging::nx() {
-        if let Some(f) = crate::mem::frame::alloc_frame() {
+        if let Some(f) = crate::mem::pool::alloc_frame() {
             if walk(root, phys_to_virt(f)).is_some_and(|l| l.executable) {
                 kprintln!("FAIL selfcheck: the physmap is executable (frame {:#x})", f);
                 ok = false;
             }
-            crate::mem::frame::free_frame(f);
+            crate::mem::pool::free_frame(f);
         }
     }
     if ok {

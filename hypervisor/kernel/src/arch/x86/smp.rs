@@ -5,9 +5,9 @@ use core::sync::atomic::Ordering;
 
 use super::stack::{self, Stack};
 use super::{apic, cr, paging};
-use crate::mem::frame;
 use crate::mem::layout::phys_to_ptr;
-use crate::percpu;
+use crate::mem::pool;
+use crate::platform::percpu;
 
 /// Physical address of the trampoline page (below 1 MiB, outside the frame pool).
 pub const TRAMPOLINE: u64 = 0x8000;
@@ -30,9 +30,9 @@ pub fn udelay(us: u64) {
 /// Builds the temporary page table the trampoline needs (below 4 GiB): identity map of
 /// the first 2 MiB plus the kernel half. Returns (pml4, [frames to free]).
 fn trampoline_root() -> (u64, [u64; 3]) {
-    let pml4 = frame::alloc_frame_zeroed().expect("smp: no frame");
-    let pdpt = frame::alloc_frame_zeroed().expect("smp: no frame");
-    let pd = frame::alloc_frame_zeroed().expect("smp: no frame");
+    let pml4 = pool::alloc_frame_zeroed().expect("smp: no frame");
+    let pdpt = pool::alloc_frame_zeroed().expect("smp: no frame");
+    let pd = pool::alloc_frame_zeroed().expect("smp: no frame");
     assert!(pml4 < (1 << 32), "trampoline CR3 must be below 4 GiB");
     // SAFETY: three fresh pool frames, mapped in the physmap and owned here.
     unsafe {
@@ -94,7 +94,7 @@ pub fn start_aps(apic_ids: &[u32]) -> usize {
         }
     }
     for f in frames {
-        frame::free_frame(f);
+        pool::free_frame(f);
     }
     online
 }

@@ -24,7 +24,7 @@ use raw_cpuid::native_cpuid::cpuid_count;
 
 use super::cr::{self, cr4};
 use super::msr::{rdmsr, rdmsr_raw, wrmsr, wrmsr_raw, Msr};
-use crate::percpu;
+use crate::platform::percpu;
 
 /// IA32_SPEC_CTRL.
 const IA32_SPEC_CTRL: u32 = 0x48;

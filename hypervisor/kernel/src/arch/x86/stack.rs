@@ -12,8 +12,8 @@ use core::sync::atomic::Ordering;
 
 use super::paging::{self, Flags};
 use crate::mem::layout::{STACKS_BASE, STACKS_END, STACKS_PER_CPU, STACK_SLOT};
-use crate::mem::{frame, PAGE_SIZE};
-use crate::percpu;
+use crate::mem::{pool, PAGE_SIZE};
+use crate::platform::percpu;
 
 /// Pages of a CPU's kernel stack (64 KiB).
 pub const KSTACK_PAGES: usize = 16;
@@ -85,7 +85,7 @@ pub fn map_all(cpu: usize) -> [u64; 3] {
     for s in Stack::ALL {
         let t = top(cpu, s);
         for i in 1..=s.pages() as u64 {
-            let f = frame::alloc_frame().expect("stack: no memory for a kernel stack");
+            let f = pool::alloc_frame().expect("stack: no memory for a kernel stack");
             paging::map_kernel_page(t - i * PAGE_SIZE, f, Flags::KERNEL_RW)
                 .expect("stack: cannot map a kernel stack");
         }

@@ -1,8 +1,9 @@
 //! SYSCALL setup (EFER.SCE is set in cpu.rs) and the entry stub.
 //!
-//! The entry stub itself is `crate::entry::syscall_entry`. On entry RCX = user
-//! RIP, R11 = user RFLAGS, RSP = user RSP, GS = user; `swapgs` gives the per-CPU record
-//! (`gs:[PERCPU_SCRATCH]` for the user RSP, `gs:[PERCPU_KSTACK_TOP]` for the stack).
+//! The entry stub itself is `super::entry::syscall_entry`, beside the trap stubs. On
+//! entry RCX = user RIP, R11 = user RFLAGS, RSP = user RSP, GS = user; `swapgs` gives the
+//! per-CPU record (`gs:[PERCPU_SCRATCH]` for the user RSP, `gs:[PERCPU_KSTACK_TOP]` for
+//! the stack).
 
 use super::gdt::{KERNEL_CS, USER_CS32};
 use super::msr::{wrmsr, Msr};
@@ -10,7 +11,7 @@ use super::msr::{wrmsr, Msr};
 /// RFLAGS bits cleared on SYSCALL: TF, IF, DF, IOPL, NT, AC.
 pub const FMASK: u64 = 0x0004_7700;
 
-use crate::entry::syscall_entry;
+use super::entry::syscall_entry;
 
 /// Programs STAR/LSTAR/FMASK on this CPU.
 ///

@@ -6,7 +6,8 @@ use super::idt::{
 };
 use super::regs::Regs;
 use super::{apic, cr};
-use crate::{hooks, percpu};
+use crate::hooks;
+use crate::platform::percpu;
 
 /// Called by `trap_common` with the frame on the kernel stack.
 ///

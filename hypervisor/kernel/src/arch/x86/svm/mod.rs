@@ -179,7 +179,7 @@ pub fn enabled_on(cpu: usize) -> bool {
 /// Returns `(asid, gen, flush_all)`: `flush_all` when the ASIDs wrapped (every CPU-local
 /// guest translation must go, since old ASIDs are handed out again).
 pub fn asid_for(asid: u32, gen: u64) -> (u32, u64, bool) {
-    let p = &CPUS[crate::percpu::cpu_id()];
+    let p = &CPUS[crate::platform::percpu::cpu_id()];
     let cur = p.gen.load(Ordering::Relaxed);
     if gen == cur && asid != 0 {
         return (asid, gen, false);
@@ -300,7 +300,7 @@ extern "C" {
 /// table maps only memory the VM owns), SVM must be enabled on this CPU
 /// ([`init_cpu`]) and interrupts must be disabled.
 pub unsafe fn vmrun(gprs: &mut Gprs, vmcb: u64) {
-    let host = CPUS[crate::percpu::cpu_id()]
+    let host = CPUS[crate::platform::percpu::cpu_id()]
         .host_area
         .load(Ordering::Relaxed);
     // SAFETY: forwarded to the caller; the assembly preserves the SysV callee-saved

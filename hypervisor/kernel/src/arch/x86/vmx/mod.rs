@@ -329,7 +329,7 @@ pub fn init_cpu(cpu: usize) -> bool {
 /// current on any other CPU.
 #[inline(always)]
 pub unsafe fn load(vmcs: u64) -> bool {
-    if crate::percpu::vmcs_is(vmcs) {
+    if crate::platform::percpu::vmcs_is(vmcs) {
         return true;
     }
     // SAFETY: forwarded to the caller.
@@ -345,7 +345,9 @@ pub unsafe fn load(vmcs: u64) -> bool {
 unsafe fn load_slow(vmcs: u64) {
     // SAFETY: forwarded to the caller.
     unsafe { core::arch::asm!("vmptrld [{}]", in(reg) &vmcs, options(nostack)) };
-    crate::percpu::percpu().vmcs.store(vmcs, Ordering::Relaxed);
+    crate::platform::percpu::percpu()
+        .vmcs
+        .store(vmcs, Ordering::Relaxed);
 }
 
 /// VMCLEAR: writes the VMCS at `vmcs` back to memory and makes it inactive (and not
@@ -357,8 +359,10 @@ unsafe fn load_slow(vmcs: u64) {
 pub unsafe fn clear(vmcs: u64) {
     // SAFETY: forwarded to the caller.
     unsafe { core::arch::asm!("vmclear [{}]", in(reg) &vmcs, options(nostack)) };
-    if crate::percpu::vmcs_is(vmcs) {
-        crate::percpu::percpu().vmcs.store(0, Ordering::Relaxed);
+    if crate::platform::percpu::vmcs_is(vmcs) {
+        crate::platform::percpu::percpu()
+            .vmcs
+            .store(0, Ordering::Relaxed);
     }
 }
 

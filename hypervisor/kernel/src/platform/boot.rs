@@ -6,8 +6,9 @@ use peregrine_abi::hip::{mem_kind, MemDesc, MAX_CPUS};
 use spin::Once;
 
 use crate::arch::x86::{acpi, apic, cpu, gdt, idt, ioapic, pic, smp, spec, stack, syscall, timer};
-use crate::mem::{self, frame, heap, layout, PAGE_SIZE};
-use crate::{kprintln, multiboot, percpu};
+use crate::kprintln;
+use crate::mem::{self, heap, layout, pool, PAGE_SIZE};
+use crate::platform::{multiboot, percpu};
 
 /// Timer interrupts per second on every CPU while idle.
 pub const TIMER_HZ: u32 = 1000;
@@ -103,7 +104,7 @@ pub extern "C" fn kmain(mb_magic: u32, mb_info_phys: u32) -> ! {
         .iter()
         .for_each(|&r| add(r));
     bi.modules().iter().for_each(|m| add((m.start, m.end)));
-    frame::init(bi, &reserved[..n]);
+    pool::init(bi, &reserved[..n]);
     // SAFETY: BSP, once, after the frame pool exists; NX matches EFER.NXE.
     unsafe { crate::arch::x86::paging::init(bi, info.nx) };
     heap::init();
@@ -251,8 +252,8 @@ fn selftest(cpus: usize) {
     let b = Box::new([7u8; 5000]);
     assert_eq!(b[4999], 7);
     drop(v);
-    let f = frame::alloc_frame_zeroed().expect("frame");
-    frame::free_frame(f);
+    let f = pool::alloc_frame_zeroed().expect("frame");
+    pool::free_frame(f);
     let root = crate::arch::x86::paging::new_user_root().expect("user root");
     // SAFETY: a fresh PML4 frame in the physmap.
     let t = unsafe { &*mem::phys_to_ptr::<[u64; 512]>(root) };
@@ -263,7 +264,7 @@ fn selftest(cpus: usize) {
             && t[256..] == k[256..]
             && k[..256].iter().all(|&e| e == 0)
     );
-    frame::free_frame(root);
+    pool::free_frame(root);
     apic::send_ipi_others(idt::VEC_IPI_RESCHED);
     // Let every CPU take timer ticks for ~50 ms.
     let end = crate::arch::x86::cr::rdtsc() + 50 * apic::tsc_khz();
@@ -316,12 +317,12 @@ fn user_test() {
     use crate::arch::x86::{entry, gdt, paging, regs::Regs};
     let root = paging::new_user_root().expect("root");
     let tbl = |p: u64| mem::phys_to_ptr::<[u64; 512]>(p);
-    let code = frame::alloc_frame_zeroed().expect("frame");
-    let stack = frame::alloc_frame_zeroed().expect("frame");
+    let code = pool::alloc_frame_zeroed().expect("frame");
+    let stack = pool::alloc_frame_zeroed().expect("frame");
     let (pdpt, pd, pt) = (
-        frame::alloc_frame_zeroed().expect("frame"),
-        frame::alloc_frame_zeroed().expect("frame"),
-        frame::alloc_frame_zeroed().expect("frame"),
+        pool::alloc_frame_zeroed().expect("frame"),
+        pool::alloc_frame_zeroed().expect("frame"),
+        pool::alloc_frame_zeroed().expect("frame"),
     );
     // SAFETY: fresh frames in the physmap, owned by this test; user entries (P|W|U) map
     // code at 0x400000 and a stack page at 0x401000.
@@ -386,7 +387,7 @@ fn log_details(bi: &multiboot::BootInfo, plat: &acpi::Platform, tsc_khz: u64, bu
             bi.module_cmdline(m)
         );
     }
-    let (free, total) = frame::stats();
+    let (free, total) = pool::stats();
     kprint_pool();
     kprintln!(
         "  kernel pool {} KiB ({} KiB free), image {:#x}..{:#x}",
@@ -405,7 +406,7 @@ fn log_details(bi: &multiboot::BootInfo, plat: &acpi::Platform, tsc_khz: u64, bu
 }
 
 fn kprint_pool() {
-    frame::for_each_range(|s, e| kprintln!("  pool {:#x}..{:#x}", s, e));
+    pool::for_each_range(|s, e| kprintln!("  pool {:#x}..{:#x}", s, e));
 }
 
 /// Calls `f` with the memory descriptors for the HIP: the firmware map (non-RAM kinds
@@ -441,7 +442,7 @@ pub fn for_each_mem_desc(mut f: impl FnMut(MemDesc, Option<&str>)) {
         },
         None,
     );
-    frame::for_each_range(|s, e| {
+    pool::for_each_range(|s, e| {
         f(
             MemDesc {
                 addr: s,

@@ -12,7 +12,7 @@ use spin::Mutex;
 
 use super::layout::phys_to_ptr;
 use super::{align_down, align_up, PAGE_SIZE};
-use crate::multiboot::BootInfo;
+use crate::platform::multiboot::BootInfo;
 
 /// Frames the pool can span: all of 0..4 GiB.
 const MAX_FRAMES: usize = 1 << 20;

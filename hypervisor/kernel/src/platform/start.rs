@@ -6,8 +6,9 @@ use core::sync::atomic::{AtomicBool, Ordering};
 
 use peregrine_abi::hip::{mem_kind, CpuDesc, MemDesc};
 
+use crate::platform::{boot, percpu};
 use crate::root::{self, Module, Platform};
-use crate::{boot, kprintln, percpu, sched};
+use crate::{kprintln, sched};
 
 static GO: AtomicBool = AtomicBool::new(false);
 /// Application processors that finished their per-CPU set-up (vCPU support included):
@@ -45,7 +46,10 @@ fn subtract(s: u64, e: u64, holes: &[(u64, u64)], out: &mut Vec<(u64, u64)>) {
 /// The boot CPU: create the root task, then schedule.
 pub fn bsp() -> ! {
     sched::init_cpu();
-    let bi = crate::multiboot::info();
+    // SAFETY: the boot CPU's kernel entry, interrupts off, before anything else of the
+    // kernel runs on it.
+    let cpu = &mut unsafe { crate::cpu::Cpu::enter() };
+    let bi = crate::platform::multiboot::info();
     if bi.has_arg("trace_tick") {
         crate::trap::TRACE_TICK.store(true, Ordering::Relaxed);
     }
@@ -110,7 +114,7 @@ pub fn bsp() -> ! {
             apic_id: percpu::get(i).apic_id.load(Ordering::Relaxed),
         })
         .collect();
-    let (free, _) = crate::mem::frame::stats();
+    let (free, _) = crate::mem::pool::stats();
     // The root may use most of the kernel pool; a reserve stays for the kernel itself.
     let root_quota = (free as u64).saturating_sub(1024).min(u32::MAX as u64) as u32;
     let user_pages: u64 = user.iter().map(|&(_, n)| n).sum();
@@ -140,7 +144,7 @@ pub fn bsp() -> ! {
     while APS_READY.load(Ordering::Acquire) + 1 < crate::arch::online_cpus() {
         core::hint::spin_loop();
     }
-    if let Err(e) = root::create(&p) {
+    if let Err(e) = root::create(&p, cpu) {
         kprintln!("cannot start the root task: {:?}", e);
         crate::arch::x86::qemu::qemu_exit(0x11);
     }
