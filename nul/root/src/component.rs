@@ -179,8 +179,8 @@ pub struct ChildSpec<'a> {
     pub caps: &'a [(u64, u64, u8)],
     /// Pages of memory to map at [`POOL_ADDR`] (a VMM's guest RAM).
     pub pool_pages: u64,
-    /// A boot module to map read-only at [`IMAGE_ADDR`] (a VMM's guest): physical
-    /// address and size.
+    /// A boot module to map read-only in the area at [`IMAGE_ADDR`] (a VMM's guest; see
+    /// [`congruent`]): physical address and size.
     pub guest: Option<(u64, u64)>,
     /// Further boot modules of a VMM (initrd, disk): physical address and size; the
     /// disk is mapped read-write.
@@ -201,6 +201,15 @@ fn map_range(pd: u64, addr: u64, phys: u64, pages: u64, perm: MemPerm) -> Result
         )?;
     }
     Ok(())
+}
+
+/// Where in the 2-MiB-aligned area at `base` a module whose first page is `page` goes:
+/// at the same offset modulo 2 MiB as its physical address, so that it maps in the
+/// largest pieces its extent allows (few page tables and mapping-database nodes), and
+/// their number does not depend on where the boot loader happened to put the module.
+fn congruent(base: u64, page: u64) -> u64 {
+    const LARGE: u64 = 1 << 21;
+    base + ((page << PAGE_BITS) & (LARGE - 1))
 }
 
 /// Loads and starts a component; returns its id.
@@ -293,15 +302,19 @@ fn build(spec: &ChildSpec, id: usize, pd: u64, owned: &mut Vec<u64>) -> Result<(
     if let Some((addr, size)) = spec.guest {
         let first = addr >> PAGE_BITS;
         let pages = (addr + size).div_ceil(1 << PAGE_BITS) - first;
-        map_range(pd, IMAGE_ADDR, first << PAGE_BITS, pages, MemPerm::R)?;
-        si.image_addr = IMAGE_ADDR + (addr & ((1 << PAGE_BITS) - 1));
+        let at = congruent(IMAGE_ADDR, first);
+        map_range(pd, at, first << PAGE_BITS, pages, MemPerm::R)?;
+        si.image_addr = at + (addr & ((1 << PAGE_BITS) - 1));
         si.image_size = size;
     }
     for (i, m) in spec.modules.iter().enumerate() {
         let Some((addr, size)) = *m else { continue };
         let first = addr >> PAGE_BITS;
         let pages = (addr + size).div_ceil(1 << PAGE_BITS) - first;
-        let at = start_info::MODULES_ADDR + i as u64 * start_info::MODULE_STRIDE;
+        let at = congruent(
+            start_info::MODULES_ADDR + i as u64 * start_info::MODULE_STRIDE,
+            first,
+        );
         let perm = if i == start_info::MODULE_DISK {
             MemPerm::R | MemPerm::W
         } else {

@@ -18,13 +18,15 @@ pub const PAGED_SIZE: u64 = 1 << 28;
 /// Where the root maps a VMM's memory pool for guest RAM (read-write, [`StartInfo::pool_size`]
 /// bytes).
 pub const POOL_ADDR: u64 = 0x5000_0000_0000;
-/// Where the root maps the boot module a VMM runs as its guest (read-only; the image
-/// starts at [`StartInfo::image_addr`]).
+/// Where the root maps the boot module a VMM runs as its guest (read-only, at the
+/// offset modulo 2 MiB of its physical address; the image starts at
+/// [`StartInfo::image_addr`]).
 pub const IMAGE_ADDR: u64 = 0x4f00_0000_0000;
 
 /// Where the root maps a VMM's further boot modules (`initrd=`, `disk=`): module `i`
-/// of [`StartInfo::modules`] at `MODULES_ADDR + i * MODULE_STRIDE` (the disk read-write,
-/// the others read-only).
+/// of [`StartInfo::modules`] in the area at `MODULES_ADDR + i * MODULE_STRIDE`, at the
+/// offset modulo 2 MiB of its physical address (the disk read-write, the others
+/// read-only).
 pub const MODULES_ADDR: u64 = 0x4e00_0000_0000;
 /// Address space set aside per further module.
 pub const MODULE_STRIDE: u64 = 0x10_0000_0000;
