@@ -97,6 +97,27 @@ struct Node {
     src: Option<(SpaceId, u64)>,
 }
 
+/// The nodes a [`Mdb::delegate_range`] created, as a slice: most often one, kept
+/// without an allocation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Delegated {
+    /// One node.
+    One(Mapping),
+    /// Any number of nodes.
+    Many(Vec<Mapping>),
+}
+
+impl core::ops::Deref for Delegated {
+    type Target = [Mapping];
+
+    fn deref(&self) -> &[Mapping] {
+        match self {
+            Delegated::One(m) => core::slice::from_ref(m),
+            Delegated::Many(v) => v,
+        }
+    }
+}
+
 /// Child index key: (source space, source base, order, child space, child base).
 type ChildKey = (SpaceId, u64, u8, SpaceId, u64);
 
@@ -345,9 +366,31 @@ impl Mdb {
         dst_base: u64,
         order: u8,
         perm_mask: u8,
-    ) -> Result<Vec<Mapping>, MdbError> {
+    ) -> Result<Delegated, MdbError> {
         if !aligned(src_base, order) || !aligned(dst_base, order) {
             return Err(MdbError::BadRange);
+        }
+        // The common case, a range inside one node (a page out of a larger mapping, one
+        // capability): one new node, and no list of the source's nodes to build.
+        if let Some((pb, parent)) = self.covering(src, src_base) {
+            if parent.order >= order {
+                let parent = *parent;
+                let perm = parent.perm & perm_mask;
+                if perm == 0 {
+                    return Ok(Delegated::Many(Vec::new()));
+                }
+                if self.overlaps(dst, dst_base, dst_base | mask(order)) {
+                    return Err(MdbError::Overlap);
+                }
+                let node = Node {
+                    order,
+                    perm,
+                    origin: parent.origin + (src_base - pb),
+                    src: Some((src, src_base)),
+                };
+                self.insert_child(dst, dst_base, node);
+                return Ok(Delegated::One(Self::mapping(dst, dst_base, &node)));
+            }
         }
         let last = src_base | mask(order);
         let mut new = Vec::new();
@@ -385,7 +428,7 @@ impl Mdb {
             };
             self.insert_child(m.space, m.base, node);
         }
-        Ok(new)
+        Ok(Delegated::Many(new))
     }
 
     /// Revokes `base .. base + 2^order` of `space`: removes everything delegated from it,

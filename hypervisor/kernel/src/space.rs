@@ -279,7 +279,7 @@ fn delegate_nodes(
         })
     });
     if res.is_err() {
-        for m in &new {
+        for m in new.iter() {
             let _ = mdb.revoke(m.space, m.base, m.order, true, |_| {});
         }
         // Only what this delegation put there goes again (an application that failed
