@@ -50,6 +50,17 @@ struct IoQueue<R> {
 }
 
 /// An NVMe controller.
+///
+/// Queue id 0 is the admin queue; I/O queue pairs get ids from 1. The synchronous
+/// helpers ([`Controller::read`], [`Controller::write`], [`Controller::flush`],
+/// Identify, queue management) submit one command and poll for it with
+/// [`Config::command_timeout_ms`]; [`Controller::submit`] and
+/// [`Controller::poll_completions`] are the asynchronous path (an interrupt handler
+/// calls the latter), where the caller builds the command and its PRPs.
+///
+/// After [`Error::Timeout`] or [`Error::Fatal`] the device may still write to the
+/// buffers and queues of the commands involved: reset it ([`Controller::init`]) before
+/// reusing or freeing that memory.
 pub struct Controller<M: Mmio, D: Dma, C: Clock> {
     mmio: M,
     dma: D,
@@ -104,10 +115,10 @@ impl<M: Mmio, D: Dma, C: Clock> Controller<M, D, C> {
 
     /// Resets and enables the controller with fresh admin queues: reads CAP, clears
     /// CC.EN and waits for !RDY, programs AQA/ASQ/ACQ, sets CC.EN and waits for RDY (a
-    /// set CSTS.CFS is [`Error::Fatal`]). Drops any I/O queues.
+    /// set CSTS.CFS is [`Error::Fatal`]). Drops the old queues once the controller is
+    /// disabled (not before: until then the device may still write to them); if it
+    /// cannot be disabled they are kept.
     pub fn init(&mut self) -> Result<(), Error> {
-        self.admin = None;
-        self.io.clear();
         let cap = Cap(self.mmio.read64(regs::CAP));
         if cap.0 == u64::MAX {
             return Err(Error::Gone);
@@ -121,6 +132,9 @@ impl<M: Mmio, D: Dma, C: Clock> Controller<M, D, C> {
         self.cap = cap;
         self.stride = cap.doorbell_stride();
         regs::disable(&self.mmio, &self.clock, cap)?;
+        self.admin = None;
+        self.io.clear();
+        self.queues_granted = 0;
         let entries =
             (self.config.admin_entries as u32).clamp(2, cap.max_queue_entries().min(4096));
         let admin = QueuePair::new(&self.dma, 0, entries as u16)?;
@@ -208,6 +222,7 @@ impl<M: Mmio, D: Dma, C: Clock> Controller<M, D, C> {
     /// if the controller failed). Does not check the completion's status.
     pub fn wait(&mut self, qid: u16, cid: u16, timeout_ms: u64) -> Result<Completion, Error> {
         let start = self.clock.now_ms();
+        let mut turns = 0u32;
         loop {
             if let Some(c) = self.take_completion(qid, cid) {
                 return Ok(c);
@@ -219,16 +234,30 @@ impl<M: Mmio, D: Dma, C: Clock> Controller<M, D, C> {
             if let Some(c) = self.take_completion(qid, cid) {
                 return Ok(c);
             }
+            turns = turns.wrapping_add(1);
+            // A failed controller completes nothing: look at CSTS now and then rather
+            // than waiting out the whole deadline.
+            if turns.is_multiple_of(64) {
+                if let Err(e) = self.check_status() {
+                    self.queue(qid)?.abandon(cid);
+                    return Err(e);
+                }
+            }
             if self.clock.now_ms().saturating_sub(start) > timeout_ms {
                 self.queue(qid)?.abandon(cid);
-                let csts = regs::read_csts(&self.mmio)?;
-                if csts & regs::csts::CFS != 0 {
-                    return Err(Error::Fatal);
-                }
+                self.check_status()?;
                 return Err(Error::Timeout(Wait::Command { qid, cid }));
             }
             self.clock.relax();
         }
+    }
+
+    /// [`Error::Gone`] if the registers read all ones, [`Error::Fatal`] if CSTS.CFS is set.
+    pub fn check_status(&self) -> Result<(), Error> {
+        if regs::read_csts(&self.mmio)? & regs::csts::CFS != 0 {
+            return Err(Error::Fatal);
+        }
+        Ok(())
     }
 
     /// Submits `cmd` on `qid` and waits for it; DW0 on success.
@@ -238,7 +267,7 @@ impl<M: Mmio, D: Dma, C: Clock> Controller<M, D, C> {
             .result()
     }
 
-    fn identify(&mut self, cmd: fn(u64) -> Command) -> Result<[u8; IDENTIFY_SIZE], Error> {
+    fn identify(&mut self, cmd: impl FnOnce(u64) -> Command) -> Result<[u8; IDENTIFY_SIZE], Error> {
         let scratch = self.scratch.as_ref().ok_or(Error::NotReady)?;
         self.dma.write(scratch, 0, &[0; IDENTIFY_SIZE]);
         let addr = self.dma.iova(scratch, 0);
@@ -265,13 +294,7 @@ impl<M: Mmio, D: Dma, C: Clock> Controller<M, D, C> {
         if nsid == 0 || nsid == u32::MAX {
             return Err(Error::InvalidArgument);
         }
-        let scratch = self.scratch.as_ref().ok_or(Error::NotReady)?;
-        self.dma.write(scratch, 0, &[0; IDENTIFY_SIZE]);
-        let addr = self.dma.iova(scratch, 0);
-        self.execute(0, cmd::identify_namespace(nsid, addr))?;
-        let mut data = [0; IDENTIFY_SIZE];
-        let scratch = self.scratch.as_ref().ok_or(Error::NotReady)?;
-        self.dma.read(scratch, 0, &mut data);
+        let data = self.identify(|addr| cmd::identify_namespace(nsid, addr))?;
         let ns = IdentifyNamespace::parse(&data)?;
         Ok(Namespace {
             nsid,
@@ -339,16 +362,18 @@ impl<M: Mmio, D: Dma, C: Clock> Controller<M, D, C> {
         Ok(qid)
     }
 
-    /// Deletes I/O queue pair `qid` (SQ first, then CQ). The queue is forgotten even if
-    /// the controller refuses; the first error is returned.
+    /// Deletes I/O queue pair `qid`: the SQ first (which aborts its outstanding
+    /// commands), then the CQ. If the SQ deletion fails the pair is kept (the device may
+    /// still use its memory) and the error returned; once the SQ is gone the pair is
+    /// forgotten even if the CQ deletion fails (nothing completes into it any more).
     pub fn delete_io_queue_pair(&mut self, qid: u16) -> Result<(), Error> {
         if qid == 0 || !matches!(self.io.get(qid as usize - 1), Some(Some(_))) {
             return Err(Error::InvalidArgument);
         }
-        let sq = self.execute(0, cmd::delete_io_sq(qid));
+        self.execute(0, cmd::delete_io_sq(qid))?;
         let cq = self.execute(0, cmd::delete_io_cq(qid));
         self.io[qid as usize - 1] = None;
-        sq.and(cq).map(|_| ())
+        cq.map(|_| ())
     }
 
     fn transfer(

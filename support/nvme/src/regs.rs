@@ -191,6 +191,15 @@ pub fn disable(mmio: &impl Mmio, clock: &impl Clock, cap: Cap) -> Result<(), Err
         return Err(Error::Gone);
     }
     if cc_now & cc::EN != 0 {
+        // EN must not be cleared while the controller is still becoming ready (EN = 1,
+        // RDY = 0): wait for RDY first; a controller that never gets there (or is
+        // fatal) is disabled anyway, which is how it is reset.
+        if read_csts(mmio)? & csts::RDY == 0 {
+            match wait_ready(mmio, clock, true, cap.timeout_ms()) {
+                Ok(()) | Err(Error::Timeout(_)) | Err(Error::Fatal) => {}
+                Err(e) => return Err(e),
+            }
+        }
         mmio.write32(CC, cc_now & !cc::EN);
     }
     wait_ready(mmio, clock, false, cap.timeout_ms())

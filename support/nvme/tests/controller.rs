@@ -469,3 +469,52 @@ fn random_io_matches_a_model() {
     }
     assert_eq!(sim.borrow().disk, model);
 }
+
+#[test]
+fn failure_mid_command_ends_the_wait_early() {
+    let config = Config {
+        command_timeout_ms: 1_000_000,
+        ..Config::default()
+    };
+    let (mut ctl, sim, _ns, q) = ready(8, config);
+    sim.borrow_mut().faults.drop_io = true;
+    sim.borrow_mut().csts |= regs::csts::CFS;
+    let before = ctl.clock().0.get();
+    assert_eq!(ctl.flush(q, 1), Err(Error::Fatal));
+    assert!(ctl.clock().0.get() - before < 1000);
+    // A reset recovers (disabling clears CFS in the simulator).
+    sim.borrow_mut().faults.drop_io = false;
+    ctl.init().unwrap();
+    let q = ctl.create_io_queue_pair(8, None).unwrap();
+    ctl.flush(q, 1).unwrap();
+    // Surprise removal mid-command.
+    sim.borrow_mut().faults.drop_io = true;
+    let cid = ctl.submit(q, cmd::flush(1)).unwrap();
+    sim.borrow_mut().faults.gone = true;
+    assert_eq!(ctl.wait(q, cid, 1_000_000), Err(Error::Gone));
+}
+
+#[test]
+fn reinit_after_a_failed_enable() {
+    let (mut ctl, sim) = setup();
+    sim.borrow_mut().faults.never_ready = true;
+    assert_eq!(ctl.init(), Err(Error::Timeout(Wait::Enable)));
+    // CC.EN = 1 with RDY = 0: disabling waits out the transition, then clears EN.
+    sim.borrow_mut().faults.never_ready = false;
+    ctl.init().unwrap();
+    ctl.identify_controller().unwrap();
+}
+
+#[test]
+fn queue_deletion_refused_keeps_the_pair() {
+    let (mut ctl, sim, _ns, q) = ready(8, Config::default());
+    sim.borrow_mut().faults.refuse_delete_sq = true;
+    match ctl.delete_io_queue_pair(q) {
+        Err(Error::Command(s)) => assert_eq!(s.kind(), StatusKind::InvalidQueueId),
+        other => panic!("{other:?}"),
+    }
+    ctl.flush(q, 1).unwrap();
+    sim.borrow_mut().faults.refuse_delete_sq = false;
+    ctl.delete_io_queue_pair(q).unwrap();
+    assert_eq!(ctl.flush(q, 1), Err(Error::InvalidArgument));
+}

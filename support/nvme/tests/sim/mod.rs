@@ -170,6 +170,8 @@ pub struct Faults {
     pub corrupt: Option<Corrupt>,
     /// Every register reads all ones.
     pub gone: bool,
+    /// Delete I/O Submission Queue fails with Invalid Queue Identifier.
+    pub refuse_delete_sq: bool,
 }
 
 /// The simulated controller's state.
@@ -486,7 +488,7 @@ impl Sim {
             }
             admin::DELETE_IO_SQ => {
                 let qid = cmd.dw[10] as u16;
-                if qid == 0 || self.sqs.remove(&qid).is_none() {
+                if qid == 0 || self.faults.refuse_delete_sq || self.sqs.remove(&qid).is_none() {
                     return cs(0x01);
                 }
                 ok
