@@ -11,6 +11,9 @@ use crate::{prp, Clock, DeviceError, Dma, Error, Mmio, Unsupported, Wait, PAGE_S
 /// The largest logical block accepted (64 KiB), in pages.
 const MAX_BLOCK_PAGES: usize = 16;
 
+/// The largest transfer per command the driver ever sets up (32 MiB), in pages.
+pub const MAX_TRANSFER_PAGES: usize = 8192;
+
 /// Driver settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Config {
@@ -18,8 +21,8 @@ pub struct Config {
     pub admin_entries: u16,
     /// Deadline for one command, in milliseconds.
     pub command_timeout_ms: u64,
-    /// The largest transfer one command carries, in pages (also capped by MDTS); larger
-    /// reads and writes are split.
+    /// The largest transfer one command carries, in pages (capped by MDTS and
+    /// [`MAX_TRANSFER_PAGES`]); larger reads and writes are split.
     pub max_transfer_pages: usize,
 }
 
@@ -90,7 +93,7 @@ impl<M: Mmio, D: Dma, C: Clock> Controller<M, D, C> {
             admin: None,
             io: Vec::new(),
             scratch: None,
-            max_transfer_pages: config.max_transfer_pages.max(1),
+            max_transfer_pages: config.max_transfer_pages.clamp(1, MAX_TRANSFER_PAGES),
             queues_granted: 0,
         }
     }
@@ -284,7 +287,7 @@ impl<M: Mmio, D: Dma, C: Clock> Controller<M, D, C> {
         let id = IdentifyController::parse(&data)?;
         if let Some(bytes) = id.max_transfer(self.cap.page_size_min()) {
             let pages = (bytes / PAGE_SIZE).max(1);
-            self.max_transfer_pages = self.config.max_transfer_pages.clamp(1, pages);
+            self.max_transfer_pages = self.max_transfer_pages.min(pages);
         }
         Ok(id)
     }
