@@ -127,6 +127,41 @@
 //! are checked against the service's private copies, descriptors are copied before
 //! they are checked.
 
+//!
+//! # Example
+//!
+//! ```
+//! use peregrine_blkproto::ring::region;
+//! use peregrine_blkproto::*;
+//!
+//! // The root binds the session; the service resolves it against the disk's GPT.
+//! let bounds = Binding::parse("range=2048+64").unwrap().resolve(&[], 4096).unwrap();
+//! let limits = SessionLimits::new(bounds, 512, 8 * 512, 8);
+//! let layout = Layout::new(16).unwrap();
+//! let mem = region(layout.bytes()); // the shared ring region, both sides map it
+//! let mut service = ServiceRing::new(&mem[..], layout, limits).unwrap();
+//! let mut client = ClientRing::attach(&mem[..], layout).unwrap();
+//!
+//! // Client: a batch, one doorbell.
+//! client.push(&Descriptor::new(1, Op::Read, 0, 4, 0));
+//! client.push(&Descriptor::new(2, Op::Write, 64, 1, 0)); // past the session's end
+//! assert_eq!(client.publish(), 2);
+//!
+//! // Service, on the doorbell: the bad one is answered by the ring itself.
+//! let r = service.next_request().unwrap().unwrap();
+//! assert_eq!((r.lba, r.count, r.buf, r.len), (2048, 4, 0, 2048));
+//! assert_eq!(service.next_request(), Ok(None));
+//! // ... the disk reads absolute LBAs 2048..2052 into the data area ...
+//! service.complete(r.tag, Status::Ok, r.count).unwrap();
+//! assert_eq!(service.publish(), Ok(2)); // one completion signal
+//!
+//! // Client, on the signal.
+//! let c = client.pop_completion().unwrap().unwrap();
+//! assert_eq!((c.tag, c.status), (2, Status::Range));
+//! let c = client.pop_completion().unwrap().unwrap();
+//! assert_eq!((c.tag, c.status, c.blocks), (1, Status::Ok, 4));
+//! ```
+
 #![cfg_attr(not(test), no_std)]
 
 extern crate alloc;

@@ -174,6 +174,9 @@ impl<'m, M: SharedMem + ?Sized> ServiceRing<'m, M> {
         if mem.words().saturating_mul(4) < layout.bytes() {
             return Err(RingError::TooSmall);
         }
+        for w in 0..HEADER_BYTES / 4 {
+            mem.store(w, 0);
+        }
         mem.store(W_MAGIC, MAGIC);
         mem.store(W_VERSION, VERSION);
         mem.store(W_ENTRIES, layout.entries());
@@ -181,9 +184,7 @@ impl<'m, M: SharedMem + ?Sized> ServiceRing<'m, M> {
         mem.store(W_MAX_BLOCKS, limits.max_blocks);
         mem.store(W_BLOCKS_LO, limits.blocks as u32);
         mem.store(W_BLOCKS_LO + 1, (limits.blocks >> 32) as u32);
-        for w in [W_SQ_TAIL, W_SQ_HEAD, W_CQ_TAIL, W_CQ_HEAD] {
-            mem.store(w, 0);
-        }
+        // Publishes the header and the zeroed counters.
         mem.store_release(W_CQ_HEAD, 0);
         Ok(ServiceRing {
             mem,
