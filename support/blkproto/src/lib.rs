@@ -86,7 +86,10 @@
 //!    block`) and queued to the disk.
 //! 3. The service takes a descriptor only when a completion slot is free for it as
 //!    well as for every request already in flight, so it never has to drop a
-//!    completion: a client that does not consume completions stalls only itself.
+//!    completion: a client that does not consume completions stalls only itself. The
+//!    service does not look at the ring again until the next doorbell, so a client
+//!    that has read completions while `sq_head ≠ sq_tail` (descriptors published but
+//!    not taken) rings the doorbell again.
 //! 4. The service writes completions into slots `cq_tail, …` in *any* order (as the
 //!    disk finishes them), stores the new `cq_tail`, then signals the client **once
 //!    per batch**. The client reads completions up to `cq_tail` and stores `cq_head`.

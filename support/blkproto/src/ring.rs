@@ -425,6 +425,13 @@ impl<'m, M: SharedMem + ?Sized> ClientRing<'m, M> {
         n
     }
 
+    /// Whether published descriptors wait untaken (the service's head is behind the
+    /// published tail): after reading completions, the client rings the doorbell again
+    /// if so, since the service may have stopped for want of completion slots.
+    pub fn needs_doorbell(&self) -> bool {
+        self.mem.load_acquire(W_SQ_HEAD) != self.sq_published
+    }
+
     /// The next completion, if the service published one; a completion tail more than
     /// a ring ahead is an error.
     pub fn pop_completion(&mut self) -> Result<Option<Completion>, RingError> {

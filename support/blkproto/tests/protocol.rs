@@ -480,7 +480,9 @@ fn a_client_that_does_not_read_completions_stalls_only_itself() {
     assert_eq!(svc.next_request(), Ok(None));
     assert_eq!(svc.pending(), Ok(4));
     assert_eq!(drain(&mut c).len(), 4);
+    assert!(c.needs_doorbell(), "the service stopped for want of slots");
     assert_eq!(serve(&mut svc, &mut w.disk, &mut w.data).unwrap().len(), 4);
+    assert!(!c.needs_doorbell());
     assert_eq!(drain(&mut c).len(), 4);
 }
 
@@ -589,5 +591,46 @@ fn random_hostile_clients() {
         let part = PART.first_lba as usize * BS..(PART.first_lba + PART.blocks) as usize * BS;
         assert_eq!(w.disk[..part.start], before[..part.start], "round {round}");
         assert_eq!(w.disk[part.end..], before[part.end..], "round {round}");
+    }
+}
+
+#[test]
+fn a_descriptor_rewritten_after_it_was_taken_changes_nothing() {
+    let w = World::new(4);
+    let mut svc = ServiceRing::new(&w.ring[..], w.layout, World::limits()).unwrap();
+    let mut c = ClientRing::attach(&w.ring[..], w.layout).unwrap();
+    c.push(&Descriptor::new(1, Op::Write, 3, 1, 0));
+    c.publish();
+    let r = svc.next_request().unwrap().unwrap();
+    // The client rewrites slot 0 to aim past its partition: the service read it once.
+    let evil = Descriptor::new(1, Op::Write, 1 << 40, 8, 0).to_bytes();
+    for (i, chunk) in evil.chunks(4).enumerate() {
+        write_word(
+            &w.ring,
+            512 + 4 * i,
+            u32::from_le_bytes(chunk.try_into().unwrap()),
+        );
+    }
+    assert_eq!((r.lba, r.count), (PART.first_lba + 3, 1));
+    assert_eq!(svc.next_request(), Ok(None));
+    assert_eq!(svc.pending(), Ok(0));
+}
+
+#[test]
+fn the_service_rewrites_a_dirty_header() {
+    let w = World::new(4);
+    for word in w.ring.iter() {
+        word.store(0xffff_ffff, std::sync::atomic::Ordering::Relaxed);
+    }
+    let _svc = ServiceRing::new(&w.ring[..], w.layout, World::limits()).unwrap();
+    let c = ClientRing::attach(&w.ring[..], w.layout).unwrap();
+    assert_eq!(c.free_slots(), 4);
+    for word in 5..128 {
+        let v = w.ring.load(word);
+        if word == 5 {
+            assert_eq!(v, 32, "session blocks");
+        } else {
+            assert_eq!(v, 0, "header word {word}");
+        }
     }
 }
