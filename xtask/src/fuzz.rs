@@ -25,7 +25,8 @@ use anyhow::{bail, Context, Result};
 use crate::deps::{self, Tool};
 use crate::workspace;
 
-/// The targets, in `vmm/fuzz/fuzz_targets/`.
+/// The targets, in `vmm/fuzz/fuzz_targets/` (`blk_session` and `gpt` are the disk
+/// service's `peregrine-blkproto`, fuzzed from the same crate).
 pub const TARGETS: &[&str] = &[
     "emulator",
     "virtqueue",
@@ -34,6 +35,8 @@ pub const TARGETS: &[&str] = &[
     "virtio_blk",
     "virtio_pci",
     "apic",
+    "blk_session",
+    "gpt",
 ];
 
 /// The instrumentation cargo-fuzz uses, without the sanitizer.
@@ -256,6 +259,62 @@ pub fn seeds(target: &str) -> Vec<Vec<u8>> {
                 vec![2, 2, 0, 0],
             ]
             .concat()]
+        }
+        "blk_session" => {
+            // Eight slots, discard offered: a write and a read in one batch, served in
+            // reverse and consumed; then a discard alone.
+            let desc = |tag: u32, op: u8, block: u64, count: u32, buf: u64| {
+                let mut d = tag.to_le_bytes().to_vec();
+                d.extend([op, 0, 0, 0]);
+                d.extend(block.to_le_bytes());
+                d.extend(count.to_le_bytes());
+                d.extend([0; 4]);
+                d.extend(buf.to_le_bytes());
+                d
+            };
+            vec![[
+                vec![0x83, 0, 0],
+                desc(1, 2, 0, 1, 0),
+                vec![0, 1],
+                desc(2, 1, 31, 1, 512),
+                vec![1, 2, 3, 1, 4, 0, 2],
+                desc(3, 4, 5, 2, 0),
+                vec![1, 1, 3, 0, 4],
+            ]
+            .concat()]
+        }
+        "gpt" => {
+            // Flags 3 (the target computes both copies' CRCs), 512-byte blocks, a
+            // 64-block disk: protective MBR, headers at 1 and 63, four-entry arrays at
+            // 2 and 62, partitions 8..=15 "vm1" and 20..=40.
+            let mut d = vec![0u8; 64 * 512];
+            d[446 + 4] = 0xee;
+            d[510] = 0x55;
+            d[511] = 0xaa;
+            let put = |d: &mut Vec<u8>, at: usize, v: &[u8]| d[at..at + v.len()].copy_from_slice(v);
+            for (hdr, alt, arr) in [(1u64, 63u64, 2u64), (63, 1, 62)] {
+                let h = hdr as usize * 512;
+                put(&mut d, h, b"EFI PART");
+                put(&mut d, h + 8, &0x0001_0000u32.to_le_bytes());
+                put(&mut d, h + 12, &92u32.to_le_bytes());
+                put(&mut d, h + 24, &hdr.to_le_bytes());
+                put(&mut d, h + 32, &alt.to_le_bytes());
+                put(&mut d, h + 40, &3u64.to_le_bytes());
+                put(&mut d, h + 48, &61u64.to_le_bytes());
+                put(&mut d, h + 56, &[0x5a; 16]);
+                put(&mut d, h + 72, &arr.to_le_bytes());
+                put(&mut d, h + 80, &4u32.to_le_bytes());
+                put(&mut d, h + 84, &128u32.to_le_bytes());
+                for (i, (first, last)) in [(8u64, 15u64), (20, 40)].into_iter().enumerate() {
+                    let e = arr as usize * 512 + 128 * i;
+                    put(&mut d, e, &[0xa2; 16]);
+                    put(&mut d, e + 16, &[i as u8 + 1; 16]);
+                    put(&mut d, e + 32, &first.to_le_bytes());
+                    put(&mut d, e + 40, &last.to_le_bytes());
+                    put(&mut d, e + 56, &[b'v', 0, b'm', 0, b'1' + i as u8, 0]);
+                }
+            }
+            vec![[vec![3], d].concat()]
         }
         _ => Vec::new(),
     }

@@ -1,4 +1,5 @@
-//! The fuzz targets' bodies, one module each, so that libFuzzer (`fuzz_targets/`, via
+//! The fuzz targets' bodies (the VMM library's, and the disk service protocol's in
+//! `blk_session` and `gpt`), one module each, so that libFuzzer (`fuzz_targets/`, via
 //! `cargo xtask fuzz` or `cargo +nightly fuzz run`) and anything else that wants to
 //! replay an input run the same code.
 //!
@@ -7,9 +8,11 @@
 //! assertions) or a hang.
 
 pub mod apic;
+pub mod blk_session;
 pub mod bzimage;
 pub mod devices;
 pub mod emulator;
+pub mod gpt;
 pub mod virtio_blk;
 pub mod virtio_pci;
 pub mod virtqueue;
