@@ -28,13 +28,13 @@ const W_MAX_BLOCKS: usize = 4;
 /// Word index of the session's length in blocks, low half (high half follows).
 const W_BLOCKS_LO: usize = 5;
 /// Word index of the submission tail (client writes): byte 64.
-const W_SQ_TAIL: usize = 16;
+pub const W_SQ_TAIL: usize = 16;
 /// Word index of the submission head (service writes): byte 128.
 const W_SQ_HEAD: usize = 32;
 /// Word index of the completion tail (service writes): byte 192.
 const W_CQ_TAIL: usize = 48;
 /// Word index of the completion head (client writes): byte 256.
-const W_CQ_HEAD: usize = 64;
+pub const W_CQ_HEAD: usize = 64;
 /// Bytes before the submission ring.
 pub const HEADER_BYTES: usize = 512;
 

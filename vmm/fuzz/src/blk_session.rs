@@ -19,7 +19,7 @@
 use std::sync::atomic::AtomicU32;
 
 use peregrine_blkproto::proto::DESC_SIZE;
-use peregrine_blkproto::ring::region;
+use peregrine_blkproto::ring::{region, W_CQ_HEAD, W_SQ_TAIL};
 use peregrine_blkproto::{
     Bounds, ClientRing, Layout, Op, Request, ServiceRing, SessionLimits, SharedMem, Status,
 };
@@ -35,10 +35,6 @@ const PART: Bounds = Bounds {
 };
 /// The data area's size.
 const DATA: usize = 8 * BS;
-/// Word of the submission tail.
-const W_SQ_TAIL: usize = 16;
-/// Word of the completion head.
-const W_CQ_HEAD: usize = 64;
 
 /// Executes a validated request on the simulated disk.
 fn execute(r: &Request, disk: &mut [u8], data: &mut [u8]) {
