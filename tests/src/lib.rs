@@ -26,6 +26,15 @@ pub fn images() -> &'static Images {
     }
 }
 
+/// The Linux guest (`guests/linux`: kernel, initramfs, disk), prepared once per process.
+pub fn linux_guest() -> &'static xtask::linux::Guest {
+    static GUEST: OnceLock<Result<xtask::linux::Guest, String>> = OnceLock::new();
+    match GUEST.get_or_init(|| xtask::linux::prepare().map_err(|e| format!("{e:#}"))) {
+        Ok(g) => g,
+        Err(e) => panic!("preparing the Linux guest failed: {e}"),
+    }
+}
+
 /// The default system (kernel + root task), named `name` for its log files.
 pub fn system(name: &str) -> BootSpec {
     BootSpec::new(name, images())

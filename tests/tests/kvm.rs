@@ -91,15 +91,6 @@ fn vmm_on_kvm_survives_the_hostile_guest() {
     );
 }
 
-fn linux_guest() -> &'static xtask::linux::Guest {
-    static GUEST: std::sync::OnceLock<Result<xtask::linux::Guest, String>> =
-        std::sync::OnceLock::new();
-    match GUEST.get_or_init(|| xtask::linux::prepare().map_err(|e| format!("{e:#}"))) {
-        Ok(g) => g,
-        Err(e) => panic!("preparing the Linux guest failed: {e}"),
-    }
-}
-
 /// The Linux guest of `tests/linux_vmm.rs` on the same VMM library's PC, hosted on KVM
 /// (`vmm-kvm --linux`) inside Linux in QEMU with `cpus` vCPUs: it boots, its `/init`
 /// tests pass (the vCPU count, kvmclock, the virtio-blk disk read, written and read
@@ -107,7 +98,7 @@ fn linux_guest() -> &'static xtask::linux::Guest {
 fn linux_on_kvm(cpus: u32) {
     require_kvm_baseline();
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let guest = linux_guest();
+    let guest = peregrine_tests::linux_guest();
     let r = xtask::baseline_kvm::run_linux_on_kvm(
         guest,
         cpus,

@@ -7,16 +7,12 @@
 //! The kernel is Debian's (fetched into `<target>/linux` once, with `apt-get download`);
 //! a machine that cannot fetch it fails here with the reason.
 
-use std::sync::{Mutex, OnceLock};
+use std::sync::Mutex;
 
 use xtask::linux::{self, Guest};
 
 fn guest() -> &'static Guest {
-    static GUEST: OnceLock<Result<Guest, String>> = OnceLock::new();
-    match GUEST.get_or_init(|| linux::prepare().map_err(|e| format!("{e:#}"))) {
-        Ok(g) => g,
-        Err(e) => panic!("preparing the Linux guest failed: {e}"),
-    }
+    peregrine_tests::linux_guest()
 }
 
 fn boot(smp: u32, tests: &str) {

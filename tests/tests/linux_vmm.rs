@@ -3,18 +3,13 @@
 //! boot modules, runs `/init`'s tests and powers off; the VMM reports the power-off to
 //! the root (`test=vmm`).
 
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use peregrine_tests::{assert_success, boot_in, images, system, Emulator, RunResult};
 use xtask::linux::{self, Guest};
 
 fn guest() -> &'static Guest {
-    static GUEST: OnceLock<Result<Guest, String>> = OnceLock::new();
-    match GUEST.get_or_init(|| linux::prepare().map_err(|e| format!("{e:#}"))) {
-        Ok(g) => g,
-        Err(e) => panic!("preparing the Linux guest failed: {e}"),
-    }
+    peregrine_tests::linux_guest()
 }
 
 fn run(name: &str, smp: u32, cpus: u32, tests: &str, timeout_s: u64) -> RunResult {
