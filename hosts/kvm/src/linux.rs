@@ -276,11 +276,7 @@ pub fn run(config: Config) -> Result<(), Error> {
 
 /// Sets vCPU `n`'s entry state and runs it in a thread of its own, with its timer thread.
 fn start_cpu(vm: &Arc<Vm>, vcpu: VcpuFd, n: u32) -> Result<(), Error> {
-    let mut p = HostVcpu {
-        regs: ArchState::default(),
-        ram: vm.ram.clone(),
-        start: &vm.start,
-    };
+    let mut p = HostVcpu::new(&vm.ram, &vm.start);
     match vm.pc.handle(&mut p, n, Exit::Startup) {
         Step::Resume => {}
         other => return Err(format!("STARTUP of vCPU {n}: {other:?}").into()),
@@ -309,11 +305,7 @@ fn vcpu_loop(mut vcpu: VcpuFd, n: u32, vm: &Arc<Vm>) -> Result<(), Error> {
         .store(unsafe { libc::pthread_self() } as u64, Ordering::Release);
     s.run.store(run as usize, Ordering::Release);
     loop {
-        let mut p = HostVcpu {
-            regs: ArchState::default(),
-            ram: vm.ram.clone(),
-            start: &vm.start,
-        };
+        let mut p = HostVcpu::new(&vm.ram, &vm.start);
         let exit = vcpu.run();
         // SAFETY: `run` is this vCPU's kvm_run mapping; these fields are plain data KVM
         // wrote before returning, and a kick only ever sets `immediate_exit`.

@@ -131,27 +131,28 @@ fn end_line(status: u8, why: &str, handled: u64) -> ! {
 /// written back by what they recorded in its MTD.
 struct HostVcpu<'a> {
     regs: ArchState,
-    ram: Ram,
+    ram: &'a Ram,
     start: &'a Instant,
 }
 
 impl<'a> HostVcpu<'a> {
-    fn new(shared: &'a Shared) -> Self {
+    /// An empty register file over the VM's `ram`, its clock started at `start`.
+    fn new(ram: &'a Ram, start: &'a Instant) -> Self {
         HostVcpu {
             regs: ArchState::default(),
-            ram: shared.ram.clone(),
-            start: &shared.start,
+            ram,
+            start,
         }
     }
 }
 
 impl GuestMemory for HostVcpu<'_> {
     fn read(&mut self, gpa: u64, buf: &mut [u8]) -> Result<(), Unbacked> {
-        self.ram.read(gpa, buf)
+        self.ram.read_at(gpa, buf)
     }
 
     fn write(&mut self, gpa: u64, buf: &[u8]) -> Result<(), Unbacked> {
-        self.ram.write(gpa, buf)
+        self.ram.write_at(gpa, buf)
     }
 }
 
@@ -389,7 +390,7 @@ fn msr_filter(vm: &VmFd) {
 
 /// vCPU `index`'s entry state, from the machine's STARTUP handler.
 fn startup(vcpu: &VcpuFd, shared: &Shared, index: u32) -> Result<(), Error> {
-    let mut p = HostVcpu::new(shared);
+    let mut p = HostVcpu::new(&shared.ram, &shared.start);
     match machine::handle(&shared.machine, &mut p, index, Exit::Startup) {
         Step::Resume => write_back(vcpu, std::ptr::null_mut(), &p.regs, false),
         other => Err(format!("STARTUP of vCPU {index}: {other:?}").into()),
@@ -644,7 +645,7 @@ fn vcpu_loop(mut vcpu: VcpuFd, index: u32, shared: &Arc<Shared>) -> Result<(), E
     let m = &shared.machine;
     let run = vcpu.get_kvm_run() as *mut kvm_bindings::kvm_run;
     loop {
-        let mut p = HostVcpu::new(shared);
+        let mut p = HostVcpu::new(&shared.ram, &shared.start);
         let (step, pending) = match serve(m, &mut p, index, run, vcpu.run())? {
             Served::Step { step, pending } => (step, pending),
             Served::End(status, why) => shared.end(status, &why),

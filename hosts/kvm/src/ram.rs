@@ -27,19 +27,29 @@ impl Ram {
     pub fn host_base(&self) -> Result<*mut u8, vm_memory::GuestMemoryError> {
         self.mem.get_host_address(GuestAddress(0))
     }
-}
 
-impl GuestMemory for Ram {
-    fn read(&mut self, gpa: u64, buf: &mut [u8]) -> Result<(), Unbacked> {
+    /// Reads `buf.len()` bytes at `gpa` (all of them RAM, or an error).
+    pub fn read_at(&self, gpa: u64, buf: &mut [u8]) -> Result<(), Unbacked> {
         self.mem
             .read_slice(buf, GuestAddress(gpa))
             .map_err(|_| Unbacked { gpa })
     }
 
-    fn write(&mut self, gpa: u64, buf: &[u8]) -> Result<(), Unbacked> {
+    /// Writes `buf` at `gpa` (all of it RAM, or an error).
+    pub fn write_at(&self, gpa: u64, buf: &[u8]) -> Result<(), Unbacked> {
         self.mem
             .write_slice(buf, GuestAddress(gpa))
             .map_err(|_| Unbacked { gpa })
+    }
+}
+
+impl GuestMemory for Ram {
+    fn read(&mut self, gpa: u64, buf: &mut [u8]) -> Result<(), Unbacked> {
+        self.read_at(gpa, buf)
+    }
+
+    fn write(&mut self, gpa: u64, buf: &[u8]) -> Result<(), Unbacked> {
+        self.write_at(gpa, buf)
     }
 }
 
