@@ -265,20 +265,14 @@ pub fn run_kvm_guest(images: &Images, guest: &KvmGuest, emulator: Emulator) -> R
         &[("guest-test", &images.guest_test())],
         &guest.runs(),
     )?;
-    let mut spec = BootSpec {
-        name: guest.name.clone(),
-        kernel: kernel.clone(),
-        kernel_args: baseline::cmdline(&guest.config),
-        modules: Vec::new(),
-        smp: 1,
-        memory_mib: 512,
-        cpu_model: None,
-        icount: true,
-        allow_kvm: false,
-        timeout: guest.timeout,
-        extra_qemu_args: vec!["-initrd".into(), initramfs.to_string_lossy().into_owned()],
-        output: Output::Capture,
-    };
+    let mut spec = l1_spec(
+        &guest.name,
+        &kernel,
+        &initramfs,
+        &guest.config,
+        512,
+        guest.timeout,
+    );
     if emulator == Emulator::Bochs {
         spec.icount = false;
         spec.extra_qemu_args.clear();
@@ -339,19 +333,36 @@ pub fn linux_on_kvm_spec(
         &runs,
     )?;
     Ok(BootSpec {
-        name,
-        kernel,
-        kernel_args: baseline::cmdline(""),
+        icount,
+        ..l1_spec(&name, &kernel, &initramfs, "", 1024, timeout)
+    })
+}
+
+/// The spec of an L1 Linux with KVM: Debian's `kernel` in QEMU (`-cpu EPYC`, one CPU,
+/// `memory_mib`, `-icount shift=0`, never the host's KVM) in `config`
+/// (`mitigations=…`, see [`baseline::cmdline`]) with `initramfs`, named `name`.
+pub fn l1_spec(
+    name: &str,
+    kernel: &Path,
+    initramfs: &Path,
+    config: &str,
+    memory_mib: u32,
+    timeout: Duration,
+) -> BootSpec {
+    BootSpec {
+        name: name.to_string(),
+        kernel: kernel.to_path_buf(),
+        kernel_args: baseline::cmdline(config),
         modules: Vec::new(),
         smp: 1,
-        memory_mib: 1024,
+        memory_mib,
         cpu_model: None,
-        icount,
+        icount: true,
         allow_kvm: false,
         timeout,
         extra_qemu_args: vec!["-initrd".into(), initramfs.to_string_lossy().into_owned()],
         output: Output::Capture,
-    })
+    }
 }
 
 /// Runs [`linux_on_kvm_spec`] under `-icount shift=0` (the vmexit baseline's mode).

@@ -436,18 +436,15 @@ fn l1_initramfs(guest: &Guest) -> Result<PathBuf> {
 /// `initramfs`.
 pub fn kvm_spec(kernel: PathBuf, initramfs: &Path) -> BootSpec {
     BootSpec {
-        name: "bench-boot-kvm".into(),
-        kernel,
-        kernel_args: "console=ttyS0 quiet panic=-1 rdinit=/init".into(),
-        modules: Vec::new(),
-        smp: 1,
-        memory_mib: L1_MIB,
-        cpu_model: None,
         icount: false,
-        allow_kvm: false,
-        timeout: Duration::from_secs(600),
-        extra_qemu_args: vec!["-initrd".into(), initramfs.to_string_lossy().into_owned()],
-        output: Output::Capture,
+        ..crate::baseline_kvm::l1_spec(
+            "bench-boot-kvm",
+            &kernel,
+            initramfs,
+            "",
+            L1_MIB,
+            Duration::from_secs(600),
+        )
     }
 }
 
