@@ -414,6 +414,12 @@ fn kprint_pool() {
 /// pool, trampoline page) and the modules (MODULE, with their raw command lines; `aux`
 /// is left 0 for the caller to fill with the string's offset).
 pub fn for_each_mem_desc(mut f: impl FnMut(MemDesc, Option<&str>)) {
+    let desc = |addr, size, kind| MemDesc {
+        addr,
+        size,
+        kind,
+        aux: 0,
+    };
     let bi = multiboot::info();
     for e in bi.mmap() {
         let kind = match e.kind {
@@ -422,54 +428,15 @@ pub fn for_each_mem_desc(mut f: impl FnMut(MemDesc, Option<&str>)) {
             4 => mem_kind::NVS,
             _ => mem_kind::RESERVED,
         };
-        f(
-            MemDesc {
-                addr: e.addr,
-                size: e.len,
-                kind,
-                aux: 0,
-            },
-            None,
-        );
+        f(desc(e.addr, e.len, kind), None);
     }
     let (s, e) = layout::image_phys();
-    f(
-        MemDesc {
-            addr: s,
-            size: e - s,
-            kind: mem_kind::HYPERVISOR,
-            aux: 0,
-        },
-        None,
-    );
-    pool::for_each_range(|s, e| {
-        f(
-            MemDesc {
-                addr: s,
-                size: e - s,
-                kind: mem_kind::HYPERVISOR,
-                aux: 0,
-            },
-            None,
-        )
-    });
-    f(
-        MemDesc {
-            addr: smp::TRAMPOLINE,
-            size: PAGE_SIZE,
-            kind: mem_kind::HYPERVISOR,
-            aux: 0,
-        },
-        None,
-    );
+    f(desc(s, e - s, mem_kind::HYPERVISOR), None);
+    pool::for_each_range(|s, e| f(desc(s, e - s, mem_kind::HYPERVISOR), None));
+    f(desc(smp::TRAMPOLINE, PAGE_SIZE, mem_kind::HYPERVISOR), None);
     for m in bi.modules() {
         f(
-            MemDesc {
-                addr: m.start,
-                size: m.end - m.start,
-                kind: mem_kind::MODULE,
-                aux: 0,
-            },
+            desc(m.start, m.end - m.start, mem_kind::MODULE),
             Some(bi.module_cmdline(m)),
         );
     }
