@@ -262,7 +262,7 @@ pub fn seeds(target: &str) -> Vec<Vec<u8>> {
         }
         "blk_session" => {
             // Eight slots, discard offered: a write and a read in one batch, served in
-            // reverse and consumed; then a discard alone.
+            // reverse and consumed; then a discard alone; then a flush alone.
             let desc = |tag: u32, op: u8, block: u64, count: u32, buf: u64| {
                 let mut d = tag.to_le_bytes().to_vec();
                 d.extend([op, 0, 0, 0]);
@@ -279,6 +279,9 @@ pub fn seeds(target: &str) -> Vec<Vec<u8>> {
                 desc(2, 1, 31, 1, 512),
                 vec![1, 2, 3, 1, 4, 0, 2],
                 desc(3, 4, 5, 2, 0),
+                vec![1, 1, 3, 0, 4],
+                vec![0, 3],
+                desc(4, 3, 0, 0, 0),
                 vec![1, 1, 3, 0, 4],
             ]
             .concat()]
