@@ -56,6 +56,13 @@ fn scenario_sm() {
     scenario("sm", "", &[], 1, 60);
 }
 
+/// Device memory, physical addresses and MSI routing from the kernel PD; the kernel's
+/// own memory and interrupt hardware out of reach.
+#[test]
+fn scenario_devmem() {
+    scenario("devmem", "", &[], 1, 60);
+}
+
 /// A hardware interrupt (PIT or serial) delivered to a user semaphore.
 #[test]
 fn scenario_irq() {

@@ -46,8 +46,14 @@ pub const VMM: Component = Component {
     binary: "nul-vmm",
 };
 
+/// The disk component (NVMe driver and disk service).
+pub const DISK: Component = Component {
+    package: "nul-disk",
+    binary: "nul-disk",
+};
+
 /// Everything `build` builds, in one place: add new NUL components here.
-pub const COMPONENTS: &[Component] = &[KERNEL, ROOT, TEST, VMM, GUEST_TEST];
+pub const COMPONENTS: &[Component] = &[KERNEL, ROOT, TEST, VMM, GUEST_TEST, DISK];
 
 /// Which cargo profile to build the components with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -106,6 +112,11 @@ impl Images {
     /// The VMM component image.
     pub fn vmm(&self) -> PathBuf {
         self.path(VMM)
+    }
+
+    /// The disk component image.
+    pub fn disk(&self) -> PathBuf {
+        self.path(DISK)
     }
 
     /// The test guest's ELF image.

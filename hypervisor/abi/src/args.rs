@@ -9,8 +9,8 @@
 //! decoding and zero on encoding.
 
 use crate::hypercall::{
-    call_flags, ec_ctrl_op, ec_flags, pd_ctrl_op, pd_flags, qpd, qpd_split, revoke_flags, sm_flags,
-    Hypercall, HypercallWord,
+    call_flags, ec_ctrl_op, ec_flags, lookup_flags, pd_ctrl_op, pd_flags, qpd, qpd_split,
+    revoke_flags, sm_flags, Hypercall, HypercallWord,
 };
 use crate::{Crd, Mtd, Status, XferFlags};
 
@@ -308,22 +308,31 @@ impl HcArgs for Revoke {
     }
 }
 
-/// `lookup`: what covers the first item of `crd` (result 1: the CRD found).
+/// `lookup`: what covers the first item of `crd` (result 1: the CRD found), or with
+/// `phys` the physical address of the first page of a memory CRD (the address a device
+/// reaches it at by DMA).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Lookup {
     /// The range whose first item is looked up.
     pub crd: Crd,
+    /// Answer the physical address instead of the CRD
+    /// ([`lookup_flags::PHYS`](crate::hypercall::lookup_flags::PHYS)).
+    pub phys: bool,
 }
 
 impl HcArgs for Lookup {
     const HC: Hypercall = Hypercall::Lookup;
     #[inline(always)]
     fn to_regs(&self) -> Regs {
-        [word(Self::HC, 0, 0), self.crd.0, 0, 0, 0, 0]
+        let f = flag(self.phys, lookup_flags::PHYS);
+        [word(Self::HC, f, 0), self.crd.0, 0, 0, 0, 0]
     }
     #[inline(always)]
     fn from_regs(r: &Regs) -> Result<Self, Status> {
-        Ok(Lookup { crd: Crd(r[1]) })
+        Ok(Lookup {
+            crd: Crd(r[1]),
+            phys: has(r, lookup_flags::PHYS),
+        })
     }
 }
 
@@ -469,7 +478,10 @@ impl HcArgs for AssignPci {
     }
 }
 
-/// `assign_gsi`: route the GSI behind semaphore `sm` (DOWN) to `cpu`.
+/// `assign_gsi`: route the GSI behind semaphore `sm` (DOWN) to `cpu`. For a
+/// message-signalled GSI (from [`Hip::msi_gsi_base`](crate::hip::Hip::msi_gsi_base) on)
+/// result 1 is the MSI address and data the device must send
+/// ([`msi_address`](crate::hypercall::msi_address), [`msi_data`](crate::hypercall::msi_data)).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AssignGsi {
     /// The GSI semaphore.
@@ -672,7 +684,14 @@ mod tests {
             pd: W,
             count: W,
         });
-        round(Lookup { crd: Crd(W) });
+        round(Lookup {
+            crd: Crd(W),
+            phys: false,
+        });
+        round(Lookup {
+            crd: Crd(W),
+            phys: true,
+        });
         round(EcCtrl {
             ec: SEL,
             op: EcCtrlOp::Recall,

@@ -89,9 +89,12 @@ pub struct Hip {
     /// figures: under QEMU `-icount shift=0`, instructions since the virtual clock
     /// started).
     pub boot_tsc: u64,
+    /// The first message-signalled GSI: GSIs below it are I/O APIC pins, those from it
+    /// up to `num_gsi` are delivered by MSI/MSI-X (`assign_gsi` answers the message).
+    pub msi_gsi_base: u64,
 }
 
-const _: () = assert!(core::mem::size_of::<Hip>() == 104);
+const _: () = assert!(core::mem::size_of::<Hip>() == 112);
 
 /// One CPU.
 #[repr(C)]

@@ -131,6 +131,28 @@ pub mod revoke_flags {
     pub const SELF: u8 = 1 << 0;
 }
 
+/// Flags of [`Hypercall::Lookup`].
+pub mod lookup_flags {
+    /// Result 1 is the physical address of the first page of a memory CRD.
+    pub const PHYS: u8 = 1 << 0;
+}
+
+/// The MSI address (low 32 bits; the high half is zero) in `assign_gsi`'s result for a
+/// message-signalled GSI.
+pub const fn msi_address(result: u64) -> u32 {
+    result as u32
+}
+
+/// The MSI data in `assign_gsi`'s result for a message-signalled GSI.
+pub const fn msi_data(result: u64) -> u32 {
+    (result >> 32) as u32
+}
+
+/// Packs an MSI address and data as `assign_gsi` answers them.
+pub const fn msi_result(address: u32, data: u32) -> u64 {
+    address as u64 | (data as u64) << 32
+}
+
 /// Flags of [`Hypercall::SmCtrl`].
 pub mod sm_flags {
     /// Down (wait); without it, up (signal).

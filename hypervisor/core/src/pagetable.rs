@@ -49,6 +49,9 @@ impl Perm {
     pub const X: Perm = Perm(4);
     /// Accessible from user mode (host tables only).
     pub const U: Perm = Perm(8);
+    /// Uncacheable: device memory (IA-32e formats: PCD and PWT, which select the UC
+    /// entry of the power-on PAT; EPT leaves stay write-back).
+    pub const UC: Perm = Perm(16);
 
     /// Whether every bit of `other` is set.
     pub const fn contains(self, other: Perm) -> bool {
@@ -138,6 +141,8 @@ pub struct Host;
 const P: u64 = 1;
 const RW: u64 = 1 << 1;
 const US: u64 = 1 << 2;
+const PWT: u64 = 1 << 3;
+const PCD: u64 = 1 << 4;
 const PS: u64 = 1 << 7;
 const NX: u64 = 1 << 63;
 
@@ -159,6 +164,9 @@ fn ia32e_leaf(phys: u64, perm: Perm, level: usize, user: bool) -> Option<u64> {
     if !perm.contains(Perm::X) {
         v |= NX;
     }
+    if perm.contains(Perm::UC) {
+        v |= PCD | PWT;
+    }
     if level > 0 {
         v |= PS;
     }
@@ -175,6 +183,9 @@ fn ia32e_perm(pte: u64) -> Perm {
     }
     if pte & NX == 0 {
         p = p | Perm::X;
+    }
+    if pte & PCD != 0 {
+        p = p | Perm::UC;
     }
     p
 }
@@ -687,6 +698,27 @@ mod tests {
         assert!(pt.lookup(&mem, 0x40_0000).is_none());
         assert_eq!(mem.tables.len(), 1, "emptied tables are freed");
         assert!(!pt.unmap(&mut mem, 0x40_0000, 9).unwrap());
+    }
+
+    #[test]
+    fn uncacheable_leaves_keep_their_type_through_a_split() {
+        let mut mem = FakeMem::default();
+        let pt = PageTable::<Host>::new(&mut mem).unwrap();
+        let uc = RW_ | Perm::U | Perm::UC;
+        pt.map(&mut mem, 0x20_0000, 0xfe00_0000, 9, uc).unwrap();
+        pt.map(&mut mem, 0x40_0000, 0x1000, 0, RW_).unwrap();
+        let t = pt.lookup(&mem, 0x20_1000).unwrap();
+        assert_eq!((t.perm, t.order), (uc, 9));
+        assert_eq!(pt.lookup(&mem, 0x40_0000).unwrap().perm, RW_);
+        // Unmapping one 4 KiB page splits the 2 MiB leaf: the rest stays uncacheable.
+        assert!(pt.unmap(&mut mem, 0x20_0000, 0).unwrap());
+        let t = pt.lookup(&mem, 0x20_1000).unwrap();
+        assert_eq!((t.phys, t.perm, t.order), (0xfe00_1000, uc, 0));
+        // NPT leaves take the bits too.
+        let npt = PageTable::<Npt>::new(&mut mem).unwrap();
+        npt.map(&mut mem, 0, 0xfe00_0000, 0, RW_ | Perm::UC)
+            .unwrap();
+        assert_eq!(npt.lookup(&mem, 0).unwrap().perm, RW_ | Perm::UC);
     }
 
     #[test]

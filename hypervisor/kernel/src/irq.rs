@@ -1,5 +1,9 @@
 //! Device interrupts: each GSI has a semaphore in the kernel PD; its interrupt is an
 //! `up`. Level-triggered lines stay masked from delivery until the next `down`.
+//!
+//! GSIs below [`msi_base`] are I/O APIC pins; the rest are message-signalled: routing
+//! one answers the MSI address and data its device must send (the vector is fixed per
+//! GSI, so the message names the GSI), and its interrupts are edge-triggered.
 
 use alloc::sync::Arc;
 
@@ -9,8 +13,15 @@ use spin::Mutex;
 
 use crate::sm::Sm;
 
-/// GSIs the kernel routes (vectors `VECTOR_BASE + gsi`).
-pub const MAX_GSI: usize = 64;
+/// GSIs the kernel routes (vectors `VECTOR_BASE + gsi`), pins and messages together.
+pub const MAX_GSI: usize = 128;
+const _: () =
+    assert!(VECTOR_BASE as usize + MAX_GSI - 1 <= crate::arch::x86::idt::VEC_GSI_LAST as usize);
+
+/// The first message-signalled GSI: the I/O APICs' pins come first.
+pub fn msi_base() -> u32 {
+    crate::arch::x86::ioapic::num_gsis().min(MAX_GSI as u32)
+}
 /// Vector of GSI 0.
 pub const VECTOR_BASE: u8 = crate::arch::x86::idt::VEC_GSI_BASE;
 
@@ -24,10 +35,14 @@ pub fn register_gsi_sm(gsi: u32, sm: Arc<Sm>) {
     }
 }
 
-/// Routes a GSI to a CPU (`assign_gsi`).
-pub fn route_gsi(gsi: u32, cpu: usize, flags: u64) -> Result<(), Status> {
+/// Routes a GSI to a CPU (`assign_gsi`); for a message-signalled GSI the answer is its
+/// MSI address and data (0 for a pin).
+pub fn route_gsi(gsi: u32, cpu: usize, flags: u64) -> Result<u64, Status> {
     if gsi as usize >= MAX_GSI {
         return Err(Status::BadDevice);
+    }
+    if gsi >= msi_base() {
+        return crate::arch::msi_route(VECTOR_BASE + gsi as u8, cpu).map_err(|_| Status::BadCpu);
     }
     let (level, low) = if flags & gsi_flags::DEFAULT != 0 {
         crate::arch::gsi_default_mode(gsi)
@@ -38,6 +53,7 @@ pub fn route_gsi(gsi: u32, cpu: usize, flags: u64) -> Result<(), Status> {
         )
     };
     crate::arch::ioapic_route(gsi, VECTOR_BASE + gsi as u8, cpu, level, low)
+        .map(|()| 0)
         .map_err(|_| Status::BadDevice)
 }
 

@@ -52,6 +52,10 @@ pub struct Platform<'a> {
     pub bus_khz: u64,
     /// Number of GSIs.
     pub num_gsi: u64,
+    /// The first message-signalled GSI.
+    pub msi_gsi_base: u64,
+    /// Device memory (base page, pages) given to the kernel PD.
+    pub device_ranges: &'a [(u64, u64)],
     /// ACPI RSDP address.
     pub rsdp: u64,
     /// Pages of kernel memory the root may use (its quota).
@@ -185,6 +189,7 @@ fn build_hip(page: *mut u8, p: &Platform) {
         sel_exc: peregrine_abi::event::NUM_HOST_EVENTS,
         sel_vmi: peregrine_abi::event::NUM_VCPU_EVENTS,
         num_gsi: p.num_gsi,
+        msi_gsi_base: p.msi_gsi_base,
         freq_tsc_khz: p.tsc_khz,
         freq_bus_khz: p.bus_khz,
         root_quota: p.root_quota as u64,
@@ -216,6 +221,11 @@ pub fn create(p: &Platform, cpu: &mut crate::cpu::Cpu) -> Result<(), RootError> 
         Arc::new(Pd::new(None, Quota::new(0), true, false).map_err(|_| RootError::NoMemory)?);
     space::register(&kern);
     for &(base, pages) in p.user_ranges {
+        for (b, order) in aligned_pieces(base, pages, 40) {
+            space::kernel_root_mem(&kern, b, order);
+        }
+    }
+    for &(base, pages) in p.device_ranges {
         for (b, order) in aligned_pieces(base, pages, 40) {
             space::kernel_root_mem(&kern, b, order);
         }

@@ -9,7 +9,7 @@ use alloc::sync::{Arc, Weak};
 use alloc::vec::Vec;
 
 use peregrine_abi::crd::delegation_target;
-use peregrine_abi::{Crd, CrdKind, Status, Xfer, XferFlags};
+use peregrine_abi::{Crd, CrdKind, Status, Xfer, XferFlags, PAGE_BITS};
 use peregrine_core::mdb::{Mapping, Mdb, MdbError, Removed, SpaceId};
 use spin::Mutex;
 
@@ -433,6 +433,19 @@ pub fn lookup(pd: &Pd, crd: Crd) -> Result<Crd, Status> {
         Some(m) => Crd::new(kind, m.base, m.order, m.perm),
         None => Crd::NULL,
     })
+}
+
+/// `lookup` with `PHYS`: the physical address of the page at the base of memory CRD
+/// `crd` in `pd`'s space (`BadParameter` for another kind, `BadCapability` where
+/// nothing is mapped). No secret is given away: a PD learns it only of memory it holds.
+pub fn lookup_phys(pd: &Pd, crd: Crd) -> Result<u64, Status> {
+    if crd.kind() != CrdKind::Mem {
+        return Err(Status::BadParameter);
+    }
+    pd.mem
+        .lookup(crd.base() << PAGE_BITS)
+        .map(|p| p & !((1u64 << PAGE_BITS) - 1))
+        .ok_or(Status::BadCapability)
 }
 
 /// `revoke`: takes the range away from everything derived from it (and from the caller

@@ -98,12 +98,16 @@ impl SpaceMem {
     }
 
     /// Maps `2^order` pages from user page `vpage` to physical page `ppage` with memory
-    /// permissions `perm` (R/W/X bits). Fails if any page is mapped already.
+    /// permissions `perm` (R/W/X bits), uncacheable where they are not RAM (device
+    /// memory: see [`crate::mem::is_wb`]). Fails if any page is mapped already.
     pub fn map(&self, pd: &Pd, vpage: u64, ppage: u64, order: u8, perm: u8) -> Result<(), Status> {
         if self.root == 0 {
             return Err(Status::BadCapability);
         }
-        let p = Perm(perm & 7) | Perm::U | Perm::R;
+        let mut p = Perm(perm & 7) | Perm::U | Perm::R;
+        if !crate::mem::is_wb(ppage, order) {
+            p = p | Perm::UC;
+        }
         let mut freed = Vec::new();
         let r = {
             let _g = self.lock.lock();

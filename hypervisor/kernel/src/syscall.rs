@@ -69,9 +69,10 @@ pub unsafe extern "C" fn syscall_handler(frame: *mut Frame) -> ! {
         Hypercall::Revoke => arg::<args::Revoke>(&r)
             .and_then(|a| space::revoke(&c.pd, a.crd, a.own, cpu))
             .map(|()| 0),
-        Hypercall::Lookup => arg::<args::Lookup>(&r)
-            .and_then(|a| space::lookup(&c.pd, a.crd))
-            .map(|crd| crd.0),
+        Hypercall::Lookup => arg::<args::Lookup>(&r).and_then(|a| match a.phys {
+            false => space::lookup(&c.pd, a.crd).map(|crd| crd.0),
+            true => space::lookup_phys(&c.pd, a.crd),
+        }),
         Hypercall::EcCtrl => ec_ctrl(&c, &r).map(|()| 0),
         Hypercall::ScCtrl => arg(&r).and_then(|a| sc_ctrl(&c, &a)),
         Hypercall::PtCtrl => arg(&r).and_then(|a| pt_ctrl(&c, &a)).map(|()| 0),
@@ -85,7 +86,7 @@ pub unsafe extern "C" fn syscall_handler(frame: *mut Frame) -> ! {
             r => r.map(|_| 0),
         },
         Hypercall::AssignPci => Err(Status::BadFeature),
-        Hypercall::AssignGsi => arg(&r).and_then(|a| assign_gsi(&c, &a)).map(|()| 0),
+        Hypercall::AssignGsi => arg(&r).and_then(|a| assign_gsi(&c, &a)),
         Hypercall::PdCtrl => pd_ctrl(&c, &r),
     };
     if TRACE.load(core::sync::atomic::Ordering::Relaxed) {
@@ -359,7 +360,7 @@ fn sm_ctrl(c: &Arc<Ec>, a: &args::SmCtrl, cpu: &mut Cpu) -> Result<bool, Status>
     }
 }
 
-fn assign_gsi(c: &Ec, a: &args::AssignGsi) -> Result<(), Status> {
+fn assign_gsi(c: &Ec, a: &args::AssignGsi) -> Result<u64, Status> {
     let sm = cap::<Sm>(c, a.sm, SmPerm::DOWN)?;
     let gsi = sm.gsi().ok_or(Status::BadCapability)?;
     let cpu = a.cpu;
@@ -367,7 +368,8 @@ fn assign_gsi(c: &Ec, a: &args::AssignGsi) -> Result<(), Status> {
         return Err(Status::BadCpu);
     }
     let fl = a.flags;
-    let level = fl & hypercall::gsi_flags::LEVEL != 0;
+    // Messages are edge-triggered whatever the flags say.
+    let level = fl & hypercall::gsi_flags::LEVEL != 0 && gsi.gsi < crate::irq::msi_base();
     sm.set_level(level);
     crate::irq::route_gsi(gsi.gsi, cpu as usize, fl)
 }

@@ -57,7 +57,7 @@ const CALL: u8 = PtPerm::CALL.bits();
 
 /// Gives the child a fresh page of the root at `addr` with `perm`; returns its
 /// physical address (recorded in `ranges` so that removal takes it back).
-fn give_page(
+pub(crate) fn give_page(
     pd: u64,
     addr: u64,
     perm: MemPerm,
@@ -103,6 +103,8 @@ pub struct Module {
     pub guest: Option<(u64, u64)>,
     /// A VMM's further modules.
     pub modules: [Option<(u64, u64)>; 2],
+    /// A driver's PCI function (`pci=`).
+    pub device: Option<crate::driver::Grant>,
 }
 
 /// Every module the boot configuration lists for a component.
@@ -154,6 +156,7 @@ pub fn start_module(m: Module) -> Result<usize, StartError> {
         pool_pages: m.pool_pages,
         guest: m.guest,
         modules: m.modules,
+        device: m.device,
     })
 }
 
@@ -185,11 +188,19 @@ pub struct ChildSpec<'a> {
     /// Further boot modules of a VMM (initrd, disk): physical address and size; the
     /// disk is mapped read-write.
     pub modules: [Option<(u64, u64)>; 2],
+    /// A driver's PCI function, interrupts and DMA memory.
+    pub device: Option<crate::driver::Grant>,
 }
 
 /// Delegates `pages` pages of the root's window from physical `phys` to `addr` in
 /// `pd`, in pieces aligned on both sides.
-fn map_range(pd: u64, addr: u64, phys: u64, pages: u64, perm: MemPerm) -> Result<(), Status> {
+pub(crate) fn map_range(
+    pd: u64,
+    addr: u64,
+    phys: u64,
+    pages: u64,
+    perm: MemPerm,
+) -> Result<(), Status> {
     for (vpage, p, order) in mem::dual_pieces(addr >> PAGE_BITS, phys >> PAGE_BITS, pages) {
         hc::pd_delegate(
             sel::OWN_PD,
@@ -324,6 +335,9 @@ fn build(spec: &ChildSpec, id: usize, pd: u64, owned: &mut Vec<u64>) -> Result<(
         si.modules[i] = [at + (addr & ((1 << PAGE_BITS) - 1)), size];
     }
     let shared = give_page(pd, SHARED_ADDR, MemPerm::R | MemPerm::W, &mut ranges)?;
+    if let Some(g) = &spec.device {
+        crate::driver::grant(pd, g, &mut ranges)?;
+    }
     let role = start_info::arg(spec.args, "role").unwrap_or("");
     let mut test_page = 0;
     if role == "memcheck" {

@@ -17,8 +17,10 @@ extern crate alloc;
 mod children;
 #[cfg_attr(not(feature = "scenarios"), allow(dead_code))]
 mod component;
+mod driver;
 mod hip;
 mod mem;
+mod pci;
 mod pieces;
 #[cfg(feature = "scenarios")]
 mod scenario;
@@ -69,6 +71,8 @@ fn main(hip_addr: u64) -> ! {
         hip.0.freq_tsc_khz,
         hip.0.num_gsi
     );
+    driver::init(hip.0.msi_gsi_base, hip.0.num_gsi);
+    pci::init(&hip);
     if let Err(e) = services::init(hip.online_cpus()) {
         println!("cannot create service ECs: {:?}", e);
         fail();
@@ -139,6 +143,27 @@ fn main(hip_addr: u64) -> ! {
             ),
         };
         let name = hip::arg(margs, "name").unwrap_or(file);
+        // A driver (`pci=`): its function, `msi=` interrupts (default 1) and `dma=` KiB
+        // of DMA memory (default 256).
+        let device = match hip::arg(margs, "pci") {
+            Some(p) => match pci::claim(p) {
+                Some(func) => Some(driver::Grant {
+                    func,
+                    msi: nul_rt::start_info::arg_u64(margs, "msi")
+                        .unwrap_or(1)
+                        .min(32),
+                    dma_pages: nul_rt::start_info::arg_u64(margs, "dma")
+                        .unwrap_or(256)
+                        .clamp(4, 1 << 20)
+                        .div_ceil(4),
+                }),
+                None => {
+                    println!("cannot start {}: no free PCI function pci={}", name, p);
+                    continue;
+                }
+            },
+            None => None,
+        };
         let m = component::Module {
             name: name.into(),
             args: margs.into(),
@@ -156,6 +181,7 @@ fn main(hip_addr: u64) -> ! {
                     .and_then(|n| mods.iter().find(|m| m.0 == n))
                     .map(|m| (m.2, m.3))
             }),
+            device,
         };
         component::MODULES.lock().push(m.clone());
         if m.deferred() {

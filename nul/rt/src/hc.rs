@@ -195,8 +195,15 @@ pub fn revoke(crd: Crd, own: bool) -> Result<(), Status> {
 
 /// Looks up what covers the first item of `crd`; the null CRD when nothing does.
 pub fn lookup(crd: Crd) -> Result<Crd, Status> {
-    let r = hc(args::Lookup { crd });
+    let r = hc(args::Lookup { crd, phys: false });
     st(r).map(|()| Crd(r.out1))
+}
+
+/// The physical address of the page at the base of memory CRD `crd` in the caller's
+/// space: where a device reaches it by DMA.
+pub fn lookup_phys(crd: Crd) -> Result<u64, Status> {
+    let r = hc(args::Lookup { crd, phys: true });
+    st(r).map(|()| r.out1)
 }
 
 /// Recalls EC `ec`.
@@ -232,9 +239,11 @@ pub fn sm_down(sm: u64, zero: bool, deadline: u64) -> Result<(), Status> {
     }))
 }
 
-/// Routes the GSI behind interrupt semaphore `sm` to `cpu`.
-pub fn assign_gsi(sm: u64, cpu: u64, flags: u64) -> Result<(), Status> {
-    st(hc(args::AssignGsi { sm, cpu, flags }))
+/// Routes the GSI behind interrupt semaphore `sm` to `cpu`; for a message-signalled GSI
+/// the answer packs the MSI address and data (`hypercall::msi_address`/`msi_data`).
+pub fn assign_gsi(sm: u64, cpu: u64, flags: u64) -> Result<u64, Status> {
+    let r = hc(args::AssignGsi { sm, cpu, flags });
+    st(r).map(|()| r.out1)
 }
 
 /// Delegates `src` of PD `src_pd` into the window `dst` of PD `dst_pd` (at `hotspot`),

@@ -16,6 +16,7 @@
 extern crate alloc;
 
 pub mod console;
+pub mod device;
 pub mod hc;
 pub mod heap;
 pub mod sel;

@@ -124,6 +124,24 @@ pub fn ioapic_route(
         .ok_or(RouteError::BadGsi)
 }
 
+/// The MSI address and data (packed as `assign_gsi` answers them) that deliver `vector`
+/// to CPU index `cpu`: fixed delivery, physical destination, edge-triggered (SDM 10.11).
+/// The address names the destination by its 8-bit APIC id; a CPU above 255 cannot be
+/// reached without interrupt remapping.
+pub fn msi_route(vector: u8, cpu: usize) -> Result<u64, RouteError> {
+    if cpu >= crate::platform::percpu::num_cpus() {
+        return Err(RouteError::BadCpu);
+    }
+    let id = apic_id(cpu);
+    if id > 0xff {
+        return Err(RouteError::BadCpu);
+    }
+    Ok(peregrine_abi::hypercall::msi_result(
+        0xfee0_0000 | id << 12,
+        vector as u32,
+    ))
+}
+
 /// Why [`ioapic_route`] failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RouteError {

@@ -43,6 +43,23 @@ fn subtract(s: u64, e: u64, holes: &[(u64, u64)], out: &mut Vec<(u64, u64)>) {
     }
 }
 
+/// The kernel PD's device memory, as page ranges (base, pages): every physical page
+/// below the CPU's address width (at most 2^46) that is not RAM (`ram`: byte ranges of
+/// RAM, the kernel's memory and the modules) and not the kernel's own devices: the
+/// local APIC and MSI window (0xfee00000, 1 MiB) and the I/O APICs' register pages.
+/// Firmware-reserved ranges (an ECAM window, the BIOS area) and ACPI tables are in it.
+fn device_ranges(mut holes: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    let bits = raw_cpuid::CpuId::new()
+        .get_processor_capacity_feature_info()
+        .map_or(36, |c| c.physical_address_bits())
+        .clamp(32, 46);
+    holes.push((0xfee0_0000, 0xfef0_0000));
+    crate::arch::x86::ioapic::for_each_phys(|p| holes.push((p, p + 4096)));
+    let mut out = Vec::new();
+    subtract(0, 1u64 << bits, &holes, &mut out);
+    out
+}
+
 /// The boot CPU: create the root task, then schedule.
 pub fn bsp() -> ! {
     sched::init_cpu();
@@ -62,7 +79,20 @@ pub fn bsp() -> ! {
     let mut holes = Vec::new();
     let mut avail = Vec::new();
     let mut mods_raw: Vec<(u64, u64, alloc::string::String)> = Vec::new();
+    // Page ranges, rounded outwards: write-back memory, and what the kernel PD's device
+    // memory leaves out (RAM, the kernel's own memory and modules).
+    let mut wb = Vec::new();
+    let mut ram = Vec::new();
     boot::for_each_mem_desc(|d: MemDesc, cmd| {
+        let pages = (d.addr & !0xfff, (d.addr + d.size).div_ceil(4096) * 4096);
+        match d.kind {
+            mem_kind::AVAILABLE | mem_kind::HYPERVISOR | mem_kind::MODULE => {
+                wb.push((pages.0 >> 12, pages.1 >> 12));
+                ram.push(pages);
+            }
+            mem_kind::ACPI | mem_kind::NVS => wb.push((pages.0 >> 12, pages.1 >> 12)),
+            _ => {}
+        }
         match d.kind {
             mem_kind::AVAILABLE => {
                 // Reported below as the ranges the kernel PD really holds.
@@ -97,6 +127,8 @@ pub fn bsp() -> ! {
             aux: 0,
         });
     }
+    crate::mem::set_wb_ranges(wb);
+    let device = device_ranges(ram);
     let modules: Vec<Module> = mods_raw
         .iter()
         .map(|(s, e, c)| Module {
@@ -126,7 +158,9 @@ pub fn bsp() -> ! {
         features: crate::vcpu::hip_features(crate::arch::x86::cpu::info().features),
         tsc_khz: plat.tsc_khz,
         bus_khz: plat.bus_khz,
-        num_gsi: crate::arch::x86::ioapic::num_gsis() as u64,
+        num_gsi: crate::irq::MAX_GSI as u64,
+        msi_gsi_base: crate::irq::msi_base() as u64,
+        device_ranges: &device,
         rsdp: plat.rsdp,
         root_quota,
     };

@@ -417,7 +417,7 @@ fn irq_latency() -> bool {
     const GSI: u64 = 2;
     const COUNT: u16 = 200;
     let sm = match take_gsi_sm(GSI)
-        .and_then(|sm| hc::assign_gsi(sm, 0, gsi_flags::DEFAULT).map(|()| sm))
+        .and_then(|sm| hc::assign_gsi(sm, 0, gsi_flags::DEFAULT).map(|_| sm))
     {
         Ok(sm) => sm,
         Err(e) => {

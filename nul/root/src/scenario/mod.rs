@@ -16,6 +16,7 @@
 //! | `test=pager` | `nul-test role=paged cpu=0` | ≥ 1 |
 //! | `test=sm` | none | ≥ 1 |
 //! | `test=irq` | none | ≥ 1 |
+//! | `test=devmem` | none (q35: an HPET at 0xfed00000) | ≥ 1 |
 //! | `test=xcpu` | none | ≥ 2 |
 //! | `test=quota` | none | ≥ 1 |
 //! | `test=fault` | `nul-test role=fault cpu=0`, `nul-test role=canary cpu=0` | ≥ 1 |
@@ -35,6 +36,7 @@
 
 mod bench;
 pub mod bench_more;
+mod device;
 mod ipc;
 mod isolation;
 mod memory;
@@ -70,6 +72,7 @@ pub fn run(name: &str, args: &str, hip: &HipView) -> bool {
         "pager" => memory::pager(),
         "sm" => sync::sm(),
         "irq" => sync::irq(),
+        "devmem" => device::devmem(hip),
         "xcpu" => sync::xcpu(hip),
         "recall" => sync::recall(hip),
         "quota" => robust::quota(hip),

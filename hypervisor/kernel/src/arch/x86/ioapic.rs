@@ -168,6 +168,15 @@ pub fn num_gsis() -> u32 {
         .unwrap_or(0)
 }
 
+/// The physical address of each I/O APIC's register page.
+pub fn for_each_phys(mut f: impl FnMut(u64)) {
+    for a in STATE.lock().apics.iter().flatten() {
+        if let Some(p) = crate::mem::layout::virt_to_phys(a.virt) {
+            f(p & !0xfff);
+        }
+    }
+}
+
 /// (id, GSI base, pins) of each I/O APIC.
 pub fn for_each(mut f: impl FnMut(u8, u32, u32)) {
     for a in STATE.lock().apics.iter().flatten() {
