@@ -116,6 +116,9 @@ pub fn kill(id: usize, reason: &str) {
     // The PD first (its ECs stop), then what the root made for it: its EC and SC
     // (their original capabilities are the root's) and its portals.
     destroy_all(&[pd]);
+    // A disk session's data area is this memory: the service finishes with it first;
+    // if it does not answer, the memory is revoked but never reused.
+    let quarantine = !crate::session::close(id);
     destroy_all(&owned);
     for (phys, pages) in mem {
         for (p, order) in mem::aligned_pieces(phys >> PAGE_BITS, pages) {
@@ -124,7 +127,9 @@ pub fn kill(id: usize, reason: &str) {
                 false,
             );
         }
-        mem::free(phys, pages);
+        if !quarantine {
+            mem::free(phys, pages);
+        }
     }
     // Whoever waits for this component learns of its end.
     let _ = hc::sm_up(sm);

@@ -300,6 +300,7 @@ fn build(spec: &ChildSpec, id: usize, pd: u64, owned: &mut Vec<u64>) -> Result<(
     si.ncpus = spec.ncpus;
     si.tsc_khz = spec.tsc_khz;
     si.set_args(spec.args);
+    let mut pool = None;
     if spec.pool_pages > 0 {
         // 2-MiB aligned, so the VMM and the VM map it with large pages (and few
         // mapping-database nodes).
@@ -309,6 +310,11 @@ fn build(spec: &ChildSpec, id: usize, pd: u64, owned: &mut Vec<u64>) -> Result<(
         ranges.push((phys, spec.pool_pages));
         map_range(pd, POOL_ADDR, phys, spec.pool_pages, MemPerm::all())?;
         si.pool_size = spec.pool_pages << PAGE_BITS;
+        pool = Some((phys, spec.pool_pages));
+    }
+    // A VMM's disk session (`blk=BINDING`): its data area is the guest RAM pool.
+    if let (Some(b), Some(pool)) = (start_info::arg(spec.args, "blk"), pool) {
+        si.blk_ring_bytes = crate::session::open(pd, id, b, pool, &mut ranges, owned)?;
     }
     if let Some((addr, size)) = spec.guest {
         let first = addr >> PAGE_BITS;
@@ -334,11 +340,26 @@ fn build(spec: &ChildSpec, id: usize, pd: u64, owned: &mut Vec<u64>) -> Result<(
         map_range(pd, at, first << PAGE_BITS, pages, perm)?;
         si.modules[i] = [at + (addr & ((1 << PAGE_BITS) - 1)), size];
     }
+    let role = start_info::arg(spec.args, "role").unwrap_or("");
     let shared = give_page(pd, SHARED_ADDR, MemPerm::R | MemPerm::W, &mut ranges)?;
     if let Some(g) = &spec.device {
-        crate::driver::grant(pd, g, &mut ranges)?;
+        let wake = crate::driver::grant(pd, g, &mut ranges)?;
+        if role == "disk" {
+            // The sessions page outlives a disk component that dies (the root reads
+            // it): it is not among the pages taken back.
+            let page = mem::alloc(1).ok_or(StartError::NoMemory)?;
+            // SAFETY: a fresh page of the root's window.
+            unsafe { core::ptr::write_bytes(mem::virt(page) as *mut u8, 0, 1 << PAGE_BITS) };
+            map_range(
+                pd,
+                nul_rt::blk::SESSIONS_ADDR,
+                page,
+                1,
+                MemPerm::R | MemPerm::W,
+            )?;
+            crate::session::register_disk(pd, wake, page);
+        }
     }
-    let role = start_info::arg(spec.args, "role").unwrap_or("");
     let mut test_page = 0;
     if role == "memcheck" {
         test_page = give_page(pd, TEST_PAGE_ADDR, MemPerm::R, &mut ranges)?;

@@ -58,12 +58,14 @@ fn take_device(phys_page: u64, pages: u64) -> Result<(), Status> {
 }
 
 /// Maps the function's configuration page, BARs, GSIs and DMA memory into `pd` and
-/// fills its device page. Root memory it allocates goes into `ranges`.
+/// fills its device page. Root memory it allocates goes into `ranges`. Returns the
+/// root's copy of the driver's wake semaphore (at `GSI_SEL` in the driver): the first
+/// MSI's, or without MSIs a plain semaphore.
 pub fn grant(
     pd: u64,
     g: &Grant,
     ranges: &mut alloc::vec::Vec<(u64, u64)>,
-) -> Result<(), StartError> {
+) -> Result<u64, StartError> {
     let f = &g.func;
     let page = give_page(pd, device::DEVICE_INFO_ADDR, MemPerm::R, ranges)?;
     let mut info = DeviceInfo {
@@ -130,6 +132,7 @@ pub fn grant(
             prefetchable: pf as u32,
         };
     }
+    let mut wake = 0;
     if g.msi > 0 {
         let base = NEXT_MSI.fetch_add(g.msi, Ordering::Relaxed);
         if base + g.msi > END_MSI.load(Ordering::Relaxed) {
@@ -145,6 +148,9 @@ pub fn grant(
                 0,
                 XferFlags::empty(),
             )?;
+            if i == 0 {
+                wake = s;
+            }
             hc::pd_delegate(
                 sel::OWN_PD,
                 pd,
@@ -156,6 +162,17 @@ pub fn grant(
         }
         info.gsi_count = g.msi;
         info.gsi_base = base;
+    } else {
+        wake = sel::alloc();
+        hc::create_sm(wake, sel::OWN_PD, 0)?;
+        hc::pd_delegate(
+            sel::OWN_PD,
+            pd,
+            Crd::obj(wake, 0, perm::ALL),
+            Crd::obj(device::GSI_SEL, 0, perm::ALL),
+            0,
+            XferFlags::empty(),
+        )?;
     }
     if g.dma_pages > 0 {
         let phys = mem::alloc(g.dma_pages).ok_or(StartError::NoMemory)?;
@@ -182,5 +199,5 @@ pub fn grant(
     // SAFETY: `page` is the fresh page of the root's window given above; DeviceInfo is
     // plain integers and fits in it.
     unsafe { core::ptr::write(mem::virt(page) as *mut DeviceInfo, info) };
-    Ok(())
+    Ok(wake)
 }

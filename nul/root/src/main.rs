@@ -26,6 +26,7 @@ mod pieces;
 mod scenario;
 mod serial;
 mod services;
+mod session;
 
 use nul_rt::{hc, println, sel};
 use peregrine_abi::{Crd, XferFlags};
@@ -72,6 +73,7 @@ fn main(hip_addr: u64) -> ! {
         hip.0.num_gsi
     );
     driver::init(hip.0.msi_gsi_base, hip.0.num_gsi);
+    session::set_tsc_khz(hip.0.freq_tsc_khz);
     pci::init(&hip);
     if let Err(e) = services::init(hip.online_cpus()) {
         println!("cannot create service ECs: {:?}", e);

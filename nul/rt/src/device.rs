@@ -25,7 +25,8 @@ pub const BAR_ADDR: u64 = 0x3100_0000_0000;
 pub const BAR_STRIDE: u64 = 0x10_0000_0000;
 /// Where the root maps a driver's DMA memory.
 pub const DMA_ADDR: u64 = 0x3800_0000_0000;
-/// The first selector of a driver's GSI semaphores.
+/// The first selector of a driver's GSI semaphores; a driver without MSIs has a plain
+/// semaphore there (its wake semaphore either way: disk sessions' doorbells up it).
 pub const GSI_SEL: u64 = 0x800;
 /// "NULDEVIC" little-endian.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"NULDEVIC");

@@ -54,8 +54,9 @@ pub struct StartInfo {
     pub ncpus: u64,
     /// TSC frequency in kHz.
     pub tsc_khz: u64,
-    /// Scratch for the root (unused by components).
-    pub reserved: u64,
+    /// A VMM's disk session (`blk=`): bytes of its ring region at
+    /// [`crate::blk::VMM_RING_ADDR`] (0: none).
+    pub blk_ring_bytes: u64,
     /// Bytes of the memory pool at [`POOL_ADDR`] (0: none).
     pub pool_size: u64,
     /// Address of the guest image (inside the mapping at [`IMAGE_ADDR`]; 0: none).

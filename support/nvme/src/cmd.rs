@@ -89,6 +89,12 @@ impl Command {
         self.dw[9] = (prp2 >> 32) as u32;
         self
     }
+    /// Sets Force Unit Access (CDW12 bit 30) on a read or write: the data reaches
+    /// non-volatile media before the command completes.
+    pub const fn with_fua(mut self) -> Command {
+        self.dw[12] |= 1 << 30;
+        self
+    }
     /// Sets command dword `n` (10..=15).
     pub const fn with_cdw(mut self, n: usize, value: u32) -> Command {
         self.dw[n] = value;

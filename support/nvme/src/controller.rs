@@ -215,6 +215,15 @@ impl<M: Mmio, D: Dma, C: Clock> Controller<M, D, C> {
         result.map(|()| done)
     }
 
+    /// Gives up on command `cid` of queue `qid` (it timed out): its id becomes free once
+    /// the device answers it, and a late completion is dropped. The device may still
+    /// use the command's buffers until it is reset.
+    pub fn abandon(&mut self, qid: u16, cid: u16) {
+        if let Ok(q) = self.queue(qid) {
+            q.abandon(cid);
+        }
+    }
+
     /// Takes command `cid`'s completion on queue `qid`, if it arrived.
     pub fn take_completion(&mut self, qid: u16, cid: u16) -> Option<Completion> {
         self.queue(qid).ok()?.take(cid)
