@@ -294,8 +294,8 @@ fn direct_run() -> linux::Run {
         name: "bench-boot-direct".into(),
         smp: 1,
         tests: TESTS.into(),
-        interactive: false,
         timeout: Duration::from_secs(300),
+        ..linux::Run::default()
     }
 }
 
@@ -708,6 +708,7 @@ mod tests {
             initramfs: "/g/initramfs.cpio".into(),
             disk: "/g/disk.img".into(),
             disk_md5: String::new(),
+            rootfs: "/g/rootfs.img".into(),
         };
         let vmm_kvm = BootSpec {
             name: "vmm-kvm".into(),

@@ -42,6 +42,7 @@ pub mod plot;
 pub mod process;
 pub mod provenance;
 pub mod qemu;
+pub mod rootfs;
 pub mod sel4;
 pub mod spec;
 pub mod suite;

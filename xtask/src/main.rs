@@ -42,8 +42,13 @@ commands:
                              its virtio modules, a disk image) booted directly in QEMU
       --smp N                vCPUs (default 1)
       --test LIST            run these /init tests and power off (all, or some of
-                             nproc,kvmclock,disk,write,read); default: a shell
-      --prepare              only fetch the kernel and build initramfs and disk
+                             nproc,kvmclock,disk,write,read; with --root also root,
+                             persist-write, persist-check, crash-writer, crash-check);
+                             default: a shell
+      --root FILE            boot from an ext4 root image: FILE, written in place (a
+                             copy of the built rootfs.img if FILE does not exist)
+      --args ARGS            more kernel command line (peregrine.seed=N)
+      --prepare              only fetch the kernel and build initramfs, disk and rootfs
   fuzz [--secs N] [TARGET..] build the VMM's fuzz targets (libFuzzer, stable toolchain)
                              and run each N seconds (default 60): emulator, virtqueue,
                              bzimage, devices
@@ -318,25 +323,46 @@ fn linux(mut args: Args) -> Result<ExitCode> {
         tests: String::new(),
         interactive: true,
         timeout: Duration::from_secs(24 * 3600),
+        ..Default::default()
     };
     let mut prepare_only = false;
     while let Some(a) = args.0.next() {
         match a.as_str() {
             "--smp" => run.smp = args.number(&a)?,
             "--test" => run.tests = args.value(&a)?,
+            "--root" => run.root = Some(args.value(&a)?.into()),
+            "--args" => run.args = args.value(&a)?,
             "--prepare" => prepare_only = true,
             _ => bail!("linux: unknown option {a:?}\n{USAGE}"),
         }
     }
     let guest = xtask::linux::prepare()?;
     eprintln!(
-        "xtask: kernel {}\nxtask: initramfs {}\nxtask: disk {} (md5 {})",
+        "xtask: kernel {}\nxtask: initramfs {}\nxtask: disk {} (md5 {})\nxtask: rootfs {}",
         guest.kernel.display(),
         guest.initramfs.display(),
         guest.disk.display(),
-        guest.disk_md5
+        guest.disk_md5,
+        guest.rootfs.display()
     );
     if prepare_only {
+        return Ok(ExitCode::SUCCESS);
+    }
+    if let Some(root) = &run.root {
+        if !root.exists() {
+            std::fs::copy(&guest.rootfs, root)
+                .with_context(|| format!("copying the rootfs to {}", root.display()))?;
+        }
+    }
+    if !run.tests.is_empty() && (run.root.is_some() || !run.args.is_empty()) {
+        // The storage tests' results depend on earlier boots: shown, not judged.
+        run.interactive = false;
+        run.timeout = Duration::from_secs(600);
+        let r = xtask::linux::boot_qemu(&guest, &run)?;
+        for (name, result, detail) in xtask::linux::test_results(&r.serial) {
+            println!("{name}: {result} {detail}");
+        }
+        println!("{:?} after {:.1} s", r.exit, r.wall.as_secs_f64());
         return Ok(ExitCode::SUCCESS);
     }
     if !run.tests.is_empty() {
