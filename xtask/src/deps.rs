@@ -26,7 +26,8 @@ pub enum Tool {
     Cxx,
     /// A C compiler and glibc's static library, for the Linux guest's static programs.
     Cc,
-    /// e2fsprogs' `mkfs.ext4` and `debugfs`, which build the Linux guest's ext4 root.
+    /// e2fsprogs' `mkfs.ext4` and `debugfs`, which build the Linux guest's ext4 root,
+    /// and `e2fsck`, which checks what the guest left there.
     Ext4,
 }
 
@@ -68,6 +69,8 @@ pub const LIBC_A: &str = "/usr/lib/x86_64-linux-gnu/libc.a";
 pub const MKFS_EXT4: &str = "/sbin/mkfs.ext4";
 /// e2fsprogs' `debugfs`.
 pub const DEBUGFS: &str = "/sbin/debugfs";
+/// e2fsprogs' `e2fsck`.
+pub const E2FSCK: &str = "/sbin/e2fsck";
 
 /// Everything xtask uses from the host.
 const REQUIREMENTS: &[Requirement] = &[
@@ -95,6 +98,7 @@ const REQUIREMENTS: &[Requirement] = &[
     // In /sbin, which is not on every user's PATH: checked and run by path.
     req(Tool::Ext4, Check::Path(MKFS_EXT4), "e2fsprogs"),
     req(Tool::Ext4, Check::Path(DEBUGFS), "e2fsprogs"),
+    req(Tool::Ext4, Check::Path(E2FSCK), "e2fsprogs"),
 ];
 
 impl Check {
