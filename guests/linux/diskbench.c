@@ -6,9 +6,10 @@
  *
  * With O_DIRECT on DEVICE (the page cache out of the way), over its first MIB MiB
  * (default: the whole device, at most 64 MiB):
- *   - sequential read with 1 MiB requests, one at a time: seq_read_mbps;
+ *   - sequential read with 1 MiB requests, one at a time: seq_read_mb_s (MB = 10^6
+ *     bytes, as bench boot's read_mb_s);
  *   - with -w only, sequential write of a pattern with 1 MiB requests, then fdatasync,
- *     both inside the time: seq_write_mbps. This overwrites the region: -w is refused
+ *     both inside the time: seq_write_mb_s. This overwrites the region: -w is refused
  *     on a device that /proc/mounts lists;
  *   - 4 KiB reads at random 4 KiB-aligned offsets for SECONDS (default 2) each, one at a
  *     time (rand_read_4k_qd1_iops, and the mean latency rand_read_4k_qd1_lat_us) and 32
@@ -111,7 +112,7 @@ static void seq_read(int fd, uint64_t region)
 	for (uint64_t off = 0; off < region; off += MIB)
 		if (pread(fd, buf, MIB, (off_t)off) != MIB)
 			fail("sequential read");
-	figure("seq_read_mbps", (double)region / MIB / (now() - t0));
+	figure("seq_read_mb_s", (double)region / 1e6 / (now() - t0));
 	free(buf);
 }
 
@@ -128,7 +129,7 @@ static void seq_write(int fd, uint64_t region)
 			fail("sequential write");
 	if (fdatasync(fd))
 		fail("fdatasync");
-	figure("seq_write_mbps", (double)region / MIB / (now() - t0));
+	figure("seq_write_mb_s", (double)region / 1e6 / (now() - t0));
 	free(buf);
 }
 

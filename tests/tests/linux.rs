@@ -5,7 +5,8 @@
 //! write read back, a sequential read, and the ACPI power-off that ends QEMU. On the
 //! ext4 root (a copy of `rootfs.img`, `peregrine.root=/dev/vdb`): data synced before a
 //! power-off is there on the next boot, and data whose fsync returned is there after
-//! QEMU is killed at a random moment (`xtask::storage`).
+//! QEMU is killed at a random moment (`xtask::storage`); and `diskbench` (`bench disk`)
+//! measures a scratch disk.
 //!
 //! The kernel is Debian's (fetched into `<target>/linux` once, with `apt-get download`);
 //! a machine that cannot fetch it fails here with the reason.
@@ -72,4 +73,14 @@ fn linux_ext4_root_keeps_fsynced_blocks_across_a_kill() {
         c.check.highest,
         c.check.blocks
     );
+}
+
+#[test]
+fn linux_diskbench_measures_a_scratch_disk() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let v = xtask::bench_disk::direct_side(guest(), 1).unwrap_or_else(|e| panic!("{e:#}"));
+    for (name, value) in &v {
+        assert!(*value > 0.0, "{name} {value}");
+    }
+    eprintln!("diskbench on /dev/vdc, directly in QEMU: {v:?}");
 }

@@ -27,6 +27,7 @@ pub mod baseline;
 pub mod baseline_kvm;
 pub mod bench;
 pub mod bench_boot;
+pub mod bench_disk;
 pub mod bench_vmexit;
 pub mod bochs;
 pub mod boot;

@@ -80,6 +80,13 @@ commands:
                              1 vCPU): medians of N runs per side (default 3, about 70 s
                              a round); writes <target>/bench/boot.json; --only
                              peregrine|qemu-direct|kvm-l1|vmm-kvm runs one side
+  bench disk [--runs N] [--secs S]
+                             the Linux guest's diskbench on a 64-MiB virtio-blk scratch
+                             disk (sequential read/write, 4 KiB random reads at queue
+                             depth 1 and 32, S seconds each, default 3), booted from its
+                             ext4 root directly in QEMU (-cpu EPYC, 1 vCPU): medians of N
+                             runs (default 3); writes <target>/bench/disk.json (the
+                             Peregrine side waits for the disk service)
 ";
 
 /// Command-line arguments, consumed front to back.
@@ -282,14 +289,16 @@ fn bench(mut args: Args) -> Result<ExitCode> {
     let mut emulator = Emulator::Qemu;
     let mut only = None;
     let mut runs = xtask::bench_boot::RUNS;
+    let mut secs = xtask::bench_disk::RANDOM_SECS;
     let mut opts = xtask::bench::Options::default();
     while let Some(a) = args.0.next() {
         match a.as_str() {
             "--emulator" if name == "vmexit" => emulator = args.value(&a)?.parse()?,
             "--only" if name == "boot" => only = Some(args.value(&a)?),
-            "--runs" if name == "boot" => runs = args.number(&a)?,
+            "--runs" if name == "boot" || name == "disk" => runs = args.number(&a)?,
+            "--secs" if name == "disk" => secs = args.number(&a)?,
             "--sel4" if name == "ipc" => opts.sel4 = Some(args.value(&a)?.into()),
-            "--mitigations" if name != "boot" => {
+            "--mitigations" if name != "boot" && name != "disk" => {
                 let (on, off) = (
                     xtask::bench::MITIGATIONS_ON.to_string(),
                     xtask::bench::MITIGATIONS_OFF.to_string(),
@@ -301,13 +310,17 @@ fn bench(mut args: Args) -> Result<ExitCode> {
                     m => bail!("bench: --mitigations on, off or both, not {m:?}"),
                 }
             }
-            "--kernel-args" if name != "boot" => opts.kernel_args = args.value(&a)?,
-            "--no-baseline" if name != "boot" => opts.baseline = false,
+            "--kernel-args" if name != "boot" && name != "disk" => {
+                opts.kernel_args = args.value(&a)?
+            }
+            "--no-baseline" if name != "boot" && name != "disk" => opts.baseline = false,
             _ => bail!("bench: unexpected argument {a:?}\n{USAGE}"),
         }
     }
     if name == "boot" {
         xtask::bench_boot::bench(only.as_deref(), runs)?;
+    } else if name == "disk" {
+        xtask::bench_disk::bench(runs, secs)?;
     } else if emulator == Emulator::Bochs {
         xtask::bench_vmexit::bench(emulator, &opts)?;
     } else {
