@@ -166,9 +166,13 @@ pub fn prepare() -> Result<Guest> {
     std::fs::write(dir.join("disk.md5"), format!("{disk_md5}  disk.img\n"))?;
     let initramfs = dir.join("initramfs.cpio");
     build_initramfs(&kernel, &disk_md5, &initramfs)?;
+    // Staged and compiled in a directory of this process's own, and renamed into place
+    // whole, so two processes preparing at once do not mix their files.
     let rootfs = dir.join("rootfs.img");
-    let tree = rootfs_tree(&disk_md5, &dir.join("build"))?;
-    rootfs::build(&tree, &dir.join("rootfs.work"), &rootfs)?;
+    let work = dir.join(format!("rootfs.work.{}", std::process::id()));
+    let tree = rootfs_tree(&disk_md5, &work.join("build"))?;
+    rootfs::build(&tree, &work.join("fs"), &rootfs)?;
+    std::fs::remove_dir_all(&work).ok();
     Ok(Guest {
         kernel,
         initramfs,
@@ -382,8 +386,8 @@ pub fn check_qemu(guest: &Guest, smp: u32, tests: &str) -> Result<RunResult> {
     Ok(r)
 }
 
-/// The guest as `prepare` left it, if every file is there (nothing fetched or built):
-/// what `cargo xtask run` boots by default.
+/// The guest as `prepare` left it, if the kernel, initramfs and disk are there (nothing
+/// fetched or built; `rootfs` may be missing): what `cargo xtask run` boots by default.
 pub fn existing() -> Option<Guest> {
     let linux = workspace::target_dir().ok()?.join("linux");
     let kernel = newest_vmlinuz(&linux.join("root/boot"))?;

@@ -212,7 +212,8 @@ pub fn debugfs_script(tree: &Tree) -> String {
     s
 }
 
-/// Builds `image` from `tree`, staging it in `work` (emptied first).
+/// Builds `image` from `tree`, staging it in `work` (emptied first, removed after); the
+/// image is built beside the staged tree and renamed to `image` when complete.
 pub fn build(tree: &Tree, work: &Path, image: &Path) -> Result<()> {
     deps::ensure(&[Tool::Ext4])?;
     if work.exists() {
