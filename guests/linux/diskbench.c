@@ -10,7 +10,8 @@
  *     bytes, as bench boot's read_mb_s);
  *   - with -w only, sequential write of a pattern with 1 MiB requests, then fdatasync,
  *     both inside the time: seq_write_mb_s. This overwrites the region: -w is refused
- *     on a device that /proc/mounts lists;
+ *     on a device that /proc/mounts lists (or a partition of it), and the device is
+ *     opened with O_EXCL, which the kernel refuses while a file system holds it;
  *   - 4 KiB reads at random 4 KiB-aligned offsets for SECONDS (default 2) each, one at a
  *     time (rand_read_4k_qd1_iops, and the mean latency rand_read_4k_qd1_lat_us) and 32
  *     in flight through Linux native AIO (io_setup/io_submit/io_getevents as raw system
@@ -66,7 +67,8 @@ static void figure(const char *name, double value)
 	fflush(stdout);
 }
 
-/* Whether `dev` is the source of a mount in /proc/mounts. */
+/* Whether `dev` or a name that begins with it (its partitions) is the source of a
+ * mount in /proc/mounts. */
 static int mounted(const char *dev)
 {
 	char line[1024];
@@ -76,7 +78,7 @@ static int mounted(const char *dev)
 	size_t len = strlen(dev);
 	int found = 0;
 	while (fgets(line, sizeof line, f))
-		if (!strncmp(line, dev, len) && line[len] == ' ')
+		if (!strncmp(line, dev, len))
 			found = 1;
 	fclose(f);
 	return found;
@@ -254,7 +256,9 @@ int main(int argc, char **argv)
 		fprintf(stderr, "diskbench: %s is mounted: no -w on it\n", dev);
 		return 2;
 	}
-	int fd = open(dev, (write ? O_RDWR : O_RDONLY) | O_DIRECT);
+	/* For writing also O_EXCL: the kernel refuses a block device something holds
+	 * (a mounted file system), whatever name it was opened by. */
+	int fd = open(dev, (write ? O_RDWR | O_EXCL : O_RDONLY) | O_DIRECT);
 	if (fd < 0)
 		fail(dev);
 	uint64_t size = size_of(fd) / MIB * MIB;

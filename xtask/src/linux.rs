@@ -236,7 +236,8 @@ pub fn run_cmdline(run: &Run) -> String {
 /// default cache mode (`writeback`): a write completes once it is in the host's page
 /// cache, and a guest's flush makes QEMU `fdatasync` the image, so what the guest
 /// flushed survives QEMU's death, even by SIGKILL (the host kernel keeps the page
-/// cache), and a later QEMU on the same file reads it.
+/// cache), and a later QEMU on the same file reads it. QEMU's image locking stays on:
+/// boots on one image follow each other, and a killed QEMU's lock ends with it.
 pub fn virtio_disk(id: &str, file: &Path, snapshot: bool) -> Vec<String> {
     let mut drive = format!(
         "file={},if=none,id={id},format=raw",
