@@ -99,7 +99,7 @@ pub struct Report {
 }
 
 /// The benchmarks `cargo xtask bench` knows.
-pub const BENCHMARKS: &[&str] = &["ipc", "xcpu", "vmexit", "boot"];
+pub const BENCHMARKS: &[&str] = &["ipc", "xcpu", "vmexit", "boot", "disk"];
 
 /// The configuration of a run with the mitigations on (every side's default).
 pub const MITIGATIONS_ON: &str = "mitigations=on";
@@ -336,6 +336,9 @@ pub fn bench(name: &str, opts: &Options) -> Result<Vec<Figure>> {
     }
     if name == "boot" {
         return crate::bench_boot::bench(None, crate::bench_boot::RUNS);
+    }
+    if name == "disk" {
+        return crate::bench_disk::bench(crate::bench_disk::RUNS, crate::bench_disk::RANDOM_SECS);
     }
     let images = crate::build::build(Profile::Release)?;
     let mut figures = Vec::new();

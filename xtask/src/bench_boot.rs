@@ -294,38 +294,19 @@ fn direct_run() -> linux::Run {
         name: "bench-boot-direct".into(),
         smp: 1,
         tests: TESTS.into(),
-        interactive: false,
         timeout: Duration::from_secs(300),
+        ..linux::Run::default()
     }
 }
 
-/// The spec [`linux::boot_qemu`] boots (q35, `-cpu EPYC`, 256 MiB, the disk as a
-/// modern-only virtio-blk PCI device in snapshot mode), with the serial log captured.
+/// The spec [`linux::boot_qemu`] boots ([`linux::qemu_spec`]: q35, `-cpu EPYC`, 256 MiB,
+/// the disk as a modern-only virtio-blk PCI device in snapshot mode), with the serial
+/// log captured.
 pub fn direct_spec(guest: &Guest, run: &linux::Run) -> BootSpec {
-    let drive = format!(
-        "file={},if=none,id=vda,format=raw,snapshot=on",
-        crate::qemu::escape_commas(&guest.disk.to_string_lossy())
-    );
     BootSpec {
-        name: run.name.clone(),
-        kernel: guest.kernel.clone(),
-        kernel_args: linux::cmdline(&run.tests),
-        modules: Vec::new(),
-        smp: run.smp,
         memory_mib: GUEST_MIB,
-        cpu_model: None,
-        icount: false,
-        allow_kvm: false,
-        timeout: run.timeout,
-        extra_qemu_args: vec![
-            "-initrd".into(),
-            guest.initramfs.to_string_lossy().into_owned(),
-            "-drive".into(),
-            drive,
-            "-device".into(),
-            "virtio-blk-pci,drive=vda,disable-legacy=on".into(),
-        ],
         output: Output::Capture,
+        ..linux::qemu_spec(guest, run)
     }
 }
 
@@ -708,6 +689,7 @@ mod tests {
             initramfs: "/g/initramfs.cpio".into(),
             disk: "/g/disk.img".into(),
             disk_md5: String::new(),
+            rootfs: "/g/rootfs.img".into(),
         };
         let vmm_kvm = BootSpec {
             name: "vmm-kvm".into(),

@@ -24,6 +24,11 @@ pub enum Tool {
     Iasl,
     /// A C++ compiler: `libfuzzer-sys` builds libFuzzer with it.
     Cxx,
+    /// A C compiler and glibc's static library, for the Linux guest's static programs.
+    Cc,
+    /// e2fsprogs' `mkfs.ext4` and `debugfs`, which build the Linux guest's ext4 root,
+    /// and `e2fsck`, which checks what the guest left there.
+    Ext4,
 }
 
 /// How to tell that a requirement is met.
@@ -57,6 +62,16 @@ pub const BIOS: &str = "/usr/share/bochs/BIOS-bochs-latest";
 /// without that package).
 pub const VGA_BIOS: &str = "/usr/share/vgabios/vgabios.bin";
 
+/// glibc's static library (package `libc6-dev`), which `cc -static` links.
+pub const LIBC_A: &str = "/usr/lib/x86_64-linux-gnu/libc.a";
+/// e2fsprogs' `mkfs.ext4` (`/sbin` is `/usr/sbin` on a merged-/usr system, and
+/// e2fsprogs put it there before the merge).
+pub const MKFS_EXT4: &str = "/sbin/mkfs.ext4";
+/// e2fsprogs' `debugfs`.
+pub const DEBUGFS: &str = "/sbin/debugfs";
+/// e2fsprogs' `e2fsck`.
+pub const E2FSCK: &str = "/sbin/e2fsck";
+
 /// Everything xtask uses from the host.
 const REQUIREMENTS: &[Requirement] = &[
     req(
@@ -78,6 +93,12 @@ const REQUIREMENTS: &[Requirement] = &[
     req(Tool::Busybox, Check::Path("/bin/busybox"), "busybox-static"),
     req(Tool::Iasl, Check::Program("iasl"), "acpica-tools"),
     req(Tool::Cxx, Check::Program("c++"), "g++"),
+    req(Tool::Cc, Check::Program("cc"), "gcc"),
+    req(Tool::Cc, Check::Path(LIBC_A), "libc6-dev"),
+    // In /sbin, which is not on every user's PATH: checked and run by path.
+    req(Tool::Ext4, Check::Path(MKFS_EXT4), "e2fsprogs"),
+    req(Tool::Ext4, Check::Path(DEBUGFS), "e2fsprogs"),
+    req(Tool::Ext4, Check::Path(E2FSCK), "e2fsprogs"),
 ];
 
 impl Check {
@@ -192,6 +213,8 @@ mod tests {
             Tool::Busybox,
             Tool::Iasl,
             Tool::Cxx,
+            Tool::Cc,
+            Tool::Ext4,
         ] {
             assert!(REQUIREMENTS
                 .iter()

@@ -14,7 +14,8 @@
 //! - [`fuzz`]: the VMM library's fuzz targets, built and run on stable.
 //! - [`guest_linux`]: what every Linux guest is built from: Debian's kernel, module
 //!   dependencies, a busybox initramfs.
-//! - [`linux`]: the Linux guest (kernel, initramfs, disk) and its direct QEMU boot.
+//! - [`linux`]: the Linux guest (kernel, initramfs, disk, ext4 root: [`rootfs`]) and
+//!   its direct QEMU boot; [`storage`]: its storage tests on the ext4 root.
 //! - [`bench`]: `cargo xtask bench`; [`bench_vmexit`]: its VM-exit benchmark with the
 //!   KVM baseline ([`baseline_kvm`]: Linux + KVM in QEMU or Bochs running
 //!   `vmm-kvm`, the VMM library hosted on KVM: `hosts/kvm`); [`bench_boot`]: the Linux boot and disk read on Peregrine,
@@ -26,6 +27,7 @@ pub mod baseline;
 pub mod baseline_kvm;
 pub mod bench;
 pub mod bench_boot;
+pub mod bench_disk;
 pub mod bench_vmexit;
 pub mod bochs;
 pub mod boot;
@@ -42,8 +44,10 @@ pub mod plot;
 pub mod process;
 pub mod provenance;
 pub mod qemu;
+pub mod rootfs;
 pub mod sel4;
 pub mod spec;
+pub mod storage;
 pub mod suite;
 pub mod testimage;
 pub mod workspace;

@@ -1,13 +1,14 @@
 //! The Linux guest (`guests/linux`): Debian's distribution kernel, a busybox initramfs
-//! with the kernel's virtio modules and `guests/linux/init`, and a disk image with known
-//! contents; and booting them directly in QEMU (the baseline side of `bench boot`).
+//! with the kernel's virtio and ext4 modules and `guests/linux/init`, a disk image with
+//! known contents, and an ext4 root file system image; and booting them directly in QEMU
+//! (the baseline side of `bench boot`).
 //!
 //! Why the distribution kernel and not one built from Debian's source: see
 //! `guests/linux/README.md` (boot time measured, and nothing to build or cache).
 //!
-//! Everything lands in `<target>/linux/guest/`: `initramfs.cpio`, `disk.img` and
-//! `disk.md5`; the kernel stays where [`debian_kernel`] unpacked it, beside its
-//! modules.
+//! Everything lands in `<target>/linux/guest/`: `initramfs.cpio`, `disk.img`,
+//! `disk.md5` and `rootfs.img`; the kernel stays where [`debian_kernel`] unpacked it,
+//! beside its modules.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -16,6 +17,7 @@ use anyhow::{bail, Result};
 
 use crate::boot::{BootSpec, Exit, Output, RunResult};
 use crate::guest_linux::{debian_kernel, module_closure, modules_dir, newest_vmlinuz, Initramfs};
+use crate::rootfs::{self, Tree};
 use crate::workspace;
 
 /// The line `/init` prints once the modules are loaded and the disk is there.
@@ -27,6 +29,22 @@ const INIT: &str = include_str!("../../guests/linux/init");
 /// The distribution kernel's modules the guest needs (virtio over PCI, block,
 /// console); what they depend on comes along, loaded first.
 pub const MODULES: &[&str] = &["virtio_pci", "virtio_blk", "virtio_console"];
+/// The modules `/init` loads besides [`MODULES`] to mount an ext4 root
+/// (`peregrine.root=`): Debian's 6.1 kernel has ext4 as a module (`CONFIG_EXT4_FS=m`),
+/// like jbd2, mbcache and crc16 that it depends on. ext4 checksums its metadata with
+/// the crypto API's crc32c, a soft dependency (`softdep=pre: crypto-crc32c`, which
+/// `depends=` does not list and no modprobe resolves here), so its generic
+/// implementation is named, first.
+pub const ROOT_MODULES: &[&str] = &["crc32c_generic", "ext4"];
+/// The storage test helper (`storetest pattern|crash-write|crash-check`), on the ext4
+/// root as `/bin/storetest`.
+pub const STORETEST_C: &str = include_str!("../../guests/linux/storetest.c");
+/// The block-device benchmark, on the ext4 root as `/bin/diskbench`.
+pub const DISKBENCH_C: &str = include_str!("../../guests/linux/diskbench.c");
+/// The file on the ext4 root that tells `/init` it runs there (after `switch_root`).
+pub const ROOTFS_MARK: &str = "etc/peregrine-rootfs";
+/// The ext4 root's device when the pattern disk comes first (`peregrine.root=`).
+pub const ROOT_DEVICE: &str = "/dev/vdb";
 /// Size of the disk image.
 pub const DISK_SIZE: usize = 8 << 20;
 /// Every test `/init` knows, in the order `peregrine.test=all` runs them.
@@ -43,6 +61,9 @@ pub struct Guest {
     pub disk: PathBuf,
     /// The disk image's MD5, as `md5sum` prints it.
     pub disk_md5: String,
+    /// The ext4 root file system image (see [`rootfs_tree`]); boots copy it, since the
+    /// guest writes to it.
+    pub rootfs: PathBuf,
 }
 
 /// The disk: a header line, then bytes from a fixed xorshift sequence, so its checksum
@@ -71,9 +92,15 @@ pub fn md5_hex(data: &[u8]) -> String {
 }
 
 /// The initramfs: busybox, `/init`, the modules under `/lib/modules/`, `/etc/modules`
-/// (their load order) and `/etc/disk.md5`.
+/// (their load order), `/etc/modules.root` (what an ext4 root needs besides, in load
+/// order) and `/etc/disk.md5`.
 pub fn build_initramfs(kernel: &Path, disk_md5: &str, out: &Path) -> Result<()> {
-    let modules = module_closure(&modules_dir(kernel)?, MODULES)?;
+    let dir = modules_dir(kernel)?;
+    let modules = module_closure(&dir, MODULES)?;
+    let root_modules: Vec<(String, PathBuf)> = module_closure(&dir, ROOT_MODULES)?
+        .into_iter()
+        .filter(|(n, _)| !modules.iter().any(|(m, _)| m == n))
+        .collect();
     let mut ramfs = Initramfs::new(&[
         "bin",
         "dev",
@@ -92,9 +119,40 @@ pub fn build_initramfs(kernel: &Path, disk_md5: &str, out: &Path) -> Result<()> 
         0o644,
         format!("{}\n", names.join("\n")).as_bytes(),
     );
+    let names: Vec<&str> = root_modules.iter().map(|(n, _)| n.as_str()).collect();
+    ramfs.file(
+        "etc/modules.root",
+        0o644,
+        format!("{}\n", names.join("\n")).as_bytes(),
+    );
     ramfs.file("etc/disk.md5", 0o644, format!("{disk_md5}\n").as_bytes());
     ramfs.modules("lib/modules", &modules)?;
+    ramfs.modules("lib/modules", &root_modules)?;
     ramfs.write(out)
+}
+
+/// The ext4 root file system: busybox with its applet links, `/init` (the same script
+/// as the initramfs's, which it runs after `switch_root`), [`ROOTFS_MARK`],
+/// `/etc/disk.md5`, the static programs `storetest` and `diskbench` (compiled into
+/// `build`), and empty `/dev`, `/proc`, `/sys`, `/tmp`, `/mnt` and `/root`.
+pub fn rootfs_tree(disk_md5: &str, build: &Path) -> Result<Tree> {
+    let mut t = Tree::new();
+    for d in ["dev", "proc", "sys", "tmp", "mnt", "root"] {
+        t.dir(d);
+    }
+    rootfs::add_busybox(&mut t)?;
+    t.file("init", 0o755, INIT.as_bytes());
+    t.file(
+        ROOTFS_MARK,
+        0o644,
+        b"the ext4 root of Peregrine's Linux guest (xtask/src/linux.rs)\n",
+    );
+    t.file("etc/disk.md5", 0o644, format!("{disk_md5}\n").as_bytes());
+    for (name, source) in [("storetest", STORETEST_C), ("diskbench", DISKBENCH_C)] {
+        let bin = rootfs::compile_static(name, source, build)?;
+        t.copy(&format!("bin/{name}"), 0o755, &bin)?;
+    }
+    Ok(t)
 }
 
 /// Fetches the kernel (once) and builds the initramfs and the disk image.
@@ -108,16 +166,24 @@ pub fn prepare() -> Result<Guest> {
     std::fs::write(dir.join("disk.md5"), format!("{disk_md5}  disk.img\n"))?;
     let initramfs = dir.join("initramfs.cpio");
     build_initramfs(&kernel, &disk_md5, &initramfs)?;
+    // Staged and compiled in a directory of this process's own, and renamed into place
+    // whole, so two processes preparing at once do not mix their files.
+    let rootfs = dir.join("rootfs.img");
+    let work = dir.join(format!("rootfs.work.{}", std::process::id()));
+    let tree = rootfs_tree(&disk_md5, &work.join("build"))?;
+    rootfs::build(&tree, &work.join("fs"), &rootfs)?;
+    std::fs::remove_dir_all(&work).ok();
     Ok(Guest {
         kernel,
         initramfs,
         disk,
         disk_md5,
+        rootfs,
     })
 }
 
 /// How to boot the guest directly in QEMU.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Run {
     /// Log name.
     pub name: String,
@@ -129,6 +195,15 @@ pub struct Run {
     pub interactive: bool,
     /// Time limit.
     pub timeout: Duration,
+    /// An ext4 root image (a copy of [`Guest::rootfs`]) as the second disk, `/dev/vdb`,
+    /// written in place, and `peregrine.root=/dev/vdb`: `/init` mounts it and
+    /// `switch_root`s there.
+    pub root: Option<PathBuf>,
+    /// A raw scratch image as the next disk (`/dev/vdc` with a root, else `/dev/vdb`),
+    /// written in place.
+    pub scratch: Option<PathBuf>,
+    /// More of the kernel command line (`peregrine.seed=…`).
+    pub args: String,
 }
 
 /// The kernel command line.
@@ -141,17 +216,65 @@ pub fn cmdline(tests: &str) -> String {
     c
 }
 
-/// Boots `guest` in QEMU (software emulation, `-cpu EPYC`, 256 MiB, the disk as a
-/// modern-only virtio-blk PCI device in snapshot mode, so the image stays as built).
-pub fn boot_qemu(guest: &Guest, run: &Run) -> Result<RunResult> {
-    let drive = format!(
-        "file={},if=none,id=vda,format=raw,snapshot=on",
-        crate::qemu::escape_commas(&guest.disk.to_string_lossy())
+/// The kernel command line of `run`: [`cmdline`], `peregrine.root=` with a root, and
+/// `run.args`.
+pub fn run_cmdline(run: &Run) -> String {
+    let mut c = cmdline(&run.tests);
+    if run.root.is_some() {
+        c += " peregrine.root=";
+        c += ROOT_DEVICE;
+    }
+    if !run.args.is_empty() {
+        c.push(' ');
+        c += &run.args;
+    }
+    c
+}
+
+/// The QEMU arguments of a modern-only virtio-blk PCI disk `id` on the raw image
+/// `file`, in snapshot mode (writes stay in QEMU) or written in place. In place, QEMU's
+/// default cache mode (`writeback`): a write completes once it is in the host's page
+/// cache, and a guest's flush makes QEMU `fdatasync` the image, so what the guest
+/// flushed survives QEMU's death, even by SIGKILL (the host kernel keeps the page
+/// cache), and a later QEMU on the same file reads it. QEMU's image locking stays on:
+/// boots on one image follow each other, and a killed QEMU's lock ends with it.
+pub fn virtio_disk(id: &str, file: &Path, snapshot: bool) -> Vec<String> {
+    let mut drive = format!(
+        "file={},if=none,id={id},format=raw",
+        crate::qemu::escape_commas(&file.to_string_lossy())
     );
-    let spec = BootSpec {
+    drive += if snapshot {
+        ",snapshot=on"
+    } else {
+        ",cache=writeback"
+    };
+    vec![
+        "-drive".into(),
+        drive,
+        "-device".into(),
+        format!("virtio-blk-pci,drive={id},disable-legacy=on"),
+    ]
+}
+
+/// What [`boot_qemu`] boots: software emulation, `-cpu EPYC`, 256 MiB, the pattern
+/// disk as a modern-only virtio-blk PCI device in snapshot mode (so the image stays as
+/// built), then `run`'s root and scratch images, written in place.
+pub fn qemu_spec(guest: &Guest, run: &Run) -> BootSpec {
+    let mut extra = vec![
+        "-initrd".into(),
+        guest.initramfs.to_string_lossy().into_owned(),
+    ];
+    extra.extend(virtio_disk("vda", &guest.disk, true));
+    if let Some(root) = &run.root {
+        extra.extend(virtio_disk("root", root, false));
+    }
+    if let Some(scratch) = &run.scratch {
+        extra.extend(virtio_disk("scratch", scratch, false));
+    }
+    BootSpec {
         name: run.name.clone(),
         kernel: guest.kernel.clone(),
-        kernel_args: cmdline(&run.tests),
+        kernel_args: run_cmdline(run),
         modules: Vec::new(),
         smp: run.smp,
         memory_mib: 256,
@@ -159,21 +282,18 @@ pub fn boot_qemu(guest: &Guest, run: &Run) -> Result<RunResult> {
         icount: false,
         allow_kvm: false,
         timeout: run.timeout,
-        extra_qemu_args: vec![
-            "-initrd".into(),
-            guest.initramfs.to_string_lossy().into_owned(),
-            "-drive".into(),
-            drive,
-            "-device".into(),
-            "virtio-blk-pci,drive=vda,disable-legacy=on".into(),
-        ],
+        extra_qemu_args: extra,
         output: if run.interactive {
             Output::Inherit
         } else {
             Output::Capture
         },
-    };
-    crate::qemu::run_qemu(&spec)
+    }
+}
+
+/// Boots `guest` in QEMU as [`qemu_spec`] says.
+pub fn boot_qemu(guest: &Guest, run: &Run) -> Result<RunResult> {
+    crate::qemu::run_qemu(&qemu_spec(guest, run))
 }
 
 /// The `PEREGRINE-TEST` lines of a serial log: (test, result, detail).
@@ -230,8 +350,8 @@ pub fn check_qemu(guest: &Guest, smp: u32, tests: &str) -> Result<RunResult> {
         name: format!("linux-qemu-smp{smp}"),
         smp,
         tests: tests.into(),
-        interactive: false,
         timeout: Duration::from_secs(120),
+        ..Run::default()
     };
     let r = boot_qemu(guest, &run)?;
     if !r.serial.contains(MARKER) {
@@ -267,8 +387,8 @@ pub fn check_qemu(guest: &Guest, smp: u32, tests: &str) -> Result<RunResult> {
     Ok(r)
 }
 
-/// The guest as `prepare` left it, if every file is there (nothing fetched or built):
-/// what `cargo xtask run` boots by default.
+/// The guest as `prepare` left it, if the kernel, initramfs and disk are there (nothing
+/// fetched or built; `rootfs` may be missing): what `cargo xtask run` boots by default.
 pub fn existing() -> Option<Guest> {
     let linux = workspace::target_dir().ok()?.join("linux");
     let kernel = newest_vmlinuz(&linux.join("root/boot"))?;
@@ -280,6 +400,7 @@ pub fn existing() -> Option<Guest> {
         initramfs,
         disk,
         disk_md5: disk_md5.split_whitespace().next().unwrap_or("").to_string(),
+        rootfs: dir.join("rootfs.img"),
     })
 }
 
@@ -376,5 +497,60 @@ mod tests {
         }
         assert!(INIT.contains(&format!("tests={ALL_TESTS}")));
         assert_eq!(cmdline(""), "console=ttyS0 panic=-1 rdinit=/init");
+        for t in [
+            "root",
+            "persist-write",
+            "persist-check",
+            "crash-writer",
+            "crash-check",
+        ] {
+            assert!(
+                INIT.contains(&format!("t_{}()", t.replace('-', "_"))),
+                "{t}"
+            );
+            assert!(INIT.contains(&format!(" {t} ")), "{t} is not dispatched");
+        }
+        assert!(INIT.contains(&format!("/{ROOTFS_MARK}")));
+        assert!(INIT.contains("/etc/modules.root"));
+    }
+
+    #[test]
+    fn root_and_scratch_disks_follow_the_pattern_disk() {
+        let guest = Guest {
+            kernel: "/g/vmlinuz".into(),
+            initramfs: "/g/initramfs.cpio".into(),
+            disk: "/g/disk.img".into(),
+            disk_md5: String::new(),
+            rootfs: "/g/rootfs.img".into(),
+        };
+        let plain = Run {
+            name: "t".into(),
+            smp: 1,
+            tests: "all".into(),
+            ..Run::default()
+        };
+        let a = qemu_spec(&guest, &plain).extra_qemu_args.join(" ");
+        assert_eq!(
+            a,
+            "-initrd /g/initramfs.cpio -drive file=/g/disk.img,if=none,id=vda,format=raw,\
+             snapshot=on -device virtio-blk-pci,drive=vda,disable-legacy=on"
+        );
+        assert_eq!(run_cmdline(&plain), cmdline("all"));
+        let rooted = Run {
+            root: Some("/w/r,1.img".into()),
+            scratch: Some("/w/s.img".into()),
+            args: "peregrine.seed=7".into(),
+            ..plain
+        };
+        let a = qemu_spec(&guest, &rooted).extra_qemu_args.join(" ");
+        let root = a.find("file=/w/r,,1.img,if=none,id=root,format=raw,cache=writeback");
+        let scratch = a.find("file=/w/s.img,if=none,id=scratch,format=raw,cache=writeback");
+        assert!(a.find("id=vda") < root && root < scratch, "{a}");
+        assert!(a.contains("virtio-blk-pci,drive=scratch,disable-legacy=on"));
+        assert_eq!(
+            run_cmdline(&rooted),
+            "console=ttyS0 panic=-1 rdinit=/init quiet peregrine.test=all \
+             peregrine.root=/dev/vdb peregrine.seed=7"
+        );
     }
 }

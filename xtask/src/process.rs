@@ -27,7 +27,34 @@ pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> Result<(Ended, 
 pub fn run_until(
     cmd: &mut Command,
     timeout: Duration,
+    stop: impl FnMut() -> bool,
+) -> Result<(Option<Ended>, Duration)> {
+    run_until_with(cmd, timeout, stop, |child, _| terminate(child))
+}
+
+/// [`run_until`] that kills the process with SIGKILL at once when `stop` returns true,
+/// as a power cut would end a machine (no chance to flush anything); a process that
+/// runs past `timeout` still ends as [`run_with_timeout`] ends it.
+pub fn run_until_killed(
+    cmd: &mut Command,
+    timeout: Duration,
+    stop: impl FnMut() -> bool,
+) -> Result<(Option<Ended>, Duration)> {
+    run_until_with(cmd, timeout, stop, |child, stopped| {
+        if !stopped {
+            return terminate(child);
+        }
+        child.kill().ok();
+        child.wait()?;
+        Ok(())
+    })
+}
+
+fn run_until_with(
+    cmd: &mut Command,
+    timeout: Duration,
     mut stop: impl FnMut() -> bool,
+    end: impl FnOnce(&mut Child, bool) -> Result<()>,
 ) -> Result<(Option<Ended>, Duration)> {
     let start = Instant::now();
     let mut child = cmd
@@ -42,7 +69,7 @@ pub fn run_until(
         let stopped = stop();
         if stopped || Instant::now() >= deadline {
             let wall = start.elapsed();
-            terminate(&mut child)?;
+            end(&mut child, stopped)?;
             return Ok(((!stopped).then_some(Ended::TimedOut), wall));
         }
     }

@@ -6,7 +6,7 @@ use std::process::{Command, Stdio};
 
 use anyhow::{Context, Result};
 
-use crate::process::{run_until, Ended};
+use crate::process::{run_until, run_until_killed, Ended};
 use crate::spec::{BootSpec, Exit, Output, RunResult};
 use crate::{deps, kvm, workspace};
 
@@ -115,6 +115,31 @@ pub fn run_qemu(spec: &BootSpec) -> Result<RunResult> {
 /// [`run_qemu`] that also ends QEMU once the serial log has a line containing `mark`
 /// (for guests that never power off): that counts as [`Exit::Success`].
 pub fn run_qemu_until(spec: &BootSpec, mark: Option<&str>) -> Result<RunResult> {
+    match mark {
+        Some(m) => run_qemu_watched(
+            spec,
+            false,
+            Some(&mut |serial: &str| serial.lines().any(|l| l.contains(m))),
+        ),
+        None => run_qemu_watched(spec, false, None),
+    }
+}
+
+/// [`run_qemu`] that kills QEMU with SIGKILL as soon as `stop`, given the serial log so
+/// far, returns true (polled about every 100 ms): a power cut, for crash tests. That
+/// counts as [`Exit::Success`].
+pub fn run_qemu_killed(spec: &BootSpec, mut stop: impl FnMut(&str) -> bool) -> Result<RunResult> {
+    run_qemu_watched(spec, true, Some(&mut stop))
+}
+
+/// Runs `spec`, ending QEMU (SIGKILL if `kill`, else as [`run_until`] does) once
+/// `stop`, given the serial log so far, returns true; without `stop` the log is not
+/// read until QEMU exits.
+fn run_qemu_watched(
+    spec: &BootSpec,
+    kill: bool,
+    mut stop: Option<&mut dyn FnMut(&str) -> bool>,
+) -> Result<RunResult> {
     deps::ensure(&[deps::Tool::Qemu])?;
     let dir = workspace::out_dir("emulator")?;
     let serial_log = dir.join(format!("{}.serial.log", spec.name));
@@ -131,12 +156,16 @@ pub fn run_qemu_until(spec: &BootSpec, mark: Option<&str>) -> Result<RunResult> 
             .stderr(log);
     }
     let seen = || {
-        mark.is_some_and(|m| {
+        stop.as_mut().is_some_and(|stop| {
             let log = std::fs::read(&serial_log).unwrap_or_default();
-            String::from_utf8_lossy(&log).lines().any(|l| l.contains(m))
+            stop(&String::from_utf8_lossy(&log))
         })
     };
-    let (ended, wall) = run_until(&mut cmd, spec.timeout, seen)?;
+    let (ended, wall) = if kill {
+        run_until_killed(&mut cmd, spec.timeout, seen)?
+    } else {
+        run_until(&mut cmd, spec.timeout, seen)?
+    };
     let exit = match ended {
         Some(Ended::Exited(status)) => exit_from_status(status.code()),
         Some(Ended::TimedOut) => Exit::Timeout,

@@ -194,9 +194,17 @@ pub fn run(opts: &Options) -> Result<Summary> {
     let filter: Vec<String> = opts.filter.iter().cloned().collect();
 
     let tools: &[Tool] = if opts.quick {
-        &[Tool::Qemu, Tool::Iasl, Tool::Cxx]
+        &[Tool::Qemu, Tool::Iasl, Tool::Cxx, Tool::Cc, Tool::Ext4]
     } else {
-        &[Tool::Qemu, Tool::Bochs, Tool::Grub, Tool::Iasl, Tool::Cxx]
+        &[
+            Tool::Qemu,
+            Tool::Bochs,
+            Tool::Grub,
+            Tool::Iasl,
+            Tool::Cxx,
+            Tool::Cc,
+            Tool::Ext4,
+        ]
     };
     step(&mut summary, "host tools", || {
         deps::ensure(tools)?;
