@@ -101,3 +101,83 @@ fn driver_without_its_device_is_refused() {
         r.report()
     );
 }
+
+/// Word `i` of block `b` that `nul-test role=blkclient seed=…` writes (its `pattern`).
+fn client_pattern(seed: u64, b: u64, i: u64) -> u64 {
+    let mut x =
+        seed ^ b.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ i.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x ^= x >> 30;
+    x = x.wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+/// Two clients on two ranges of one disk, served at once by the disk service: each
+/// writes, flushes and reads back its own blocks, requests outside its range or data
+/// area are refused, the second breaks its ring on purpose (only its session ends);
+/// afterwards the image holds each client's pattern in its range and zeros
+/// everywhere else.
+#[test]
+fn disk_service_keeps_sessions_to_their_ranges() {
+    const A: (u64, u64) = (2048, 4096);
+    const B: (u64, u64) = (8192, 4096);
+    let image = scratch_image("sessions", 16);
+    let mut spec = system("disk-sessions")
+        .module(images().disk(), "role=disk pci=nvme msi=1 dma=1024")
+        .module(
+            images().test_component(),
+            &format!("role=blkclient blk=range={}+{} mem=4 seed=11", A.0, A.1),
+        )
+        .module(
+            images().test_component(),
+            &format!(
+                "role=blkclient blk=range={}+{} mem=4 seed=22 hostile",
+                B.0, B.1
+            ),
+        )
+        .timeout(Duration::from_secs(120));
+    spec.extra_qemu_args = nvme_args(&image);
+    let r = xtask::qemu::run_qemu_until(&spec, Some("ring broken on purpose"))
+        .unwrap_or_else(|e| panic!("could not run QEMU: {e:#}"));
+    assert_eq!(
+        r.exit,
+        Exit::Success,
+        "the clients did not finish\n{}",
+        r.report()
+    );
+    for m in [
+        "BLK-CLIENT 11 ok",
+        "BLK-CLIENT 22 ok",
+        "requests outside the session refused",
+    ] {
+        assert!(
+            r.serial.contains(m),
+            "serial log lacks {m:?}\n{}",
+            r.report()
+        );
+    }
+    assert!(!r.serial.contains("FAILED"), "{}", r.report());
+    // The image: each range's first 64 blocks hold its client's pattern, the rest is
+    // untouched.
+    let disk = std::fs::read(&image).expect("read the image back");
+    let block = |lba: u64| &disk[(lba * 512) as usize..((lba + 1) * 512) as usize];
+    for (seed, (first, len)) in [(11, A), (22, B)] {
+        for b in 0..64 {
+            let want: Vec<u8> = (0..64)
+                .flat_map(|i| client_pattern(seed, b, i).to_le_bytes())
+                .collect();
+            assert_eq!(block(first + b), &want[..], "client {seed}, block {b}");
+        }
+        for lba in first + 64..first + len {
+            assert!(
+                block(lba).iter().all(|&x| x == 0),
+                "client {seed} wrote LBA {lba}"
+            );
+        }
+    }
+    for lba in (0..A.0).chain(A.0 + A.1..B.0).chain(B.0 + B.1..32768) {
+        assert!(
+            block(lba).iter().all(|&x| x == 0),
+            "LBA {lba} outside both ranges changed"
+        );
+    }
+}

@@ -18,6 +18,7 @@
 extern crate alloc;
 
 mod hw;
+mod service;
 
 use nul_rt::device::DeviceInfo;
 use nul_rt::start_info::{self, StartInfo};
@@ -42,7 +43,8 @@ fn main(arg: u64) -> ! {
         block_forever()
     };
     let poll = start_info::flag(args, "poll");
-    match run(si, dev, poll, start_info::flag(args, "selftest")) {
+    let serve = start_info::arg(args, "role") == Some("disk");
+    match run(si, dev, poll, start_info::flag(args, "selftest"), serve) {
         Ok(()) => {}
         Err(e) => println!("disk: {}", e),
     }
@@ -55,6 +57,7 @@ fn run(
     dev: &'static DeviceInfo,
     poll: bool,
     selftest: bool,
+    serve: bool,
 ) -> Result<(), &'static str> {
     let bdf = dev.bdf;
     println!(
@@ -104,6 +107,12 @@ fn run(
     let qid = c
         .create_io_queue_pair(64, irq.map(|_| 0))
         .map_err(|_| "creating the I/O queue pair failed")?;
+    if serve {
+        let parts = read_gpt(&mut c, qid, ns);
+        let disk = service::Disk { c, qid, ns, parts };
+        let wake = dev.gsi_sel;
+        service::Service::new(disk, wake, irq.is_none(), si.tsc_khz)?.run();
+    }
     if selftest {
         match self_test(&mut c, qid, &ns) {
             Ok(()) => {
@@ -168,6 +177,49 @@ fn self_test(
         }
         Ok(()) => Err("a read past the end succeeded"),
         Err(_) => Err("a read past the end failed without a command status"),
+    }
+}
+
+/// The disk's partitions from its GPT (none, with a message, without a valid one).
+fn read_gpt(
+    c: &mut service::Nvme,
+    qid: u16,
+    ns: Namespace,
+) -> alloc::vec::Vec<peregrine_blkproto::Partition> {
+    let Ok(bounce) = c.dma().alloc(service::Reader::BOUNCE) else {
+        println!("disk: no DMA memory to read the GPT");
+        return alloc::vec::Vec::new();
+    };
+    let mut r = service::Reader {
+        disk: c,
+        qid,
+        ns,
+        bounce: &bounce,
+    };
+    match peregrine_blkproto::parse_gpt(&mut r) {
+        Ok(g) => {
+            for p in &g.partitions {
+                println!(
+                    "disk: partition {} {:?}: LBA {}..={} ({} MiB)",
+                    p.index + 1,
+                    p.name,
+                    p.first_lba,
+                    p.last_lba,
+                    (p.blocks() * u64::from(ns.block_size)) >> 20
+                );
+            }
+            if g.from_backup {
+                println!("disk: the primary GPT is damaged; using the backup");
+            }
+            g.partitions
+        }
+        Err(e) => {
+            println!(
+                "disk: no usable GPT ({:?}); only range= bindings resolve",
+                e
+            );
+            alloc::vec::Vec::new()
+        }
     }
 }
 

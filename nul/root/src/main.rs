@@ -135,10 +135,15 @@ fn main(hip_addr: u64) -> ! {
                 );
                 continue;
             }
-            // `quota=` pages (a hostile component that builds deep PD chains).
+            // `quota=` pages (a hostile component that builds deep PD chains); a disk
+            // session's client (`blk=`) gets `mem=` MiB as its data area.
             None => (
                 None,
-                0,
+                if hip::arg(margs, "blk").is_some() {
+                    vmm_mem << 8
+                } else {
+                    0
+                },
                 nul_rt::start_info::arg_u64(margs, "quota")
                     .unwrap_or(256)
                     .clamp(64, 1 << 16),

@@ -14,10 +14,7 @@ use spin::Mutex;
 use crate::component::{map_range, StartError};
 use crate::mem;
 
-/// [`SessionSlot::state`] written by the root: close the session.
-pub const SLOT_CLOSING: u64 = 2;
-/// [`SessionSlot::state`] written by the service: closed, nothing in flight.
-pub const SLOT_CLOSED: u64 = 3;
+use nul_rt::blk::{SLOT_CLOSED, SLOT_CLOSING};
 
 /// The disk component as the root knows it.
 #[derive(Debug, Clone, Copy)]

@@ -49,6 +49,11 @@ pub const BINDING_MAX: usize = 120;
 pub const SLOT_EMPTY: u64 = 0;
 /// [`SessionSlot::state`]: set up by the root, to be opened by the service.
 pub const SLOT_READY: u64 = 1;
+/// [`SessionSlot::state`] written by the root: close the session (the VMM is gone).
+pub const SLOT_CLOSING: u64 = 2;
+/// [`SessionSlot::state`] written by the service: closed, nothing in flight; the root
+/// may take the memory back.
+pub const SLOT_CLOSED: u64 = 3;
 
 /// One session as the disk component sees it.
 #[repr(C)]

@@ -15,11 +15,13 @@
 //! | `memcheck` | checks delegated memory, port and portal; after the root revokes, touches them again |
 //! | `hostile seed=N` | random hypercalls forever, reporting its count to the root |
 //! | `blocker` | leaves a thread and its main EC (in a call) blocked for good |
+//! | `blkclient blk=B mem=M seed=N [hostile]` | a disk-session client: writes, flushes, reads back its blocks; requests outside them refused (see `blkclient.rs`) |
 #![no_std]
 #![no_main]
 
 extern crate alloc;
 
+mod blkclient;
 mod blocker;
 mod hostile;
 mod memtest;
@@ -53,6 +55,7 @@ fn main(arg: u64) -> ! {
         "memcheck" => memtest::memcheck(si),
         "hostile" => hostile::run(si),
         "blocker" => blocker::run(si),
+        "blkclient" => blkclient::run(si),
         _ => {
             println!("unknown role {:?}", role);
             block_forever()
