@@ -181,3 +181,51 @@ fn disk_service_keeps_sessions_to_their_ranges() {
         );
     }
 }
+
+/// A controller that stops answering (QEMU's null block driver with 10 s of latency
+/// behind the NVMe device: no command completes within the service's 5 s deadline):
+/// the client's write, flush and read end with IOERR, the service says why, later
+/// requests fail at once, and nothing else goes down.
+#[test]
+fn disk_service_reports_a_controller_that_stops_answering() {
+    let mut spec = system("disk-stalled")
+        .module(images().disk(), "role=disk pci=nvme msi=1 dma=1024")
+        .module(
+            images().test_component(),
+            "role=blkclient blk=range=2048+4096 mem=4 seed=33 ioerr",
+        )
+        .timeout(Duration::from_secs(120));
+    spec.extra_qemu_args = vec![
+        "-drive".into(),
+        "driver=null-co,size=16M,latency-ns=10000000000,if=none,id=nvm".into(),
+        "-device".into(),
+        "nvme,serial=stalled,drive=nvm".into(),
+    ];
+    let r = xtask::qemu::run_qemu_until(&spec, Some("BLK-CLIENT 33"))
+        .unwrap_or_else(|e| panic!("could not run QEMU: {e:#}"));
+    assert_eq!(
+        r.exit,
+        Exit::Success,
+        "the client did not finish\n{}",
+        r.report()
+    );
+    for m in [
+        "the NVMe controller stopped answering",
+        "Write failed with IOERR",
+        "Flush failed with IOERR",
+        "Read failed with IOERR",
+        "a later read failed at once",
+        "BLK-CLIENT 33 ioerr ok",
+    ] {
+        assert!(
+            r.serial.contains(m),
+            "serial log lacks {m:?}\n{}",
+            r.report()
+        );
+    }
+    assert!(
+        !r.serial.contains("removed:"),
+        "a component went down\n{}",
+        r.report()
+    );
+}

@@ -75,6 +75,9 @@ pub fn run(si: &StartInfo) -> ! {
     if bs != 512 || blocks < BLOCKS + 8 {
         fail(seed, "unexpected session geometry");
     }
+    if start_info::flag(args, "ioerr") {
+        io_errors(si, &mut ring, seed, sleep);
+    }
     let data = POOL_ADDR as *mut u64;
     let words = bs / 8;
     // The pattern into the first half of the data area, zeros into the second.
@@ -163,6 +166,39 @@ pub fn run(si: &StartInfo) -> ! {
     crate::block_forever()
 }
 
+/// `ioerr`: the disk fails (a controller that stops answering): a write, a flush and a
+/// read each end with IOERR (within the service's deadline), and later requests are
+/// answered at once, also with IOERR.
+fn io_errors<M: peregrine_blkproto::SharedMem + ?Sized>(
+    si: &StartInfo,
+    ring: &mut ClientRing<'_, M>,
+    seed: u64,
+    sleep: u64,
+) -> ! {
+    let mut tag = 100;
+    for op in [Op::Write, Op::Flush, Op::Read] {
+        tag += 1;
+        let (count, buf) = if op == Op::Flush { (0, 0) } else { (8, 0) };
+        ring.push(&Descriptor::new(tag, op, 0, count, buf));
+        submit(ring);
+        expect_within(si, ring, 1, seed, Status::IoErr, 20_000);
+        println!("blkclient {}: {:?} failed with IOERR", seed, op);
+    }
+    crate::sleep_ms(si, sleep, 200);
+    let start = hc::rdtsc();
+    tag += 1;
+    ring.push(&Descriptor::new(tag, Op::Read, 8, 8, 0));
+    submit(ring);
+    expect_within(si, ring, 1, seed, Status::IoErr, 1_000);
+    println!(
+        "blkclient {}: a later read failed at once ({} ms)",
+        seed,
+        (hc::rdtsc() - start) / si.tsc_khz.max(1)
+    );
+    println!("BLK-CLIENT {} ioerr ok", seed);
+    crate::block_forever()
+}
+
 fn submit<M: peregrine_blkproto::SharedMem + ?Sized>(ring: &mut ClientRing<'_, M>) {
     ring.publish();
     let _ = hc::sm_up(blk::VMM_DOORBELL_SEL);
@@ -176,7 +212,19 @@ fn expect_all<M: peregrine_blkproto::SharedMem + ?Sized>(
     seed: u64,
     want: Status,
 ) {
-    let deadline = hc::rdtsc() + 10_000 * si.tsc_khz.max(1);
+    expect_within(si, ring, n, seed, want, 10_000)
+}
+
+/// Waits for `n` completions (`ms` milliseconds), each with `want`.
+fn expect_within<M: peregrine_blkproto::SharedMem + ?Sized>(
+    si: &StartInfo,
+    ring: &mut ClientRing<'_, M>,
+    n: u32,
+    seed: u64,
+    want: Status,
+    ms: u64,
+) {
+    let deadline = hc::rdtsc() + ms * si.tsc_khz.max(1);
     let mut got = 0;
     while got < n {
         match ring.pop_completion() {
@@ -192,7 +240,7 @@ fn expect_all<M: peregrine_blkproto::SharedMem + ?Sized>(
             }
             Ok(None) => {
                 if hc::rdtsc() > deadline {
-                    fail(seed, "no completion within 10 s");
+                    fail(seed, "no completion in time");
                 }
                 let _ = hc::sm_down(blk::VMM_COMPLETION_SEL, false, hc::rdtsc() + si.tsc_khz);
             }
