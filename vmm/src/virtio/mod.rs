@@ -8,10 +8,12 @@
 //! that breaks the rules gets its device marked DEVICE_NEEDS_RESET (virtio §2.1.2),
 //! never a panic or an endless loop in the VMM.
 
+pub mod async_block;
 pub mod block;
 pub mod console;
 pub mod pci;
 pub mod queue;
+pub mod session;
 
 use core::fmt;
 
