@@ -265,16 +265,15 @@ impl<'m> Rig<'m> {
         self.g.notify(0);
     }
 
-    /// The completion signal: the VMM's completion thread's call.
-    fn signal(&mut self) {
-        self.g.dev.process_queue(0);
+    /// The completion signal: the VMM's completion thread's call. Whether the driver
+    /// was interrupted.
+    fn signal(&mut self) -> bool {
+        self.g.dev.process_queue(0)
     }
 
     /// Publishes the service's completions and signals if any.
-    fn deliver(&mut self) {
-        if self.svc.publish() {
-            self.signal();
-        }
+    fn deliver(&mut self) -> bool {
+        self.svc.publish() && self.signal()
     }
 
     /// The requests used since the last call: (request slot, status byte, used length).
@@ -356,14 +355,34 @@ fn a_read_lands_at_its_guest_addresses_without_a_copy() {
         r.used().is_empty(),
         "nothing is done before the service answers"
     );
+    assert!(!r.signal(), "a signal with nothing done interrupts nobody");
     r.svc.complete_all();
-    r.deliver();
+    assert!(r.deliver(), "the completion interrupts the driver");
     assert_eq!(r.used(), [(0, blk_status::OK, 1537)]);
     assert_eq!(r.ram.bytes(DATA, 1024), sectors(&r.svc.disk, 8, 2));
     assert_eq!(r.ram.bytes(DATA + 0x3000, 512), sectors(&r.svc.disk, 10, 1));
     assert_eq!(r.g.isr(), crate::virtio::pci::isr::QUEUE);
     assert_eq!(r.backend().pieces_in_flight(), 0);
     assert_eq!(r.backend().requests(), 0);
+}
+
+#[test]
+fn a_driver_that_wants_no_interrupt_gets_none() {
+    let mem = ring_mem(GEO);
+    let mut r = Rig::new(&mem, GEO);
+    let avail = r.d.avail;
+    put(
+        &mut r.ram,
+        avail,
+        &crate::virtio::queue::AVAIL_F_NO_INTERRUPT.to_le_bytes(),
+    );
+    r.add(0, req::IN, 0, &[(DATA, 512, true)]);
+    r.notify();
+    r.svc.take();
+    r.svc.complete_all();
+    assert!(!r.deliver(), "used, but not interrupted");
+    assert_eq!(r.used(), [(0, blk_status::OK, 513)]);
+    assert_eq!(r.g.isr(), 0);
 }
 
 #[test]
