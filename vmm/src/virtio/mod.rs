@@ -119,3 +119,36 @@ pub trait VirtioDevice: Send {
         mem: &mut dyn GuestMemory,
     ) -> Result<bool, VirtioError>;
 }
+
+/// A boxed device model (the PC's disk slot takes any block device this way).
+impl<D: VirtioDevice + ?Sized> VirtioDevice for alloc::boxed::Box<D> {
+    fn device_type(&self) -> u32 {
+        (**self).device_type()
+    }
+    fn queue_max_sizes(&self) -> &[u16] {
+        (**self).queue_max_sizes()
+    }
+    fn features(&self) -> u64 {
+        (**self).features()
+    }
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        (**self).read_config(offset, data)
+    }
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        (**self).write_config(offset, data)
+    }
+    fn activate(&mut self, features: u64) {
+        (**self).activate(features)
+    }
+    fn reset(&mut self) {
+        (**self).reset()
+    }
+    fn process(
+        &mut self,
+        index: u16,
+        queues: &mut [Queue],
+        mem: &mut dyn GuestMemory,
+    ) -> Result<bool, VirtioError> {
+        (**self).process(index, queues, mem)
+    }
+}
