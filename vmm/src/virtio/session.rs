@@ -108,7 +108,7 @@ pub enum SessionError {
     /// The ring region does not hold a session of this layout.
     Ring(RingError),
     /// The service announced a block size that is not a power of two of at least 512,
-    /// a maximum transfer of 0 or a size in sectors that overflows.
+    /// a maximum transfer of 0 or a size whose bytes overflow 64 bits.
     Geometry,
     /// The bounce area overlaps guest RAM or is not on a block boundary.
     BounceArea,
@@ -221,6 +221,7 @@ where
         let sectors = ring
             .blocks()
             .checked_mul(u64::from(bs) / SECTOR_SIZE)
+            .filter(|s| s.checked_mul(SECTOR_SIZE).is_some())
             .ok_or(SessionError::Geometry)?;
         let bs64 = u64::from(bs);
         if area.bounce_base < area.ram_len

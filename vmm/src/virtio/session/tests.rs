@@ -113,7 +113,8 @@ impl Service<'_> {
 
     /// Does `r` on the disk.
     fn perform(&mut self, r: &Request) {
-        let sector = r.lba.saturating_sub(FIRST_LBA) as usize * SECTOR_SIZE as usize;
+        let sector =
+            r.lba.saturating_sub(FIRST_LBA) as usize * self.ring.limits().block_size as usize;
         let len = r.len as usize;
         match r.op {
             Op::Read => {
@@ -168,12 +169,15 @@ impl Service<'_> {
 /// Geometry of a rig.
 #[derive(Clone, Copy)]
 struct Geo {
+    /// Bytes per session block.
+    block: u32,
     entries: u32,
     max_blocks: u32,
     bounce_len: u64,
 }
 
 const GEO: Geo = Geo {
+    block: 512,
     entries: 32,
     max_blocks: 64,
     bounce_len: 0x10000,
@@ -203,13 +207,13 @@ impl<'m> Rig<'m> {
     }
 
     fn with_disk(mem: &'m [AtomicU32], geo: Geo, disk: MemDisk) -> Self {
-        let blocks = disk.data.len() as u64 / SECTOR_SIZE;
+        let blocks = disk.data.len() as u64 / u64::from(geo.block);
         let limits = SessionLimits::new(
             Bounds {
                 first_lba: FIRST_LBA,
                 blocks,
             },
-            512,
+            geo.block,
             BOUNCE_BASE + geo.bounce_len,
             geo.max_blocks,
         );
@@ -317,6 +321,126 @@ fn header(ty: u32, sector: u64) -> [u8; 16] {
 
 fn sectors(disk: &MemDisk, sector: u64, n: u64) -> Vec<u8> {
     disk.data[(sector * SECTOR_SIZE) as usize..((sector + n) * SECTOR_SIZE) as usize].to_vec()
+}
+
+#[test]
+fn a_session_with_a_nonsense_header_or_layout_is_refused() {
+    let l = layout(GEO);
+    let limits = SessionLimits::new(
+        Bounds {
+            first_lba: 0,
+            blocks: 8,
+        },
+        512,
+        BOUNCE_BASE + 4096,
+        8,
+    );
+    let area = |ram_len: u64, bounce_base: u64| DataArea {
+        ram_len,
+        bounce_base,
+        bounce_len: 4096,
+        bounce: Ram::new(4096),
+    };
+    let attach = |mem: &[AtomicU32], a: DataArea<Ram>| {
+        SessionBackend::new(mem, l, a, Bell::default()).map(|_| ())
+    };
+    // Header words: 3 block size, 4 maximum blocks, 5 and 6 the length in blocks.
+    for (word, val, want) in [
+        (3, 0, SessionError::Geometry),
+        (3, 256, SessionError::Geometry),
+        (3, 3000, SessionError::Geometry),
+        (4, 0, SessionError::Geometry),
+        (6, u32::MAX, SessionError::Geometry),
+        (0, 0, SessionError::Ring(RingError::BadHeader)),
+        (2, 64, SessionError::Ring(RingError::BadHeader)),
+    ] {
+        let mem = ring_mem(GEO);
+        ServiceRing::new(&mem[..], l, limits).unwrap();
+        mem[word].store(val, Ordering::SeqCst);
+        assert_eq!(
+            attach(&mem, area(RAM as u64, BOUNCE_BASE)),
+            Err(want),
+            "word {word} = {val}"
+        );
+    }
+    let mem = ring_mem(GEO);
+    ServiceRing::new(&mem[..], l, limits).unwrap();
+    assert_eq!(
+        attach(&mem, area(RAM as u64, BOUNCE_BASE - 512)),
+        Err(SessionError::BounceArea)
+    );
+    assert_eq!(
+        attach(&mem, area(RAM as u64, BOUNCE_BASE + 100)),
+        Err(SessionError::BounceArea)
+    );
+    assert_eq!(
+        attach(&mem[..16], area(RAM as u64, BOUNCE_BASE)),
+        Err(SessionError::Ring(RingError::TooSmall))
+    );
+    // A 4 KiB-block session is fine: its capacity is in 512-byte sectors.
+    mem[3].store(4096, Ordering::SeqCst);
+    let b =
+        SessionBackend::new(&mem[..], l, area(RAM as u64, BOUNCE_BASE), Bell::default()).unwrap();
+    assert_eq!((b.capacity(), b.block_size()), (64, 4096));
+}
+
+/// A session of 4 KiB blocks: the guest is told `blk_size` 4096, whole blocks go
+/// through (straight or bounced, in 512-byte sectors on the virtio side), anything
+/// else is an error that never reaches the service.
+#[test]
+fn a_session_of_4k_blocks() {
+    let geo = Geo {
+        block: 4096,
+        entries: 8,
+        max_blocks: 2,
+        bounce_len: 8 * 4096,
+    };
+    let mem = ring_mem(geo);
+    let mut r = Rig::with_disk(&mem, geo, MemDisk::new(image(64, 4)));
+    use crate::virtio::block::config;
+    use crate::virtio::pci::DEVICE_CFG;
+    assert_eq!(r.g.r(DEVICE_CFG + config::CAPACITY, 8), 64);
+    assert_eq!(r.g.r(DEVICE_CFG + config::BLK_SIZE, 4), 4096);
+    // Sectors 16..40 (blocks 2..5) into three page-aligned buffers: block-sized runs.
+    let bufs = [(DATA, 8192, true), (DATA + 0x4000, 4096, true)];
+    assert_eq!(r.one(req::IN, 16, &bufs), (blk_status::OK, 12289));
+    let shape: Vec<(u64, u32, u64)> = r
+        .svc
+        .log
+        .iter()
+        .map(|q| (q.lba - FIRST_LBA, q.count, q.buf))
+        .collect();
+    assert_eq!(shape, [(2, 2, DATA), (4, 1, DATA + 0x4000)]);
+    assert_eq!(r.ram.bytes(DATA, 8192), sectors(&r.svc.disk, 16, 16));
+    assert_eq!(
+        r.ram.bytes(DATA + 0x4000, 4096),
+        sectors(&r.svc.disk, 32, 8)
+    );
+    // A 512-aligned buffer that is not block-aligned is bounced.
+    let data = image(8, 1);
+    put(&mut r.ram, DATA + 0x200, &data);
+    assert_eq!(
+        r.one(req::OUT, 8, &[(DATA + 0x200, 4096, false)]),
+        (blk_status::OK, 1)
+    );
+    assert!(r.svc.log.last().unwrap().buf >= BOUNCE_BASE);
+    assert_eq!(sectors(&r.svc.disk, 8, 8), data);
+    // Not on a block boundary, not whole blocks, past the end.
+    let logged = r.svc.log.len();
+    for (k, (sector, len)) in [(1, 4096), (8, 512), (8, 4608), (64, 4096)]
+        .into_iter()
+        .enumerate()
+    {
+        r.add(k, req::IN, sector, &[(DATA, len, true)]);
+        r.notify();
+        assert_eq!(
+            r.used(),
+            [(k, blk_status::IOERR, 1)],
+            "sector {sector} len {len}"
+        );
+    }
+    assert_eq!(r.svc.take(), 0);
+    assert_eq!(r.svc.log.len(), logged);
 }
 
 #[test]
@@ -671,6 +795,7 @@ fn a_large_bounced_request_is_fed_through_small_slots() {
     // 4 tags, 4 KiB bounce: 1 KiB (2 blocks) per slot. A 24-block unaligned request is
     // 12 pieces, at most 4 out at once.
     let geo = Geo {
+        block: 512,
         entries: 4,
         max_blocks: 64,
         bounce_len: 4096,
@@ -955,6 +1080,7 @@ fn a_completion_tail_that_jumps_breaks_the_session() {
 #[test]
 fn random_garbage_from_the_service_is_harmless() {
     let geo = Geo {
+        block: 512,
         entries: 8,
         max_blocks: 2,
         bounce_len: 8 * 1024,
@@ -1136,6 +1262,7 @@ fn random_request(rng: &mut Rng, k: usize) -> (u32, u64, Vec<Buf>) {
 #[test]
 fn random_requests_match_the_synchronous_device() {
     let geo = Geo {
+        block: 512,
         entries: 8,
         max_blocks: 4,
         bounce_len: 8 * 1024,
@@ -1235,6 +1362,7 @@ fn the_session_on_threads() {
     }
 
     let geo = Geo {
+        block: 512,
         entries: 16,
         max_blocks: 8,
         bounce_len: 0x4000,
