@@ -28,9 +28,16 @@
 //!    requests this call started).
 //!
 //! `process` returns whether chains were used; the transport then asks the queue
-//! whether the driver wants an interrupt (`used_event` or `avail.flags`) and raises
-//! INTx if so. [`AsyncBlock::complete`] is the same step for a caller that holds the
-//! queue itself.
+//! whether the driver wants an interrupt (`used_event` or `avail.flags`), raises INTx
+//! if so and tells its caller (`process_queue` returns whether it interrupted). In the
+//! PC the completion path is [`Pc::disk_completions`](crate::pc::Pc::disk_completions)
+//! (the disk given as [`PcDisk::Device`](crate::pc::PcDisk::Device)).
+//! [`AsyncBlock::complete`] is the same step for a caller that holds the queue itself.
+//!
+//! FLUSH is a request like the others: the backend completes it after the disk's
+//! flush, which covers every write completed before it was sent. That is what virtio
+//! asks (§5.2.6.1: a write becomes stable once completed and followed by a completed
+//! FLUSH), and a write's chain is used only after all of it completed.
 //!
 //! # Rules the backend relies on
 //!

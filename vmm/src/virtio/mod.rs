@@ -1,6 +1,8 @@
 //! virtio 1.x devices (OASIS "Virtual I/O Device (VIRTIO) Version 1.2", cited as
 //! "virtio §n" below): split virtqueues in guest memory ([`queue`]), the modern PCI
-//! transport ([`pci`]), and the devices behind it ([`console`], [`block`]).
+//! transport ([`pci`]), and the devices behind it ([`console`], [`block`]; the block
+//! device for a backend that finishes later, [`async_block`], and that backend on a
+//! disk-service session, [`session`]).
 //!
 //! A device is a [`VirtioDevice`]: it names its type, queues, features and
 //! configuration space, and handles a queue when the transport tells it the driver

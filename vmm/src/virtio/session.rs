@@ -44,23 +44,38 @@
 //!
 //! - **The session**: the ring region mapped in the VMM as `&'static [AtomicU32]` (the
 //!   service initialises it before the first doorbell; the VMM attaches with the same
-//!   [`Layout`] the root gave both), and the data area delegated to the disk service
-//!   as guest RAM (`ram_len` bytes, the mapping the VM's RAM is delegated from) followed
-//!   by the bounce area at data-area offset `bounce_base` (`>= ram_len`, a multiple of
-//!   the block size; e.g. `ram_len` rounded up to a page) of `bounce_len` bytes. The
-//!   service is told `data_len = bounce_base + bounce_len`.
-//! - **The bounce area's mapping in the VMM**, as a [`GuestMemory`] addressed from 0 (a
-//!   `GuestRam` over those pages does).
-//! - **The doorbell** ([`Doorbell::ring_doorbell`]): a semaphore `up` on the service's
-//!   doorbell semaphore (it is called with the device's lock held, so it must not
-//!   block).
-//! - **The completion thread**: an EC that loops on `down` of the service's completion
-//!   semaphore and then runs `VirtioPci::process_queue(0)` on the disk's transport
-//!   (under its lock, like a vCPU's MMIO exit): that reaps the completions, writes the
-//!   status bytes, fills the used ring, starts the requests that waited for room,
-//!   rings the doorbell for them and raises the disk's INTx if the driver wants it.
-//! - **The device**: `AsyncBlock::new(SessionBackend::new(..), read_only, serial)` in a
-//!   `VirtioPci`, where the PC now puts `VirtioBlock<RamDisk>`.
+//!   [`Layout`] the root gave both, and [`SessionBackend::new`] checks the header). The
+//!   block size, maximum transfer and length come from the header.
+//! - **The data area**, delegated to the disk service as one range: first guest RAM,
+//!   the very pages the VM's RAM is delegated from (the VMM's pool at `POOL_ADDR`,
+//!   `ram_len` = the VM's RAM size, data-area offset = guest-physical address), then
+//!   the bounce area at data-area offset `bounce_base` (`>= ram_len`, a multiple of the
+//!   block size, e.g. `ram_len` rounded up to a page): `bounce_len` bytes of the VMM's
+//!   own memory, never mapped into the VM. The service is told `data_len =
+//!   bounce_base + bounce_len`. A useful size: the ring's `N` times the largest piece
+//!   worth bouncing at once (e.g. 64 × 16 KiB = 1 MiB); with 0, unaligned requests fail.
+//! - **The bounce area's mapping in the VMM**, as a [`GuestMemory`] addressed from 0
+//!   (nul/vmm's `GuestRam::new(bounce_va, bounce_len)` is one).
+//! - **The doorbell** ([`Doorbell::ring_doorbell`]): `sem_up` on the service's
+//!   doorbell semaphore. It is called with the disk's lock held (from a vCPU's notify
+//!   exit or from the completion thread), at most once per batch, so it must not
+//!   block.
+//! - **The completion thread**: an EC (any CPU) that loops on `sem_down` of the
+//!   service's completion semaphore and then calls
+//!   [`Pc::disk_completions`](crate::pc::Pc::disk_completions), which locks the disk,
+//!   reaps the completions (status bytes, used ring), starts the requests that waited
+//!   for room and rings the doorbell for them, raises the disk's INTx through the
+//!   I/O APIC if the driver wants it (the local APIC's wire then kicks the vCPU, as for
+//!   any device interrupt) and returns whether it did. Without the PC it is
+//!   `VirtioPci::process_queue(0)` on the disk's transport.
+//! - **The device**: `Pc::new(.., Some(PcDisk::Device(Box::new(AsyncBlock::new(
+//!   SessionBackend::new(ring, layout, area, doorbell)?, read_only, serial)))), ..)`
+//!   instead of `Some(RamDisk(..))`; the type is
+//!   `SessionBackend<'static, [AtomicU32], YourDoorbell, GuestRam>`.
+//!
+//! On a device reset the requests in flight are forgotten, not cancelled: the service
+//! may still write into guest RAM for them (as a real disk's DMA would) and their
+//! completions are dropped when they come.
 
 use alloc::collections::BTreeMap;
 use alloc::vec;

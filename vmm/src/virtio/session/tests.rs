@@ -645,6 +645,59 @@ fn a_full_ring_makes_the_device_wait_and_retry() {
     }
 }
 
+/// A service that takes one descriptor per doorbell (it may stop early, the protocol
+/// says, and look again at the next doorbell): after reading completions while
+/// descriptors wait untaken, the client rings again, even with nothing new to send.
+#[test]
+fn the_doorbell_rings_again_for_descriptors_left_untaken() {
+    let mem = ring_mem(GEO);
+    let mut r = Rig::new(&mem, GEO);
+    for i in 0..4usize {
+        r.add(
+            i,
+            req::IN,
+            i as u64,
+            &[(DATA + 0x1000 * i as u64, 512, true)],
+        );
+    }
+    r.notify();
+    assert_eq!(r.bell.take(), 1);
+    let mut used = Vec::new();
+    for round in 0..4 {
+        let took = r.svc.ring.next_request().unwrap().unwrap();
+        r.svc.held.push(took);
+        r.svc.complete(0);
+        r.deliver();
+        used.extend(r.used());
+        let want = u32::from(round < 3);
+        assert_eq!(r.bell.take(), want, "round {round}: rang for the rest");
+    }
+    used.sort();
+    assert_eq!(used.len(), 4);
+    assert!(used
+        .iter()
+        .all(|&(_, st, len)| (st, len) == (blk_status::OK, 513)));
+}
+
+/// Guest memory that is not RAM, found while copying through the bounce area, needs a
+/// reset, as the synchronous device's copy does; a write's bad buffer is found before
+/// anything goes out.
+#[test]
+fn a_bounced_buffer_outside_ram_needs_a_reset() {
+    let mem = ring_mem(GEO);
+    let mut r = Rig::new(&mem, GEO);
+    r.add(0, req::OUT, 0, &[(RAM as u64 - 512, 1024, false)]);
+    r.notify();
+    assert!(r.needs_reset());
+    assert!(matches!(
+        r.g.dev.error(),
+        Some(VirtioError::Queue(QueueError::Unbacked(_)))
+    ));
+    assert_eq!(r.svc.take(), 0, "nothing went out");
+    assert_eq!(r.backend().requests(), 0);
+    assert_eq!(r.backend().pieces_in_flight(), 0);
+}
+
 #[test]
 fn a_flush_completes_only_after_the_services_flush() {
     let mem = ring_mem(GEO);
