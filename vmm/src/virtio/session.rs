@@ -61,7 +61,8 @@
 //!   exit or from the completion thread), at most once per batch, so it must not
 //!   block.
 //! - **The completion thread**: an EC (any CPU) that loops on `sem_down` of the
-//!   service's completion semaphore and then calls
+//!   service's completion semaphore (counting: a signal that comes while the thread is
+//!   busy is not lost, and a spurious one costs one empty poll) and then calls
 //!   [`Pc::disk_completions`](crate::pc::Pc::disk_completions), which locks the disk,
 //!   reaps the completions (status bytes, used ring), starts the requests that waited
 //!   for room and rings the doorbell for them, raises the disk's INTx through the

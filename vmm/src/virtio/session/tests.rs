@@ -1308,24 +1308,25 @@ fn random_request(rng: &mut Rng, k: usize) -> (u32, u64, Vec<Buf>) {
     (ty, sector, bufs)
 }
 
-/// The same random requests on the synchronous device and on a session (small ring,
-/// small maximum transfer, a bounce area of a few slots), in batches whose requests
-/// the service completes in random order and in random groups: the guest sees the
-/// same statuses, used lengths, memory and disk.
-#[test]
-fn random_requests_match_the_synchronous_device() {
-    let geo = Geo {
-        block: 512,
-        entries: 8,
-        max_blocks: 4,
-        bounce_len: 8 * 1024,
-    };
+/// What [`compare_with_sync`] saw: (OK, IOERR, UNSUPP) statuses, batches that left a
+/// chain waiting, descriptors bounced, descriptors straight to guest memory.
+struct Mix {
+    statuses: [u32; 3],
+    stalls: u32,
+    bounced: usize,
+    direct: usize,
+}
+
+/// Runs `batches` batches of random requests on the synchronous device and on a
+/// session of geometry `geo`; the service completes each batch's descriptors in random
+/// order and in random groups. The guest must see the same statuses, used lengths,
+/// memory and disk.
+fn compare_with_sync(geo: Geo, seed: u64, batches: u32) -> Mix {
     let mem = ring_mem(geo);
     let disk = MemDisk::new(image(BLOCKS, 0x77));
     let mut a = Rig::with_disk(&mem, geo, disk.clone());
     let mut s = SyncRig::new(disk);
-    let mut rng = Rng::new(2026);
-    let batches = 300;
+    let mut rng = Rng::new(seed);
     let mut statuses = [0u32; 3];
     let mut stalls = 0;
     for batch in 0..batches {
@@ -1346,7 +1347,7 @@ fn random_requests_match_the_synchronous_device() {
         a.notify();
         stalls += u32::from(a.g.dev.device().stalled());
         let mut got = BTreeMap::new();
-        for _ in 0..1000 {
+        for _ in 0..10_000 {
             for (i, st, len) in a.used() {
                 assert!(got.insert(i, (st, len)).is_none());
             }
@@ -1368,10 +1369,8 @@ fn random_requests_match_the_synchronous_device() {
         for (st, _) in want {
             statuses[st as usize] += 1;
         }
-        assert!(
-            a.ram.bytes(DATA, fill.len()) == s.ram.bytes(DATA, fill.len()),
-            "batch {batch}: guest memory"
-        );
+        let (ga, gs) = (a.ram.bytes(DATA, fill.len()), s.ram.bytes(DATA, fill.len()));
+        assert!(ga == gs, "batch {batch}: guest memory");
         assert!(
             a.svc.disk.data == s.g.dev.device().backend().data,
             "batch {batch}: disk"
@@ -1380,17 +1379,57 @@ fn random_requests_match_the_synchronous_device() {
         assert_eq!(a.backend().requests(), 0);
         assert_eq!(a.backend().stray(), 0);
     }
-    // The mix covered what it is for.
-    let bounced = a.svc.log.iter().filter(|q| q.buf >= BOUNCE_BASE).count();
-    let flushes = a.svc.log.iter().filter(|q| q.op == Op::Flush).count();
-    let direct = a.svc.log.len() - bounced - flushes;
-    assert!(
-        statuses.iter().all(|&n| n > 50) && stalls > 20 && bounced > 200 && direct > 200,
-        "statuses {statuses:?}, {stalls} stalls, {bounced} bounced, {direct} direct"
-    );
     // Everything was flushed alike at the end.
     assert_eq!(a.one(req::FLUSH, 0, &[]), s.one(0, req::FLUSH, 0, &[]));
     assert!(a.svc.disk.durable == s.g.dev.device().backend().durable);
+    let bounced = a.svc.log.iter().filter(|q| q.buf >= BOUNCE_BASE).count();
+    let flushes = a.svc.log.iter().filter(|q| q.op == Op::Flush).count();
+    Mix {
+        statuses,
+        stalls,
+        bounced,
+        direct: a.svc.log.len() - bounced - flushes,
+    }
+}
+
+/// The same random requests on the synchronous device and on a session with a small
+/// ring, a small maximum transfer and a bounce area of a few slots.
+#[test]
+fn random_requests_match_the_synchronous_device() {
+    let geo = Geo {
+        block: 512,
+        entries: 8,
+        max_blocks: 4,
+        bounce_len: 8 * 1024,
+    };
+    let m = compare_with_sync(geo, 2026, 300);
+    // The mix covered what it is for.
+    assert!(
+        m.statuses.iter().all(|&n| n > 50) && m.stalls > 20 && m.bounced > 200 && m.direct > 200,
+        "statuses {:?}, {} stalls, {} bounced, {} direct",
+        m.statuses,
+        m.stalls,
+        m.bounced,
+        m.direct
+    );
+}
+
+/// The same comparison on other geometries: one tag and one block per descriptor (every
+/// request fed piece by piece), an odd maximum, a large ring with a large bounce area.
+#[test]
+fn random_requests_match_on_other_geometries() {
+    for (i, (entries, max_blocks, bounce_len)) in [(1, 1, 512), (2, 3, 2048), (64, 64, 0x10000)]
+        .into_iter()
+        .enumerate()
+    {
+        let geo = Geo {
+            block: 512,
+            entries,
+            max_blocks,
+            bounce_len,
+        };
+        compare_with_sync(geo, 40 + i as u64, 80);
+    }
 }
 
 /// The session on threads, as the bare-metal VMM runs it: the guest's vCPU (this
