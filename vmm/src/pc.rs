@@ -93,6 +93,36 @@ pub struct PcConfig {
     pub wall_secs: u64,
 }
 
+/// What the PC's virtio-blk function serves.
+pub enum PcDisk {
+    /// A disk in the VMM's memory, served in the notifying vCPU's exit.
+    Ram(RamDisk),
+    /// A block device model of the VMM's choosing: an
+    /// [`AsyncBlock`](crate::virtio::async_block::AsyncBlock) on a disk-service session,
+    /// whose completions the VMM delivers with [`Pc::disk_completions`].
+    Device(Box<dyn crate::virtio::VirtioDevice>),
+}
+
+impl From<RamDisk> for PcDisk {
+    fn from(d: RamDisk) -> Self {
+        PcDisk::Ram(d)
+    }
+}
+
+/// The disk's transport, as the completion path reaches it.
+trait DiskQueue: Send + Sync {
+    /// Runs the request queue's handler; whether the driver was interrupted.
+    fn process(&self) -> bool;
+}
+
+impl<D: crate::virtio::VirtioDevice, M: GuestMemory + Send> DiskQueue
+    for SpinLock<VirtioPci<D, M>>
+{
+    fn process(&self) -> bool {
+        self.lock().process_queue(0)
+    }
+}
+
 /// A disk in memory the VMM owns (a boot module's pages): writes land in it, flush has
 /// nothing more to do.
 pub struct RamDisk(pub &'static mut [u8]);
@@ -319,9 +349,40 @@ pub struct Pc {
     pm: Arc<SpinLock<AcpiPm>>,
     hpet: Arc<SpinLock<Hpet>>,
     uart: Arc<SpinLock<dyn UartInput>>,
-    kvmclock: Vec<SpinLock<KvmClock>>,
-    msrs: Vec<SpinLock<msr::Msrs>>,
+    // Boxed slices, not vectors (never resized): the PC stays as small as it was with
+    // the disk's handle added (nul/vmm keeps it in an enum beside the test machine).
+    kvmclock: Box<[SpinLock<KvmClock>]>,
+    msrs: Box<[SpinLock<msr::Msrs>]>,
     started: AtomicU64,
+    /// The virtio-blk transport, for [`Pc::disk_completions`].
+    disk: Option<Arc<dyn DiskQueue>>,
+}
+
+/// Where the disk's transport goes: its BAR on the MMIO bus, its function on the PCI
+/// host bridge.
+struct DiskSlot<'a> {
+    mmio: &'a mut Bus,
+    host: &'a mut PciHost,
+    bar: u64,
+}
+
+impl DiskSlot<'_> {
+    fn attach<D: crate::virtio::VirtioDevice + 'static, M: GuestMemory + Send + 'static>(
+        &mut self,
+        device: D,
+        mem: M,
+        line: Arc<GsiLine>,
+    ) -> Arc<dyn DiskQueue> {
+        let mut blk = VirtioPci::new(device, mem, line);
+        blk.place_bar(self.bar);
+        let blk = Arc::new(SpinLock::new(blk));
+        let dev: SharedDevice = blk.clone();
+        let _ = self
+            .mmio
+            .insert(self.bar, crate::virtio::pci::BAR_SIZE, dev);
+        let _ = self.host.add(DISK_SLOT, 0, Box::new(blk.clone()));
+        blk
+    }
 }
 
 /// Console input into the UART, and its output's unfinished line.
@@ -390,7 +451,7 @@ impl Pc {
     /// Builds the PC: loads `kernel` (a bzImage) with `cmdline` and `initrd` into `mem`
     /// (guest RAM, also what the virtio device's queues are read from), writes the ACPI
     /// tables, and wires the devices. Console output goes to `console` a line at a
-    /// time; the disk is `disk`.
+    /// time; the disk is `disk` (a [`RamDisk`] or a [`PcDisk`]).
     #[allow(clippy::too_many_arguments)]
     pub fn new<M: GuestMemory + Clone + Send + 'static>(
         cfg: PcConfig,
@@ -398,7 +459,7 @@ impl Pc {
         kernel: &[u8],
         cmdline: &[u8],
         initrd: Option<&[u8]>,
-        disk: Option<RamDisk>,
+        disk: Option<impl Into<PcDisk>>,
         console: impl LineSink + 'static,
         clock: Arc<dyn Clock>,
         kick: Arc<dyn Kick>,
@@ -466,23 +527,25 @@ impl Pc {
         let mut mmio = Bus::new();
         let layout = PciLayout::DEFAULT;
         let mut host = PciHost::new(layout.ecam_base);
-        if let Some(disk) = disk {
+        let disk = disk.map(|disk| {
             let line = Arc::new(GsiLine {
                 gsi: pci::intx_gsi(DISK_SLOT, 0) as u8,
                 ioapic: ioapic.clone(),
             });
-            let mut blk = VirtioPci::new(
-                VirtioBlock::new(disk, false, b"peregrine-disk"),
-                mem.clone(),
-                line,
-            );
-            let bar = layout.mmio32.0;
-            blk.place_bar(bar);
-            let blk = Arc::new(SpinLock::new(blk));
-            let dev: SharedDevice = blk.clone();
-            let _ = mmio.insert(bar, crate::virtio::pci::BAR_SIZE, dev);
-            let _ = host.add(DISK_SLOT, 0, Box::new(blk));
-        }
+            let mut slot = DiskSlot {
+                mmio: &mut mmio,
+                host: &mut host,
+                bar: layout.mmio32.0,
+            };
+            match disk.into() {
+                PcDisk::Ram(d) => slot.attach(
+                    VirtioBlock::new(d, false, b"peregrine-disk"),
+                    mem.clone(),
+                    line,
+                ),
+                PcDisk::Device(d) => slot.attach(d, mem.clone(), line),
+            }
+        });
         let host = Arc::new(SpinLock::new(host));
 
         // Fixed, non-overlapping ranges on empty buses: these inserts cannot fail.
@@ -539,7 +602,19 @@ impl Pc {
             kvmclock,
             msrs,
             started: AtomicU64::new(1),
+            disk,
         })
+    }
+
+    /// The disk's requests finished (an asynchronous disk's completion signal): runs the
+    /// disk's request queue, which puts the finished requests into the used ring,
+    /// starts those that waited and interrupts the driver if it asks for it. Whether
+    /// it did; false without a disk. Call it from any thread (the completion thread):
+    /// it takes the disk's lock as a vCPU's MMIO exit does.
+    pub fn disk_completions(&self) -> bool {
+        let raised = self.disk.as_ref().is_some_and(|d| d.process());
+        self.drain();
+        raised
     }
 
     /// The configuration.

@@ -424,3 +424,141 @@ fn random_exits_record_every_change() {
         checked_exit(&mut v, false, |v| s.pc.handle(v, (i % 2) as u32, x));
     }
 }
+
+/// A disk-service session as the PC's disk: the guest's request goes out on the
+/// session when the driver notifies, and the completion signal
+/// ([`Pc::disk_completions`]) finishes it and interrupts the vCPU through the I/O APIC.
+#[test]
+fn a_session_disk_completes_through_the_io_apic() {
+    use crate::virtio::async_block::AsyncBlock;
+    use crate::virtio::pci::{common, NOTIFY_CFG};
+    use crate::virtio::queue::tests::{get, put, Driver};
+    use crate::virtio::session::{DataArea, Doorbell, SessionBackend};
+    use crate::virtio::{feature, status};
+    use peregrine_blkproto::ring::{region, Layout};
+    use peregrine_blkproto::{Bounds, ServiceRing, SessionLimits, Status};
+    use std::sync::atomic::AtomicU32;
+
+    struct Bell(Arc<AtomicU32>);
+    impl Doorbell for Bell {
+        fn ring_doorbell(&mut self) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    let mut mem = SharedMem::new(RAM as usize);
+    let layout = Layout::new(8).unwrap();
+    let ring: &'static [AtomicU32] = Box::leak(region(layout.bytes()).into_boxed_slice());
+    let limits = SessionLimits::new(
+        Bounds {
+            first_lba: 34,
+            blocks: 128,
+        },
+        512,
+        RAM + 0x1_0000,
+        8,
+    );
+    let mut svc = ServiceRing::new(ring, layout, limits).unwrap();
+    let rings = Arc::new(AtomicU32::new(0));
+    let area = DataArea {
+        ram_len: RAM,
+        bounce_base: RAM,
+        bounce_len: 0x1_0000,
+        bounce: SharedMem::new(0x1_0000),
+    };
+    let backend = SessionBackend::new(ring, layout, area, Bell(rings.clone())).unwrap();
+    let disk = PcDisk::Device(Box::new(AsyncBlock::new(backend, false, b"session")));
+    let kicks = Arc::new(Kicks::default());
+    let pc = Pc::new(
+        PcConfig {
+            vcpus: 1,
+            ram: RAM,
+            tsc_hz: 1_000_000_000,
+            wall_secs: 0,
+        },
+        &mut mem,
+        &bzimage(),
+        b"console=ttyS0",
+        None,
+        Some(disk),
+        Vec::<Vec<u8>>::new(),
+        Arc::new(ManualClock::new(0)),
+        kicks.clone(),
+        host_cpuid,
+    )
+    .unwrap();
+    let mut v = vcpu();
+    wrmsr(&pc, &mut v, 0x1b, 0xfee0_0000 | 1 << 11 | 1 << 10 | 1 << 8);
+    wrmsr(&pc, &mut v, 0x80f, 0x1ff);
+    // The disk's INTA# → vector 0x30.
+    let gsi = pci::intx_gsi(DISK_SLOT, 0);
+    for (reg, val) in [(0x10 + 2 * gsi, 0x30u32), (0x11 + 2 * gsi, 0)] {
+        pc.core()
+            .mmio
+            .write(IOAPIC_BASE, &reg.to_le_bytes())
+            .unwrap();
+        pc.core()
+            .mmio
+            .write(IOAPIC_BASE + 0x10, &val.to_le_bytes())
+            .unwrap();
+    }
+    // The driver brings the device up through its BAR.
+    let bar = PciLayout::DEFAULT.mmio32.0;
+    let w = |off: u64, val: u64, size: usize| {
+        pc.core()
+            .mmio
+            .write(bar + off, &val.to_le_bytes()[..size])
+            .unwrap();
+    };
+    let d = Driver::new(256, 0x10_0000);
+    w(common::DEVICE_STATUS, 0, 1);
+    w(
+        common::DEVICE_STATUS,
+        u64::from(status::ACKNOWLEDGE | status::DRIVER),
+        1,
+    );
+    w(common::DRIVER_FEATURE_SELECT, 1, 4);
+    w(common::DRIVER_FEATURE, feature::VERSION_1 >> 32, 4);
+    let s = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK;
+    w(common::DEVICE_STATUS, u64::from(s), 1);
+    w(common::QUEUE_SELECT, 0, 2);
+    w(common::QUEUE_SIZE, 256, 2);
+    w(common::QUEUE_DESC, d.desc, 8);
+    w(common::QUEUE_DRIVER, d.avail, 8);
+    w(common::QUEUE_DEVICE, d.used, 8);
+    w(common::QUEUE_ENABLE, 1, 2);
+    w(common::DEVICE_STATUS, u64::from(s | status::DRIVER_OK), 1);
+    // A read of sector 2 into a page of guest RAM.
+    let mut d = d;
+    let mut hdr = [0u8; 16];
+    hdr[8..].copy_from_slice(&2u64.to_le_bytes());
+    put(&mut mem, 0x20_0000, &hdr);
+    d.add_chain(
+        &mut mem,
+        &[
+            (0x20_0000, 16, false),
+            (0x20_1000, 512, true),
+            (0x20_2000, 1, true),
+        ],
+    );
+    w(NOTIFY_CFG, 0, 2);
+    assert_eq!(rings.load(Ordering::SeqCst), 1, "the doorbell rang");
+    assert!(!pc.disk_completions(), "nothing finished yet");
+    // The service: the descriptor points at the guest's buffer.
+    let r = svc.next_request().unwrap().unwrap();
+    assert_eq!((r.lba, r.count, r.buf), (36, 1, 0x20_1000));
+    put(&mut mem, r.buf, &[0x5a; 512]);
+    svc.complete(r.tag, Status::Ok, 1).unwrap();
+    assert_eq!(svc.publish(), Ok(1));
+    assert!(kicks.0.lock().unwrap().is_empty());
+    assert!(
+        pc.disk_completions(),
+        "the completion interrupts the driver"
+    );
+    assert_eq!(d.take_used(&mut mem), [(0, 513)]);
+    assert_eq!(get(&mut mem, 0x20_2000, 1), [0]);
+    assert_eq!(*kicks.0.lock().unwrap(), vec![0]);
+    v.regs.rflags = bits::IF;
+    exit(&pc, &mut v, ev::RECALL);
+    assert_eq!(v.regs.inj_info, 0x8000_0030);
+}

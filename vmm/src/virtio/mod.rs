@@ -1,6 +1,8 @@
 //! virtio 1.x devices (OASIS "Virtual I/O Device (VIRTIO) Version 1.2", cited as
 //! "virtio §n" below): split virtqueues in guest memory ([`queue`]), the modern PCI
-//! transport ([`pci`]), and the devices behind it ([`console`], [`block`]).
+//! transport ([`pci`]), and the devices behind it ([`console`], [`block`]; the block
+//! device for a backend that finishes later, [`async_block`], and that backend on a
+//! disk-service session, [`session`]).
 //!
 //! A device is a [`VirtioDevice`]: it names its type, queues, features and
 //! configuration space, and handles a queue when the transport tells it the driver
@@ -8,10 +10,12 @@
 //! that breaks the rules gets its device marked DEVICE_NEEDS_RESET (virtio §2.1.2),
 //! never a panic or an endless loop in the VMM.
 
+pub mod async_block;
 pub mod block;
 pub mod console;
 pub mod pci;
 pub mod queue;
+pub mod session;
 
 use core::fmt;
 
@@ -116,4 +120,37 @@ pub trait VirtioDevice: Send {
         queues: &mut [Queue],
         mem: &mut dyn GuestMemory,
     ) -> Result<bool, VirtioError>;
+}
+
+/// A boxed device model (the PC's disk slot takes any block device this way).
+impl<D: VirtioDevice + ?Sized> VirtioDevice for alloc::boxed::Box<D> {
+    fn device_type(&self) -> u32 {
+        (**self).device_type()
+    }
+    fn queue_max_sizes(&self) -> &[u16] {
+        (**self).queue_max_sizes()
+    }
+    fn features(&self) -> u64 {
+        (**self).features()
+    }
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        (**self).read_config(offset, data)
+    }
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        (**self).write_config(offset, data)
+    }
+    fn activate(&mut self, features: u64) {
+        (**self).activate(features)
+    }
+    fn reset(&mut self) {
+        (**self).reset()
+    }
+    fn process(
+        &mut self,
+        index: u16,
+        queues: &mut [Queue],
+        mem: &mut dyn GuestMemory,
+    ) -> Result<bool, VirtioError> {
+        (**self).process(index, queues, mem)
+    }
 }

@@ -267,12 +267,14 @@ impl<D: VirtioDevice, M: GuestMemory + Send> VirtioPci<D, M> {
     }
 
     /// Runs the device's handler for queue `index`: on a notification, or when the
-    /// device has new input for it. Does nothing unless the driver is up and the queue
-    /// enabled.
-    pub fn process_queue(&mut self, index: u16) {
+    /// device has new input for it (or, for an asynchronous device, when requests
+    /// finished). Does nothing unless the driver is up and the queue enabled. Whether
+    /// it interrupted the driver (used buffers it asked to hear about, or an error that
+    /// needs a reset).
+    pub fn process_queue(&mut self, index: u16) -> bool {
         let i = index as usize;
         if !self.live() || !self.queues.get(i).is_some_and(|q| q.ready) {
-            return;
+            return false;
         }
         let r = self
             .device
@@ -285,9 +287,10 @@ impl<D: VirtioDevice, M: GuestMemory + Send> VirtioPci<D, M> {
             });
         match r {
             Ok(true) => self.raise(isr::QUEUE),
-            Ok(false) => {}
+            Ok(false) => return false,
             Err(e) => self.fail(e),
         }
+        true
     }
 
     /// The device changed its configuration space: tell the driver.
@@ -511,7 +514,7 @@ impl<D: VirtioDevice, M: GuestMemory + Send> VirtioPci<D, M> {
             o if (NOTIFY_CFG..NOTIFY_CFG + 0x1000).contains(&o) => {
                 let q = (o - NOTIFY_CFG) / u64::from(NOTIFY_MULTIPLIER);
                 if (o - NOTIFY_CFG).is_multiple_of(u64::from(NOTIFY_MULTIPLIER)) {
-                    self.process_queue(q as u16);
+                    let _ = self.process_queue(q as u16);
                 }
             }
             _ => {}
