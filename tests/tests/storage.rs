@@ -229,3 +229,64 @@ fn disk_service_reports_a_controller_that_stops_answering() {
         r.report()
     );
 }
+
+/// The root, the disk component on the NVMe image `image` and a Linux VMM whose
+/// virtio-blk disk is the session `binding`, booting with its root on it.
+fn linux_on_session(
+    name: &str,
+    image: &std::path::Path,
+    binding: &str,
+    tests: &str,
+    extra: &str,
+) -> xtask::boot::BootSpec {
+    let g = peregrine_tests::linux_guest();
+    let file = |p: &std::path::Path| p.file_name().unwrap().to_string_lossy().into_owned();
+    let args = format!(
+        "name=linux guest={} initrd={} blk={binding} cpus=1 mem={} mode=linux cpu=0 -- {} peregrine.root=/dev/vda {extra}",
+        file(&g.kernel),
+        file(&g.initramfs),
+        xtask::linux::VMM_MEM_MIB,
+        xtask::linux::cmdline(tests),
+    );
+    let mut spec = system(name)
+        .root_args("test=vmm secs=600")
+        .module(images().disk(), "role=disk pci=nvme msi=1 dma=1024")
+        .module(images().vmm(), &args)
+        .module(g.kernel.clone(), "")
+        .module(g.initramfs.clone(), "")
+        .timeout(Duration::from_secs(300));
+    spec.memory_mib = spec.memory_mib.max(xtask::linux::VMM_MEM_MIB + 256);
+    spec.extra_qemu_args = nvme_args(image);
+    spec
+}
+
+/// Linux on Peregrine mounts its ext4 root from its virtio-blk disk, which is a
+/// session of the disk service on the NVMe controller (guest → VMM → disk service →
+/// NVMe driver → QEMU's NVMe).
+#[test]
+fn linux_root_on_the_nvme_disk_service() {
+    let g = peregrine_tests::linux_guest();
+    let image = xtask::workspace::out_dir("storage")
+        .unwrap()
+        .join("linux-root.img");
+    std::fs::copy(&g.rootfs, &image).expect("copy the root file system");
+    let blocks = std::fs::metadata(&image).unwrap().len() / 512;
+    let spec = linux_on_session(
+        "linux-nvme-root",
+        &image,
+        &format!("range=0+{blocks}"),
+        "root",
+        "",
+    );
+    let r = peregrine_tests::boot(&spec);
+    assert!(
+        r.serial.contains("PEREGRINE-TEST root ext4 /dev/vda"),
+        "{}",
+        r.report()
+    );
+    assert!(
+        r.serial.contains("vmm: guest powered off"),
+        "{}",
+        r.report()
+    );
+}

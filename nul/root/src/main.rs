@@ -119,10 +119,16 @@ fn main(hip_addr: u64) -> ! {
         let vmm_cpus = nul_rt::start_info::arg_u64(margs, "cpus")
             .unwrap_or(1)
             .min(64);
+        // A disk session's client gets 1 MiB more for its bounce area.
+        let bounce = if hip::arg(margs, "blk").is_some() {
+            256
+        } else {
+            0
+        };
         let (guest, pool_pages, quota) = match guest {
             Some(Some(g)) => (
                 Some((g.2, g.3)),
-                vmm_mem << 8,
+                (vmm_mem << 8) + bounce,
                 // + mapping-database nodes of the pool, in the VMM and in the VM (a
                 // page per 16 nodes, one node per 4 KiB at worst).
                 192 + vmm_mem + 2 * ((vmm_mem << 8) / 16) + vmm_cpus * 360,

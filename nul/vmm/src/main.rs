@@ -63,6 +63,43 @@ fn fail(why: &dyn core::fmt::Display) -> ! {
     park()
 }
 
+/// The disk session (`blk=`), once the disk service has set it up (it answers when it
+/// has its disk up: up to 30 s); guest RAM is the pool's first `mem` bytes, the rest is
+/// the bounce area.
+fn session(si: &StartInfo, mem: u64) -> Option<vm::Session> {
+    if si.blk_ring_bytes == 0 {
+        return None;
+    }
+    // SAFETY: the root maps the ring region read-write at VMM_RING_ADDR for
+    // `blk_ring_bytes` bytes for our lifetime; atomics tolerate the service's writes.
+    let ring: &'static [core::sync::atomic::AtomicU32] = unsafe {
+        core::slice::from_raw_parts(
+            nul_rt::blk::VMM_RING_ADDR as *const core::sync::atomic::AtomicU32,
+            si.blk_ring_bytes as usize / 4,
+        )
+    };
+    let layout = peregrine_blkproto::Layout::new(nul_rt::blk::RING_ENTRIES)?;
+    let sleep = sel::alloc();
+    let _ = hc::create_sm(sleep, sel::OWN_PD, 0);
+    let deadline = hc::rdtsc() + 30_000 * si.tsc_khz.max(1);
+    while peregrine_blkproto::ClientRing::attach(ring, layout).is_err() {
+        if hc::rdtsc() > deadline {
+            println!("vmm: the disk service did not set up the session in 30 s; no disk");
+            return None;
+        }
+        let _ = hc::sm_down(sleep, false, hc::rdtsc() + 10 * si.tsc_khz.max(1));
+    }
+    // SAFETY: the pool's bytes after guest RAM are the VMM's own, never mapped into the
+    // VM (guest RAM is the first `mem` bytes), and stay mapped for our lifetime.
+    let bounce = unsafe {
+        platform::GuestRam::new(
+            start_info::POOL_ADDR + mem,
+            si.pool_size.saturating_sub(mem),
+        )
+    };
+    Some(vm::Session { ring, bounce })
+}
+
 fn main(info: u64) -> ! {
     vm::VMM_START_TSC.store(hc::rdtsc(), Ordering::Relaxed);
     // SAFETY: the root enters a component with its start-info page's address, mapped
@@ -141,6 +178,7 @@ fn main(info: u64) -> ! {
             cmdline,
             initrd,
             disk,
+            session: session(si, mem),
             interactive: start_info::flag(args, "interactive"),
         }
     });

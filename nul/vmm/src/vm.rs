@@ -18,7 +18,7 @@ use peregrine_abi::utcb::gpr;
 use peregrine_abi::{Crd, Mtd, Status, XferFlags, PAGE_BITS};
 use peregrine_vmm::exit::{portal_mtd, Config, End, Machine, Step};
 use peregrine_vmm::machine::{Board, Core, Exit};
-use peregrine_vmm::pc::{Kick, Pc, PcConfig, RamDisk};
+use peregrine_vmm::pc::{Kick, Pc, PcConfig, PcDisk, RamDisk};
 use peregrine_vmm::testdev::LineSink;
 
 use crate::platform::{GuestRam, HvVcpu};
@@ -382,9 +382,61 @@ pub struct LinuxParams<'a> {
     pub initrd: Option<&'a [u8]>,
     /// The disk image (the VMM's own copy: the guest's writes land in it).
     pub disk: Option<&'static mut [u8]>,
+    /// Or a disk-service session (`blk=`), which then is the guest's disk.
+    pub session: Option<Session>,
     /// The console is interactive: COM1's output goes out untagged, and the root's
     /// console input comes in.
     pub interactive: bool,
+}
+
+/// A disk-service session as the root set it up (`nul_rt::blk`).
+pub struct Session {
+    /// The ring region.
+    pub ring: &'static [core::sync::atomic::AtomicU32],
+    /// The bounce area: the pool after guest RAM (data-area offset = guest RAM size).
+    pub bounce: GuestRam,
+}
+
+/// The doorbell: an `up` of the disk service's wake semaphore.
+struct Bell;
+
+impl peregrine_vmm::virtio::session::Doorbell for Bell {
+    fn ring_doorbell(&mut self) {
+        let _ = hc::sm_up(nul_rt::blk::VMM_DOORBELL_SEL);
+    }
+}
+
+/// The guest's virtio-blk on session `s` (guest RAM of `ram_len` bytes).
+fn session_disk(s: Session, ram_len: u64) -> Result<PcDisk, Error> {
+    use peregrine_vmm::virtio::async_block::AsyncBlock;
+    use peregrine_vmm::virtio::session::{DataArea, SessionBackend};
+    let layout = peregrine_blkproto::Layout::new(nul_rt::blk::RING_ENTRIES)
+        .ok_or(Error::Session("layout"))?;
+    let area = DataArea {
+        ram_len,
+        bounce_base: ram_len,
+        bounce_len: s.bounce.size(),
+        bounce: s.bounce,
+    };
+    let backend = SessionBackend::new(s.ring, layout, area, Bell)
+        .map_err(|_| Error::Session("the service's ring header is not usable"))?;
+    Ok(PcDisk::Device(alloc::boxed::Box::new(AsyncBlock::new(
+        backend,
+        false,
+        b"peregrine-session",
+    ))))
+}
+
+/// The disk's completion thread: on each signal of the service, completes what it
+/// answered and raises the disk's interrupt (which kicks the vCPU).
+extern "C" fn completion_thread(_arg: u64, _utcb: u64) -> ! {
+    loop {
+        let _ = hc::sm_down(nul_rt::blk::VMM_COMPLETION_SEL, false, 0);
+        let Some(vm) = VM.get() else { continue };
+        if let Guest::Linux(pc) = &vm.machine {
+            pc.disk_completions();
+        }
+    }
 }
 
 /// What [`create`] needs.
@@ -416,6 +468,8 @@ pub enum Error {
     Boot(peregrine_vmm::boot::BootError),
     /// The Linux PC could not be built.
     Pc(peregrine_vmm::pc::PcError),
+    /// The disk session is not usable.
+    Session(&'static str),
     /// A hypercall failed: which, and its status.
     Kernel(&'static str, Status),
 }
@@ -426,6 +480,7 @@ impl core::fmt::Display for Error {
             Error::Load(e) => write!(f, "guest image: {}", e),
             Error::Boot(e) => write!(f, "entry tables: {}", e),
             Error::Pc(e) => write!(f, "{}", e),
+            Error::Session(why) => write!(f, "disk session: {}", why),
             Error::Kernel(what, s) => write!(f, "cannot {}: {:?}", what, s),
         }
     }
@@ -502,6 +557,7 @@ pub fn create(p: Params) -> Result<&'static Vm, Error> {
     }
     let sync = Arc::new(Kicker(sync));
     let linux = p.linux.is_some();
+    let mut has_session = false;
     let machine = match p.linux {
         None => {
             let entry = peregrine_vmm::loader::load_elf(&mut ram, p.image).map_err(Error::Load)?;
@@ -521,13 +577,18 @@ pub fn create(p: Params) -> Result<&'static Vm, Error> {
                 // 2026-01-01: the VMM has no wall clock of its own yet.
                 wall_secs: 1_767_225_600,
             };
+            let disk = match l.session {
+                Some(s) => Some(session_disk(s, ram.size())?),
+                None => l.disk.map(|d| PcDisk::Ram(RamDisk(d))),
+            };
+            has_session = matches!(disk, Some(PcDisk::Device(_)));
             let pc = Pc::new(
                 cfg,
                 &mut ram,
                 p.image,
                 l.cmdline.as_bytes(),
                 l.initrd,
-                l.disk.map(RamDisk),
+                disk,
                 GuestConsole { raw: l.interactive },
                 Arc::new(TscClock { khz: p.tsc_khz }),
                 sync.clone(),
@@ -661,6 +722,11 @@ pub fn create(p: Params) -> Result<&'static Vm, Error> {
         park,
         stacks,
     });
+    if let (true, Some(&(cpu, tbase))) = (has_session, timer_bases.first()) {
+        // On vCPU 0's CPU, with its timer thread's event portals.
+        thread::thread(cpu, tbase, PRIO, completion_thread, 0)
+            .map_err(kernel("start the disk's completion thread"))?;
+    }
     for (i, (cpu, tbase)) in timer_bases.into_iter().enumerate() {
         thread::thread(cpu, tbase, PRIO, timer_thread, i as u64)
             .map_err(kernel("start a timer thread"))?;
