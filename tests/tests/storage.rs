@@ -125,12 +125,15 @@ fn disk_service_keeps_sessions_to_their_ranges() {
         .module(images().disk(), "role=disk pci=nvme msi=1 dma=1024")
         .module(
             images().test_component(),
-            &format!("role=blkclient blk=range={}+{} mem=4 seed=11", A.0, A.1),
+            &format!(
+                "role=blkclient blk=range={}+{} mem=4 seed=11 fault",
+                A.0, A.1
+            ),
         )
         .module(
             images().test_component(),
             &format!(
-                "role=blkclient blk=range={}+{} mem=4 seed=22 hostile",
+                "role=blkclient blk=range={}+{} mem=4 seed=22 hostile delay=2000",
                 B.0, B.1
             ),
         )
@@ -148,6 +151,9 @@ fn disk_service_keeps_sessions_to_their_ranges() {
         "BLK-CLIENT 11 ok",
         "BLK-CLIENT 22 ok",
         "requests outside the session refused",
+        // The first client died; the service closed its session for the root.
+        "disk: session 0 closed",
+        "blk=range=2048+4096: session 0 for component 1",
     ] {
         assert!(
             r.serial.contains(m),
@@ -156,6 +162,7 @@ fn disk_service_keeps_sessions_to_their_ranges() {
         );
     }
     assert!(!r.serial.contains("FAILED"), "{}", r.report());
+    assert!(!r.serial.contains("stays out of use"), "{}", r.report());
     // The image: each range's first 64 blocks hold its client's pattern, the rest is
     // untouched.
     let disk = std::fs::read(&image).expect("read the image back");

@@ -235,11 +235,14 @@ impl Service {
                         sess.closing = true;
                     }
                     if !busy {
-                        if self.sessions[i].take().is_some() {
+                        let was_open = self.sessions[i].take().is_some();
+                        self.refused[i] = false;
+                        // First the answer: the root waits for it in its service EC,
+                        // which also serves this component's console.
+                        s.state.store(blk::SLOT_CLOSED, Ordering::Release);
+                        if was_open {
                             println!("disk: session {} closed", i);
                         }
-                        self.refused[i] = false;
-                        s.state.store(blk::SLOT_CLOSED, Ordering::Release);
                     }
                 }
                 _ => {}

@@ -156,7 +156,9 @@ fn setup(
 }
 
 /// Closes component `id`'s session, if it has one, before its memory is taken back:
-/// asks the service to finish what is in flight and waits for its answer (2 s). Returns
+/// asks the service to finish what is in flight and waits for its answer (2 s). The
+/// root's service EC of this CPU waits meanwhile, so the service must answer before it
+/// calls the root for anything (such as printing). Returns
 /// false if the service did not answer: the caller must then not reuse the memory (the
 /// device may still write it).
 pub fn close(id: usize) -> bool {

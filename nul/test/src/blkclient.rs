@@ -1,9 +1,10 @@
-//! `role=blkclient blk=BINDING mem=MiB seed=N [hostile]`: a disk-session client that
+//! `role=blkclient blk=BINDING mem=MiB seed=N [hostile] [fault]`: a disk-session client that
 //! checks what the disk service promises a VMM, without a VM: its writes land in its
 //! own blocks and read back after a flush, several requests are in flight at once, and
 //! requests outside its blocks or its data area fail with RANGE / BADBUF. With
 //! `hostile` it then breaks its ring (a submission tail far ahead of the head), which
-//! ends its own session and nothing else.
+//! ends its own session and nothing else; with `fault` it then dies, and the root
+//! closes its session (the service finishes with its memory) before reusing it.
 //!
 //! Block `b` of its session holds [`pattern`]`(seed, b, i)` in word `i` after the run,
 //! for `b < BLOCKS`; the host checks the image file against that.
@@ -152,6 +153,8 @@ pub fn run(si: &StartInfo) -> ! {
     expect_all(si, &mut ring, 1, seed, Status::Range);
     println!("blkclient {}: requests outside the session refused", seed);
     println!("BLK-CLIENT {} ok", seed);
+    // `delay=MS` before the last act (lets another client's end come first).
+    crate::sleep_ms(si, sleep, start_info::arg_u64(args, "delay").unwrap_or(0));
     if start_info::flag(args, "hostile") {
         // A submission tail more than a ring ahead: the service must drop the session.
         let w = &mem[peregrine_blkproto::ring::W_SQ_TAIL];
@@ -162,6 +165,13 @@ pub fn run(si: &StartInfo) -> ! {
         );
         let _ = hc::sm_up(blk::VMM_DOORBELL_SEL);
         println!("blkclient {}: ring broken on purpose", seed);
+    }
+    if start_info::flag(args, "fault") {
+        // Dies (the root removes it and closes its session before reusing its memory).
+        println!("blkclient {}: faulting on purpose", seed);
+        // SAFETY: none needed for correctness: the read of an unmapped address is the
+        // point (a page fault ends this component).
+        let _ = unsafe { core::ptr::read_volatile(8 as *const u64) };
     }
     crate::block_forever()
 }
