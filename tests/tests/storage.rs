@@ -297,3 +297,46 @@ fn linux_root_on_the_nvme_disk_service() {
         r.report()
     );
 }
+
+/// A controller that stops answering under a running Linux VM: the guest's reads and
+/// writes of its disk end with I/O errors (the service's IOERR through virtio-blk), the
+/// service says why, and the VM runs on to its power-off.
+#[test]
+fn linux_gets_io_errors_when_the_controller_stops_answering() {
+    let g = peregrine_tests::linux_guest();
+    let file = |p: &std::path::Path| p.file_name().unwrap().to_string_lossy().into_owned();
+    let args = format!(
+        "name=linux guest={} initrd={} blk=range=0+32768 cpus=1 mem={} mode=linux cpu=0 -- {}",
+        file(&g.kernel),
+        file(&g.initramfs),
+        xtask::linux::VMM_MEM_MIB,
+        xtask::linux::cmdline("ioerr"),
+    );
+    let mut spec = system("linux-nvme-ioerr")
+        .root_args("test=vmm secs=600")
+        .module(images().disk(), "role=disk pci=nvme msi=1 dma=1024")
+        .module(images().vmm(), &args)
+        .module(g.kernel.clone(), "")
+        .module(g.initramfs.clone(), "")
+        .timeout(Duration::from_secs(300));
+    spec.memory_mib = spec.memory_mib.max(xtask::linux::VMM_MEM_MIB + 256);
+    spec.extra_qemu_args = vec![
+        "-drive".into(),
+        "driver=null-co,size=16M,latency-ns=10000000000,if=none,id=nvm".into(),
+        "-device".into(),
+        "nvme,serial=stalled,drive=nvm".into(),
+    ];
+    let r = peregrine_tests::boot(&spec);
+    for m in [
+        "the NVMe controller stopped answering",
+        "PEREGRINE-TEST ioerr ok",
+        "vmm: guest powered off",
+        "PASS vmm",
+    ] {
+        assert!(
+            r.serial.contains(m),
+            "serial log lacks {m:?}\n{}",
+            r.report()
+        );
+    }
+}
