@@ -21,8 +21,9 @@ mod hw;
 mod service;
 
 use nul_rt::device::DeviceInfo;
+use nul_rt::start::block_forever;
 use nul_rt::start_info::{self, StartInfo};
-use nul_rt::{hc, println, sel};
+use nul_rt::{hc, println};
 use peregrine_nvme::controller::{Config, Controller, Namespace};
 use peregrine_nvme::Dma;
 
@@ -31,12 +32,7 @@ use crate::hw::{Bar0, DmaPool, TscClock};
 nul_rt::entry!(main);
 
 fn main(arg: u64) -> ! {
-    // SAFETY: the root enters components with the start-info page's address in rdi;
-    // `at` checks the alignment and magic and the page stays mapped read-only.
-    let Some(si) = (unsafe { StartInfo::at(arg) }) else {
-        println!("no start-info page at {:#x}", arg);
-        block_forever()
-    };
+    let si = StartInfo::from_entry(arg);
     let args = si.args();
     let Some(dev) = DeviceInfo::get(si) else {
         println!("disk: no device (the root gives one with pci=)");
@@ -228,12 +224,4 @@ fn trim(b: &[u8]) -> &str {
     core::str::from_utf8(b)
         .unwrap_or("?")
         .trim_end_matches([' ', '\0'])
-}
-
-fn block_forever() -> ! {
-    let sm = sel::alloc();
-    let _ = hc::create_sm(sm, sel::OWN_PD, 0);
-    loop {
-        let _ = hc::sm_down(sm, false, 0);
-    }
 }

@@ -231,14 +231,7 @@ const MAIN_PRIO: u8 = scenario::PRIO;
 #[cfg(not(feature = "scenarios"))]
 const MAIN_PRIO: u8 = 10;
 
-/// Blocks the running EC for good.
-pub fn block_forever() -> ! {
-    let sm = sel::alloc();
-    let _ = hc::create_sm(sm, sel::OWN_PD, 0);
-    loop {
-        let _ = hc::sm_down(sm, false, 0);
-    }
-}
+pub use nul_rt::start::block_forever;
 
 /// The scenario thread: runs the `test=` or `bench=` named in the root's arguments.
 extern "C" fn run_main(_arg: u64, utcb: u64) -> ! {

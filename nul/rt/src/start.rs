@@ -77,3 +77,14 @@ fn panic(info: &core::panic::PanicInfo) -> ! {
         unsafe { core::arch::asm!("ud2", options(nomem, nostack)) };
     }
 }
+
+/// Blocks the running EC for good (a down on a private semaphore nobody ups; without
+/// one, for want of quota, it spins politely).
+pub fn block_forever() -> ! {
+    let sm = crate::sel::alloc();
+    let _ = crate::hc::create_sm(sm, crate::sel::OWN_PD, 0);
+    loop {
+        let _ = crate::hc::sm_down(sm, false, 0);
+        core::hint::spin_loop();
+    }
+}

@@ -88,6 +88,21 @@ impl StartInfo {
         (s.magic == MAGIC).then_some(s)
     }
 
+    /// The start-info page a component's main EC was entered with (`arg`, from `rdi`);
+    /// without one (not started by the root) it says so and blocks for good.
+    pub fn from_entry(arg: u64) -> &'static StartInfo {
+        // SAFETY: the root enters components with the start-info page's address in
+        // rdi, mapped read-only for the component's lifetime; `at` checks the alignment
+        // and the magic.
+        match unsafe { StartInfo::at(arg) } {
+            Some(si) => si,
+            None => {
+                crate::println!("no start-info page at {:#x}", arg);
+                crate::start::block_forever()
+            }
+        }
+    }
+
     /// Further boot module `i`, if the root gave it.
     ///
     /// # Safety

@@ -28,17 +28,12 @@ mod memtest;
 mod server;
 
 use nul_rt::start_info::{self, StartInfo};
-use nul_rt::{hc, println, sel};
+use nul_rt::{hc, println};
 
 nul_rt::entry!(main);
 
 fn main(arg: u64) -> ! {
-    // SAFETY: the root enters components with the start-info page's address in rdi;
-    // `at` checks the alignment and magic and the page stays mapped read-only.
-    let Some(si) = (unsafe { StartInfo::at(arg) }) else {
-        println!("no start-info page at {:#x}", arg);
-        block_forever()
-    };
+    let si = StartInfo::from_entry(arg);
     let args = si.args();
     let role = start_info::arg(args, "role").unwrap_or("");
     println!(
@@ -63,16 +58,7 @@ fn main(arg: u64) -> ! {
     }
 }
 
-/// Blocks the running EC for good (down on a private semaphore nobody ups).
-pub fn block_forever() -> ! {
-    let sm = sel::alloc();
-    let _ = hc::create_sm(sm, sel::OWN_PD, 0);
-    loop {
-        let _ = hc::sm_down(sm, false, 0);
-        // Without a semaphore (quota exhausted) just spin politely.
-        core::hint::spin_loop();
-    }
-}
+pub use nul_rt::start::block_forever;
 
 /// Sleeps about `n` milliseconds (a down with a deadline on a semaphore nobody ups).
 pub fn sleep_ms(si: &StartInfo, sm: u64, n: u64) {

@@ -49,13 +49,7 @@ nul_rt::entry!(main);
 /// Reported as the end when the VM could not be made.
 const END_NO_VM: u64 = 0xff << 32;
 
-fn park() -> ! {
-    let sm = sel::alloc();
-    let _ = hc::create_sm(sm, sel::OWN_PD, 0);
-    loop {
-        let _ = hc::sm_down(sm, false, 0);
-    }
-}
+use nul_rt::start::block_forever as park;
 
 fn fail(why: &dyn core::fmt::Display) -> ! {
     println!("vmm: {}", why);
