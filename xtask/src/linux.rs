@@ -546,6 +546,7 @@ mod tests {
         for t in [
             "root",
             "parts",
+            "size",
             "persist-write",
             "persist-check",
             "crash-writer",
