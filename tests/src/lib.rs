@@ -9,7 +9,7 @@
 //! the test fails naming the Debian packages, it never passes silently.
 
 use std::path::PathBuf;
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 pub use xtask::boot::{BootSpec, Emulator, Exit, RunResult};
@@ -49,10 +49,16 @@ pub fn with_test_components(mut spec: BootSpec, args: &[&str]) -> BootSpec {
     spec
 }
 
+/// Held while an emulator runs: one at a time per test binary. Tests that run the
+/// emulator themselves (through `xtask::storage`, say) hold it too.
+pub fn one_emulator() -> MutexGuard<'static, ()> {
+    static EMULATOR: Mutex<()> = Mutex::new(());
+    EMULATOR.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Boots `spec` in `emulator`, one run at a time; panics if the emulator cannot run.
 pub fn boot_in(emulator: Emulator, spec: &BootSpec) -> RunResult {
-    static EMULATOR: Mutex<()> = Mutex::new(());
-    let _one_at_a_time = EMULATOR.lock().unwrap_or_else(|e| e.into_inner());
+    let _one_at_a_time = one_emulator();
     match xtask::boot::run(emulator, spec) {
         Ok(r) => {
             eprintln!(

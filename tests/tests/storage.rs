@@ -1,11 +1,14 @@
 //! Storage (issue 11): the user-level NVMe driver in the disk component, on QEMU's
 //! `-device nvme`, with the PCI function, MSI-X interrupt and DMA memory the root
-//! gives it.
+//! gives it; and Linux on Peregrine booted from the GPT system disk
+//! (`xtask::sysdisk`) through the disk service, a VMM session bound to the root
+//! partition: what it sees, and `xtask::storage`'s persistence and crash tests there.
 
 use std::time::Duration;
 
 use peregrine_tests::{images, system};
 use xtask::boot::Exit;
+use xtask::storage;
 
 /// A scratch NVMe image of `mib` MiB under the target directory.
 fn scratch_image(name: &str, mib: u64) -> std::path::PathBuf {
@@ -237,89 +240,24 @@ fn disk_service_reports_a_controller_that_stops_answering() {
     );
 }
 
-/// The root, the disk component on the NVMe image `image` and a Linux VMM whose
-/// virtio-blk disk is the session `binding`, booting with its root on it.
-fn linux_on_session(
-    name: &str,
-    image: &std::path::Path,
-    binding: &str,
-    tests: &str,
-    extra: &str,
-) -> xtask::boot::BootSpec {
-    let g = peregrine_tests::linux_guest();
-    let file = |p: &std::path::Path| p.file_name().unwrap().to_string_lossy().into_owned();
-    let args = format!(
-        "name=linux guest={} initrd={} blk={binding} cpus=1 mem={} mode=linux cpu=0 -- {} peregrine.root=/dev/vda {extra}",
-        file(&g.kernel),
-        file(&g.initramfs),
-        xtask::linux::VMM_MEM_MIB,
-        xtask::linux::cmdline(tests),
-    );
-    let mut spec = system(name)
-        .root_args("test=vmm secs=600")
-        .module(images().disk(), "role=disk pci=nvme msi=1 dma=1024")
-        .module(images().vmm(), &args)
-        .module(g.kernel.clone(), "")
-        .module(g.initramfs.clone(), "")
-        .timeout(Duration::from_secs(300));
-    spec.memory_mib = spec.memory_mib.max(xtask::linux::VMM_MEM_MIB + 256);
-    spec.extra_qemu_args = nvme_args(image);
-    spec
-}
-
-/// Linux on Peregrine mounts its ext4 root from its virtio-blk disk, which is a
-/// session of the disk service on the NVMe controller (guest → VMM → disk service →
-/// NVMe driver → QEMU's NVMe).
-#[test]
-fn linux_root_on_the_nvme_disk_service() {
-    let g = peregrine_tests::linux_guest();
-    let image = xtask::workspace::out_dir("storage")
-        .unwrap()
-        .join("linux-root.img");
-    std::fs::copy(&g.rootfs, &image).expect("copy the root file system");
-    let blocks = std::fs::metadata(&image).unwrap().len() / 512;
-    let spec = linux_on_session(
-        "linux-nvme-root",
-        &image,
-        &format!("range=0+{blocks}"),
-        "root",
-        "",
-    );
-    let r = peregrine_tests::boot(&spec);
-    assert!(
-        r.serial.contains("PEREGRINE-TEST root ext4 /dev/vda"),
-        "{}",
-        r.report()
-    );
-    assert!(
-        r.serial.contains("vmm: guest powered off"),
-        "{}",
-        r.report()
-    );
-}
-
 /// A controller that stops answering under a running Linux VM: the guest's reads and
 /// writes of its disk end with I/O errors (the service's IOERR through virtio-blk), the
 /// service says why, and the VM runs on to its power-off.
 #[test]
 fn linux_gets_io_errors_when_the_controller_stops_answering() {
-    let g = peregrine_tests::linux_guest();
-    let file = |p: &std::path::Path| p.file_name().unwrap().to_string_lossy().into_owned();
-    let args = format!(
-        "name=linux guest={} initrd={} blk=range=0+32768 cpus=1 mem={} mode=linux cpu=0 -- {}",
-        file(&g.kernel),
-        file(&g.initramfs),
-        xtask::linux::VMM_MEM_MIB,
-        xtask::linux::cmdline("ioerr"),
+    use xtask::sysdisk;
+    let vm = sysdisk::NvmeVm {
+        binding: "range=0+32768".into(),
+        tests: "ioerr".into(),
+        root: false,
+        ..sysdisk::NvmeVm::new(std::path::Path::new("/unused"))
+    };
+    let mut spec = sysdisk::linux_on_nvme_spec(
+        system("linux-nvme-ioerr").timeout(Duration::from_secs(300)),
+        images(),
+        peregrine_tests::linux_guest(),
+        &vm,
     );
-    let mut spec = system("linux-nvme-ioerr")
-        .root_args("test=vmm secs=600")
-        .module(images().disk(), "role=disk pci=nvme msi=1 dma=1024")
-        .module(images().vmm(), &args)
-        .module(g.kernel.clone(), "")
-        .module(g.initramfs.clone(), "")
-        .timeout(Duration::from_secs(300));
-    spec.memory_mib = spec.memory_mib.max(xtask::linux::VMM_MEM_MIB + 256);
     spec.extra_qemu_args = vec![
         "-drive".into(),
         "driver=null-co,size=16M,latency-ns=10000000000,if=none,id=nvm".into(),
@@ -339,4 +277,86 @@ fn linux_gets_io_errors_when_the_controller_stops_answering() {
             r.report()
         );
     }
+}
+
+/// The Linux guest on Peregrine from the system disk's root partition: the VMM's
+/// session (`blk=part=name:peregrine-root`) is its `/dev/vda`, the partition alone (no
+/// partition table in it, exactly the partition's size), mounted as the ext4 root.
+#[test]
+fn linux_on_peregrine_sees_its_partition_alone() {
+    use xtask::sysdisk;
+    let guest = peregrine_tests::linux_guest();
+    let dir = xtask::workspace::out_dir("linux/storage").expect("target directory");
+    let img = dir.join("peregrine-session.img");
+    sysdisk::build(&guest.rootfs, &img).unwrap_or_else(|e| panic!("{e:#}"));
+    let part = sysdisk::resolve(&img, sysdisk::DEFAULT_BINDING).unwrap();
+    let vm = sysdisk::NvmeVm {
+        tests: "parts,size,root".into(),
+        ..sysdisk::NvmeVm::new(&img)
+    };
+    let spec = sysdisk::linux_on_nvme_spec(
+        system("peregrine-session").timeout(Duration::from_secs(300)),
+        images(),
+        guest,
+        &vm,
+    );
+    let r = peregrine_tests::boot(&spec);
+    let t = xtask::linux::test_results(&r.serial);
+    let of = |name: &str| {
+        t.iter()
+            .find(|x| x.0 == name)
+            .map(|x| (x.1.as_str(), x.2.as_str()))
+    };
+    assert_eq!(of("parts"), Some(("none", "")), "{}", r.report());
+    let size = (part.blocks * xtask::gpt_image::BLOCK).to_string();
+    assert_eq!(
+        of("size").map(|s| s.0),
+        Some(size.as_str()),
+        "{}",
+        r.report()
+    );
+    assert_eq!(
+        of("root"),
+        Some(("ext4", sysdisk::SESSION_ROOT_DEVICE)),
+        "{}",
+        r.report()
+    );
+    assert!(sysdisk::vm_powered_off(&r), "no power-off\n{}", r.report());
+    std::fs::remove_file(&img).ok();
+}
+
+/// Data synced before a power-off is on the NVMe disk after the next boot: Linux on
+/// Peregrine, its ext4 root the system disk's partition 1 through the disk service.
+#[test]
+fn linux_on_peregrine_root_persists_across_power_off() {
+    let _one = peregrine_tests::one_emulator();
+    let target = storage::Target::peregrine(images(), peregrine_tests::linux_guest());
+    let p = storage::persist(&target).unwrap_or_else(|e| panic!("{e:#}"));
+    eprintln!(
+        "Peregrine, root on NVMe: 4 MiB of seed {} (md5 {}) written, synced, powered off, \
+         read back; QEMU ran {:.1} s and {:.1} s",
+        p.seed,
+        p.md5,
+        p.runs[0].wall.as_secs_f64(),
+        p.runs[1].wall.as_secs_f64()
+    );
+}
+
+/// Blocks whose fsync returned are on the NVMe disk after QEMU is killed at a random
+/// moment: Linux on Peregrine, through the VMM's virtio-blk, the disk service and the
+/// NVMe driver's flush.
+#[test]
+fn linux_on_peregrine_keeps_fsynced_blocks_across_a_kill() {
+    let _one = peregrine_tests::one_emulator();
+    let target = storage::Target::peregrine(images(), peregrine_tests::linux_guest());
+    let c = storage::crash(&target).unwrap_or_else(|e| panic!("{e:#}"));
+    eprintln!(
+        "Peregrine, root on NVMe: SIGKILL {} ms after {} PEREGRINE-SEQ lines, last printed \
+         {}; after the reboot blocks 0..={:?} valid of {}",
+        c.delay.as_millis(),
+        c.after_lines,
+        c.last_printed,
+        c.check.highest,
+        c.check.blocks
+    );
 }

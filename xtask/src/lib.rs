@@ -35,6 +35,7 @@ pub mod build;
 pub mod deps;
 pub mod fuzz;
 pub mod gate;
+pub mod gpt_image;
 pub mod guest_linux;
 pub mod image_size;
 pub mod kvm;
@@ -49,6 +50,7 @@ pub mod sel4;
 pub mod spec;
 pub mod storage;
 pub mod suite;
+pub mod sysdisk;
 pub mod testimage;
 pub mod workspace;
 

@@ -45,6 +45,8 @@ pub const DISKBENCH_C: &str = include_str!("../../guests/linux/diskbench.c");
 pub const ROOTFS_MARK: &str = "etc/peregrine-rootfs";
 /// The ext4 root's device when the pattern disk comes first (`peregrine.root=`).
 pub const ROOT_DEVICE: &str = "/dev/vdb";
+/// The ext4 root's device when the GPT system disk is the first disk: its partition 1.
+pub const SYSTEM_ROOT_DEVICE: &str = "/dev/vda1";
 /// Size of the disk image.
 pub const DISK_SIZE: usize = 8 << 20;
 /// Every test `/init` knows, in the order `peregrine.test=all` runs them.
@@ -202,6 +204,10 @@ pub struct Run {
     /// A raw scratch image as the next disk (`/dev/vdc` with a root, else `/dev/vdb`),
     /// written in place.
     pub scratch: Option<PathBuf>,
+    /// A GPT system disk ([`crate::sysdisk`]) in place of the pattern disk: the first
+    /// disk, `/dev/vda`, written in place; without `root`, its first partition is the
+    /// root (`peregrine.root=/dev/vda1`).
+    pub system_disk: Option<PathBuf>,
     /// More of the kernel command line (`peregrine.seed=…`).
     pub args: String,
 }
@@ -216,13 +222,25 @@ pub fn cmdline(tests: &str) -> String {
     c
 }
 
-/// The kernel command line of `run`: [`cmdline`], `peregrine.root=` with a root, and
-/// `run.args`.
+/// The root's device in a boot of `run`: [`ROOT_DEVICE`] with a root image, else the
+/// system disk's first partition ([`SYSTEM_ROOT_DEVICE`]), else none.
+pub fn root_device(run: &Run) -> Option<&'static str> {
+    if run.root.is_some() {
+        Some(ROOT_DEVICE)
+    } else if run.system_disk.is_some() {
+        Some(SYSTEM_ROOT_DEVICE)
+    } else {
+        None
+    }
+}
+
+/// The kernel command line of `run`: [`cmdline`], `peregrine.root=` with a root (see
+/// [`root_device`]), and `run.args`.
 pub fn run_cmdline(run: &Run) -> String {
     let mut c = cmdline(&run.tests);
-    if run.root.is_some() {
+    if let Some(root) = root_device(run) {
         c += " peregrine.root=";
-        c += ROOT_DEVICE;
+        c += root;
     }
     if !run.args.is_empty() {
         c.push(' ');
@@ -258,13 +276,17 @@ pub fn virtio_disk(id: &str, file: &Path, snapshot: bool) -> Vec<String> {
 
 /// What [`boot_qemu`] boots: software emulation, `-cpu EPYC`, 256 MiB, the pattern
 /// disk as a modern-only virtio-blk PCI device in snapshot mode (so the image stays as
-/// built), then `run`'s root and scratch images, written in place.
+/// built) or, in its place, `run`'s system disk written in place; then `run`'s root and
+/// scratch images, written in place.
 pub fn qemu_spec(guest: &Guest, run: &Run) -> BootSpec {
     let mut extra = vec![
         "-initrd".into(),
         guest.initramfs.to_string_lossy().into_owned(),
     ];
-    extra.extend(virtio_disk("vda", &guest.disk, true));
+    match &run.system_disk {
+        Some(disk) => extra.extend(virtio_disk("vda", disk, false)),
+        None => extra.extend(virtio_disk("vda", &guest.disk, true)),
+    }
     if let Some(root) = &run.root {
         extra.extend(virtio_disk("root", root, false));
     }
@@ -407,20 +429,33 @@ pub fn existing() -> Option<Guest> {
 /// Guest RAM of the Linux VM on Peregrine, in MiB (as the direct QEMU boot's `-m`).
 pub const VMM_MEM_MIB: u32 = 256;
 
+/// A file's name, as the root matches boot modules by it.
+fn file_name(p: &Path) -> String {
+    p.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
 /// The module line of the VMM that boots `guest` with `cpus` vCPUs and the `/init`
-/// tests `tests` (empty: the shell); the kernel command line follows ` -- `.
+/// tests `tests` (empty: the shell), with the pattern disk as its RAM disk (`disk=`);
+/// the kernel command line follows ` -- `.
 pub fn vmm_args(guest: &Guest, cpus: u32, tests: &str, extra: &str) -> String {
-    let name = |p: &Path| {
-        p.file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default()
-    };
+    vmm_line(
+        guest,
+        cpus,
+        &format!("disk={} {extra}", file_name(&guest.disk)),
+        &cmdline(tests),
+    )
+}
+
+/// The module line of a VMM booting `guest` with `cpus` vCPUs: `args` (ending in a
+/// space, or empty) after the common ones, then ` -- ` and the kernel command line
+/// `cmdline`.
+pub fn vmm_line(guest: &Guest, cpus: u32, args: &str, cmdline: &str) -> String {
     format!(
-        "name=linux guest={} initrd={} disk={} cpus={cpus} mem={VMM_MEM_MIB} mode=linux cpu=0 {extra}-- {}",
-        name(&guest.kernel),
-        name(&guest.initramfs),
-        name(&guest.disk),
-        cmdline(tests)
+        "name=linux guest={} initrd={} cpus={cpus} mem={VMM_MEM_MIB} mode=linux cpu=0 {args}-- {cmdline}",
+        file_name(&guest.kernel),
+        file_name(&guest.initramfs),
     )
 }
 
@@ -448,6 +483,17 @@ pub fn with_vmm(
     // Room for the guest's RAM besides the kernel, the root and the modules.
     spec.memory_mib = spec.memory_mib.max(VMM_MEM_MIB + 256);
     spec
+}
+
+/// The partitions of the `parts` test's detail (`vda1:<KiB>,vda2:<KiB>`): (name, KiB).
+pub fn parse_parts(detail: &str) -> Vec<(String, u64)> {
+    detail
+        .split(',')
+        .filter_map(|p| {
+            let (name, kib) = p.split_once(':')?;
+            Some((name.to_string(), kib.parse().ok()?))
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -499,6 +545,8 @@ mod tests {
         assert_eq!(cmdline(""), "console=ttyS0 panic=-1 rdinit=/init");
         for t in [
             "root",
+            "parts",
+            "size",
             "persist-write",
             "persist-check",
             "crash-writer",
@@ -552,5 +600,36 @@ mod tests {
             "console=ttyS0 panic=-1 rdinit=/init quiet peregrine.test=all \
              peregrine.root=/dev/vdb peregrine.seed=7"
         );
+    }
+
+    #[test]
+    fn the_system_disk_takes_the_pattern_disks_place() {
+        let guest = Guest {
+            kernel: "/g/vmlinuz".into(),
+            initramfs: "/g/initramfs.cpio".into(),
+            disk: "/g/disk.img".into(),
+            disk_md5: String::new(),
+            rootfs: "/g/rootfs.img".into(),
+        };
+        let run = Run {
+            name: "t".into(),
+            smp: 1,
+            tests: "root,parts".into(),
+            system_disk: Some("/t/sys.img".into()),
+            ..Run::default()
+        };
+        let a = qemu_spec(&guest, &run).extra_qemu_args.join(" ");
+        assert_eq!(
+            a,
+            "-initrd /g/initramfs.cpio -drive file=/t/sys.img,if=none,id=vda,format=raw,\
+             cache=writeback -device virtio-blk-pci,drive=vda,disable-legacy=on"
+        );
+        assert_eq!(root_device(&run), Some(SYSTEM_ROOT_DEVICE));
+        assert!(run_cmdline(&run).ends_with(" peregrine.root=/dev/vda1"));
+        assert_eq!(
+            parse_parts("vda1:65536,vda2:65536"),
+            [("vda1".to_string(), 65536), ("vda2".to_string(), 65536)]
+        );
+        assert!(parse_parts("").is_empty());
     }
 }

@@ -17,8 +17,22 @@ commands:
       --emulator qemu|bochs  emulator (default qemu; bochs boots a GRUB ISO, VMX)
       --smp N                number of CPUs and Linux vCPUs (default 2 with Linux, else 1)
       --no-linux             without the Linux guest (by default, with no --root, a VMM
-                             boots it with 2 vCPUs; the first run fetches Debian's
-                             kernel and builds the initramfs)
+                             boots it with 2 vCPUs from its ext4 root on the system
+                             disk; the first run fetches Debian's kernel and builds the
+                             initramfs and the root)
+      --disk FILE            the system disk: a raw GPT image, attached as QEMU's NVMe
+                             controller and written in place (default
+                             <target>/peregrine-disk.img, built on first use and kept
+                             across runs: partition 1 peregrine-root the guest's ext4
+                             root, partition 2 peregrine-data 64 MiB of scratch)
+      --fresh-disk           rebuild the default system disk first (what the guest wrote
+                             to it is lost)
+      --part BINDING         the partition the VM gets, which the guest sees as
+                             /dev/vda and mounts as its root: part=N (GPT entry N,
+                             from 1), part=name:NAME, part=guid:GUID or
+                             range=FIRST+COUNT (blocks); default part=name:peregrine-root
+      --ram-disk             no system disk: the VMM's RAM disk (the pattern disk) and
+                             the initramfs as the root, as before the disk service
       --memory MIB           guest memory (default 512)
       --cpu MODEL            CPU model (default: QEMU EPYC, or host with KVM; Bochs
                              corei7_skylake_x, trinity_apu for SVM)
@@ -159,56 +173,148 @@ fn build(args: Args) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn run(mut args: Args) -> Result<ExitCode> {
-    let mut emulator = Emulator::Qemu;
-    let (mut smp, mut memory, mut timeout) = (1, 512, None);
-    let (mut cpu, mut root_args, mut icount, mut profile) =
-        (None, String::new(), false, Profile::Release);
-    let mut kernel_args = Vec::new();
-    let mut linux_guest = true;
-    let mut smp_given = false;
-    while let Some(a) = args.0.next() {
-        match a.as_str() {
-            "--no-linux" => linux_guest = false,
-            "--emulator" => emulator = args.value(&a)?.parse()?,
-            "--smp" => {
-                smp = args.number(&a)?;
-                smp_given = true;
-            }
-            "--memory" => memory = args.number(&a)?,
-            "--timeout" => timeout = Some(args.number::<u64>(&a)?),
-            "--cpu" => cpu = Some(args.value(&a)?),
-            "--root" => root_args = args.value(&a)?,
-            "--icount" => icount = true,
-            "--debug" => profile = Profile::Debug,
-            "--" => kernel_args.extend(args.0.by_ref()),
-            _ => bail!("run: unknown option {a:?}\n{USAGE}"),
+/// The options of `run`.
+#[derive(Debug, Clone, PartialEq)]
+struct RunOptions {
+    emulator: Emulator,
+    smp: Option<u32>,
+    memory: u32,
+    timeout: Option<u64>,
+    cpu: Option<String>,
+    root_args: String,
+    icount: bool,
+    profile: Profile,
+    kernel_args: Vec<String>,
+    linux_guest: bool,
+    /// `--disk FILE`: the user's system disk.
+    disk: Option<std::path::PathBuf>,
+    fresh_disk: bool,
+    /// `--part BINDING`.
+    part: Option<String>,
+    ram_disk: bool,
+    help: bool,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions {
+            emulator: Emulator::Qemu,
+            smp: None,
+            memory: 512,
+            timeout: None,
+            cpu: None,
+            root_args: String::new(),
+            icount: false,
+            profile: Profile::Release,
+            kernel_args: Vec::new(),
+            linux_guest: true,
+            disk: None,
+            fresh_disk: false,
+            part: None,
+            ram_disk: false,
+            help: false,
         }
     }
+}
+
+impl RunOptions {
+    /// Parses `run`'s arguments and refuses combinations that mean nothing.
+    fn parse(mut args: Args) -> Result<RunOptions> {
+        let mut o = RunOptions::default();
+        while let Some(a) = args.0.next() {
+            match a.as_str() {
+                "--no-linux" => o.linux_guest = false,
+                "--emulator" => o.emulator = args.value(&a)?.parse()?,
+                "--smp" => o.smp = Some(args.number(&a)?),
+                "--memory" => o.memory = args.number(&a)?,
+                "--timeout" => o.timeout = Some(args.number::<u64>(&a)?),
+                "--cpu" => o.cpu = Some(args.value(&a)?),
+                "--root" => o.root_args = args.value(&a)?,
+                "--icount" => o.icount = true,
+                "--debug" => o.profile = Profile::Debug,
+                "--disk" => o.disk = Some(args.value(&a)?.into()),
+                "--fresh-disk" => o.fresh_disk = true,
+                "--part" => o.part = Some(args.value(&a)?),
+                "--ram-disk" => o.ram_disk = true,
+                "--help" | "-h" => o.help = true,
+                "--" => o.kernel_args.extend(args.0.by_ref()),
+                _ => bail!("run: unknown option {a:?}\n{USAGE}"),
+            }
+        }
+        let disk_options = o.disk.is_some() || o.fresh_disk || o.part.is_some();
+        if disk_options && o.ram_disk {
+            bail!("run: --ram-disk has no system disk: no --disk, --fresh-disk or --part");
+        }
+        if o.fresh_disk && o.disk.is_some() {
+            bail!("run: --fresh-disk rebuilds the default disk, never --disk's");
+        }
+        if (disk_options || o.ram_disk) && !o.default_vm() {
+            bail!(
+                "run: --disk, --fresh-disk, --part and --ram-disk are for the default Linux VM \
+                 (QEMU, no --no-linux, no --root)"
+            );
+        }
+        Ok(o)
+    }
+
+    /// Whether the default Linux VM comes: QEMU, no `--no-linux`, no root arguments.
+    fn default_vm(&self) -> bool {
+        self.linux_guest && self.root_args.is_empty() && self.emulator == Emulator::Qemu
+    }
+}
+
+/// The part of [`USAGE`] about `command`: its line and its options.
+fn usage_of(command: &str) -> String {
+    let mut lines = USAGE.lines().skip_while(|l| {
+        l.strip_prefix("  ")
+            .is_none_or(|r| !r.starts_with(&format!("{command} ")))
+    });
+    let mut out = String::from("usage: cargo xtask ");
+    if let Some(first) = lines.next() {
+        out += first.trim_start();
+        out.push('\n');
+    }
+    // Its options and continuation lines are indented further than a command's.
+    for l in lines.take_while(|l| l.starts_with("   ")) {
+        out += l;
+        out.push('\n');
+    }
+    out
+}
+
+fn run(args: Args) -> Result<ExitCode> {
+    let o = RunOptions::parse(args)?;
+    if o.help {
+        print!("{}", usage_of("run"));
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut smp = o.smp.unwrap_or(1);
     // The production root (no scenarios), unless the root's arguments name a test or
     // benchmark, or the default run's Linux guest comes (its root runs the `vmm`
     // scenario, which waits for the VM's power-off).
-    let default_vm = linux_guest && root_args.is_empty() && emulator == Emulator::Qemu;
+    let default_vm = o.default_vm();
     let scenarios = default_vm
-        || root_args
+        || o.root_args
             .split_whitespace()
             .any(|a| a.starts_with("test=") || a.starts_with("bench="));
-    let images = xtask::build::build_with(profile, scenarios)?;
+    let images = xtask::build::build_with(o.profile, scenarios)?;
     let mut spec = BootSpec::new("run", &images)
-        .kernel_args(&kernel_args.join(" "))
-        .root_args(&root_args)
+        .kernel_args(&o.kernel_args.join(" "))
+        .root_args(&o.root_args)
         .smp(smp)
         // No limit unless asked for: a person ends QEMU with Ctrl-A X.
-        .timeout(Duration::from_secs(timeout.unwrap_or(7 * 24 * 3600)));
-    spec.memory_mib = memory;
-    spec.cpu_model = cpu;
-    spec.icount = icount;
+        .timeout(Duration::from_secs(o.timeout.unwrap_or(7 * 24 * 3600)));
+    spec.memory_mib = o.memory;
+    spec.cpu_model = o.cpu.clone();
+    spec.icount = o.icount;
     spec.output = Output::Inherit;
     // The headline: with no root arguments, a VMM boots the Linux guest (when `cargo
     // xtask linux --prepare` left its files) with a shell on this terminal.
     // On a fresh machine it fetches Debian's kernel and builds the initramfs first.
     let linux = if default_vm {
-        match xtask::linux::existing().map_or_else(xtask::linux::prepare, Ok) {
+        // The system disk is built from the ext4 root, which an older prepare lacks.
+        let found = xtask::linux::existing().filter(|g| o.ram_disk || g.rootfs.is_file());
+        match found.map_or_else(xtask::linux::prepare, Ok) {
             Ok(g) => Some(g),
             Err(e) => {
                 eprintln!("xtask: cannot prepare the Linux guest ({e:#}): the bare system");
@@ -219,22 +325,28 @@ fn run(mut args: Args) -> Result<ExitCode> {
         None
     };
     // Two vCPUs on two CPUs unless `--smp` says otherwise.
-    if linux.is_some() && !smp_given {
+    if linux.is_some() && o.smp.is_none() {
         smp = 2;
         spec = spec.smp(smp);
     }
     if let Some(g) = &linux {
-        eprintln!(
-            "xtask: the VMM boots {} with {} vCPU(s) (--no-linux: without it)",
-            g.kernel.display(),
-            smp
-        );
-        spec = xtask::linux::with_vmm(spec, images.vmm(), g, smp, "", "interactive ")
-            // The root waits (a year at most) for the VM's power-off, then ends QEMU.
-            .root_args("test=vmm secs=31536000");
-        spec.memory_mib = spec.memory_mib.max(memory);
+        if o.ram_disk {
+            eprintln!(
+                "xtask: the VMM boots {} with {} vCPU(s) and its RAM disk (--no-linux: \
+                 without it)",
+                g.kernel.display(),
+                smp
+            );
+            spec = xtask::linux::with_vmm(spec, images.vmm(), g, smp, "", "interactive ")
+                // The root waits (a year at most) for the VM's power-off, then ends QEMU.
+                .root_args("test=vmm secs=31536000");
+        } else {
+            let vm = system_disk_vm(&o, g, smp)?;
+            spec = xtask::sysdisk::linux_on_nvme_spec(spec, &images, g, &vm);
+        }
+        spec.memory_mib = spec.memory_mib.max(o.memory);
     }
-    if emulator == Emulator::Qemu {
+    if o.emulator == Emulator::Qemu {
         let kvm = xtask::qemu::uses_kvm(&spec);
         eprintln!(
             "xtask: booting in QEMU ({}); Ctrl-A X quits",
@@ -243,7 +355,7 @@ fn run(mut args: Args) -> Result<ExitCode> {
     } else {
         eprintln!("xtask: booting in Bochs from a GRUB ISO (serial output follows)");
     }
-    let result = xtask::boot::run(emulator, &spec)?;
+    let result = xtask::boot::run(o.emulator, &spec)?;
     eprintln!(
         "\nxtask: {:?} after {:.1} s",
         result.exit,
@@ -253,6 +365,60 @@ fn run(mut args: Args) -> Result<ExitCode> {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
+    })
+}
+
+/// The default VM on the system disk: `--disk`'s image (which must exist) or the
+/// default one (built from `g`'s root when missing or `--fresh-disk`), the partition
+/// `--part` names checked on it, the shell on this terminal.
+fn system_disk_vm(
+    o: &RunOptions,
+    g: &xtask::linux::Guest,
+    cpus: u32,
+) -> Result<xtask::sysdisk::NvmeVm> {
+    use xtask::sysdisk;
+    let image = match &o.disk {
+        Some(d) => {
+            if !d.is_file() {
+                bail!(
+                    "run: --disk {}: no such image (without --disk, run builds and keeps \
+                     its own)",
+                    d.display()
+                );
+            }
+            d.clone()
+        }
+        None => {
+            let d = sysdisk::default_path()?;
+            if sysdisk::ensure(&d, &g.rootfs, o.fresh_disk)? {
+                eprintln!(
+                    "xtask: built the system disk {} ({} on partition 1, {}; {} MiB of \
+                     scratch on partition 2, {})",
+                    d.display(),
+                    g.rootfs.display(),
+                    sysdisk::ROOT_NAME,
+                    sysdisk::DATA_MIB,
+                    sysdisk::DATA_NAME
+                );
+            }
+            d
+        }
+    };
+    let binding = o.part.as_deref().unwrap_or(sysdisk::DEFAULT_BINDING);
+    let bounds = sysdisk::resolve(&image, binding)?;
+    eprintln!(
+        "xtask: the VMM boots {} with {cpus} vCPU(s) from {binding} of {} (blocks {}+{}, \
+         /dev/vda in the guest; --ram-disk: without the disk)",
+        g.kernel.display(),
+        image.display(),
+        bounds.first_lba,
+        bounds.blocks
+    );
+    Ok(sysdisk::NvmeVm {
+        binding: binding.into(),
+        cpus,
+        interactive: true,
+        ..sysdisk::NvmeVm::new(&image)
     })
 }
 
@@ -446,4 +612,69 @@ fn fuzz(mut args: Args) -> Result<ExitCode> {
     }
     xtask::fuzz::run(&targets, secs)?;
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(a: &[&str]) -> Result<RunOptions> {
+        RunOptions::parse(Args(
+            a.iter()
+                .map(|s| s.to_string())
+                .collect::<Vec<_>>()
+                .into_iter(),
+        ))
+    }
+
+    #[test]
+    fn run_takes_the_disk_options() {
+        let o = parse(&["--disk", "/d/my.img", "--part", "part=2", "--", "x"]).unwrap();
+        assert_eq!(o.disk.as_deref(), Some(std::path::Path::new("/d/my.img")));
+        assert_eq!(o.part.as_deref(), Some("part=2"));
+        assert_eq!(o.kernel_args, ["x"]);
+        assert!(o.default_vm());
+        let o = parse(&["--fresh-disk"]).unwrap();
+        assert!(o.fresh_disk && o.disk.is_none());
+        assert!(parse(&["--ram-disk", "--smp", "1"]).unwrap().ram_disk);
+        assert_eq!(parse(&[]).unwrap(), RunOptions::default());
+        assert!(parse(&["--help"]).unwrap().help);
+    }
+
+    #[test]
+    fn run_refuses_disk_options_that_mean_nothing() {
+        for a in [
+            &["--ram-disk", "--disk", "x"][..],
+            &["--ram-disk", "--part", "part=1"],
+            &["--fresh-disk", "--disk", "x"],
+            &["--no-linux", "--part", "part=1"],
+            &["--root", "test=ipc", "--disk", "x"],
+            &["--emulator", "bochs", "--fresh-disk"],
+            &["--emulator", "bochs", "--ram-disk"],
+            &["--disk"],
+            &["--disks", "x"],
+        ] {
+            assert!(parse(a).is_err(), "{a:?}");
+        }
+    }
+
+    #[test]
+    fn run_help_is_the_run_section() {
+        let u = usage_of("run");
+        assert!(
+            u.starts_with("usage: cargo xtask run [options] [-- ARGS]"),
+            "{u}"
+        );
+        for flag in [
+            "--disk FILE",
+            "--fresh-disk",
+            "--part BINDING",
+            "--ram-disk",
+            "--debug",
+        ] {
+            assert!(u.contains(flag), "{flag}: {u}");
+        }
+        assert!(!u.contains("kvm-run"), "{u}");
+        assert!(usage_of("kvm-run").contains("--mode M"));
+    }
 }

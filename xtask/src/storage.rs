@@ -1,23 +1,31 @@
-//! The Linux guest's storage tests on its ext4 root, booted directly in QEMU: data
-//! written and synced before a power-off is there after the next boot ([`persist`]),
-//! and data whose fsync returned is there after QEMU is killed at a random moment
-//! ([`crash`]). Each runs on a fresh copy of the guest's `rootfs.img` in
-//! `<target>/linux/storage/`, as the second virtio-blk disk, written in place (see
-//! [`linux::virtio_disk`] for why what the guest flushed survives QEMU's death), and
-//! ends with `e2fsck -fn` on the image: the file system the guest left is consistent.
+//! The Linux guest's storage tests on its ext4 root: data written and synced before a
+//! power-off is there after the next boot ([`persist`]), and data whose fsync returned
+//! is there after QEMU is killed at a random moment ([`crash`]). Where the guest boots
+//! is a [`Target`]: directly in QEMU from a copy of the guest's `rootfs.img` as its
+//! second virtio-blk disk ([`Target::qemu`]) or from the GPT system disk
+//! ([`Target::qemu_gpt`]), or on Peregrine from the system disk on QEMU's NVMe
+//! controller through the disk component and a VMM session ([`Target::peregrine`]).
+//! Each test writes a fresh image in `<target>/linux/storage/`, which the guest writes
+//! in place (see [`linux::virtio_disk`] for why what the guest flushed survives QEMU's
+//! death), and ends with `e2fsck -fn` on the root: the file system the guest left is
+//! consistent.
 //!
 //! The guest's side is `guests/linux/init` (`persist-write`, `persist-check`,
 //! `crash-writer`, `crash-check`) and `guests/linux/storetest.c`, whose patterns
 //! [`pattern`] and [`crash_block`] compute here too.
 
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::boot::{Exit, RunResult};
+use crate::boot::{BootSpec, Exit, RunResult};
+use crate::build::Images;
+use crate::gpt_image::{self, Extent};
 use crate::linux::{self, test_results, Guest, Run, ROOT_DEVICE};
+use crate::sysdisk::{self, NvmeVm};
 use crate::{deps, workspace};
 
 /// Bytes `persist-write` writes.
@@ -114,29 +122,184 @@ pub fn fresh_seed() -> u64 {
     x
 }
 
-/// A fresh copy of `guest`'s root image as `<target>/linux/storage/<name>.img`.
-pub fn fresh_root(guest: &Guest, name: &str) -> Result<PathBuf> {
-    let img = workspace::out_dir("linux/storage")?.join(format!("{name}.img"));
-    std::fs::copy(&guest.rootfs, &img).with_context(|| {
-        format!(
-            "copying {} to {} (cargo xtask linux --prepare builds it)",
-            guest.rootfs.display(),
-            img.display()
-        )
-    })?;
-    Ok(img)
+/// Writes a fresh disk image to the path; returns where the ext4 root lies in it.
+pub type MakeImage = Box<dyn Fn(&Path) -> Result<Extent>>;
+/// The boot of a disk image with `/init`'s tests and a seed: (log name, image, tests,
+/// seed) to the spec.
+pub type MakeSpec = Box<dyn Fn(&str, &Path, &str, u64) -> BootSpec>;
+
+/// Where the storage tests boot the guest: how its disk image is made, how a boot of
+/// it is specified, and how that boot's clean end looks. [`Target::qemu`] is QEMU
+/// alone with the ext4 root image as a virtio-blk disk, [`Target::qemu_gpt`] the same
+/// with the GPT system disk, [`Target::peregrine`] Peregrine with the system disk on
+/// QEMU's NVMe controller, the disk component and a VMM session. The boot and the kill
+/// are the same for all: QEMU runs (or is killed) as the spec says.
+pub struct Target {
+    /// Prefix of the log and image names (`linux`, `linux-gpt`, `peregrine`).
+    pub name: String,
+    /// The root's device in the guest, as the `root` test prints it.
+    pub root_device: String,
+    /// Writes a fresh disk image to the path; returns where the ext4 root lies in it.
+    pub image: MakeImage,
+    /// The boot of the image with `/init`'s tests and a seed: (log name, image, tests,
+    /// seed) to the spec.
+    pub spec: MakeSpec,
+    /// Whether a boot with tests ended as the guest's clean power-off.
+    pub powered_off: fn(&RunResult) -> bool,
 }
 
-/// A boot of `guest` from the root image `root` with `tests`, seed `seed`.
-fn run(name: &str, root: &Path, tests: &str, seed: u64) -> Run {
-    Run {
-        name: name.into(),
-        smp: 1,
-        tests: tests.into(),
-        timeout: Duration::from_secs(240),
-        root: Some(root.to_path_buf()),
-        args: format!("peregrine.seed={seed}"),
-        ..Run::default()
+impl std::fmt::Debug for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Target")
+            .field("name", &self.name)
+            .field("root_device", &self.root_device)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The boot of the guest with `tests` and seed `seed`, directly in QEMU: `run` with
+/// them, one vCPU and 240 s.
+fn direct(guest: &Guest, run: Run, name: &str, tests: &str, seed: u64) -> BootSpec {
+    linux::qemu_spec(
+        guest,
+        &Run {
+            name: name.into(),
+            smp: 1,
+            tests: tests.into(),
+            timeout: Duration::from_secs(240),
+            args: format!("peregrine.seed={seed}"),
+            ..run
+        },
+    )
+}
+
+/// Whether a direct QEMU boot ended as the guest's ACPI power-off (QEMU's status 0).
+fn qemu_powered_off(r: &RunResult) -> bool {
+    matches!(r.exit, Exit::Other(0))
+}
+
+/// The ext4 root of the system disk `img`: its [`sysdisk::ROOT_NAME`] partition.
+fn system_root(img: &Path) -> Result<Extent> {
+    let b = sysdisk::resolve(img, sysdisk::DEFAULT_BINDING)?;
+    Ok(Extent {
+        first_lba: b.first_lba,
+        last_lba: b.first_lba + b.blocks - 1,
+    })
+}
+
+impl Target {
+    /// QEMU alone, the root a copy of `guest`'s `rootfs.img` as the second virtio-blk
+    /// disk ([`ROOT_DEVICE`]), after the pattern disk.
+    pub fn qemu(guest: &Guest) -> Target {
+        let (g, h) = (guest.clone(), guest.clone());
+        Target {
+            name: "linux".into(),
+            root_device: ROOT_DEVICE.into(),
+            image: Box::new(move |img| {
+                std::fs::copy(&g.rootfs, img).with_context(|| {
+                    format!(
+                        "copying {} to {} (cargo xtask linux --prepare builds it)",
+                        g.rootfs.display(),
+                        img.display()
+                    )
+                })?;
+                let len = std::fs::metadata(img)?.len();
+                Ok(Extent {
+                    first_lba: 0,
+                    last_lba: len / gpt_image::BLOCK - 1,
+                })
+            }),
+            spec: Box::new(move |name, img, tests, seed| {
+                let run = Run {
+                    root: Some(img.to_path_buf()),
+                    ..Run::default()
+                };
+                direct(&h, run, name, tests, seed)
+            }),
+            powered_off: qemu_powered_off,
+        }
+    }
+
+    /// QEMU alone, the GPT system disk built from `guest`'s `rootfs.img` as the only
+    /// virtio-blk disk, the root its partition 1 ([`linux::SYSTEM_ROOT_DEVICE`]).
+    pub fn qemu_gpt(guest: &Guest) -> Target {
+        let (g, h) = (guest.clone(), guest.clone());
+        Target {
+            name: "linux-gpt".into(),
+            root_device: linux::SYSTEM_ROOT_DEVICE.into(),
+            image: Box::new(move |img| {
+                sysdisk::build(&g.rootfs, img)?;
+                system_root(img)
+            }),
+            spec: Box::new(move |name, img, tests, seed| {
+                let run = Run {
+                    system_disk: Some(img.to_path_buf()),
+                    ..Run::default()
+                };
+                direct(&h, run, name, tests, seed)
+            }),
+            powered_off: qemu_powered_off,
+        }
+    }
+
+    /// Peregrine: the GPT system disk built from `guest`'s `rootfs.img` on QEMU's NVMe
+    /// controller, the disk component, and a VMM with one vCPU bound to the root
+    /// partition ([`sysdisk::DEFAULT_BINDING`]), whose guest sees it as
+    /// [`sysdisk::SESSION_ROOT_DEVICE`] ([`sysdisk::linux_on_nvme_spec`]).
+    pub fn peregrine(images: &Images, guest: &Guest) -> Target {
+        let (g, h, images) = (guest.clone(), guest.clone(), images.clone());
+        Target {
+            name: "peregrine".into(),
+            root_device: sysdisk::SESSION_ROOT_DEVICE.into(),
+            image: Box::new(move |img| {
+                sysdisk::build(&g.rootfs, img)?;
+                system_root(img)
+            }),
+            spec: Box::new(move |name, img, tests, seed| {
+                let vm = NvmeVm {
+                    tests: tests.into(),
+                    args: format!("peregrine.seed={seed}"),
+                    ..NvmeVm::new(img)
+                };
+                let spec = BootSpec::new(name, &images).timeout(Duration::from_secs(300));
+                sysdisk::linux_on_nvme_spec(spec, &images, &h, &vm)
+            }),
+            powered_off: sysdisk::vm_powered_off,
+        }
+    }
+
+    /// A fresh disk image `<target>/linux/storage/<name>-<test>.img`, and where the root
+    /// lies in it.
+    pub fn fresh_image(&self, test: &str) -> Result<(PathBuf, Extent)> {
+        let img = workspace::out_dir("linux/storage")?.join(format!("{}-{test}.img", self.name));
+        let root = (self.image)(&img)?;
+        Ok((img, root))
+    }
+
+    /// Boots `img` with `tests` and seed `seed`, the log named `<name>-<log>`.
+    fn boot(&self, log: &str, img: &Path, tests: &str, seed: u64) -> Result<RunResult> {
+        crate::qemu::run_qemu(&(self.spec)(
+            &format!("{}-{log}", self.name),
+            img,
+            tests,
+            seed,
+        ))
+    }
+
+    /// Checks that `r` ran on the ext4 root (the `root` test) and powered off cleanly.
+    fn check_root_boot(&self, r: &RunResult) -> Result<()> {
+        let (result, detail) = result_of(r, "root")?;
+        if result != "ext4" || detail != self.root_device {
+            bail!(
+                "the root is {result} {detail}, not ext4 {}: {}",
+                self.root_device,
+                r.report()
+            );
+        }
+        if !(self.powered_off)(r) {
+            bail!("the guest did not power off: {}", r.report());
+        }
+        Ok(())
     }
 }
 
@@ -149,19 +312,26 @@ fn result_of(r: &RunResult, name: &str) -> Result<(String, String)> {
         .with_context(|| format!("test {name} printed no result: {}", r.report()))
 }
 
-/// Checks that `r` ran on the ext4 root (the `root` test) and powered off cleanly.
-fn check_root_boot(r: &RunResult) -> Result<()> {
-    let (result, detail) = result_of(r, "root")?;
-    if result != "ext4" || detail != ROOT_DEVICE {
-        bail!(
-            "the root is {result} {detail}, not ext4 {ROOT_DEVICE}: {}",
-            r.report()
-        );
+/// `e2fsck -fn` on the file system at `root` in `img` (a copy of it beside `img` when
+/// it is not the whole file): fails unless it is clean and consistent.
+pub fn fsck_in(img: &Path, root: Extent) -> Result<()> {
+    let whole = root.first_lba == 0 && std::fs::metadata(img)?.len() == root.bytes();
+    if whole {
+        return fsck(img);
     }
-    if !matches!(r.exit, Exit::Other(0)) {
-        bail!("the guest did not power off: {}", r.report());
+    let copy = img.with_extension("root.img");
+    {
+        let mut src = std::fs::File::open(img)?;
+        src.seek(SeekFrom::Start(root.offset()))?;
+        let mut dst = std::fs::File::create(&copy)?;
+        let n = std::io::copy(&mut src.take(root.bytes()), &mut dst)?;
+        if n != root.bytes() {
+            bail!("{}: the root's extent passes the end", img.display());
+        }
     }
-    Ok(())
+    let r = fsck(&copy);
+    std::fs::remove_file(&copy).ok();
+    r.with_context(|| format!("the root at block {} of {}", root.first_lba, img.display()))
 }
 
 /// `e2fsck -fn` on `img`: fails unless the file system is clean and consistent.
@@ -195,20 +365,17 @@ pub struct Persist {
     pub runs: [RunResult; 2],
 }
 
-/// Boots a fresh copy of the root image with `persist-write` (4 MiB of the pattern of
+/// Boots a fresh disk image of `target` with `persist-write` (4 MiB of the pattern of
 /// a fresh seed to `/persist.bin`, synced, then the power-off), then again with
 /// `persist-check`: both must print the pattern's MD5 as computed here, the guest
-/// must power off cleanly both times, and `e2fsck` must find the image clean. The image
+/// must power off cleanly both times, and `e2fsck` must find the root clean. The image
 /// is removed unless something failed.
-pub fn persist(guest: &Guest) -> Result<Persist> {
+pub fn persist(target: &Target) -> Result<Persist> {
     let seed = fresh_seed();
     let md5 = linux::md5_hex(&pattern(seed, PERSIST_BYTES));
-    let img = fresh_root(guest, "persist")?;
-    let write = linux::boot_qemu(
-        guest,
-        &run("linux-persist-write", &img, "root,persist-write", seed),
-    )?;
-    check_root_boot(&write)?;
+    let (img, root) = target.fresh_image("persist")?;
+    let write = target.boot("persist-write", &img, "root,persist-write", seed)?;
+    target.check_root_boot(&write)?;
     let (result, detail) = result_of(&write, "persist-write")?;
     if result != "ok" || detail != md5 {
         bail!(
@@ -216,11 +383,8 @@ pub fn persist(guest: &Guest) -> Result<Persist> {
             write.report()
         );
     }
-    let check = linux::boot_qemu(
-        guest,
-        &run("linux-persist-check", &img, "root,persist-check", seed),
-    )?;
-    check_root_boot(&check)?;
+    let check = target.boot("persist-check", &img, "root,persist-check", seed)?;
+    target.check_root_boot(&check)?;
     let (result, detail) = result_of(&check, "persist-check")?;
     if result != "ok" || detail != md5 {
         bail!(
@@ -229,7 +393,7 @@ pub fn persist(guest: &Guest) -> Result<Persist> {
             check.report()
         );
     }
-    fsck(&img)?;
+    fsck_in(&img, root)?;
     std::fs::remove_file(&img).ok();
     Ok(Persist {
         seed,
@@ -253,20 +417,22 @@ pub struct Crash {
     pub runs: [RunResult; 2],
 }
 
-/// Boots a fresh copy of the root image with `crash-writer`, kills QEMU with SIGKILL
+/// Boots a fresh disk image of `target` with `crash-writer`, kills QEMU with SIGKILL
 /// at a random moment after 3 to 10 `PEREGRINE-SEQ` lines (up to 500 ms later), and
 /// boots the image again with `crash-check`: every block up to the last number the
 /// host saw must hold its number and pattern (the guest printed it only after its
-/// fsync returned), the guest must power off cleanly, and `e2fsck` must find the image
+/// fsync returned), the guest must power off cleanly, and `e2fsck` must find the root
 /// clean (the journal replayed). The image is removed unless something failed.
-pub fn crash(guest: &Guest) -> Result<Crash> {
+pub fn crash(target: &Target) -> Result<Crash> {
     let r = fresh_seed();
     let after_lines = 3 + r % 8;
     let delay = Duration::from_millis((r >> 8) % 500);
-    let img = fresh_root(guest, "crash")?;
-    let spec = linux::qemu_spec(
-        guest,
-        &run("linux-crash-writer", &img, "root,crash-writer", 0),
+    let (img, root) = target.fresh_image("crash")?;
+    let spec = (target.spec)(
+        &format!("{}-crash-writer", target.name),
+        &img,
+        "root,crash-writer",
+        0,
     );
     let mut seen_at: Option<Instant> = None;
     let killed = crate::qemu::run_qemu_killed(&spec, |serial| {
@@ -275,7 +441,12 @@ pub fn crash(guest: &Guest) -> Result<Crash> {
         }
         seen_at.is_some_and(|t| t.elapsed() >= delay)
     })?;
-    if killed.exit != Exit::Success {
+    // Killed counts as success; so does Peregrine's root ending QEMU after the VM's
+    // power-off, which a writer that stopped by itself would lead to.
+    let stopped = test_results(&killed.serial)
+        .iter()
+        .any(|t| t.0 == "crash-writer");
+    if killed.exit != Exit::Success || stopped {
         bail!(
             "crash-writer: the guest ended before the kill ({:?}): {}",
             killed.exit,
@@ -283,11 +454,8 @@ pub fn crash(guest: &Guest) -> Result<Crash> {
         );
     }
     let last_printed = last_seq(&killed.serial).context("no PEREGRINE-SEQ line")?;
-    let check = linux::boot_qemu(
-        guest,
-        &run("linux-crash-check", &img, "root,crash-check", 0),
-    )?;
-    check_root_boot(&check)?;
+    let check = target.boot("crash-check", &img, "root,crash-check", 0)?;
+    target.check_root_boot(&check)?;
     let (result, detail) = result_of(&check, "crash-check")?;
     let found = parse_crash_check(&result, &detail)
         .with_context(|| format!("image {}: {}", img.display(), check.report()))?;
@@ -300,7 +468,7 @@ pub fn crash(guest: &Guest) -> Result<Crash> {
             check.report()
         );
     }
-    fsck(&img)?;
+    fsck_in(&img, root)?;
     std::fs::remove_file(&img).ok();
     Ok(Crash {
         after_lines,
@@ -371,5 +539,94 @@ mod tests {
     #[test]
     fn seeds_differ() {
         assert_ne!(fresh_seed(), fresh_seed());
+    }
+
+    fn guest(rootfs: &Path) -> Guest {
+        Guest {
+            kernel: "/g/vmlinuz".into(),
+            initramfs: "/g/initramfs.cpio".into(),
+            disk: "/g/disk.img".into(),
+            disk_md5: String::new(),
+            rootfs: rootfs.to_path_buf(),
+        }
+    }
+
+    #[test]
+    fn targets_boot_their_image_as_they_say() {
+        let g = guest(Path::new("/g/rootfs.img"));
+        let img = Path::new("/s/x.img");
+        let q = (Target::qemu(&g).spec)("linux-t", img, "root", 5);
+        assert_eq!(q.name, "linux-t");
+        let a = q.extra_qemu_args.join(" ");
+        assert!(a.contains("file=/s/x.img,if=none,id=root,"), "{a}");
+        assert!(a.contains("file=/g/disk.img,if=none,id=vda,"), "{a}");
+        assert!(q
+            .kernel_args
+            .ends_with(" peregrine.root=/dev/vdb peregrine.seed=5"));
+        let q = (Target::qemu_gpt(&g).spec)("t", img, "root", 5);
+        let a = q.extra_qemu_args.join(" ");
+        assert!(a.contains("file=/s/x.img,if=none,id=vda,"), "{a}");
+        assert!(!a.contains("disk.img"), "{a}");
+        assert!(q.kernel_args.contains(" peregrine.root=/dev/vda1 "));
+        let images = Images { dir: "/i".into() };
+        let t = Target::peregrine(&images, &g);
+        assert_eq!(t.root_device, "/dev/vda");
+        let p = (t.spec)("peregrine-t", img, "root,crash-check", 0);
+        assert_eq!(p.kernel, Path::new("/i/peregrine"));
+        assert_eq!(p.modules[1].1, sysdisk::DISK_ARGS);
+        assert!(p.modules[2].1.contains(" blk=part=name:peregrine-root -- "));
+        assert!(p.modules[2].1.ends_with(
+            " peregrine.test=root,crash-check peregrine.root=/dev/vda peregrine.seed=0"
+        ));
+        assert!(p
+            .extra_qemu_args
+            .join(" ")
+            .contains("file=/s/x.img,if=none,id=nvm,"));
+    }
+
+    #[test]
+    fn powered_off_differs_by_target() {
+        let r = |exit, serial: &str| RunResult {
+            exit,
+            serial: serial.into(),
+            wall: Duration::ZERO,
+            serial_log: PathBuf::new(),
+            emulator_output: String::new(),
+        };
+        let g = guest(Path::new("/r"));
+        let images = Images { dir: "/i".into() };
+        let (q, p) = (Target::qemu(&g), Target::peregrine(&images, &g));
+        assert!((q.powered_off)(&r(Exit::Other(0), "")));
+        assert!(!(q.powered_off)(&r(Exit::Timeout, "")));
+        let off = "vmm: guest powered off\nPASS vmm\n";
+        assert!((p.powered_off)(&r(Exit::Success, off)));
+        assert!(!(p.powered_off)(&r(Exit::Success, "PASS vmm\n")));
+        assert!(!(p.powered_off)(&r(Exit::Other(0), off)));
+    }
+
+    /// The root partition of a system disk is checked in place of the whole image, and
+    /// a damaged one fails.
+    #[test]
+    fn fsck_checks_the_root_partition() {
+        let dir = workspace::out_dir(&format!("test-storage.{}", std::process::id())).unwrap();
+        let rootfs = dir.join("rootfs.img");
+        let mut tree = crate::rootfs::Tree::new();
+        tree.file("etc/x", 0o644, b"x\n");
+        crate::rootfs::build(&tree, &dir.join("work"), &rootfs).unwrap();
+        fsck_in(
+            &rootfs,
+            (Target::qemu(&guest(&rootfs)).image)(&dir.join("copy.img")).unwrap(),
+        )
+        .unwrap();
+        let img = dir.join("sys.img");
+        let root = (Target::qemu_gpt(&guest(&rootfs)).image)(&img).unwrap();
+        assert_eq!(root.first_lba, gpt_image::ALIGN_BLOCKS);
+        fsck_in(&img, root).unwrap();
+        // The superblock's magic (at 1024 + 56 in the file system) broken.
+        let mut data = std::fs::read(&img).unwrap();
+        data[root.offset() as usize + 1024 + 56] ^= 0xff;
+        std::fs::write(&img, data).unwrap();
+        assert!(fsck_in(&img, root).is_err());
+        std::fs::remove_dir_all(&dir).ok();
     }
 }

@@ -171,7 +171,7 @@ pub fn run(si: &StartInfo) -> ! {
         println!("blkclient {}: faulting on purpose", seed);
         // SAFETY: none needed for correctness: the read of an unmapped address is the
         // point (a page fault ends this component).
-        let _ = unsafe { core::ptr::read_volatile(8 as *const u64) };
+        let _ = unsafe { core::ptr::read_volatile(core::ptr::dangling::<u64>()) };
     }
     crate::block_forever()
 }
