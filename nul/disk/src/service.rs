@@ -29,7 +29,7 @@ use peregrine_abi::perm::MemPerm;
 use peregrine_abi::{Crd, PAGE_BITS};
 use peregrine_blkproto::gpt::{BlockRead, IoError};
 use peregrine_blkproto::{
-    Binding, Bounds, Layout, Op, Partition, Request, ServiceRing, SessionLimits, Status,
+    Binding, Bounds, Layout, Op, Partition, Request, Runs, ServiceRing, SessionLimits, Status,
 };
 use peregrine_nvme::controller::{Controller, Namespace};
 use peregrine_nvme::{cmd, prp, Dma};
@@ -104,32 +104,15 @@ impl BlockRead for Reader<'_> {
     }
 }
 
-/// A physically contiguous piece of a data area: byte offset, length, physical base.
-#[derive(Debug, Clone, Copy)]
-struct Run {
-    off: u64,
-    len: u64,
-    phys: u64,
-}
-
 /// An open session.
 struct Session {
     ring: ServiceRing<'static, [AtomicU32]>,
-    runs: Vec<Run>,
+    runs: Runs,
     completion: u64,
     client: u64,
     closing: bool,
     signal: bool,
     broken_reported: bool,
-}
-
-impl Session {
-    /// The physical address of data-area byte `off`.
-    fn phys(&self, off: u64) -> Option<u64> {
-        let i = self.runs.partition_point(|r| r.off + r.len <= off);
-        let r = self.runs.get(i)?;
-        (off >= r.off).then(|| r.phys + (off - r.off))
-    }
 }
 
 /// A command in flight.
@@ -406,14 +389,7 @@ impl Service {
             Op::Flush => cmd::flush(ns.nsid),
             Op::Read | Op::Write => {
                 let s = self.sessions[i].as_ref().ok_or(Status::IoErr)?;
-                let mut pages = Vec::new();
-                let first = s.phys(r.buf).ok_or(Status::BadBuf)?;
-                pages.push(first);
-                let mut at = (r.buf & !0xfff) + 0x1000;
-                while at < r.buf + r.len {
-                    pages.push(s.phys(at).ok_or(Status::BadBuf)?);
-                    at += 0x1000;
-                }
+                let pages = s.runs.pages(r.buf, r.len).ok_or(Status::BadBuf)?;
                 let dma = self.disk.c.dma();
                 let lp = [dma.iova(&self.lists[list], 0)];
                 let prps = prp::build(&pages, r.len as usize, &lp).map_err(|_| Status::IoErr)?;
@@ -480,28 +456,20 @@ impl Service {
 
 /// The physically contiguous runs of the data area mapped at `[addr, addr + len)`,
 /// from the mapping nodes `lookup` names and their physical addresses.
-fn data_runs(addr: u64, len: u64) -> Option<Vec<Run>> {
-    let mut runs: Vec<Run> = Vec::new();
+fn data_runs(addr: u64, len: u64) -> Option<Runs> {
+    let mut runs = Runs::new();
     let end = addr.checked_add(len)?;
     let mut at = addr;
     while at < end {
-        let node = hc::lookup(Crd::mem(at >> PAGE_BITS, 0, MemPerm::R)).ok()?;
+        let page = Crd::mem(at >> PAGE_BITS, 0, MemPerm::R);
+        let node = hc::lookup(page).ok()?;
         if node.kind() == peregrine_abi::CrdKind::Null {
             return None;
         }
         let first = node.base() << PAGE_BITS;
         let size = 1u64 << (node.order() as u32 + PAGE_BITS);
-        let phys = hc::lookup_phys(Crd::mem(at >> PAGE_BITS, 0, MemPerm::R)).ok()?;
         let stop = (first + size).min(end);
-        let run = Run {
-            off: at - addr,
-            len: stop - at,
-            phys,
-        };
-        match runs.last_mut() {
-            Some(l) if l.phys + l.len == run.phys => l.len += run.len,
-            _ => runs.push(run),
-        }
+        runs.push(stop - at, hc::lookup_phys(page).ok()?);
         at = stop;
     }
     Some(runs)

@@ -173,8 +173,10 @@ pub mod binding;
 pub mod gpt;
 pub mod proto;
 pub mod ring;
+pub mod runs;
 
 pub use binding::{BindError, Binding, Bounds, Target};
 pub use gpt::{parse as parse_gpt, BlockRead, Gpt, GptError, Partition};
 pub use proto::{validate, Completion, DescError, Descriptor, Op, Request, SessionLimits, Status};
 pub use ring::{ClientRing, Layout, RingError, ServiceRing, SharedMem};
+pub use runs::{Run, Runs};
