@@ -105,6 +105,8 @@ pub struct Module {
     pub modules: [Option<(u64, u64)>; 2],
     /// A driver's PCI function (`pci=`).
     pub device: Option<crate::driver::Grant>,
+    /// A VMM's guest boot modules (`mods=`): physical address, size, string.
+    pub mods: Vec<(u64, u64, String)>,
 }
 
 /// Every module the boot configuration lists for a component.
@@ -157,6 +159,7 @@ pub fn start_module(m: Module) -> Result<usize, StartError> {
         guest: m.guest,
         modules: m.modules,
         device: m.device,
+        mods: &m.mods,
     })
 }
 
@@ -190,6 +193,8 @@ pub struct ChildSpec<'a> {
     pub modules: [Option<(u64, u64)>; 2],
     /// A driver's PCI function, interrupts and DMA memory.
     pub device: Option<crate::driver::Grant>,
+    /// A VMM's guest boot modules: physical address, size, string (the module page).
+    pub mods: &'a [(u64, u64, String)],
 }
 
 /// Delegates `pages` pages of the root's window from physical `phys` to `addr` in
@@ -339,6 +344,31 @@ fn build(spec: &ChildSpec, id: usize, pd: u64, owned: &mut Vec<u64>) -> Result<(
         };
         map_range(pd, at, first << PAGE_BITS, pages, perm)?;
         si.modules[i] = [at + (addr & ((1 << PAGE_BITS) - 1)), size];
+    }
+    if !spec.mods.is_empty() {
+        let page = give_page(pd, start_info::MODS_INFO_ADDR, MemPerm::R, &mut ranges)?;
+        for (i, (addr, size, string)) in spec.mods.iter().take(start_info::MAX_MODS).enumerate() {
+            let first = addr >> PAGE_BITS;
+            let pages = (addr + size).div_ceil(1 << PAGE_BITS) - first;
+            let slot = start_info::MODS_SLOT + i as u64;
+            let at = congruent(
+                start_info::MODULES_ADDR + slot * start_info::MODULE_STRIDE,
+                first,
+            );
+            map_range(pd, at, first << PAGE_BITS, pages, MemPerm::R)?;
+            let mut m = start_info::ModInfo {
+                addr: at + (addr & ((1 << PAGE_BITS) - 1)),
+                size: *size,
+                string_len: 0,
+                string: [0; 232],
+            };
+            let n = string.len().min(m.string.len());
+            m.string[..n].copy_from_slice(&string.as_bytes()[..n]);
+            m.string_len = n as u64;
+            // SAFETY: `page` is the fresh page of the root's window given above; entry
+            // `i < MAX_MODS` of the ModInfo array fits in it.
+            unsafe { core::ptr::write((mem::virt(page) as *mut start_info::ModInfo).add(i), m) };
+        }
     }
     let role = start_info::arg(spec.args, "role").unwrap_or("");
     let shared = give_page(pd, SHARED_ADDR, MemPerm::R | MemPerm::W, &mut ranges)?;

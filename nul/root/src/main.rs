@@ -98,11 +98,17 @@ fn main(hip_addr: u64) -> ! {
             )
         })
         .collect();
-    let guests: alloc::vec::Vec<&str> = mods
+    let mut guests: alloc::vec::Vec<&str> = mods
         .iter()
         .flat_map(|m| ["guest", "initrd", "disk"].map(|k| hip::arg(m.1, k)))
         .flatten()
         .collect();
+    // A VMM's guest boot modules (`mods=a,b`) are no components either.
+    guests.extend(
+        mods.iter()
+            .filter_map(|m| hip::arg(m.1, "mods"))
+            .flat_map(|l| l.split(',')),
+    );
     for (i, &(file, margs, addr, size)) in
         mods.iter().filter(|m| !guests.contains(&m.0)).enumerate()
     {
@@ -195,6 +201,22 @@ fn main(hip_addr: u64) -> ! {
                     .map(|m| (m.2, m.3))
             }),
             device,
+            // Its string: the file name and the arguments the boot configuration gives.
+            mods: hip::arg(margs, "mods")
+                .map(|l| {
+                    l.split(',')
+                        .filter_map(|n| mods.iter().find(|m| m.0 == n))
+                        .map(|m| {
+                            let s = if m.1.is_empty() {
+                                alloc::string::String::from(m.0)
+                            } else {
+                                alloc::format!("{} {}", m.0, m.1)
+                            };
+                            (m.2, m.3, s)
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
         };
         component::MODULES.lock().push(m.clone());
         if m.deferred() {

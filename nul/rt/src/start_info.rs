@@ -35,6 +35,62 @@ pub const MODULE_INITRD: usize = 0;
 /// Module slot of the disk image.
 pub const MODULE_DISK: usize = 1;
 
+/// Where the root maps a VMM's module page (read-only) when its arguments name
+/// `mods=`: [`MAX_MODS`] [`ModInfo`]s, the guest's boot modules (a Multiboot guest's).
+pub const MODS_INFO_ADDR: u64 = 0x7fff_ffff_7000;
+/// Boot modules a VMM passes on at most.
+pub const MAX_MODS: usize = 8;
+/// Module `i` of `mods=` is mapped read-only in the area at
+/// `MODULES_ADDR + (MODS_SLOT + i) * MODULE_STRIDE` (after the initrd and the disk).
+pub const MODS_SLOT: u64 = 2;
+
+/// One module a VMM passes on to its guest.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct ModInfo {
+    /// Where it is mapped (0: no module in this slot).
+    pub addr: u64,
+    /// Bytes.
+    pub size: u64,
+    /// Length of its string.
+    pub string_len: u64,
+    /// Its string: the module's file name and arguments as the boot configuration
+    /// gives them (what a Multiboot loader puts in the module's `string`).
+    pub string: [u8; 232],
+}
+
+const _: () = assert!(core::mem::size_of::<ModInfo>() * MAX_MODS <= 4096);
+
+impl ModInfo {
+    /// The module's bytes.
+    ///
+    /// # Safety
+    /// `self` must be from the root's module page, which maps the module there for the
+    /// component's lifetime.
+    pub unsafe fn bytes(&self) -> &'static [u8] {
+        // SAFETY: the caller's contract.
+        unsafe { core::slice::from_raw_parts(self.addr as *const u8, self.size as usize) }
+    }
+
+    /// The module's string.
+    pub fn string(&self) -> &str {
+        let n = (self.string_len as usize).min(self.string.len());
+        core::str::from_utf8(&self.string[..n]).unwrap_or("")
+    }
+}
+
+/// The VMM's boot modules (`mods=`), if the root mapped a module page.
+pub fn mods(si: &StartInfo) -> &'static [ModInfo] {
+    if arg(si.args(), "mods").is_none() {
+        return &[];
+    }
+    // SAFETY: with `mods=` in the arguments the root mapped the read-only module page
+    // at MODS_INFO_ADDR for the component's lifetime; ModInfo is plain integers.
+    let all = unsafe { &*(MODS_INFO_ADDR as *const [ModInfo; MAX_MODS]) };
+    let n = all.iter().take_while(|m| m.addr != 0).count();
+    &all[..n]
+}
+
 /// "NULSTART" little-endian.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"NULSTART");
 
