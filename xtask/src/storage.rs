@@ -847,6 +847,73 @@ mod tests {
         assert!(!(p.powered_off)(&r(Exit::Other(0), off)));
     }
 
+    #[test]
+    fn isolation_vms_are_two_vmms_on_the_two_partitions() {
+        let [a, b] = isolation_vms(Path::new("/s/d.img"), 5, 6);
+        assert_eq!((a.name.as_str(), a.host_cpu), ("linux-a", 0));
+        assert_eq!((b.name.as_str(), b.host_cpu), ("linux-b", 1));
+        assert_eq!(a.binding, sysdisk::DEFAULT_BINDING);
+        assert_eq!(b.binding, "part=name:peregrine-data");
+        assert!(a.root && !b.root);
+        assert_eq!(a.tests, "root,persist-write");
+        assert!(b.tests.ends_with(",fill"));
+        assert_eq!(
+            (a.args.as_str(), b.args.as_str()),
+            ("peregrine.seed=5", "peregrine.seed=6")
+        );
+        let init = include_str!("../../guests/linux/init");
+        assert!(init.contains("fill) t_fill ;;"));
+    }
+
+    #[test]
+    fn vm_serial_keeps_one_vms_lines() {
+        let log = "[root] x\n[linux-a] PEREGRINE-TEST root ext4 /dev/vda\r\n\
+                   [linux-b] PEREGRINE-TEST size 5\n[linux-a] vmm: guest powered off\n";
+        assert_eq!(
+            vm_serial(log, "linux-a"),
+            "PEREGRINE-TEST root ext4 /dev/vda\nvmm: guest powered off\n"
+        );
+        assert_eq!(test_results(&vm_serial(log, "linux-b"))[0].1, "5");
+        assert_eq!(vm_serial(log, "linux"), "");
+    }
+
+    /// Blocks that differ outside the extents given, as runs; the skipped ones are not
+    /// looked at.
+    #[test]
+    fn differences_outside_skips_the_extents() {
+        let dir = workspace::out_dir(&format!("test-diff.{}", std::process::id())).unwrap();
+        let (a, b) = (dir.join("a.img"), dir.join("b.img"));
+        let mut x = vec![0u8; 16 * 512];
+        std::fs::write(&a, &x).unwrap();
+        for lba in [1, 2, 5, 9, 15] {
+            x[lba * 512 + 7] = 1;
+        }
+        std::fs::write(&b, &x).unwrap();
+        let skip = [Extent {
+            first_lba: 4,
+            last_lba: 9,
+        }];
+        let (d, same) = differences_outside(&a, &b, &skip).unwrap();
+        assert_eq!(d, vec![1..3, 15..16]);
+        assert!(same);
+        x.truncate(15 * 512);
+        std::fs::write(&b, &x).unwrap();
+        let (d, same) = differences_outside(&a, &b, &skip).unwrap();
+        assert_eq!((d.len(), d[0].clone(), same), (1, 1..3, false));
+        assert_eq!(
+            read_extent(
+                &a,
+                Extent {
+                    first_lba: 1,
+                    last_lba: 2
+                }
+            )
+            .unwrap(),
+            vec![0; 1024]
+        );
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
     /// The root partition of a system disk is checked in place of the whole image, and
     /// a damaged one fails.
     #[test]
@@ -865,6 +932,8 @@ mod tests {
         let root = (Target::qemu_gpt(&guest(&rootfs)).image)(&img).unwrap();
         assert_eq!(root.first_lba, gpt_image::ALIGN_BLOCKS);
         fsck_in(&img, root).unwrap();
+        assert_eq!(read_file_in(&img, root, "/etc/x").unwrap(), b"x\n");
+        assert!(read_file_in(&img, root, "/etc/none").is_err());
         // The superblock's magic (at 1024 + 56 in the file system) broken.
         let mut data = std::fs::read(&img).unwrap();
         data[root.offset() as usize + 1024 + 56] ^= 0xff;

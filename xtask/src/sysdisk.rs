@@ -342,6 +342,88 @@ mod tests {
     }
 
     #[test]
+    fn several_vms_share_the_disk_component_and_the_disk() {
+        let img = Path::new("/d.img");
+        let a = NvmeVm {
+            name: "linux-a".into(),
+            tests: "root".into(),
+            ..NvmeVm::new(img)
+        };
+        let b = NvmeVm {
+            name: "linux-b".into(),
+            host_cpu: 1,
+            binding: "part=2".into(),
+            tests: "size".into(),
+            root: false,
+            ..NvmeVm::new(img)
+        };
+        let spec = linux_vms_on_nvme_spec(
+            BootSpec::new("t", &images()),
+            &images(),
+            &guest(),
+            DISK_ARGS_POLLED,
+            &[a.clone(), b],
+        );
+        let m: Vec<&str> = spec.modules.iter().map(|(_, a)| a.as_str()).collect();
+        assert_eq!(m.len(), 6);
+        assert_eq!(m[0], "test=vmm secs=600");
+        assert_eq!(m[1], DISK_ARGS_POLLED);
+        assert!(
+            m[2].starts_with("name=linux-a guest=vmlinuz-6.1 "),
+            "{}",
+            m[2]
+        );
+        assert!(
+            m[2].contains(" cpu=0 blk=part=name:peregrine-root -- "),
+            "{}",
+            m[2]
+        );
+        assert!(m[3].starts_with("name=linux-b "), "{}", m[3]);
+        assert!(m[3].contains(" cpu=1 blk=part=2 -- "), "{}", m[3]);
+        assert!(!m[3].contains("peregrine.root="), "{}", m[3]);
+        assert_eq!(
+            (spec.modules[4].0.as_path(), spec.modules[5].0.as_path()),
+            (Path::new("/g/vmlinuz-6.1"), Path::new("/g/initramfs.cpio"))
+        );
+        assert_eq!(spec.smp, 2);
+        assert!(spec.memory_mib >= 2 * VMM_MEM_MIB + 256);
+        assert_eq!(
+            spec.extra_qemu_args
+                .iter()
+                .filter(|a| *a == "-drive")
+                .count(),
+            1
+        );
+        // One VM: what linux_on_nvme_spec gives.
+        let one = linux_vms_on_nvme_spec(
+            BootSpec::new("t", &images()),
+            &images(),
+            &guest(),
+            DISK_ARGS,
+            std::slice::from_ref(&a),
+        );
+        let single = linux_on_nvme_spec(BootSpec::new("t", &images()), &images(), &guest(), &a);
+        assert_eq!(one.modules, single.modules);
+        assert_eq!((one.smp, one.memory_mib), (1, 512));
+    }
+
+    #[test]
+    #[should_panic(expected = "one disk image")]
+    fn vms_on_two_images_are_refused() {
+        let vms = [
+            NvmeVm::new(Path::new("/a.img")),
+            NvmeVm::new(Path::new("/b.img")),
+        ];
+        linux_vms_on_nvme_spec(
+            BootSpec::new("t", &images()),
+            &images(),
+            &guest(),
+            DISK_ARGS,
+            &vms,
+        );
+    }
+
+    #[test]
     fn the_system_disk_has_root_and_data() {
         let dir = workspace::out_dir("test-sysdisk").unwrap();
         let rootfs = dir.join(format!("rootfs.{}", std::process::id()));
