@@ -1,6 +1,6 @@
 //! The system disk: a GPT image ([`crate::gpt_image`]) with the Linux guest's ext4
 //! root as partition 1 ([`ROOT_NAME`]) and a scratch partition 2 ([`DATA_NAME`],
-//! [`DATA_MIB`] MiB of a pattern, for `bench disk` and the isolation tests), and the
+//! [`DATA_MIB`] MiB of a pattern, which the two-VM isolation test overwrites), and the
 //! boot of Linux on Peregrine from it: QEMU's NVMe controller on the image, the disk
 //! component (`nul-disk role=disk`, the NVMe driver and disk service) and a VMM whose
 //! virtio-blk disk is the partition its binding (`blk=`) names, so the guest sees that
