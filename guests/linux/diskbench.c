@@ -1,6 +1,7 @@
 /*
  * diskbench: block-device throughput of the Linux guest, built statically by xtask
- * (xtask/src/rootfs.rs) and installed on the ext4 root as /bin/diskbench.
+ * (xtask/src/rootfs.rs) and installed in the initramfs and on the ext4 root as
+ * /bin/diskbench.
  *
  *   diskbench [-w] [-m MIB] [-t SECONDS] DEVICE
  *

@@ -1,7 +1,7 @@
 /*
  * storetest: the helper of the Linux guest's storage tests (guests/linux/init), built
- * statically by xtask (xtask/src/rootfs.rs) and installed on the ext4 root as
- * /bin/storetest.
+ * statically by xtask (xtask/src/rootfs.rs) and installed in the initramfs and on the
+ * ext4 root as /bin/storetest.
  *
  *   storetest pattern SEED BYTES   writes BYTES bytes of the xorshift stream of SEED to
  *                                  stdout (persist-write, persist-check);

@@ -83,7 +83,10 @@ fn linux_diskbench_measures_a_scratch_disk() {
     for (name, value) in &v {
         assert!(*value > 0.0, "{name} {value}");
     }
-    eprintln!("diskbench on /dev/vdc, directly in QEMU: {v:?}");
+    eprintln!(
+        "diskbench on {}, directly in QEMU: {v:?}",
+        xtask::bench_disk::DIRECT_DEVICE
+    );
 }
 
 /// The system disk (`xtask::sysdisk`, written by `xtask::gpt_image`) as the guest's

@@ -360,3 +360,49 @@ fn linux_on_peregrine_keeps_fsynced_blocks_across_a_kill() {
         c.check.blocks
     );
 }
+
+/// Two Linux VMs at once on two partitions of one NVMe disk, each VMM on a CPU of its
+/// own: A writes `/persist.bin` on its ext4 root (`part=name:peregrine-root`), B
+/// overwrites the whole of its `/dev/vda` (`part=name:peregrine-data`) with a pattern
+/// and reads it back. Afterwards the root partition is fsck-clean and holds A's file,
+/// the data partition B's pattern, and the protective MBR, both GPTs and every other
+/// block outside the two partitions are as built (`xtask::storage::isolation`).
+#[test]
+fn linux_vms_on_two_partitions_stay_in_them() {
+    let _one = peregrine_tests::one_emulator();
+    let i = storage::isolation(images(), peregrine_tests::linux_guest())
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    eprintln!(
+        "two VMs on one NVMe disk: A's /persist.bin (seed {}, md5 {}) on blocks {:?}, B's \
+         pattern (seed {}, md5 {}) on blocks {:?}, nothing else changed; QEMU ran {:.1} s",
+        i.seed_a,
+        i.md5_a,
+        i.parts[0],
+        i.seed_b,
+        i.md5_b,
+        i.parts[1],
+        i.run.wall.as_secs_f64()
+    );
+}
+
+/// `bench disk`'s sides once each, 1 s of random reads per queue depth: `diskbench` on
+/// the scratch image on Peregrine (the disk component on MSI-X, and polled) and directly
+/// in QEMU; every figure is there and positive on every side.
+#[test]
+fn bench_disk_sides_measure_the_scratch_image() {
+    use xtask::bench_disk::{self, Side};
+    let _one = peregrine_tests::one_emulator();
+    for side in Side::ALL {
+        let v = bench_disk::run_side(side, images(), peregrine_tests::linux_guest(), 1)
+            .unwrap_or_else(|e| panic!("{}: {e:#}", side.name()));
+        for (name, _) in bench_disk::FIGURES {
+            let value = v.iter().find(|(n, _)| n == name).map(|(_, v)| *v);
+            assert!(
+                value.is_some_and(|x| x > 0.0),
+                "{}: {name} {value:?}",
+                side.name()
+            );
+        }
+        eprintln!("bench disk, {}: {v:?}", side.name());
+    }
+}

@@ -59,6 +59,9 @@ pub struct Figure {
     /// 99th percentile of the baseline's samples.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub baseline_p99: Option<f64>,
+    /// Peregrine's value over the baseline's, where a benchmark records it (`disk`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ratio: Option<f64>,
     /// Why a value is missing, e.g. `seL4 images not given`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
@@ -73,6 +76,7 @@ impl Figure {
             baseline: self.peregrine,
             baseline_median: self.median,
             baseline_p99: self.p99,
+            ratio: None,
             peregrine: None,
             median: None,
             p99: None,

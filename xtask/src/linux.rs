@@ -36,11 +36,16 @@ pub const MODULES: &[&str] = &["virtio_pci", "virtio_blk", "virtio_console"];
 /// `depends=` does not list and no modprobe resolves here), so its generic
 /// implementation is named, first.
 pub const ROOT_MODULES: &[&str] = &["crc32c_generic", "ext4"];
-/// The storage test helper (`storetest pattern|crash-write|crash-check`), on the ext4
-/// root as `/bin/storetest`.
+/// The storage test helper (`storetest pattern|crash-write|crash-check`), in the
+/// initramfs and on the ext4 root as `/bin/storetest`.
 pub const STORETEST_C: &str = include_str!("../../guests/linux/storetest.c");
-/// The block-device benchmark, on the ext4 root as `/bin/diskbench`.
+/// The block-device benchmark, in the initramfs and on the ext4 root as
+/// `/bin/diskbench`.
 pub const DISKBENCH_C: &str = include_str!("../../guests/linux/diskbench.c");
+/// The guest's static C programs: (name, source), each `/bin/<name>` in the initramfs
+/// and on the ext4 root (so a guest without an ext4 root, whose disk is the one under
+/// test, has them too).
+pub const PROGRAMS: &[(&str, &str)] = &[("storetest", STORETEST_C), ("diskbench", DISKBENCH_C)];
 /// The file on the ext4 root that tells `/init` it runs there (after `switch_root`).
 pub const ROOTFS_MARK: &str = "etc/peregrine-rootfs";
 /// The ext4 root's device when the pattern disk comes first (`peregrine.root=`).
@@ -93,10 +98,28 @@ pub fn md5_hex(data: &[u8]) -> String {
         .collect()
 }
 
+/// Compiles [`PROGRAMS`] statically into `build`: (name, binary).
+pub fn compile_programs(build: &Path) -> Result<Vec<(String, PathBuf)>> {
+    PROGRAMS
+        .iter()
+        .map(|(name, source)| {
+            Ok((
+                name.to_string(),
+                rootfs::compile_static(name, source, build)?,
+            ))
+        })
+        .collect()
+}
+
 /// The initramfs: busybox, `/init`, the modules under `/lib/modules/`, `/etc/modules`
 /// (their load order), `/etc/modules.root` (what an ext4 root needs besides, in load
-/// order) and `/etc/disk.md5`.
-pub fn build_initramfs(kernel: &Path, disk_md5: &str, out: &Path) -> Result<()> {
+/// order), `/etc/disk.md5` and the `programs` ([`compile_programs`]) under `/bin/`.
+pub fn build_initramfs(
+    kernel: &Path,
+    disk_md5: &str,
+    programs: &[(String, PathBuf)],
+    out: &Path,
+) -> Result<()> {
     let dir = modules_dir(kernel)?;
     let modules = module_closure(&dir, MODULES)?;
     let root_modules: Vec<(String, PathBuf)> = module_closure(&dir, ROOT_MODULES)?
@@ -130,14 +153,17 @@ pub fn build_initramfs(kernel: &Path, disk_md5: &str, out: &Path) -> Result<()> 
     ramfs.file("etc/disk.md5", 0o644, format!("{disk_md5}\n").as_bytes());
     ramfs.modules("lib/modules", &modules)?;
     ramfs.modules("lib/modules", &root_modules)?;
+    for (name, bin) in programs {
+        ramfs.copy(&format!("bin/{name}"), 0o755, bin)?;
+    }
     ramfs.write(out)
 }
 
 /// The ext4 root file system: busybox with its applet links, `/init` (the same script
 /// as the initramfs's, which it runs after `switch_root`), [`ROOTFS_MARK`],
-/// `/etc/disk.md5`, the static programs `storetest` and `diskbench` (compiled into
-/// `build`), and empty `/dev`, `/proc`, `/sys`, `/tmp`, `/mnt` and `/root`.
-pub fn rootfs_tree(disk_md5: &str, build: &Path) -> Result<Tree> {
+/// `/etc/disk.md5`, the `programs` ([`compile_programs`]: `storetest` and `diskbench`)
+/// under `/bin/`, and empty `/dev`, `/proc`, `/sys`, `/tmp`, `/mnt` and `/root`.
+pub fn rootfs_tree(disk_md5: &str, programs: &[(String, PathBuf)]) -> Result<Tree> {
     let mut t = Tree::new();
     for d in ["dev", "proc", "sys", "tmp", "mnt", "root"] {
         t.dir(d);
@@ -150,9 +176,8 @@ pub fn rootfs_tree(disk_md5: &str, build: &Path) -> Result<Tree> {
         b"the ext4 root of Peregrine's Linux guest (xtask/src/linux.rs)\n",
     );
     t.file("etc/disk.md5", 0o644, format!("{disk_md5}\n").as_bytes());
-    for (name, source) in [("storetest", STORETEST_C), ("diskbench", DISKBENCH_C)] {
-        let bin = rootfs::compile_static(name, source, build)?;
-        t.copy(&format!("bin/{name}"), 0o755, &bin)?;
+    for (name, bin) in programs {
+        t.copy(&format!("bin/{name}"), 0o755, bin)?;
     }
     Ok(t)
 }
@@ -166,13 +191,14 @@ pub fn prepare() -> Result<Guest> {
     let disk_md5 = md5_hex(&data);
     std::fs::write(&disk, &data)?;
     std::fs::write(dir.join("disk.md5"), format!("{disk_md5}  disk.img\n"))?;
-    let initramfs = dir.join("initramfs.cpio");
-    build_initramfs(&kernel, &disk_md5, &initramfs)?;
-    // Staged and compiled in a directory of this process's own, and renamed into place
-    // whole, so two processes preparing at once do not mix their files.
-    let rootfs = dir.join("rootfs.img");
+    // Compiled and staged in a directory of this process's own, and the root renamed
+    // into place whole, so two processes preparing at once do not mix their files.
     let work = dir.join(format!("rootfs.work.{}", std::process::id()));
-    let tree = rootfs_tree(&disk_md5, &work.join("build"))?;
+    let programs = compile_programs(&work.join("build"))?;
+    let initramfs = dir.join("initramfs.cpio");
+    build_initramfs(&kernel, &disk_md5, &programs, &initramfs)?;
+    let rootfs = dir.join("rootfs.img");
+    let tree = rootfs_tree(&disk_md5, &programs)?;
     rootfs::build(&tree, &work.join("fs"), &rootfs)?;
     std::fs::remove_dir_all(&work).ok();
     Ok(Guest {
@@ -452,8 +478,21 @@ pub fn vmm_args(guest: &Guest, cpus: u32, tests: &str, extra: &str) -> String {
 /// space, or empty) after the common ones, then ` -- ` and the kernel command line
 /// `cmdline`.
 pub fn vmm_line(guest: &Guest, cpus: u32, args: &str, cmdline: &str) -> String {
+    vmm_line_on(guest, "linux", 0, cpus, args, cmdline)
+}
+
+/// [`vmm_line`] of a VMM named `name` (its console tag) whose vCPU i runs on host CPU
+/// `cpu + i`.
+pub fn vmm_line_on(
+    guest: &Guest,
+    name: &str,
+    cpu: u32,
+    cpus: u32,
+    args: &str,
+    cmdline: &str,
+) -> String {
     format!(
-        "name=linux guest={} initrd={} cpus={cpus} mem={VMM_MEM_MIB} mode=linux cpu=0 {args}-- {cmdline}",
+        "name={name} guest={} initrd={} cpus={cpus} mem={VMM_MEM_MIB} mode=linux cpu={cpu} {args}-- {cmdline}",
         file_name(&guest.kernel),
         file_name(&guest.initramfs),
     )

@@ -95,12 +95,12 @@ commands:
                              a round); writes <target>/bench/boot.json; --only
                              peregrine|qemu-direct|kvm-l1|vmm-kvm runs one side
   bench disk [--runs N] [--secs S]
-                             the Linux guest's diskbench on a 64-MiB virtio-blk scratch
-                             disk (sequential read/write, 4 KiB random reads at queue
-                             depth 1 and 32, S seconds each, default 3), booted from its
-                             ext4 root directly in QEMU (-cpu EPYC, 1 vCPU): medians of N
-                             runs (default 3); writes <target>/bench/disk.json (the
-                             Peregrine side waits for the disk service)
+                             the Linux guest's diskbench on a 64-MiB scratch image
+                             (sequential read/write, 4 KiB random reads at queue depth
+                             1 and 32, S seconds each, default 3): on Peregrine (NVMe
+                             driver and disk service, MSI-X and polled) and directly in
+                             QEMU (virtio-blk), -cpu EPYC, 1 vCPU, 256 MiB: medians of N
+                             runs per side (default 3); writes <target>/bench/disk.json
 ";
 
 /// Command-line arguments, consumed front to back.

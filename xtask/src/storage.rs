@@ -180,7 +180,15 @@ fn qemu_powered_off(r: &RunResult) -> bool {
 
 /// The ext4 root of the system disk `img`: its [`sysdisk::ROOT_NAME`] partition.
 fn system_root(img: &Path) -> Result<Extent> {
-    let b = sysdisk::resolve(img, sysdisk::DEFAULT_BINDING)?;
+    extent_of(img, sysdisk::DEFAULT_BINDING)
+}
+
+/// The blocks of `img` that the binding `binding` names ([`sysdisk::resolve`]).
+pub fn extent_of(img: &Path, binding: &str) -> Result<Extent> {
+    let b = sysdisk::resolve(img, binding)?;
+    if b.blocks == 0 {
+        bail!("binding {binding:?} on {}: no blocks", img.display());
+    }
     Ok(Extent {
         first_lba: b.first_lba,
         last_lba: b.first_lba + b.blocks - 1,
@@ -312,6 +320,28 @@ fn result_of(r: &RunResult, name: &str) -> Result<(String, String)> {
         .with_context(|| format!("test {name} printed no result: {}", r.report()))
 }
 
+/// Copies the blocks `extent` of `img` to the file `out`.
+fn copy_extent(img: &Path, extent: Extent, out: &Path) -> Result<()> {
+    let mut src = std::fs::File::open(img).with_context(|| format!("{}", img.display()))?;
+    src.seek(SeekFrom::Start(extent.offset()))?;
+    let mut dst = std::fs::File::create(out).with_context(|| format!("{}", out.display()))?;
+    let n = std::io::copy(&mut src.take(extent.bytes()), &mut dst)?;
+    if n != extent.bytes() {
+        bail!("{}: the extent {extent:?} passes the end", img.display());
+    }
+    Ok(())
+}
+
+/// The bytes of the blocks `extent` of `img`.
+pub fn read_extent(img: &Path, extent: Extent) -> Result<Vec<u8>> {
+    let mut f = std::fs::File::open(img).with_context(|| format!("{}", img.display()))?;
+    f.seek(SeekFrom::Start(extent.offset()))?;
+    let mut data = vec![0; usize::try_from(extent.bytes())?];
+    f.read_exact(&mut data)
+        .with_context(|| format!("{}: reading {extent:?}", img.display()))?;
+    Ok(data)
+}
+
 /// `e2fsck -fn` on the file system at `root` in `img` (a copy of it beside `img` when
 /// it is not the whole file): fails unless it is clean and consistent.
 pub fn fsck_in(img: &Path, root: Extent) -> Result<()> {
@@ -320,18 +350,73 @@ pub fn fsck_in(img: &Path, root: Extent) -> Result<()> {
         return fsck(img);
     }
     let copy = img.with_extension("root.img");
-    {
-        let mut src = std::fs::File::open(img)?;
-        src.seek(SeekFrom::Start(root.offset()))?;
-        let mut dst = std::fs::File::create(&copy)?;
-        let n = std::io::copy(&mut src.take(root.bytes()), &mut dst)?;
-        if n != root.bytes() {
-            bail!("{}: the root's extent passes the end", img.display());
-        }
-    }
+    copy_extent(img, root, &copy)?;
     let r = fsck(&copy);
     std::fs::remove_file(&copy).ok();
     r.with_context(|| format!("the root at block {} of {}", root.first_lba, img.display()))
+}
+
+/// The file `path` (absolute) of the ext4 file system at `root` in `img`, read on the
+/// host with `debugfs` (the file system is not mounted, nor changed).
+pub fn read_file_in(img: &Path, root: Extent, path: &str) -> Result<Vec<u8>> {
+    deps::ensure(&[deps::Tool::Ext4])?;
+    let fs = img.with_extension("dump-fs.img");
+    let out = img.with_extension("dump-file");
+    copy_extent(img, root, &fs)?;
+    let run = Command::new(deps::DEBUGFS)
+        .arg("-R")
+        .arg(format!("dump {path} {}", out.display()))
+        .arg(&fs)
+        .output()
+        .context("running debugfs");
+    std::fs::remove_file(&fs).ok();
+    let run = run?;
+    let data = std::fs::read(&out);
+    std::fs::remove_file(&out).ok();
+    // debugfs says what failed on stderr and exits 0 all the same.
+    let err = String::from_utf8_lossy(&run.stderr);
+    match data {
+        Ok(d) if run.status.success() && err.lines().all(|l| l.starts_with("debugfs ")) => Ok(d),
+        _ => bail!(
+            "debugfs: dump {path} from block {} of {} ({}): {err}",
+            root.first_lba,
+            img.display(),
+            run.status
+        ),
+    }
+}
+
+/// The blocks of `a` and `b` (two disk images) outside every extent of `skip` whose
+/// bytes differ, as ranges of blocks (`first..end`), and whether the two have the same
+/// length.
+pub fn differences_outside(
+    a: &Path,
+    b: &Path,
+    skip: &[Extent],
+) -> Result<(Vec<std::ops::Range<u64>>, bool)> {
+    let (x, y) = (
+        std::fs::read(a).with_context(|| format!("{}", a.display()))?,
+        std::fs::read(b).with_context(|| format!("{}", b.display()))?,
+    );
+    let block = gpt_image::BLOCK as usize;
+    let blocks = (x.len().min(y.len()) / block) as u64;
+    let mut out: Vec<std::ops::Range<u64>> = Vec::new();
+    for lba in 0..blocks {
+        if skip
+            .iter()
+            .any(|e| (e.first_lba..=e.last_lba).contains(&lba))
+        {
+            continue;
+        }
+        let at = lba as usize * block;
+        if x[at..at + block] != y[at..at + block] {
+            match out.last_mut() {
+                Some(r) if r.end == lba => r.end = lba + 1,
+                _ => out.push(lba..lba + 1),
+            }
+        }
+    }
+    Ok((out, x.len() == y.len()))
 }
 
 /// `e2fsck -fn` on `img`: fails unless the file system is clean and consistent.
@@ -479,6 +564,164 @@ pub fn crash(target: &Target) -> Result<Crash> {
     })
 }
 
+/// The VMs of [`isolation`] on the system disk `img`: **A** (`linux-a`, host CPU 0)
+/// bound to the root partition, its ext4 root, writing `/persist.bin` with `seed_a`
+/// (`persist-write`); **B** (`linux-b`, host CPU 1) bound to the data partition, in its
+/// initramfs, overwriting its whole `/dev/vda` with the stream of `seed_b` and reading
+/// it back (`fill`).
+pub fn isolation_vms(img: &Path, seed_a: u64, seed_b: u64) -> [NvmeVm; 2] {
+    [
+        NvmeVm {
+            name: "linux-a".into(),
+            host_cpu: 0,
+            tests: "root,persist-write".into(),
+            args: format!("peregrine.seed={seed_a}"),
+            ..NvmeVm::new(img)
+        },
+        NvmeVm {
+            name: "linux-b".into(),
+            host_cpu: 1,
+            binding: format!("part=name:{}", sysdisk::DATA_NAME),
+            tests: "root,size,fill".into(),
+            args: format!("peregrine.seed={seed_b}"),
+            root: false,
+            ..NvmeVm::new(img)
+        },
+    ]
+}
+
+/// The serial lines of the VM named `name` (the VMM's console tag `[name] `), untagged.
+pub fn vm_serial(serial: &str, name: &str) -> String {
+    let tag = format!("[{name}] ");
+    serial
+        .lines()
+        .filter_map(|l| Some(format!("{}\n", &l[l.find(&tag)? + tag.len()..])))
+        .collect()
+}
+
+/// What [`isolation`] saw.
+#[derive(Debug, Clone)]
+pub struct Isolation {
+    /// VM A's seed.
+    pub seed_a: u64,
+    /// VM B's seed.
+    pub seed_b: u64,
+    /// The MD5 of A's `/persist.bin`, as A printed it and the host read it back.
+    pub md5_a: String,
+    /// The MD5 of B's partition, as B printed it and the host read it back.
+    pub md5_b: String,
+    /// The root partition's and the data partition's blocks.
+    pub parts: [Extent; 2],
+    /// The run.
+    pub run: RunResult,
+}
+
+/// Two Linux VMs at once on one NVMe disk (Peregrine, two CPUs, the disk component and
+/// two VMMs, [`isolation_vms`]): A writes `/persist.bin` on its ext4 root partition,
+/// B overwrites its whole partition (`/dev/vda` in B) with a pattern; both must say so
+/// and power off. Then on the host: the root partition is `e2fsck`-clean and holds A's
+/// file, the data partition holds B's pattern, and every block outside both partitions
+/// (the protective MBR, both GPT headers and partition arrays, the gaps) is as built.
+/// The image is removed unless something failed.
+pub fn isolation(images: &Images, guest: &Guest) -> Result<Isolation> {
+    let dir = workspace::out_dir("linux/storage")?;
+    let img = dir.join("peregrine-two-vms.img");
+    let built = dir.join("peregrine-two-vms.built.img");
+    sysdisk::build(&guest.rootfs, &img)?;
+    std::fs::copy(&img, &built).with_context(|| format!("copying {}", img.display()))?;
+    let root = system_root(&img)?;
+    let data = extent_of(&img, &format!("part=name:{}", sysdisk::DATA_NAME))?;
+    let (seed_a, seed_b) = (fresh_seed(), fresh_seed() ^ 0xb);
+    let md5_a = linux::md5_hex(&pattern(seed_a, PERSIST_BYTES));
+    let fill = pattern(seed_b, usize::try_from(data.bytes())?);
+    let md5_b = linux::md5_hex(&fill);
+    let vms = isolation_vms(&img, seed_a, seed_b);
+    let spec = sysdisk::linux_vms_on_nvme_spec(
+        BootSpec::new("peregrine-two-vms", images).timeout(Duration::from_secs(600)),
+        images,
+        guest,
+        sysdisk::DISK_ARGS,
+        &vms,
+    );
+    let r = crate::qemu::run_qemu(&spec)?;
+    let want = [
+        (
+            &vms[0].name,
+            vec![
+                ("root", format!("ext4 {}", sysdisk::SESSION_ROOT_DEVICE)),
+                ("persist-write", format!("ok {md5_a}")),
+            ],
+        ),
+        (
+            &vms[1].name,
+            vec![
+                ("root", "rootfs rootfs".to_string()),
+                ("size", data.bytes().to_string()),
+                ("fill", format!("ok {md5_b}")),
+            ],
+        ),
+    ];
+    for (name, tests) in &want {
+        let serial = vm_serial(&r.serial, name);
+        let results = test_results(&serial);
+        for (test, expect) in tests {
+            let got = results
+                .iter()
+                .find(|t| t.0 == *test)
+                .map(|t| format!("{} {}", t.1, t.2).trim_end().to_string());
+            if got.as_deref() != Some(expect.as_str()) {
+                bail!(
+                    "VM {name}: {test}: {got:?}, want {expect:?} (seeds {seed_a}, {seed_b}): {}",
+                    r.report()
+                );
+            }
+        }
+        if !serial.contains("vmm: guest powered off") {
+            bail!("VM {name} did not power off: {}", r.report());
+        }
+    }
+    if !(r.exit == Exit::Success && r.passed("vmm")) {
+        bail!("the root's test=vmm did not pass: {}", r.report());
+    }
+    fsck_in(&img, root)?;
+    let file = read_file_in(&img, root, "/persist.bin")?;
+    if linux::md5_hex(&file) != md5_a {
+        bail!(
+            "/persist.bin on the root partition of {}: {} bytes, MD5 {}, not A's {md5_a}",
+            img.display(),
+            file.len(),
+            linux::md5_hex(&file)
+        );
+    }
+    let on_disk = read_extent(&img, data)?;
+    if on_disk != fill {
+        let first = on_disk.iter().zip(&fill).position(|(a, b)| a != b);
+        bail!(
+            "the data partition of {} is not B's pattern (first difference at byte {first:?})",
+            img.display()
+        );
+    }
+    let (changed, same_len) = differences_outside(&img, &built, &[root, data])?;
+    if !changed.is_empty() || !same_len {
+        bail!(
+            "blocks outside both partitions changed: {changed:?} (same length: {same_len}; \
+             {} against {})",
+            img.display(),
+            built.display()
+        );
+    }
+    std::fs::remove_file(&img).ok();
+    std::fs::remove_file(&built).ok();
+    Ok(Isolation {
+        seed_a,
+        seed_b,
+        md5_a,
+        md5_b,
+        parts: [root, data],
+        run: r,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -604,6 +847,73 @@ mod tests {
         assert!(!(p.powered_off)(&r(Exit::Other(0), off)));
     }
 
+    #[test]
+    fn isolation_vms_are_two_vmms_on_the_two_partitions() {
+        let [a, b] = isolation_vms(Path::new("/s/d.img"), 5, 6);
+        assert_eq!((a.name.as_str(), a.host_cpu), ("linux-a", 0));
+        assert_eq!((b.name.as_str(), b.host_cpu), ("linux-b", 1));
+        assert_eq!(a.binding, sysdisk::DEFAULT_BINDING);
+        assert_eq!(b.binding, "part=name:peregrine-data");
+        assert!(a.root && !b.root);
+        assert_eq!(a.tests, "root,persist-write");
+        assert!(b.tests.ends_with(",fill"));
+        assert_eq!(
+            (a.args.as_str(), b.args.as_str()),
+            ("peregrine.seed=5", "peregrine.seed=6")
+        );
+        let init = include_str!("../../guests/linux/init");
+        assert!(init.contains("fill) t_fill ;;"));
+    }
+
+    #[test]
+    fn vm_serial_keeps_one_vms_lines() {
+        let log = "[root] x\n[linux-a] PEREGRINE-TEST root ext4 /dev/vda\r\n\
+                   [linux-b] PEREGRINE-TEST size 5\n[linux-a] vmm: guest powered off\n";
+        assert_eq!(
+            vm_serial(log, "linux-a"),
+            "PEREGRINE-TEST root ext4 /dev/vda\nvmm: guest powered off\n"
+        );
+        assert_eq!(test_results(&vm_serial(log, "linux-b"))[0].1, "5");
+        assert_eq!(vm_serial(log, "linux"), "");
+    }
+
+    /// Blocks that differ outside the extents given, as runs; the skipped ones are not
+    /// looked at.
+    #[test]
+    fn differences_outside_skips_the_extents() {
+        let dir = workspace::out_dir(&format!("test-diff.{}", std::process::id())).unwrap();
+        let (a, b) = (dir.join("a.img"), dir.join("b.img"));
+        let mut x = vec![0u8; 16 * 512];
+        std::fs::write(&a, &x).unwrap();
+        for lba in [1, 2, 5, 9, 15] {
+            x[lba * 512 + 7] = 1;
+        }
+        std::fs::write(&b, &x).unwrap();
+        let skip = [Extent {
+            first_lba: 4,
+            last_lba: 9,
+        }];
+        let (d, same) = differences_outside(&a, &b, &skip).unwrap();
+        assert_eq!(d, vec![1..3, 15..16]);
+        assert!(same);
+        x.truncate(15 * 512);
+        std::fs::write(&b, &x).unwrap();
+        let (d, same) = differences_outside(&a, &b, &skip).unwrap();
+        assert_eq!((d.len(), d[0].clone(), same), (1, 1..3, false));
+        assert_eq!(
+            read_extent(
+                &a,
+                Extent {
+                    first_lba: 1,
+                    last_lba: 2
+                }
+            )
+            .unwrap(),
+            vec![0; 1024]
+        );
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
     /// The root partition of a system disk is checked in place of the whole image, and
     /// a damaged one fails.
     #[test]
@@ -622,6 +932,8 @@ mod tests {
         let root = (Target::qemu_gpt(&guest(&rootfs)).image)(&img).unwrap();
         assert_eq!(root.first_lba, gpt_image::ALIGN_BLOCKS);
         fsck_in(&img, root).unwrap();
+        assert_eq!(read_file_in(&img, root, "/etc/x").unwrap(), b"x\n");
+        assert!(read_file_in(&img, root, "/etc/none").is_err());
         // The superblock's magic (at 1024 + 56 in the file system) broken.
         let mut data = std::fs::read(&img).unwrap();
         data[root.offset() as usize + 1024 + 56] ^= 0xff;

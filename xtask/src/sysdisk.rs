@@ -1,6 +1,6 @@
 //! The system disk: a GPT image ([`crate::gpt_image`]) with the Linux guest's ext4
 //! root as partition 1 ([`ROOT_NAME`]) and a scratch partition 2 ([`DATA_NAME`],
-//! [`DATA_MIB`] MiB of a pattern, for `bench disk` and the isolation tests), and the
+//! [`DATA_MIB`] MiB of a pattern, which the two-VM isolation test overwrites), and the
 //! boot of Linux on Peregrine from it: QEMU's NVMe controller on the image, the disk
 //! component (`nul-disk role=disk`, the NVMe driver and disk service) and a VMM whose
 //! virtio-blk disk is the partition its binding (`blk=`) names, so the guest sees that
@@ -39,6 +39,9 @@ pub const DATA_GUID: Guid = guid!("70657265-6772-696e-6500-000000000002");
 pub const DEFAULT_BINDING: &str = "part=name:peregrine-root";
 /// The disk component's arguments: QEMU's NVMe controller, MSI-X, 1024 DMA pages.
 pub const DISK_ARGS: &str = "role=disk pci=nvme msi=1 dma=1024";
+/// The same, the controller polled instead of interrupting (the measured alternative,
+/// `bench disk`'s `poll` rows).
+pub const DISK_ARGS_POLLED: &str = "role=disk pci=nvme poll dma=1024";
 /// The NVMe controller's serial number in QEMU.
 pub const NVME_SERIAL: &str = "peregrine";
 /// The guest's root device on Peregrine: the session's disk, the bound partition alone.
@@ -162,6 +165,10 @@ pub struct NvmeVm {
     /// Mount the session's disk as the root (`peregrine.root=`); off, the guest stays
     /// in its initramfs and the disk is just `/dev/vda`.
     pub root: bool,
+    /// The VMM's name (`name=`), which tags its console lines (`[linux] …`).
+    pub name: String,
+    /// The host CPU of vCPU 0 (the VMM's `cpu=`); vCPU i runs on `host_cpu + i`.
+    pub host_cpu: u32,
 }
 
 impl NvmeVm {
@@ -175,6 +182,8 @@ impl NvmeVm {
             args: String::new(),
             interactive: false,
             root: true,
+            name: "linux".into(),
+            host_cpu: 0,
         }
     }
 
@@ -200,28 +209,58 @@ impl NvmeVm {
 /// controller on `vm.image`. The root runs `test=vmm`, waiting for the VM's power-off:
 /// 600 s with tests, a year for the shell.
 pub fn linux_on_nvme_spec(spec: BootSpec, images: &Images, guest: &Guest, vm: &NvmeVm) -> BootSpec {
-    let root = if vm.tests.is_empty() {
+    linux_vms_on_nvme_spec(spec, images, guest, DISK_ARGS, std::slice::from_ref(vm))
+}
+
+/// [`linux_on_nvme_spec`] with several VMs at once on the one disk (all of `vms` on the
+/// same image), each a VMM of its own with its binding, name and host CPU, and the disk
+/// component started with `disk_args` ([`DISK_ARGS`], [`DISK_ARGS_POLLED`]). QEMU gets
+/// a CPU for the highest `host_cpu` (a VM's further vCPUs wrap around the CPUs there
+/// are, as ever) and RAM for every VM's
+/// [`VMM_MEM_MIB`] besides the system. The root waits for every VM's power-off; a
+/// year when one of them runs the shell.
+///
+/// # Panics
+///
+/// Without VMs, or with VMs on different images (QEMU has one NVMe controller).
+pub fn linux_vms_on_nvme_spec(
+    spec: BootSpec,
+    images: &Images,
+    guest: &Guest,
+    disk_args: &str,
+    vms: &[NvmeVm],
+) -> BootSpec {
+    let first = vms.first().expect("at least one VM");
+    assert!(
+        vms.iter().all(|v| v.image == first.image),
+        "the VMs share one disk image"
+    );
+    let root = if vms.iter().any(|v| v.tests.is_empty()) {
         "test=vmm secs=31536000"
     } else {
         "test=vmm secs=600"
     };
-    let flags = format!(
-        "blk={} {}",
-        vm.binding,
-        if vm.interactive { "interactive " } else { "" }
-    );
-    let mut spec = spec
-        .root_args(root)
-        .module(images.disk(), DISK_ARGS)
-        .module(
+    let mut spec = spec.root_args(root).module(images.disk(), disk_args);
+    for vm in vms {
+        let flags = format!(
+            "blk={} {}",
+            vm.binding,
+            if vm.interactive { "interactive " } else { "" }
+        );
+        spec = spec.module(
             images.vmm(),
-            &linux::vmm_line(guest, vm.cpus, &flags, &vm.cmdline()),
-        )
+            &linux::vmm_line_on(guest, &vm.name, vm.host_cpu, vm.cpus, &flags, &vm.cmdline()),
+        );
+    }
+    let mut spec = spec
         .module(guest.kernel.clone(), "")
         .module(guest.initramfs.clone(), "");
-    spec.extra_qemu_args.extend(nvme_args(&vm.image));
-    // Room for the guest's RAM besides the kernel, the root and the modules.
-    spec.memory_mib = spec.memory_mib.max(VMM_MEM_MIB + 256);
+    spec.extra_qemu_args.extend(nvme_args(&first.image));
+    let cpus = vms.iter().map(|v| v.host_cpu + 1).max().unwrap_or(1);
+    spec.smp = spec.smp.max(cpus);
+    // Room for the guests' RAM besides the kernel, the root and the modules.
+    let n = u32::try_from(vms.len()).unwrap_or(u32::MAX);
+    spec.memory_mib = spec.memory_mib.max(VMM_MEM_MIB * n + 256);
     spec
 }
 
@@ -299,6 +338,88 @@ mod tests {
                  peregrine.root=/dev/vda peregrine.seed=9"
             ),
             "{vmm}"
+        );
+    }
+
+    #[test]
+    fn several_vms_share_the_disk_component_and_the_disk() {
+        let img = Path::new("/d.img");
+        let a = NvmeVm {
+            name: "linux-a".into(),
+            tests: "root".into(),
+            ..NvmeVm::new(img)
+        };
+        let b = NvmeVm {
+            name: "linux-b".into(),
+            host_cpu: 1,
+            binding: "part=2".into(),
+            tests: "size".into(),
+            root: false,
+            ..NvmeVm::new(img)
+        };
+        let spec = linux_vms_on_nvme_spec(
+            BootSpec::new("t", &images()),
+            &images(),
+            &guest(),
+            DISK_ARGS_POLLED,
+            &[a.clone(), b],
+        );
+        let m: Vec<&str> = spec.modules.iter().map(|(_, a)| a.as_str()).collect();
+        assert_eq!(m.len(), 6);
+        assert_eq!(m[0], "test=vmm secs=600");
+        assert_eq!(m[1], DISK_ARGS_POLLED);
+        assert!(
+            m[2].starts_with("name=linux-a guest=vmlinuz-6.1 "),
+            "{}",
+            m[2]
+        );
+        assert!(
+            m[2].contains(" cpu=0 blk=part=name:peregrine-root -- "),
+            "{}",
+            m[2]
+        );
+        assert!(m[3].starts_with("name=linux-b "), "{}", m[3]);
+        assert!(m[3].contains(" cpu=1 blk=part=2 -- "), "{}", m[3]);
+        assert!(!m[3].contains("peregrine.root="), "{}", m[3]);
+        assert_eq!(
+            (spec.modules[4].0.as_path(), spec.modules[5].0.as_path()),
+            (Path::new("/g/vmlinuz-6.1"), Path::new("/g/initramfs.cpio"))
+        );
+        assert_eq!(spec.smp, 2);
+        assert!(spec.memory_mib >= 2 * VMM_MEM_MIB + 256);
+        assert_eq!(
+            spec.extra_qemu_args
+                .iter()
+                .filter(|a| *a == "-drive")
+                .count(),
+            1
+        );
+        // One VM: what linux_on_nvme_spec gives.
+        let one = linux_vms_on_nvme_spec(
+            BootSpec::new("t", &images()),
+            &images(),
+            &guest(),
+            DISK_ARGS,
+            std::slice::from_ref(&a),
+        );
+        let single = linux_on_nvme_spec(BootSpec::new("t", &images()), &images(), &guest(), &a);
+        assert_eq!(one.modules, single.modules);
+        assert_eq!((one.smp, one.memory_mib), (1, 512));
+    }
+
+    #[test]
+    #[should_panic(expected = "one disk image")]
+    fn vms_on_two_images_are_refused() {
+        let vms = [
+            NvmeVm::new(Path::new("/a.img")),
+            NvmeVm::new(Path::new("/b.img")),
+        ];
+        linux_vms_on_nvme_spec(
+            BootSpec::new("t", &images()),
+            &images(),
+            &guest(),
+            DISK_ARGS,
+            &vms,
         );
     }
 
