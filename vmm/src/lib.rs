@@ -40,6 +40,7 @@ pub mod clock;
 pub mod cpuid;
 pub mod emul;
 pub mod exit;
+pub mod fw_cfg;
 pub mod hpet;
 pub mod ioapic;
 pub mod kvmclock;
