@@ -51,6 +51,7 @@ pub mod pc;
 pub mod pci;
 pub mod pic8259;
 pub mod pit8254;
+pub mod qemu_testdev;
 pub mod rtc_cmos;
 pub mod sync;
 pub mod testdev;
