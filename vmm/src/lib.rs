@@ -17,17 +17,20 @@
 //! | [`hpet`]      | HPET: counter, 3 timers, legacy routing  | MMIO 0xfed00000          |
 //! | [`pci`]       | PCI host bridge, bus 0, CAM and ECAM     | 0xcf8, 0xcfc, ECAM base  |
 //! | [`virtio`]    | virtio-pci console and block             | PCI BAR 0, INTA#         |
+//! | [`fw_cfg`]    | QEMU's fw_cfg and its DMA interface      | 0x510–0x511, 0x514       |
+//! | [`qemu_testdev`] | isa-debug-exit, pc-testdev            | 0xf4, 0xe0–0xeb, 0x2000+ |
 //!
 //! Beside the devices: [`vcpu`] is the one trait the VMM needs from the platform (guest
 //! memory, the register file, injection, a timer) with the guest page-table walker;
 //! [`emul`] emulates the instructions behind MMIO and string I/O exits; [`boot`] loads a
 //! Linux bzImage for the 64-bit boot protocol; [`acpi`] generates the guest's ACPI
 //! tables; [`cpuid`] and [`kvmclock`] are the KVM-compatible paravirtual interface.
-//! [`testdev`] are the bare-metal test guest's devices, [`loader`] loads its ELF image
-//! and [`exit`] is its machine. [`pc`] is the machine that boots Linux: every device
-//! above wired together, the kernel and ACPI tables loaded, and its exit handler. Both
-//! machines are boards over [`machine`], the typed exits and the exit handling they
-//! share.
+//! [`fw_cfg`] and [`qemu_testdev`] are QEMU's devices for test kernels (kvm-unit-tests),
+//! on the PC only when the VMM asks ([`pc::Pc::add_qemu_devices`]). [`testdev`] are the
+//! bare-metal test guest's devices, [`loader`] loads its ELF image and [`exit`] is its
+//! machine. [`pc`] is the machine that boots Linux: every device above wired together,
+//! the kernel and ACPI tables loaded, and its exit handler. Both machines are boards
+//! over [`machine`], the typed exits and the exit handling they share.
 #![cfg_attr(not(test), no_std)]
 
 extern crate alloc;
@@ -40,6 +43,7 @@ pub mod clock;
 pub mod cpuid;
 pub mod emul;
 pub mod exit;
+pub mod fw_cfg;
 pub mod hpet;
 pub mod ioapic;
 pub mod kvmclock;
@@ -50,6 +54,7 @@ pub mod pc;
 pub mod pci;
 pub mod pic8259;
 pub mod pit8254;
+pub mod qemu_testdev;
 pub mod rtc_cmos;
 pub mod sync;
 pub mod testdev;

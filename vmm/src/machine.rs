@@ -524,6 +524,7 @@ pub fn act<B: Board + ?Sized, P: Platform + ?Sized>(
     match action {
         None => Step::Resume,
         Some(Action::Done(code)) => Step::End(End::Done(code)),
+        Some(Action::DebugExit(value)) => Step::End(End::DebugExit { value }),
         Some(Action::PowerOff) => Step::End(End::PowerOff),
         Some(Action::Reset) => Step::End(End::Reset),
         Some(Action::StartVcpu(n)) => b.start_vcpu(n),

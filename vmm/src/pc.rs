@@ -59,8 +59,11 @@ use crate::virtio::block::{BlockBackend, BlockError, VirtioBlock, SECTOR_SIZE};
 use crate::virtio::pci::VirtioPci;
 
 mod msr;
+mod qemu;
 #[cfg(test)]
 mod tests;
+
+pub use qemu::{FwCfgSetup, QemuDevices, QemuDevicesError};
 
 /// COM1.
 pub const COM1_BASE: u64 = 0x3f8;
@@ -342,8 +345,11 @@ pub struct Pc {
     core: Core,
     kvm: KvmCpuid,
     apics: Arc<Apics>,
-    lapics: Vec<Arc<SpinLock<Lapic>>>,
+    // A boxed slice (never resized), as `kvmclock` below: room for `pic`.
+    lapics: Box<[Arc<SpinLock<Lapic>>]>,
     ioapic: Arc<SpinLock<IoApic>>,
+    /// For ISA lines added later ([`Pc::add_qemu_devices`]).
+    pic: Arc<SpinLock<PicPair>>,
     pit: Arc<SpinLock<Pit>>,
     rtc: Arc<SpinLock<Rtc>>,
     pm: Arc<SpinLock<AcpiPm>>,
@@ -549,7 +555,7 @@ impl Pc {
         let host = Arc::new(SpinLock::new(host));
 
         // Fixed, non-overlapping ranges on empty buses: these inserts cannot fail.
-        let p: SharedDevice = pic;
+        let p: SharedDevice = pic.clone();
         for base in [MASTER_BASE, SLAVE_BASE, ELCR_BASE] {
             let _ = pio.insert(base, 2, p.clone());
         }
@@ -592,8 +598,9 @@ impl Pc {
             clock,
             kvm: KvmCpuid::default(),
             apics,
-            lapics,
+            lapics: lapics.into_boxed_slice(),
             ioapic,
+            pic,
             pit,
             rtc,
             pm,

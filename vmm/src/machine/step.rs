@@ -29,6 +29,12 @@ pub enum End {
     Done(u32),
     /// The guest powered the machine off.
     PowerOff,
+    /// The guest ended the VM through QEMU's isa-debug-exit; the VM's exit status is
+    /// `(value << 1) | 1` ([`End::exit_status`]), as QEMU's process status would be.
+    DebugExit {
+        /// What the guest wrote.
+        value: u32,
+    },
     /// The guest reset the machine (not supported: ended).
     Reset,
     /// Triple fault (shutdown).
@@ -92,6 +98,11 @@ impl fmt::Display for End {
         match *self {
             End::Done(code) => write!(f, "guest done {code}"),
             End::PowerOff => write!(f, "guest powered off"),
+            End::DebugExit { value } => write!(
+                f,
+                "guest exited through isa-debug-exit with {value:#x} (status {})",
+                crate::qemu_testdev::debug_exit_status(value)
+            ),
             End::Reset => write!(f, "guest reset (not supported)"),
             End::TripleFault { rip } => write!(f, "triple fault at rip {rip:#x}"),
             End::InvalidState { qual } => {
@@ -128,10 +139,15 @@ impl fmt::Display for End {
 
 impl End {
     /// A number for the end (kind in bits 32–39, the guest's code in 0–31 for
-    /// [`End::Done`]): how the VMM reports it to the root.
+    /// [`End::Done`], the low 32 bits of the exit status for [`End::DebugExit`]): how
+    /// the VMM reports it to the root.
     pub fn code(&self) -> u64 {
         let kind = match self {
             End::Done(c) => return u64::from(*c),
+            End::DebugExit { value } => {
+                let status = crate::qemu_testdev::debug_exit_status(*value) as u32;
+                return 12 << 32 | u64::from(status);
+            }
             End::PowerOff => 1,
             End::Reset => 2,
             End::TripleFault { .. } => 3,
@@ -145,5 +161,14 @@ impl End {
             End::VmmFault { .. } => 11,
         };
         kind << 32
+    }
+
+    /// The exit status the guest asked for: `(value << 1) | 1` for
+    /// [`End::DebugExit`] (what QEMU exits with), none for the other ends.
+    pub fn exit_status(&self) -> Option<u64> {
+        match *self {
+            End::DebugExit { value } => Some(crate::qemu_testdev::debug_exit_status(value)),
+            _ => None,
+        }
     }
 }

@@ -562,3 +562,269 @@ fn a_session_disk_completes_through_the_io_apic() {
     exit(&pc, &mut v, ev::RECALL);
     assert_eq!(v.regs.inj_info, 0x8000_0030);
 }
+
+// QEMU's test devices on the PC ([`Pc::add_qemu_devices`]), through the exit handler.
+mod qemu {
+    use super::*;
+    use crate::fw_cfg::{self, dma, key};
+    use crate::qemu_testdev as td;
+
+    /// `out` of `size` bytes of `value` to `port`, through an I/O exit (with interrupts
+    /// disabled: [`take`] takes what it raised).
+    fn out(s: &Setup, v: &mut MockVcpu, port: u64, size: u64, value: u64) -> Step {
+        v.regs.rflags = 0;
+        v.regs.qual[0] = (size - 1) | port << 16;
+        v.regs.inst_len = 1;
+        v.regs.gpr[gpr::RAX] = value;
+        exit(&s.pc, v, ev::IO)
+    }
+
+    /// `in` of `size` bytes from `port`, through an I/O exit.
+    fn inp(s: &Setup, v: &mut MockVcpu, port: u64, size: u64) -> u64 {
+        v.regs.rflags = 0;
+        v.regs.qual[0] = (size - 1) | 8 | port << 16;
+        v.regs.inst_len = 1;
+        v.regs.gpr[gpr::RAX] = 0;
+        assert_eq!(exit(&s.pc, v, ev::IO), Step::Resume);
+        v.regs.gpr[gpr::RAX] & ((1 << (size * 8)) - 1)
+    }
+
+    fn with_devices(vcpus: u32, devs: &QemuDevices) -> Setup {
+        let mut s = pc(vcpus);
+        let mem = s.mem.clone();
+        s.pc.add_qemu_devices(devs, mem).unwrap();
+        s
+    }
+
+    #[test]
+    fn the_linux_pc_has_none_of_them_by_default() {
+        let s = pc(1);
+        let mut v = vcpu();
+        for port in [0x510, 0x511, 0x514, 0xf4, 0xe0, 0xe8, 0x2000, 0x200e] {
+            assert_eq!(inp(&s, &mut v, port, 1), 0xff, "port {port:#x}");
+        }
+        assert_eq!(out(&s, &mut v, 0xf4, 4, 1), Step::Resume);
+        assert!(s.pc.core().mmio.resolve(td::IOMEM_ADDR, 1).is_none());
+    }
+
+    #[test]
+    fn fw_cfg_reads_the_pcs_configuration_through_port_exits() {
+        let s = with_devices(
+            2,
+            &QemuDevices {
+                fw_cfg: Some(FwCfgSetup {
+                    boot: fw_cfg::BootItems {
+                        cmdline: Some((0x2_0000, b"a=1".to_vec())),
+                        ..Default::default()
+                    },
+                    files: vec![("opt/org.example/x".into(), vec![7; 3])],
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+        );
+        let mut v = vcpu();
+        // kvm-unit-tests' fwcfg_get_u(): `out dx, ax` of the key, then byte `in`s.
+        let get = |v: &mut MockVcpu, k: u16, n: usize| -> Vec<u8> {
+            out(&s, v, fw_cfg::SELECTOR_PORT, 2, u64::from(k));
+            (0..n)
+                .map(|_| inp(&s, v, fw_cfg::DATA_PORT, 1) as u8)
+                .collect()
+        };
+        assert_eq!(get(&mut v, key::SIGNATURE, 4), b"QEMU");
+        assert_eq!(get(&mut v, key::ID, 4), [1, 0, 0, 0], "no DMA asked");
+        assert_eq!(get(&mut v, key::RAM_SIZE, 8), RAM.to_le_bytes());
+        assert_eq!(get(&mut v, key::NB_CPUS, 2), [2, 0]);
+        assert_eq!(get(&mut v, key::MAX_CPUS, 2), [2, 0]);
+        assert_eq!(
+            get(&mut v, key::KERNEL_DATA, 8),
+            [0; 8],
+            "MAX_RAM: no limit"
+        );
+        assert_eq!(get(&mut v, key::CMDLINE_DATA, 5), b"a=1\0\0");
+        let e820 = get(&mut v, 0x20, 4 * 20 + 1);
+        assert_eq!(&e820[..80], &fw_cfg::e820_file(&memory_map(RAM))[..]);
+        assert_eq!(e820[80], 0);
+        assert_eq!(get(&mut v, 0x21, 4), [7, 7, 7, 0]);
+        assert_eq!(get(&mut v, key::FILE_DIR, 4), 2u32.to_be_bytes());
+        // No DMA register without DMA.
+        assert_eq!(inp(&s, &mut v, fw_cfg::DMA_PORT, 4), 0xffff_ffff);
+        // A refused file refuses the lot, and the buses stay as they were.
+        let mut t = pc(1);
+        let bad = QemuDevices {
+            fw_cfg: Some(FwCfgSetup {
+                files: vec![("etc/e820".into(), Vec::new())],
+                ..Default::default()
+            }),
+            debug_exit: true,
+            ..Default::default()
+        };
+        let n = t.pc.core().pio.len();
+        let mem = t.mem.clone();
+        assert_eq!(
+            t.pc.add_qemu_devices(&bad, mem),
+            Err(QemuDevicesError::FwCfg(fw_cfg::FwCfgError::Exists))
+        );
+        assert_eq!(t.pc.core().pio.len(), n);
+    }
+
+    #[test]
+    fn fw_cfg_dma_reads_guest_memory_the_pc_was_built_over() {
+        let s = with_devices(1, &QemuDevices::kvm_unit_tests());
+        let mut v = vcpu();
+        assert_eq!(
+            inp(&s, &mut v, fw_cfg::DMA_PORT, 4),
+            0x554d_4551,
+            "\"QEMU\""
+        );
+        out(&s, &mut v, fw_cfg::SELECTOR_PORT, 2, u64::from(key::ID));
+        assert_eq!(inp(&s, &mut v, fw_cfg::DATA_PORT, 1), 3);
+        // Select NB_CPUS and read it to 0x3000 with an access at 0x2000.
+        let access = 0x2000u64;
+        let mut a = (u32::from(key::NB_CPUS) << 16 | dma::SELECT | dma::READ)
+            .to_be_bytes()
+            .to_vec();
+        a.extend_from_slice(&2u32.to_be_bytes());
+        a.extend_from_slice(&0x3000u64.to_be_bytes());
+        s.mem.0.lock()[access as usize..access as usize + 16].copy_from_slice(&a);
+        // `outl(bswap32(addr), 0x518)`: the little-endian eax of the big-endian half.
+        let low = u32::from_le_bytes((access as u32).to_be_bytes());
+        out(&s, &mut v, fw_cfg::DMA_PORT + 4, 4, u64::from(low));
+        assert_eq!(s.mem.bytes(access, 4), [0; 4], "control 0: done");
+        assert_eq!(s.mem.bytes(0x3000, 2), [1, 0]);
+    }
+
+    #[test]
+    fn debug_exit_ends_the_vm_with_its_status() {
+        let s = with_devices(1, &QemuDevices::kvm_unit_tests());
+        let mut v = vcpu();
+        // kvm-unit-tests' exit(code): `outl(code, 0xf4)`.
+        let step = out(&s, &mut v, td::DEBUG_EXIT_PORT, 4, 0);
+        assert_eq!(step, Step::End(End::DebugExit { value: 0 }));
+        let Step::End(end) = out(&s, &mut v, td::DEBUG_EXIT_PORT, 4, 0x7f) else {
+            panic!("no end")
+        };
+        assert_eq!(end, End::DebugExit { value: 0x7f });
+        assert_eq!(end.exit_status(), Some(0xff));
+        assert_eq!(end.code(), 12 << 32 | 0xff);
+        assert_eq!(End::PowerOff.exit_status(), None);
+        assert!(end.to_string().contains("status 255"), "{end}");
+        // realmode.c's `outb(code, 0xf4)`.
+        assert_eq!(
+            out(&s, &mut v, td::DEBUG_EXIT_PORT, 1, 0x1_0003),
+            Step::End(End::DebugExit { value: 3 })
+        );
+        // The largest value: the status keeps its 33 bits, the report its low 32.
+        let end = End::DebugExit { value: u32::MAX };
+        assert_eq!(end.exit_status(), Some(0x1_ffff_ffff));
+        assert_eq!(end.code(), 12 << 32 | 0xffff_ffff);
+    }
+
+    /// Programs I/O APIC `pin` to `vector` (physical destination 0), edge or level.
+    fn route(s: &Setup, pin: u32, vector: u8, level: bool) {
+        let w = |reg: u32, val: u32| {
+            s.pc.core()
+                .mmio
+                .write(IOAPIC_BASE, &reg.to_le_bytes())
+                .unwrap();
+            s.pc.core()
+                .mmio
+                .write(IOAPIC_BASE + 0x10, &val.to_le_bytes())
+                .unwrap();
+        };
+        w(0x11 + 2 * pin, 0);
+        w(0x10 + 2 * pin, u32::from(vector) | u32::from(level) << 15);
+    }
+
+    /// Takes the interrupt pending for vCPU 0 at a recall exit: its vector, if any.
+    fn take(s: &Setup, v: &mut MockVcpu) -> Option<u8> {
+        v.regs.rflags = bits::IF;
+        v.regs.inj_info = 0;
+        v.regs.intr_state = 0;
+        exit(&s.pc, v, ev::RECALL);
+        (v.regs.inj_info & 0x8000_0000 != 0).then_some(v.regs.inj_info as u8)
+    }
+
+    /// The x2APIC EOI write (interrupts disabled: a redelivered interrupt waits).
+    fn eoi(s: &Setup, v: &mut MockVcpu) {
+        v.regs.rflags = 0;
+        v.regs.inj_info = 0;
+        v.regs.gpr[gpr::RCX] = 0x80b;
+        v.regs.gpr[gpr::RAX] = 0;
+        v.regs.gpr[gpr::RDX] = 0;
+        assert_eq!(exit(&s.pc, v, ev::WRMSR), Step::Resume);
+        assert_eq!(v.regs.inj_info & 0xffff_ffff, 0, "nothing injected");
+    }
+
+    #[test]
+    fn testdev_irq_lines_reach_the_pic_and_the_io_apic() {
+        let s = with_devices(1, &QemuDevices::kvm_unit_tests());
+        let mut v = vcpu();
+        wrmsr(
+            &s.pc,
+            &mut v,
+            0x1b,
+            0xfee0_0000 | 1 << 11 | 1 << 10 | 1 << 8,
+        );
+        wrmsr(&s.pc, &mut v, 0x80f, 0x1ff);
+
+        // ioapic.c's edge test: toggle line 0x0e, pin 14 edge-triggered.
+        route(&s, 14, 0x2e, false);
+        assert_eq!(out(&s, &mut v, td::IRQ_PORT + 0x0e, 1, 1), Step::Resume);
+        assert_eq!(out(&s, &mut v, td::IRQ_PORT + 0x0e, 1, 0), Step::Resume);
+        assert_eq!(take(&s, &mut v), Some(0x2e));
+        eoi(&s, &mut v);
+        assert_eq!(take(&s, &mut v), None, "one edge, one interrupt");
+        // The PIC saw it too: IRQ 14 is the slave's input 6 (its IRR, read at 0xa0).
+        assert_eq!(inp(&s, &mut v, 0xa0, 1) & 1 << 6, 1 << 6);
+
+        // Level-triggered: the interrupt comes again after EOI while the line stays high.
+        route(&s, 14, 0x3e, true);
+        out(&s, &mut v, td::IRQ_PORT + 0x0e, 1, 1);
+        assert_eq!(take(&s, &mut v), Some(0x3e));
+        eoi(&s, &mut v);
+        assert_eq!(take(&s, &mut v), Some(0x3e), "still high");
+        out(&s, &mut v, td::IRQ_PORT + 0x0e, 1, 0);
+        eoi(&s, &mut v);
+        assert_eq!(take(&s, &mut v), None);
+        assert_eq!(
+            s.pc.ioapic.lock().entry(14).unwrap() & crate::ioapic::rte::REMOTE_IRR,
+            0
+        );
+
+        // Line 0 is ISA IRQ 0: I/O APIC input 2 and the master PIC's input 0.
+        route(&s, 2, 0x30, false);
+        out(&s, &mut v, td::IRQ_PORT, 1, 1);
+        assert_eq!(take(&s, &mut v), Some(0x30));
+        eoi(&s, &mut v);
+        assert_eq!(inp(&s, &mut v, 0x20, 1) & 1, 1);
+        out(&s, &mut v, td::IRQ_PORT, 1, 0);
+
+        // Lines 16-23 are I/O APIC inputs 16-23.
+        route(&s, 19, 0x40, false);
+        out(&s, &mut v, td::IRQ_PORT + 19, 1, 1);
+        assert_eq!(take(&s, &mut v), Some(0x40));
+        eoi(&s, &mut v);
+
+        // The register ports and the memory area.
+        out(&s, &mut v, td::IOPORT, 4, 0xdead_beef);
+        assert_eq!(inp(&s, &mut v, td::IOPORT, 2), 0xbeef);
+        assert_eq!(inp(&s, &mut v, td::IOPORT_BYTE + 3, 1), 0xde);
+        assert_eq!(out(&s, &mut v, td::FLUSH_PORT, 4, 0x1000), Step::Resume);
+        let m = &s.pc.core().mmio;
+        m.write(td::IOMEM_ADDR + 8, &[1, 2, 3]).unwrap();
+        let mut b = [0u8; 2];
+        m.read(td::IOMEM_ADDR + 9, &mut b).unwrap();
+        assert_eq!(b, [2, 3]);
+    }
+
+    #[test]
+    fn adding_the_devices_twice_is_refused() {
+        let mut s = with_devices(1, &QemuDevices::kvm_unit_tests());
+        let mem = s.mem.clone();
+        assert!(matches!(
+            s.pc.add_qemu_devices(&QemuDevices::kvm_unit_tests(), mem),
+            Err(QemuDevicesError::Bus(_))
+        ));
+    }
+}
