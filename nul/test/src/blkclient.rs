@@ -152,6 +152,19 @@ pub fn run(si: &StartInfo) -> ! {
     submit(&mut ring);
     expect_all(si, &mut ring, 1, seed, Status::Range);
     println!("blkclient {}: requests outside the session refused", seed);
+    if let Some(n) = start_info::arg_u64(args, "lat") {
+        // `lat=N`: N one-block reads one after another: the service's and the disk's
+        // latency without a VM.
+        let t0 = hc::rdtsc();
+        for k in 0..n {
+            tag += 1;
+            ring.push(&Descriptor::new(tag, Op::Read, (k * 8) % BLOCKS, 8, back));
+            submit(&mut ring);
+            expect_all(si, &mut ring, 1, seed, Status::Ok);
+        }
+        let us = (hc::rdtsc() - t0) * 1000 / si.tsc_khz.max(1) / n.max(1);
+        println!("blkclient {}: 4 KiB read at queue depth 1: {} us each", seed, us);
+    }
     println!("BLK-CLIENT {} ok", seed);
     // `delay=MS` before the last act (lets another client's end come first).
     crate::sleep_ms(si, sleep, start_info::arg_u64(args, "delay").unwrap_or(0));
