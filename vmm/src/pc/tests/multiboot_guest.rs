@@ -102,7 +102,8 @@ fn a_multiboot_image_runs_in_32bit_mode_with_eax_and_ebx_set() {
         (false, gpr::RDX, info),
     ] {
         let rip = v.regs.rip;
-        v.regs.qual = [if write { 2 } else { 0 }, u64::from(TMICT)];
+        v.regs
+            .set_qual([if write { 2 } else { 0 }, u64::from(TMICT)]);
         assert_eq!(exit(&pc, &mut v, ev::NPT_FAULT), Step::Resume);
         assert_eq!(v.regs.inj_info, 0, "no fault");
         assert_eq!(v.regs.rip, rip + 6, "a 6-byte instruction");
