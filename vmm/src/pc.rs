@@ -35,6 +35,7 @@ use peregrine_abi::utcb::inj;
 
 use crate::acpi::{self, AcpiConfig};
 use crate::acpi_pm::{AcpiPm, ResetControl, PM_BASE, PM_LEN};
+use crate::boot::multiboot::{self, MultibootError};
 use crate::boot::{self, e820, BootInfo, E820Entry};
 use crate::bus::BusDevice;
 use crate::bus::{Action, Bus, IrqLine, SharedDevice};
@@ -340,7 +341,7 @@ impl BusDevice for ConfigAddress {
 /// The PC.
 pub struct Pc {
     cfg: PcConfig,
-    boot: BootInfo,
+    boot: PcEntry,
     clock: Arc<dyn Clock>,
     core: Core,
     kvm: KvmCpuid,
@@ -412,6 +413,8 @@ impl<S: LineSink + 'static> UartInput for Uart16550<SerialLines<S>> {
 pub enum PcError {
     /// The kernel did not load.
     Boot(boot::BootError),
+    /// The Multiboot image did not load.
+    Multiboot(MultibootError),
     /// The ACPI tables did not fit in guest RAM.
     Acpi,
 }
@@ -420,7 +423,72 @@ impl core::fmt::Display for PcError {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
             PcError::Boot(e) => write!(f, "kernel: {e}"),
+            PcError::Multiboot(e) => write!(f, "Multiboot image: {e}"),
             PcError::Acpi => write!(f, "the ACPI tables do not fit in guest RAM"),
+        }
+    }
+}
+
+/// What the PC boots.
+#[derive(Clone, Copy)]
+pub enum PcBoot<'a> {
+    /// A Linux bzImage, entered at its 64-bit entry ([`crate::boot`]).
+    Linux {
+        /// The bzImage.
+        kernel: &'a [u8],
+        /// Its command line.
+        cmdline: &'a [u8],
+        /// The initrd.
+        initrd: Option<&'a [u8]>,
+    },
+    /// A Multiboot v1 image, entered in 32-bit protected mode ([`multiboot`]).
+    Multiboot {
+        /// The image (ELF32, ELF64 or with the a.out-kludge address fields).
+        image: &'a [u8],
+        /// Its command line.
+        cmdline: &'a [u8],
+        /// The boot modules, in order.
+        modules: &'a [multiboot::Module<'a>],
+    },
+}
+
+/// How the BSP starts: what the loader placed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PcEntry {
+    /// At the kernel's 64-bit entry with the zero page.
+    Linux(BootInfo),
+    /// At the Multiboot entry with the information structure.
+    Multiboot(multiboot::Loaded),
+}
+
+impl PcBoot<'_> {
+    /// Loads the guest into `mem`, laid out as `regions` (the PC's memory map).
+    fn load<M: GuestMemory + ?Sized>(
+        &self,
+        mem: &mut M,
+        regions: &[E820Entry],
+    ) -> Result<PcEntry, PcError> {
+        match *self {
+            PcBoot::Linux {
+                kernel,
+                cmdline,
+                initrd,
+            } => {
+                let image = boot::parse(kernel).map_err(PcError::Boot)?;
+                boot::load(mem, &image, regions, cmdline, initrd)
+                    .map(PcEntry::Linux)
+                    .map_err(PcError::Boot)
+            }
+            PcBoot::Multiboot {
+                image,
+                cmdline,
+                modules,
+            } => {
+                let image = multiboot::parse(image).map_err(PcError::Multiboot)?;
+                multiboot::load(mem, &image, regions, cmdline, modules)
+                    .map(PcEntry::Multiboot)
+                    .map_err(PcError::Multiboot)
+            }
         }
     }
 }
@@ -471,9 +539,57 @@ impl Pc {
         kick: Arc<dyn Kick>,
         cpuid: CpuidFn,
     ) -> Result<Self, PcError> {
-        let image = boot::parse(kernel).map_err(PcError::Boot)?;
+        let boot = PcBoot::Linux {
+            kernel,
+            cmdline,
+            initrd,
+        };
+        Self::with_boot(cfg, mem, boot, disk, console, clock, kick, cpuid)
+    }
+
+    /// Builds the PC as [`Pc::new`] does, but loads `image` as a Multiboot v1 image
+    /// with `cmdline` and `modules` ([`multiboot::load`]: the information structure at
+    /// [`multiboot::INFO_ADDR`], the modules after the image); the BSP starts at its
+    /// entry in 32-bit protected mode with EAX = 0x2BADB002 and EBX at the information
+    /// structure ([`multiboot::entry_state`]); the other vCPUs start by INIT/SIPI as
+    /// always.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new_multiboot<M: GuestMemory + Clone + Send + 'static>(
+        cfg: PcConfig,
+        mem: &mut M,
+        image: &[u8],
+        cmdline: &[u8],
+        modules: &[multiboot::Module<'_>],
+        disk: Option<impl Into<PcDisk>>,
+        console: impl LineSink + 'static,
+        clock: Arc<dyn Clock>,
+        kick: Arc<dyn Kick>,
+        cpuid: CpuidFn,
+    ) -> Result<Self, PcError> {
+        let boot = PcBoot::Multiboot {
+            image,
+            cmdline,
+            modules,
+        };
+        Self::with_boot(cfg, mem, boot, disk, console, clock, kick, cpuid)
+    }
+
+    /// Builds the PC with the guest `boot` says ([`Pc::new`], [`Pc::new_multiboot`]):
+    /// loads it, writes the ACPI tables (the RSDP at [`ACPI_ADDR`], in the BIOS area a
+    /// guest scans), and wires the devices.
+    #[allow(clippy::too_many_arguments)]
+    pub fn with_boot<M: GuestMemory + Clone + Send + 'static>(
+        cfg: PcConfig,
+        mem: &mut M,
+        boot: PcBoot<'_>,
+        disk: Option<impl Into<PcDisk>>,
+        console: impl LineSink + 'static,
+        clock: Arc<dyn Clock>,
+        kick: Arc<dyn Kick>,
+        cpuid: CpuidFn,
+    ) -> Result<Self, PcError> {
         let regions = memory_map(cfg.ram);
-        let info = boot::load(mem, &image, &regions, cmdline, initrd).map_err(PcError::Boot)?;
+        let info = boot.load(mem, &regions)?;
         let vcpus = cfg.vcpus.clamp(1, 64);
         let acpi_cfg = AcpiConfig::new(vcpus as u8);
         acpi::write(mem, &acpi_cfg, ACPI_ADDR).map_err(|_| PcError::Acpi)?;
@@ -629,8 +745,16 @@ impl Pc {
         &self.cfg
     }
 
-    /// Where the kernel was loaded.
-    pub fn boot_info(&self) -> &BootInfo {
+    /// Where the Linux kernel was loaded (`None` for a Multiboot image).
+    pub fn boot_info(&self) -> Option<&BootInfo> {
+        match &self.boot {
+            PcEntry::Linux(info) => Some(info),
+            PcEntry::Multiboot(_) => None,
+        }
+    }
+
+    /// How the BSP starts: what the loader placed.
+    pub fn entry(&self) -> &PcEntry {
         &self.boot
     }
 
@@ -866,11 +990,14 @@ impl Board for Pc {
         }
     }
 
-    /// The entry state: vCPU 0 at the kernel's 64-bit entry, the others in real mode at
-    /// their SIPI's page.
+    /// The entry state: vCPU 0 at the kernel's 64-bit entry (or the Multiboot image's
+    /// 32-bit one), the others in real mode at their SIPI's page.
     fn entry_state(&self, regs: &mut ArchState, vcpu: u32) {
         if vcpu == 0 {
-            boot::entry_state(regs, &self.boot);
+            match &self.boot {
+                PcEntry::Linux(info) => boot::entry_state(regs, info),
+                PcEntry::Multiboot(loaded) => multiboot::entry_state(regs, loaded),
+            }
         } else {
             let sipi = self
                 .apics

@@ -21,8 +21,11 @@
 //! | 0xa000   | PDPT                               |
 //! | 0xb000   | 4 page directories (0xb000–0xefff) |
 //! | 0x20000  | command line                       |
+//!
+//! [`multiboot`] loads Multiboot v1 images instead (entered in 32-bit protected mode).
 
 mod layout;
+pub mod multiboot;
 #[cfg(test)]
 mod tests;
 

@@ -1,4 +1,8 @@
 use super::*;
+
+// The PC with a Multiboot guest.
+mod multiboot_guest;
+
 use crate::cpuid;
 use crate::machine::{Board, Exit};
 use crate::testutil::{checked_exit, RANDOM_EXITS};
