@@ -8,6 +8,8 @@
 //! - [`spec`]: what to boot ([`BootSpec`]) and how it ended ([`RunResult`], [`Exit`]);
 //!   [`boot`]: boots a spec in either emulator.
 //! - [`qemu`] and [`bochs`]: the two emulators (Bochs boots a GRUB ISO).
+//! - [`conformance`]: the test guest booted directly by QEMU as a Multiboot kernel,
+//!   running its PC check list (the reference for our VMM's PC).
 //! - [`deps`]: host tools, installed with apt when running as root.
 //! - [`suite`]: `cargo xtask test`, the README's test command and what CI runs.
 //! - [`bench`]: `cargo xtask bench`.
@@ -32,6 +34,7 @@ pub mod bench_vmexit;
 pub mod bochs;
 pub mod boot;
 pub mod build;
+pub mod conformance;
 pub mod deps;
 pub mod fuzz;
 pub mod gate;

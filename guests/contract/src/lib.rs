@@ -45,6 +45,10 @@ pub const MODE_BENCH: u64 = 2;
 pub const MODE_HOSTILE: u64 = 3;
 /// Mode: the exception loops, #AC and #DB (flags in `rcx`).
 pub const MODE_LOOPS: u64 = 4;
+/// Mode: the PC check list (no contract device: COM1, isa-debug-exit, fw_cfg, the
+/// APICs, PIT and RTC of a standard PC). The guest takes it from its Multiboot command
+/// line (`mode=pc`), a host of the contract never passes it.
+pub const MODE_PC: u64 = 5;
 
 #[cfg(test)]
 mod tests {

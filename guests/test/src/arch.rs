@@ -96,11 +96,30 @@ const _: () = assert!(core::mem::size_of::<Frame>() == 22 * 8);
 
 // The entry point: `rdi` vCPU index, `rsi` mode, `rdx` vCPU count, `rcx` seed (mode 3).
 // The boot vCPU clears `.bss`; each vCPU takes its own stack; an index the guest has no
-// memory for halts.
+// memory for halts. (The Multiboot entry, boot.rs, comes here too: `rsi` = the
+// Multiboot magic, `rcx` = the info address.)
+//
+// The first instruction jumps over the Multiboot v1 header, which must lie in the first
+// 8 KiB of the file: flags = memory info (bit 1) and the a.out-kludge address fields
+// (bit 16; QEMU loads no ELF64 kernel without them), load from 1 MiB (`__load_start`,
+// file offset of .text) to `__load_end`, zero to `__image_end`, enter at `mb_entry32`.
 global_asm!(
     ".pushsection .text._start, \"ax\"",
     ".global _start",
     "_start:",
+    "jmp 4f",
+    ".balign 4",
+    ".global mb_header",
+    "mb_header:",
+    ".long {mb_magic}",
+    ".long {mb_flags}",
+    ".long -({mb_magic} + {mb_flags})",
+    ".long mb_header",
+    ".long __load_start",
+    ".long __load_end",
+    ".long __image_end",
+    ".long mb_entry32",
+    "4:",
     "cli",
     "cld",
     "mov r12, rdi",
@@ -136,6 +155,8 @@ global_asm!(
     stack = const STACK,
     cpus = sym CPUS,
     main = sym crate::guest_main,
+    mb_magic = const crate::boot::HEADER_MAGIC,
+    mb_flags = const crate::boot::HEADER_FLAGS,
 );
 
 // 256 trap stubs of 16 bytes each (stub `v` at `trap_stubs + 16 * v`): push a zero error
@@ -346,6 +367,20 @@ pub fn triple_fault() -> ! {
 pub fn outb(port: u16, value: u8) {
     // SAFETY: port I/O exits to the host; the guest's memory is not touched.
     unsafe { asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack)) };
+}
+
+/// Reads a byte from an I/O port.
+pub fn inb(port: u16) -> u8 {
+    let v: u8;
+    // SAFETY: as for `outb`.
+    unsafe { asm!("in al, dx", in("dx") port, out("al") v, options(nomem, nostack)) };
+    v
+}
+
+/// Writes a word to an I/O port.
+pub fn outw(port: u16, value: u16) {
+    // SAFETY: as for `outb`.
+    unsafe { asm!("out dx, ax", in("dx") port, in("ax") value, options(nomem, nostack)) };
 }
 
 /// Writes a dword to an I/O port.

@@ -19,12 +19,12 @@ type Verdict = Result<(), Detail>;
 
 /// A short failure detail.
 pub struct Detail {
-    what: &'static str,
-    got: u64,
-    want: u64,
+    pub what: &'static str,
+    pub got: u64,
+    pub want: u64,
 }
 
-fn expect(what: &'static str, got: u64, want: u64) -> Verdict {
+pub fn expect(what: &'static str, got: u64, want: u64) -> Verdict {
     if got == want {
         Ok(())
     } else {

@@ -3,16 +3,22 @@
 //! = vCPU index, `rsi` = mode (1 check list, 2 exit benchmark, 3 hostile, 4 exception
 //! loops), `rdx` = vCPU count, `rcx` = seed (mode 3). It talks to the host through
 //! ports, one MMIO register, one MSR, the hypercall, HLT and an injected #GP.
+//!
+//! The same image is a Multiboot v1 kernel (boot.rs): entered that way it takes its mode
+//! from the command line (`mode=pc` and the rest); mode `pc` (pc.rs) runs a check list on
+//! a standard PC, QEMU's or our VMM's, without any device of the contract.
 
 #![no_std]
 #![no_main]
 
 mod arch;
 mod bench;
+mod boot;
 mod checks;
 mod console;
 mod hostile;
 mod loops;
+mod pc;
 
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
@@ -20,7 +26,7 @@ use arch::Frame;
 
 pub use guest_contract::{
     HYPERCALL_NR, MAGIC_IN, MMIO_INIT, MMIO_REG, MODE_BENCH, MODE_CHECK, MODE_HOSTILE, MODE_LOOPS,
-    MSR_SYNTH, PORT_CONSOLE, PORT_ECHO, PORT_EXIT, PORT_INJECT_GP, PORT_MAGIC, PORT_NOP,
+    MODE_PC, MSR_SYNTH, PORT_CONSOLE, PORT_ECHO, PORT_EXIT, PORT_INJECT_GP, PORT_MAGIC, PORT_NOP,
     PORT_START_CPU, VECTOR_WAKE,
 };
 
@@ -43,6 +49,16 @@ pub fn exit(code: u32) -> ! {
 #[no_mangle]
 extern "C" fn guest_main(index: u64, mode: u64, cpus: u64, seed: u64) -> ! {
     let index = index as usize;
+    let (mode, cpus, seed) = if index == 0 && mode == boot::LOADER_MAGIC {
+        // The Multiboot entry: `seed` holds the info address.
+        let args = boot::args(seed);
+        if args.mode == MODE_PC {
+            console::use_com1();
+        }
+        (args.mode, args.cpus.max(1), args.seed)
+    } else {
+        (mode, cpus, seed)
+    };
     if index == 0 {
         arch::init_idt();
         MODE.store(mode, Ordering::Relaxed);
@@ -64,6 +80,8 @@ extern "C" fn guest_main(index: u64, mode: u64, cpus: u64, seed: u64) -> ! {
         (MODE_HOSTILE, _) => hostile::run(index, seed),
         (MODE_LOOPS, 0) => exit(loops::run(cpus, seed)),
         (MODE_LOOPS, _) => loops::secondary(seed),
+        (MODE_PC, 0) => exit(pc::run()),
+        (MODE_PC, _) => pc::secondary(index),
         _ => {
             if index == 0 {
                 println!("guest: unknown mode {}", mode);
@@ -82,6 +100,9 @@ extern "C" fn trap(frame: &mut Frame) {
         return;
     }
     if MODE.load(Ordering::Relaxed) == MODE_HOSTILE && hostile::trap(frame) {
+        return;
+    }
+    if MODE.load(Ordering::Relaxed) == MODE_PC && pc::trap(frame) {
         return;
     }
     if MODE.load(Ordering::Relaxed) == MODE_LOOPS && loops::trap(frame) {
