@@ -9,7 +9,7 @@
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-use peregrine_tests::{boot, RunResult};
+use peregrine_tests::{boot, boot_in, images, system, Emulator, RunResult};
 use xtask::boot::Exit;
 use xtask::build::Profile;
 use xtask::conformance::{self, Verdict};
@@ -62,6 +62,39 @@ fn allowed_skip(name: &str, why: &str, smp: u32) -> bool {
 fn run_pc(smp: u32) -> RunResult {
     let spec = conformance::pc_spec(&format!("conformance-pc-smp{smp}"), guest(), smp);
     let r = boot(&spec);
+    assert_check_list(&r, smp);
+    assert_eq!(
+        r.exit,
+        Exit::Other(conformance::STATUS_ALL_PASSED),
+        "QEMU's exit status (isa-debug-exit 0 gives 1)\n{}",
+        r.report()
+    );
+    r
+}
+
+/// The same image under Peregrine's VMM (`mode=multiboot`, the PC with QEMU's test
+/// devices), `smp` vCPUs on as many host CPUs, in `emulator`; the root's `test=vmm`
+/// checks that the VM ended through isa-debug-exit with status 1.
+fn run_on_peregrine(e: Emulator, smp: u32) -> RunResult {
+    let _ = guest();
+    let spec = system(&format!("conformance-peregrine-{e:?}-smp{smp}"))
+        .smp(smp)
+        .root_args("test=vmm secs=300")
+        .module(
+            images().vmm(),
+            &format!("name=pc guest=guest-test cpus={smp} mem=64 mode=multiboot cpu=0 -- mode=pc"),
+        )
+        .module(images().guest_test(), "")
+        .timeout(std::time::Duration::from_secs(300));
+    let r = boot_in(e, &spec);
+    assert_check_list(&r, smp);
+    assert!(r.passed("vmm"), "the root's test=vmm\n{}", r.report());
+    r
+}
+
+/// Every check of the list in order, each ok or an allowed skip, and the guest's end
+/// code 0.
+fn assert_check_list(r: &RunResult, smp: u32) {
     let lines = conformance::checks(&r.serial);
     let names: Vec<&str> = lines.iter().map(|(n, _)| n.as_str()).collect();
     let want: Vec<&str> = PC_CHECKS.iter().map(|(n, _)| *n).collect();
@@ -82,13 +115,38 @@ fn run_pc(smp: u32) -> RunResult {
         }
     }
     assert_eq!(conformance::done_code(&r.serial), Some(0), "{}", r.report());
-    assert_eq!(
-        r.exit,
-        Exit::Other(conformance::STATUS_ALL_PASSED),
-        "QEMU's exit status (isa-debug-exit 0 gives 1)\n{}",
-        r.report()
+}
+
+/// Both sides' verdicts must agree check by check (a check that passes on one side and
+/// not the other fails, with both outputs shown). Where one side skips a check for a
+/// CPU feature its model lacks (QEMU's software CPU has no TSC-deadline timer, and may
+/// lack RDTSCP; our PC offers both), the other may run it: that is a difference of the
+/// CPU models, not of the device behaviour, and is printed.
+fn assert_same_verdicts(a: &RunResult, b: &RunResult) {
+    let (va, vb) = (
+        conformance::checks(&a.serial),
+        conformance::checks(&b.serial),
     );
-    r
+    let names = |v: &[(String, Verdict)]| v.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
+    assert_eq!(names(&va), names(&vb), "the check lists differ");
+    for ((name, x), (_, y)) in va.iter().zip(&vb) {
+        let feature_skip = |v: &Verdict| {
+            matches!(v, Verdict::Skipped(why)
+                if why.starts_with("CPUID.1:ECX.TSC_DEADLINE is clear") || why.starts_with("no RDTSCP"))
+        };
+        if x == y {
+            continue;
+        }
+        if feature_skip(x) || feature_skip(y) {
+            eprintln!("{name}: QEMU {x:?}, Peregrine {y:?} (a CPU feature one model lacks)");
+            continue;
+        }
+        panic!(
+            "check {name}: QEMU {x:?}, Peregrine {y:?}\n--- QEMU ---\n{}\n--- Peregrine ---\n{}",
+            a.report(),
+            b.report()
+        );
+    }
 }
 
 #[test]
@@ -105,4 +163,18 @@ fn pc_check_list_passes_on_qemu_with_one_vcpu() {
 #[test]
 fn pc_check_list_passes_on_qemu_with_two_vcpus() {
     run_pc(2);
+}
+
+#[test]
+fn pc_check_list_passes_on_peregrine_svm_with_one_vcpu_as_on_qemu() {
+    let q = run_pc(1);
+    let p = run_on_peregrine(Emulator::Qemu, 1);
+    assert_same_verdicts(&q, &p);
+}
+
+#[test]
+fn pc_check_list_passes_on_peregrine_svm_with_two_vcpus_as_on_qemu() {
+    let q = run_pc(2);
+    let p = run_on_peregrine(Emulator::Qemu, 2);
+    assert_same_verdicts(&q, &p);
 }

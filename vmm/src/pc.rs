@@ -28,7 +28,7 @@
 use alloc::boxed::Box;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use peregrine_abi::event::vcpu as ev;
 use peregrine_abi::utcb::inj;
@@ -223,6 +223,12 @@ struct Apics {
     queue: SpinLock<Vec<Outgoing>>,
     /// SIPI vectors of vCPUs to start (vCPU index → vector | 0x100).
     sipi: Vec<AtomicU64>,
+    /// An NMI (IPI) waits for each vCPU.
+    nmi: Vec<AtomicBool>,
+    /// vCPUs an INIT put into wait-for-SIPI (they run again at the next SIPI).
+    init: Vec<AtomicBool>,
+    /// Gets a vCPU out of the guest (or its wait) to see an NMI, INIT or SIPI.
+    kick: Arc<dyn Kick>,
 }
 
 impl Apics {
@@ -598,6 +604,9 @@ impl Pc {
             lapics: SpinLock::new(Vec::new()),
             queue: SpinLock::new(Vec::new()),
             sipi: (0..vcpus).map(|_| AtomicU64::new(0)).collect(),
+            nmi: (0..vcpus).map(|_| AtomicBool::new(false)).collect(),
+            init: (0..vcpus).map(|_| AtomicBool::new(false)).collect(),
+            kick: kick.clone(),
         });
         let lapics: Vec<Arc<SpinLock<Lapic>>> = (0..vcpus)
             .map(|i| {
@@ -832,11 +841,34 @@ impl Pc {
         self.drain();
     }
 
-    /// Whether `vcpu` has an interrupt to take.
+    /// Whether `vcpu` has an interrupt (or NMI) to take; for a vCPU in wait-for-SIPI,
+    /// whether its SIPI came.
     pub fn interrupt_pending(&self, vcpu: u32) -> bool {
-        self.lapics
+        let i = vcpu as usize;
+        if self
+            .apics
+            .init
+            .get(i)
+            .is_some_and(|f| f.load(Ordering::Acquire))
+        {
+            return self.apics.sipi[i].load(Ordering::Acquire) != 0;
+        }
+        self.apics
+            .nmi
+            .get(i)
+            .is_some_and(|f| f.load(Ordering::Acquire))
+            || self
+                .lapics
+                .get(i)
+                .is_some_and(|l| l.lock().pending_vector().is_some())
+    }
+
+    /// Whether `vcpu` waits for a SIPI after an INIT.
+    fn in_init(&self, vcpu: u32) -> bool {
+        self.apics
+            .init
             .get(vcpu as usize)
-            .is_some_and(|l| l.lock().pending_vector().is_some())
+            .is_some_and(|f| f.load(Ordering::Acquire))
     }
 
     /// Delivers what local APICs queued (IPIs, EOI broadcasts).
@@ -856,6 +888,7 @@ impl Pc {
     }
 
     fn ipi(&self, ipi: Ipi) {
+        let mut kicks = Vec::new();
         for (i, l) in self.lapics.iter().enumerate() {
             let mut l = l.lock();
             let id = l.id();
@@ -867,13 +900,34 @@ impl Pc {
             if !hit {
                 continue;
             }
+            let started = self.started.load(Ordering::Acquire) & (1u64 << i) != 0;
             match ipi.mode {
                 IpiMode::Fixed | IpiMode::LowestPriority => l.deliver(ipi.vector, ipi.level),
                 IpiMode::Startup => {
-                    self.apics.sipi[i].store(0x100 | u64::from(ipi.vector), Ordering::Release);
+                    // Ignored by a running vCPU (only one in wait-for-SIPI takes it).
+                    if !started || self.apics.init[i].load(Ordering::Acquire) {
+                        self.apics.sipi[i].store(0x100 | u64::from(ipi.vector), Ordering::Release);
+                        kicks.push(i);
+                    }
                 }
-                IpiMode::Init | IpiMode::Nmi | IpiMode::Smi => {}
+                IpiMode::Nmi => {
+                    self.apics.nmi[i].store(true, Ordering::Release);
+                    kicks.push(i);
+                }
+                // INIT resets a running AP's local APIC and puts it into wait-for-SIPI
+                // (one never started is there already; the boot vCPU would need the
+                // firmware's reset path, which the PC does not model: ignored).
+                IpiMode::Init if started && i != 0 => {
+                    l.reset();
+                    self.apics.sipi[i].store(0, Ordering::Release);
+                    self.apics.init[i].store(true, Ordering::Release);
+                    kicks.push(i);
+                }
+                IpiMode::Init | IpiMode::Smi => {}
             }
+        }
+        for i in kicks {
+            self.apics.kick.kick(i as u32);
         }
     }
 
@@ -881,6 +935,10 @@ impl Pc {
     /// interrupt if the vCPU can take one (else asks for an interrupt window). The
     /// caller clears the MTD before and replies with it after.
     pub fn handle<P: Platform + ?Sized>(&self, p: &mut P, vcpu: u32, exit: Exit) -> Step {
+        // INIT: whatever the vCPU was doing is dropped; it waits for its SIPI.
+        if self.in_init(vcpu) {
+            return Step::Wait;
+        }
         let step = machine::handle(self, p, vcpu, exit);
         self.settle(p, vcpu, step)
     }
@@ -892,6 +950,9 @@ impl Pc {
     /// ([`machine::access`]).
     pub fn settle<P: Platform + ?Sized>(&self, p: &mut P, vcpu: u32, step: Step) -> Step {
         self.drain();
+        if self.in_init(vcpu) {
+            return Step::Wait;
+        }
         if step == Step::Resume {
             self.inject_pending(p, vcpu);
             // A SIPI to a vCPU never started: start it.
@@ -911,6 +972,22 @@ impl Pc {
     /// waiting); inject it.
     pub fn wake<P: Platform + ?Sized>(&self, p: &mut P, vcpu: u32) {
         self.drain();
+        let i = vcpu as usize;
+        if self.in_init(vcpu) {
+            if self.apics.sipi[i].load(Ordering::Acquire) != 0 {
+                // The SIPI: the AP starts over in real mode at its page, as at power-on.
+                self.apics.init[i].store(false, Ordering::Release);
+                let r = p.regs_mut();
+                self.entry_state(r, vcpu);
+                for n in [2, 3, 4, 8] {
+                    r.set_cr(n, 0);
+                }
+                r.set_intr_state(0);
+                r.set_actv_state(0);
+                r.set_inj(0, 0);
+            }
+            return;
+        }
         self.inject_pending(p, vcpu);
     }
 
@@ -920,6 +997,18 @@ impl Pc {
         };
         let r = p.regs();
         let busy = r.inj_info & inj::VALID != 0;
+        // An NMI first (blocking by NMI, bit 3 of the interruptibility state, holds it
+        // back until the guest's IRET: the window asks for that moment).
+        if self.apics.nmi[vcpu as usize].load(Ordering::Acquire) {
+            if !busy && r.intr_state & 8 == 0 {
+                self.apics.nmi[vcpu as usize].store(false, Ordering::Release);
+                p.inject(Event::Nmi);
+                return;
+            }
+            let r = p.regs_mut();
+            r.set_inj_info(r.inj_info | inj::REQ_NMI_WINDOW);
+        }
+        let r = p.regs();
         let open = r.rflags & bits::IF != 0 && r.intr_state & 3 == 0;
         let mut l = l.lock();
         let Some(v) = l.pending_vector() else {
@@ -1035,7 +1124,7 @@ impl Board for Pc {
 
     /// KVM's leaves with kvmclock; x2APIC and the TSC deadline timer; OSXSAVE as the
     /// guest's CR4 says; the vCPU count; an always-running APIC timer; no MTRRs,
-    /// MWAITX or SVM leaf.
+    /// MWAITX, RDTSCP, RDPID or SVM leaf.
     fn cpuid(&self, regs: &ArchState, vcpu: u32, leaf: u32, sub: u32) -> [u32; 4] {
         if let Some(v) = self.kvm.leaf(leaf) {
             return v;
@@ -1057,8 +1146,15 @@ impl Board for Pc {
             }
             // Always-running APIC timer.
             6 => v[0] |= 1 << 2,
-            // No MWAITX.
-            0x8000_0001 => v[2] &= !(1 << 29),
+            // No RDPID: like RDTSCP below it reads IA32_TSC_AUX, which the kernel does
+            // not switch between host and guest (the guest's WRMSR lands in the PC's
+            // MSR table; the instruction would read the host's value).
+            7 if sub == 0 => v[2] &= !(1 << 22),
+            // No MWAITX, no RDTSCP (see leaf 7).
+            0x8000_0001 => {
+                v[2] &= !(1 << 29);
+                v[3] &= !(1 << 27);
+            }
             0x8000_000a => v = [0; 4],
             _ => {}
         }

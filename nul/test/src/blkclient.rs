@@ -163,7 +163,10 @@ pub fn run(si: &StartInfo) -> ! {
             expect_all(si, &mut ring, 1, seed, Status::Ok);
         }
         let us = (hc::rdtsc() - t0) * 1000 / si.tsc_khz.max(1) / n.max(1);
-        println!("blkclient {}: 4 KiB read at queue depth 1: {} us each", seed, us);
+        println!(
+            "blkclient {}: 4 KiB read at queue depth 1: {} us each",
+            seed, us
+        );
     }
     println!("BLK-CLIENT {} ok", seed);
     // `delay=MS` before the last act (lets another client's end come first).

@@ -113,7 +113,9 @@ fn main(info: u64) -> ! {
     } else {
         start_info::arg_u64(args, "seed").unwrap_or(1)
     };
-    let linux = mode == "linux";
+    let multiboot = mode == "multiboot";
+    // A Linux bzImage and a Multiboot kernel both run on the PC.
+    let linux = mode == "linux" || multiboot;
     let mode = match Mode::parse(mode, seed) {
         Some(m) => m,
         None if linux => Mode::Check,
@@ -158,12 +160,15 @@ fn main(info: u64) -> ! {
                 si.module(start_info::MODULE_DISK),
             )
         };
+        let mods = start_info::mods(si);
         println!(
-            "vmm: Linux {} ({} bytes), initrd {} bytes, disk {} bytes, {} MiB, {} vCPU(s), cmdline {:?}",
+            "vmm: {} {} ({} bytes), initrd {} bytes, disk {} bytes, {} modules, {} MiB, {} vCPU(s), cmdline {:?}",
+            if multiboot { "Multiboot kernel" } else { "Linux" },
             start_info::arg(args, "guest").unwrap_or("?"),
             image.len(),
             initrd.map_or(0, |i| i.len()),
             disk.as_ref().map_or(0, |d| d.len()),
+            mods.len(),
             mem >> 20,
             vcpus,
             cmdline
@@ -174,6 +179,12 @@ fn main(info: u64) -> ! {
             disk,
             session: session(si, mem),
             interactive: start_info::flag(args, "interactive"),
+            multiboot,
+            // SAFETY: the root maps each module read-only for our lifetime.
+            modules: mods
+                .iter()
+                .map(|m| (unsafe { m.bytes() }, m.string().as_bytes()))
+                .collect(),
         }
     });
     if linux.is_none() {

@@ -16,9 +16,10 @@ use peregrine_abi::event::{NUM_HOST_EVENTS, NUM_VCPU_EVENTS};
 use peregrine_abi::perm::{self, MemPerm};
 use peregrine_abi::utcb::gpr;
 use peregrine_abi::{Crd, Mtd, Status, XferFlags, PAGE_BITS};
+use peregrine_vmm::boot::multiboot;
 use peregrine_vmm::exit::{portal_mtd, Config, End, Machine, Step};
 use peregrine_vmm::machine::{Board, Core, Exit};
-use peregrine_vmm::pc::{Kick, Pc, PcConfig, PcDisk, RamDisk};
+use peregrine_vmm::pc::{Kick, Pc, PcConfig, PcDisk, QemuDevices, RamDisk};
 use peregrine_vmm::testdev::LineSink;
 
 use crate::platform::{GuestRam, HvVcpu};
@@ -384,6 +385,11 @@ pub struct LinuxParams<'a> {
     pub disk: Option<&'static mut [u8]>,
     /// Or a disk-service session (`blk=`), which then is the guest's disk.
     pub session: Option<Session>,
+    /// The image is a Multiboot kernel (`mode=multiboot`), not a bzImage: the PC gets
+    /// QEMU's test devices (fw_cfg, isa-debug-exit, pc-testdev) as well.
+    pub multiboot: bool,
+    /// A Multiboot kernel's boot modules: bytes and string.
+    pub modules: Vec<(&'a [u8], &'a [u8])>,
     /// The console is interactive: COM1's output goes out untagged, and the root's
     /// console input comes in.
     pub interactive: bool,
@@ -470,6 +476,8 @@ pub enum Error {
     Pc(peregrine_vmm::pc::PcError),
     /// The disk session is not usable.
     Session(&'static str),
+    /// QEMU's test devices could not be added to the PC.
+    Devices(peregrine_vmm::pc::QemuDevicesError),
     /// A hypercall failed: which, and its status.
     Kernel(&'static str, Status),
 }
@@ -481,6 +489,7 @@ impl core::fmt::Display for Error {
             Error::Boot(e) => write!(f, "entry tables: {}", e),
             Error::Pc(e) => write!(f, "{}", e),
             Error::Session(why) => write!(f, "disk session: {}", why),
+            Error::Devices(e) => write!(f, "QEMU's test devices: {:?}", e),
             Error::Kernel(what, s) => write!(f, "cannot {}: {:?}", what, s),
         }
     }
@@ -582,19 +591,45 @@ pub fn create(p: Params) -> Result<&'static Vm, Error> {
                 None => l.disk.map(|d| PcDisk::Ram(RamDisk(d))),
             };
             has_session = matches!(disk, Some(PcDisk::Device(_)));
-            let pc = Pc::new(
-                cfg,
-                &mut ram,
-                p.image,
-                l.cmdline.as_bytes(),
-                l.initrd,
-                disk,
-                GuestConsole { raw: l.interactive },
-                Arc::new(TscClock { khz: p.tsc_khz }),
-                sync.clone(),
-                host_cpuid,
-            )
-            .map_err(Error::Pc)?;
+            let console = GuestConsole { raw: l.interactive };
+            let clock = Arc::new(TscClock { khz: p.tsc_khz });
+            let pc = if l.multiboot {
+                let mods: Vec<multiboot::Module> = l
+                    .modules
+                    .iter()
+                    .map(|&(data, cmdline)| multiboot::Module { data, cmdline })
+                    .collect();
+                let mut pc = Pc::new_multiboot(
+                    cfg,
+                    &mut ram,
+                    p.image,
+                    l.cmdline.as_bytes(),
+                    &mods,
+                    disk,
+                    console,
+                    clock,
+                    sync.clone(),
+                    host_cpuid,
+                )
+                .map_err(Error::Pc)?;
+                pc.add_qemu_devices(&QemuDevices::kvm_unit_tests(), ram)
+                    .map_err(Error::Devices)?;
+                pc
+            } else {
+                Pc::new(
+                    cfg,
+                    &mut ram,
+                    p.image,
+                    l.cmdline.as_bytes(),
+                    l.initrd,
+                    disk,
+                    console,
+                    clock,
+                    sync.clone(),
+                    host_cpuid,
+                )
+                .map_err(Error::Pc)?
+            };
             Guest::Linux(pc)
         }
     };

@@ -8,7 +8,8 @@
 //! updates the register file and RIP, and marks the changed groups in the MTD.
 //!
 //! Emulated: MOV (register, immediate and moffs forms), MOVZX/MOVSX/MOVSXD,
-//! ADD/ADC/SUB/SBB/AND/OR/XOR/CMP/TEST with RFLAGS, XCHG, CMPXCHG, BT/BTS/BTR/BTC, and the string
+//! ADD/ADC/SUB/SBB/AND/OR/XOR/CMP/TEST and INC/DEC/NEG/NOT with RFLAGS, XCHG, CMPXCHG,
+//! BT/BTS/BTR/BTC, and the string
 //! instructions MOVS/STOS/LODS/INS/OUTS with REP, DF and 16/32/64-bit address size. A
 //! REP instruction runs at most [`MAX_REP`] iterations per call and then returns with RIP
 //! unchanged (as an interrupted REP does on hardware), so one call stays short.
@@ -654,6 +655,7 @@ impl<P: Platform + ?Sized> Cx<'_, P> {
                 self.arith(m)
             }
             M::Xchg => self.xchg(),
+            M::Inc | M::Dec | M::Neg | M::Not => self.unary(m),
             M::Bt | M::Bts | M::Btr | M::Btc => self.bit(m),
             M::Cmpxchg => self.cmpxchg(),
             _ => Err(self.unsupported()),
@@ -703,6 +705,33 @@ impl<P: Platform + ?Sized> Cx<'_, P> {
             let reg = self.reg_operand(0)?;
             self.set(reg, r)
         }
+    }
+
+    /// INC, DEC, NEG and NOT of a memory operand: INC and DEC set the arithmetic flags
+    /// but CF (kept), NEG all of them (CF = the operand was not 0), NOT none.
+    fn unary(&mut self, m: Mnemonic) -> Result<(), EmulError> {
+        let (_, lin, size) = self.mem_operand()?;
+        let v = self.load(lin, size, true)?;
+        let (r, flags, which) = match m {
+            Mnemonic::Inc => {
+                let (r, f) =
+                    alu::op(Mnemonic::Add, v, 1, false, size).ok_or_else(|| self.unsupported())?;
+                (r, f, bits::ARITH & !bits::CF)
+            }
+            Mnemonic::Dec => {
+                let (r, f) =
+                    alu::op(Mnemonic::Sub, v, 1, false, size).ok_or_else(|| self.unsupported())?;
+                (r, f, bits::ARITH & !bits::CF)
+            }
+            Mnemonic::Neg => {
+                let (r, f) =
+                    alu::op(Mnemonic::Sub, 0, v, false, size).ok_or_else(|| self.unsupported())?;
+                (r, f, bits::ARITH)
+            }
+            _ => (!v & size_mask(size), 0, 0),
+        };
+        self.set_flags(flags, which);
+        self.store(lin, size, r, true)
     }
 
     fn xchg(&mut self) -> Result<(), EmulError> {

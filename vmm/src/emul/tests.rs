@@ -741,3 +741,52 @@ fn cached_emulation_sees_changed_code() {
         ]
     );
 }
+
+#[test]
+fn inc_dec_neg_not_on_mmio() {
+    use crate::vcpu::bits::{AF, CF, OF, PF, SF, ZF};
+    let mut v = long_mode();
+    let mut io = TestIo {
+        fill: 0x7fff_ffff,
+        ..Default::default()
+    };
+    v.regs.gpr[gpr::RDX] = MMIO + 0x80;
+    // inc dword [rdx]: 0x7fffffff + 1 overflows into the sign; CF is kept.
+    v.regs.rflags = 2 | CF;
+    run(&mut v, &mut io, &[0xff, 0x02]).unwrap();
+    assert_eq!(
+        io.writes().last().unwrap(),
+        &(MMIO + 0x80, std::vec![0, 0, 0, 0x80])
+    );
+    assert_eq!(
+        v.regs.rflags & (CF | OF | SF | ZF | AF | PF),
+        CF | OF | SF | AF | PF
+    );
+    // dec byte [rdx]: 0xff - 1, CF still kept (now clear).
+    v.regs.rflags = 2;
+    io.fill = 0xff;
+    run(&mut v, &mut io, &[0xfe, 0x0a]).unwrap();
+    assert_eq!(io.writes().last().unwrap(), &(MMIO + 0x80, std::vec![0xfe]));
+    assert_eq!(v.regs.rflags & (CF | SF | ZF), SF);
+    // neg word [rdx]: CF set for a non-zero operand.
+    io.fill = 1;
+    run(&mut v, &mut io, &[0x66, 0xf7, 0x1a]).unwrap();
+    assert_eq!(
+        io.writes().last().unwrap(),
+        &(MMIO + 0x80, std::vec![0xff, 0xff])
+    );
+    assert_eq!(v.regs.rflags & (CF | SF | ZF), CF | SF);
+    // neg of 0: ZF, no CF.
+    io.fill = 0;
+    run(&mut v, &mut io, &[0xf7, 0x1a]).unwrap();
+    assert_eq!(v.regs.rflags & (CF | ZF), ZF);
+    // not qword [rdx]: flags untouched.
+    let before = v.regs.rflags;
+    io.fill = 0x00ff_00ff_00ff_00ff;
+    run(&mut v, &mut io, &[0x48, 0xf7, 0x12]).unwrap();
+    assert_eq!(
+        io.writes().last().unwrap(),
+        &(MMIO + 0x80, 0xff00_ff00_ff00_ff00u64.to_le_bytes().to_vec())
+    );
+    assert_eq!(v.regs.rflags, before);
+}

@@ -5,7 +5,9 @@
 //! exception loops (`mode=check`, `mode=bench`, `mode=loops`) ended with `guest done
 //! 0`; a hostile VM (`mode=hostile`) passes with any end its VMM reports except a fault
 //! of the VMM's own exit handler (`End::VmmFault`): the VMM survived it; a Linux VM
-//! (`mode=linux`) passes when it powered off; a VMM with `selftest=stack_overflow`
+//! (`mode=linux`) passes when it powered off; a Multiboot VM (`mode=multiboot`) when
+//! it ended through isa-debug-exit with the status `expect=` names (default 1) or,
+//! with `expect=triple-fault`, in a triple fault; a VMM with `selftest=stack_overflow`
 //! passes when its VM ended with that fault (its handler ran into its guard page).
 //!
 //! With a canary (`nul-test role=canary cpu=N`), a root thread on the canary's CPU
@@ -137,7 +139,7 @@ pub fn run(args: &str) -> bool {
         wait_child(id, secs * 1000, |c| {
             c.result(svc::key::VM_END).is_some() || !c.alive
         });
-        let Some((name, mode, end, exits, alive)) = children::with(id, |c| {
+        let Some((name, mode, end, exits, alive, expect)) = children::with(id, |c| {
             // A VMM told to overflow its handler's stack must end its VM with the fault
             // its guard page causes.
             let mode = match arg(&c.args, "selftest") {
@@ -150,6 +152,7 @@ pub fn run(args: &str) -> bool {
                 c.result(svc::key::VM_END),
                 c.result(svc::key::VM_EXITS),
                 c.alive,
+                arg(&c.args, "expect").map(String::from),
             )
         }) else {
             continue;
@@ -179,6 +182,20 @@ pub fn run(args: &str) -> bool {
             }
             // Linux ends its run with an ACPI power-off.
             "linux" => ok &= check(end == Some(1 << 32), "the guest powered off"),
+            // A Multiboot test kernel ends through isa-debug-exit: `expect=N` is the exit
+            // status QEMU would give (default 1: it wrote 0, every check passed), or
+            // `expect=triple-fault`.
+            "multiboot" => {
+                let want = match expect.as_deref() {
+                    Some("triple-fault") => 3 << 32,
+                    Some(s) => 12 << 32 | s.parse::<u64>().unwrap_or(u64::MAX),
+                    None => 12 << 32 | 1,
+                };
+                ok &= check(
+                    end == Some(want),
+                    &alloc::format!("the guest ended as expected ({:#x})", want),
+                )
+            }
             _ => ok &= check(end == Some(0), "the guest ended with code 0"),
         }
     }
