@@ -76,20 +76,36 @@ fn run_pc(smp: u32) -> RunResult {
 /// devices), `smp` vCPUs on as many host CPUs, in `emulator`; the root's `test=vmm`
 /// checks that the VM ended through isa-debug-exit with status 1.
 fn run_on_peregrine(e: Emulator, smp: u32) -> RunResult {
+    let r = boot_in(
+        e,
+        &peregrine_spec(
+            &format!("conformance-peregrine-{e:?}-smp{smp}"),
+            smp,
+            "",
+            "mode=pc",
+        ),
+    );
+    assert_check_list(&r, smp);
+    assert!(r.passed("vmm"), "the root's test=vmm\n{}", r.report());
+    r
+}
+
+/// The system with a VMM booting the test guest as a Multiboot kernel with command line
+/// `cmdline` on `smp` vCPUs (as many host CPUs); `vmm` adds to the VMM's arguments
+/// (`expect=`); the root runs `test=vmm`.
+fn peregrine_spec(name: &str, smp: u32, vmm: &str, cmdline: &str) -> xtask::boot::BootSpec {
     let _ = guest();
-    let spec = system(&format!("conformance-peregrine-{e:?}-smp{smp}"))
+    system(name)
         .smp(smp)
         .root_args("test=vmm secs=300")
         .module(
             images().vmm(),
-            &format!("name=pc guest=guest-test cpus={smp} mem=64 mode=multiboot cpu=0 -- mode=pc"),
+            &format!(
+                "name=pc guest=guest-test cpus={smp} mem=64 mode=multiboot cpu=0 {vmm} -- {cmdline}"
+            ),
         )
         .module(images().guest_test(), "")
-        .timeout(std::time::Duration::from_secs(300));
-    let r = boot_in(e, &spec);
-    assert_check_list(&r, smp);
-    assert!(r.passed("vmm"), "the root's test=vmm\n{}", r.report());
-    r
+        .timeout(std::time::Duration::from_secs(300))
 }
 
 /// Every check of the list in order, each ok or an allowed skip, and the guest's end
@@ -177,4 +193,51 @@ fn pc_check_list_passes_on_peregrine_svm_with_two_vcpus_as_on_qemu() {
     let q = run_pc(2);
     let p = run_on_peregrine(Emulator::Qemu, 2);
     assert_same_verdicts(&q, &p);
+}
+
+#[test]
+fn pc_check_list_passes_on_peregrine_bochs_vmx_with_one_vcpu() {
+    run_on_peregrine(Emulator::Bochs, 1);
+}
+
+/// A Multiboot guest that ends through isa-debug-exit with a code of its choosing: QEMU
+/// exits with `(code << 1) | 1`; on Peregrine the VMM reports that status to the root,
+/// whose `test=vmm` checks it (`expect=`).
+#[test]
+fn isa_debug_exit_code_reaches_qemu_and_the_root() {
+    let mut spec = conformance::pc_spec("conformance-exit-qemu", guest(), 1);
+    spec.kernel_args = "mode=exit code=0x21".into();
+    let q = boot(&spec);
+    assert_eq!(q.exit, Exit::Other(0x43), "QEMU's status\n{}", q.report());
+    let p = boot(&peregrine_spec(
+        "conformance-exit-peregrine",
+        1,
+        "expect=67",
+        "mode=exit code=0x21",
+    ));
+    assert!(p.passed("vmm"), "{}", p.report());
+    assert!(
+        p.serial.contains("isa-debug-exit with 0x21 (status 67)"),
+        "{}",
+        p.report()
+    );
+}
+
+/// A Multiboot guest that triple-faults ends as such on both: QEMU (with -no-reboot)
+/// shuts down; the VMM reports a triple fault to the root.
+#[test]
+fn a_triple_fault_ends_the_guest_on_qemu_and_peregrine() {
+    let mut spec = conformance::pc_spec("conformance-triple-qemu", guest(), 1);
+    spec.kernel_args = "mode=triple".into();
+    let q = boot(&spec);
+    assert_eq!(q.exit, Exit::Other(0), "QEMU shuts down\n{}", q.report());
+    assert!(q.serial.contains("guest: triple fault"), "{}", q.report());
+    let p = boot(&peregrine_spec(
+        "conformance-triple-peregrine",
+        1,
+        "expect=triple-fault",
+        "mode=triple",
+    ));
+    assert!(p.passed("vmm"), "{}", p.report());
+    assert!(p.serial.contains("triple fault at rip"), "{}", p.report());
 }

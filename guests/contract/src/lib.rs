@@ -49,6 +49,10 @@ pub const MODE_LOOPS: u64 = 4;
 /// APICs, PIT and RTC of a standard PC). The guest takes it from its Multiboot command
 /// line (`mode=pc`), a host of the contract never passes it.
 pub const MODE_PC: u64 = 5;
+/// Mode (Multiboot command line `mode=exit code=N`): write N to isa-debug-exit at once.
+pub const MODE_EXIT: u64 = 6;
+/// Mode (`mode=triple`): triple-fault (an empty IDT, then an exception).
+pub const MODE_TRIPLE: u64 = 7;
 
 #[cfg(test)]
 mod tests {

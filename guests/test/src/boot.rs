@@ -215,7 +215,7 @@ pub struct Args {
     pub mode: u64,
     /// `cpus=N` (the contract modes' vCPU count), 0 if not given.
     pub cpus: u64,
-    /// `seed=N` (hostile mode).
+    /// `seed=N` (hostile mode); `code=N` (exit mode).
     pub seed: u64,
 }
 
@@ -254,11 +254,16 @@ pub fn parse(line: &[u8]) -> Args {
                 b"hostile" => crate::MODE_HOSTILE,
                 b"loops" => crate::MODE_LOOPS,
                 b"pc" => crate::MODE_PC,
+                b"exit" => crate::MODE_EXIT,
+                b"triple" => crate::MODE_TRIPLE,
                 n => number(n).unwrap_or(u64::MAX),
             };
         } else if let Some(v) = word.strip_prefix(b"cpus=") {
             a.cpus = number(v).unwrap_or(0);
-        } else if let Some(v) = word.strip_prefix(b"seed=") {
+        } else if let Some(v) = word
+            .strip_prefix(b"seed=")
+            .or_else(|| word.strip_prefix(b"code="))
+        {
             a.seed = number(v).unwrap_or(0);
         }
     }

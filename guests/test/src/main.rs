@@ -25,9 +25,9 @@ use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use arch::Frame;
 
 pub use guest_contract::{
-    HYPERCALL_NR, MAGIC_IN, MMIO_INIT, MMIO_REG, MODE_BENCH, MODE_CHECK, MODE_HOSTILE, MODE_LOOPS,
-    MODE_PC, MSR_SYNTH, PORT_CONSOLE, PORT_ECHO, PORT_EXIT, PORT_INJECT_GP, PORT_MAGIC, PORT_NOP,
-    PORT_START_CPU, VECTOR_WAKE,
+    HYPERCALL_NR, MAGIC_IN, MMIO_INIT, MMIO_REG, MODE_BENCH, MODE_CHECK, MODE_EXIT, MODE_HOSTILE,
+    MODE_LOOPS, MODE_PC, MODE_TRIPLE, MSR_SYNTH, PORT_CONSOLE, PORT_ECHO, PORT_EXIT,
+    PORT_INJECT_GP, PORT_MAGIC, PORT_NOP, PORT_START_CPU, VECTOR_WAKE,
 };
 
 /// Whether the CPU vendor is Intel (`vmcall`) rather than AMD (`vmmcall`).
@@ -52,7 +52,7 @@ extern "C" fn guest_main(index: u64, mode: u64, cpus: u64, seed: u64) -> ! {
     let (mode, cpus, seed) = if index == 0 && mode == boot::LOADER_MAGIC {
         // The Multiboot entry: `seed` holds the info address.
         let args = boot::args(seed);
-        if args.mode == MODE_PC {
+        if matches!(args.mode, MODE_PC | MODE_EXIT | MODE_TRIPLE) {
             console::use_com1();
         }
         (args.mode, args.cpus.max(1), args.seed)
@@ -81,6 +81,14 @@ extern "C" fn guest_main(index: u64, mode: u64, cpus: u64, seed: u64) -> ! {
         (MODE_LOOPS, 0) => exit(loops::run(cpus, seed)),
         (MODE_LOOPS, _) => loops::secondary(seed),
         (MODE_PC, 0) => exit(pc::run()),
+        (MODE_EXIT, 0) => {
+            println!("guest: isa-debug-exit with {:#x}", seed);
+            exit(seed as u32)
+        }
+        (MODE_TRIPLE, 0) => {
+            println!("guest: triple fault");
+            arch::triple_fault()
+        }
         (MODE_PC, _) => pc::secondary(index),
         _ => {
             if index == 0 {
