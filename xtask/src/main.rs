@@ -16,6 +16,10 @@ commands:
                              command line
       --emulator qemu|bochs  emulator (default qemu; bochs boots a GRUB ISO, VMX)
       --smp N                number of CPUs and Linux vCPUs (default 2 with Linux, else 1)
+      --guest FILE           instead of Linux, a VMM boots FILE, a Multiboot kernel (ELF32,
+                             ELF64 or the a.out kludge), on its PC with QEMU's fw_cfg,
+                             isa-debug-exit and pc-testdev; --smp N vCPUs (default 1)
+      --append ARGS          the Multiboot kernel's command line
       --no-linux             without the Linux guest (by default, with no --root, a VMM
                              boots it with 2 vCPUs from its ext4 root on the system
                              disk; the first run fetches Debian's kernel and builds the
@@ -192,6 +196,10 @@ struct RunOptions {
     /// `--part BINDING`.
     part: Option<String>,
     ram_disk: bool,
+    /// `--guest FILE`: a Multiboot kernel instead of Linux.
+    guest: Option<std::path::PathBuf>,
+    /// `--append ARGS`: its command line.
+    append: String,
     help: bool,
 }
 
@@ -212,6 +220,8 @@ impl Default for RunOptions {
             fresh_disk: false,
             part: None,
             ram_disk: false,
+            guest: None,
+            append: String::new(),
             help: false,
         }
     }
@@ -236,10 +246,18 @@ impl RunOptions {
                 "--fresh-disk" => o.fresh_disk = true,
                 "--part" => o.part = Some(args.value(&a)?),
                 "--ram-disk" => o.ram_disk = true,
+                "--guest" => o.guest = Some(args.value(&a)?.into()),
+                "--append" => o.append = args.value(&a)?,
                 "--help" | "-h" => o.help = true,
                 "--" => o.kernel_args.extend(args.0.by_ref()),
                 _ => bail!("run: unknown option {a:?}\n{USAGE}"),
             }
+        }
+        if o.guest.is_some() && (!o.root_args.is_empty() || !o.linux_guest) {
+            bail!("run: --guest boots a Multiboot kernel in a VMM: no --root, no --no-linux");
+        }
+        if o.guest.is_none() && !o.append.is_empty() {
+            bail!("run: --append is the command line of --guest's kernel");
         }
         let disk_options = o.disk.is_some() || o.fresh_disk || o.part.is_some();
         if disk_options && o.ram_disk {
@@ -257,9 +275,13 @@ impl RunOptions {
         Ok(o)
     }
 
-    /// Whether the default Linux VM comes: QEMU, no `--no-linux`, no root arguments.
+    /// Whether the default Linux VM comes: QEMU, no `--no-linux`, no root arguments,
+    /// no `--guest`.
     fn default_vm(&self) -> bool {
-        self.linux_guest && self.root_args.is_empty() && self.emulator == Emulator::Qemu
+        self.linux_guest
+            && self.root_args.is_empty()
+            && self.emulator == Emulator::Qemu
+            && self.guest.is_none()
     }
 }
 
@@ -294,6 +316,7 @@ fn run(args: Args) -> Result<ExitCode> {
     // scenario, which waits for the VM's power-off).
     let default_vm = o.default_vm();
     let scenarios = default_vm
+        || o.guest.is_some()
         || o.root_args
             .split_whitespace()
             .any(|a| a.starts_with("test=") || a.starts_with("bench="));
@@ -346,6 +369,9 @@ fn run(args: Args) -> Result<ExitCode> {
         }
         spec.memory_mib = spec.memory_mib.max(o.memory);
     }
+    if let Some(file) = &o.guest {
+        spec = with_multiboot_guest(spec, &images, file, &o.append, smp)?;
+    }
     if o.emulator == Emulator::Qemu {
         let kvm = xtask::qemu::uses_kvm(&spec);
         eprintln!(
@@ -366,6 +392,38 @@ fn run(args: Args) -> Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// `spec` with a VMM booting the Multiboot kernel `file` (its command line `append`) on
+/// `cpus` vCPUs, its COM1 on this terminal; the root waits for the VM's end and
+/// reports it (an isa-debug-exit status of 1, the guest's 0, counts as success).
+fn with_multiboot_guest(
+    spec: BootSpec,
+    images: &xtask::build::Images,
+    file: &std::path::Path,
+    append: &str,
+    cpus: u32,
+) -> Result<BootSpec> {
+    if !file.is_file() {
+        bail!("run: --guest {}: no such file", file.display());
+    }
+    let name = file
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    eprintln!(
+        "xtask: the VMM boots the Multiboot kernel {} with {cpus} vCPU(s), command line {append:?}",
+        file.display()
+    );
+    Ok(spec
+        .root_args("test=vmm secs=31536000")
+        .module(
+            images.vmm(),
+            &format!(
+                "name=guest guest={name} cpus={cpus} mem=128 mode=multiboot cpu=0 interactive -- {append}"
+            ),
+        )
+        .module(file.to_path_buf(), ""))
 }
 
 /// The default VM on the system disk: `--disk`'s image (which must exist) or the
@@ -653,6 +711,34 @@ mod tests {
             &["--emulator", "bochs", "--ram-disk"],
             &["--disk"],
             &["--disks", "x"],
+        ] {
+            assert!(parse(a).is_err(), "{a:?}");
+        }
+    }
+
+    #[test]
+    fn run_takes_a_multiboot_guest() {
+        let o = parse(&[
+            "--guest",
+            "/k/test.elf",
+            "--append",
+            "mode=pc x=1",
+            "--smp",
+            "2",
+        ])
+        .unwrap();
+        assert_eq!(
+            o.guest.as_deref(),
+            Some(std::path::Path::new("/k/test.elf"))
+        );
+        assert_eq!((o.append.as_str(), o.smp), ("mode=pc x=1", Some(2)));
+        assert!(!o.default_vm());
+        for a in [
+            &["--append", "x"][..],
+            &["--guest", "k", "--root", "test=ipc"],
+            &["--guest", "k", "--no-linux"],
+            &["--guest", "k", "--ram-disk"],
+            &["--guest"],
         ] {
             assert!(parse(a).is_err(), "{a:?}");
         }
