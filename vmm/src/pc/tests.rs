@@ -327,6 +327,99 @@ fn a_sipi_starts_the_other_vcpu_in_real_mode_at_its_page() {
     assert_eq!(ap.regs.cr0 & bits::CR0_PE, 0);
 }
 
+/// vCPU 0 with x2APIC on, and vCPU 1 started by INIT/SIPI at page 0x9a: the AP's
+/// register file after its STARTUP.
+fn two_started(s: &Setup) -> (MockVcpu, MockVcpu) {
+    let mut v = vcpu();
+    wrmsr(
+        &s.pc,
+        &mut v,
+        0x1b,
+        0xfee0_0000 | 1 << 11 | 1 << 10 | 1 << 8,
+    );
+    wrmsr(&s.pc, &mut v, 0x80f, 0x1ff);
+    wrmsr(&s.pc, &mut v, 0x830, 1 << 32 | 5 << 8 | 1 << 14);
+    v.regs.gpr[gpr::RCX] = 0x830;
+    v.regs.gpr[gpr::RAX] = 6 << 8 | 0x9a;
+    v.regs.gpr[gpr::RDX] = 1;
+    assert_eq!(exit(&s.pc, &mut v, ev::WRMSR), Step::Start(1));
+    let mut ap = vcpu();
+    checked_exit(&mut ap, true, |ap| s.pc.handle(ap, 1, Exit::Startup));
+    (v, ap)
+}
+
+#[test]
+fn an_nmi_ipi_kicks_and_is_injected_into_the_other_vcpu() {
+    let s = pc(2);
+    let (mut v, mut ap) = two_started(&s);
+    s.kicks.0.lock().unwrap().clear();
+    // NMI (delivery mode 4) to APIC 1.
+    wrmsr(&s.pc, &mut v, 0x830, 1 << 32 | 4 << 8);
+    assert_eq!(*s.kicks.0.lock().unwrap(), [1], "the target is kicked");
+    assert!(s.pc.interrupt_pending(1), "a halted target wakes");
+    // At its next exit the AP gets the NMI (vector 2, type NMI), with IF clear even.
+    ap.regs.rflags = 2;
+    ap.regs.inj_info = 0;
+    checked_exit(&mut ap, false, |ap| {
+        s.pc.handle(ap, 1, Exit::decode(ev::RECALL, &ap.regs))
+    });
+    assert_eq!(ap.regs.inj_info & 0x8000_07ff, 0x8000_0202);
+    assert!(!s.pc.interrupt_pending(1), "taken once");
+    // While an event is being injected it waits, with the NMI window asked for.
+    s.pc.interrupt_pending(1);
+    wrmsr(&s.pc, &mut v, 0x830, 1 << 32 | 4 << 8);
+    ap.regs.inj_info = 0x8000_0030;
+    checked_exit(&mut ap, false, |ap| {
+        s.pc.handle(ap, 1, Exit::decode(ev::RECALL, &ap.regs))
+    });
+    assert_ne!(ap.regs.inj_info & inj::REQ_NMI_WINDOW, 0);
+    assert!(s.pc.interrupt_pending(1));
+}
+
+#[test]
+fn init_puts_a_running_ap_into_wait_for_sipi_and_the_sipi_restarts_it() {
+    let s = pc(2);
+    let (mut v, mut ap) = two_started(&s);
+    // The AP runs somewhere in long mode.
+    ap.regs.rip = 0x12_3456;
+    ap.regs.cr0 = bits::CR0_PE | bits::CR0_PG;
+    ap.regs.cr3 = 0x5000;
+    ap.regs.cr4 = bits::CR4_PAE;
+    s.kicks.0.lock().unwrap().clear();
+    wrmsr(&s.pc, &mut v, 0x830, 1 << 32 | 5 << 8 | 1 << 14);
+    assert_eq!(*s.kicks.0.lock().unwrap(), [1]);
+    // Its next exit waits; no interrupt wakes it, only a SIPI.
+    let step = checked_exit(&mut ap, false, |ap| {
+        s.pc.handle(ap, 1, Exit::decode(ev::RECALL, &ap.regs))
+    });
+    assert_eq!(step, Step::Wait);
+    assert!(!s.pc.interrupt_pending(1));
+    wrmsr(&s.pc, &mut v, 0x830, 1 << 32 | 0x40); // a fixed IPI
+    assert!(!s.pc.interrupt_pending(1), "only a SIPI ends wait-for-SIPI");
+    // SIPI to page 0x77: real mode at 0x7700:0, paging and PAE off.
+    v.regs.gpr[gpr::RCX] = 0x830;
+    v.regs.gpr[gpr::RAX] = 6 << 8 | 0x77;
+    v.regs.gpr[gpr::RDX] = 1;
+    assert_eq!(exit(&s.pc, &mut v, ev::WRMSR), Step::Resume, "no new vCPU");
+    assert!(s.pc.interrupt_pending(1));
+    checked_exit(&mut ap, false, |ap| {
+        s.pc.wake(ap, 1);
+        Step::Resume
+    });
+    assert_eq!(
+        (ap.regs.cs.sel, ap.regs.cs.base, ap.regs.rip),
+        (0x7700, 0x77000, 0)
+    );
+    assert_eq!(
+        (ap.regs.cr0 & bits::CR0_PG, ap.regs.cr3, ap.regs.cr4),
+        (0, 0, 0)
+    );
+    // A SIPI to a running AP is ignored.
+    v.regs.gpr[gpr::RAX] = 6 << 8 | 0x55;
+    exit(&s.pc, &mut v, ev::WRMSR);
+    assert!(!s.pc.interrupt_pending(1));
+}
+
 #[test]
 fn power_off_through_pm1_control_ends_the_vm() {
     let s = pc(1);
