@@ -43,6 +43,8 @@ pub fn status(end: &End) -> u8 {
         End::Done(c) if c & 0xff == 0 => 1,
         End::Done(c) => (c & 0xff) as u8,
         End::PowerOff => 0,
+        // What QEMU exits with for isa-debug-exit: `(value << 1) | 1`, its low byte.
+        End::DebugExit { .. } => end.exit_status().map_or(STATUS_ERROR, |s| s as u8),
         End::TripleFault { .. } => STATUS_SHUTDOWN,
         End::HaltForever { .. } => STATUS_HALTED,
         End::TimeLimit { .. } => STATUS_TIMEOUT,
@@ -58,6 +60,7 @@ mod tests {
     fn end_codes_become_exit_statuses() {
         assert_eq!(status(&End::Done(0)), 0);
         assert_eq!(status(&End::Done(3)), 3);
+        assert_eq!(status(&End::DebugExit { value: 0x21 }), 0x43);
         assert_eq!(status(&End::Done(0x100)), 1, "non-zero stays a failure");
         assert_eq!(status(&End::TripleFault { rip: 0 }), STATUS_SHUTDOWN);
         assert_eq!(status(&End::HaltForever { rip: 0 }), STATUS_HALTED);
