@@ -38,10 +38,10 @@ pub const DATA_GUID: Guid = guid!("70657265-6772-696e-6500-000000000002");
 /// The VMM's binding unless `--part` names another.
 pub const DEFAULT_BINDING: &str = "part=name:peregrine-root";
 /// The disk component's arguments: QEMU's NVMe controller, MSI-X, 1024 DMA pages.
-pub const DISK_ARGS: &str = "role=disk pci=nvme msi=1 dma=1024";
+pub const DISK_ARGS: &str = "role=disk pci=nvme msi=1 dma=1024 prio=20";
 /// The same, the controller polled instead of interrupting (the measured alternative,
 /// `bench disk`'s `poll` rows).
-pub const DISK_ARGS_POLLED: &str = "role=disk pci=nvme poll dma=1024";
+pub const DISK_ARGS_POLLED: &str = "role=disk pci=nvme poll dma=1024 prio=20";
 /// The NVMe controller's serial number in QEMU.
 pub const NVME_SERIAL: &str = "peregrine";
 /// The guest's root device on Peregrine: the session's disk, the bound partition alone.

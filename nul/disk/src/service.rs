@@ -19,7 +19,7 @@
 //! guest RAM); the service translates buffer offsets to physical addresses through
 //! the runs it learnt with `lookup` when it opened the session.
 
-use alloc::collections::BTreeMap;
+use alloc::collections::{BTreeMap, VecDeque};
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU32, Ordering};
 
@@ -29,7 +29,8 @@ use peregrine_abi::perm::MemPerm;
 use peregrine_abi::{Crd, PAGE_BITS};
 use peregrine_blkproto::gpt::{BlockRead, IoError};
 use peregrine_blkproto::{
-    Binding, Bounds, Layout, Op, Partition, Request, Runs, ServiceRing, SessionLimits, Status,
+    merge, Binding, Bounds, Layout, Op, Partition, Request, Runs, ServiceRing, SessionLimits,
+    Status,
 };
 use peregrine_nvme::controller::{Controller, Namespace};
 use peregrine_nvme::{cmd, prp, Dma};
@@ -43,8 +44,12 @@ pub type Nvme = Controller<Bar0, DmaPool, TscClock>;
 pub const QUEUE_DEPTH: usize = 63;
 /// Milliseconds a command may take before the controller counts as stopped.
 const COMMAND_DEADLINE_MS: u64 = 5_000;
-/// The most bytes one request moves (one PRP list page covers it).
+/// The most bytes one request (and one command) moves (one PRP list page covers it).
 const MAX_TRANSFER: u64 = 512 * 1024;
+/// Pages one command's PRPs name at most: the first and one list page's entries.
+const MAX_PAGES: usize = 1 + 511;
+/// Requests a session may have taken from its ring and not yet submitted.
+const BACKLOG: usize = 512;
 
 /// The disk: the controller, its I/O queue and namespace, and the GPT's partitions.
 pub struct Disk {
@@ -107,6 +112,8 @@ impl BlockRead for Reader<'_> {
 /// An open session.
 struct Session {
     ring: ServiceRing<'static, [AtomicU32]>,
+    /// Requests taken from the ring, not yet submitted.
+    backlog: VecDeque<Request>,
     runs: Runs,
     completion: u64,
     client: u64,
@@ -116,11 +123,11 @@ struct Session {
 }
 
 /// A command in flight.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct InFlight {
     session: usize,
-    tag: u32,
-    blocks: u32,
+    /// The requests the command answers: tag and blocks.
+    members: Vec<(u32, u32)>,
     list: usize,
     since_ms: u64,
 }
@@ -214,6 +221,10 @@ impl Service {
                 }
                 blk::SLOT_CLOSING => {
                     let busy = self.in_flight.values().any(|f| f.session == i);
+                    // Its client is gone: what it queued and we did not start is dropped.
+                    if let Some(sess) = self.sessions[i].as_mut() {
+                        sess.backlog.clear();
+                    }
                     if let Some(sess) = self.sessions[i].as_mut() {
                         sess.closing = true;
                     }
@@ -260,6 +271,7 @@ impl Service {
         let ring = ServiceRing::new(mem, layout, limits).map_err(|_| "the ring is unusable")?;
         Ok(Session {
             ring,
+            backlog: VecDeque::new(),
             runs,
             completion: s.completion_sel,
             client: s.client,
@@ -296,7 +308,9 @@ impl Service {
                 );
                 Status::IoErr
             };
-            self.answer(f.session, f.tag, status, f.blocks);
+            for (tag, blocks) in f.members {
+                self.answer(f.session, tag, status, blocks);
+            }
         }
     }
 
@@ -316,7 +330,9 @@ impl Service {
         let all: Vec<(u16, InFlight)> = core::mem::take(&mut self.in_flight).into_iter().collect();
         for (cid, f) in all {
             self.disk.c.abandon(self.disk.qid, cid);
-            self.answer(f.session, f.tag, Status::IoErr, 0);
+            for (tag, _) in f.members {
+                self.answer(f.session, tag, Status::IoErr, 0);
+            }
         }
     }
 
@@ -337,21 +353,20 @@ impl Service {
         }
     }
 
-    /// Takes new requests from every session and submits them.
+    /// Takes new requests from every session and submits them, joining consecutive
+    /// ones into one command (`peregrine_blkproto::merge`).
     fn submissions(&mut self) {
+        let max_bytes = MAX_TRANSFER.min(self.disk.c.max_transfer_pages() as u64 * 4096);
         for i in 0..MAX_SESSIONS {
-            loop {
-                if self.free_lists.is_empty() {
-                    return;
-                }
-                let Some(s) = self.sessions[i].as_mut() else {
-                    break;
-                };
-                if s.closing {
-                    break;
-                }
-                let r = match s.ring.next_request() {
-                    Ok(Some(r)) => r,
+            let Some(s) = self.sessions[i].as_mut() else {
+                continue;
+            };
+            if s.closing {
+                continue;
+            }
+            while s.backlog.len() < BACKLOG {
+                match s.ring.next_request() {
+                    Ok(Some(r)) => s.backlog.push_back(r),
                     Ok(None) => {
                         // Refused descriptors were answered by the ring itself.
                         if s.ring.rejected() != 0 {
@@ -366,55 +381,78 @@ impl Service {
                         }
                         break;
                     }
-                };
-                s.signal = true;
-                if self.failed.is_some() {
-                    self.answer(i, r.tag, Status::IoErr, 0);
-                    continue;
                 }
-                if let Err(st) = self.submit(i, &r) {
-                    self.answer(i, r.tag, st, 0);
+            }
+            if s.backlog.is_empty() {
+                continue;
+            }
+            s.signal = true;
+            if self.failed.is_some() {
+                let tags: Vec<u32> = s.backlog.drain(..).map(|r| r.tag).collect();
+                for t in tags {
+                    self.answer(i, t, Status::IoErr, 0);
+                }
+                continue;
+            }
+            while !self.free_lists.is_empty() {
+                let Some(s) = self.sessions[i].as_mut() else {
+                    break;
+                };
+                match merge::take(&mut s.backlog, &s.runs, max_bytes, MAX_PAGES) {
+                    None => break,
+                    Some(Err(tag)) => self.answer(i, tag, Status::BadBuf, 0),
+                    Some(Ok(c)) => {
+                        if let Err(st) = self.submit(i, &c) {
+                            for (tag, _) in c.members {
+                                self.answer(i, tag, st, 0);
+                            }
+                        }
+                    }
                 }
             }
         }
     }
 
-    /// Builds and submits the NVMe command for request `r` of session `i`.
-    fn submit(&mut self, i: usize, r: &Request) -> Result<(), Status> {
+    /// The NVMe command for `c`, its PRP list (if it needs one) in list page `list`.
+    fn command(&self, c: &merge::Command, list: usize) -> Result<cmd::Command, Status> {
         let ns = self.disk.ns;
+        if c.op == Op::Flush {
+            return Ok(cmd::flush(ns.nsid));
+        }
+        let bytes = c.blocks as usize * ns.block_size as usize;
+        let dma = self.disk.c.dma();
+        let lp = [dma.iova(&self.lists[list], 0)];
+        let prps = prp::build(&c.pages, bytes, &lp).map_err(|_| Status::IoErr)?;
+        if !prps.list.is_empty() {
+            let mut raw = Vec::with_capacity(prps.list.len() * 8);
+            for e in &prps.list {
+                raw.extend_from_slice(&e.to_le_bytes());
+            }
+            dma.write(&self.lists[list], 0, &raw);
+        }
+        let build = if c.op == Op::Read {
+            cmd::read
+        } else {
+            cmd::write
+        };
+        let blocks = u16::try_from(c.blocks).map_err(|_| Status::IoErr)?;
+        let command = build(ns.nsid, c.lba, blocks, prps.prp1, prps.prp2);
+        Ok(if c.fua { command.with_fua() } else { command })
+    }
+
+    /// Builds and submits the NVMe command `c` for session `i`.
+    fn submit(&mut self, i: usize, c: &merge::Command) -> Result<(), Status> {
+        if c.op == Op::Discard {
+            return Err(Status::Unsupported);
+        }
         let Some(list) = self.free_lists.pop() else {
             return Err(Status::IoErr);
         };
-        let command = match r.op {
-            Op::Flush => cmd::flush(ns.nsid),
-            Op::Read | Op::Write => {
-                let s = self.sessions[i].as_ref().ok_or(Status::IoErr)?;
-                let pages = s.runs.pages(r.buf, r.len).ok_or(Status::BadBuf)?;
-                let dma = self.disk.c.dma();
-                let lp = [dma.iova(&self.lists[list], 0)];
-                let prps = prp::build(&pages, r.len as usize, &lp).map_err(|_| Status::IoErr)?;
-                if !prps.list.is_empty() {
-                    let mut raw = Vec::with_capacity(prps.list.len() * 8);
-                    for e in &prps.list {
-                        raw.extend_from_slice(&e.to_le_bytes());
-                    }
-                    dma.write(&self.lists[list], 0, &raw);
-                }
-                let build = if r.op == Op::Read {
-                    cmd::read
-                } else {
-                    cmd::write
-                };
-                let c = build(ns.nsid, r.lba, r.count as u16, prps.prp1, prps.prp2);
-                if r.fua {
-                    c.with_fua()
-                } else {
-                    c
-                }
-            }
-            Op::Discard => {
+        let command = match self.command(c, list) {
+            Ok(command) => command,
+            Err(st) => {
                 self.free_lists.push(list);
-                return Err(Status::Unsupported);
+                return Err(st);
             }
         };
         match self.disk.c.submit(self.disk.qid, command) {
@@ -424,8 +462,7 @@ impl Service {
                     cid,
                     InFlight {
                         session: i,
-                        tag: r.tag,
-                        blocks: r.count,
+                        members: c.members.clone(),
                         list,
                         since_ms,
                     },

@@ -470,7 +470,12 @@ fn build(spec: &ChildSpec, id: usize, pd: u64, owned: &mut Vec<u64>) -> Result<(
     });
     hc::create_ec(ec, pd, EcKind::Global, spec.cpu, ROOT_UTCB_ADDR, 0, 0)?;
     delegate_obj(pd, ec, sel::OWN_EC, perm::ALL)?;
-    hc::create_sc(sc, pd, ec, 10, 10_000)?;
+    // `prio=` (1..=99, default 10: the root's own SC runs at 100): a driver or service
+    // that must answer before the VMs it serves run on.
+    let prio = start_info::arg_u64(spec.args, "prio")
+        .unwrap_or(10)
+        .clamp(1, 99) as u8;
+    hc::create_sc(sc, pd, ec, prio, 10_000)?;
     delegate_obj(pd, sc, sel::OWN_SC, perm::ALL)?;
     Ok(())
 }

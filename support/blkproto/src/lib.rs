@@ -171,6 +171,7 @@ extern crate alloc;
 
 pub mod binding;
 pub mod gpt;
+pub mod merge;
 pub mod proto;
 pub mod ring;
 pub mod runs;
