@@ -27,9 +27,6 @@ pub enum Action {
     Reset,
     /// The guest ended its run and reported this code (the test device's end port).
     Done(u32),
-    /// The guest wrote this value to QEMU's isa-debug-exit: end the VM with the exit
-    /// status `(value << 1) | 1` ([`crate::qemu_testdev`]).
-    DebugExit(u32),
     /// The guest asks the VMM to start the vCPU with this index.
     StartVcpu(u32),
     /// The vCPU that made the access takes this exception before its next instruction.
@@ -39,6 +36,9 @@ pub enum Action {
         /// Error code, for the vectors that push one.
         error: Option<u32>,
     },
+    /// The guest wrote this value to QEMU's isa-debug-exit: end the VM with the exit
+    /// status `(value << 1) | 1` ([`crate::qemu_testdev`]).
+    DebugExit(u32),
 }
 
 /// A device on a bus: a pure state machine driven by guest accesses.

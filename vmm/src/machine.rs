@@ -521,19 +521,27 @@ pub fn act<B: Board + ?Sized, P: Platform + ?Sized>(
     p: &mut P,
     action: Option<Action>,
 ) -> Step {
+    // Almost every access asks for nothing: that case first, and the rest out of line.
     match action {
         None => Step::Resume,
-        Some(Action::Done(code)) => Step::End(End::Done(code)),
-        Some(Action::DebugExit(value)) => Step::End(End::DebugExit { value }),
-        Some(Action::PowerOff) => Step::End(End::PowerOff),
-        Some(Action::Reset) => Step::End(End::Reset),
-        Some(Action::StartVcpu(n)) => b.start_vcpu(n),
-        Some(Action::Exception { vector, error }) => {
+        Some(a) => act_on(b, p, a),
+    }
+}
+
+#[inline(never)]
+fn act_on<B: Board + ?Sized, P: Platform + ?Sized>(b: &B, p: &mut P, action: Action) -> Step {
+    match action {
+        Action::Done(code) => Step::End(End::Done(code)),
+        Action::PowerOff => Step::End(End::PowerOff),
+        Action::Reset => Step::End(End::Reset),
+        Action::StartVcpu(n) => b.start_vcpu(n),
+        Action::Exception { vector, error } => {
             if vector < 32 && vector != 2 {
                 p.inject(Event::Exception { vector, error });
             }
             Step::Resume
         }
+        Action::DebugExit(value) => Step::End(End::DebugExit { value }),
     }
 }
 

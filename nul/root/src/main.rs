@@ -74,7 +74,8 @@ fn main(hip_addr: u64) -> ! {
     );
     driver::init(hip.0.msi_gsi_base, hip.0.num_gsi);
     session::set_tsc_khz(hip.0.freq_tsc_khz);
-    pci::init(&hip);
+    // PCI is walked when the first driver (`pci=`) asks for its function.
+    pci::set_rsdp(hip.0.rsdp);
     if let Err(e) = services::init(hip.online_cpus()) {
         println!("cannot create service ECs: {:?}", e);
         fail();

@@ -17,7 +17,6 @@ use peregrine_abi::perm::MemPerm;
 use peregrine_abi::{Crd, XferFlags, PAGE_BITS};
 use spin::Mutex;
 
-use crate::hip::HipView;
 use crate::mem::{self, WINDOW};
 
 /// Takes physical pages `[phys, phys + len)` from the kernel PD into the root's window
@@ -174,15 +173,25 @@ static FUNCTIONS: Mutex<Vec<Function>> = Mutex::new(Vec::new());
 /// Functions already given to a driver (by `bdf`).
 static GIVEN: Mutex<Vec<u64>> = Mutex::new(Vec::new());
 
-/// Reads the MCFG and walks the buses (boot, once). Returns the number of functions.
-pub fn init(hip: &HipView) -> usize {
-    if hip.0.rsdp == 0 {
+static RSDP: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+static WALKED: spin::Once<usize> = spin::Once::new();
+
+/// Records where the ACPI tables start (boot); the walk waits for the first driver.
+pub fn set_rsdp(rsdp: u64) {
+    RSDP.store(rsdp, core::sync::atomic::Ordering::Relaxed);
+}
+
+/// Reads the MCFG and walks the buses (once, when the first driver asks). Returns the
+/// number of functions.
+fn init() -> usize {
+    let rsdp = RSDP.load(core::sync::atomic::Ordering::Relaxed);
+    if rsdp == 0 {
         println!("PCI: no ACPI RSDP");
         return 0;
     }
     // SAFETY: the RSDP address comes from the kernel, which found and checked it; the
     // handler maps what the tables name.
-    let tables = match unsafe { AcpiTables::from_rsdp(WindowHandler, hip.0.rsdp as usize) } {
+    let tables = match unsafe { AcpiTables::from_rsdp(WindowHandler, rsdp as usize) } {
         Ok(t) => t,
         Err(e) => {
             println!("PCI: ACPI tables unreadable: {:?}", e);
@@ -329,6 +338,7 @@ fn endpoint(
 
 /// The first function `sel` names that no driver has yet; marks it given.
 pub fn claim(sel: &str) -> Option<Function> {
+    WALKED.call_once(init);
     let fns = FUNCTIONS.lock();
     let mut given = GIVEN.lock();
     let f = fns

@@ -29,12 +29,6 @@ pub enum End {
     Done(u32),
     /// The guest powered the machine off.
     PowerOff,
-    /// The guest ended the VM through QEMU's isa-debug-exit; the VM's exit status is
-    /// `(value << 1) | 1` ([`End::exit_status`]), as QEMU's process status would be.
-    DebugExit {
-        /// What the guest wrote.
-        value: u32,
-    },
     /// The guest reset the machine (not supported: ended).
     Reset,
     /// Triple fault (shutdown).
@@ -90,6 +84,12 @@ pub enum End {
         error: EmulError,
         /// RIP.
         rip: u64,
+    },
+    /// The guest ended the VM through QEMU's isa-debug-exit; the VM's exit status is
+    /// `(value << 1) | 1` ([`End::exit_status`]), as QEMU's process status would be.
+    DebugExit {
+        /// What the guest wrote.
+        value: u32,
     },
 }
 
