@@ -104,10 +104,25 @@ pub fn grant(
                 prefetchable,
             }) => (address, size, prefetchable),
             Some(Bar::Io { port }) => {
+                // Its ports, delegated at their own numbers (the root holds them all).
+                let size = u64::from(f.io_sizes[i]);
+                if port == 0 || size == 0 || u64::from(port) + size > 0x1_0000 {
+                    continue;
+                }
+                for (p, order) in aligned_pieces(u64::from(port), size) {
+                    hc::pd_delegate(
+                        sel::OWN_PD,
+                        pd,
+                        Crd::pio(p, order),
+                        Crd::pio(p, order),
+                        0,
+                        XferFlags::empty(),
+                    )?;
+                }
                 info.bars[i] = device::Bar {
                     addr: u64::from(port),
                     phys: u64::from(port),
-                    size: 0,
+                    size,
                     kind: bar_kind::IO,
                     prefetchable: 0,
                 };

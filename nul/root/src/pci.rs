@@ -119,6 +119,8 @@ pub struct Function {
     pub config: u64,
     /// BAR slots (a 64-bit BAR in its first slot).
     pub bars: [Option<Bar>; 6],
+    /// The sizes of its I/O BARs (by slot; 0 for the others).
+    pub io_sizes: [u32; 6],
     /// MSI-X table size, if it has the capability.
     pub msix: Option<u16>,
     /// Whether it has an MSI capability.
@@ -303,10 +305,26 @@ fn endpoint(
         c - (pci_types::CommandRegister::MEMORY_ENABLE | pci_types::CommandRegister::IO_ENABLE)
     });
     let mut bars = [None; 6];
+    let mut io_sizes = [0u32; 6];
     let mut slot = 0u8;
     while slot < 6 {
         let b = e.bar(slot, acc);
         bars[slot as usize] = b;
+        if matches!(b, Some(Bar::Io { .. })) {
+            // `pci_types` gives an I/O BAR's port but not its size: all ones written,
+            // the size is what stays zero (bits 0-1 are flags), then the port back.
+            let off = 0x10 + 4 * u16::from(slot);
+            // SAFETY: configuration accesses to this function's own BAR, with
+            // decoding off; the original value goes back at once.
+            let probe = unsafe {
+                let orig = acc.read(addr, off);
+                acc.write(addr, off, u32::MAX);
+                let v = acc.read(addr, off);
+                acc.write(addr, off, orig);
+                v
+            };
+            io_sizes[slot as usize] = (!(probe & 0xffff_fffc)).wrapping_add(1) & 0xffff;
+        }
         slot += if matches!(b, Some(Bar::Memory64 { .. })) {
             2
         } else {
@@ -330,6 +348,7 @@ fn endpoint(
         class,
         config,
         bars,
+        io_sizes,
         msix,
         msi,
         irq: (line, pin),

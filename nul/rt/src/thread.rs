@@ -85,14 +85,31 @@ pub fn thread(
     entry: ThreadEntry,
     arg: u64,
 ) -> Result<Thread, Status> {
+    // SAFETY: a fresh, leaked 16 KiB stack, used by nothing else.
+    unsafe { thread_on(cpu, evt_base, prio, entry, arg, new_stack()) }
+}
+
+/// [`thread`] on a stack the caller provides (e.g. one above a guard page), whose top
+/// is `sp`.
+///
+/// # Safety
+/// `sp` must be 16-byte aligned, minus 8, at the top of at least 4 KiB of writable
+/// memory that stays reserved for this thread for its lifetime.
+pub unsafe fn thread_on(
+    cpu: u64,
+    evt_base: u64,
+    prio: u8,
+    entry: ThreadEntry,
+    arg: u64,
+    sp: u64,
+) -> Result<Thread, Status> {
     let ec = sel::alloc();
     let sc = sel::alloc();
     let utcb = NEXT_UTCB.fetch_add(4096, Ordering::Relaxed);
-    let sp = new_stack();
     // Initial frame read by `startup_reply`: argument, entry, UTCB. `sp - 24` keeps the
     // entry's rsp ≡ 8 (mod 16), as after a `call`.
-    // SAFETY: `sp` points 8 bytes below the top of a fresh, leaked 16 KiB stack; the
-    // three words written lie inside it.
+    // SAFETY: the caller's contract: `sp` is 8 bytes below the top of a stack of this
+    // thread's own; the three words written lie inside it.
     unsafe {
         *((sp - 8) as *mut u64) = utcb;
         *((sp - 16) as *mut u64) = entry as usize as u64;

@@ -15,6 +15,7 @@
 //! | `memcheck` | checks delegated memory, port and portal; after the root revokes, touches them again |
 //! | `hostile seed=N` | random hypercalls forever, reporting its count to the root |
 //! | `blocker` | leaves a thread and its main EC (in a call) blocked for good |
+//! | `pcidump pci=SEL` | prints the device page and reads its configuration page and each I/O BAR's first port |
 //! | `blkclient blk=B mem=M seed=N [hostile]` | a disk-session client: writes, flushes, reads back its blocks; requests outside them refused (see `blkclient.rs`) |
 #![no_std]
 #![no_main]
@@ -25,6 +26,7 @@ mod blkclient;
 mod blocker;
 mod hostile;
 mod memtest;
+mod pcidump;
 mod server;
 
 use nul_rt::start_info::{self, StartInfo};
@@ -51,6 +53,7 @@ fn main(arg: u64) -> ! {
         "hostile" => hostile::run(si),
         "blocker" => blocker::run(si),
         "blkclient" => blkclient::run(si),
+        "pcidump" => pcidump::run(si),
         _ => {
             println!("unknown role {:?}", role);
             block_forever()

@@ -190,12 +190,15 @@ fn overflow_the_stack(depth: u64) -> u64 {
 }
 
 static VM: spin::Once<Vm> = spin::Once::new();
+/// The disk's completion thread's stack (kept for good; its use is reported).
+static COMPLETION_STACK: spin::Once<GuardedStack> = spin::Once::new();
 
 impl Vm {
     /// The most stack any handler EC used so far, in bytes.
     pub fn stack_used(&self) -> usize {
         self.stacks
             .iter()
+            .chain(COMPLETION_STACK.get())
             .map(|s| s.used(STACK_FILL))
             .max()
             .unwrap_or(0)
@@ -758,9 +761,14 @@ pub fn create(p: Params) -> Result<&'static Vm, Error> {
         stacks,
     });
     if let (true, Some(&(cpu, tbase))) = (has_session, timer_bases.first()) {
-        // On vCPU 0's CPU, with its timer thread's event portals.
-        thread::thread(cpu, tbase, PRIO, completion_thread, 0)
+        // On vCPU 0's CPU, with its timer thread's event portals, on a guarded stack
+        // like the exit handlers' (it runs the same device code).
+        let stack = GuardedStack::new(HANDLER_STACK, STACK_FILL)
+            .map_err(kernel("guard the completion thread's stack"))?;
+        // SAFETY: the stack is the thread's own for good (kept in `COMPLETION_STACK`).
+        unsafe { thread::thread_on(cpu, tbase, PRIO, completion_thread, 0, stack.top()) }
             .map_err(kernel("start the disk's completion thread"))?;
+        COMPLETION_STACK.call_once(|| stack);
     }
     for (i, (cpu, tbase)) in timer_bases.into_iter().enumerate() {
         thread::thread(cpu, tbase, PRIO, timer_thread, i as u64)
