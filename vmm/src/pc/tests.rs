@@ -301,32 +301,6 @@ fn serial_input_reaches_the_vcpu_through_the_io_apic() {
     assert_eq!(v.regs.inj_info, 0x8000_0024);
 }
 
-#[test]
-fn a_sipi_starts_the_other_vcpu_in_real_mode_at_its_page() {
-    let s = pc(2);
-    let mut v = vcpu();
-    wrmsr(
-        &s.pc,
-        &mut v,
-        0x1b,
-        0xfee0_0000 | 1 << 11 | 1 << 10 | 1 << 8,
-    );
-    wrmsr(&s.pc, &mut v, 0x80f, 0x1ff);
-    // INIT, then SIPI with vector 0x9a to APIC 1.
-    wrmsr(&s.pc, &mut v, 0x830, 1 << 32 | 5 << 8 | 1 << 14);
-    v.regs.gpr[gpr::RCX] = 0x830;
-    v.regs.gpr[gpr::RAX] = 6 << 8 | 0x9a;
-    v.regs.gpr[gpr::RDX] = 1;
-    assert_eq!(exit(&s.pc, &mut v, ev::WRMSR), Step::Start(1));
-    let mut ap = vcpu();
-    checked_exit(&mut ap, true, |ap| s.pc.handle(ap, 1, Exit::Startup));
-    assert_eq!(
-        (ap.regs.cs.sel, ap.regs.cs.base, ap.regs.rip),
-        (0x9a00, 0x9a000, 0)
-    );
-    assert_eq!(ap.regs.cr0 & bits::CR0_PE, 0);
-}
-
 /// vCPU 0 with x2APIC on, and vCPU 1 started by INIT/SIPI at page 0x9a: the AP's
 /// register file after its STARTUP.
 fn two_started(s: &Setup) -> (MockVcpu, MockVcpu) {
@@ -346,6 +320,18 @@ fn two_started(s: &Setup) -> (MockVcpu, MockVcpu) {
     let mut ap = vcpu();
     checked_exit(&mut ap, true, |ap| s.pc.handle(ap, 1, Exit::Startup));
     (v, ap)
+}
+
+#[test]
+fn a_sipi_starts_the_other_vcpu_in_real_mode_at_its_page() {
+    let s = pc(2);
+    // INIT, then SIPI with vector 0x9a to APIC 1 (asserted to start vCPU 1).
+    let (_, ap) = two_started(&s);
+    assert_eq!(
+        (ap.regs.cs.sel, ap.regs.cs.base, ap.regs.rip),
+        (0x9a00, 0x9a000, 0)
+    );
+    assert_eq!(ap.regs.cr0 & bits::CR0_PE, 0);
 }
 
 #[test]
