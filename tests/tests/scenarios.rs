@@ -75,6 +75,22 @@ fn scenario_xcpu() {
     scenario("xcpu", "", &[], 2, 60);
 }
 
+/// A root lock held by the scenario thread while a higher-priority thread on the same
+/// CPU wants it (a root service handler on the disk component's SC does): the waiter
+/// lets the holder run instead of spinning on its CPU for good.
+#[test]
+fn scenario_lock() {
+    scenario("lock", "", &[], 1, 60);
+}
+
+/// An up that wakes a higher-priority thread on the same CPU switches to it at once,
+/// and the upper's next down blocks until its own up (the kernel once returned to the
+/// upper without its SC, which left it queued on the semaphore it had not blocked on).
+#[test]
+fn scenario_wakeup() {
+    scenario("wakeup", "", &[], 1, 60);
+}
+
 /// `ec_ctrl` recall of a thread running on another CPU, `sc_ctrl` consumed time.
 #[test]
 fn scenario_recall() {

@@ -584,6 +584,23 @@ fn idle_wait(_: &mut Cpu) {
     crate::arch::idle_wait();
 }
 
+/// Ends the running EC's hypercall (its result is in its frame): back to `ec`, unless
+/// the hypercall gave the CPU away. An `up` that woke, or an SC created for, a thread of
+/// a higher priority put the SC `ec` runs on back in the run queue
+/// ([`preempt_if_needed`]); then the scheduler decides, and `ec` resumes from its frame
+/// when that SC runs again. (Returning to `ec` regardless let it run without its SC: the
+/// woken thread waited for the next interrupt, and a `down` of `ec` that blocked left
+/// its SC in the run queue, which resumed `ec` at once while it stayed queued on the
+/// semaphore; that semaphore's next `up` then wrote its status over the `rdi` of `ec`
+/// running on.)
+pub fn ret_from_hypercall(ec: Arc<Ec>, cpu: &mut Cpu) -> ! {
+    if local(cpu).sc.is_none() {
+        drop(ec);
+        schedule();
+    }
+    ret_to(ec, cpu)
+}
+
 /// Resumes `ec` in user mode (switching address spaces as needed).
 pub fn ret_to(ec: Arc<Ec>, cpu: &mut Cpu) -> ! {
     if ec.is_dead() {

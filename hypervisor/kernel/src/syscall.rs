@@ -110,7 +110,7 @@ pub unsafe extern "C" fn syscall_handler(frame: *mut Frame) -> ! {
         }
         Err(s) => f.rdi = s as u64,
     }
-    sched::ret_to(c, cpu)
+    sched::ret_from_hypercall(c, cpu)
 }
 
 /// The object of the capability at `sel` in the caller's space if it is a `T` with at

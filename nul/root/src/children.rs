@@ -8,10 +8,10 @@ use alloc::vec::Vec;
 
 use nul_rt::hc;
 use nul_rt::start_info::{self, PAGED_BASE};
+use nul_rt::sync::Mutex;
 use nul_rt::{println, sel};
 use peregrine_abi::perm::{self, MemPerm};
 use peregrine_abi::{Crd, XferFlags, PAGE_BITS};
-use spin::Mutex;
 
 use crate::mem;
 

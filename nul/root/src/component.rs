@@ -12,11 +12,11 @@ use nul_rt::sel;
 use nul_rt::start_info::{
     self, StartInfo, IMAGE_ADDR, POOL_ADDR, SHARED_ADDR, START_INFO_ADDR, TEST_PAGE_ADDR,
 };
+use nul_rt::sync::Mutex;
 use peregrine_abi::event::host;
 use peregrine_abi::hip::ROOT_UTCB_ADDR;
 use peregrine_abi::perm::{self, MemPerm, PtPerm};
 use peregrine_abi::{Crd, Mtd, Status, XferFlags, PAGE_BITS};
-use spin::Mutex;
 
 use crate::children::{destroy_all, with, Child, CHILDREN};
 use crate::mem;

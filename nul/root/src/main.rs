@@ -230,11 +230,11 @@ fn main(hip_addr: u64) -> ! {
         }
     }
 
-    // The scenario runs in a thread at the components' priority on the first CPU: the
-    // root EC's priority (100) is above theirs (10), and the root's service handlers,
-    // which run on the components' SCs, share spin locks (heap, console, component
-    // table) with the scenario code; at a higher priority the scenario could spin
-    // forever on a lock held by a preempted handler on the same CPU.
+    // The scenario runs in a thread at the components' priority on the first CPU, not
+    // at the root EC's (100): the root's service handlers, which run on the components'
+    // SCs, share locks (heap, console, component table) with the scenario code. The
+    // locks (`nul_rt::sync::Mutex`) let a preempted holder of a lower priority run, but
+    // each such wait costs a sleep.
     MAIN_ARGS.call_once(|| (alloc::string::String::from(args), hip));
     let cpu0 = cpus[0];
     let evt = services::evt_base(cpu0).unwrap_or(0);

@@ -5,10 +5,10 @@ use alloc::vec::Vec;
 
 use nul_rt::hc;
 use nul_rt::sel;
+use nul_rt::sync::Mutex;
 use peregrine_abi::hip::mem_kind;
 use peregrine_abi::perm::MemPerm;
 use peregrine_abi::{Crd, XferFlags, PAGE_BITS};
-use spin::Mutex;
 
 use crate::hip::HipView;
 

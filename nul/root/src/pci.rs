@@ -8,6 +8,7 @@ use core::ptr::NonNull;
 
 use acpi::mcfg::Mcfg;
 use acpi::{AcpiHandler, AcpiTables, PhysicalMapping};
+use nul_rt::sync::Mutex;
 use nul_rt::{hc, println, sel};
 use pci_types::capability::PciCapability;
 use pci_types::{
@@ -15,7 +16,6 @@ use pci_types::{
 };
 use peregrine_abi::perm::MemPerm;
 use peregrine_abi::{Crd, XferFlags, PAGE_BITS};
-use spin::Mutex;
 
 use crate::mem::{self, WINDOW};
 

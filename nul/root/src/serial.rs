@@ -1,6 +1,6 @@
 //! The root's serial console: COM1, polled, one lock so lines never interleave.
 
-use spin::Mutex;
+use nul_rt::sync::Mutex;
 
 const COM1: u16 = 0x3f8;
 

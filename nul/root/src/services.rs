@@ -6,13 +6,13 @@
 use alloc::vec::Vec;
 
 use nul_rt::start_info::START_INFO_ADDR;
+use nul_rt::sync::Mutex;
 use nul_rt::thread::{self, LocalEc};
 use nul_rt::utcb::UtcbRef;
 use nul_rt::{hc, println, sel, svc};
 use peregrine_abi::event::host;
 use peregrine_abi::utcb::gpr;
 use peregrine_abi::{perm, Crd, Mtd, Status};
-use spin::Mutex;
 
 use crate::children;
 use crate::serial;

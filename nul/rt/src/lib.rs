@@ -25,6 +25,7 @@ pub mod stack;
 pub mod start;
 pub mod start_info;
 pub mod svc;
+pub mod sync;
 pub mod thread;
 pub mod utcb;
 

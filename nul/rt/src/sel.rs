@@ -1,6 +1,6 @@
 //! Capability selectors: the allocator and the well-known selectors of a component.
 
-use spin::Mutex;
+use crate::sync::Mutex;
 
 /// Selectors 0–31: the component's event portals (exception handlers in the root).
 pub const EVT_BASE: u64 = 0;
@@ -16,6 +16,9 @@ pub const CONSOLE_PT: u64 = 35;
 pub const SERVICE_PT: u64 = 36;
 /// A second test/peer portal handed to test components (children).
 pub const PEER_PT: u64 = 37;
+/// The semaphore nobody ups that [`Mutex`](crate::sync::Mutex) waiters sleep on (made
+/// on the first sleep).
+pub const LOCK_SLEEP: u64 = 63;
 /// First selector handed out by the allocator.
 pub const FIRST_FREE: u64 = 64;
 

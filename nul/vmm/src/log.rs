@@ -10,8 +10,8 @@ use alloc::collections::VecDeque;
 use alloc::string::String;
 use core::sync::atomic::{AtomicU64, Ordering};
 
+use nul_rt::sync::Mutex;
 use nul_rt::{hc, println, sel};
-use spin::Mutex;
 
 /// Lines the queue holds.
 const MAX_LINES: usize = 4096;

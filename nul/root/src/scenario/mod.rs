@@ -18,6 +18,8 @@
 //! | `test=irq` | none | ≥ 1 |
 //! | `test=devmem` | none (q35: an HPET at 0xfed00000) | ≥ 1 |
 //! | `test=xcpu` | none | ≥ 2 |
+//! | `test=lock` | none | ≥ 1 |
+//! | `test=wakeup` | none | ≥ 1 |
 //! | `test=quota` | none | ≥ 1 |
 //! | `test=fault` | `nul-test role=fault cpu=0`, `nul-test role=canary cpu=0` | ≥ 1 |
 //! | `test=hostile calls=10000000 secs=900 respawn_ms=2000` | `nul-test role=hostile seed=K cpu=C quota=2600 deferred` for several K and C (e.g. seeds 1–4 on CPUs 0–3), `nul-test role=canary cpu=0` | ≥ 2 (4 suggested; 1 GiB) |
@@ -74,6 +76,8 @@ pub fn run(name: &str, args: &str, hip: &HipView) -> bool {
         "irq" => sync::irq(),
         "devmem" => device::devmem(hip),
         "xcpu" => sync::xcpu(hip),
+        "lock" => sync::lock(hip),
+        "wakeup" => sync::wakeup(hip),
         "recall" => sync::recall(hip),
         "quota" => robust::quota(hip),
         "fault" => robust::fault(),

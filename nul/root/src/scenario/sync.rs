@@ -315,3 +315,161 @@ pub fn recall(hip: &HipView) -> bool {
         "the spinner stopped with its EC",
     )
 }
+
+/// Rounds of [`lock`]: each, the holder thread keeps the component table's lock for
+/// [`LOCK_HOLD_MS`] and the scenario thread wakes meanwhile and wants it.
+const LOCK_ROUNDS: u64 = 20;
+const LOCK_HOLD_MS: u64 = 3;
+/// The holder's priority: below the scenario thread's, as the root's main thread and
+/// the VMMs' (10) are below the disk component's (`prio=20`), on whose SC the root's
+/// service handlers then run.
+const HOLDER_PRIO: u8 = super::PRIO / 2;
+static LOCK_HELD: AtomicU64 = AtomicU64::new(0);
+
+/// The holder thread of [`lock`]: takes the component table's lock and keeps it for
+/// 3 ms, [`LOCK_ROUNDS`] times; then ups the semaphore in `arg`.
+extern "C" fn holder(arg: u64, _utcb: u64) -> ! {
+    for _ in 0..LOCK_ROUNDS {
+        {
+            let _held = crate::children::CHILDREN.lock();
+            LOCK_HELD.fetch_add(1, Ordering::Relaxed);
+            let end = deadline_ms(LOCK_HOLD_MS);
+            while hc::rdtsc() < end {
+                core::hint::spin_loop();
+            }
+        }
+        super::sleep_ms(1);
+    }
+    let _ = hc::sm_up(arg);
+    crate::block_forever()
+}
+
+/// `test=lock`: the root's locks across priorities. A thread of a lower priority holds
+/// the component table's lock for 3 ms at a time, and the scenario thread, waking on
+/// the same CPU meanwhile, does what a console call does in the root (the table, for
+/// the caller's name, and the heap), as a root service handler on the SC of a component
+/// with a higher `prio=` (the disk's) does. A waiter that kept spinning would keep the
+/// holder off the CPU for good: it must let it run.
+pub fn lock(hip: &HipView) -> bool {
+    let Some(cpu) = hip.online_cpus().next() else {
+        return check(false, "a CPU");
+    };
+    let Some(done) = new_sm(0) else {
+        return check(false, "create a semaphore");
+    };
+    let Some(evt) = crate::services::evt_base(cpu) else {
+        return check(false, "the root's event portals on the first CPU");
+    };
+    if let Err(e) = nul_rt::thread::thread(cpu, evt, HOLDER_PRIO, holder, done) {
+        println!("cannot start the holder thread: {:?}", e);
+        return false;
+    }
+    let mut taken = 0;
+    let end = deadline_ms(10_000);
+    while LOCK_HELD.load(Ordering::Relaxed) < LOCK_ROUNDS && hc::rdtsc() < end {
+        super::sleep_ms(1);
+        core::hint::black_box(crate::children::name_of(0));
+        taken += 1;
+    }
+    let r = hc::sm_down(done, false, deadline_ms(10_000));
+    println!(
+        "the holder took the lock {} times, the scenario thread {} times",
+        LOCK_HELD.load(Ordering::Relaxed),
+        taken
+    );
+    check(
+        r.is_ok() && LOCK_HELD.load(Ordering::Relaxed) == LOCK_ROUNDS,
+        "a thread waiting for a lock a lower-priority thread holds on the same CPU lets \
+         it run, and gets the lock",
+    )
+}
+
+/// Rounds of [`wakeup`].
+const WAKE_ROUNDS: u64 = 20;
+/// The low thread's priority, below the scenario thread's.
+const LOW_PRIO: u8 = super::PRIO / 2;
+static WAKE_SMS: [AtomicU64; 2] = [const { AtomicU64::new(0) }; 2];
+/// Rounds in which the scenario thread ran before the low thread's `up` returned.
+static WAKE_FIRST: AtomicU64 = AtomicU64::new(0);
+/// The scenario thread's ups of the second semaphore so far.
+static WAKE_UPS: AtomicU64 = AtomicU64::new(0);
+/// Downs of the low thread that returned without an up to take (or not `Ok`).
+static WAKE_EARLY: AtomicU64 = AtomicU64::new(0);
+static WAKE_STAGE: AtomicU64 = AtomicU64::new(0);
+
+/// The low thread of [`wakeup`]: each round ups the first semaphore (which wakes the
+/// scenario thread, of a higher priority) and then downs the second one, which only
+/// the scenario thread ups; ups the semaphore in `arg` at the end.
+extern "C" fn low(arg: u64, _utcb: u64) -> ! {
+    let [first, second] = [&WAKE_SMS[0], &WAKE_SMS[1]].map(|s| s.load(Ordering::Relaxed));
+    for round in 0..WAKE_ROUNDS {
+        WAKE_STAGE.store(round * 2 + 1, Ordering::Release);
+        let _ = hc::sm_up(first);
+        // The scenario thread has run (it is of a higher priority) before the up returns.
+        if WAKE_STAGE.load(Ordering::Acquire) == round * 2 + 2 {
+            WAKE_FIRST.fetch_add(1, Ordering::Relaxed);
+        }
+        let r = hc::sm_down(second, false, 0);
+        if r.is_err() || WAKE_UPS.load(Ordering::Acquire) <= round {
+            WAKE_EARLY.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    let _ = hc::sm_up(arg);
+    crate::block_forever()
+}
+
+/// `test=wakeup`: an `up` that wakes a thread of a higher priority on the same CPU
+/// switches to it before the up returns, and the upper, once it runs again, blocks in
+/// its next `down` until that semaphore is upped. (The kernel once returned to the
+/// upper without its SC: the woken thread waited for the next interrupt, and the
+/// upper's next down returned at once, leaving it queued on the semaphore, so that the
+/// semaphore's next up overwrote a register of the running thread.)
+pub fn wakeup(hip: &HipView) -> bool {
+    let Some(cpu) = hip.online_cpus().next() else {
+        return check(false, "a CPU");
+    };
+    let (Some(first), Some(second), Some(done)) = (new_sm(0), new_sm(0), new_sm(0)) else {
+        return check(false, "create semaphores");
+    };
+    WAKE_SMS[0].store(first, Ordering::Relaxed);
+    WAKE_SMS[1].store(second, Ordering::Relaxed);
+    let Some(evt) = crate::services::evt_base(cpu) else {
+        return check(false, "the root's event portals on the first CPU");
+    };
+    if let Err(e) = nul_rt::thread::thread(cpu, evt, LOW_PRIO, low, done) {
+        println!("cannot start the low thread: {:?}", e);
+        return false;
+    }
+    let mut ok = true;
+    for round in 0..WAKE_ROUNDS {
+        if hc::sm_down(first, false, deadline_ms(5_000)).is_err() {
+            ok = check(false, "the low thread's up wakes the scenario thread");
+            break;
+        }
+        WAKE_STAGE.store(round * 2 + 2, Ordering::Release);
+        // Give the low thread the CPU: its down must wait for the up below.
+        super::sleep_ms(2);
+        WAKE_UPS.fetch_add(1, Ordering::Release);
+        let _ = hc::sm_up(second);
+    }
+    let finished = hc::sm_down(done, false, deadline_ms(5_000)).is_ok();
+    let (first_n, early) = (
+        WAKE_FIRST.load(Ordering::Relaxed),
+        WAKE_EARLY.load(Ordering::Relaxed),
+    );
+    println!(
+        "{} rounds: the woken thread ran before the up returned in {}; downs that \
+         returned early: {}",
+        WAKE_ROUNDS, first_n, early
+    );
+    ok &= check(finished, "the low thread finished its rounds");
+    ok &= check(
+        first_n == WAKE_ROUNDS,
+        "an up that wakes a higher-priority thread on the same CPU switches to it at once",
+    );
+    ok &= check(
+        early == 0,
+        "the upper's next down waits for its up (it is not resumed early)",
+    );
+    ok
+}
