@@ -283,7 +283,6 @@ fn linux_gets_io_errors_when_the_controller_stops_answering() {
 /// session (`blk=part=name:peregrine-root`) is its `/dev/vda`, the partition alone (no
 /// partition table in it, exactly the partition's size), mounted as the ext4 root.
 #[test]
-#[ignore = "intermittent memory corruption in the VMM or guest with the disk session under load (issue 11, open): a VMM exit handler faults on a zeroed pointer or the guest triple-faults in about one run in three; see the issue note"]
 fn linux_on_peregrine_sees_its_partition_alone() {
     use xtask::sysdisk;
     let guest = peregrine_tests::linux_guest();
@@ -329,7 +328,6 @@ fn linux_on_peregrine_sees_its_partition_alone() {
 /// Data synced before a power-off is on the NVMe disk after the next boot: Linux on
 /// Peregrine, its ext4 root the system disk's partition 1 through the disk service.
 #[test]
-#[ignore = "intermittent memory corruption in the VMM or guest with the disk session under load (issue 11, open): a VMM exit handler faults on a zeroed pointer or the guest triple-faults in about one run in three; see the issue note"]
 fn linux_on_peregrine_root_persists_across_power_off() {
     let _one = peregrine_tests::one_emulator();
     let target = storage::Target::peregrine(images(), peregrine_tests::linux_guest());
@@ -348,7 +346,6 @@ fn linux_on_peregrine_root_persists_across_power_off() {
 /// moment: Linux on Peregrine, through the VMM's virtio-blk, the disk service and the
 /// NVMe driver's flush.
 #[test]
-#[ignore = "intermittent memory corruption in the VMM or guest with the disk session under load (issue 11, open): a VMM exit handler faults on a zeroed pointer or the guest triple-faults in about one run in three; see the issue note"]
 fn linux_on_peregrine_keeps_fsynced_blocks_across_a_kill() {
     let _one = peregrine_tests::one_emulator();
     let target = storage::Target::peregrine(images(), peregrine_tests::linux_guest());
@@ -371,7 +368,6 @@ fn linux_on_peregrine_keeps_fsynced_blocks_across_a_kill() {
 /// the data partition B's pattern, and the protective MBR, both GPTs and every other
 /// block outside the two partitions are as built (`xtask::storage::isolation`).
 #[test]
-#[ignore = "intermittent memory corruption in the VMM or guest with the disk session under load (issue 11, open): a VMM exit handler faults on a zeroed pointer or the guest triple-faults in about one run in three; see the issue note"]
 fn linux_vms_on_two_partitions_stay_in_them() {
     let _one = peregrine_tests::one_emulator();
     let i = storage::isolation(images(), peregrine_tests::linux_guest())
@@ -393,7 +389,6 @@ fn linux_vms_on_two_partitions_stay_in_them() {
 /// the scratch image on Peregrine (the disk component on MSI-X, and polled) and directly
 /// in QEMU; every figure is there and positive on every side.
 #[test]
-#[ignore = "intermittent memory corruption in the VMM or guest with the disk session under load (issue 11, open): a VMM exit handler faults on a zeroed pointer or the guest triple-faults in about one run in three; see the issue note"]
 fn bench_disk_sides_measure_the_scratch_image() {
     use xtask::bench_disk::{self, Side};
     let _one = peregrine_tests::one_emulator();

@@ -89,6 +89,10 @@ pub fn qemu_args(spec: &BootSpec, serial_log: &Path, use_kvm: bool) -> Vec<Strin
         push(&["-initrd", &initrd_arg(&spec.modules)]);
     }
     a.extend(spec.extra_qemu_args.iter().cloned());
+    // A debugging aid (README): extra arguments, e.g. a QMP socket or trace events.
+    if let Ok(extra) = std::env::var("PEREGRINE_DEBUG_QEMU_ARGS") {
+        a.extend(extra.split_whitespace().map(String::from));
+    }
     a
 }
 

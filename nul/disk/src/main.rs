@@ -57,7 +57,7 @@ fn run(
 ) -> Result<(), &'static str> {
     let bdf = dev.bdf;
     println!(
-        "disk: NVMe {:02x}:{:02x}.{} ({:04x}:{:04x}), BAR0 {:#x} ({} KiB), {} KiB DMA",
+        "disk: NVMe {:02x}:{:02x}.{} ({:04x}:{:04x}), BAR0 {:#x} ({} KiB), {} KiB DMA {:#x}..{:#x}",
         (bdf >> 8) & 0xff,
         (bdf >> 3) & 0x1f,
         bdf & 7,
@@ -65,7 +65,9 @@ fn run(
         dev.id >> 16,
         dev.bars[0].phys,
         dev.bars[0].size >> 10,
-        dev.dma_size >> 10
+        dev.dma_size >> 10,
+        dev.dma_phys,
+        dev.dma_phys + dev.dma_size
     );
     let bar = Bar0::new(dev).ok_or("BAR 0 is not a memory BAR")?;
     let irq = if poll {

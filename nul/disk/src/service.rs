@@ -48,11 +48,8 @@ const COMMAND_DEADLINE_MS: u64 = 5_000;
 const MAX_TRANSFER: u64 = 512 * 1024;
 /// Pages one command's PRPs name at most: the first and one list page's entries.
 const MAX_PAGES: usize = 1 + 511;
-/// Whether consecutive requests join into one command (`blkproto::merge`). Off: with it
-/// on, the Linux storage tests saw memory corrupted (a guest's triple fault, a VMM's
-/// chain with a null buffer) in about one run in three, and the cause is not found yet;
-/// the merge logic itself is host-tested.
-const MERGE: bool = false;
+/// Whether consecutive requests join into one command (`blkproto::merge`).
+const MERGE: bool = true;
 /// Requests a session may have taken from its ring and not yet submitted.
 const BACKLOG: usize = 512;
 

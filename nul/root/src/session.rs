@@ -5,11 +5,11 @@
 use core::sync::atomic::Ordering;
 
 use nul_rt::blk::{self, SessionSlot, MAX_SESSIONS};
+use nul_rt::sync::Mutex;
 use nul_rt::{hc, println, sel};
 use peregrine_abi::perm::{MemPerm, SmPerm};
 use peregrine_abi::{Crd, Status, XferFlags, PAGE_BITS};
 use peregrine_blkproto::Layout;
-use spin::Mutex;
 
 use crate::component::{map_range, StartError};
 use crate::mem;
@@ -151,7 +151,14 @@ fn setup(
     let s = &slots(d)[slot];
     s.state.store(blk::SLOT_READY, Ordering::Release);
     let _ = hc::sm_up(d.wake);
-    println!("blk={}: session {} for component {}", binding, slot, id);
+    println!(
+        "blk={}: session {} for component {}, data area {:#x}..{:#x}",
+        binding,
+        slot,
+        id,
+        pool.0,
+        pool.0 + (pool.1 << PAGE_BITS)
+    );
     Ok(pages << PAGE_BITS)
 }
 
