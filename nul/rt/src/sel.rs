@@ -17,7 +17,7 @@ pub const SERVICE_PT: u64 = 36;
 /// A second test/peer portal handed to test components (children).
 pub const PEER_PT: u64 = 37;
 /// The semaphore nobody ups that [`Mutex`](crate::sync::Mutex) waiters sleep on (made
-/// on the first sleep).
+/// at start-up).
 pub const LOCK_SLEEP: u64 = 63;
 /// First selector handed out by the allocator.
 pub const FIRST_FREE: u64 = 64;

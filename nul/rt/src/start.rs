@@ -35,6 +35,7 @@ extern "Rust" {
 extern "C" fn rt_start(arg: u64, utcb: u64) -> ! {
     crate::utcb::set_main(utcb);
     crate::heap::init();
+    crate::sync::init();
     // SAFETY: `__nul_main` is defined exactly once by the component's `entry!` macro
     // with this signature.
     unsafe { __nul_main(arg) }

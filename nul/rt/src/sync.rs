@@ -9,7 +9,7 @@
 //! holding the component table.
 //!
 //! [`Mutex`] spins briefly and then sleeps: a down with a short deadline on a
-//! semaphore nobody ups ([`sel::LOCK_SLEEP`], made on the first sleep), which lets any
+//! semaphore nobody ups ([`sel::LOCK_SLEEP`], made at start-up), which lets any
 //! thread of the CPU run, the holder too. Uncontended, it costs what a spin lock costs.
 //! (seL4 and NOVA user-level code avoid the problem the same way, by blocking in the
 //! kernel rather than spinning; a semaphore per lock with a wake-up protocol would
@@ -35,6 +35,27 @@ const SLEEP_READY: u8 = 2;
 const SLEEP_FAILED: u8 = 3;
 static SLEEP: AtomicU8 = AtomicU8::new(SLEEP_NONE);
 
+/// Makes the sleep semaphore (the start-up code, before the component's main: what a
+/// component costs the kernel then does not depend on whether its locks ever met
+/// contention). Without it, the first waiter to sleep makes it.
+pub fn init() {
+    if SLEEP
+        .compare_exchange(
+            SLEEP_NONE,
+            SLEEP_MAKING,
+            Ordering::AcqRel,
+            Ordering::Relaxed,
+        )
+        .is_ok()
+    {
+        let ok = hc::create_sm(sel::LOCK_SLEEP, sel::OWN_PD, 0).is_ok();
+        SLEEP.store(
+            if ok { SLEEP_READY } else { SLEEP_FAILED },
+            Ordering::Release,
+        );
+    }
+}
+
 /// Gives the CPU away for a moment: sleeps [`SLEEP_TICKS`] on the sleep semaphore, or
 /// only pauses if there is none.
 #[cold]
@@ -45,22 +66,7 @@ fn sleep_briefly() {
             // selector away) makes this a short spin, as before.
             let _ = hc::sm_down(sel::LOCK_SLEEP, false, hc::rdtsc() + SLEEP_TICKS);
         }
-        SLEEP_NONE
-            if SLEEP
-                .compare_exchange(
-                    SLEEP_NONE,
-                    SLEEP_MAKING,
-                    Ordering::AcqRel,
-                    Ordering::Relaxed,
-                )
-                .is_ok() =>
-        {
-            let ok = hc::create_sm(sel::LOCK_SLEEP, sel::OWN_PD, 0).is_ok();
-            SLEEP.store(
-                if ok { SLEEP_READY } else { SLEEP_FAILED },
-                Ordering::Release,
-            );
-        }
+        SLEEP_NONE => init(),
         _ => core::hint::spin_loop(),
     }
 }
