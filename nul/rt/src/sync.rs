@@ -16,7 +16,7 @@
 //! wake the waiter sooner, but contention here is rare and a lock must work before
 //! any semaphore exists.)
 
-use core::sync::atomic::{AtomicU8, Ordering};
+use core::sync::atomic::{AtomicBool, Ordering};
 
 use crate::{hc, sel};
 
@@ -27,47 +27,27 @@ const SPINS: u32 = 256;
 /// TSC ticks of one sleep (20 µs at 2.5 GHz).
 const SLEEP_TICKS: u64 = 50_000;
 
-/// The sleep semaphore: not made yet, being made, usable, or not to be had (then
-/// waiters spin).
-const SLEEP_NONE: u8 = 0;
-const SLEEP_MAKING: u8 = 1;
-const SLEEP_READY: u8 = 2;
-const SLEEP_FAILED: u8 = 3;
-static SLEEP: AtomicU8 = AtomicU8::new(SLEEP_NONE);
+/// The sleep semaphore exists (without it, waiters only spin).
+static SLEEP_READY: AtomicBool = AtomicBool::new(false);
 
-/// Makes the sleep semaphore (the start-up code, before the component's main: what a
-/// component costs the kernel then does not depend on whether its locks ever met
-/// contention). Without it, the first waiter to sleep makes it.
+/// Makes the sleep semaphore: the start-up code, before the component's main, so that
+/// what a component costs the kernel does not depend on whether its locks ever met
+/// contention (and before any second thread could contend).
 pub fn init() {
-    if SLEEP
-        .compare_exchange(
-            SLEEP_NONE,
-            SLEEP_MAKING,
-            Ordering::AcqRel,
-            Ordering::Relaxed,
-        )
-        .is_ok()
-    {
-        let ok = hc::create_sm(sel::LOCK_SLEEP, sel::OWN_PD, 0).is_ok();
-        SLEEP.store(
-            if ok { SLEEP_READY } else { SLEEP_FAILED },
-            Ordering::Release,
-        );
-    }
+    let ok = hc::create_sm(sel::LOCK_SLEEP, sel::OWN_PD, 0).is_ok();
+    SLEEP_READY.store(ok, Ordering::Release);
 }
 
 /// Gives the CPU away for a moment: sleeps [`SLEEP_TICKS`] on the sleep semaphore, or
 /// only pauses if there is none.
 #[cold]
 fn sleep_briefly() {
-    match SLEEP.load(Ordering::Acquire) {
-        SLEEP_READY => {
-            // Err(Timeout) is the expected end; any other error (someone took the
-            // selector away) makes this a short spin, as before.
-            let _ = hc::sm_down(sel::LOCK_SLEEP, false, hc::rdtsc() + SLEEP_TICKS);
-        }
-        SLEEP_NONE => init(),
-        _ => core::hint::spin_loop(),
+    if SLEEP_READY.load(Ordering::Acquire) {
+        // Err(Timeout) is the expected end; any other error (someone took the selector
+        // away) makes this a short spin, as before.
+        let _ = hc::sm_down(sel::LOCK_SLEEP, false, hc::rdtsc() + SLEEP_TICKS);
+    } else {
+        core::hint::spin_loop();
     }
 }
 
@@ -82,11 +62,6 @@ impl<T> Mutex<T> {
         Self {
             inner: spin::Mutex::new(value),
         }
-    }
-
-    /// The value, consuming the mutex.
-    pub fn into_inner(self) -> T {
-        self.inner.into_inner()
     }
 }
 
@@ -117,27 +92,5 @@ impl<T: ?Sized> Mutex<T> {
                 sleep_briefly();
             }
         }
-    }
-
-    /// Takes the lock if it is free.
-    #[inline]
-    pub fn try_lock(&self) -> Option<MutexGuard<'_, T>> {
-        self.inner.try_lock()
-    }
-
-    /// Whether someone holds the lock now.
-    pub fn is_locked(&self) -> bool {
-        self.inner.is_locked()
-    }
-
-    /// The value through an exclusive reference (no locking needed).
-    pub fn get_mut(&mut self) -> &mut T {
-        self.inner.get_mut()
-    }
-}
-
-impl<T: Default> Default for Mutex<T> {
-    fn default() -> Self {
-        Self::new(T::default())
     }
 }
