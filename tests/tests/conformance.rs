@@ -224,7 +224,7 @@ fn isa_debug_exit_code_reaches_qemu_and_the_root() {
 }
 
 /// A Multiboot guest that triple-faults ends as such on both: QEMU (with -no-reboot)
-/// shuts down; the VMM reports a triple fault to the root.
+/// shuts down; the VMM reports a triple fault to the root, with the vCPU's state.
 #[test]
 fn a_triple_fault_ends_the_guest_on_qemu_and_peregrine() {
     let mut spec = conformance::pc_spec("conformance-triple-qemu", guest(), 1);
@@ -240,4 +240,11 @@ fn a_triple_fault_ends_the_guest_on_qemu_and_peregrine() {
     ));
     assert!(p.passed("vmm"), "{}", p.report());
     assert!(p.serial.contains("triple fault at rip"), "{}", p.report());
+    // The VMM's shutdown report shows why: the IDT is empty.
+    assert!(
+        p.serial.contains("at shutdown: idt[8]: beyond the IDT's limit"),
+        "{}",
+        p.report()
+    );
+    assert!(p.serial.contains("idtr 0x0+0x0"), "{}", p.report());
 }

@@ -41,6 +41,7 @@ pub mod boot;
 pub mod bus;
 pub mod clock;
 pub mod cpuid;
+pub mod diag;
 pub mod emul;
 pub mod exit;
 pub mod fw_cfg;

@@ -835,6 +835,12 @@ extern "C" fn vm_exit(id: u64, utcb: u64) -> ! {
                 vm.stop(rip);
             }
             Step::End(why) => {
+                if matches!(why, End::TripleFault { .. }) {
+                    let regs = *p.regs;
+                    for line in peregrine_vmm::diag::shutdown_report(&mut p, &regs) {
+                        vlog!("vmm: vCPU {} at shutdown: {}", n, line);
+                    }
+                }
                 p.regs.mtd = Mtd::empty();
                 vm.end(why);
             }

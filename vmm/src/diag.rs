@@ -1,0 +1,224 @@
+//! What a VMM reports when its guest shuts down (a triple fault): the vCPU's state
+//! and what the guest's own tables say at that moment — the bytes at RIP, the top of
+//! the stack, and the IDT gates a fault would have gone through (#DF, #GP, #PF). A
+//! guest that triple faults has, by definition, lost its exception handling; the
+//! report is what tells a broken page table (nothing translates) from a broken stack
+//! or a clobbered register, where KVM would leave the user with `-d cpu_reset`.
+
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
+
+use crate::vcpu::{translate, Access, ArchState, Fault, GuestMemory};
+
+/// The IDT vectors whose gates the report decodes: #DF, #GP, #PF.
+const GATES: [u8; 3] = [8, 13, 14];
+
+/// The report's lines for a guest in state `r` with memory `mem`. Nothing in it is
+/// trusted: a table that does not translate or read is reported as such.
+pub fn shutdown_report<M: GuestMemory + ?Sized>(mem: &mut M, r: &ArchState) -> Vec<String> {
+    let g = &r.gpr;
+    let mut out = Vec::new();
+    out.push(format!(
+        "rip {:#x} rsp {:#x} rflags {:#x} cr0 {:#x} cr2 {:#x} cr3 {:#x} cr4 {:#x} efer {:#x}",
+        r.rip, g[4], r.rflags, r.cr0, r.cr2, r.cr3, r.cr4, r.efer
+    ));
+    out.push(format!(
+        "rax {:#x} rcx {:#x} rdx {:#x} rbx {:#x} rbp {:#x} rsi {:#x} rdi {:#x}",
+        g[0], g[1], g[2], g[3], g[5], g[6], g[7]
+    ));
+    out.push(format!(
+        "r8 {:#x} r9 {:#x} r10 {:#x} r11 {:#x} r12 {:#x} r13 {:#x} r14 {:#x} r15 {:#x}",
+        g[8], g[9], g[10], g[11], g[12], g[13], g[14], g[15]
+    ));
+    let seg =
+        |s: &crate::vcpu::Segment| format!("{:#x}/{:#x}/{:#x}/{:#x}", s.sel, s.base, s.limit, s.ar);
+    out.push(format!(
+        "cs {} ss {} tr {} (sel/base/limit/ar) gdtr {:#x}+{:#x} idtr {:#x}+{:#x}",
+        seg(&r.cs),
+        seg(&r.ss),
+        seg(&r.tr),
+        r.gdtr.base,
+        r.gdtr.limit,
+        r.idtr.base,
+        r.idtr.limit
+    ));
+    out.push(format!(
+        "event in delivery {:#x} (error {:#x}), interruptibility {:#x}, activity {:#x}, qual {:#x} {:#x}",
+        r.inj_info, r.inj_error, r.intr_state, r.actv_state, r.qual[0], r.qual[1]
+    ));
+    let long = r.efer & crate::vcpu::bits::EFER_LMA != 0;
+    let code = r.cs.base.wrapping_add(r.rip);
+    out.push(format!(
+        "code at {:#x}: {}",
+        code,
+        bytes(mem, r, code, 16, true)
+    ));
+    let sp = r.ss.base.wrapping_add(g[4]);
+    out.push(format!(
+        "stack at {:#x}: {}",
+        sp,
+        bytes(mem, r, sp, 64, false)
+    ));
+    for v in GATES {
+        // 16-byte gates in long mode, 8-byte ones before.
+        let size: u64 = if long { 16 } else { 8 };
+        let off = u64::from(v) * size;
+        if off + size - 1 > u64::from(r.idtr.limit) {
+            out.push(format!("idt[{v}]: beyond the IDT's limit"));
+            continue;
+        }
+        let mut b = [0u8; 16];
+        let line = match read_linear(
+            mem,
+            r,
+            r.idtr.base.wrapping_add(off),
+            &mut b[..size as usize],
+        ) {
+            Ok(()) => gate(&b, long),
+            Err(e) => e,
+        };
+        out.push(format!("idt[{v}]: {line}"));
+    }
+    out
+}
+
+/// A gate's target, selector, IST and type/present bits.
+fn gate(b: &[u8; 16], long: bool) -> String {
+    let lo = u64::from_le_bytes(b[..8].try_into().unwrap_or_default());
+    let mut target = (lo & 0xffff) | ((lo >> 32) & 0xffff_0000);
+    if long {
+        target |= u64::from(u32::from_le_bytes(b[8..12].try_into().unwrap_or_default())) << 32;
+    }
+    let sel = (lo >> 16) & 0xffff;
+    let ist = (lo >> 32) & 7;
+    let ty = (lo >> 40) & 0xf;
+    let present = (lo >> 47) & 1;
+    format!("target {target:#x} sel {sel:#x} ist {ist} type {ty:#x} present {present}")
+}
+
+/// `len` bytes at linear address `at` as hex, or why they cannot be read.
+fn bytes<M: GuestMemory + ?Sized>(
+    mem: &mut M,
+    r: &ArchState,
+    at: u64,
+    len: usize,
+    fetch: bool,
+) -> String {
+    let mut b = [0u8; 64];
+    let b = &mut b[..len.min(64)];
+    match read_linear_as(mem, r, at, b, fetch) {
+        Ok(()) => {
+            let mut s = String::new();
+            for x in b.iter() {
+                s.push_str(&format!("{x:02x}"));
+            }
+            s
+        }
+        Err(e) => e,
+    }
+}
+
+fn read_linear<M: GuestMemory + ?Sized>(
+    mem: &mut M,
+    r: &ArchState,
+    at: u64,
+    buf: &mut [u8],
+) -> Result<(), String> {
+    read_linear_as(mem, r, at, buf, false)
+}
+
+/// Reads `buf` at linear address `at`, page by page through the guest's tables.
+fn read_linear_as<M: GuestMemory + ?Sized>(
+    mem: &mut M,
+    r: &ArchState,
+    at: u64,
+    buf: &mut [u8],
+    fetch: bool,
+) -> Result<(), String> {
+    let access = Access {
+        write: false,
+        fetch,
+        user: false,
+    };
+    let mut done = 0;
+    while done < buf.len() {
+        let la = at.wrapping_add(done as u64);
+        let n = (buf.len() - done).min(0x1000 - (la & 0xfff) as usize);
+        let gpa = translate(mem, r, la, access).map_err(|e| match e {
+            Fault::PageFault { addr, error } => {
+                format!("#PF at {addr:#x} (error {error:#x}) in the guest's tables")
+            }
+            Fault::Unbacked(u) => format!("a table entry at {:#x} is not RAM", u.gpa),
+        })?;
+        mem.read(gpa, &mut buf[done..done + n])
+            .map_err(|u| format!("{:#x} (from {la:#x}) is not RAM", u.gpa))?;
+        done += n;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::MockVcpu;
+
+    /// A 4-level identity map of the first 2 MiB (one 2 MiB page) at 0x1000.
+    fn long_mode(v: &mut MockVcpu) {
+        v.put_u64(0x1000, 0x2000 | 3);
+        v.put_u64(0x2000, 0x3000 | 3);
+        v.put_u64(0x3000, 0x83);
+        let r = &mut v.regs;
+        r.cr0 = 0x8000_0011;
+        r.cr3 = 0x1000;
+        r.cr4 = 0x20;
+        r.efer = 0x500;
+    }
+
+    #[test]
+    fn the_report_decodes_code_stack_and_gates() {
+        let mut v = MockVcpu::new(0x20_0000);
+        long_mode(&mut v);
+        v.put(0x10_0000, &[0x0f, 0x0b, 0x90]);
+        v.put_u64(0x8_0000, 0xdead_beef);
+        // IDT at 0x9000, gate 14 -> 0xffff_ffff_8100_1234 through selector 0x10, IST 0.
+        let lo: u64 = 0x1234 | (0x10 << 16) | (0x8e << 40) | (0x8100 << 48);
+        v.put_u64(0x9000 + 14 * 16, lo);
+        v.put_u32(0x9000 + 14 * 16 + 8, 0xffff_ffff);
+        v.regs.rip = 0x10_0000;
+        v.regs.gpr[4] = 0x8_0000;
+        v.regs.idtr.base = 0x9000;
+        v.regs.idtr.limit = 0xfff;
+        let regs = v.regs;
+        let lines = shutdown_report(&mut v, &regs);
+        let all = lines.join("\n");
+        assert!(all.contains("code at 0x100000: 0f0b90"), "{all}");
+        assert!(all.contains("stack at 0x80000: efbeadde00000000"), "{all}");
+        assert!(
+            all.contains("idt[14]: target 0xffffffff81001234 sel 0x10 ist 0 type 0xe present 1"),
+            "{all}"
+        );
+        assert!(all.contains("idt[8]: target 0x0"), "{all}");
+    }
+
+    #[test]
+    fn what_does_not_translate_is_said_not_read() {
+        let mut v = MockVcpu::new(0x20_0000);
+        long_mode(&mut v);
+        v.regs.rip = 0xffff_ffff_8100_0000;
+        v.regs.gpr[4] = 0x30_0000;
+        v.regs.idtr.base = 0x9000;
+        v.regs.idtr.limit = 0x8f;
+        let regs = v.regs;
+        let lines = shutdown_report(&mut v, &regs);
+        let all = lines.join("\n");
+        assert!(
+            all.contains("code at 0xffffffff81000000: #PF at 0xffffffff81000000"),
+            "{all}"
+        );
+        assert!(all.contains("stack at 0x300000: #PF"), "{all}");
+        assert!(all.contains("idt[8]: target"), "{all}");
+        assert!(all.contains("idt[13]: beyond the IDT's limit"), "{all}");
+        assert!(all.contains("idt[14]: beyond the IDT's limit"), "{all}");
+    }
+}
