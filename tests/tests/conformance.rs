@@ -242,7 +242,8 @@ fn a_triple_fault_ends_the_guest_on_qemu_and_peregrine() {
     assert!(p.serial.contains("triple fault at rip"), "{}", p.report());
     // The VMM's shutdown report shows why: the IDT is empty.
     assert!(
-        p.serial.contains("at shutdown: idt[8]: beyond the IDT's limit"),
+        p.serial
+            .contains("at shutdown: idt[8]: beyond the IDT's limit"),
         "{}",
         p.report()
     );

@@ -9,7 +9,21 @@ use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
 
-use crate::vcpu::{translate, Access, ArchState, Fault, GuestMemory};
+use crate::vcpu::{translate, Access, ArchState, Fault, GuestMemory, Mtd};
+
+/// The state a triple fault's portal delivers for the report.
+pub const SHUTDOWN_MTD: Mtd = Mtd::GPRS
+    .union(Mtd::RIP_LEN)
+    .union(Mtd::RFLAGS)
+    .union(Mtd::STA)
+    .union(Mtd::INJ)
+    .union(Mtd::CS_SS)
+    .union(Mtd::TR)
+    .union(Mtd::GDTR)
+    .union(Mtd::IDTR)
+    .union(Mtd::CR)
+    .union(Mtd::EFER)
+    .union(Mtd::QUAL);
 
 /// The IDT vectors whose gates the report decodes: #DF, #GP, #PF.
 const GATES: [u8; 3] = [8, 13, 14];

@@ -64,6 +64,8 @@ pub fn portal_mtd(event: u64) -> Mtd {
                 | Mtd::STA
                 | Mtd::INJ
         }
+        // Everything the shutdown report shows.
+        ev::TRIPLE_FAULT => crate::diag::SHUTDOWN_MTD,
         _ => Mtd::RIP_LEN | Mtd::QUAL,
     }
 }

@@ -800,17 +800,7 @@ impl Pc {
                 Mtd::GPRS | Mtd::CS_SS | Mtd::DS_ES | Mtd::FS_GS | Mtd::CR | Mtd::EFER | Mtd::QUAL
             }
             ev::CR_ACCESS => Mtd::GPRS | Mtd::CR | Mtd::EFER | Mtd::CS_SS | Mtd::QUAL,
-            // Everything the shutdown report shows (`diag::shutdown_report`).
-            ev::TRIPLE_FAULT => {
-                Mtd::GPRS
-                    | Mtd::CS_SS
-                    | Mtd::TR
-                    | Mtd::GDTR
-                    | Mtd::IDTR
-                    | Mtd::CR
-                    | Mtd::EFER
-                    | Mtd::QUAL
-            }
+            ev::TRIPLE_FAULT => crate::diag::SHUTDOWN_MTD,
             _ => Mtd::QUAL,
         }
     }

@@ -564,23 +564,52 @@ pub fn crash(target: &Target) -> Result<Crash> {
     })
 }
 
-/// The VMs of [`isolation`] on the system disk `img`: **A** (`linux-a`, host CPU 0)
-/// bound to the root partition, its ext4 root, writing `/persist.bin` with `seed_a`
-/// (`persist-write`); **B** (`linux-b`, host CPU 1) bound to the data partition, in its
+/// Where [`isolation`]'s two VMs run (the disk component is on host CPU 0).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placement {
+    /// A on CPU 0 beside the disk component, B on CPU 1: both guests execute at the
+    /// same moment.
+    OwnCpus,
+    /// Both on CPU 1, the disk component alone on CPU 0: the guests take turns.
+    SharedCpu,
+}
+
+impl Placement {
+    /// The host CPUs of A and B.
+    pub fn cpus(self) -> [u32; 2] {
+        match self {
+            Placement::OwnCpus => [0, 1],
+            Placement::SharedCpu => [1, 1],
+        }
+    }
+
+    /// The run's name (its image and serial log).
+    pub fn run_name(self) -> &'static str {
+        match self {
+            Placement::OwnCpus => "peregrine-two-vms",
+            Placement::SharedCpu => "peregrine-two-vms-one-cpu",
+        }
+    }
+}
+
+/// The VMs of [`isolation`] on the system disk `img`, on the host CPUs of `at`: **A**
+/// (`linux-a`) bound to the root partition, its ext4 root, writing `/persist.bin` with
+/// `seed_a` (`persist-write`); **B** (`linux-b`) bound to the data partition, in its
 /// initramfs, overwriting its whole `/dev/vda` with the stream of `seed_b` and reading
 /// it back (`fill`).
-pub fn isolation_vms(img: &Path, seed_a: u64, seed_b: u64) -> [NvmeVm; 2] {
+pub fn isolation_vms(img: &Path, seed_a: u64, seed_b: u64, at: Placement) -> [NvmeVm; 2] {
+    let [cpu_a, cpu_b] = at.cpus();
     [
         NvmeVm {
             name: "linux-a".into(),
-            host_cpu: 0,
+            host_cpu: cpu_a,
             tests: "root,persist-write".into(),
             args: format!("peregrine.seed={seed_a}"),
             ..NvmeVm::new(img)
         },
         NvmeVm {
             name: "linux-b".into(),
-            host_cpu: 1,
+            host_cpu: cpu_b,
             binding: format!("part=name:{}", sysdisk::DATA_NAME),
             tests: "root,size,fill".into(),
             args: format!("peregrine.seed={seed_b}"),
@@ -617,16 +646,17 @@ pub struct Isolation {
 }
 
 /// Two Linux VMs at once on one NVMe disk (Peregrine, two CPUs, the disk component and
-/// two VMMs, [`isolation_vms`]): A writes `/persist.bin` on its ext4 root partition,
+/// two VMMs placed as `at` says, [`isolation_vms`]): A writes `/persist.bin` on its ext4 root partition,
 /// B overwrites its whole partition (`/dev/vda` in B) with a pattern; both must say so
 /// and power off. Then on the host: the root partition is `e2fsck`-clean and holds A's
 /// file, the data partition holds B's pattern, and every block outside both partitions
 /// (the protective MBR, both GPT headers and partition arrays, the gaps) is as built.
 /// The image is removed unless something failed.
-pub fn isolation(images: &Images, guest: &Guest) -> Result<Isolation> {
+pub fn isolation(images: &Images, guest: &Guest, at: Placement) -> Result<Isolation> {
     let dir = workspace::out_dir("linux/storage")?;
-    let img = dir.join("peregrine-two-vms.img");
-    let built = dir.join("peregrine-two-vms.built.img");
+    let name = at.run_name();
+    let img = dir.join(format!("{name}.img"));
+    let built = dir.join(format!("{name}.built.img"));
     sysdisk::build(&guest.rootfs, &img)?;
     std::fs::copy(&img, &built).with_context(|| format!("copying {}", img.display()))?;
     let root = system_root(&img)?;
@@ -635,9 +665,9 @@ pub fn isolation(images: &Images, guest: &Guest) -> Result<Isolation> {
     let md5_a = linux::md5_hex(&pattern(seed_a, PERSIST_BYTES));
     let fill = pattern(seed_b, usize::try_from(data.bytes())?);
     let md5_b = linux::md5_hex(&fill);
-    let vms = isolation_vms(&img, seed_a, seed_b);
+    let vms = isolation_vms(&img, seed_a, seed_b, at);
     let spec = sysdisk::linux_vms_on_nvme_spec(
-        BootSpec::new("peregrine-two-vms", images).timeout(Duration::from_secs(600)),
+        BootSpec::new(name, images).timeout(Duration::from_secs(600)),
         images,
         guest,
         sysdisk::DISK_ARGS,
@@ -849,9 +879,11 @@ mod tests {
 
     #[test]
     fn isolation_vms_are_two_vmms_on_the_two_partitions() {
-        let [a, b] = isolation_vms(Path::new("/s/d.img"), 5, 6);
+        let [a, b] = isolation_vms(Path::new("/s/d.img"), 5, 6, Placement::OwnCpus);
         assert_eq!((a.name.as_str(), a.host_cpu), ("linux-a", 0));
         assert_eq!((b.name.as_str(), b.host_cpu), ("linux-b", 1));
+        let [a, b] = isolation_vms(Path::new("/s/d.img"), 5, 6, Placement::SharedCpu);
+        assert_eq!((a.host_cpu, b.host_cpu), (1, 1));
         assert_eq!(a.binding, sysdisk::DEFAULT_BINDING);
         assert_eq!(b.binding, "part=name:peregrine-data");
         assert!(a.root && !b.root);
