@@ -376,10 +376,10 @@ fn linux_vms_on_two_partitions_stay_in_them() {
 /// The same with each VM on a CPU of its own (A beside the disk component on CPU 0, B on
 /// CPU 1), both guests executing at once.
 #[test]
-#[ignore = "intermittent under QEMU 7.2's TCG nested SVM, about 1 run in 35: a guest \
-            loses every page translation right after a VM entry (a triple fault whose \
-            page tables, IDT and code are intact when the VMM reads them) or the whole \
-            machine resets; see the README's storage section"]
+#[ignore = "intermittent under QEMU 7.2's TCG nested SVM, about 1 run in 90: the whole \
+            machine resets, or a guest loses every translation right after a VM entry \
+            (resumed by the VMM since: diag::impossible_shutdown); see the README's \
+            system disk section"]
 fn linux_vms_on_two_partitions_on_two_cpus_stay_in_them() {
     two_vms(storage::Placement::OwnCpus);
 }

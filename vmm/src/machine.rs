@@ -213,6 +213,7 @@ pub struct Core {
     exits: AtomicU64,
     undefined: AtomicU64,
     reflected: Reflected,
+    resumed_shutdowns: AtomicU64,
     /// Per vCPU: the instructions its MMIO and string I/O exits decoded.
     decoded: DecodeCaches,
 }
@@ -228,6 +229,7 @@ impl Core {
             exits: AtomicU64::new(0),
             undefined: AtomicU64::new(0),
             reflected: Reflected::default(),
+            resumed_shutdowns: AtomicU64::new(0),
             decoded: DecodeCaches::new(vcpus),
         }
     }
@@ -246,6 +248,11 @@ impl Core {
     /// Exceptions of vector `v` reflected into the guest so far.
     pub fn reflected(&self, v: u8) -> u64 {
         self.reflected.get(v)
+    }
+
+    /// Triple faults resumed as impossible (`diag::impossible_shutdown`) so far.
+    pub fn resumed_shutdowns(&self) -> u64 {
+        self.resumed_shutdowns.load(Ordering::Relaxed)
     }
 
     /// Counts an instruction answered with #UD.
@@ -447,11 +454,30 @@ pub fn handle<B: Board + ?Sized, P: Platform + ?Sized>(
             }
             None => unhandled(p, exit),
         },
-        Exit::TripleFault => Step::End(End::TripleFault { rip: p.regs().rip }),
+        Exit::TripleFault => triple_fault(core, p),
         Exit::InvalidState => Step::End(End::InvalidState {
             qual: p.regs().qual,
         }),
         Exit::Unknown(_) => unhandled(p, exit),
+    }
+}
+
+/// A triple fault ends the VM, unless the guest's tables make it impossible
+/// ([`crate::diag::impossible_shutdown`]): then the failed delivery is dropped and the
+/// guest resumes at the instruction that never ran, [`crate::diag::RESUME_LIMIT`] times
+/// at most. Out of line: off the exit path's hot code.
+#[cold]
+#[inline(never)]
+fn triple_fault<P: Platform + ?Sized>(core: &Core, p: &mut P) -> Step {
+    let r = *p.regs();
+    if core.resumed_shutdowns.load(Ordering::Relaxed) < crate::diag::RESUME_LIMIT
+        && crate::diag::impossible_shutdown(p, &r)
+    {
+        core.resumed_shutdowns.fetch_add(1, Ordering::Relaxed);
+        p.regs_mut().set_inj(0, 0);
+        Step::Resume
+    } else {
+        Step::End(End::TripleFault { rip: r.rip })
     }
 }
 

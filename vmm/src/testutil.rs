@@ -204,3 +204,34 @@ pub const RANDOM_EXITS: [u64; 15] = {
         ev::INTR_WINDOW,
     ]
 };
+
+/// A 4-level identity map of the first 2 MiB (one 2 MiB page) at 0x1000.
+pub fn long_mode(v: &mut MockVcpu) {
+    v.put_u64(0x1000, 0x2000 | 3);
+    v.put_u64(0x2000, 0x3000 | 3);
+    v.put_u64(0x3000, 0x83);
+    let r = &mut v.regs;
+    r.cr0 = 0x8000_0011;
+    r.cr3 = 0x1000;
+    r.cr4 = 0x20;
+    r.efer = 0x500;
+}
+
+/// The state of the failure seen under QEMU 7.2: a kernel-mode fetch #PF in
+/// delivery, CR2 at the #DF gate, everything mapped.
+pub fn lost_translations(v: &mut MockVcpu) {
+    long_mode(v);
+    v.put(0x10_0000, &[0x90]);
+    for (vec, target) in [(8u64, 0x10_0100u64), (14, 0x10_0200)] {
+        let lo = (target & 0xffff) | (0x10 << 16) | (0x8e << 40) | ((target >> 16) << 48);
+        v.put_u64(0x9000 + vec * 16, lo);
+    }
+    let r = &mut v.regs;
+    r.rip = 0x10_0000;
+    r.cs.sel = 0x10;
+    r.idtr.base = 0x9000;
+    r.idtr.limit = 0xfff;
+    r.cr2 = 0x9080;
+    r.inj_info = 0x8000_0b0e;
+    r.inj_error = 0x10;
+}

@@ -257,6 +257,10 @@ fn main(info: u64) -> ! {
                 vm.machine.core().reflected(1),
                 vm.machine.core().reflected(17)
             );
+            let resumed = vm.machine.core().resumed_shutdowns();
+            if resumed != 0 {
+                println!("vmm: impossible shutdowns resumed: {}", resumed);
+            }
             let _ = svc::result(svc::key::VM_EXITS, exits);
             let _ = svc::result(svc::key::VM_END, code);
         }

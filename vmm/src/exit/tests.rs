@@ -331,6 +331,21 @@ fn hlt_hypercall_msr_and_the_rest() {
         exit(&m, &mut v, ev::TRIPLE_FAULT),
         Step::End(End::TripleFault { .. })
     ));
+    // A triple fault the guest's tables make impossible is resumed, without the failed
+    // delivery, a bounded number of times.
+    let mut lost = MockVcpu::new(0x20_0000);
+    crate::testutil::lost_translations(&mut lost);
+    for _ in 0..crate::diag::RESUME_LIMIT {
+        (lost.regs.inj_info, lost.regs.inj_error) = (0x8000_0b0e, 0x10);
+        assert_eq!(exit(&m, &mut lost, ev::TRIPLE_FAULT), Step::Resume);
+        assert_eq!((lost.regs.inj_info, lost.regs.rip), (0, 0x10_0000));
+    }
+    (lost.regs.inj_info, lost.regs.inj_error) = (0x8000_0b0e, 0x10);
+    assert!(matches!(
+        exit(&m, &mut lost, ev::TRIPLE_FAULT),
+        Step::End(End::TripleFault { rip: 0x10_0000 })
+    ));
+    assert_eq!(m.core().resumed_shutdowns(), crate::diag::RESUME_LIMIT);
     assert!(matches!(
         exit(&m, &mut v, ev::INVALID_STATE),
         Step::End(End::InvalidState { .. })
