@@ -9,7 +9,7 @@ use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
 
-use crate::vcpu::{translate, Access, ArchState, Fault, GuestMemory, Mtd};
+use crate::vcpu::{long_mode, read_virt, translate, Access, ArchState, Fault, GuestMemory, Mtd};
 
 /// The state a triple fault's portal delivers for the report.
 pub const SHUTDOWN_MTD: Mtd = Mtd::GPRS
@@ -50,30 +50,16 @@ pub fn impossible_shutdown<M: GuestMemory + ?Sized>(mem: &mut M, r: &ArchState) 
         return false;
     }
     let idt = r.idtr.base..=r.idtr.base.saturating_add(u64::from(r.idtr.limit));
-    let long = r.efer & crate::vcpu::bits::EFER_LMA != 0;
-    if !fetch_not_present || !idt.contains(&r.cr2) || !long {
+    if !fetch_not_present || !idt.contains(&r.cr2) || !long_mode(r) {
         return false;
     }
-    let fetch = |user| Access {
-        write: false,
-        fetch: true,
-        user,
-    };
-    let user = r.cs.sel & 3 == 3;
-    if translate(mem, r, r.cs.base.wrapping_add(r.rip), fetch(user)).is_err() {
+    let rip = r.cs.base.wrapping_add(r.rip);
+    if translate(mem, r, rip, Access::FETCH.at_cpl(r)).is_err() {
         return false;
     }
-    [8u64, 14].iter().all(|&v| {
-        let mut b = [0u8; 16];
-        if 16 * v + 15 > u64::from(r.idtr.limit)
-            || read_linear(mem, r, r.idtr.base.wrapping_add(16 * v), &mut b).is_err()
-        {
-            return false;
-        }
-        let lo = u64::from_le_bytes(b[..8].try_into().unwrap_or_default());
-        let hi = u64::from(u32::from_le_bytes(b[8..12].try_into().unwrap_or_default()));
-        let target = (lo & 0xffff) | ((lo >> 32) & 0xffff_0000) | hi << 32;
-        lo & (1 << 47) != 0 && translate(mem, r, target, fetch(false)).is_ok()
+    [8, 14].into_iter().all(|v| {
+        read_gate(mem, r, v)
+            .is_ok_and(|g| g.present && translate(mem, r, g.target, Access::FETCH).is_ok())
     })
 }
 
@@ -110,35 +96,24 @@ pub fn shutdown_report<M: GuestMemory + ?Sized>(mem: &mut M, r: &ArchState) -> V
         "event in delivery {:#x} (error {:#x}), interruptibility {:#x}, activity {:#x}, qual {:#x} {:#x}",
         r.inj_info, r.inj_error, r.intr_state, r.actv_state, r.qual[0], r.qual[1]
     ));
-    let long = r.efer & crate::vcpu::bits::EFER_LMA != 0;
     let code = r.cs.base.wrapping_add(r.rip);
     out.push(format!(
         "code at {:#x}: {}",
         code,
-        bytes(mem, r, code, 16, true)
+        bytes(mem, r, code, 16, Access::FETCH.at_cpl(r))
     ));
     let sp = r.ss.base.wrapping_add(g[4]);
     out.push(format!(
         "stack at {:#x}: {}",
         sp,
-        bytes(mem, r, sp, 64, false)
+        bytes(mem, r, sp, 64, Access::READ.at_cpl(r))
     ));
     for v in GATES {
-        // 16-byte gates in long mode, 8-byte ones before.
-        let size: u64 = if long { 16 } else { 8 };
-        let off = u64::from(v) * size;
-        if off + size - 1 > u64::from(r.idtr.limit) {
-            out.push(format!("idt[{v}]: beyond the IDT's limit"));
-            continue;
-        }
-        let mut b = [0u8; 16];
-        let line = match read_linear(
-            mem,
-            r,
-            r.idtr.base.wrapping_add(off),
-            &mut b[..size as usize],
-        ) {
-            Ok(()) => gate(&b, long),
+        let line = match read_gate(mem, r, v) {
+            Ok(g) => format!(
+                "target {:#x} sel {:#x} ist {} type {:#x} present {}",
+                g.target, g.sel, g.ist, g.ty, g.present as u8
+            ),
             Err(e) => e,
         };
         out.push(format!("idt[{v}]: {line}"));
@@ -146,18 +121,39 @@ pub fn shutdown_report<M: GuestMemory + ?Sized>(mem: &mut M, r: &ArchState) -> V
     out
 }
 
-/// A gate's target, selector, IST and type/present bits.
-fn gate(b: &[u8; 16], long: bool) -> String {
+/// An IDT gate, decoded.
+struct Gate {
+    target: u64,
+    sel: u64,
+    ist: u64,
+    ty: u64,
+    present: bool,
+}
+
+/// Gate `v` of the guest's IDT (16 bytes in long mode, 8 before), or why it cannot be
+/// read.
+fn read_gate<M: GuestMemory + ?Sized>(mem: &mut M, r: &ArchState, v: u8) -> Result<Gate, String> {
+    let long = long_mode(r);
+    let size: u64 = if long { 16 } else { 8 };
+    let off = u64::from(v) * size;
+    if off + size - 1 > u64::from(r.idtr.limit) {
+        return Err("beyond the IDT's limit".into());
+    }
+    let mut b = [0u8; 16];
+    let at = r.idtr.base.wrapping_add(off);
+    read_virt(mem, r, at, &mut b[..size as usize], Access::READ).map_err(describe)?;
     let lo = u64::from_le_bytes(b[..8].try_into().unwrap_or_default());
     let mut target = (lo & 0xffff) | ((lo >> 32) & 0xffff_0000);
     if long {
         target |= u64::from(u32::from_le_bytes(b[8..12].try_into().unwrap_or_default())) << 32;
     }
-    let sel = (lo >> 16) & 0xffff;
-    let ist = (lo >> 32) & 7;
-    let ty = (lo >> 40) & 0xf;
-    let present = (lo >> 47) & 1;
-    format!("target {target:#x} sel {sel:#x} ist {ist} type {ty:#x} present {present}")
+    Ok(Gate {
+        target,
+        sel: (lo >> 16) & 0xffff,
+        ist: (lo >> 32) & 7,
+        ty: (lo >> 40) & 0xf,
+        present: (lo >> 47) & 1 != 0,
+    })
 }
 
 /// `len` bytes at linear address `at` as hex, or why they cannot be read.
@@ -166,59 +162,24 @@ fn bytes<M: GuestMemory + ?Sized>(
     r: &ArchState,
     at: u64,
     len: usize,
-    fetch: bool,
+    access: Access,
 ) -> String {
     let mut b = [0u8; 64];
     let b = &mut b[..len.min(64)];
-    match read_linear_as(mem, r, at, b, fetch) {
-        Ok(()) => {
-            let mut s = String::new();
-            for x in b.iter() {
-                s.push_str(&format!("{x:02x}"));
-            }
-            s
+    match read_virt(mem, r, at, b, access) {
+        Ok(()) => b.iter().map(|x| format!("{x:02x}")).collect(),
+        Err(e) => describe(e),
+    }
+}
+
+/// Why a read through the guest's tables failed, for the report.
+fn describe(e: Fault) -> String {
+    match e {
+        Fault::PageFault { addr, error } => {
+            format!("#PF at {addr:#x} (error {error:#x}) in the guest's tables")
         }
-        Err(e) => e,
+        Fault::Unbacked(u) => format!("guest-physical {:#x} is not RAM", u.gpa),
     }
-}
-
-fn read_linear<M: GuestMemory + ?Sized>(
-    mem: &mut M,
-    r: &ArchState,
-    at: u64,
-    buf: &mut [u8],
-) -> Result<(), String> {
-    read_linear_as(mem, r, at, buf, false)
-}
-
-/// Reads `buf` at linear address `at`, page by page through the guest's tables.
-fn read_linear_as<M: GuestMemory + ?Sized>(
-    mem: &mut M,
-    r: &ArchState,
-    at: u64,
-    buf: &mut [u8],
-    fetch: bool,
-) -> Result<(), String> {
-    let access = Access {
-        write: false,
-        fetch,
-        user: false,
-    };
-    let mut done = 0;
-    while done < buf.len() {
-        let la = at.wrapping_add(done as u64);
-        let n = (buf.len() - done).min(0x1000 - (la & 0xfff) as usize);
-        let gpa = translate(mem, r, la, access).map_err(|e| match e {
-            Fault::PageFault { addr, error } => {
-                format!("#PF at {addr:#x} (error {error:#x}) in the guest's tables")
-            }
-            Fault::Unbacked(u) => format!("a table entry at {:#x} is not RAM", u.gpa),
-        })?;
-        mem.read(gpa, &mut buf[done..done + n])
-            .map_err(|u| format!("{:#x} (from {la:#x}) is not RAM", u.gpa))?;
-        done += n;
-    }
-    Ok(())
 }
 
 #[cfg(test)]

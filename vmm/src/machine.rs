@@ -470,10 +470,14 @@ pub fn handle<B: Board + ?Sized, P: Platform + ?Sized>(
 #[inline(never)]
 fn triple_fault<P: Platform + ?Sized>(core: &Core, p: &mut P) -> Step {
     let r = *p.regs();
-    if core.resumed_shutdowns.load(Ordering::Relaxed) < crate::diag::RESUME_LIMIT
-        && crate::diag::impossible_shutdown(p, &r)
+    // One budget for all vCPUs: taken (atomically) only for an impossible shutdown.
+    let budget = |n: u64| (n < crate::diag::RESUME_LIMIT).then_some(n + 1);
+    if crate::diag::impossible_shutdown(p, &r)
+        && core
+            .resumed_shutdowns
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, budget)
+            .is_ok()
     {
-        core.resumed_shutdowns.fetch_add(1, Ordering::Relaxed);
         p.regs_mut().set_inj(0, 0);
         Step::Resume
     } else {
